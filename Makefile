@@ -1,0 +1,31 @@
+# The two commands: `make demo` (the main job on the embedded corpus) and `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_WORKDIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-all bench venv clean
+
+# (Re)install only when a requirements file changed.
+$(STAMP): requirements.txt requirements-dev.txt requirements-beam.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt -r requirements-beam.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m scone_jax.demo --workdir=$(DEMO_WORKDIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

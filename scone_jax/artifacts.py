@@ -1,0 +1,142 @@
+"""Artifacts on disk: atomic writes, manifests, checksums and fingerprints.
+
+Every artifact (token shards, f-gram table, exported store, run outputs) is a directory
+holding a `manifest.json`. It is built under a temporary sibling name and renamed into
+place only when complete, so a reader never sees a half-written artifact as finished.
+The manifest records what the artifact depends on (e.g. the tokenizer fingerprint) and a
+sha256 of each data file; `read_manifest(..., verify=True)` recomputes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Iterator
+
+MANIFEST = 'manifest.json'
+FORMAT_VERSION = 1
+
+
+class ArtifactError(RuntimeError):
+  """An artifact is missing, incomplete, corrupted, or built from other inputs."""
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    while block := f.read(chunk):
+      h.update(block)
+  return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()
+
+
+def fingerprint(*parts: Any) -> str:
+  """A short stable hash of JSON-serialisable parts (configs, other fingerprints)."""
+  blob = json.dumps(parts, sort_keys=True, default=str).encode()
+  return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix='.tmp-', dir=directory)
+  with os.fdopen(fd, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(final_path: str, overwrite: bool = True) -> Iterator[str]:
+  """Yields a temp dir next to `final_path`; renames it into place on success.
+
+  On an exception the temp dir is removed and any existing artifact is left untouched.
+  """
+  final_path = os.path.abspath(final_path)
+  parent = os.path.dirname(final_path)
+  os.makedirs(parent, exist_ok=True)
+  if os.path.exists(final_path) and not overwrite:
+    raise ArtifactError(f'{final_path} already exists; remove it or pick another path')
+  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(final_path)}.tmp-', dir=parent)
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if os.path.exists(final_path):
+    old = tempfile.mkdtemp(prefix=f'.{os.path.basename(final_path)}.old-', dir=parent)
+    os.rmdir(old)
+    os.replace(final_path, old)
+    os.replace(tmp, final_path)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.replace(tmp, final_path)
+
+
+def write_manifest(directory: str, kind: str, meta: dict[str, Any],
+                   files: list[str] | None = None) -> dict[str, Any]:
+  """Writes `manifest.json` with sha256 of `files` (relative to directory)."""
+  if files is None:
+    files = sorted(f for f in os.listdir(directory) if f != MANIFEST and
+                   os.path.isfile(os.path.join(directory, f)))
+  manifest = {
+      'kind': kind,
+      'format_version': FORMAT_VERSION,
+      'created': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+      'files': {f: {'sha256': sha256_file(os.path.join(directory, f)),
+                    'bytes': os.path.getsize(os.path.join(directory, f))} for f in files},
+      **meta,
+  }
+  write_json_atomic(os.path.join(directory, MANIFEST), manifest)
+  return manifest
+
+
+def read_manifest(directory: str, kind: str, verify: bool = True,
+                  expect: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Reads and checks a manifest; raises ArtifactError saying what is wrong and the fix.
+
+  Args:
+    directory: the artifact directory.
+    kind: the expected artifact kind (e.g. 'fgram_table').
+    verify: recompute each file's size and sha256.
+    expect: manifest fields that must match (e.g. {'tokenizer_fingerprint': fp}).
+  """
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.isdir(directory):
+    raise ArtifactError(f'{directory} does not exist (expected a {kind} artifact directory)')
+  if not os.path.exists(path):
+    raise ArtifactError(f'{directory} has no {MANIFEST}: it is incomplete or not a {kind}; '
+                        'rebuild it')
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ArtifactError(f'{path} is corrupted ({e}); rebuild the {kind}') from e
+  if manifest.get('kind') != kind:
+    raise ArtifactError(f'{directory} holds a {manifest.get("kind")!r}, not a {kind!r}')
+  for name, info in manifest.get('files', {}).items():
+    fpath = os.path.join(directory, name)
+    if not os.path.exists(fpath):
+      raise ArtifactError(f'{kind} at {directory} is missing file {name}; rebuild it')
+    if os.path.getsize(fpath) != info['bytes']:
+      raise ArtifactError(f'{kind} file {fpath} has {os.path.getsize(fpath)} bytes, manifest '
+                          f'says {info["bytes"]}: truncated or modified; rebuild it')
+    if verify and sha256_file(fpath) != info['sha256']:
+      raise ArtifactError(f'{kind} file {fpath} fails its sha256 checksum: corrupted; '
+                          'rebuild it')
+  for key, want in (expect or {}).items():
+    have = manifest.get(key)
+    if have != want:
+      raise ArtifactError(
+          f'{kind} at {directory} was built with {key}={have!r} but this run has {want!r}; '
+          f'rebuild the {kind} for these inputs (or point to the matching one)')
+  return manifest
