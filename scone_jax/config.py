@@ -55,6 +55,9 @@ class TokenizerConfig:
   max_sentence_length: int = 65536
   # At most this many characters of the train corpus are sampled to train the tokenizer.
   train_chars: int = 50_000_000
+  # Documents longer than max_sentence_length bytes when training the tokenizer:
+  # 'split' them at whitespace (counted and logged with file:line) or raise an 'error'.
+  long_docs: Literal['split', 'error'] = 'split'
   # Token shard dtype is derived from vocab_size (uint16 below 2**16, else uint32).
 
 
