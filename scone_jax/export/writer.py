@@ -1,0 +1,170 @@
+"""Streaming, resumable writer of an [S, d] row matrix as a sharded zarr3 store.
+
+Layout of a finished store directory (a plain zarr3 array at the root, so any zarr3
+reader opens it without this project):
+
+  <out>/zarr.json        zarr3 array metadata: shape [S, d], sharding_indexed codec
+  <out>/c/<i>/0          shard i: rows [i * chunk_rows, (i + 1) * chunk_rows)
+  <out>/manifest.json    written last: kind, S, d, dtype, per-shard sha256 of the row
+                         bytes, per-file sizes and sha256, plus the caller's metadata
+
+Shards are uncompressed (bytes codec): rows of a trained embedding matrix do not
+compress, and raw inner chunks keep disk-tier row reads cheap.
+
+Work happens in `<out>.partial/` with one done-marker per shard in `<out>.partial.done/`
+(outside the store so the store stays a clean zarr3 array). A rerun after a kill skips
+finished shards; the partial directory is renamed to `<out>` only after every shard and
+the manifest are on disk, so a reader never sees a half-written store as complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Any, Callable
+
+import ml_dtypes
+import numpy as np
+import tensorstore as ts
+import tqdm
+
+from scone_jax import artifacts
+
+STORE_KIND = 'fgram_embedding_store'
+DTYPES = {'bfloat16': np.dtype(ml_dtypes.bfloat16), 'float16': np.dtype(np.float16),
+          'float32': np.dtype(np.float32)}
+
+
+def zarr3_spec(path: str, num_rows: int | None = None, d_model: int | None = None,
+               dtype: str | None = None, chunk_rows: int | None = None,
+               inner_rows: int | None = None) -> dict[str, Any]:
+  """The tensorstore spec of the store at `path`; with shapes given, the create spec."""
+  spec: dict[str, Any] = {'driver': 'zarr3',
+                          'kvstore': {'driver': 'file', 'path': os.path.abspath(path)}}
+  if num_rows is None:
+    return spec
+  raw = [{'name': 'bytes', 'configuration': {'endian': 'little'}}]
+  spec['metadata'] = {
+      'shape': [num_rows, d_model],
+      'data_type': dtype,
+      'chunk_grid': {'name': 'regular',
+                     'configuration': {'chunk_shape': [chunk_rows, d_model]}},
+      'codecs': [{'name': 'sharding_indexed', 'configuration': {
+          'chunk_shape': [inner_rows, d_model],
+          'codecs': raw,
+          'index_codecs': raw + [{'name': 'crc32c'}],
+          'index_location': 'end'}}],
+  }
+  return spec
+
+
+def shard_file(i: int) -> str:
+  """Relative path of shard i (default zarr3 chunk key encoding, '/' separator)."""
+  return f'c/{i}/0'
+
+
+def _plan_matches(path: str, plan: dict[str, Any]) -> bool:
+  try:
+    with open(path) as f:
+      return json.load(f) == plan
+  except (OSError, json.JSONDecodeError):
+    return False
+
+
+def write_store(out_dir: str, num_rows: int, d_model: int, dtype: str, chunk_rows: int,
+                compute_rows: Callable[[int, int], np.ndarray], meta: dict[str, Any],
+                inner_rows: int = 64, progress: bool = True) -> str:
+  """Writes rows [0, num_rows) produced by `compute_rows` as a zarr3 store at `out_dir`.
+
+  Streams: only one shard (chunk_rows x d) is in host memory at a time. Resumes a
+  partial write with the same plan (shape, dtype, chunking and `meta`); a partial
+  write from another plan is discarded. An existing complete store at `out_dir` is
+  replaced atomically at the end.
+
+  Args:
+    out_dir: the final store directory.
+    num_rows: S, the number of rows.
+    d_model: d, the row width.
+    dtype: 'bfloat16' | 'float16' | 'float32' (rows are cast on the host).
+    chunk_rows: rows per zarr3 shard (also the resume granularity).
+    compute_rows: (start, stop) -> [stop - start, d] array of rows start..stop-1.
+    meta: extra manifest fields (e.g. checkpoint step and fingerprints).
+    inner_rows: rows per inner chunk of a shard (the unit of a disk-tier read).
+    progress: show a progress bar.
+
+  Returns:
+    out_dir.
+  """
+  if dtype not in DTYPES:
+    raise ValueError(f'export dtype {dtype!r} is not one of {sorted(DTYPES)}')
+  if num_rows < 1 or d_model < 1:
+    raise ValueError(f'cannot export an empty [{num_rows}, {d_model}] matrix: the f-gram '
+                     'table (or fgram.use_size) has no rows')
+  if chunk_rows < 1:
+    raise ValueError(f'export.chunk_rows={chunk_rows} must be >= 1')
+  chunk_rows = min(chunk_rows, num_rows)
+  inner_rows = max(1, min(inner_rows, chunk_rows))
+  while chunk_rows % inner_rows:  # sharding_indexed needs inner chunks to tile a shard.
+    inner_rows -= 1
+  np_dtype = DTYPES[dtype]
+  out_dir = os.path.abspath(out_dir)
+  partial, done_dir = out_dir + '.partial', out_dir + '.partial.done'
+  plan = {'num_rows': num_rows, 'd_model': d_model, 'dtype': dtype,
+          'chunk_rows': chunk_rows, 'inner_rows': inner_rows, 'meta': meta}
+  plan_path = os.path.join(done_dir, 'plan.json')
+  if not (os.path.isdir(partial) and _plan_matches(plan_path, plan)):
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(done_dir, ignore_errors=True)
+    os.makedirs(done_dir)
+    ts.open(zarr3_spec(partial, num_rows, d_model, dtype, chunk_rows, inner_rows),
+            create=True, delete_existing=True).result()
+    artifacts.write_json_atomic(plan_path, plan)
+  # Zero rows are stored too, so every shard holds all its inner chunks in order and the
+  # disk tier can memory-map it (serve/store.py checks the shard index before it does).
+  array = ts.open({**zarr3_spec(partial), 'store_data_equal_to_fill_value': True}).result()
+
+  num_shards = -(-num_rows // chunk_rows)
+  shard_sha = [''] * num_shards
+  todo = []
+  for i in range(num_shards):
+    marker = os.path.join(done_dir, f'{i}.json')
+    if os.path.exists(marker) and os.path.exists(os.path.join(partial, shard_file(i))):
+      with open(marker) as f:
+        shard_sha[i] = json.load(f)['sha256']
+    else:
+      todo.append(i)
+  bar = tqdm.tqdm(total=num_rows, initial=(num_shards - len(todo)) * chunk_rows,
+                  unit='row', desc='export', disable=not progress)
+  bar.n = min(bar.n, num_rows)
+  for i in todo:
+    start, stop = i * chunk_rows, min((i + 1) * chunk_rows, num_rows)
+    rows_RxD = np.asarray(compute_rows(start, stop))
+    if rows_RxD.shape != (stop - start, d_model):
+      raise ValueError(f'compute_rows({start}, {stop}) returned shape {rows_RxD.shape}, '
+                       f'expected {(stop - start, d_model)}')
+    rows_RxD = np.ascontiguousarray(rows_RxD.astype(np_dtype))
+    array[start:stop].write(rows_RxD).result()
+    shard_sha[i] = hashlib.sha256(rows_RxD.tobytes()).hexdigest()
+    # The marker is written after the shard is durably in place: a kill in between only
+    # costs recomputing this one shard.
+    artifacts.write_json_atomic(os.path.join(done_dir, f'{i}.json'),
+                                {'sha256': shard_sha[i]})
+    bar.update(stop - start)
+  bar.close()
+
+  files = ['zarr.json'] + [shard_file(i) for i in range(num_shards)]
+  artifacts.write_manifest(partial, STORE_KIND, {
+      'num_rows': num_rows, 'd_model': d_model, 'dtype': dtype, 'chunk_rows': chunk_rows,
+      'inner_rows': inner_rows, 'shard_sha256': shard_sha, **meta}, files=files)
+  if os.path.exists(out_dir):
+    old = out_dir + '.old'
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out_dir, old)
+    os.replace(partial, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.replace(partial, out_dir)
+  shutil.rmtree(done_dir, ignore_errors=True)
+  return out_dir
