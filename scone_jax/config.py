@@ -129,6 +129,8 @@ class TrainConfig:
   eval_every: int = 0  # 0 = only at the end.
   eval_batches: int = 8
   shuffle_buffer_docs: int = 0  # 0 = global shuffle of documents per epoch.
+  # Batches built ahead by one background thread (0 = build in the training thread).
+  data_prefetch: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
