@@ -131,6 +131,9 @@ class TrainConfig:
   shuffle_buffer_docs: int = 0  # 0 = global shuffle of documents per epoch.
   # Batches built ahead by one background thread (0 = build in the training thread).
   data_prefetch: int = 2
+  # Peak dense TFLOP/s of one device for MFU; 0 = look up jax's device_kind in
+  # scone_jax/train/metrics.py:PEAK_FLOPS (MFU is not logged when unknown, e.g. CPU).
+  peak_tflops: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
