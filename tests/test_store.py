@@ -1,0 +1,201 @@
+"""EmbeddingStore and the zarr3 writer: round trips, foreign readers, resume, bad input."""
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+import tensorstore as ts
+
+from scone_jax import artifacts
+from scone_jax.export import writer
+from scone_jax.serve import EmbeddingStore
+
+S, D = 1000, 8
+
+
+def _rows(start, stop):
+  # A deterministic function of the row index so any slice can be checked.
+  r = np.arange(start, stop, dtype=np.float32)[:, None]
+  return np.sin(r * 0.37 + np.arange(D, dtype=np.float32)[None] * 1.3) * (1 + r / S)
+
+
+def _write(path, dtype='float32', chunk_rows=256, inner_rows=16, meta=None, fn=_rows):
+  return writer.write_store(str(path), S, D, dtype, chunk_rows, fn,
+                            meta or {'checkpoint_step': 7, 'table_fingerprint': 'tab'},
+                            inner_rows=inner_rows, progress=False)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'float16', 'bfloat16'])
+@pytest.mark.parametrize('tier,reader', [('ram', 'auto'), ('disk', 'memmap'),
+                                         ('disk', 'tensorstore')])
+def test_gather_matches_numpy_reference(tmp_path, dtype, tier, reader):
+  path = _write(tmp_path / 'export', dtype)
+  store = EmbeddingStore.open(path, tier, expect={'checkpoint_step': 7},
+                              disk_reader=reader, verify=True)
+  assert store.reader == {'ram': 'numpy'}.get(tier, reader)
+  want_SxD = _rows(0, S).astype(writer.DTYPES[dtype])
+  rows_N = np.array([0, -1, 999, 255, 256, 3, 3, -1, 511, 767, 768])
+  got_NxD = store.gather(rows_N)
+  assert got_NxD.dtype == writer.DTYPES[dtype]
+  ref_NxD = np.stack([want_SxD[r] if r >= 0 else np.zeros(D, want_SxD.dtype)
+                      for r in rows_N])
+  np.testing.assert_array_equal(got_NxD.astype(np.float32), ref_NxD.astype(np.float32))
+  assert store.gather(np.array([-1, -1])).any() == 0
+  assert store.gather(np.zeros(0, np.int64)).shape == (0, D)
+  assert (store.num_rows, store.d_model) == (S, D)
+  assert store.nbytes == S * D * writer.DTYPES[dtype].itemsize
+  assert store.stats.calls == 3 and store.stats.rows == len(rows_N) + 2
+  assert store.stats.hits == 9 and store.stats.bytes > 0
+  with pytest.raises(IndexError, match='different f-gram tables'):
+    store.gather(np.array([S]))
+
+
+def test_plain_tensorstore_reads_the_store(tmp_path):
+  path = _write(tmp_path / 'export', 'bfloat16')
+  arr = ts.open({'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': path}}).result()
+  assert arr.dtype.numpy_dtype == np.dtype(ml_dtypes.bfloat16)
+  np.testing.assert_array_equal(arr.read().result(),
+                                _rows(0, S).astype(ml_dtypes.bfloat16))
+
+
+def _register_zarr_bfloat16():
+  """zarr-python 3.1 has no built-in bfloat16 (a zarr3 extension type); a user adds it so."""
+  import dataclasses
+  from zarr.core.dtype import Float16, data_type_registry
+
+  @dataclasses.dataclass(frozen=True, kw_only=True)
+  class BFloat16(Float16):
+    dtype_cls = type(np.dtype(ml_dtypes.bfloat16))
+    _zarr_v3_name = 'bfloat16'
+    _zarr_v2_names = ()
+
+    def to_native_dtype(self):
+      return np.dtype(ml_dtypes.bfloat16)
+
+    @classmethod
+    def _check_native_dtype(cls, dtype):
+      return dtype == np.dtype(ml_dtypes.bfloat16)
+
+  data_type_registry.register('bfloat16', BFloat16)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'float16', 'bfloat16'])
+def test_zarr_python_reads_the_store(tmp_path, dtype):
+  zarr = pytest.importorskip('zarr')
+  if dtype == 'bfloat16':
+    _register_zarr_bfloat16()
+  path = _write(tmp_path / 'export', dtype)
+  z = zarr.open_array(path, mode='r')
+  assert z.shape == (S, D)
+  np.testing.assert_array_equal(np.asarray(z[:]), _rows(0, S).astype(writer.DTYPES[dtype]))
+
+
+def test_resume_skips_done_shards_and_result_is_identical(tmp_path):
+  out = tmp_path / 'export'
+  calls = []
+
+  def dies_at_third_shard(start, stop):
+    if len(calls) == 2:
+      raise KeyboardInterrupt('simulated kill')
+    calls.append(start)
+    return _rows(start, stop)
+
+  with pytest.raises(KeyboardInterrupt):
+    _write(out, fn=dies_at_third_shard)
+  assert not out.exists() and (tmp_path / 'export.partial').is_dir()
+  resumed = []
+
+  def counting(start, stop):
+    resumed.append(start)
+    return _rows(start, stop)
+
+  _write(out, fn=counting)
+  assert resumed == [512, 768]  # Shards 0 and 1 were done before the kill.
+  assert not (tmp_path / 'export.partial').exists()
+  assert not (tmp_path / 'export.partial.done').exists()
+  store = EmbeddingStore.open(str(out), 'ram', verify=True)
+  np.testing.assert_array_equal(store.gather(np.arange(S)), _rows(0, S))
+
+
+def test_partial_from_another_plan_is_discarded(tmp_path):
+  out = tmp_path / 'export'
+  with pytest.raises(KeyboardInterrupt):
+    def dies(start, stop):
+      if start:
+        raise KeyboardInterrupt
+      return _rows(start, stop)
+    _write(out, fn=dies, meta={'checkpoint_step': 1})
+  seen = []
+  _write(out, fn=lambda a, b: seen.append(a) or _rows(a, b), meta={'checkpoint_step': 2})
+  assert seen == [0, 256, 512, 768]
+
+
+def test_zero_rows_keep_the_memmap_layout(tmp_path):
+  path = _write(tmp_path / 'export', fn=lambda a, b: np.zeros((b - a, D), np.float32))
+  store = EmbeddingStore.open(path, 'disk', disk_reader='memmap')
+  assert not store.gather(np.array([0, 999])).any()
+
+
+def test_fingerprint_mismatch_is_a_clear_error(tmp_path):
+  path = _write(tmp_path / 'export')
+  with pytest.raises(artifacts.ArtifactError, match='table_fingerprint'):
+    EmbeddingStore.open(path, 'ram', expect={'table_fingerprint': 'other'})
+  with pytest.raises(artifacts.ArtifactError, match='checkpoint_step'):
+    EmbeddingStore.open(path, 'disk', expect={'checkpoint_step': 8})
+  with pytest.raises(artifacts.ArtifactError, match='dtype'):
+    EmbeddingStore.open(path, 'ram', expect={'dtype': 'bfloat16'})
+
+
+@pytest.mark.parametrize('tier', ['ram', 'disk'])
+def test_truncated_store_is_a_clear_error(tmp_path, tier):
+  path = _write(tmp_path / 'export')
+  shard = os.path.join(path, writer.shard_file(1))
+  with open(shard, 'r+b') as f:
+    f.truncate(os.path.getsize(shard) // 2)
+  with pytest.raises(artifacts.ArtifactError, match='truncated'):
+    EmbeddingStore.open(path, tier)
+  os.remove(shard)
+  with pytest.raises(artifacts.ArtifactError, match='missing file c/1/0'):
+    EmbeddingStore.open(path, tier)
+
+
+def test_wrong_dtype_in_metadata_is_a_clear_error(tmp_path):
+  path = _write(tmp_path / 'export', 'float16')
+  meta_path = os.path.join(path, 'zarr.json')
+  with open(meta_path) as f:
+    meta = json.load(f)
+  meta['data_type'] = 'float32'
+  with open(meta_path, 'w') as f:
+    json.dump(meta, f)
+  with pytest.raises(artifacts.ArtifactError, match='zarr.json .* truncated or modified'):
+    EmbeddingStore.open(path, 'ram')
+  # A manifest claiming another dtype than the zarr3 metadata.
+  _write(tmp_path / 'export', 'float16')
+  manifest_path = os.path.join(path, 'manifest.json')
+  with open(manifest_path) as f:
+    manifest = json.load(f)
+  manifest['dtype'] = 'bfloat16'
+  with open(manifest_path, 'w') as f:
+    json.dump(manifest, f)
+  with pytest.raises(artifacts.ArtifactError, match='modified after export'):
+    EmbeddingStore.open(path, 'ram')
+
+
+def test_missing_store_tells_how_to_export(tmp_path):
+  with pytest.raises(artifacts.ArtifactError, match='python -m scone_jax.export'):
+    EmbeddingStore.open(str(tmp_path / 'nope'), 'ram')
+  with pytest.raises(ValueError, match="'ram' or 'disk'"):
+    EmbeddingStore.open(str(tmp_path), 'gpu')
+
+
+def test_corrupted_rows_fail_verify(tmp_path):
+  path = _write(tmp_path / 'export')
+  shard = os.path.join(path, writer.shard_file(0))
+  with open(shard, 'r+b') as f:
+    f.seek(40)
+    f.write(b'\x7f\x7f\x7f\x7f')
+  EmbeddingStore.open(path, 'ram')  # Sizes still match: only verify notices.
+  with pytest.raises(artifacts.ArtifactError, match='checksum'):
+    EmbeddingStore.open(path, 'ram', verify=True)
