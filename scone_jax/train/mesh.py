@@ -1,0 +1,106 @@
+"""Device mesh and multi-host start-up.
+
+The mesh has three axes (`data`, `fsdp`, `tensor`, see `scone_jax.compat.MESH_AXES`); the
+batch is split over `data` x `fsdp` and the model's logical axes are mapped onto them by the
+one table in `scone_jax.model.sharding`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from scone_jax import compat
+from scone_jax.config import ConfigError, DistributedConfig, MeshConfig
+
+# The batch dimension of every input array is split over these mesh axes.
+BATCH_AXES = ('data', 'fsdp')
+
+
+def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+  """Resolves `data=-1` and checks that the axes multiply to the device count."""
+  fsdp, tensor = mesh_cfg.fsdp, mesh_cfg.tensor
+  if fsdp < 1 or tensor < 1:
+    raise ConfigError(f'config.mesh.fsdp={fsdp} and config.mesh.tensor={tensor} must be >= 1')
+  data = mesh_cfg.data
+  if data == -1:
+    if num_devices % (fsdp * tensor):
+      raise ConfigError(
+          f'config.mesh.fsdp*tensor={fsdp}*{tensor} does not divide the {num_devices} '
+          'devices; pick fsdp and tensor whose product divides the device count')
+    data = num_devices // (fsdp * tensor)
+  elif data < 1:
+    raise ConfigError(f'config.mesh.data={data} must be >= 1 or -1 (= the remaining devices)')
+  if data * fsdp * tensor != num_devices:
+    raise ConfigError(
+        f'config.mesh data*fsdp*tensor={data}*{fsdp}*{tensor}={data * fsdp * tensor} does '
+        f'not equal the {num_devices} devices; set --config.mesh.data=-1 to use the rest, '
+        'or change the axis sizes so their product is the device count')
+  return data, fsdp, tensor
+
+
+def make_mesh(mesh_cfg: MeshConfig, global_batch: int | None = None,
+              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """Builds the (data, fsdp, tensor) mesh over `devices` (default: all devices).
+
+  Args:
+    mesh_cfg: the `mesh` config section.
+    global_batch: if given, checked to be divisible by data*fsdp (each batch shard gets
+      whole sequences).
+    devices: the devices to use (tests pass a subset).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_cfg, len(devices))
+  data, fsdp, _ = shape
+  if global_batch is not None and global_batch % (data * fsdp):
+    raise ConfigError(
+        f'config.train.batch_size={global_batch} is not divisible by mesh data*fsdp='
+        f'{data}*{fsdp}={data * fsdp}; make the batch a multiple of {data * fsdp} or '
+        'move devices to config.mesh.tensor')
+  return compat.make_mesh(shape, compat.MESH_AXES, devices=devices)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
+  """Sharding of a [B, ...] input array: B split over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def batch_shards(mesh: jax.sharding.Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def maybe_initialize_distributed(dist_cfg: DistributedConfig) -> None:
+  """Starts JAX's multi-process runtime per `config.distributed.mode`.
+
+  'none' does nothing; 'auto' calls `jax.distributed.initialize()` (TPU pods, SLURM and
+  other clusters it detects); 'explicit' passes coordinator/num_processes/process_id. On
+  CPU the cross-process collectives need an implementation chosen before the backend
+  starts (gloo, see ENV.md). Must run before the first JAX computation.
+  """
+  if dist_cfg.mode == 'none':
+    return
+  if jax.distributed.is_initialized():
+    return
+  if dist_cfg.cpu_collectives:
+    # Only affects the CPU backend; harmless on TPU/GPU.
+    jax.config.update('jax_cpu_collectives_implementation', dist_cfg.cpu_collectives)
+  if dist_cfg.mode == 'auto':
+    jax.distributed.initialize()
+  else:
+    if not dist_cfg.coordinator_address:
+      raise ConfigError("config.distributed.mode='explicit' needs "
+                        'config.distributed.coordinator_address (host:port of process 0)')
+    if not 0 <= dist_cfg.process_id < dist_cfg.num_processes:
+      raise ConfigError(
+          f'config.distributed.process_id={dist_cfg.process_id} must be in '
+          f'[0, num_processes={dist_cfg.num_processes})')
+    jax.distributed.initialize(coordinator_address=dist_cfg.coordinator_address,
+                               num_processes=dist_cfg.num_processes,
+                               process_id=dist_cfg.process_id)
+  logging.info('distributed: process %d of %d, %d local / %d global devices',
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())

@@ -1,0 +1,113 @@
+"""Training metrics: JSONL + TensorBoard (tensorboardX, no TensorFlow) on process 0, and MFU.
+
+MFU = achieved model FLOP/s / peak FLOP/s of the devices used. Model FLOPs come from the
+written formula in `scone_jax.model.flops` (not from XLA's count, which includes
+rematerialisation and padding); A_f's work is counted per DISTINCT f-gram actually run in
+the step, not per matched position. The peak is the dense bf16 tensor-core/MXU number per
+device from the vendors' data sheets (`PEAK_FLOPS`, keyed by `jax.Device.device_kind`),
+overridable with `config.train.peak_tflops` (required for anything not in the table; MFU
+is omitted when the peak is unknown, e.g. on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import jax
+
+# Dense bf16 peak FLOP/s per device (= per chip; per TensorCore on TPU v2/v3 where each
+# core is a jax device). Sources: NVIDIA A100/H100/H200 data sheets (SXM, without
+# sparsity); Google Cloud TPU system architecture pages.
+PEAK_FLOPS = {
+    'NVIDIA A100-SXM4-40GB': 312e12,
+    'NVIDIA A100-SXM4-80GB': 312e12,
+    'NVIDIA H100 80GB HBM3': 989e12,
+    'NVIDIA H100': 989e12,
+    'NVIDIA H200': 989e12,
+    'TPU v2': 22.5e12,
+    'TPU v3': 61.5e12,
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,
+    'TPU v5': 459e12,
+    'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12,
+}
+
+
+def peak_flops_per_device(device_kind: str, override_tflops: float = 0.0) -> float | None:
+  """Peak FLOP/s of one device: the override (TFLOP/s) if > 0, else the table, else None."""
+  if override_tflops > 0:
+    return override_tflops * 1e12
+  if device_kind in PEAK_FLOPS:
+    return PEAK_FLOPS[device_kind]
+  # Device kinds carry suffixes on some platforms ('NVIDIA H200 NVL'): longest prefix wins.
+  matches = [k for k in PEAK_FLOPS if device_kind.startswith(k)]
+  return PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+def mfu(model_flops_per_step: float, step_seconds: float, num_devices: int,
+        peak_per_device: float | None) -> float | None:
+  if peak_per_device is None or step_seconds <= 0:
+    return None
+  return model_flops_per_step / step_seconds / (peak_per_device * num_devices)
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to W/metrics.jsonl and the same scalars to
+  TensorBoard under W/tb. Only process 0 writes; on other processes every call is a no-op.
+
+  The JSONL file is opened in append mode so a resumed run continues the same file; a run
+  resumed from a checkpoint older than the last logged step logs those steps again (the
+  later line for a step wins).
+  """
+
+  def __init__(self, workdir: str, enabled: bool | None = None, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._jsonl = None
+    self._tb = None
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    if tensorboard:
+      import tensorboardX  # Imported lazily: only the writing process pays for it.
+      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tb'))
+
+  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    clean = {k: float(v) for k, v in scalars.items() if v is not None}
+    self._jsonl.write(json.dumps({'step': int(step), **clean}, sort_keys=True) + '\n')
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in clean.items():
+        if math.isfinite(v):
+          self._tb.add_scalar(k, v, step)
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._jsonl = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """The logged records, last one per step (a resumed run may re-log steps), by step."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  by_step: dict[int, dict[str, Any]] = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          record = json.loads(line)
+          by_step[record['step']] = record
+  return [by_step[s] for s in sorted(by_step)]

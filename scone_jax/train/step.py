@@ -1,0 +1,176 @@
+"""The loss and the one jitted, sharded, donated train step.
+
+Dimension letters: B batch (sequences), T sequence length, V vocabulary, A gradient
+accumulation microbatches, U distinct f-grams in a batch, K longest f-gram.
+
+The model is split once (`nnx.split`) into a static graphdef and pytrees of arrays, and the
+step is a plain `jax.jit` over those pytrees: cheaper per call than `nnx.jit` (ENV.md) and
+it lets us state every input and output sharding explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from scone_jax.train import mesh as mesh_lib
+
+Batch = dict[str, Any]
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step updates. `other` holds non-Param model variables (e.g. RNG
+  counters), kept so that any model with the SconeLM call signature fits."""
+  step: jax.Array  # int32 scalar: number of updates applied.
+  params: nnx.State
+  opt_state: optax.OptState
+  other: nnx.State
+
+
+def cross_entropy_sums(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
+                       weights_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(sum of weight * token cross-entropy, sum of weights), in float32.
+
+  Sums rather than a mean so microbatches and data shards combine exactly: the loss of the
+  whole batch is sum(loss_sums) / sum(weight_sums) however the batch was split.
+  """
+  logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+  logz_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+  target_logit_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+  weights_BxT = weights_BxT.astype(jnp.float32)
+  return jnp.sum((logz_BxT - target_logit_BxT) * weights_BxT), jnp.sum(weights_BxT)
+
+
+def is_per_row(key: str) -> bool:
+  """Batch arrays named `*_BxT` have one row per sequence; the others (`fgram_tokens_UxK`,
+  `fgram_lens_U`) are shared by the whole batch."""
+  return key.endswith('_BxT')
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """(graphdef, params, other variables)."""
+  return nnx.split(model, nnx.Param, ...)
+
+
+def init_state(params: nnx.State, other: nnx.State, tx: optax.GradientTransformation,
+               mesh: jax.sharding.Mesh) -> TrainState:
+  """Builds the optimizer state inside jit with explicit out_shardings: each moment gets
+  its parameter's sharding (`optax.tree_map_params`), scalars are replicated, so nothing
+  is ever gathered on one device. `params` must already be sharded on `mesh`."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  param_sh = jax.tree.map(lambda x: x.sharding, params)
+  abstract_opt = jax.eval_shape(tx.init, params)
+  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, param_sh,
+                                 transform_non_params=lambda _: replicated)
+  other_sh = jax.tree.map(lambda _: replicated, other)
+  out_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, other=other_sh)
+
+  def init(params, other):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), other=other)
+  return jax.jit(init, out_shardings=out_sh)(params, other)
+
+
+def state_shardings(state: TrainState) -> TrainState:
+  return jax.tree.map(lambda x: x.sharding, state)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    lr_schedule: optax.Schedule, grad_accum_steps: int = 1
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """Returns the pure step `(state, batch) -> (state, metrics)` (not yet jitted).
+
+  With grad_accum_steps = A > 1 the batch's per-row arrays are viewed as [A, B/A, ...] and
+  the gradients of the A microbatches are summed in a `lax.scan` before the one update, so
+  the result equals the full-batch gradient (up to float summation order). Shared arrays
+  (the batch's distinct f-grams) go to every microbatch whole, so A_f runs on all U rows per
+  microbatch: correct, A times A_f's work.
+  """
+  def loss_sums(params, other, batch):
+    model = nnx.merge(graphdef, params, other)
+    logits_BxTxV = model(batch)
+    loss_sum, weight_sum = cross_entropy_sums(
+        logits_BxTxV, batch['targets_BxT'], batch['weights_BxT'])
+    _, _, new_other = nnx.split(model, nnx.Param, ...)
+    return loss_sum, (weight_sum, new_other)
+
+  grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+
+  def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    if grad_accum_steps == 1:
+      (loss_sum, (weight_sum, other)), grads = grad_fn(state.params, state.other, batch)
+    else:
+      rows = {k: v.reshape(grad_accum_steps, v.shape[0] // grad_accum_steps, *v.shape[1:])
+              for k, v in batch.items() if is_per_row(k)}
+      shared = {k: v for k, v in batch.items() if not is_per_row(k)}
+
+      def micro(carry, rows_micro):
+        grads_acc, loss_acc, weight_acc, other = carry
+        (loss_sum, (weight_sum, other)), grads = grad_fn(
+            state.params, other, {**rows_micro, **shared})
+        grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+        return (grads_acc, loss_acc + loss_sum, weight_acc + weight_sum, other), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), state.other)
+      (grads, loss_sum, weight_sum, other), _ = jax.lax.scan(micro, init, rows)
+    # Guard against an all-padding batch (weight 0): loss and grads become 0, not NaN.
+    denom = jnp.maximum(weight_sum, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {'loss': loss_sum / denom, 'grad_norm': grad_norm,
+               'lr': lr_schedule(state.step), 'tokens': weight_sum}
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                           other=other)
+    return new_state, metrics
+
+  return step
+
+
+def batch_shardings(batch: Batch, mesh: jax.sharding.Mesh) -> dict[str, jax.sharding.Sharding]:
+  """Every batch array is split along its leading dimension over data x fsdp: per-row
+  arrays by sequence, the f-gram arrays by process block ([P*U, K], see ARCHITECTURE.md)."""
+  return {k: mesh_lib.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+
+
+def jit_train_step(step_fn, state: TrainState, batch: Batch, mesh: jax.sharding.Mesh):
+  """jax.jit with explicit in/out shardings and the state donated, AOT-compiled against
+  `state` and `batch` (arrays or ShapeDtypeStructs). Logs XLA's memory analysis."""
+  state_sh = state_shardings(state)
+  batch_sh = batch_shardings(batch, mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
+                   out_shardings=(state_sh, replicated), donate_argnums=(0,))
+  abstract_batch = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=batch_sh[k])
+                    for k, v in batch.items()}
+  with jax.set_mesh(mesh):
+    compiled = jitted.lower(state, abstract_batch).compile()
+  log_memory_analysis(compiled)
+  return compiled
+
+
+def log_memory_analysis(compiled) -> dict[str, int]:
+  """Per-device bytes XLA plans for the step (empty where the backend does not say)."""
+  try:
+    analysis = compiled.memory_analysis()
+  except (NotImplementedError, AttributeError, RuntimeError):
+    return {}
+  if analysis is None:
+    return {}
+  fields = ('argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes',
+            'generated_code_size_in_bytes', 'alias_size_in_bytes')
+  sizes = {f: int(getattr(analysis, f)) for f in fields if hasattr(analysis, f)}
+  logging.info('train step memory per device: %s',
+               ', '.join(f'{k}={v / 2**20:.1f} MiB' for k, v in sizes.items()))
+  return sizes
