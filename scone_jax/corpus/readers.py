@@ -1,0 +1,233 @@
+"""Streaming corpus readers: plain text ('lines', 'blank_lines') and JSONL, from globs.
+
+A corpus is re-iterable: each pass opens the files again and streams them line by line, so
+a corpus larger than RAM works. Every `Document` carries its source ("file:line") so that
+errors further down the pipeline (tokenizer training, sharding) can point at the input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import re
+from typing import Iterator
+
+from absl import logging
+
+from scone_jax import artifacts
+
+FORMATS = ('lines', 'blank_lines', 'jsonl')
+_NAME_RE = re.compile(r'^[A-Za-z0-9_.-]+$')
+_REPLACEMENT_UTF8 = '\ufffd'.encode()
+_SURROGATE_RE = re.compile('[\ud800-\udfff]')
+
+
+class CorpusError(ValueError):
+  """The corpus input is unusable; the message names the file (and line) and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+  text: str
+  source: str  # "path:line" of the document's first line, for error messages.
+
+
+@dataclasses.dataclass
+class ReadStats:
+  """Counts of one pass over a corpus."""
+  docs: int = 0
+  bad_utf8_lines: int = 0
+  bad_utf8_chars: int = 0  # U+FFFD characters inserted by on_bad_utf8='replace'.
+  first_bad_utf8: str = ''
+
+
+def expand_globs(spec: str, key: str) -> list[str]:
+  """Comma-separated globs -> sorted, de-duplicated file paths (each glob must match).
+
+  Args:
+    spec: e.g. "/data/a*.txt,/data/b.jsonl".
+    key: the config key the spec came from, named in errors.
+  """
+  paths: list[str] = []
+  for pattern in (p.strip() for p in spec.split(',')):
+    if not pattern:
+      continue
+    matches = sorted(m for m in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(m))
+    if not matches:
+      if glob.has_magic(pattern):
+        raise CorpusError(f'{key}: glob {pattern!r} matches no files; fix the pattern or '
+                          'the path (globs are comma-separated)')
+      raise CorpusError(f'{key}: file {pattern!r} does not exist; fix the path in {key}')
+    paths.extend(m for m in matches if m not in paths)
+  if not paths:
+    raise CorpusError(f'{key} is empty; give comma-separated globs, e.g. '
+                      f"--config.{key}='/data/*.txt'")
+  return paths
+
+
+def parse_named_globs(spec: str, key: str = 'data.eval_files') -> dict[str, list[str]]:
+  """'name=glob,glob2' -> {name: paths}; an unnamed entry is named after its file stem.
+
+  The stem is the glob's basename up to the first dot (wiki*.txt -> "wiki"), so a
+  wildcard-only basename needs an explicit name.
+  """
+  named: dict[str, list[str]] = {}
+  for entry in (e.strip() for e in spec.split(',')):
+    if not entry:
+      continue
+    name, sep, pattern = entry.partition('=')
+    if not sep:
+      pattern = entry
+      name = os.path.basename(pattern).split('.')[0].replace('*', '').replace('?', '')
+    name, pattern = name.strip(), pattern.strip()
+    if not _NAME_RE.match(name):
+      raise CorpusError(f'{key}: cannot use {name!r} as the name of eval corpus {entry!r}; '
+                        'name it explicitly as "name=glob" with letters, digits, _ . -')
+    if name in named:
+      raise CorpusError(f'{key}: two entries are named {name!r}; give them distinct names '
+                        'as "name=glob"')
+    named[name] = expand_globs(pattern, key)
+  return named
+
+
+class FileCorpus:
+  """A re-iterable stream of `Document`s from text or JSONL files.
+
+  Iterating raises `CorpusError` for invalid JSON, a missing text field, invalid UTF-8
+  under on_bad_utf8='error', and, at the end of a pass, for a corpus with no non-empty
+  document. `stats` holds the counts of the latest pass.
+  """
+
+  def __init__(self, paths: list[str], fmt: str = 'lines', text_field: str = 'text',
+               on_bad_utf8: str = 'replace', name: str = 'train',
+               source_field: str = '', fingerprint: str = ''):
+    """Creates the corpus; checks that every file exists.
+
+    Args:
+      paths: files, read in this order.
+      fmt: 'lines' | 'blank_lines' | 'jsonl'.
+      text_field: JSONL key holding the document text.
+      on_bad_utf8: 'replace' (U+FFFD, counted) or 'error'.
+      name: the split's name, for messages.
+      source_field: optional JSONL key holding the document's original source (used by
+        the embedded corpus, whose sources are stdlib files).
+      fingerprint: overrides the default fingerprint (paths, sizes, mtimes, options).
+    """
+    if fmt not in FORMATS:
+      raise CorpusError(f'data.format={fmt!r} is not one of {list(FORMATS)}')
+    if on_bad_utf8 not in ('replace', 'error'):
+      raise CorpusError(f"data.on_bad_utf8={on_bad_utf8!r} must be 'replace' or 'error'")
+    for p in paths:
+      if not os.path.isfile(p):
+        raise CorpusError(f'corpus {name!r}: file {p} does not exist; fix the path or glob')
+    self.paths = list(paths)
+    self.format = fmt
+    self.text_field = text_field
+    self.on_bad_utf8 = on_bad_utf8
+    self.name = name
+    self.source_field = source_field
+    self._fingerprint = fingerprint
+    self.stats = ReadStats()
+
+  @property
+  def fingerprint(self) -> str:
+    if self._fingerprint:
+      return self._fingerprint
+    files = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns)
+             for p in self.paths]
+    return artifacts.fingerprint('file_corpus', self.format, self.text_field,
+                                 self.on_bad_utf8, files)
+
+  @property
+  def total_file_bytes(self) -> int:
+    """Size of the input files: an upper bound on the corpus's UTF-8 text bytes."""
+    return sum(os.path.getsize(p) for p in self.paths)
+
+  def __iter__(self) -> Iterator[Document]:
+    self.stats = ReadStats()
+    read = {'lines': self._lines, 'blank_lines': self._blank_lines,
+            'jsonl': self._jsonl}[self.format]
+    for path in self.paths:
+      for doc in read(path):
+        self.stats.docs += 1
+        yield doc
+    if self.stats.docs == 0:
+      raise CorpusError(
+          f'corpus {self.name!r} has no non-empty document in {len(self.paths)} file(s) '
+          f'({", ".join(self.paths[:3])}{", ..." if len(self.paths) > 3 else ""}) under '
+          f'data.format={self.format!r}; check the files or data.format / data.text_field')
+    if self.stats.bad_utf8_lines:
+      logging.warning('corpus %r: %d line(s) had invalid UTF-8; %d byte sequence(s) '
+                      'replaced with U+FFFD (first at %s)', self.name,
+                      self.stats.bad_utf8_lines, self.stats.bad_utf8_chars,
+                      self.stats.first_bad_utf8)
+
+  def _decoded_lines(self, path: str) -> Iterator[tuple[int, str]]:
+    with open(path, 'rb') as f:
+      for lineno, raw in enumerate(f, 1):
+        raw = raw.rstrip(b'\r\n')
+        try:
+          yield lineno, raw.decode('utf-8')
+        except UnicodeDecodeError as e:
+          yield lineno, self._bad_utf8(raw.decode('utf-8', errors='replace'),
+                                       raw.count(_REPLACEMENT_UTF8), f'{path}:{lineno}', e)
+
+  def _bad_utf8(self, text: str, had_replacements: int, where: str, err: Exception) -> str:
+    if self.on_bad_utf8 == 'error':
+      raise CorpusError(f'{where}: invalid UTF-8 ({err}); fix the file or set '
+                        "--config.data.on_bad_utf8=replace to replace bad bytes with U+FFFD")
+    self.stats.bad_utf8_lines += 1
+    self.stats.bad_utf8_chars += text.count('\ufffd') - had_replacements
+    self.stats.first_bad_utf8 = self.stats.first_bad_utf8 or where
+    return text
+
+  def _lines(self, path: str) -> Iterator[Document]:
+    for lineno, text in self._decoded_lines(path):
+      if text.strip():
+        yield Document(text, f'{path}:{lineno}')
+
+  def _blank_lines(self, path: str) -> Iterator[Document]:
+    block: list[str] = []
+    start = 0
+    for lineno, text in self._decoded_lines(path):
+      if text.strip():
+        start = start or lineno
+        block.append(text)
+      elif block:
+        yield Document('\n'.join(block), f'{path}:{start}')
+        block, start = [], 0
+    if block:
+      yield Document('\n'.join(block), f'{path}:{start}')
+
+  def _jsonl(self, path: str) -> Iterator[Document]:
+    for lineno, line in self._decoded_lines(path):
+      if not line.strip():
+        continue
+      where = f'{path}:{lineno}'
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise CorpusError(f'{where}: invalid JSON ({e.msg} at column {e.colno}); fix the '
+                          'line, or set data.format if the file is not JSONL') from e
+      if not isinstance(record, dict) or not isinstance(record.get(self.text_field), str):
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise CorpusError(f'{where}: no string field {self.text_field!r} (found {keys}); '
+                          'set --config.data.text_field to the key holding the text')
+      text = record[self.text_field]
+      try:
+        text.encode('utf-8')
+      except UnicodeEncodeError as e:  # Lone surrogates from "\ud800"-style JSON escapes.
+        text = self._bad_utf8(_SURROGATE_RE.sub('\ufffd', text), text.count('\ufffd'),
+                              where, e)
+      if text.strip():
+        if self.source_field and isinstance(record.get(self.source_field), str):
+          where = record[self.source_field]
+        yield Document(text, where)
+
+
+def files_corpus(globs: str, key: str, fmt: str, text_field: str, on_bad_utf8: str,
+                 name: str) -> FileCorpus:
+  """A FileCorpus from comma-separated globs (the config's data.train_files form)."""
+  return FileCorpus(expand_globs(globs, key), fmt, text_field, on_bad_utf8, name)
