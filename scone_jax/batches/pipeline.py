@@ -1,0 +1,224 @@
+"""Train and eval batch pipelines (grain), and the host -> global jax.Array step.
+
+Dimension letters: B rows per process, P processes, T sequence length, U f-gram capacity,
+K longest f-gram.
+
+Global batch s is rows [s*Bg, (s+1)*Bg) of the row stream in `order.RowOrder` (Bg =
+train.batch_size), a pure function of (train.seed, s). Process p builds only its
+contiguous slice, rows [s*Bg + p*B, s*Bg + (p+1)*B) with B = Bg / P, so a 2-process run
+sees exactly the rows of a 1-process run. The dataset is a grain `MapDataset` indexed by
+step; its iterator's state is {'next_index': step}, checkpointed with
+`grain.checkpoint.CheckpointSave(it)` next to the model and restored bit-exactly.
+
+Batches are numpy dicts (ARCHITECTURE.md "batches"); entries under `stats/` are float32
+scalars for logging (tokens, f-gram statistics), never model inputs: `split_stats`
+separates them.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Mapping
+
+import grain
+import jax
+import numpy as np
+
+from scone_jax import config as config_lib
+from scone_jax.batches import order as order_lib
+from scone_jax.batches import packing
+from scone_jax.batches import tagging
+
+BOS_ID = 1  # The tokenizer contract: pad 0, bos 1, eos 2, unk 3.
+STATS_PREFIX = tagging.STATS_PREFIX
+
+
+class BatchDataset(grain.MapDataset):
+  """Element s = this process's slice of global batch s (a numpy dict)."""
+
+  def __init__(self, shards, rows: order_lib.RowOrder, *, global_batch_size: int,
+               num_batches: int | None, bos_id: int, table: tagging.Matcher | None,
+               capacity: int, process_index: int, process_count: int):
+    super().__init__()
+    if process_count < 1 or not 0 <= process_index < process_count:
+      raise ValueError(f'process_index={process_index} must be in [0, process_count='
+                       f'{process_count})')
+    if global_batch_size % process_count:
+      raise ValueError(f'train.batch_size={global_batch_size} is not divisible by the '
+                       f'{process_count} processes; each process gets an equal row slice')
+    self._shards = shards
+    self._rows = rows
+    self._global_batch_size = global_batch_size
+    self.local_batch_size = global_batch_size // process_count
+    self._num_batches = num_batches
+    self._bos_id = bos_id
+    self._table = table
+    self._capacity = capacity
+    self._process_index = process_index
+
+  def __len__(self) -> int:
+    return sys.maxsize if self._num_batches is None else self._num_batches
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    if index < 0 or index >= len(self):
+      raise IndexError(f'batch {index} out of range [0, {len(self)})')
+    first = index * self._global_batch_size + self._process_index * self.local_batch_size
+    row_examples = self._rows.rows(first, self.local_batch_size)
+    batch: dict[str, Any] = packing.build_rows(
+        self._rows.examples, row_examples, self._shards.tokens, self._shards.offsets,
+        self._bos_id, self._rows.seq_len)
+    batch[STATS_PREFIX + 'num_tokens'] = np.float32(batch['weights_BxT'].sum())
+    if self._table is not None:
+      batch = tagging.tag_fgrams(batch, self._table, self._capacity)
+    return batch
+
+  def __str__(self) -> str:
+    return f'BatchDataset(local_batch_size={self.local_batch_size})'
+
+
+def _scone_table(cfg: config_lib.Config, table):
+  """The table to tag with, or None for the baseline; applies fgram.use_size."""
+  if not cfg.is_scone:
+    return None
+  if table is None:
+    raise ValueError('config.fgram_model.num_layers > 0 (SCONE) needs an FgramTable: pass '
+                     'FgramTable.load(<artifacts>/fgrams) as the table argument')
+  if cfg.fgram.use_size and len(table) > cfg.fgram.use_size:
+    table = table.slice(cfg.fgram.use_size)
+  return table
+
+
+def _capacity(cfg: config_lib.Config, local_batch_size: int) -> int:
+  return cfg.fgram_model.capacity or local_batch_size * cfg.train.seq_len
+
+
+def _read_options(cfg: config_lib.Config) -> grain.ReadOptions:
+  # One thread is enough to hide batch building behind the device step; more threads
+  # only fight over the GIL on small hosts.
+  prefetch = cfg.train.data_prefetch
+  if prefetch < 0:
+    raise ValueError(f'config.train.data_prefetch={prefetch} must be >= 0')
+  return grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
+
+
+def make_train_dataset(cfg: config_lib.Config, shards, table=None, process_index: int = 0,
+                       process_count: int = 1, *, bos_id: int = BOS_ID) -> BatchDataset:
+  """The endless training batches as a random-access grain MapDataset (index = step)."""
+  examples = packing.make_examples(shards.offsets, cfg.train.seq_len)
+  rows = order_lib.RowOrder(examples, cfg.train.seq_len, seed=cfg.train.seed,
+                            shuffle=True, repeat=True,
+                            block_docs=cfg.train.shuffle_buffer_docs)
+  table = _scone_table(cfg, table)
+  local = cfg.train.batch_size // max(process_count, 1)
+  return BatchDataset(shards, rows, global_batch_size=cfg.train.batch_size,
+                      num_batches=None, bos_id=bos_id, table=table,
+                      capacity=_capacity(cfg, local), process_index=process_index,
+                      process_count=process_count)
+
+
+def make_train_iterator(cfg: config_lib.Config, shards, table=None, process_index: int = 0,
+                        process_count: int = 1, *,
+                        bos_id: int = BOS_ID) -> grain.DatasetIterator:
+  """Training batches from step 0; `it.get_state()`/`set_state()` resume bit-exactly.
+
+  Args:
+    cfg: the run config (train.seed/batch_size/seq_len/shuffle_buffer_docs/data_prefetch,
+      fgram_model.num_layers/capacity, fgram.use_size).
+    shards: `TokenShards` of the training split (.tokens, .offsets).
+    table: the `FgramTable` for SCONE runs (ignored, may be None, for the baseline).
+    process_index, process_count: this process's slice of each global batch
+      (jax.process_index(), jax.process_count()).
+    bos_id: the tokenizer's BOS id.
+  """
+  dataset = make_train_dataset(cfg, shards, table, process_index, process_count,
+                               bos_id=bos_id)
+  return iter(dataset.to_iter_dataset(_read_options(cfg)))
+
+
+def make_eval_dataset(cfg: config_lib.Config, shards, table=None, process_index: int = 0,
+                      process_count: int = 1, *, batch_size: int | None = None,
+                      max_batches: int | None = None,
+                      bos_id: int = BOS_ID) -> BatchDataset:
+  """Every document of `shards` once, in order, packed like training; finite.
+
+  The last batch is padded with empty rows (weights 0). `len(dataset)` is the number of
+  batches: ceil(rows / batch_size), at most `max_batches` (None or 0 = all).
+  """
+  batch_size = batch_size or cfg.train.batch_size
+  examples = packing.make_examples(shards.offsets, cfg.train.seq_len)
+  rows = order_lib.RowOrder(examples, cfg.train.seq_len, shuffle=False, repeat=False)
+  num_batches = -(-rows.rows_per_first_epoch // batch_size)
+  if max_batches:
+    num_batches = min(num_batches, max_batches)
+  table = _scone_table(cfg, table)
+  local = batch_size // max(process_count, 1)
+  return BatchDataset(shards, rows, global_batch_size=batch_size, num_batches=num_batches,
+                      bos_id=bos_id, table=table, capacity=_capacity(cfg, local),
+                      process_index=process_index, process_count=process_count)
+
+
+def make_eval_iterator(cfg: config_lib.Config, shards, table=None, process_index: int = 0,
+                       process_count: int = 1, *, batch_size: int | None = None,
+                       max_batches: int | None = None,
+                       bos_id: int = BOS_ID) -> grain.DatasetIterator:
+  """Iterator over `make_eval_dataset`; sum stats/num_tokens for per-token loss and
+  divide summed NLL (nats) by ln(2) * shards.num_bytes for bits per byte."""
+  dataset = make_eval_dataset(cfg, shards, table, process_index, process_count,
+                              batch_size=batch_size, max_batches=max_batches,
+                              bos_id=bos_id)
+  return iter(dataset.to_iter_dataset(_read_options(cfg)))
+
+
+def split_stats(batch: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+  """(model inputs, {name without prefix: float}) of a batch."""
+  inputs = {k: v for k, v in batch.items() if not k.startswith(STATS_PREFIX)}
+  stats = {k[len(STATS_PREFIX):]: float(v) for k, v in batch.items()
+           if k.startswith(STATS_PREFIX)}
+  return inputs, stats
+
+
+def offset_slots(slot_BxT: np.ndarray, process_index: int, capacity: int) -> np.ndarray:
+  """Local slots -> slots into the global [P*U, K] f-gram list (-1 stays -1)."""
+  return np.where(slot_BxT >= 0, slot_BxT + process_index * capacity, -1).astype(np.int32)
+
+
+def _default_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+  # Leading (batch / f-gram list) dim over the data-parallel axes; the rest replicated.
+  axes = tuple(a for a in ('data', 'fsdp') if a in mesh.axis_names)
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes or None))
+
+
+def to_global_arrays(local_batch: Mapping[str, Any], mesh: jax.sharding.Mesh,
+                     shardings: Mapping[str, jax.sharding.Sharding] | jax.sharding.Sharding
+                     | None = None) -> dict[str, jax.Array]:
+  """This process's batch -> global jax.Arrays ([P*B, T], [P*U, K], [P*U]).
+
+  Stats entries are dropped. Slots are offset by process_index * U so they index the
+  global f-gram list, whose rows [p*U, (p+1)*U) are process p's.
+
+  Args:
+    local_batch: an element of a train/eval iterator.
+    mesh: the device mesh.
+    shardings: one Sharding per key, one for all, or None for the leading dim over the
+      mesh's ('data', 'fsdp') axes.
+  """
+  inputs, _ = split_stats(local_batch)
+  process_index, process_count = jax.process_index(), jax.process_count()
+  if 'fgram_slot_BxT' in inputs:
+    capacity = inputs['fgram_tokens_UxK'].shape[0]
+    inputs['fgram_slot_BxT'] = offset_slots(inputs['fgram_slot_BxT'], process_index,
+                                            capacity)
+  out = {}
+  for key, value in inputs.items():
+    if isinstance(shardings, Mapping):
+      if key not in shardings:
+        raise KeyError(f'to_global_arrays: no sharding for batch key {key!r}; '
+                       f'shardings has {sorted(shardings)}')
+      sharding = shardings[key]
+    else:
+      sharding = shardings or _default_sharding(mesh)
+    global_shape = (value.shape[0] * process_count,) + value.shape[1:]
+    out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+  return out
