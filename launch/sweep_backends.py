@@ -1,0 +1,220 @@
+"""Running a sweep's points: the local backend (subprocesses) and TPU pods (gcloud ssh).
+
+Both take a `runner(cmd, log_path) -> exit code` so tests inject a fake one and no cloud
+call is ever made from a test. A crashing point is reported and the others continue; the
+caller turns the returned failures into a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable
+
+import sweep_spec
+
+Runner = Callable[[str, str], int]
+
+
+def shell_runner(cmd: str, log_path: str) -> int:
+  """Runs `cmd` through bash, appending stdout+stderr to log_path."""
+  os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+  with open(log_path, 'a') as log:
+    log.write(f'\n$ {cmd}\n')
+    log.flush()
+    return subprocess.run(cmd, shell=True, executable='/bin/bash', stdout=log,
+                          stderr=subprocess.STDOUT, check=False).returncode
+
+
+def _tail(path: str, lines: int = 8) -> str:
+  try:
+    with open(path, errors='replace') as f:
+      return ''.join(f.readlines()[-lines:])
+  except OSError:
+    return ''
+
+
+@dataclasses.dataclass
+class Outcome:
+  name: str
+  status: str  # 'done', 'skipped', 'failed'
+  seconds: float = 0.0
+  detail: str = ''
+
+
+class Progress:
+  """One line per event with running totals; thread-safe."""
+
+  def __init__(self, total: int, out=None):
+    self.total, self.out, self.start = total, out or sys.stdout, time.time()
+    self.counts = {'done': 0, 'skipped': 0, 'failed': 0}
+    self.running = 0
+    self.lock = threading.Lock()
+
+  def event(self, name: str, status: str, detail: str = ''):
+    with self.lock:
+      if status == 'started':
+        self.running += 1
+      else:
+        self.running -= status != 'skipped'
+        self.counts[status] += 1
+      finished = sum(self.counts.values())
+      elapsed = time.time() - self.start
+      print(f'[{finished}/{self.total} finished, {self.running} running, '
+            f'{self.counts["failed"]} failed, {elapsed:6.0f}s] {status:8s} {name}'
+            + (f'\n{detail}' if detail else ''), file=self.out, flush=True)
+
+
+def _stage_commands(sweep: sweep_spec.Sweep, point: sweep_spec.Point,
+                    python: str) -> list[tuple[str, str]]:
+  return [('train', sweep_spec.command(sweep, point, python, 'train')),
+          ('evaluate', sweep_spec.command(sweep, point, python, 'evaluate'))]
+
+
+def prepare_groups(sweep: sweep_spec.Sweep) -> dict[str, list[sweep_spec.Point]]:
+  """Points grouped by the artifacts dir they share (one prepare per group)."""
+  groups: dict[str, list[sweep_spec.Point]] = {}
+  for p in sweep.points:
+    groups.setdefault(p.cfg.data.artifacts_dir, []).append(p)
+  return groups
+
+
+def run_local(sweep: sweep_spec.Sweep, python: str = sys.executable, parallel: int = 1,
+              runner: Runner = shell_runner, out=None) -> list[Outcome]:
+  """Runs every unfinished point: prepare once per artifacts dir, then train + evaluate.
+
+  Finished points (complete W/eval.json) are skipped; interrupted ones rerun the same
+  command and the trainer resumes from W/checkpoints. Logs go to W/log.txt.
+  """
+  out = out or sys.stdout
+  progress = Progress(len(sweep.points), out)
+  todo, outcomes = [], []
+  for p in sweep.points:
+    if sweep_spec.is_finished(p):
+      outcomes.append(Outcome(p.name, 'skipped', detail='eval.json present'))
+      progress.event(p.name, 'skipped')
+    else:
+      todo.append(p)
+  broken_groups: dict[str, str] = {}
+  for adir, group in prepare_groups(sweep).items():
+    group = [p for p in group if p in todo]
+    if not group:
+      continue
+    first = group[0]
+    sweep_spec.write_point_json(sweep, first)
+    log = os.path.join(first.workdir, 'log.txt')
+    print(f'prepare {adir} (shared by {len(group)} point(s); log {log})', file=out, flush=True)
+    rc = runner(sweep_spec.command(sweep, first, python, 'prepare'), log)
+    if rc:
+      broken_groups[adir] = f'prepare exited with {rc}; see {log}:\n{_tail(log)}'
+
+  def run_point(p: sweep_spec.Point) -> Outcome:
+    if p.cfg.data.artifacts_dir in broken_groups:
+      progress.event(p.name, 'failed', broken_groups[p.cfg.data.artifacts_dir])
+      return Outcome(p.name, 'failed', detail=broken_groups[p.cfg.data.artifacts_dir])
+    sweep_spec.write_point_json(sweep, p)
+    log = os.path.join(p.workdir, 'log.txt')
+    progress.event(p.name, 'started')
+    start = time.time()
+    for stage, cmd in _stage_commands(sweep, p, python):
+      if stage == 'evaluate' and sweep_spec.is_finished(p):
+        continue  # train already evaluated at its end.
+      rc = runner(cmd, log)
+      if rc:
+        detail = f'  {stage} exited with {rc}; log {log}:\n{_tail(log)}'
+        progress.event(p.name, 'failed', detail)
+        return Outcome(p.name, 'failed', time.time() - start, detail)
+    if not sweep_spec.is_finished(p):
+      detail = f'  finished without writing {p.workdir}/eval.json; log {log}'
+      progress.event(p.name, 'failed', detail)
+      return Outcome(p.name, 'failed', time.time() - start, detail)
+    progress.event(p.name, 'done')
+    return Outcome(p.name, 'done', time.time() - start)
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+    outcomes += list(pool.map(run_point, todo))
+  return outcomes
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuTarget:
+  """Where and what to run on a TPU pod.
+
+  Attributes:
+    tpu_name, zone, project: the TPU VM (gcloud flags).
+    repo: git URL or gs:// folder the workers fetch the code from.
+    ref: git ref to check out (ignored for gs://).
+    remote_dir: code checkout on each worker, relative to the ssh user's home.
+  """
+  tpu_name: str
+  zone: str
+  project: str = ''
+  repo: str = ''
+  ref: str = 'main'
+  remote_dir: str = 'scone_jax'
+
+  def gcloud(self, verb: str, *args: str) -> str:
+    flags = [f'--zone={self.zone}'] + ([f'--project={self.project}'] if self.project else [])
+    argv = ['gcloud', 'compute', 'tpus', 'tpu-vm', verb, *args, *flags, '--worker=all']
+    return ' '.join(shlex.quote(a) for a in argv)
+
+
+def tpu_command(sweep: sweep_spec.Sweep, point: sweep_spec.Point, target: TpuTarget) -> str:
+  """The gcloud command running one point on every host of the pod.
+
+  On each worker: bootstrap (idempotent: code fetch + pinned install guarded by a marker
+  file), then train with distributed.mode=auto (jax.distributed.initialize finds the pod),
+  then evaluate unless train wrote eval.json. The workdir must be shared storage (gs://)
+  so a retried point resumes from its checkpoints.
+  """
+  extra = {'distributed.mode': 'auto'}
+  python = '.venv/bin/python'
+  train = sweep_spec.command(sweep, point, python, 'train', extra)
+  evaluate = sweep_spec.command(sweep, point, python, 'evaluate', extra)
+  eval_json = shlex.quote(f'{point.workdir}/eval.json')
+  bootstrap = ' '.join(shlex.quote(a) for a in
+                       ['bash', 'tpu_bootstrap.sh', target.repo, target.ref, target.remote_dir])
+  # gs:// workdirs cannot be tested with `test -f`; evaluate is idempotent, so run it
+  # whenever eval.json is not visible locally.
+  remote = (f'{bootstrap} && cd {shlex.quote(target.remote_dir)} && {train} && '
+            f'{{ test -f {eval_json} || {evaluate}; }}')
+  return target.gcloud('ssh', target.tpu_name, f'--command={remote}')
+
+
+def run_tpu(sweep: sweep_spec.Sweep, target: TpuTarget, runner: Runner = shell_runner,
+            retries: int = 3, log_dir: str = 'runs/tpu_logs', out=None,
+            retry_wait_s: float = 60.0) -> list[Outcome]:
+  """Runs the points one after another on the pod, retrying preempted (failed) ones."""
+  out = out or sys.stdout
+  os.makedirs(log_dir, exist_ok=True)
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tpu_bootstrap.sh')
+  copy = target.gcloud('scp', script, f'{target.tpu_name}:tpu_bootstrap.sh')
+  setup_log = os.path.join(log_dir, f'{sweep.name}-setup.txt')
+  if runner(copy, setup_log):
+    detail = f'copying tpu_bootstrap.sh to {target.tpu_name} failed; see {setup_log}'
+    return [Outcome(p.name, 'failed', detail=detail) for p in sweep.points]
+  progress = Progress(len(sweep.points), out)
+  outcomes = []
+  for p in sweep.points:
+    log = os.path.join(log_dir, f'{sweep.name}-{p.name}.txt')
+    progress.event(p.name, 'started')
+    start, rc = time.time(), 1
+    for attempt in range(retries + 1):
+      rc = runner(tpu_command(sweep, p, target), log)
+      if rc == 0:
+        break
+      if attempt < retries:
+        print(f'  {p.name}: exit {rc} (preempted?), retry {attempt + 1}/{retries} '
+              f'in {retry_wait_s:.0f}s; it resumes from its checkpoints', file=out, flush=True)
+        time.sleep(retry_wait_s)
+    status = 'done' if rc == 0 else 'failed'
+    detail = '' if rc == 0 else f'  exit {rc} after {retries} retries; log {log}'
+    progress.event(p.name, status, detail)
+    outcomes.append(Outcome(p.name, status, time.time() - start, detail))
+  return outcomes

@@ -1,0 +1,255 @@
+"""Sweeps as data: load a sweep file, validate every point, name it, build its commands.
+
+A sweep file (experiments/sweeps/*.py) defines `BASE_CONFIG` ('experiments/gpt2.py:419m':
+an experiment file plus its optional `get_config` argument) and `get_sweep()` returning a
+list of override dicts with dotted keys ({'fgram.use_size': 1000, 'train.seed': 1}). This
+module turns that into `Point`s: a validated `Config`, a stable run name and workdir, and
+shell-quoted command lines. It never runs anything (see sweep_backends.py).
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import importlib.machinery
+import json
+import os
+import re
+import shlex
+import sys
+import types
+from typing import Any
+
+from scone_jax import artifacts
+from scone_jax import config as config_lib
+
+# Sections and keys that decide what `prepare` builds (tokenizer, token shards, f-gram
+# table). Points that agree on these share one artifacts dir, so mining happens once.
+# fgram.use_size only slices the mined table; miner/memory budget change how, not what.
+_PREPARE_SECTIONS = ('data', 'tokenizer', 'fgram')
+_PREPARE_IGNORED = ('data.artifacts_dir', 'fgram.use_size', 'fgram.miner',
+                    'fgram.memory_budget_mb')
+_NAME_MAX_CHARS = 100
+
+
+class SweepError(ValueError):
+  """A sweep file or one of its points is invalid; the message names it and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  """One run of a sweep.
+
+  Attributes:
+    name: stable run name: readable overrides plus a hash of all of them.
+    overrides: the point's own overrides (what the sweep file wrote, plus --set extras).
+    launch_overrides: overrides passed on the command line: `overrides` plus launcher
+      defaults (the shared artifacts dir), in a stable order.
+    cfg: the validated, resolved Config the run will train.
+    workdir: ROOT/SWEEP/NAME.
+  """
+  name: str
+  overrides: dict[str, Any]
+  launch_overrides: dict[str, Any]
+  cfg: config_lib.Config
+  workdir: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  name: str
+  path: str
+  base_config: str
+  root: str
+  points: list[Point]
+
+  @property
+  def dir(self) -> str:
+    return _join(self.root, self.name)
+
+
+def _join(root: str, *parts: str) -> str:
+  # os.path.join would be fine for gs:// too, but keep one separator style explicitly.
+  return '/'.join([root.rstrip('/'), *parts])
+
+
+def _load_module(path: str, what: str) -> types.ModuleType:
+  if not os.path.isfile(path):
+    raise SweepError(f'{what} {path!r} does not exist; pass a path relative to the repo '
+                     'root, e.g. experiments/sweeps/demo.py')
+  name = 'scone_sweep_' + re.sub(r'\W', '_', os.path.abspath(path))
+  loader = importlib.machinery.SourceFileLoader(name, path)
+  module = types.ModuleType(loader.name)
+  module.__file__ = path
+  sys.modules[name] = module  # dataclasses in the file need their module registered.
+  loader.exec_module(module)
+  return module
+
+
+def load_base_config(spec: str) -> dict[str, Any]:
+  """Loads 'experiments/X.py[:arg]' the way config_flags does; returns a plain dict."""
+  path, _, arg = spec.partition(':')
+  module = _load_module(path, 'base config file')
+  if not hasattr(module, 'get_config'):
+    raise SweepError(f'base config {path!r} defines no get_config(); experiment files '
+                     'return a ConfigDict from get_config([arg])')
+  cd = module.get_config(arg) if arg else module.get_config()
+  return cd.to_dict() if hasattr(cd, 'to_dict') else dict(cd)
+
+
+def apply_overrides(values: dict[str, Any], overrides: dict[str, Any],
+                    where: str) -> dict[str, Any]:
+  """Returns a copy of `values` with dotted-key overrides set; unknown keys raise."""
+  values = copy.deepcopy(values)
+  for dotted, value in overrides.items():
+    node = values
+    *parents, leaf = dotted.split('.')
+    for i, p in enumerate(parents):
+      if not isinstance(node.get(p), dict):
+        raise SweepError(f'{where}: unknown config key {dotted!r} ({".".join(parents[:i+1])!r} '
+                         'is not a config section); see scone_jax/config.py for valid keys')
+      node = node[p]
+    if leaf not in node or isinstance(node[leaf], dict):
+      valid = ', '.join(sorted(k for k, v in node.items() if not isinstance(v, dict)))
+      raise SweepError(f'{where}: unknown config key {dotted!r}; valid keys in that '
+                       f'section: {valid}')
+    node[leaf] = value
+  return values
+
+
+def format_value(value: Any) -> str:
+  """A config value as config_flags parses it from `--config.key=VALUE`."""
+  if isinstance(value, bool):
+    return 'true' if value else 'false'
+  if isinstance(value, float):
+    return repr(value)
+  if isinstance(value, (int, str)):
+    return str(value)
+  raise SweepError(f'override value {value!r} has type {type(value).__name__}; sweep values '
+                   'must be bool, int, float or str')
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+  """['train.steps=3', 'data.eval_files=a b'] -> {'train.steps': 3, ...}."""
+  out = {}
+  for item in items:
+    key, sep, raw = item.partition('=')
+    if not sep or not key:
+      raise SweepError(f'--set={item!r} must look like KEY=VALUE, e.g. --set=train.steps=3')
+    try:
+      value = ast.literal_eval(raw)
+    except (SyntaxError, ValueError):
+      value = raw
+    out[key] = value
+  return out
+
+
+def run_name(overrides: dict[str, Any]) -> str:
+  """Stable, filesystem-safe name: 'fgram.use_size=1000,train.seed=1-<hash8>'.
+
+  The readable part may be truncated; the hash covers every override (key order does not
+  matter), so two different points never share a name.
+  """
+  digest = artifacts.fingerprint(sorted(overrides.items()))[:8]
+  readable = ','.join(f'{k}={format_value(v)}' for k, v in sorted(overrides.items()))
+  readable = re.sub(r'[^A-Za-z0-9._=,+-]', '_', readable)[:_NAME_MAX_CHARS] or 'base'
+  return f'{readable}-{digest}'
+
+
+def prepare_fingerprint(cfg: config_lib.Config) -> str:
+  """Fingerprint of what `prepare` builds for cfg (ignores slicing and miner choice)."""
+  sections = {s: dataclasses.asdict(getattr(cfg, s)) for s in _PREPARE_SECTIONS}
+  for dotted in _PREPARE_IGNORED:
+    section, key = dotted.split('.')
+    sections[section].pop(key)
+  return artifacts.fingerprint(sections)
+
+
+def load_sweep(path: str, root: str, extra_overrides: dict[str, Any] | None = None,
+               only: str = '') -> Sweep:
+  """Loads and validates a whole sweep; raises SweepError before anything can launch.
+
+  Args:
+    path: the sweep file.
+    root: runs go to ROOT/SWEEP_NAME/RUN_NAME (a local path or gs://...).
+    extra_overrides: applied to every point after its own (e.g. --set=train.steps=3);
+      they are part of each run name.
+    only: keep points whose run name matches this regex (all points are still validated).
+  """
+  module = _load_module(path, 'sweep file')
+  for attr in ('get_sweep', 'BASE_CONFIG'):
+    if not hasattr(module, attr):
+      raise SweepError(f'sweep file {path!r} defines no {attr}; a sweep file defines '
+                       "BASE_CONFIG = 'experiments/X.py[:arg]' and get_sweep() -> list of "
+                       'override dicts with dotted keys')
+  points_overrides = module.get_sweep()
+  if not isinstance(points_overrides, list) or not all(
+      isinstance(p, dict) for p in points_overrides):
+    raise SweepError(f'{path}: get_sweep() must return a list of dicts, got '
+                     f'{type(points_overrides).__name__}')
+  base = load_base_config(module.BASE_CONFIG)
+  name = os.path.splitext(os.path.basename(path))[0]
+  points, seen = [], {}
+  for i, own in enumerate(points_overrides):
+    overrides = {**own, **(extra_overrides or {})}
+    where = f'{path} point {i} {own}'
+    for value in overrides.values():
+      format_value(value)
+    values = apply_overrides(base, overrides, where)
+    try:
+      cfg = config_lib.from_configdict(values)
+    except config_lib.ConfigError as e:
+      raise SweepError(f'{where}: {e}') from e
+    launch = dict(overrides)
+    if not cfg.data.artifacts_dir:
+      launch['data.artifacts_dir'] = _join(root, 'prepare', prepare_fingerprint(cfg))
+      cfg = config_lib.replace(cfg, **{'data.artifacts_dir': launch['data.artifacts_dir']})
+    rname = run_name(overrides)
+    if rname in seen:
+      raise SweepError(f'{path}: points {seen[rname]} and {i} have identical overrides '
+                       f'{own}; remove the duplicate')
+    seen[rname] = i
+    points.append(Point(rname, overrides, launch, cfg, _join(root, name, rname)))
+  if only:
+    points = [p for p in points if re.search(only, p.name)]
+  return Sweep(name, path, module.BASE_CONFIG, root, points)
+
+
+def command(sweep: Sweep, point: Point, python: str, stage: str = 'train',
+            extra: dict[str, Any] | None = None) -> str:
+  """The shell command running `python -m scone_jax.<stage>` for a point.
+
+  Every argument is shell-quoted, so values with spaces, quotes, `$` or `;` reach the
+  program unchanged.
+  """
+  args = [python, '-m', f'scone_jax.{stage}', f'--config={sweep.base_config}',
+          f'--workdir={point.workdir}']
+  for key, value in {**point.launch_overrides, **(extra or {})}.items():
+    args.append(f'--config.{key}={format_value(value)}')
+  return ' '.join(shlex.quote(a) for a in args)
+
+
+def read_eval(workdir: str) -> dict[str, Any] | None:
+  """W/eval.json as a dict, or None when it is absent, unreadable or has no results."""
+  path = os.path.join(workdir, 'eval.json')
+  try:
+    with open(path) as f:
+      result = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None
+  return result if isinstance(result, dict) and result else None
+
+
+def is_finished(point: Point) -> bool:
+  """True when the point's eval.json exists and is complete (the run needs nothing)."""
+  return read_eval(point.workdir) is not None
+
+
+def write_point_json(sweep: Sweep, point: Point) -> None:
+  """Records how the point was launched (the report reads it back)."""
+  os.makedirs(point.workdir, exist_ok=True)
+  artifacts.write_json_atomic(os.path.join(point.workdir, 'point.json'), {
+      'sweep': sweep.name, 'sweep_file': sweep.path, 'base_config': sweep.base_config,
+      'name': point.name, 'overrides': point.overrides,
+      'launch_overrides': point.launch_overrides, 'config': json.loads(point.cfg.to_json())})

@@ -1,0 +1,271 @@
+"""launch/sweep.py: expansion, quoting, run names, skip/resume, crashes, TPU commands."""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, 'launch'))
+
+import sweep_backends  # noqa: E402
+import sweep_spec  # noqa: E402
+
+TINY = os.path.join(REPO, 'experiments', 'tiny.py')
+NASTY = "it's a \"test\" $HOME; echo pwned `id` & | > x"
+
+
+def write_sweep(tmp_path, points, base=TINY, name='mysweep', body=None):
+  path = tmp_path / f'{name}.py'
+  path.write_text(body if body is not None else
+                  f'BASE_CONFIG = {base!r}\n\ndef get_sweep():\n  return {points!r}\n')
+  return str(path)
+
+
+def test_expansion_names_and_workdirs(tmp_path):
+  points = [{'fgram_model.num_layers': 0}, {'fgram.use_size': 1000, 'train.seed': 1}]
+  sweep = sweep_spec.load_sweep(write_sweep(tmp_path, points), str(tmp_path / 'runs'))
+  assert sweep.name == 'mysweep'
+  assert [p.overrides for p in sweep.points] == points
+  assert sweep.points[1].cfg.fgram.use_size == 1000 and sweep.points[1].cfg.train.seed == 1
+  assert sweep.points[0].cfg.fgram_model.num_layers == 0
+  name = sweep.points[1].name
+  assert name.startswith('fgram.use_size=1000,train.seed=1-')
+  assert sweep.points[1].workdir == f'{tmp_path}/runs/mysweep/{name}'
+  # Both points have the same data, so they share one prepared artifacts dir.
+  assert len({p.cfg.data.artifacts_dir for p in sweep.points}) == 1
+  assert sweep.points[0].cfg.data.artifacts_dir.startswith(f'{tmp_path}/runs/prepare/')
+
+
+def test_run_names_are_stable_and_distinct():
+  a = sweep_spec.run_name({'train.seed': 1, 'fgram.use_size': 10})
+  assert a == sweep_spec.run_name({'fgram.use_size': 10, 'train.seed': 1})  # order-free
+  assert a != sweep_spec.run_name({'fgram.use_size': 10, 'train.seed': 2})
+  assert a != sweep_spec.run_name({'fgram.use_size': 10, 'train.seed': '1'})
+  # Long or odd values are truncated/sanitised in the readable part; the hash keeps them apart.
+  long1 = sweep_spec.run_name({'name': 'x' * 300 + 'a'})
+  long2 = sweep_spec.run_name({'name': 'x' * 300 + 'b'})
+  assert long1 != long2 and len(long1) < 120
+  odd = sweep_spec.run_name({'name': NASTY})
+  assert '/' not in odd and ' ' not in odd and '$' not in odd
+  # Pinned value: a name must not change between versions, or finished runs rerun.
+  assert sweep_spec.run_name({}) == 'base-' + sweep_spec.run_name({})[-8:]
+
+
+def test_different_data_gets_different_artifacts_dir(tmp_path):
+  points = [{'fgram.max_len': 3}, {'fgram.max_len': 4}, {'fgram.max_len': 4, 'train.seed': 1}]
+  sweep = sweep_spec.load_sweep(write_sweep(tmp_path, points), str(tmp_path))
+  dirs = [p.cfg.data.artifacts_dir for p in sweep.points]
+  assert dirs[0] != dirs[1] and dirs[1] == dirs[2]
+
+
+def test_quoting_survives_the_shell(tmp_path):
+  """Each value reaches the program unchanged through a real shell."""
+  sweep = sweep_spec.load_sweep(
+      write_sweep(tmp_path, [{'name': NASTY, 'data.eval_files': 'a b,c=d e'}]), str(tmp_path))
+  point = sweep.points[0]
+  printer = f'{sys.executable} -c "import sys, json; print(json.dumps(sys.argv[1:]))"'
+  cmd = sweep_spec.command(sweep, point, 'PY')
+  cmd = cmd.replace('PY -m scone_jax.train', printer, 1)
+  out = subprocess.run(cmd, shell=True, executable='/bin/bash', capture_output=True,
+                       text=True, check=True).stdout
+  argv = json.loads(out)
+  assert f'--config.name={NASTY}' in argv
+  assert '--config.data.eval_files=a b,c=d e' in argv
+  assert f'--workdir={point.workdir}' in argv
+  assert argv[0] == f'--config={sweep.base_config}'
+  assert shlex.split(sweep_spec.command(sweep, point, 'PY'))[3:] == argv
+
+
+def test_value_formatting():
+  assert sweep_spec.format_value(True) == 'true'
+  assert sweep_spec.format_value(1e-4) == '0.0001'
+  assert sweep_spec.format_value(3) == '3'
+  with pytest.raises(sweep_spec.SweepError, match='must be bool, int, float or str'):
+    sweep_spec.format_value([1, 2])
+  assert sweep_spec.parse_set(['train.steps=3', 'name=a b', 'x=1.5']) == {
+      'train.steps': 3, 'name': 'a b', 'x': 1.5}
+  with pytest.raises(sweep_spec.SweepError, match='KEY=VALUE'):
+    sweep_spec.parse_set(['train.steps'])
+
+
+def test_unknown_key_fails_before_anything_runs(tmp_path):
+  calls = []
+  path = write_sweep(tmp_path, [{'train.seed': 1}, {'model.num_layer': 3}])
+  with pytest.raises(sweep_spec.SweepError, match=r"point 1 .*unknown config key "
+                     r"'model.num_layer'.*num_layers"):
+    sweep = sweep_spec.load_sweep(path, str(tmp_path))
+    sweep_backends.run_local(sweep, runner=lambda c, l: calls.append(c) or 0)
+  assert not calls
+  with pytest.raises(sweep_spec.SweepError, match="'modle' is not a config section"):
+    sweep_spec.load_sweep(write_sweep(tmp_path, [{'modle.num_layers': 3}]), str(tmp_path))
+  with pytest.raises(sweep_spec.SweepError, match='must be of type int'):
+    sweep_spec.load_sweep(write_sweep(tmp_path, [{'train.steps': 'many'}]), str(tmp_path))
+  with pytest.raises(sweep_spec.SweepError, match='identical overrides'):
+    sweep_spec.load_sweep(write_sweep(tmp_path, [{'train.seed': 1}] * 2), str(tmp_path))
+
+
+def test_sweep_file_errors(tmp_path):
+  with pytest.raises(sweep_spec.SweepError, match='defines no get_sweep'):
+    sweep_spec.load_sweep(write_sweep(tmp_path, [], body=f'BASE_CONFIG = {TINY!r}\n'),
+                          str(tmp_path))
+  with pytest.raises(sweep_spec.SweepError, match='defines no BASE_CONFIG'):
+    sweep_spec.load_sweep(write_sweep(tmp_path, [], body='def get_sweep():\n  return []\n'),
+                          str(tmp_path))
+  with pytest.raises(sweep_spec.SweepError, match='does not exist'):
+    sweep_spec.load_sweep(str(tmp_path / 'nope.py'), str(tmp_path))
+  with pytest.raises(sweep_spec.SweepError, match='list of dicts'):
+    sweep_spec.load_sweep(write_sweep(tmp_path, [], body=f'BASE_CONFIG = {TINY!r}\n'
+                                      'def get_sweep():\n  return {}\n'), str(tmp_path))
+
+
+class FakeRunner:
+  """Records commands; 'train' writes eval.json unless the workdir is in `crash`."""
+
+  def __init__(self, crash=(), write_eval_in='train'):
+    self.calls, self.crash, self.write_eval_in = [], set(crash), write_eval_in
+
+  def __call__(self, cmd, log):
+    self.calls.append(cmd)
+    argv = shlex.split(cmd)
+    stage = argv[2].split('.')[-1]
+    workdir = next(a.split('=', 1)[1] for a in argv if a.startswith('--workdir='))
+    with open(log, 'a') as f:
+      f.write(f'{stage} ran\n')
+    if stage != 'prepare' and os.path.basename(workdir) in self.crash:
+      with open(log, 'a') as f:
+        f.write('Traceback: boom\n')
+      return 3
+    if stage == self.write_eval_in:
+      with open(os.path.join(workdir, 'eval.json'), 'w') as f:
+        json.dump({'heldout': {'loss': 1.0, 'perplexity': 2.7, 'bits_per_byte': 1.2}}, f)
+    return 0
+
+
+def _stages(calls):
+  return [shlex.split(c)[2].split('.')[-1] for c in calls]
+
+
+def test_local_skip_resume_and_crash(tmp_path, capsys):
+  points = [{'train.seed': s} for s in range(4)]
+  sweep = sweep_spec.load_sweep(write_sweep(tmp_path, points), str(tmp_path / 'runs'))
+  names = [p.name for p in sweep.points]
+  runner = FakeRunner(crash={names[1]})
+  outcomes = sweep_backends.run_local(sweep, 'PY', parallel=2, runner=runner)
+  status = {o.name: o.status for o in outcomes}
+  assert status == {names[0]: 'done', names[1]: 'failed', names[2]: 'done', names[3]: 'done'}
+  # One prepare for the shared artifacts dir, one train per point; no evaluate needed
+  # because train wrote eval.json.
+  assert _stages(runner.calls).count('prepare') == 1
+  assert _stages(runner.calls).count('train') == 4
+  assert 'evaluate' not in _stages(runner.calls)
+  out = capsys.readouterr().out
+  assert 'failed' in out and 'Traceback: boom' in out and names[1] in out
+  for p in sweep.points:
+    assert os.path.exists(os.path.join(p.workdir, 'log.txt'))
+    assert json.load(open(os.path.join(p.workdir, 'point.json')))['overrides'] == p.overrides
+  # Rerun: finished points are skipped; the crashed one reruns (and resumes in the trainer).
+  runner2 = FakeRunner()
+  outcomes = sweep_backends.run_local(sweep, 'PY', runner=runner2)
+  assert sorted(o.status for o in outcomes) == ['done', 'skipped', 'skipped', 'skipped']
+  assert _stages(runner2.calls) == ['prepare', 'train']
+  assert names[1] in runner2.calls[1]
+
+
+def test_local_runs_evaluate_when_train_did_not(tmp_path):
+  sweep = sweep_spec.load_sweep(write_sweep(tmp_path, [{}]), str(tmp_path))
+  runner = FakeRunner(write_eval_in='evaluate')
+  outcomes = sweep_backends.run_local(sweep, 'PY', runner=runner)
+  assert _stages(runner.calls) == ['prepare', 'train', 'evaluate']
+  assert outcomes[0].status == 'done'
+  # A point whose stages all "succeed" without eval.json is a failure, not a silent pass.
+  sweep = sweep_spec.load_sweep(write_sweep(tmp_path, [{'train.seed': 5}]), str(tmp_path))
+  outcomes = sweep_backends.run_local(sweep, 'PY', runner=FakeRunner(write_eval_in='none'))
+  assert outcomes[0].status == 'failed' and 'without writing' in outcomes[0].detail
+
+
+def test_failed_prepare_fails_its_points_only(tmp_path):
+  points = [{'fgram.max_len': 3}, {'fgram.max_len': 4}]
+  sweep = sweep_spec.load_sweep(write_sweep(tmp_path, points), str(tmp_path))
+  bad_adir = sweep.points[0].cfg.data.artifacts_dir
+
+  def runner(cmd, log):
+    if 'scone_jax.prepare' in cmd and bad_adir in cmd:
+      return 1
+    return FakeRunner()(cmd, log)
+
+  outcomes = sweep_backends.run_local(sweep, 'PY', runner=runner)
+  assert [o.status for o in outcomes] == ['failed', 'done']
+  assert 'prepare exited with 1' in outcomes[0].detail
+
+
+def test_real_subprocess_crash_is_reported(tmp_path):
+  """The shell runner with a tiny python -c standing in for the stages."""
+  sweep = sweep_spec.load_sweep(write_sweep(tmp_path, [{'train.seed': 0}, {'train.seed': 1}]),
+                                str(tmp_path))
+  crash = sweep.points[0].workdir
+  script = ('import sys, json, os; a = dict(x.split("=", 1) for x in sys.argv[1:] if '
+            'x.startswith("--") and "=" in x); w = a["--workdir"]; '
+            f'sys.exit(7) if w == {crash!r} and "train" in sys.argv[0] else None; '
+            'os.makedirs(w, exist_ok=True); '
+            'json.dump({"c": {"perplexity": 3.0}}, open(w + "/eval.json", "w"))')
+  stub = tmp_path / 'stub.py'
+  stub.write_text(script)
+
+  def runner(cmd, log):
+    # Swap `PY -m scone_jax.STAGE` for the stub, keeping the quoted arguments.
+    argv = shlex.split(cmd)
+    new = [sys.executable, str(stub), f'--stage={argv[2]}'] + argv[3:]
+    if argv[2] == 'scone_jax.train':
+      new[1:2] = ['-c', f'import sys; sys.argv[0] = "train"; exec(open({str(stub)!r}).read())']
+    return sweep_backends.shell_runner(' '.join(shlex.quote(a) for a in new), log)
+
+  outcomes = sweep_backends.run_local(sweep, 'PY', runner=runner)
+  assert [o.status for o in outcomes] == ['failed', 'done']
+  assert 'train exited with 7' in outcomes[0].detail
+
+
+def test_tpu_commands(tmp_path):
+  sweep = sweep_spec.load_sweep(write_sweep(tmp_path, [{'train.seed': 0}, {'name': NASTY}]),
+                                'gs://bucket/runs')
+  target = sweep_backends.TpuTarget('my-pod', 'us-east5-a', 'proj', 'https://g/x.git', 'v1')
+  calls, rcs = [], iter([0, 1, 1, 0, 0])  # setup ok; point 0 preempted twice; point 1 ok.
+
+  def runner(cmd, log):
+    calls.append(cmd)
+    return next(rcs)
+
+  outcomes = sweep_backends.run_tpu(sweep, target, runner=runner, retries=3,
+                                    log_dir=str(tmp_path / 'logs'), retry_wait_s=0)
+  assert [o.status for o in outcomes] == ['done', 'done']
+  assert len(calls) == 5
+  scp = shlex.split(calls[0])
+  assert scp[:5] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp']
+  assert scp[5].endswith('launch/tpu_bootstrap.sh') and scp[6] == 'my-pod:tpu_bootstrap.sh'
+  assert {'--zone=us-east5-a', '--project=proj', '--worker=all'} <= set(scp)
+  ssh = shlex.split(calls[1])
+  assert ssh[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'my-pod']
+  assert {'--zone=us-east5-a', '--project=proj', '--worker=all'} <= set(ssh)
+  assert calls[1] == calls[2] == calls[3]  # retries rerun the same (resuming) command.
+  remote = next(a for a in ssh if a.startswith('--command='))[len('--command='):]
+  assert remote.startswith('bash tpu_bootstrap.sh https://g/x.git v1 scone_jax && cd scone_jax')
+  assert '--config.distributed.mode=auto' in remote
+  assert f"--workdir={sweep.points[0].workdir}" in remote
+  # The nasty value survives two levels of quoting (local shell, then the worker's shell).
+  remote1 = next(a for a in shlex.split(calls[4]) if a.startswith('--command='))
+  train = remote1.split(' && ')[2]
+  assert f'--config.name={NASTY}' in shlex.split(train)
+
+
+def test_tpu_gives_up_after_retries(tmp_path):
+  sweep = sweep_spec.load_sweep(write_sweep(tmp_path, [{}]), 'gs://b/r')
+  target = sweep_backends.TpuTarget('p', 'z', repo='gs://b/code')
+  calls = []
+  outcomes = sweep_backends.run_tpu(
+      sweep, target, runner=lambda c, l: calls.append(c) or (0 if len(calls) == 1 else 9),
+      retries=2, log_dir=str(tmp_path), retry_wait_s=0)
+  assert outcomes[0].status == 'failed' and len(calls) == 1 + 3
+  assert '--project' not in calls[1]
