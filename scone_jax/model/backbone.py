@@ -1,0 +1,174 @@
+"""Decoder-only backbone (GPT-2 or OLMo family) that takes input EMBEDDINGS, plus KV cache.
+
+Dimension letters: B batch, T length, S cache length, D d_model, H heads, E head dim,
+V vocab, L layers.
+
+The forward takes embeddings, not token ids, so SCONE (f-gram embeddings replacing T(x))
+and the baseline share every path after the embedding rule, including decode. Learned
+positions are added inside the forward for the same reason. Families (resolved by
+`config.validate`): GPT-2 = learned positions, LayerNorm, GELU 4d MLP, biases, tied head;
+OLMo = RoPE, non-parametric LayerNorm (or RMSNorm), SwiGLU or plain MLP, no biases.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from scone_jax.config import ModelConfig
+from scone_jax.model.layers import BlockStack, FinalNorm, attend, segment_mask
+from scone_jax.model.sharding import constrain, param
+
+
+class Embed(nnx.Module):
+  """The token table T [V, D], shared by the input, A_f and (when tied) the output head."""
+
+  def __init__(self, vocab_size: int, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.dtype = jnp.dtype(cfg.dtype)
+    value = cfg.init_std * jax.random.normal(
+        rngs.params(), (vocab_size, cfg.d_model), jnp.dtype(cfg.param_dtype))
+    self.table = param(value, ('vocab', 'embed'))
+
+  def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
+    x_BxTxD = jnp.take(self.table[...], tokens_BxT, axis=0).astype(self.dtype)
+    return constrain(x_BxTxD, ('batch', 'length', 'embed'))
+
+
+@struct.dataclass
+class KVCache:
+  """Decode state, a plain pytree: k, v [L, B, S, H, E] and per-row lengths [B].
+
+  Row b holds keys/values of positions [0, lengths[b]); the next token goes to position
+  lengths[b].
+  """
+  k: jax.Array
+  v: jax.Array
+  lengths: jax.Array
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+
+def _write_rows(cache_BxSxHxE: jax.Array, new_Bx1xHxE: jax.Array,
+                pos_B: jax.Array) -> jax.Array:
+  """Writes each row's new key/value at that row's own position."""
+  update = lambda c, n, p: jax.lax.dynamic_update_slice(c, n, (p, 0, 0))
+  return jax.vmap(update)(cache_BxSxHxE, new_Bx1xHxE.astype(cache_BxSxHxE.dtype), pos_B)
+
+
+class Backbone(nnx.Module):
+  """Token table + (learned position table) + block stack + final norm + output head."""
+
+  def __init__(self, cfg: ModelConfig, vocab_size: int, rngs: nnx.Rngs):
+    if vocab_size < 1:
+      raise ValueError(f'vocab_size={vocab_size} must be >= 1: pass the tokenizer\'s '
+                       'vocab size (or set config.model.vocab_size)')
+    self.cfg, self.vocab_size = cfg, vocab_size
+    self.token_embed = Embed(vocab_size, cfg, rngs)
+    pd = jnp.dtype(cfg.param_dtype)
+    self.pos_table = param(
+        cfg.init_std * jax.random.normal(rngs.params(), (cfg.max_seq_len, cfg.d_model), pd),
+        ('length', 'embed')) if cfg.position == 'learned' else None
+    self.blocks = BlockStack(cfg, cfg.num_layers, rope=cfg.position == 'rope', rngs=rngs)
+    self.final_norm = FinalNorm(cfg.norm, cfg.d_model, pd)
+    self.head = param(
+        cfg.init_std * jax.random.normal(rngs.params(), (cfg.d_model, vocab_size), pd),
+        ('embed', 'vocab')) if not cfg.tied_embeddings else None
+
+  def embed(self, tokens_BxT: jax.Array) -> jax.Array:
+    """T(tokens): [B, T] int -> [B, T, D] in the compute dtype (no positions added)."""
+    return self.token_embed(tokens_BxT)
+
+  def _add_positions(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+    x_BxTxD = x_BxTxD.astype(jnp.dtype(self.cfg.dtype))
+    if self.pos_table is not None:
+      x_BxTxD = x_BxTxD + jnp.take(self.pos_table[...], positions_BxT, axis=0,
+                                   mode='clip').astype(x_BxTxD.dtype)
+    return constrain(x_BxTxD, ('batch', 'length', 'embed'))
+
+  def _logits(self, x_BxTxD: jax.Array) -> jax.Array:
+    h_BxTxD = self.final_norm(x_BxTxD)
+    if self.head is None:
+      w_VxD = self.token_embed.table[...].astype(h_BxTxD.dtype)
+      logits_BxTxV = jnp.einsum('btd,vd->btv', h_BxTxD, w_VxD,
+                                preferred_element_type=jnp.float32)
+    else:
+      logits_BxTxV = jnp.einsum('btd,dv->btv', h_BxTxD, self.head[...].astype(h_BxTxD.dtype),
+                                preferred_element_type=jnp.float32)
+    return constrain(logits_BxTxV, ('batch', 'length', 'vocab'))
+
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
+               segment_ids_BxT: jax.Array) -> jax.Array:
+    """Training/eval forward: embeddings -> float32 logits [B, T, V].
+
+    Attention is causal and within segment (segment 0 = padding, never attended), and
+    positions restart per document, so a packed row equals its documents run apart.
+    """
+    mask_BxTxT = segment_mask(segment_ids_BxT)
+    x_BxTxD = self._add_positions(x_BxTxD, positions_BxT)
+    full = lambda q, k, v, _: (attend(q, k, v, mask_BxTxT), None)
+    x_BxTxD, _ = self.blocks(x_BxTxD, positions_BxT, full)
+    return self._logits(x_BxTxD)
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    """An empty cache for `batch_size` rows of up to `max_len` tokens (prompt + new)."""
+    cfg = self.cfg
+    if cfg.position == 'learned' and max_len > cfg.max_seq_len:
+      raise ValueError(f'max_len={max_len} exceeds the learned position table '
+                       f'(config.model.max_seq_len={cfg.max_seq_len}); decode fewer tokens')
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    h = cfg.num_heads
+    shape = (cfg.num_layers, batch_size, max_len, h, cfg.d_model // h)
+    names = ('layers', 'batch', 'length', 'heads', 'kv')
+    return KVCache(k=constrain(jnp.zeros(shape, dtype), names),
+                   v=constrain(jnp.zeros(shape, dtype), names),
+                   lengths=jnp.zeros((batch_size,), jnp.int32))
+
+  def prefill(self, x_BxTxD: jax.Array, lengths_B: jax.Array,
+              cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Runs right-padded prompts (row b has lengths_B[b] real tokens) into an empty cache.
+
+    Returns:
+      (logits_BxTxV: row b is valid at t < lengths_B[b]; the next token's distribution
+      is at t = lengths_B[b] - 1, the cache with lengths = lengths_B).
+    """
+    b, t, _ = x_BxTxD.shape
+    if t > cache.max_len:
+      raise ValueError(f'prompt length {t} exceeds the cache length {cache.max_len}; '
+                       'init_cache with a larger max_len')
+    lengths_B = lengths_B.astype(jnp.int32)
+    positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    segment_ids_BxT = (positions_BxT < lengths_B[:, None]).astype(jnp.int32)
+    mask_BxTxT = segment_mask(segment_ids_BxT)
+    x_BxTxD = self._add_positions(x_BxTxD, positions_BxT)
+    keep_kv = lambda q, k, v, _: (attend(q, k, v, mask_BxTxT), (k, v))
+    x_BxTxD, (k_LxBxTxHxE, v_LxBxTxHxE) = self.blocks(x_BxTxD, positions_BxT, keep_kv)
+    at = (0, 0, 0, 0, 0)
+    cache = KVCache(
+        k=jax.lax.dynamic_update_slice(cache.k, k_LxBxTxHxE.astype(cache.k.dtype), at),
+        v=jax.lax.dynamic_update_slice(cache.v, v_LxBxTxHxE.astype(cache.v.dtype), at),
+        lengths=lengths_B)
+    return self._logits(x_BxTxD), cache
+
+  def decode(self, x_Bx1xD: jax.Array, cache: KVCache,
+             pos_B: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    """One token per row at position pos_B (default: the row's current cache length).
+
+    Returns:
+      (logits_Bx1xV, the cache with the token's keys/values written and lengths = pos_B+1).
+    """
+    pos_B = cache.lengths if pos_B is None else pos_B.astype(jnp.int32)
+    positions_Bx1 = pos_B[:, None]
+    mask_Bx1xS = (jnp.arange(cache.max_len)[None, :] <= positions_Bx1)[:, None, :]
+    x_Bx1xD = self._add_positions(x_Bx1xD, positions_Bx1)
+
+    def step(q, k, v, kv):
+      k_cache, v_cache = kv
+      k_cache, v_cache = _write_rows(k_cache, k, pos_B), _write_rows(v_cache, v, pos_B)
+      return attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask_Bx1xS), (
+          k_cache, v_cache)
+
+    x_Bx1xD, (k, v) = self.blocks(x_Bx1xD, positions_Bx1, step, (cache.k, cache.v))
+    return self._logits(x_Bx1xD), KVCache(k=k, v=v, lengths=pos_B + 1)

@@ -1,0 +1,68 @@
+"""The f-gram model A_f: an f-gram's tokens -> its embedding (SCONE.md, "Definitions").
+
+Dimension letters: U f-grams, K max f-gram length, D d_model.
+
+A_f is the backbone's block stack (same `BlockStack` class and `ModelConfig`, depth
+`fgram_model.num_layers`) without a token table of its own: its input is the SHARED token
+embeddings T(x_j..x_i) plus a learned absolute position embedding of size K. A_f always
+uses learned positions, never RoPE, whatever the backbone family: f-grams are at most K
+tokens long and the paper specifies a learned position table of size K. Attention is
+causal; the output is the hidden state at the f-gram's last token (index len-1), then a
+final norm per `fgram_model.final_norm` ('same' = the backbone's norm type with its own
+parameters, 'none' = the raw residual stream).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from scone_jax.config import FgramModelConfig, ModelConfig
+from scone_jax.model.backbone import Embed
+from scone_jax.model.layers import BlockStack, FinalNorm, attend, segment_mask
+from scone_jax.model.sharding import constrain, param
+
+
+class FgramModel(nnx.Module):
+  """A_f. Holds a reference to the backbone's token table (shared, not copied)."""
+
+  def __init__(self, model_cfg: ModelConfig, fgram_model_cfg: FgramModelConfig,
+               fgram_max_len: int, token_embed: Embed, rngs: nnx.Rngs):
+    if fgram_model_cfg.num_layers < 1:
+      raise ValueError('FgramModel needs config.fgram_model.num_layers >= 1 (0 means the '
+                       'baseline, which has no A_f)')
+    if fgram_max_len < 2:
+      raise ValueError(f'fgram_max_len={fgram_max_len} must be >= 2 (config.fgram.max_len)')
+    self.max_len = fgram_max_len
+    self.token_embed = token_embed
+    self.pos_table = param(
+        model_cfg.init_std * jax.random.normal(
+            rngs.params(), (fgram_max_len, model_cfg.d_model), jnp.dtype(model_cfg.param_dtype)),
+        ('fgram_pos', 'embed'))
+    self.blocks = BlockStack(model_cfg, fgram_model_cfg.num_layers, rope=False, rngs=rngs)
+    self.final_norm = (FinalNorm(model_cfg.norm, model_cfg.d_model, model_cfg.param_dtype)
+                       if fgram_model_cfg.final_norm == 'same' else None)
+
+  def __call__(self, tokens_UxK: jax.Array, lens_U: jax.Array) -> jax.Array:
+    """Embeds U left-aligned, 0-padded f-grams of lengths lens_U -> e_UxD.
+
+    Rows with length 0 (unused capacity) give a finite, meaningless vector.
+    """
+    u, k = tokens_UxK.shape
+    if k != self.max_len:
+      raise ValueError(f'fgram tokens have K={k} columns but A_f was built for '
+                       f'fgram_max_len={self.max_len} (config.fgram.max_len)')
+    x_UxKxD = self.token_embed(tokens_UxK)
+    x_UxKxD = x_UxKxD + self.pos_table[...].astype(x_UxKxD.dtype)[None]
+    x_UxKxD = constrain(x_UxKxD, ('batch', 'length', 'embed'))
+    positions_UxK = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (u, k))
+    # Causal within the f-gram; padding sits after the last token so it is never seen.
+    mask_UxKxK = segment_mask(jnp.ones((u, k), jnp.int32))
+    full = lambda q, kk, v, _: (attend(q, kk, v, mask_UxKxK), None)
+    h_UxKxD, _ = self.blocks(x_UxKxD, positions_UxK, full)
+    last_U = jnp.clip(lens_U.astype(jnp.int32) - 1, 0, k - 1)
+    e_UxD = jnp.take_along_axis(h_UxKxD, last_U[:, None, None], axis=1)[:, 0]
+    if self.final_norm is not None:
+      e_UxD = self.final_norm(e_UxD)
+    return constrain(e_UxD, ('batch', 'embed'))

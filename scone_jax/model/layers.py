@@ -1,0 +1,214 @@
+"""Transformer building blocks shared by the backbone and the f-gram model A_f.
+
+Dimension letters: B batch, T query length, S key length, D d_model, H heads, E head
+dim (D/H), F MLP width, V vocab, L layers.
+
+The layer stack keeps its parameters stacked along a leading `layers` axis and runs them
+with `jax.lax.scan`: compile time stays flat in depth (36-layer OLMo) and the KV cache
+[L, B, S, H, E] is scanned alongside. Norms, softmax and RoPE run in float32; matmuls run
+in the compute dtype (`ModelConfig.dtype`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from scone_jax.config import ModelConfig
+from scone_jax.model.sharding import constrain, param
+
+# Attention logits of masked keys; finite so a fully masked row cannot make NaNs.
+_MASKED = -1e30
+_NORM_EPS = {'layernorm': 1e-5, 'rmsnorm': 1e-6, 'nonparametric': 1e-5}
+
+
+def norm_params(kind: str, prefix: tuple[int, ...], d: int, dtype,
+                axes: tuple[str, ...]) -> dict[str, nnx.Param]:
+  """Parameters of one norm: LayerNorm scale+bias, RMSNorm scale, non-parametric none."""
+  names = axes + ('embed',)
+  out = {}
+  if kind in ('layernorm', 'rmsnorm'):
+    out['scale'] = param(jnp.ones(prefix + (d,), dtype), names)
+  if kind == 'layernorm':
+    out['bias'] = param(jnp.zeros(prefix + (d,), dtype), names)
+  return out
+
+
+def apply_norm(kind: str, x_BxTxD: jax.Array, scale=None, bias=None) -> jax.Array:
+  """LayerNorm / RMSNorm / non-parametric LayerNorm (OLMo-1), computed in float32."""
+  x = x_BxTxD.astype(jnp.float32)
+  if kind == 'rmsnorm':
+    y = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + _NORM_EPS[kind])
+  else:
+    mean = jnp.mean(x, -1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + _NORM_EPS[kind])
+  if scale is not None:
+    y = y * scale.astype(jnp.float32)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  return y.astype(x_BxTxD.dtype)
+
+
+def apply_rope(x_BxTxHxE: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding (rotate-half form) at the given per-token positions."""
+  e = x_BxTxHxE.shape[-1]
+  freqs = theta ** (-jnp.arange(0, e // 2, dtype=jnp.float32) * 2.0 / e)
+  angles_BxTxE2 = positions_BxT.astype(jnp.float32)[..., None] * freqs
+  sin = jnp.sin(angles_BxTxE2)[:, :, None, :]
+  cos = jnp.cos(angles_BxTxE2)[:, :, None, :]
+  x = x_BxTxHxE.astype(jnp.float32)
+  x1, x2 = x[..., :e // 2], x[..., e // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxHxE.dtype)
+
+
+def segment_mask(segment_ids_BxT: jax.Array) -> jax.Array:
+  """Causal AND same-segment mask [B, T, T]; segment 0 (padding) is never attended.
+
+  A padding query attends only to itself, so its softmax row is well defined (its output
+  is ignored by the loss).
+  """
+  t = segment_ids_BxT.shape[1]
+  idx = jnp.arange(t)
+  causal_TxT = idx[:, None] >= idx[None, :]
+  seg_q, seg_k = segment_ids_BxT[:, :, None], segment_ids_BxT[:, None, :]
+  same_BxTxT = (seg_q == seg_k) & (seg_k > 0)
+  return causal_TxT[None] & (same_BxTxT | jnp.eye(t, dtype=bool)[None])
+
+
+def attend(q_BxTxHxE: jax.Array, k_BxSxHxE: jax.Array, v_BxSxHxE: jax.Array,
+           mask_BxTxS: jax.Array) -> jax.Array:
+  """Softmax attention (float32 logits) under a boolean mask."""
+  scale = 1.0 / math.sqrt(q_BxTxHxE.shape[-1])
+  logits_BxHxTxS = jnp.einsum('bthe,bshe->bhts', q_BxTxHxE, k_BxSxHxE,
+                              preferred_element_type=jnp.float32) * scale
+  logits_BxHxTxS = jnp.where(mask_BxTxS[:, None], logits_BxHxTxS, _MASKED)
+  probs = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(v_BxSxHxE.dtype)
+  return jnp.einsum('bhts,bshe->bthe', probs, v_BxSxHxE)
+
+
+# attend_fn(q, k, v, layer_carry) -> (out_BxTxHxE, per-layer output stacked by the scan).
+AttendFn = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+class BlockStack(nnx.Module):
+  """`num_layers` pre-norm transformer blocks (attention + MLP), params stacked over L.
+
+  One class serves the backbone and A_f: the backbone uses RoPE or learned positions
+  (added to its input, outside this class); A_f always uses learned positions (`rope=False`).
+  GPT-2 family blocks have biases (as GPT-2); OLMo family blocks have none (as OLMo).
+  """
+
+  def __init__(self, cfg: ModelConfig, num_layers: int, rope: bool, rngs: nnx.Rngs):
+    self.cfg, self.num_layers, self.rope = cfg, num_layers, rope
+    nl, d, h, f = num_layers, cfg.d_model, cfg.num_heads, cfg.mlp_dim
+    e, pd = d // h, jnp.dtype(cfg.param_dtype)
+    std = cfg.init_std
+    # GPT-2's scaled init: residual-branch output projections shrink with depth.
+    out_std = std / math.sqrt(2 * nl)
+
+    def normal(shape, names, s=std):
+      return param(s * jax.random.normal(rngs.params(), (nl,) + shape, pd),
+                   ('layers',) + names)
+
+    def zeros(shape, names):
+      return param(jnp.zeros((nl,) + shape, pd), ('layers',) + names)
+
+    params = {
+        'wq': normal((d, h, e), ('embed', 'heads', 'kv')),
+        'wk': normal((d, h, e), ('embed', 'heads', 'kv')),
+        'wv': normal((d, h, e), ('embed', 'heads', 'kv')),
+        'wo': normal((h, e, d), ('heads', 'kv', 'embed'), out_std),
+        'w_in': normal((d, f), ('embed', 'mlp')),
+        'w_out': normal((f, d), ('mlp', 'embed'), out_std),
+    }
+    if cfg.mlp_activation == 'swiglu':
+      params['w_gate'] = normal((d, f), ('embed', 'mlp'))
+    if cfg.family == 'gpt2':
+      params.update(bq=zeros((h, e), ('heads', 'kv')), bk=zeros((h, e), ('heads', 'kv')),
+                    bv=zeros((h, e), ('heads', 'kv')), bo=zeros((d,), ('embed',)),
+                    b_in=zeros((f,), ('mlp',)), b_out=zeros((d,), ('embed',)))
+    for which in ('attn_norm', 'mlp_norm'):
+      for k, v in norm_params(cfg.norm, (nl,), d, pd, ('layers',)).items():
+        params[f'{which}_{k}'] = v
+    self.param_names = tuple(sorted(params))
+    for name, value in params.items():
+      setattr(self, name, value)
+
+  def _block(self, p: dict[str, jax.Array], x_BxTxD: jax.Array, positions_BxT: jax.Array,
+             attend_fn: AttendFn, layer_carry: Any) -> tuple[jax.Array, Any]:
+    cfg = self.cfg
+    h = apply_norm(cfg.norm, x_BxTxD, p.get('attn_norm_scale'), p.get('attn_norm_bias'))
+    names = ('batch', 'length', 'heads', 'kv')
+    qkv = []
+    for w in 'qkv':
+      y_BxTxHxE = jnp.einsum('btd,dhe->bthe', h, p[f'w{w}'])
+      if f'b{w}' in p:
+        y_BxTxHxE = y_BxTxHxE + p[f'b{w}']
+      if self.rope and w != 'v':
+        y_BxTxHxE = apply_rope(y_BxTxHxE, positions_BxT, cfg.rope_theta)
+      qkv.append(constrain(y_BxTxHxE, names))
+    o_BxTxHxE, layer_out = attend_fn(*qkv, layer_carry)
+    a_BxTxD = jnp.einsum('bthe,hed->btd', o_BxTxHxE, p['wo'])
+    if 'bo' in p:
+      a_BxTxD = a_BxTxD + p['bo']
+    x_BxTxD = constrain(x_BxTxD + a_BxTxD, ('batch', 'length', 'embed'))
+
+    h = apply_norm(cfg.norm, x_BxTxD, p.get('mlp_norm_scale'), p.get('mlp_norm_bias'))
+    u_BxTxF = h @ p['w_in']
+    if 'b_in' in p:
+      u_BxTxF = u_BxTxF + p['b_in']
+    if cfg.mlp_activation == 'swiglu':
+      u_BxTxF = jax.nn.silu(h @ p['w_gate']) * u_BxTxF
+    elif cfg.mlp_activation == 'gelu':
+      u_BxTxF = jax.nn.gelu(u_BxTxF, approximate=True)
+    else:
+      u_BxTxF = jax.nn.relu(u_BxTxF)
+    u_BxTxF = constrain(u_BxTxF, ('batch', 'length', 'mlp'))
+    m_BxTxD = u_BxTxF @ p['w_out']
+    if 'b_out' in p:
+      m_BxTxD = m_BxTxD + p['b_out']
+    return constrain(x_BxTxD + m_BxTxD, ('batch', 'length', 'embed')), layer_out
+
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, attend_fn: AttendFn,
+               layer_carries: Any = None) -> tuple[jax.Array, Any]:
+    """Runs all blocks.
+
+    Args:
+      x_BxTxD: input activations (compute dtype).
+      positions_BxT: per-token positions (read by RoPE only).
+      attend_fn: attention rule (full / prefill / decode), see `AttendFn`.
+      layer_carries: pytree with a leading L axis handed to `attend_fn` per layer
+        (the decode KV cache), or None.
+
+    Returns:
+      (x_BxTxD, the per-layer outputs of attend_fn stacked along a leading L axis).
+    """
+    dtype = jnp.dtype(self.cfg.dtype)
+    stacked = {n: getattr(self, n)[...].astype(dtype) for n in self.param_names}
+
+    def body(x, xs):
+      p, carry = xs
+      return self._block(p, x, positions_BxT, attend_fn, carry)
+
+    return jax.lax.scan(body, x_BxTxD.astype(dtype), (stacked, layer_carries))
+
+
+class FinalNorm(nnx.Module):
+  """The norm after the last block (also A_f's optional output norm)."""
+
+  def __init__(self, kind: str, d: int, param_dtype):
+    self.kind = kind
+    params = norm_params(kind, (), d, jnp.dtype(param_dtype), ())
+    self.scale = params.get('scale')
+    self.bias = params.get('bias')
+
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    scale = None if self.scale is None else self.scale[...]
+    bias = None if self.bias is None else self.bias[...]
+    return apply_norm(self.kind, x_BxTxD, scale, bias)

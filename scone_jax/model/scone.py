@@ -1,0 +1,64 @@
+"""SconeLM: the backbone plus (for SCONE runs) A_f, joined by the embedding rule.
+
+Dimension letters: B batch, T length, U distinct f-grams in the batch (static capacity),
+K max f-gram length, D d_model, V vocab.
+
+Baseline (fgram_model.num_layers == 0) and SCONE share every code path except
+`input_embeddings`: x = T(inputs); for SCONE, each DISTINCT f-gram of the batch is run
+through A_f once (e_UxD) and scattered back by slot, REPLACING the token embedding where
+a position has an f-gram (no add, no gate; SCONE.md).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from scone_jax.config import FgramModelConfig, ModelConfig
+from scone_jax.model.backbone import Backbone
+from scone_jax.model.fgram_model import FgramModel
+from scone_jax.model.sharding import constrain
+
+SCONE_KEYS = ('fgram_slot_BxT', 'fgram_tokens_UxK', 'fgram_lens_U')
+
+
+def _get(batch: Mapping[str, jax.Array], key: str) -> jax.Array:
+  if key not in batch:
+    raise KeyError(f'batch has no {key!r} (keys: {sorted(batch)}); batch keys are fixed by '
+                   'ARCHITECTURE.md "batches"')
+  return batch[key]
+
+
+class SconeLM(nnx.Module):
+  """The language model of a run: `.backbone` and `.fgram_model` (None for the baseline)."""
+
+  def __init__(self, model_cfg: ModelConfig, fgram_model_cfg: FgramModelConfig,
+               fgram_max_len: int, vocab_size: int, rngs: nnx.Rngs):
+    self.backbone = Backbone(model_cfg, vocab_size, rngs)
+    self.fgram_model = FgramModel(
+        model_cfg, fgram_model_cfg, fgram_max_len, self.backbone.token_embed,
+        rngs) if fgram_model_cfg.num_layers > 0 else None
+
+  @property
+  def is_scone(self) -> bool:
+    return self.fgram_model is not None
+
+  def input_embeddings(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """The SCONE embedding rule: x_BxTxD = e[slot] where slot >= 0, else T(inputs)."""
+    x_BxTxD = self.backbone.embed(_get(batch, 'inputs_BxT'))
+    if self.fgram_model is None:
+      return x_BxTxD
+    slot_BxT = _get(batch, 'fgram_slot_BxT')
+    e_UxD = self.fgram_model(_get(batch, 'fgram_tokens_UxK'), _get(batch, 'fgram_lens_U'))
+    # Gather in the compute dtype; slot -1 is clipped to row 0 and then masked out.
+    e_BxTxD = jnp.take(e_UxD.astype(x_BxTxD.dtype), jnp.maximum(slot_BxT, 0), axis=0)
+    x_BxTxD = jnp.where((slot_BxT >= 0)[..., None], e_BxTxD, x_BxTxD)
+    return constrain(x_BxTxD, ('batch', 'length', 'embed'))
+
+  def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Training forward: batch (ARCHITECTURE.md keys) -> float32 logits_BxTxV."""
+    return self.backbone(self.input_embeddings(batch), _get(batch, 'positions_BxT'),
+                         _get(batch, 'segment_ids_BxT'))
