@@ -1,0 +1,181 @@
+"""Token shards: a corpus tokenized once into a flat memory-mapped array plus offsets.
+
+Layout of a shards directory (see ARCHITECTURE.md):
+  tokens.bin    flat token ids, uint16 when vocab_size < 2**16 else uint32 (D docs, N tokens)
+  offsets.npy   int64 [D+1]; document i is tokens[offsets[i]:offsets[i+1]]
+  manifest.json tokenizer_fingerprint, corpus_fingerprint, num_docs, num_tokens,
+                num_bytes (UTF-8 bytes of the source text, for bits per byte), dtype
+Documents are stored without BOS/EOS; documents that encode to no token are dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Iterable, Iterator
+
+import numpy as np
+import tqdm
+from absl import logging
+
+from scone_jax import artifacts
+from scone_jax.corpus import Document
+from scone_jax.tokenizer.spm import Tokenizer
+
+KIND = 'token_shards'
+TOKENS_FILE = 'tokens.bin'
+OFFSETS_FILE = 'offsets.npy'
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+  return np.dtype(np.uint16 if vocab_size < (1 << 16) else np.uint32)
+
+
+class TokenShards:
+  """A memory-mapped shards directory: `tokens` (1-D), `offsets` (int64 [D+1])."""
+
+  def __init__(self, directory: str, manifest: dict, tokens: np.ndarray,
+               offsets: np.ndarray):
+    self.directory = directory
+    self.manifest = manifest
+    self.tokens = tokens
+    self.offsets = offsets
+
+  @classmethod
+  def open(cls, directory: str, expect_tokenizer: str | None = None,
+           verify: bool = True, expect: dict | None = None) -> TokenShards:
+    """Opens and checks shards; raises ArtifactError saying what is wrong.
+
+    Args:
+      directory: the shards directory.
+      expect_tokenizer: the tokenizer fingerprint the shards must have been built with.
+      verify: recompute the files' sha256 (sizes are always checked).
+      expect: further manifest fields that must match (e.g. corpus_fingerprint).
+    """
+    expect = dict(expect or {})
+    if expect_tokenizer is not None:
+      expect['tokenizer_fingerprint'] = expect_tokenizer
+    manifest = artifacts.read_manifest(directory, KIND, verify=verify, expect=expect)
+    dtype = np.dtype(manifest['dtype'])
+    num_tokens, num_docs = manifest['num_tokens'], manifest['num_docs']
+    tokens_path = os.path.join(directory, TOKENS_FILE)
+    if os.path.getsize(tokens_path) != num_tokens * dtype.itemsize:
+      raise artifacts.ArtifactError(
+          f'{tokens_path} has {os.path.getsize(tokens_path)} bytes, expected {num_tokens} '
+          f'{dtype} tokens: truncated or modified; rebuild the token shards')
+    tokens = np.memmap(tokens_path, dtype=dtype, mode='r', shape=(num_tokens,))
+    offsets = np.load(os.path.join(directory, OFFSETS_FILE), allow_pickle=False)
+    if (offsets.dtype != np.int64 or offsets.shape != (num_docs + 1,) or offsets[0] != 0 or
+        offsets[-1] != num_tokens or np.any(np.diff(offsets) <= 0)):
+      raise artifacts.ArtifactError(
+          f'{directory}/{OFFSETS_FILE} is inconsistent with the manifest ({num_docs} '
+          f'documents, {num_tokens} tokens); rebuild the token shards')
+    return cls(directory, manifest, tokens, offsets)
+
+  @property
+  def num_docs(self) -> int:
+    return self.manifest['num_docs']
+
+  @property
+  def num_tokens(self) -> int:
+    return self.manifest['num_tokens']
+
+  @property
+  def num_bytes(self) -> int:
+    return self.manifest['num_bytes']
+
+  @property
+  def fingerprint(self) -> str:
+    """Identifies the shards' content (tokenizer, corpus and tokens checksum)."""
+    return self.manifest['fingerprint']
+
+  def doc(self, i: int) -> np.ndarray:
+    return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+  def __len__(self) -> int:
+    return self.num_docs
+
+  def __iter__(self) -> Iterator[np.ndarray]:
+    for i in range(self.num_docs):
+      yield self.doc(i)
+
+
+def write_shards(directory: str, docs: Iterable[Document], tokenizer: Tokenizer,
+                 corpus_fingerprint: str, total_bytes: int | None = None,
+                 batch_chars: int = 1 << 22, name: str = '') -> TokenShards:
+  """Tokenizes `docs` into a shards directory, streaming batches of ~batch_chars chars.
+
+  Args:
+    directory: the shards directory, written atomically.
+    docs: the corpus, read once.
+    tokenizer: encodes the documents (sentencepiece, 2 threads).
+    corpus_fingerprint: recorded in the manifest; prepare compares it to skip rebuilds.
+    total_bytes: the input's size, for the progress bar (None = unknown).
+    batch_chars: characters per encode batch; bounds memory.
+    name: the split's name, for the progress bar and log.
+  """
+  dtype = token_dtype(tokenizer.vocab_size)
+  counts = dict(num_docs=0, num_tokens=0, num_bytes=0, num_chars=0, dropped_empty=0)
+  tokens_sha = hashlib.sha256()
+  start = time.perf_counter()
+  with artifacts.atomic_dir(directory) as tmp:
+    raw_offsets_path = os.path.join(tmp, 'offsets.raw')
+    with open(os.path.join(tmp, TOKENS_FILE), 'wb') as tokens_f, \
+        open(raw_offsets_path, 'wb') as offsets_f, \
+        tqdm.tqdm(total=total_bytes, unit='B', unit_scale=True, mininterval=2.0,
+                  desc=f'tokenize {name}'.strip()) as bar:
+
+      def flush(texts: list[str]) -> None:
+        encoded = [ids for ids in tokenizer.encode(texts) if ids.size]
+        counts['dropped_empty'] += len(texts) - len(encoded)
+        if encoded:
+          lengths = np.fromiter((ids.size for ids in encoded), np.int64, len(encoded))
+          ends = counts['num_tokens'] + np.cumsum(lengths)
+          block = np.concatenate(encoded).astype(dtype).tobytes()
+          tokens_f.write(block)
+          tokens_sha.update(block)
+          offsets_f.write(ends.tobytes())
+          counts['num_docs'] += len(encoded)
+          counts['num_tokens'] = int(ends[-1])
+
+      batch: list[str] = []
+      batch_len = 0
+      for doc in docs:
+        batch.append(doc.text)
+        batch_len += len(doc.text)
+        doc_bytes = len(doc.text.encode('utf-8'))
+        counts['num_bytes'] += doc_bytes
+        counts['num_chars'] += len(doc.text)
+        bar.update(doc_bytes)
+        if batch_len >= batch_chars:
+          flush(batch)
+          batch, batch_len = [], 0
+      flush(batch)
+    if not counts['num_docs']:
+      raise ValueError(f'token shards {name!r}: no document produced any token; check the '
+                       'corpus')
+    _write_offsets(os.path.join(tmp, OFFSETS_FILE), raw_offsets_path, counts['num_docs'])
+    seconds = time.perf_counter() - start
+    artifacts.write_manifest(tmp, KIND, {
+        **counts, 'dtype': dtype.name, 'tokenizer_fingerprint': tokenizer.fingerprint,
+        'corpus_fingerprint': corpus_fingerprint, 'vocab_size': tokenizer.vocab_size,
+        'fingerprint': artifacts.fingerprint(tokenizer.fingerprint, corpus_fingerprint,
+                                             tokens_sha.hexdigest()),
+        'seconds': round(seconds, 3)})
+  logging.info('token shards %s: %d docs, %d tokens (%.0f tokens/s), %d empty dropped',
+               name, counts['num_docs'], counts['num_tokens'],
+               counts['num_tokens'] / max(seconds, 1e-9), counts['dropped_empty'])
+  return TokenShards.open(directory, expect_tokenizer=tokenizer.fingerprint, verify=False)
+
+
+def _write_offsets(path: str, raw_path: str, num_docs: int, chunk: int = 1 << 22) -> None:
+  """Writes offsets.npy ([0] + the streamed document ends) without holding them in RAM."""
+  out = np.lib.format.open_memmap(path, mode='w+', dtype=np.int64, shape=(num_docs + 1,))
+  out[0] = 0
+  ends = np.memmap(raw_path, dtype=np.int64, mode='r', shape=(num_docs,))
+  for i in range(0, num_docs, chunk):
+    out[1 + i:1 + i + chunk] = ends[i:i + chunk]
+  out.flush()
+  del out, ends
+  os.remove(raw_path)
