@@ -103,21 +103,30 @@ def frequent_grams(docs, per_length=8):
   return sorted(grams, key=key)
 
 
-def reference_rows(docs, doc_order, seq_len):
-  """Plain-Python packing: examples per document, next-fit rows, token lists."""
+def reference_rows(docs, doc_order, seq_len, open_rows=packing.OPEN_ROWS):
+  """Plain-Python packing: examples per document, first-fit rows, token lists."""
   examples = []
   for d in doc_order:
     with_bos = [BOS] + [int(x) for x in docs[d]]
     for s in range(0, len(docs[d]), seq_len):
       n = min(seq_len, len(docs[d]) - s)
       examples.append((with_bos[s:s + n], with_bos[s + 1:s + n + 1]))
-  rows, row = [], []
+  size = lambda row: sum(len(x) for x, _ in row)
+  rows, waiting = [], []
   for ex in examples:
-    if sum(len(e[0]) for e in row) + len(ex[0]) > seq_len:
-      rows.append(row)
-      row = []
-    row.append(ex)
-  rows.append(row)
+    fits = [row for row in waiting if size(row) + len(ex[0]) <= seq_len]
+    if fits:
+      fits[0].append(ex)
+      if size(fits[0]) == seq_len:
+        rows.append(fits[0])
+        waiting = [row for row in waiting if row is not fits[0]]
+    elif len(ex[0]) == seq_len:
+      rows.append([ex])
+    else:
+      if len(waiting) == open_rows:
+        rows.append(waiting.pop(0))
+      waiting.append([ex])
+  rows += waiting
   out = []
   for row in rows:
     inputs, targets, segs, pos = [], [], [], []
@@ -129,6 +138,16 @@ def reference_rows(docs, doc_order, seq_len):
     pad = seq_len - len(inputs)
     out.append((inputs + [0] * pad, targets + [0] * pad, segs + [0] * pad, pos + [0] * pad))
   return out
+
+
+def test_first_fit_by_hand():
+  lengths = np.array([10, 10, 6, 4, 16, 3])
+  perm, starts = packing.first_fit_rows(lengths, 16, open_rows=2)
+  rows = [perm[a:b].tolist() for a, b in zip(starts[:-1], starts[1:])]
+  assert rows == [[0, 2], [4], [1, 3], [5]]
+  perm, starts = packing.first_fit_rows(lengths, 16, open_rows=1)  # Next-fit.
+  rows = [perm[a:b].tolist() for a, b in zip(starts[:-1], starts[1:])]
+  assert rows == [[0], [1, 2], [4], [3, 5]]
 
 
 def test_packing_matches_reference_and_covers_every_token_once(tmp_path):

@@ -3,7 +3,7 @@
 Dimension letters: D documents, N examples, R rows of one epoch.
 
 Epoch e shuffles the documents with a generator seeded by (seed, e), lays each document's
-examples out consecutively, and packs them next-fit into rows (`packing.next_fit_rows`).
+examples out consecutively, and packs them first-fit into rows (`packing.first_fit_rows`).
 Rows of consecutive epochs are concatenated into one endless stream, so global row g (and
 hence global batch g // B) depends only on (seed, g): any process can build any row
 without building the others, and a resumed run needs only the step counter.
@@ -78,7 +78,9 @@ class RowOrder:
         self._plans.move_to_end(epoch)
         return self._plans[epoch]
     order_N = packing.examples_in_doc_order(self.examples, self.doc_order(epoch))
-    row_start = packing.next_fit_rows(self.examples.length_N[order_N], self.seq_len)
+    perm_N, row_start = packing.first_fit_rows(self.examples.length_N[order_N],
+                                               self.seq_len)
+    order_N = order_N[perm_N]
     with self._lock:
       self._plans[epoch] = (order_N, row_start)
       while len(self._plans) > _PLANS_KEPT:

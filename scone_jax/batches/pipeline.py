@@ -141,7 +141,7 @@ def make_eval_dataset(cfg: config_lib.Config, shards, table=None, process_index:
                       process_count: int = 1, *, batch_size: int | None = None,
                       max_batches: int | None = None,
                       bos_id: int = BOS_ID) -> BatchDataset:
-  """Every document of `shards` once, in order, packed like training; finite.
+  """Every document of `shards` once, unshuffled, packed like training; finite.
 
   The last batch is padded with empty rows (weights 0). `len(dataset)` is the number of
   batches: ceil(rows / batch_size), at most `max_batches` (None or 0 = all).
