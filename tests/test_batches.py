@@ -359,3 +359,59 @@ def test_real_fgram_table_if_present():
   ref = [reference.reference_gram(inputs[b], segs[b], t)
          for b, t in np.ndindex(inputs.shape)]
   assert _reconstructed_grams(batch) == ref
+
+
+_WORKER = '''
+import os, sys
+os.environ['JAX_PLATFORMS'] = 'cpu'
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+import jax
+import numpy as np
+sys.path.insert(0, {tests_dir!r})
+import test_batches as tb
+from scone_jax import batches
+process_id, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.distributed.initialize(coordinator_address=f'127.0.0.1:{{port}}', num_processes=2,
+                           process_id=process_id)
+docs = tb.make_docs()
+cfg = tb.make_cfg(**{{'fgram_model.num_layers': 1, 'train.batch_size': 4}})
+local = batches.make_train_dataset(cfg, tb.FakeShards(docs), tb.FakeTable(tb.frequent_grams(docs)),
+                                   jax.process_index(), jax.process_count())[3]
+mesh = jax.make_mesh((4,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+arrays = batches.to_global_arrays(local, mesh)
+replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+full = jax.jit(lambda x: x, out_shardings=replicated)(arrays)
+if process_id == 0:
+  np.savez(out, **{{k: np.asarray(v) for k, v in full.items()}})
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_build_the_one_process_batch(tmp_path):
+  """A real 2-process run (gloo): global arrays equal the 1-process batch."""
+  import os
+  import socket
+  import subprocess
+  import sys
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  script = tmp_path / 'worker.py'
+  script.write_text(_WORKER.format(tests_dir=os.path.dirname(os.path.abspath(__file__))))
+  out = tmp_path / 'global.npz'
+  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))))
+  env.pop('XLA_FLAGS', None)
+  procs = [subprocess.Popen([sys.executable, str(script), str(p), str(port), str(out)],
+                            env=env) for p in range(2)]
+  assert [p.wait(timeout=240) for p in procs] == [0, 0]
+  got = dict(np.load(out))
+  docs = make_docs()
+  cfg = make_cfg(**{'fgram_model.num_layers': 1, 'train.batch_size': 4})
+  want = batches.make_train_dataset(cfg, FakeShards(docs), FakeTable(frequent_grams(docs)))[3]
+  for key in ('inputs_BxT', 'targets_BxT', 'segment_ids_BxT', 'positions_BxT',
+              'weights_BxT'):
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  assert got['fgram_tokens_UxK'].shape[0] == 2 * 2 * SEQ_LEN  # P * U, U = B_local * T.
+  assert _reconstructed_grams(got) == _reconstructed_grams(want)
