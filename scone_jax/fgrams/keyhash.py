@@ -1,0 +1,77 @@
+"""A vectorised open-addressing hash map from uint64 keys to int64 values (numpy only).
+
+Both the miner (per-position id of the kept (n-1)-gram) and the matcher (row of the
+f-gram ending at a position) resolve millions of exact keys per call. A sorted array with
+`np.searchsorted` costs ~log2(M) cache misses per query; linear probing at load <= 1/2
+costs ~1.5, so lookups are several times faster. Keys are exact (the whole uint64 is
+stored and compared): hashing only picks the slot, it never merges two keys.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EMPTY = np.uint64(0xFFFF_FFFF_FFFF_FFFF)  # Never a valid key: callers keep keys < 2**63.
+_MULT = np.uint64(0x9E37_79B9_7F4A_7C15)  # Fibonacci hashing: top bits of key * 2**64/phi.
+
+
+class KeyHash:
+  """Exact map from unique uint64 keys (< 2**63) to int64 values.
+
+  Attributes:
+    keys: uint64 [C] slot keys (EMPTY where free), C a power of two >= 2 * len.
+    values: int64 [C] slot values.
+  """
+
+  def __init__(self, keys_M: np.ndarray, values_M: np.ndarray):
+    """Builds the map. M = number of entries; keys must be unique."""
+    keys_M = np.asarray(keys_M, dtype=np.uint64)
+    values_M = np.asarray(values_M, dtype=np.int64)
+    if keys_M.shape != values_M.shape or keys_M.ndim != 1:
+      raise ValueError(f'keys {keys_M.shape} and values {values_M.shape} must be equal 1-D')
+    bits = max(3, int(2 * max(len(keys_M), 1) - 1).bit_length())
+    self._shift = np.uint64(64 - bits)
+    self._mask = (1 << bits) - 1
+    self.keys = np.full(1 << bits, EMPTY, dtype=np.uint64)
+    self.values = np.full(1 << bits, -1, dtype=np.int64)
+    self._len = len(keys_M)
+    pending = np.arange(len(keys_M))
+    slot = self._slot(keys_M)
+    # Insert in rounds: every pending key tries its slot; where several land on one free
+    # slot the last write wins and the others probe on with the keys already placed.
+    while pending.size:
+      s, k = slot[pending], keys_M[pending]
+      free = self.keys[s] == EMPTY
+      self.keys[s[free]] = k[free]
+      placed = self.keys[s] == k
+      self.values[s[placed]] = values_M[pending[placed]]
+      pending = pending[~placed]
+      slot[pending] = (slot[pending] + 1) & self._mask
+    # A duplicate key overwrites its first copy's slot, leaving fewer occupied slots.
+    if np.count_nonzero(self.keys != EMPTY) != len(keys_M):
+      raise ValueError('KeyHash keys must be unique')
+
+  def __len__(self) -> int:
+    return self._len
+
+  def _slot(self, keys_N: np.ndarray) -> np.ndarray:
+    return ((keys_N * _MULT) >> self._shift).astype(np.int64)
+
+  def lookup(self, keys_N: np.ndarray) -> np.ndarray:
+    """Values for uint64 keys [N]; -1 where a key is absent."""
+    keys_N = np.asarray(keys_N, dtype=np.uint64)
+    slot = self._slot(keys_N)
+    found = self.keys[slot]
+    out = np.where(found == keys_N, self.values[slot], -1)
+    # Only keys that met another key in their first slot probe further (few at load 1/2).
+    pending = np.flatnonzero((found != keys_N) & (found != EMPTY))
+    slot = slot[pending]
+    while pending.size:
+      slot = (slot + 1) & self._mask
+      found = self.keys[slot]
+      want = keys_N[pending]
+      hit = found == want
+      out[pending[hit]] = self.values[slot[hit]]
+      more = ~hit & (found != EMPTY)
+      pending, slot = pending[more], slot[more]
+    return out

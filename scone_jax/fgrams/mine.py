@@ -1,0 +1,340 @@
+"""Exact f-gram mining: K-1 linear scans with Apriori pruning, out of core, deterministic.
+
+Definitions (SCONE.md): an f-gram is a token n-gram with 2 <= n <= K (`max_len`) that lies
+inside one document. Scan n counts the n-grams whose (n-1)-prefix AND (n-1)-suffix were
+kept by scan n-1 and keeps those with count >= `min_count`. This pruning is exact: a
+gram's prefix and suffix occur at least as often as the gram, so no n-gram with
+count >= min_count is ever pruned. All kept lengths are pooled and ranked by raw count.
+
+Ranking and tie-break (fixed, so a table is a pure function of corpus and parameters):
+rows are ordered by
+  1. count, descending;
+  2. length, ascending (a shorter gram first: it is the more general one);
+  3. token ids, ascending, compared lexicographically;
+and the table is the first `size` rows. Since a gram's prefix and suffix count at least as
+often and are shorter, they rank before it: every table (and every slice of one) is
+closed under prefixes and suffixes, which the matcher relies on. A smaller table is the
+prefix of a larger one, so `table.slice(S2)` equals mining again with size=S2.
+
+Exact keys without hashing: scan n represents an n-gram as the uint64
+`prefix_id * 2**31 + last_token`, where prefix_id is the row of its (n-1)-prefix among the
+kept (n-1)-grams (for n = 2: the first token). Kept n-grams get ids in ascending key order.
+Each chunk of the corpus recomputes, per position, the id of the kept (n-1)-gram starting
+there by a hash lookup of its key, so no per-position array of the whole corpus is held in
+memory (one is streamed through a temp file when the corpus exceeds the budget). Counting
+sorts each chunk's keys into a (key, count) run; runs spill to disk beyond the budget and
+are merged by key range (`spill.py`). Token ids must be in [0, 2**31); a corpus may hold
+up to 2**32 tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import os
+import tempfile
+from typing import Any, Iterable
+
+import numpy as np
+import tqdm
+
+from scone_jax.fgrams import spill
+from scone_jax.fgrams.keyhash import KeyHash
+from scone_jax.fgrams.table import FgramTable
+
+TOKEN_LIMIT = 1 << 31
+_SHIFT = np.uint64(31)
+_LOW_MASK = np.uint64(TOKEN_LIMIT - 1)
+# Working bytes per corpus position in one chunk (tokens, ids, keys, sort copies, masks).
+_CHUNK_BYTES_PER_TOKEN = 96
+
+
+def rank_fgrams(tokens_MxK: np.ndarray, lengths_M: np.ndarray, counts_M: np.ndarray,
+                size: int) -> np.ndarray:
+  """Indices of the top `size` grams in rank order (count desc, length asc, tokens asc).
+
+  The one ranking used by every miner (local and Beam), so their tables are identical.
+
+  Args:
+    tokens_MxK: M candidate grams, left-aligned, 0-padded to K columns.
+    lengths_M: their lengths.
+    counts_M: their counts.
+    size: how many to keep.
+  """
+  if counts_M.size > size:
+    # Only grams at or above the size-th largest count can make the cut.
+    cutoff = np.partition(counts_M, counts_M.size - size)[counts_M.size - size]
+    candidates = np.flatnonzero(counts_M >= cutoff)
+  else:
+    candidates = np.arange(counts_M.size)
+  sub_tokens = tokens_MxK[candidates]
+  # lexsort's LAST key is the primary one; padding zeros never decide (length does first).
+  order = np.lexsort([sub_tokens[:, j] for j in range(sub_tokens.shape[1] - 1, -1, -1)] +
+                     [lengths_M[candidates], -counts_M[candidates]])
+  return candidates[order[:size]]
+
+
+def check_args(max_len: int, size: int, min_count: int) -> None:
+  for name, value, minimum in (('max_len', max_len, 2), ('size', size, 1),
+                               ('min_count', min_count, 1)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+      raise ValueError(f'{name}={value!r} must be an integer >= {minimum}' +
+                       (' (f-grams have 2..max_len tokens)' if name == 'max_len' else ''))
+
+
+def check_tokens(tokens: np.ndarray, what: str) -> None:
+  """Raises ValueError unless `tokens` are integers in [0, 2**31)."""
+  if tokens.dtype == bool or not np.issubdtype(tokens.dtype, np.integer):
+    raise ValueError(f'{what} must hold integer token ids, got dtype {tokens.dtype}; '
+                     'pass tokenized documents (1-D integer arrays)')
+  if tokens.size and (tokens.min() < 0 or tokens.max() >= TOKEN_LIMIT):
+    raise ValueError(f'{what} holds token ids outside [0, 2**31) (min {tokens.min()}, max '
+                     f'{tokens.max()}); token ids must be non-negative vocabulary indices')
+
+
+class _Corpus:
+  """The corpus as one flat token array plus document offsets (int64 [D+1])."""
+
+  def __init__(self, tokens: np.ndarray, offsets: np.ndarray):
+    self.tokens, self.offsets = tokens, offsets
+    self.num_tokens = int(offsets[-1])
+
+  def remaining(self, a: int, e: int) -> np.ndarray:
+    """For positions a..e-1: tokens left in their document (counting the position)."""
+    offsets = self.offsets
+    d0 = np.searchsorted(offsets, a, 'right') - 1
+    d1 = np.searchsorted(offsets, e - 1, 'right') - 1
+    ends = offsets[d0 + 1:d1 + 2]
+    starts = np.maximum(offsets[d0:d1 + 1], a)
+    return np.repeat(ends, np.minimum(ends, e) - starts) - np.arange(a, e)
+
+
+def _as_corpus(docs: Any, tmp_dir: str, budget_bytes: int) -> _Corpus:
+  """Flat view of `docs`: TokenShards-like objects directly, other iterables copied once."""
+  if hasattr(docs, 'tokens') and hasattr(docs, 'offsets'):
+    offsets = np.asarray(docs.offsets, dtype=np.int64)
+    tokens = docs.tokens
+    if (offsets.ndim != 1 or offsets.size < 1 or offsets[0] != 0 or
+        offsets[-1] != len(tokens) or np.any(np.diff(offsets) < 0)):
+      raise ValueError('docs.offsets must be non-decreasing int64 [D+1] from 0 to '
+                       f'len(docs.tokens)={len(tokens)}')
+    check_tokens(tokens[:0], 'docs.tokens')  # Values are checked chunk by chunk.
+    return _Corpus(tokens, offsets)
+  if isinstance(docs, np.ndarray) and docs.ndim == 1:
+    raise ValueError('docs must be an iterable of documents (1-D integer arrays), got one '
+                     '1-D array; wrap a single document as [doc]')
+  lengths, buffer, buffered = [0], [], 0
+  spill_file = None
+  for i, doc in enumerate(docs):
+    doc = np.asarray(doc)
+    if doc.ndim != 1:
+      raise ValueError(f'docs[{i}] has shape {doc.shape}; each document must be a 1-D '
+                       'integer array')
+    if doc.size == 0:
+      lengths.append(0)
+      continue
+    check_tokens(doc, f'docs[{i}]')
+    buffer.append(doc.astype(np.int32))
+    lengths.append(doc.size)
+    buffered += doc.size
+    if buffered * 4 > budget_bytes // 4:
+      # Large iterables go to a temp file read back as a memmap, not into RAM.
+      if spill_file is None:
+        spill_file = open(os.path.join(tmp_dir, 'corpus.i32'), 'wb')
+      np.concatenate(buffer).tofile(spill_file)
+      buffer, buffered = [], 0
+  offsets = np.cumsum(np.asarray(lengths, dtype=np.int64))
+  if spill_file is None:
+    tokens = np.concatenate(buffer) if buffer else np.zeros(0, np.int32)
+  else:
+    if buffer:
+      np.concatenate(buffer).tofile(spill_file)
+    spill_file.close()
+    tokens = np.memmap(spill_file.name, dtype=np.int32, mode='r')
+  return _Corpus(tokens, offsets)
+
+
+class _IdStore:
+  """Per-position ids of kept n-grams for the whole corpus: in RAM if small, else a file."""
+
+  def __init__(self, num_tokens: int, in_memory: bool, path: str, num_ids: int):
+    self._dtype = np.dtype(np.int32 if num_ids < TOKEN_LIMIT else np.int64)
+    self._array = np.empty(num_tokens, self._dtype) if in_memory else None
+    self._path = path
+    self._fd = None if in_memory else os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+
+  def write(self, a: int, ids: np.ndarray) -> None:
+    if self._array is not None:
+      self._array[a:a + ids.size] = ids
+    else:
+      os.pwrite(self._fd, ids.astype(self._dtype).tobytes(), a * self._dtype.itemsize)
+
+  def read(self, a: int, e: int) -> np.ndarray:
+    if self._array is not None:
+      return self._array[a:e].astype(np.int64)
+    size = self._dtype.itemsize
+    return np.frombuffer(os.pread(self._fd, (e - a) * size, a * size),
+                         self._dtype).astype(np.int64)
+
+  def close(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)
+      os.remove(self._path)
+    self._array = None
+
+
+def _pack(prefix_ids: np.ndarray, last_tokens: np.ndarray) -> np.ndarray:
+  return (prefix_ids.astype(np.uint64) << _SHIFT) | last_tokens.astype(np.uint64)
+
+
+def _scan_chunk(corpus: _Corpus, n: int, a: int, b: int, store_prev: _IdStore | None,
+                hash_prev: KeyHash | None, validate: bool):
+  """Scan n over start positions [a, b): returns (ids of kept (n-1)-grams at a..b-1, run).
+
+  P = positions a..e-1 with e = b+1 (one more, for the suffix of the gram starting at b-1).
+  """
+  num = corpus.num_tokens
+  e = min(b + 1, num)
+  tokens = np.asarray(corpus.tokens[a:min(b + n - 1, num)], dtype=np.int64)
+  if validate:
+    check_tokens(tokens, f'docs tokens [{a}:{b}]')
+  rem_P = corpus.remaining(a, e)
+  if n == 2:
+    ids_P = tokens[:e - a]  # The "kept 1-grams" are the tokens themselves.
+  else:
+    # Id of the kept (n-1)-gram at p = lookup of (id of the kept (n-2)-gram at p, x_{p+n-2}).
+    prev_P = tokens[:e - a] if n == 3 else store_prev.read(a, e)
+    ok = np.flatnonzero((prev_P >= 0) & (rem_P >= n - 1))
+    ids_P = np.full(e - a, -1, np.int64)
+    ids_P[ok] = hash_prev.lookup(_pack(prev_P[ok], tokens[ok + n - 2]))
+  # Apriori: the n-gram at p needs kept (n-1)-grams at p (prefix) and p+1 (suffix).
+  starts = np.arange(b - a)
+  suffix_ok = np.zeros(b - a, bool)
+  suffix_ok[:e - a - 1] = ids_P[1:] >= 0
+  cand = starts[(ids_P[:b - a] >= 0) & suffix_ok & (rem_P[:b - a] >= n)]
+  keys = np.sort(_pack(ids_P[cand], tokens[cand + n - 1]))
+  return ids_P[:b - a], spill.count_sorted(keys)
+
+
+def mine_fgrams(docs: Iterable[np.ndarray] | Any, max_len: int = 5, size: int = 100_000,
+                min_count: int = 5, memory_budget_mb: float = 1024, workers: int = 2,
+                progress: bool = True, *, chunk_tokens: int | None = None,
+                tmp_dir: str | None = None) -> FgramTable:
+  """Mines the top `size` f-grams of `docs` exactly (see the module docstring).
+
+  Args:
+    docs: an iterable of documents (1-D integer arrays), or an object with flat `.tokens`
+      and `.offsets` (int64 [D+1]) such as TokenShards, used without copying.
+    max_len: K, the longest f-gram (>= 2).
+    size: S, the number of f-grams kept.
+    min_count: the least count of a kept f-gram (>= 1).
+    memory_budget_mb: approximate working memory (chunks and count runs; the corpus
+      memmap and the output table come on top); beyond it runs spill to `tmp_dir`.
+    workers: threads scanning chunks in parallel (numpy releases the GIL in sorts).
+    progress: show a tqdm bar per scan.
+    chunk_tokens: corpus positions per chunk; default from the budget.
+    tmp_dir: parent of the temp dir for spills; default the system temp dir.
+
+  Returns:
+    The FgramTable (rows in rank order; fewer than `size` if fewer grams qualify).
+  """
+  check_args(max_len, size, min_count)
+  if not memory_budget_mb > 0:
+    raise ValueError(f'memory_budget_mb={memory_budget_mb!r} must be > 0')
+  if workers < 1:
+    raise ValueError(f'workers={workers!r} must be >= 1')
+  budget = int(memory_budget_mb * (1 << 20))
+  with tempfile.TemporaryDirectory(prefix='scone_fgrams_', dir=tmp_dir) as tmp:
+    corpus = _as_corpus(docs, tmp, budget)
+    if corpus.num_tokens >= 1 << 32:
+      raise ValueError(f'docs hold {corpus.num_tokens} tokens; mine at most 2**32 per call')
+    if not np.any(np.diff(corpus.offsets) >= 2):
+      raise ValueError('docs contain no n-gram of 2+ tokens (empty corpus, or only '
+                       'documents of 0-1 tokens); pass tokenized documents')
+    if chunk_tokens is None:
+      chunk_tokens = budget // (4 * workers * _CHUNK_BYTES_PER_TOKEN)
+      chunk_tokens = int(np.clip(chunk_tokens, 1 << 16, 1 << 24))
+    levels = _mine_levels(corpus, max_len, min_count, budget, workers, progress,
+                          chunk_tokens, tmp)
+  total = sum(keys.size for keys, _ in levels)
+  if total == 0:
+    raise ValueError(f'no n-gram of 2..{max_len} tokens occurs min_count={min_count} times '
+                     'in docs; lower min_count or mine a larger corpus')
+  tokens_MxK, lengths_M, counts_M = _materialise(levels, max_len, size)
+  top = rank_fgrams(tokens_MxK, lengths_M, counts_M, size)
+  return FgramTable(tokens_MxK[top], counts_M[top], lengths_M[top], max_len=max_len,
+                    min_count=min_count)
+
+
+def _mine_levels(corpus: _Corpus, max_len: int, min_count: int, budget: int, workers: int,
+                 progress: bool, chunk_tokens: int, tmp: str):
+  """Runs scans n = 2..K; returns [(kept keys ascending, counts)] for n = 2..K."""
+  num = corpus.num_tokens
+  spans = [(a, min(a + chunk_tokens, num)) for a in range(0, num, chunk_tokens)]
+  ids_in_memory = num * 8 <= budget // 4
+  levels, hash_prev, store_prev = [], None, None
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for n in range(2, max_len + 1):
+      merger = spill.RunMerger(budget // 2, tmp, min_count, tag=f'n{n}')
+      # Ids of the kept (n-1)-grams are computed in this scan and read back by the next.
+      store = None
+      if 3 <= n < max_len:
+        store = _IdStore(num, ids_in_memory, os.path.join(tmp, f'ids{n - 1}.bin'),
+                         len(hash_prev))
+      bar = tqdm.tqdm(total=num, unit='tok', unit_scale=True, desc=f'f-grams n={n}',
+                      disable=not progress, leave=False)
+      in_flight = collections.deque()
+
+      def collect():
+        a_done, b_done, future = in_flight.popleft()
+        ids, run = future.result()
+        if store is not None:
+          store.write(a_done, ids)
+        merger.add(*run)
+        bar.update(b_done - a_done)
+
+      # Chunks finish in order (the id store is written sequentially) with at most
+      # workers + 1 in flight, so memory stays at a few chunks.
+      for a, b in spans:
+        in_flight.append((a, b, pool.submit(_scan_chunk, corpus, n, a, b, store_prev,
+                                            hash_prev, n == 2)))
+        if len(in_flight) > workers:
+          collect()
+      while in_flight:
+        collect()
+      bar.close()
+      if store_prev is not None:
+        store_prev.close()
+      store_prev = store
+      keys, counts = merger.finish()
+      levels.append((keys, counts))
+      if keys.size == 0:
+        break  # Apriori: no longer gram can be kept either.
+      hash_prev = KeyHash(keys, np.arange(keys.size)) if n < max_len else None
+  if store_prev is not None:
+    store_prev.close()
+  return levels
+
+
+def _materialise(levels, max_len: int, size: int):
+  """Tokens of the kept grams that can reach the top `size` (count >= the size-th count)."""
+  all_counts = np.concatenate([counts for _, counts in levels])
+  cutoff = (np.partition(all_counts, all_counts.size - size)[all_counts.size - size]
+            if all_counts.size > size else 0)
+  tokens, lengths, counts_out = [], [], []
+  row_of_prev = None  # Level n-1 id -> row in the level n-1 token block.
+  prev_tokens = None
+  for n, (keys, counts) in enumerate(levels, start=2):
+    sel = np.flatnonzero(counts >= cutoff)
+    prefix = (keys[sel] >> _SHIFT).astype(np.int64)
+    last = (keys[sel] & _LOW_MASK).astype(np.int64)
+    # A selected gram's prefix counts at least as often, so it is selected too.
+    head = prefix[:, None] if n == 2 else prev_tokens[row_of_prev[prefix]]
+    block = np.concatenate([head, last[:, None]], axis=1)
+    tokens.append(np.pad(block, ((0, 0), (0, max_len - n))).astype(np.int32))
+    lengths.append(np.full(sel.size, n, np.int32))
+    counts_out.append(counts[sel])
+    row_of_prev = np.full(keys.size, -1, np.int64)
+    row_of_prev[sel] = np.arange(sel.size)
+    prev_tokens = block
+  return np.concatenate(tokens), np.concatenate(lengths), np.concatenate(counts_out)

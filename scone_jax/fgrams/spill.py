@@ -1,0 +1,128 @@
+"""Out-of-core counting: sorted (key, count) runs, spilled to disk and merged by key range.
+
+Each chunk of the corpus yields a run: its distinct uint64 n-gram keys in ascending order
+with their counts in that chunk. Runs stay in memory until they exceed the budget; then
+they are merged into one run and written to the temp dir as .npy. The final merge reads
+every spilled run one key range at a time (memmap + searchsorted), so peak memory is about
+one range of all runs, whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+# Bytes per pending run entry while merging: key + count, their sorted copies, the order.
+_MERGE_BYTES_PER_ENTRY = 48
+
+
+def count_sorted(keys_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Run-length counts of an ascending uint64 array: (distinct keys [U], counts [U])."""
+  if keys_N.size == 0:
+    return keys_N, np.zeros(0, np.int64)
+  starts = np.flatnonzero(np.concatenate(([True], keys_N[1:] != keys_N[:-1])))
+  counts = np.diff(np.append(starts, keys_N.size))
+  return keys_N[starts], counts.astype(np.int64)
+
+
+def merge_runs(runs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+  """Sums counts of equal keys over sorted runs; returns one sorted run."""
+  runs = [r for r in runs if r[0].size]
+  if not runs:
+    return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+  if len(runs) == 1:
+    return runs[0]
+  keys = np.concatenate([k for k, _ in runs])
+  counts = np.concatenate([c for _, c in runs])
+  # Timsort (kind='stable') finds the already-sorted runs: O(N log runs), not O(N log N).
+  order = np.argsort(keys, kind='stable')
+  keys, counts = keys[order], counts[order]
+  del order
+  starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+  return keys[starts], np.add.reduceat(counts, starts)
+
+
+class RunMerger:
+  """Accumulates sorted runs under a memory budget; `finish` returns the kept keys.
+
+  Args:
+    budget_bytes: memory for pending runs; beyond it they are merged and spilled.
+    tmp_dir: where spilled runs go (removed by the caller).
+    min_count: keys with a total count below this are dropped by `finish`.
+    tag: file name prefix (e.g. the n-gram length) so several mergers can share tmp_dir.
+  """
+
+  def __init__(self, budget_bytes: int, tmp_dir: str, min_count: int, tag: str):
+    self._budget = max(int(budget_bytes), 1)
+    self._tmp_dir = tmp_dir
+    self._min_count = min_count
+    self._tag = tag
+    self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+    self._pending_entries = 0
+    self._spilled: list[tuple[str, str]] = []
+
+  @property
+  def num_spilled(self) -> int:
+    return len(self._spilled)
+
+  def add(self, keys_U: np.ndarray, counts_U: np.ndarray) -> None:
+    self._pending.append((keys_U, counts_U))
+    self._pending_entries += keys_U.size
+    if self._pending_entries * _MERGE_BYTES_PER_ENTRY > self._budget:
+      self._spill()
+
+  def _spill(self) -> None:
+    keys, counts = merge_runs(self._pending)
+    self._pending, self._pending_entries = [], 0
+    base = os.path.join(self._tmp_dir, f'{self._tag}-run{len(self._spilled):05d}')
+    np.save(base + '-keys.npy', keys)
+    np.save(base + '-counts.npy', counts)
+    self._spilled.append((base + '-keys.npy', base + '-counts.npy'))
+
+  def finish(self) -> tuple[np.ndarray, np.ndarray]:
+    """All keys with total count >= min_count, ascending, and their counts."""
+    if not self._spilled:
+      keys, counts = merge_runs(self._pending)
+      self._pending = []
+      keep = counts >= self._min_count
+      return keys[keep], counts[keep]
+    if self._pending:
+      self._spill()
+    out_keys, out_counts = [], []
+    for lo, hi in self._key_ranges():
+      part = []
+      for keys_path, counts_path in self._spilled:
+        keys_mm = np.load(keys_path, mmap_mode='r')
+        i0 = np.searchsorted(keys_mm, lo) if lo is not None else 0
+        i1 = np.searchsorted(keys_mm, hi) if hi is not None else keys_mm.size
+        counts_mm = np.load(counts_path, mmap_mode='r')
+        part.append((np.array(keys_mm[i0:i1]), np.array(counts_mm[i0:i1])))
+        del keys_mm, counts_mm  # Unmap, so touched pages leave this process's RSS.
+      keys, counts = merge_runs(part)
+      del part
+      keep = counts >= self._min_count
+      out_keys.append(keys[keep])
+      out_counts.append(counts[keep])
+    for paths in self._spilled:
+      for path in paths:
+        os.remove(path)
+    self._spilled = []
+    return np.concatenate(out_keys), np.concatenate(out_counts)
+
+  def _key_ranges(self) -> list[tuple[int | None, int | None]]:
+    """Splits the key space so one range of all runs fits the budget."""
+    sizes = []
+    samples = []
+    for keys_path, _ in self._spilled:
+      keys_mm = np.load(keys_path, mmap_mode='r')
+      sizes.append(keys_mm.size)
+      samples.append(np.array(keys_mm[::max(1, keys_mm.size // 1024)]))
+      del keys_mm
+    parts = -(-sum(sizes) * _MERGE_BYTES_PER_ENTRY // self._budget)
+    if parts <= 1:
+      return [(None, None)]
+    sample = np.sort(np.concatenate(samples))
+    bounds = np.unique(sample[(np.arange(1, parts) * sample.size) // parts])
+    edges = [None] + [np.uint64(b) for b in bounds] + [None]
+    return list(zip(edges[:-1], edges[1:]))
