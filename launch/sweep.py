@@ -48,11 +48,15 @@ _REF = flags.DEFINE_string('ref', 'main', 'TPU backend: git ref the workers chec
 _RETRIES = flags.DEFINE_integer('retries', 3, 'TPU backend: retries of a failed point.')
 
 
-def dry_run(sweep: sweep_spec.Sweep, python: str, out=sys.stdout) -> None:
-  """Prints each point's commands, then the accounting table."""
+def dry_run(sweep: sweep_spec.Sweep, python: str, out=None) -> None:
+  """Prints the commands a local run would execute, then the accounting table."""
+  out = out or sys.stdout
+  for adir, group in sweep_backends.prepare_groups(sweep).items():
+    print(f'# prepare {adir} (shared by {len(group)} point(s))', file=out)
+    print(sweep_spec.command(sweep, group[0], python, 'prepare'), file=out)
   for p in sweep.points:
     print(f'# {p.name}', file=out)
-    for stage in ('prepare', 'train', 'evaluate'):
+    for stage in ('train', 'evaluate'):
       print(sweep_spec.command(sweep, p, python, stage), file=out)
   print(file=out)
   print(report_lib.markdown_table(

@@ -1,0 +1,50 @@
+"""`make demo` preset: a tiny GPT-2 backbone that trains in about a minute on 2 CPU cores.
+
+  python -m scone_jax.train --config=experiments/demo.py --workdir=runs/demo_one
+  python -m scone_jax.train --config=experiments/demo.py:micro --workdir=runs/micro
+
+The demo sweep (experiments/sweeps/demo.py) trains it as a baseline and with SCONE at
+several numbers of f-grams S. 'micro' is a few-step variant for end-to-end tests.
+"""
+
+from scone_jax import config as config_lib
+
+
+def get_config(arg: str = ''):
+  c = config_lib.base_config()
+  c.name = 'demo'
+  c.tokenizer.vocab_size = 2048
+  c.tokenizer.train_chars = 4_000_000
+  c.fgram.max_len = 4
+  c.fgram.size = 16384  # The demo sweep slices this table (fgram.use_size) for smaller S.
+  c.fgram.min_count = 5
+  c.model.family = 'gpt2'
+  c.model.num_layers = 2
+  c.model.d_model = 64
+  c.model.num_heads = 4
+  c.model.max_seq_len = 64
+  c.fgram_model.num_layers = 1
+  c.train.steps = 150
+  c.train.batch_size = 16
+  c.train.seq_len = 64
+  c.train.learning_rate = 3e-3
+  c.train.warmup_steps = 15
+  c.train.log_every = 10
+  c.train.eval_batches = 16
+  c.checkpoint.every_steps = 1000  # Only the final checkpoint (export reads it).
+  if arg == 'micro':
+    c.name = 'micro'
+    c.tokenizer.vocab_size = 256
+    c.fgram.size = 512
+    c.fgram.min_count = 2
+    c.model.d_model = 32
+    c.model.max_seq_len = 32
+    c.train.steps = 3
+    c.train.batch_size = 4
+    c.train.seq_len = 32
+    c.train.warmup_steps = 1
+    c.train.log_every = 1
+    c.train.eval_batches = 1
+  elif arg:
+    raise ValueError(f"experiments/demo.py takes no argument or 'micro', got {arg!r}")
+  return c

@@ -1,0 +1,162 @@
+"""`make demo`: the main job, end to end on the embedded corpus in ~15 minutes on 2 CPU cores.
+
+  python -m scone_jax.demo --workdir=runs/demo
+
+prepare (once, shared) -> train a baseline and SCONE at three numbers of f-grams S, two
+seeds each (experiments/sweeps/demo.py through launch/sweep.py's local backend) ->
+evaluate -> report (table + PNG plots) -> export the best SCONE model's f-gram embeddings
+-> generate a few lines through the host store. It ends with the table, the plot paths and
+a plain verdict: did SCONE beat the baseline, and did perplexity fall as S grew (means over
+seeds)? The verdict reports what the data says, whichever way it goes. Rerunning resumes:
+finished points are skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import sys
+from typing import Sequence
+
+from absl import app
+from absl import flags
+
+from scone_jax import report
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(_REPO, 'launch'))
+
+import sweep_backends  # noqa: E402  (launch/ is a folder of scripts, not a package)
+import sweep_spec  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Root of the demo sweep and its report.')
+_SWEEP = flags.DEFINE_string('sweep', os.path.join(_REPO, 'experiments', 'sweeps', 'demo.py'),
+                             'The sweep to run (tests pass a smaller one).')
+_PARALLEL = flags.DEFINE_integer('parallel', 1, 'Points trained at once.')
+_SET = flags.DEFINE_multi_string('set', [], 'KEY=VALUE override for every point.')
+_PROMPTS = flags.DEFINE_multi_string(
+    'prompt', ['Return the number of', 'This module provides', 'If the file'],
+    'Prompts for the generation step.')
+
+_STAGES = ('prepare', 'train', 'evaluate', 'export', 'generate')
+
+
+def available_stages() -> list[str]:
+  """The pipeline CLIs present in this checkout (`python -m scone_jax.<stage>` runs)."""
+  found = []
+  for stage in _STAGES:
+    spec = importlib.util.find_spec(f'scone_jax.{stage}')
+    if spec is not None and spec.submodule_search_locations is not None:  # a package
+      spec = importlib.util.find_spec(f'scone_jax.{stage}.__main__')
+    if spec is not None:
+      found.append(stage)
+  return found
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+  """What the demo's data says; `lines` are the plain-English statements."""
+  scone_beats_baseline: bool | None
+  ppl_falls_with_s: bool | None
+  lines: list[str]
+
+
+def verdict(runs: Sequence[report.Run]) -> Verdict:
+  """Compares mean held-out perplexity (over seeds) of the baseline and the SCONE points."""
+  gs = [g for g in report.groups(runs) if g.n]
+  base = [g for g in gs if not g.first.cfg.is_scone]
+  scone = sorted((g for g in gs if g.first.cfg.is_scone), key=lambda g: g.first.num_fgrams)
+  if not base or not scone:
+    return Verdict(None, None, ['Not enough finished runs for a verdict (need a baseline '
+                                'and SCONE points with eval.json).'])
+  b = base[0].stat(report.np.mean)
+  means = [(g.first.num_fgrams, g.stat(report.np.mean)) for g in scone]
+  best_s, best = min(means, key=lambda m: m[1])
+  beats = best < b
+  lines = [f'Baseline perplexity {b:.3f} (mean of {base[0].n} seed(s)); best SCONE '
+           f'{best:.3f} at S={best_s}: SCONE {"BEAT" if beats else "did NOT beat"} the '
+           f'baseline ({(best - b) / b:+.1%}).']
+  falls = all(later < earlier for (_, earlier), (_, later) in zip(means, means[1:]))
+  trend = ', '.join(f'S={s}: {m:.3f}' for s, m in means)
+  lines.append(f'Perplexity {"fell" if falls else "did NOT fall monotonically"} as S grew '
+               f'({trend}).')
+  return Verdict(beats, falls, lines)
+
+
+def best_scone_run(runs: Sequence[report.Run]) -> report.Run | None:
+  """The lowest-perplexity finished SCONE run of the best SCONE group."""
+  scone = [g for g in report.groups(runs) if g.n and g.first.cfg.is_scone]
+  if not scone:
+    return None
+  best = min(scone, key=lambda g: g.stat(report.np.mean))
+  return min((r for r in best.runs if r.finished), key=lambda r: r.perplexity)
+
+
+def export_and_generate(sweep: sweep_spec.Sweep, run: report.Run, prompts: Sequence[str],
+                        python: str = sys.executable) -> str:
+  """Exports the run's f-gram embeddings and generates from prompts; returns the text."""
+  point = next(p for p in sweep.points if p.name == run.name)
+  log = os.path.join(point.workdir, 'log.txt')
+  rc = sweep_backends.shell_runner(sweep_spec.command(sweep, point, python, 'export'), log)
+  if rc:
+    raise RuntimeError(f'export of {run.name} failed (exit {rc}); see {log}')
+  gen_log = os.path.join(point.workdir, 'generate.txt')
+  if os.path.exists(gen_log):
+    os.remove(gen_log)
+  cmd = sweep_spec.command(sweep, point, python, 'generate')
+  cmd += ''.join(f' --prompt={sweep_spec.shlex.quote(p)}' for p in prompts)
+  rc = sweep_backends.shell_runner(cmd, gen_log)
+  with open(gen_log) as f:
+    text = f.read()
+  if rc:
+    raise RuntimeError(f'generate from {run.name} failed (exit {rc}):\n{text[-2000:]}')
+  return text
+
+
+def main(argv):
+  del argv
+  stages = available_stages()
+  sweep = sweep_spec.load_sweep(_SWEEP.value, _WORKDIR.value,
+                                sweep_spec.parse_set(_SET.value))
+  print(f'demo: sweep {sweep.name}, {len(sweep.points)} points under {sweep.dir}; '
+        f'stages available: {", ".join(stages)}', flush=True)
+  if 'train' not in stages or 'evaluate' not in stages:
+    return _prepare_only(sweep)
+  outcomes = sweep_backends.run_local(sweep, sys.executable, _PARALLEL.value)
+  failed = [o.name for o in outcomes if o.status == 'failed']
+  paths = report.write_report(sweep.dir)
+  runs = report.collect(sweep.dir)
+  best = best_scone_run(runs)
+  if best is not None and {'export', 'generate'} <= set(stages):
+    print(f'\nexport + generate from the best SCONE run {best.name}:', flush=True)
+    print(export_and_generate(sweep, best, _PROMPTS.value))
+  print('\n' + report.markdown_table(report.group_rows(runs)) + '\n')
+  for name, path in paths.items():
+    print(f'{name}: {path}')
+  print('\nVERDICT')
+  for line in verdict(runs).lines:
+    print('  ' + line)
+  if failed:
+    sys.exit(f'{len(failed)} point(s) failed: {", ".join(failed)} (logs in their log.txt)')
+
+
+def _prepare_only(sweep: sweep_spec.Sweep) -> None:
+  """While train/evaluate are missing from the checkout: run prepare and summarise it."""
+  if 'prepare' not in available_stages():
+    print('no pipeline stage CLI is in this checkout yet (scone_jax.prepare missing).')
+    return
+  for adir, group in sweep_backends.prepare_groups(sweep).items():
+    point = group[0]
+    log = os.path.join(point.workdir, 'log.txt')
+    os.makedirs(point.workdir, exist_ok=True)
+    rc = sweep_backends.shell_runner(sweep_spec.command(sweep, point, sys.executable,
+                                                        'prepare'), log)
+    with open(log) as f:
+      print(f.read())
+    print(f'prepare {adir}: exit {rc} (log {log})')
+  print('train/evaluate are not in this checkout yet: stopping after prepare.')
+
+
+if __name__ == '__main__':
+  app.run(main)
