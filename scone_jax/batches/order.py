@@ -30,7 +30,9 @@ class RowOrder:
 
   def __init__(self, examples: packing.Examples, seq_len: int, *, seed: int = 0,
                shuffle: bool = True, repeat: bool = True, block_docs: int = 0):
-    """Args:
+    """Plans nothing yet: each epoch is planned on first use.
+
+    Args:
       examples: the corpus cut into examples (`packing.make_examples`).
       seq_len: T.
       seed: shuffle seed (>= 0); epoch e uses the generator seeded by (seed, e).
