@@ -216,34 +216,46 @@ def load_sweep(path: str, root: str, extra_overrides: dict[str, Any] | None = No
   return Sweep(name, path, module.BASE_CONFIG, root, points)
 
 
+# Stages whose CLI takes the experiment config; the others read the run's W/config.json.
+CONFIG_STAGES = ('prepare', 'train')
+
+
 def command(sweep: Sweep, point: Point, python: str, stage: str = 'train',
             extra: dict[str, Any] | None = None) -> str:
   """The shell command running `python -m scone_jax.<stage>` for a point.
 
   Every argument is shell-quoted, so values with spaces, quotes, `$` or `;` reach the
-  program unchanged.
+  program unchanged. Stages after train (evaluate, export, generate) take only the
+  workdir: the run's resolved config.json is the source of truth there.
   """
-  args = [python, '-m', f'scone_jax.{stage}', f'--config={sweep.base_config}',
-          f'--workdir={point.workdir}']
-  for key, value in {**point.launch_overrides, **(extra or {})}.items():
-    args.append(f'--config.{key}={format_value(value)}')
+  args = [python, '-m', f'scone_jax.{stage}', f'--workdir={point.workdir}']
+  if stage in CONFIG_STAGES:
+    args.insert(3, f'--config={sweep.base_config}')
+    for key, value in {**point.launch_overrides, **(extra or {})}.items():
+      args.append(f'--config.{key}={format_value(value)}')
   return ' '.join(shlex.quote(a) for a in args)
 
 
-def read_eval(workdir: str) -> dict[str, Any] | None:
-  """W/eval.json as a dict, or None when it is absent, unreadable or has no results."""
+def read_eval(workdir: str, steps: int) -> dict[str, Any] | None:
+  """W/eval.json if it holds final results (step >= steps, >= 1 corpus), else None.
+
+  The train loop may also write eval.json at `train.eval_every`: those intermediate
+  results do not make a point finished.
+  """
   path = os.path.join(workdir, 'eval.json')
   try:
     with open(path) as f:
       result = json.load(f)
   except (OSError, json.JSONDecodeError):
     return None
-  return result if isinstance(result, dict) and result else None
+  if not isinstance(result, dict) or not result.get('corpora'):
+    return None
+  return result if int(result.get('step', -1)) >= steps else None
 
 
 def is_finished(point: Point) -> bool:
-  """True when the point's eval.json exists and is complete (the run needs nothing)."""
-  return read_eval(point.workdir) is not None
+  """True when the point's eval.json holds its final results (the run needs nothing)."""
+  return read_eval(point.workdir, point.cfg.train.steps) is not None
 
 
 def write_point_json(sweep: Sweep, point: Point) -> None:

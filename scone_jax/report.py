@@ -34,7 +34,7 @@ class Run:
   workdir: str
   overrides: dict[str, Any]
   cfg: config_lib.Config
-  eval: dict[str, dict[str, float]]  # corpus -> {loss, perplexity, bits_per_byte}
+  eval: dict[str, dict[str, float]]  # final eval.json 'corpora': name -> {perplexity, ...}
   curve: list[tuple[int, float]]  # (step, train loss)
 
   @property
@@ -76,17 +76,6 @@ def accounting(cfg: config_lib.Config) -> dict[str, float]:
   }
 
 
-def _eval_corpora(result: dict[str, Any]) -> dict[str, dict[str, float]]:
-  """The per-corpus entries (dicts with a 'perplexity') of an eval.json."""
-  found = {k: v for k, v in result.items() if isinstance(v, dict) and 'perplexity' in v}
-  if found:
-    return found
-  for v in result.values():  # Results nested one level down, e.g. {'step':..,'corpora':{}}.
-    if isinstance(v, dict):
-      found.update(_eval_corpora(v))
-  return found
-
-
 def _read_json(path: str) -> Any:
   try:
     with open(path) as f:
@@ -123,8 +112,9 @@ def collect(sweep_dir: str) -> list[Run]:
       continue
     cfg = config_lib.from_configdict(point['config'])
     result = _read_json(os.path.join(workdir, 'eval.json'))
+    final = isinstance(result, dict) and result.get('step', -1) >= cfg.train.steps
     runs.append(Run(name, workdir, point['overrides'], cfg,
-                    _eval_corpora(result) if isinstance(result, dict) else {},
+                    result.get('corpora', {}) if final else {},
                     _read_curve(os.path.join(workdir, 'metrics.jsonl'))))
   return runs
 

@@ -125,8 +125,9 @@ def test_sweep_file_errors(tmp_path):
 class FakeRunner:
   """Records commands; 'train' writes eval.json unless the workdir is in `crash`."""
 
-  def __init__(self, crash=(), write_eval_in='train'):
+  def __init__(self, crash=(), write_eval_in='train', steps=300):
     self.calls, self.crash, self.write_eval_in = [], set(crash), write_eval_in
+    self.steps = steps  # experiments/tiny.py's train.steps
 
   def __call__(self, cmd, log):
     self.calls.append(cmd)
@@ -141,7 +142,8 @@ class FakeRunner:
       return 3
     if stage == self.write_eval_in:
       with open(os.path.join(workdir, 'eval.json'), 'w') as f:
-        json.dump({'heldout': {'loss': 1.0, 'perplexity': 2.7, 'bits_per_byte': 1.2}}, f)
+        json.dump({'step': self.steps, 'corpora': {
+            'heldout': {'loss': 1.0, 'perplexity': 2.7, 'bits_per_byte': 1.2}}}, f)
     return 0
 
 
@@ -211,7 +213,8 @@ def test_real_subprocess_crash_is_reported(tmp_path):
             'x.startswith("--") and "=" in x); w = a["--workdir"]; '
             f'sys.exit(7) if w == {crash!r} and "train" in sys.argv[0] else None; '
             'os.makedirs(w, exist_ok=True); '
-            'json.dump({"c": {"perplexity": 3.0}}, open(w + "/eval.json", "w"))')
+            'json.dump({"step": 300, "corpora": {"c": {"perplexity": 3.0}}}, '
+            'open(w + "/eval.json", "w"))')
   stub = tmp_path / 'stub.py'
   stub.write_text(script)
 
@@ -269,3 +272,27 @@ def test_tpu_gives_up_after_retries(tmp_path):
       retries=2, log_dir=str(tmp_path), retry_wait_s=0)
   assert outcomes[0].status == 'failed' and len(calls) == 1 + 3
   assert '--project' not in calls[1]
+
+
+def test_finished_needs_final_eval(tmp_path):
+  sweep = sweep_spec.load_sweep(write_sweep(tmp_path, [{}]), str(tmp_path))
+  point = sweep.points[0]
+  os.makedirs(point.workdir)
+  path = os.path.join(point.workdir, 'eval.json')
+  assert not sweep_spec.is_finished(point)
+  for record, finished in (({'step': 100, 'corpora': {'c': {'perplexity': 3.0}}}, False),
+                           ({'step': 300, 'corpora': {}}, False),
+                           ('{"step": 300, "corp', False),
+                           ({'step': 300, 'corpora': {'c': {'perplexity': 3.0}}}, True)):
+    with open(path, 'w') as f:
+      f.write(record if isinstance(record, str) else json.dumps(record))
+    assert sweep_spec.is_finished(point) == finished, record
+
+
+def test_stages_after_train_take_only_the_workdir(tmp_path):
+  sweep = sweep_spec.load_sweep(write_sweep(tmp_path, [{'train.seed': 2}]), str(tmp_path))
+  point = sweep.points[0]
+  for stage in ('evaluate', 'export', 'generate'):
+    assert shlex.split(sweep_spec.command(sweep, point, 'PY', stage)) == [
+        'PY', '-m', f'scone_jax.{stage}', f'--workdir={point.workdir}']
+  assert '--config.train.seed=2' in sweep_spec.command(sweep, point, 'PY', 'prepare')
