@@ -1,0 +1,287 @@
+"""The prepare stage: corpus -> tokenizer -> token shards -> f-gram table.
+
+  python -m scone_jax.prepare --config=experiments/tiny.py --workdir=runs/tiny
+
+Artifacts go to A = cfg.data.artifacts_dir or <workdir>/prepare (layout in ARCHITECTURE.md).
+Each stage records the fingerprint of its inputs in its manifest and is skipped when a
+rerun finds the same one, so sweep points sharing A prepare once; a changed upstream
+artifact (e.g. another tokenizer) changes every downstream input fingerprint and forces a
+rebuild. `load_prepared` opens the artifacts for train/evaluate without building anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable
+
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from scone_jax import artifacts
+from scone_jax import config as config_lib
+from scone_jax.config import Config
+from scone_jax.corpus import CorpusError, FileCorpus, embedded, readers
+from scone_jax.tokenizer import (TokenShards, Tokenizer, install_tokenizer, open_tokenizer,
+                                 train_tokenizer, write_shards)
+from scone_jax.tokenizer import spm as spm_lib
+
+EMBEDDED_EVAL_NAME = 'stdlib'
+# Bump when a stage's recipe changes in a way its other inputs do not capture.
+PREPARE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """The prepared artifacts (directories absolute) and their opened forms."""
+  artifacts_dir: str
+  train_dir: str
+  eval_dirs: dict[str, str]  # eval corpus name -> token shards directory
+  fgram_dir: str
+  tokenizer_fingerprint: str
+  train_fingerprint: str  # TokenShards.fingerprint of the train split
+  fgram_fingerprint: str  # FgramTable.fingerprint
+  tokenizer: Tokenizer = dataclasses.field(repr=False)
+  train_shards: TokenShards = dataclasses.field(repr=False)
+  eval_shards: dict[str, TokenShards] = dataclasses.field(repr=False)
+  table: Any = dataclasses.field(repr=False)  # FgramTable (rows in rank order, all S)
+  # Filled by `prepare`: seconds per stage, and the stages reused from an earlier run.
+  timings: dict[str, float] = dataclasses.field(default_factory=dict)
+  skipped: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Corpora:
+  train: FileCorpus
+  evals: dict[str, FileCorpus]
+
+
+def artifacts_dir(cfg: Config, workdir: str) -> str:
+  return os.path.abspath(cfg.data.artifacts_dir or os.path.join(workdir, 'prepare'))
+
+
+def _corpora(cfg: Config, art_dir: str, build: bool) -> _Corpora:
+  data = cfg.data
+  if data.source == 'embedded':
+    corpus_dir = os.path.join(art_dir, 'corpus')
+    if build:
+      emb = embedded.build_embedded(corpus_dir, data.embedded_eval_fraction)
+    else:
+      emb = embedded.open_embedded(corpus_dir, data.embedded_eval_fraction)
+    return _Corpora(emb.split('train'), {EMBEDDED_EVAL_NAME: emb.split('eval')})
+  if not data.train_files:
+    raise CorpusError("prepare needs config.data.train_files (comma-separated globs) when "
+                      "config.data.source='files', e.g. --config.data.train_files='/d/*.txt'")
+  train = readers.files_corpus(data.train_files, 'data.train_files', data.format,
+                               data.text_field, data.on_bad_utf8, 'train')
+  evals = {name: FileCorpus(paths, data.format, data.text_field, data.on_bad_utf8, name)
+           for name, paths in readers.parse_named_globs(data.eval_files).items()}
+  return _Corpora(train, evals)
+
+
+def _tokenizer_input(cfg: Config, train: FileCorpus) -> str:
+  tc = cfg.tokenizer
+  if tc.model_file:
+    if not os.path.isfile(tc.model_file):
+      raise artifacts.ArtifactError(f'config.tokenizer.model_file={tc.model_file} does not '
+                                    'exist; fix the path or leave it empty to train one')
+    return artifacts.fingerprint('model_file', artifacts.sha256_file(tc.model_file),
+                                 tc.vocab_size)
+  return artifacts.fingerprint('train', spm_lib.TRAIN_VERSION, train.fingerprint,
+                               dataclasses.asdict(tc))
+
+
+def _fgram_input(cfg: Config, tokenizer_fp: str, train_fp: str) -> str:
+  fc = cfg.fgram
+  return artifacts.fingerprint('fgrams', PREPARE_VERSION, tokenizer_fp, train_fp,
+                               fc.max_len, fc.size, fc.min_count)
+
+
+def _shard_dirs(art_dir: str, corpora: _Corpora) -> dict[str, str]:
+  dirs = {'train': os.path.join(art_dir, 'tokens', 'train')}
+  dirs.update({name: os.path.join(art_dir, 'tokens', f'eval-{name}') for name in corpora.evals})
+  return dirs
+
+
+def _reuse(build: Callable[[], object], check: Callable[[], object], name: str,
+           timings: dict[str, float], skipped: list[str]):
+  """Returns check() when it succeeds (the stage is current), else build()."""
+  start = time.perf_counter()
+  try:
+    result = check()
+    skipped.append(name)
+    logging.info('prepare: %s is up to date; skipped', name)
+  except artifacts.ArtifactError as e:
+    logging.info('prepare: building %s (%s)', name, e)
+    result = build()
+  timings[name] = time.perf_counter() - start
+  return result
+
+
+def prepare(cfg: Config, workdir: str) -> Prepared:
+  """Runs corpus -> tokenizer -> token shards -> f-gram table, skipping current stages.
+
+  Args:
+    cfg: the resolved config (data, tokenizer and fgram sections are used).
+    workdir: the run directory; artifacts go to cfg.data.artifacts_dir or workdir/prepare.
+  """
+  from scone_jax.fgrams import FgramTable  # pylint: disable=g-import-not-at-top
+  art = artifacts_dir(cfg, workdir)
+  timings: dict[str, float] = {}
+  skipped: list[str] = []
+  start = time.perf_counter()
+  corpora = _corpora(cfg, art, build=True)
+  timings['corpus'] = time.perf_counter() - start
+
+  tok_dir = os.path.join(art, 'tokenizer')
+  tok_input = _tokenizer_input(cfg, corpora.train)
+  meta = {'input_fingerprint': tok_input}
+
+  def build_tokenizer():
+    if cfg.tokenizer.model_file:
+      return install_tokenizer(cfg.tokenizer.model_file, cfg.tokenizer, tok_dir, meta)
+    return train_tokenizer(corpora.train, cfg.tokenizer, tok_dir,
+                           corpora.train.total_file_bytes, meta)
+
+  tok = _reuse(build_tokenizer, lambda: open_tokenizer(tok_dir, expect=meta), 'tokenizer',
+               timings, skipped)
+
+  shard_dirs = _shard_dirs(art, corpora)
+  shards = {}
+  for name, directory in shard_dirs.items():
+    corpus = corpora.train if name == 'train' else corpora.evals[name]
+    expect = {'corpus_fingerprint': corpus.fingerprint}
+    shards[name] = _reuse(
+        lambda d=directory, c=corpus, n=name: write_shards(
+            d, c, tok, c.fingerprint, c.total_file_bytes, name=n),
+        lambda d=directory, e=expect: TokenShards.open(d, tok.fingerprint, expect=e),
+        f'tokens/{name}', timings, skipped)
+  train = shards['train']
+
+  fgram_dir = os.path.join(art, 'fgrams')
+  fgram_input = _fgram_input(cfg, tok.fingerprint, train.fingerprint)
+
+  def build_fgrams():
+    fc = cfg.fgram
+    if fc.miner == 'beam':
+      from scone_jax.fgrams import beam  # pylint: disable=g-import-not-at-top
+      mine = beam.mine_fgrams_beam
+    else:
+      from scone_jax.fgrams import mine_fgrams as mine  # pylint: disable=g-import-not-at-top
+    table = mine(train, max_len=fc.max_len, size=fc.size, min_count=fc.min_count,
+                 memory_budget_mb=fc.memory_budget_mb)
+    table.meta.update({'tokenizer_fingerprint': tok.fingerprint,
+                       'train_fingerprint': train.fingerprint,
+                       'input_fingerprint': fgram_input, 'miner': fc.miner})
+    table.save(fgram_dir)
+    return FgramTable.load(fgram_dir, expect_tokenizer=tok.fingerprint)
+
+  table = _reuse(build_fgrams, lambda: _open_fgrams(fgram_dir, tok.fingerprint, fgram_input),
+                 'fgrams', timings, skipped)
+  timings['total'] = time.perf_counter() - start
+  return _prepared(art, shard_dirs, fgram_dir, tok, shards, table, timings, tuple(skipped))
+
+
+def _prepared(art: str, shard_dirs: dict[str, str], fgram_dir: str, tok: Tokenizer,
+              shards: dict[str, TokenShards], table: Any, timings: dict[str, float],
+              skipped: tuple[str, ...]) -> Prepared:
+  evals = [n for n in shard_dirs if n != 'train']
+  return Prepared(
+      artifacts_dir=art, train_dir=shard_dirs['train'],
+      eval_dirs={n: shard_dirs[n] for n in evals}, fgram_dir=fgram_dir,
+      tokenizer_fingerprint=tok.fingerprint, train_fingerprint=shards['train'].fingerprint,
+      fgram_fingerprint=table.fingerprint, tokenizer=tok, train_shards=shards['train'],
+      eval_shards={n: shards[n] for n in evals}, table=table, timings=timings,
+      skipped=skipped)
+
+
+def _open_fgrams(directory: str, tokenizer_fp: str, input_fp: str):
+  from scone_jax.fgrams import FgramTable  # pylint: disable=g-import-not-at-top
+  table = FgramTable.load(directory, expect_tokenizer=tokenizer_fp)
+  have = table.meta.get('input_fingerprint')
+  if have != input_fp:
+    raise artifacts.ArtifactError(
+        f'f-gram table at {directory} was mined from other inputs (input_fingerprint '
+        f'{have!r}, this config needs {input_fp!r}); rerun prepare')
+  return table
+
+
+def load_prepared(cfg: Config, workdir: str, verify: bool = True) -> Prepared:
+  """Opens existing artifacts; ArtifactError naming the missing or stale stage otherwise.
+
+  Args:
+    cfg: the resolved config.
+    workdir: the run directory.
+    verify: also recompute the artifacts' sha256 checksums (sizes are always checked).
+  """
+  art = artifacts_dir(cfg, workdir)
+  fix = ('; run `python -m scone_jax.prepare` with this config and workdir (artifacts: '
+         f'{art})')
+  try:
+    corpora = _corpora(cfg, art, build=False)
+    tok_dir = os.path.join(art, 'tokenizer')
+    tok = open_tokenizer(tok_dir, expect={'input_fingerprint':
+                                          _tokenizer_input(cfg, corpora.train)})
+    shard_dirs = _shard_dirs(art, corpora)
+    shards = {}
+    for name, directory in shard_dirs.items():
+      corpus = corpora.train if name == 'train' else corpora.evals[name]
+      shards[name] = TokenShards.open(directory, tok.fingerprint, verify=verify,
+                                      expect={'corpus_fingerprint': corpus.fingerprint})
+    fgram_dir = os.path.join(art, 'fgrams')
+    table = _open_fgrams(fgram_dir, tok.fingerprint,
+                         _fgram_input(cfg, tok.fingerprint, shards['train'].fingerprint))
+  except artifacts.ArtifactError as e:
+    raise artifacts.ArtifactError(f'prepared artifacts are missing or stale: {e}{fix}') from e
+  return _prepared(art, shard_dirs, fgram_dir, tok, shards, table, {}, ())
+
+
+def summary(prepared: Prepared) -> str:
+  """A human-readable report: corpus sizes, tokenizer, tokens, f-gram table, timings."""
+  lines = [f'artifacts: {prepared.artifacts_dir}']
+  tok_manifest = artifacts.read_manifest(os.path.join(prepared.artifacts_dir, 'tokenizer'),
+                                         spm_lib.KIND, verify=False)
+  lines.append(f'tokenizer: vocab {prepared.tokenizer.vocab_size}, '
+               f'{tok_manifest.get("model_type", "loaded")} '
+               f'({tok_manifest.get("source")}), fingerprint '
+               f'{prepared.tokenizer_fingerprint[:16]}')
+  lines.append(f'{"split":<16}{"docs":>10}{"chars":>14}{"UTF-8 bytes":>14}{"tokens":>12}'
+               f'{"bytes/token":>12}')
+  splits = {'train': prepared.train_dir, **{f'eval-{n}': d
+                                            for n, d in prepared.eval_dirs.items()}}
+  for name, directory in splits.items():
+    m = TokenShards.open(directory, verify=False).manifest
+    lines.append(f'{name:<16}{m["num_docs"]:>10,}{m["num_chars"]:>14,}{m["num_bytes"]:>14,}'
+                 f'{m["num_tokens"]:>12,}{m["num_bytes"] / m["num_tokens"]:>12.2f}')
+  table = prepared.table
+  hist = np.bincount(np.asarray(table.lengths), minlength=table.max_len + 1)[2:]
+  lines.append(f'f-grams: {len(table):,} (K={table.max_len}, min_count={table.min_count}, '
+               f'cutoff count {table.cutoff_count}); by length: ' +
+               ', '.join(f'{n}: {int(c):,}' for n, c in enumerate(hist, start=2)))
+  if prepared.timings:
+    lines.append('seconds: ' + ', '.join(
+        f'{k} {v:.1f}{" (reused)" if k in prepared.skipped else ""}'
+        for k, v in prepared.timings.items()))
+  return '\n'.join(lines)
+
+
+def cli() -> None:
+  """`python -m scone_jax.prepare`; flags are defined here so importing this module (as
+  train and evaluate do) never clashes with their own --config/--workdir flags."""
+  config_flag = config_flags.DEFINE_config_file('config', lock_config=True,
+                                                help_string='experiments/<name>.py')
+  workdir_flag = flags.DEFINE_string('workdir', None, 'run directory', required=True)
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    cfg = config_lib.from_configdict(config_flag.value)
+    print(summary(prepare(cfg, workdir_flag.value)))
+
+  app.run(main)
+
+
+if __name__ == '__main__':
+  cli()
