@@ -1,0 +1,184 @@
+"""mine_fgrams and FgramTable vs a plain-Python Counter reference."""
+
+import collections
+import inspect
+import os
+import types
+
+import hypothesis
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+
+from scone_jax import artifacts
+from scone_jax.fgrams import FgramTable, mine_fgrams, spill
+
+
+def reference_mine(docs, max_len, size, min_count):
+  """Every n-gram 2..K inside each doc, counted; no pruning (Apriori never drops a
+  gram with count >= min_count); ranked (count desc, length asc, tokens asc)."""
+  counter = collections.Counter()
+  for doc in docs:
+    doc = [int(t) for t in doc]
+    for n in range(2, max_len + 1):
+      for i in range(len(doc) - n + 1):
+        counter[tuple(doc[i:i + n])] += 1
+  kept = [(g, c) for g, c in counter.items() if c >= min_count]
+  kept.sort(key=lambda gc: (-gc[1], len(gc[0]), gc[0]))
+  return kept[:size]
+
+
+def assert_matches_reference(table, docs, max_len, size, min_count):
+  want = reference_mine(docs, max_len, size, min_count)
+  assert table.grams() == [g for g, _ in want]
+  assert table.counts.tolist() == [c for _, c in want]
+  assert table.lengths.tolist() == [len(g) for g, _ in want]
+  assert table.cutoff_count == want[-1][1]
+  assert table.tokens_SxK.shape == (len(want), max_len)
+  for row, (g, _) in zip(table.tokens_SxK.tolist(), want):
+    assert row == list(g) + [0] * (max_len - len(g))
+
+
+def text_corpus():
+  """Fixed real text: the bytes of a stdlib module, one document per paragraph."""
+  with open(inspect.getsourcefile(collections), 'rb') as f:
+    text = f.read()[:60_000]
+  return [np.frombuffer(p, np.uint8).astype(np.int32) for p in text.split(b'\n\n') if p]
+
+
+@st.composite
+def corpora(draw):
+  vocab = draw(st.integers(2, 8))
+  docs = draw(st.lists(st.lists(st.integers(0, vocab - 1), max_size=25), min_size=1,
+                       max_size=40))
+  return [np.array(d, dtype=np.int64) for d in docs]
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(docs=corpora(), max_len=st.integers(2, 6), size=st.integers(1, 60),
+                  min_count=st.integers(1, 4), chunk=st.sampled_from([None, 1, 7, 50]))
+def test_random_corpora_match_reference(docs, max_len, size, min_count, chunk):
+  want = reference_mine(docs, max_len, size, min_count)
+  kwargs = dict(max_len=max_len, size=size, min_count=min_count, progress=False,
+                chunk_tokens=chunk)
+  if not want:
+    with pytest.raises(ValueError, match='no n-gram'):
+      mine_fgrams(docs, **kwargs)
+    return
+  assert_matches_reference(mine_fgrams(docs, **kwargs), docs, max_len, size, min_count)
+
+
+def test_real_text_matches_reference():
+  docs = text_corpus()
+  table = mine_fgrams(docs, max_len=5, size=2000, min_count=3, progress=False)
+  assert len(table) == 2000
+  assert_matches_reference(table, docs, 5, 2000, 3)
+
+
+def test_out_of_core_equals_in_memory(monkeypatch, tmp_path):
+  docs = text_corpus()
+  in_memory = mine_fgrams(docs, max_len=5, size=3000, min_count=2, progress=False)
+  spills = []
+  original = spill.RunMerger._spill
+  monkeypatch.setattr(spill.RunMerger, '_spill',
+                      lambda self: (spills.append(1), original(self))[1])
+  # ~2 KB budget: the corpus, per-position ids and every count run go through tmp files.
+  tiny = mine_fgrams(docs, max_len=5, size=3000, min_count=2, memory_budget_mb=0.002,
+                     progress=False, chunk_tokens=4096, tmp_dir=str(tmp_path))
+  assert len(spills) > 10
+  assert tiny.fingerprint == in_memory.fingerprint
+  assert tiny.grams() == in_memory.grams()
+  assert os.listdir(tmp_path) == []  # Temp files are cleaned up.
+
+
+def test_flat_corpus_and_workers_give_the_same_table(tmp_path):
+  docs = text_corpus() + [np.zeros(0, np.int32)]
+  offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
+  path = tmp_path / 'tokens.bin'
+  np.concatenate(docs).astype(np.uint16).tofile(path)
+  shards = types.SimpleNamespace(tokens=np.memmap(path, np.uint16, mode='r'),
+                                 offsets=offsets)
+  want = mine_fgrams(docs, max_len=4, size=500, min_count=2, workers=1, progress=False)
+  got = mine_fgrams(shards, max_len=4, size=500, min_count=2, workers=2,
+                    chunk_tokens=1000, progress=False)
+  assert got.grams() == want.grams() and np.array_equal(got.counts, want.counts)
+
+
+def test_slice_equals_mining_smaller():
+  docs = text_corpus()
+  big = mine_fgrams(docs, max_len=5, size=1500, min_count=2, progress=False)
+  for size in (1, 37, 700, 1500):
+    small = mine_fgrams(docs, max_len=5, size=size, min_count=2, progress=False)
+    assert big.slice(size).fingerprint == small.fingerprint
+    assert big.slice(size).grams() == small.grams()
+  with pytest.raises(ValueError, match='slice size'):
+    big.slice(0)
+
+
+def test_save_load_round_trip_and_errors(tmp_path):
+  table = mine_fgrams(text_corpus(), max_len=4, size=300, min_count=2, progress=False)
+  table.meta['tokenizer_fingerprint'] = 'tok123'
+  table.meta['corpus_fingerprint'] = 'corp456'
+  path = str(tmp_path / 'fgrams')
+  table.save(path)
+  loaded = FgramTable.load(path, expect_tokenizer='tok123')
+  assert loaded.fingerprint == table.fingerprint
+  assert loaded.grams() == table.grams() and np.array_equal(loaded.counts, table.counts)
+  assert loaded.meta == table.meta
+  assert (loaded.max_len, loaded.min_count, loaded.cutoff_count) == (4, 2, table.cutoff_count)
+  manifest = artifacts.read_manifest(path, 'fgram_table')
+  assert manifest['size'] == 300 and manifest['cutoff_count'] == table.cutoff_count
+  with pytest.raises(artifacts.ArtifactError, match='tokenizer_fingerprint'):
+    FgramTable.load(path, expect_tokenizer='other')
+  counts_file = os.path.join(path, 'counts.npy')
+  data = open(counts_file, 'rb').read()
+  with open(counts_file, 'wb') as f:  # Flip one byte of a count.
+    f.write(data[:-1] + bytes([data[-1] ^ 1]))
+  with pytest.raises(artifacts.ArtifactError, match='checksum'):
+    FgramTable.load(path)
+  with open(counts_file, 'wb') as f:
+    f.write(data[:-8])
+  with pytest.raises(artifacts.ArtifactError, match='truncated'):
+    FgramTable.load(path)
+  os.remove(os.path.join(path, 'manifest.json'))
+  with pytest.raises(artifacts.ArtifactError, match='manifest'):
+    FgramTable.load(path)
+
+
+def test_fingerprint_depends_on_content():
+  table = mine_fgrams(text_corpus(), max_len=4, size=300, min_count=2, progress=False)
+  assert table.fingerprint != table.slice(299).fingerprint
+  counts = table.counts.copy()
+  counts[0] += 1
+  other = FgramTable(table.tokens_SxK, counts, table.lengths, 4, 2)
+  assert other.fingerprint != table.fingerprint
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(size=0), 'size'),
+    (dict(max_len=1), 'max_len'),
+    (dict(min_count=0), 'min_count'),
+    (dict(memory_budget_mb=0), 'memory_budget_mb'),
+])
+def test_bad_arguments(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    mine_fgrams([np.arange(10)], progress=False, **kwargs)
+
+
+@pytest.mark.parametrize('docs, match', [
+    ([], 'no n-gram'),
+    ([np.array([1]), np.array([], np.int64)], 'no n-gram'),
+    ([np.array([1.0, 2.0])], 'integer'),
+    ([np.array([1, -2, 3])], 'outside'),
+    ([np.array([1, 2**31])], 'outside'),
+    ([np.ones((2, 3), np.int64)], '1-D'),
+    (np.arange(5), 'wrap a single document'),
+])
+def test_bad_corpora(docs, match):
+  with pytest.raises(ValueError, match=match):
+    mine_fgrams(docs, min_count=1, progress=False)
+
+
+def test_no_gram_reaches_min_count():
+  with pytest.raises(ValueError, match='lower min_count'):
+    mine_fgrams([np.arange(10)], min_count=2, progress=False)
