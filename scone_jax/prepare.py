@@ -155,7 +155,9 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
     expect = {'corpus_fingerprint': corpus.fingerprint}
     shards[name] = _reuse(
         lambda d=directory, c=corpus, n=name: write_shards(
-            d, c, tok, c.fingerprint, c.total_file_bytes, name=n),
+            d, c, tok, c.fingerprint, c.total_file_bytes, name=n,
+            extra_meta=lambda: {'bad_utf8_lines': c.stats.bad_utf8_lines,
+                                'bad_utf8_chars': c.stats.bad_utf8_chars}),
         lambda d=directory, e=expect: TokenShards.open(d, tok.fingerprint, expect=e),
         f'tokens/{name}', timings, skipped)
   train = shards['train']
@@ -248,13 +250,14 @@ def summary(prepared: Prepared) -> str:
                f'({tok_manifest.get("source")}), fingerprint '
                f'{prepared.tokenizer_fingerprint[:16]}')
   lines.append(f'{"split":<16}{"docs":>10}{"chars":>14}{"UTF-8 bytes":>14}{"tokens":>12}'
-               f'{"bytes/token":>12}')
+               f'{"bytes/token":>12}{"bad UTF-8":>10}')
   splits = {'train': prepared.train_dir, **{f'eval-{n}': d
                                             for n, d in prepared.eval_dirs.items()}}
   for name, directory in splits.items():
     m = TokenShards.open(directory, verify=False).manifest
     lines.append(f'{name:<16}{m["num_docs"]:>10,}{m["num_chars"]:>14,}{m["num_bytes"]:>14,}'
-                 f'{m["num_tokens"]:>12,}{m["num_bytes"] / m["num_tokens"]:>12.2f}')
+                 f'{m["num_tokens"]:>12,}{m["num_bytes"] / m["num_tokens"]:>12.2f}'
+                 f'{m.get("bad_utf8_chars", 0):>10,}')
   table = prepared.table
   hist = np.bincount(np.asarray(table.lengths), minlength=table.max_len + 1)[2:]
   lines.append(f'f-grams: {len(table):,} (K={table.max_len}, min_count={table.min_count}, '

@@ -187,3 +187,18 @@ def _tiny():
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'experiments'))
   import tiny  # pylint: disable=g-import-not-at-top
   return tiny.get_config()
+
+
+def test_bad_utf8_is_counted_in_the_shards_manifest(setup):
+  cfg, workdir, _, _ = setup
+  path = cfg.data.train_files
+  with open(path, 'ab') as f:
+    f.write(b'bad \xff\xfe bytes\n')
+  p = prepare_lib.prepare(cfg, workdir)
+  assert p.train_shards.manifest['bad_utf8_chars'] == 2
+  assert p.tokenizer.decode(p.train_shards.doc(len(p.train_shards) - 1)) == \
+      'bad \ufffd\ufffd bytes'
+  assert p.eval_shards['held'].manifest['bad_utf8_chars'] == 0
+  strict = config_lib.replace(cfg, **{'data.on_bad_utf8': 'error'})
+  with pytest.raises(ValueError, match=r'train.txt:301: invalid UTF-8'):
+    prepare_lib.prepare(strict, workdir)

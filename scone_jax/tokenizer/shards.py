@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import tqdm
@@ -103,7 +103,8 @@ class TokenShards:
 
 def write_shards(directory: str, docs: Iterable[Document], tokenizer: Tokenizer,
                  corpus_fingerprint: str, total_bytes: int | None = None,
-                 batch_chars: int = 1 << 22, name: str = '') -> TokenShards:
+                 batch_chars: int = 1 << 22, name: str = '',
+                 extra_meta: Callable[[], dict] | None = None) -> TokenShards:
   """Tokenizes `docs` into a shards directory, streaming batches of ~batch_chars chars.
 
   Args:
@@ -114,6 +115,8 @@ def write_shards(directory: str, docs: Iterable[Document], tokenizer: Tokenizer,
     total_bytes: the input's size, for the progress bar (None = unknown).
     batch_chars: characters per encode batch; bounds memory.
     name: the split's name, for the progress bar and log.
+    extra_meta: called after the pass for more manifest fields (e.g. the reader's
+      invalid-UTF-8 counts, known only once the corpus has been read).
   """
   dtype = token_dtype(tokenizer.vocab_size)
   counts = dict(num_docs=0, num_tokens=0, num_bytes=0, num_chars=0, dropped_empty=0)
@@ -162,7 +165,7 @@ def write_shards(directory: str, docs: Iterable[Document], tokenizer: Tokenizer,
         'corpus_fingerprint': corpus_fingerprint, 'vocab_size': tokenizer.vocab_size,
         'fingerprint': artifacts.fingerprint(tokenizer.fingerprint, corpus_fingerprint,
                                              tokens_sha.hexdigest()),
-        'seconds': round(seconds, 3)})
+        'seconds': round(seconds, 3), **(extra_meta() if extra_meta else {})})
   logging.info('token shards %s: %d docs, %d tokens (%.0f tokens/s), %d empty dropped',
                name, counts['num_docs'], counts['num_tokens'],
                counts['num_tokens'] / max(seconds, 1e-9), counts['dropped_empty'])
