@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 from absl import app, flags, logging
@@ -24,6 +24,7 @@ from scone_jax import artifacts
 from scone_jax import config as config_lib
 from scone_jax.config import Config
 from scone_jax.corpus import CorpusError, FileCorpus, embedded, readers
+from scone_jax.fgrams import FgramTable, mine_fgrams
 from scone_jax.tokenizer import (TokenShards, Tokenizer, install_tokenizer, open_tokenizer,
                                  train_tokenizer, write_shards)
 from scone_jax.tokenizer import spm as spm_lib
@@ -46,7 +47,7 @@ class Prepared:
   tokenizer: Tokenizer = dataclasses.field(repr=False)
   train_shards: TokenShards = dataclasses.field(repr=False)
   eval_shards: dict[str, TokenShards] = dataclasses.field(repr=False)
-  table: Any = dataclasses.field(repr=False)  # FgramTable (rows in rank order, all S)
+  table: FgramTable = dataclasses.field(repr=False)  # Rows in rank order, all S of them.
   # Filled by `prepare`: seconds per stage, and the stages reused from an earlier run.
   timings: dict[str, float] = dataclasses.field(default_factory=dict)
   skipped: tuple[str, ...] = ()
@@ -78,6 +79,9 @@ def _corpora(cfg: Config, art_dir: str, build: bool) -> _Corpora:
                                data.text_field, data.on_bad_utf8, 'train')
   evals = {name: FileCorpus(paths, data.format, data.text_field, data.on_bad_utf8, name)
            for name, paths in readers.parse_named_globs(data.eval_files).items()}
+  if 'train' in evals:  # Stage names and Prepared keys reserve it for the train split.
+    raise CorpusError("config.data.eval_files: an eval corpus cannot be named 'train'; name "
+                      'it explicitly, e.g. "heldout=/d/train.txt"')
   return _Corpora(train, evals)
 
 
@@ -127,7 +131,6 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
     cfg: the resolved config (data, tokenizer and fgram sections are used).
     workdir: the run directory; artifacts go to cfg.data.artifacts_dir or workdir/prepare.
   """
-  from scone_jax.fgrams import FgramTable  # pylint: disable=g-import-not-at-top
   art = artifacts_dir(cfg, workdir)
   timings: dict[str, float] = {}
   skipped: list[str] = []
@@ -167,11 +170,11 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
 
   def build_fgrams():
     fc = cfg.fgram
+    mine = mine_fgrams
     if fc.miner == 'beam':
+      # Imported only when chosen: apache_beam is heavy and optional for the local miner.
       from scone_jax.fgrams import beam  # pylint: disable=g-import-not-at-top
       mine = beam.mine_fgrams_beam
-    else:
-      from scone_jax.fgrams import mine_fgrams as mine  # pylint: disable=g-import-not-at-top
     table = mine(train, max_len=fc.max_len, size=fc.size, min_count=fc.min_count,
                  memory_budget_mb=fc.memory_budget_mb)
     table.meta.update({'tokenizer_fingerprint': tok.fingerprint,
@@ -187,7 +190,7 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
 
 
 def _prepared(art: str, shard_dirs: dict[str, str], fgram_dir: str, tok: Tokenizer,
-              shards: dict[str, TokenShards], table: Any, timings: dict[str, float],
+              shards: dict[str, TokenShards], table: FgramTable, timings: dict[str, float],
               skipped: tuple[str, ...]) -> Prepared:
   evals = [n for n in shard_dirs if n != 'train']
   return Prepared(
@@ -199,8 +202,7 @@ def _prepared(art: str, shard_dirs: dict[str, str], fgram_dir: str, tok: Tokeniz
       skipped=skipped)
 
 
-def _open_fgrams(directory: str, tokenizer_fp: str, input_fp: str):
-  from scone_jax.fgrams import FgramTable  # pylint: disable=g-import-not-at-top
+def _open_fgrams(directory: str, tokenizer_fp: str, input_fp: str) -> FgramTable:
   table = FgramTable.load(directory, expect_tokenizer=tokenizer_fp)
   have = table.meta.get('input_fingerprint')
   if have != input_fp:

@@ -10,9 +10,8 @@ import pytest
 
 from scone_jax import artifacts
 from scone_jax import config as config_lib
+from scone_jax import fgrams
 from scone_jax import prepare as prepare_lib
-
-fgrams = pytest.importorskip('scone_jax.fgrams')
 
 _PHRASES = ['the model reads tokens', 'scaling embedding layers', 'frequent n grams',
             'a b c d', 'über naïve café', 'line two']
@@ -155,6 +154,9 @@ def test_bad_input_fails_clearly(setup):
   cfg, workdir, _, _ = setup
   bad = config_lib.replace(cfg, **{'data.train_files': '/nonexistent/*.txt'})
   with pytest.raises(ValueError, match=r'data.train_files: glob .* matches no files'):
+    prepare_lib.prepare(bad, workdir)
+  bad = config_lib.replace(cfg, **{'data.eval_files': cfg.data.train_files})
+  with pytest.raises(ValueError, match="cannot be named 'train'"):
     prepare_lib.prepare(bad, workdir)
 
 
