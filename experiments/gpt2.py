@@ -1,0 +1,63 @@
+"""GPT-2 family presets: the paper's WebText study (SCONE.md) plus two benchmark sizes.
+
+  python -m scone_jax.train --config=experiments/gpt2.py:419m --workdir=runs/gpt2_419m
+  python -m scone_jax.train --config=experiments/gpt2.py:419m,af=2 --workdir=runs/gpt2_419m_af2
+  python -m scone_jax.train --config=experiments/gpt2.py:759m --workdir=runs/gpt2_759m
+
+Sizes (name: d_model, layers; params = 12 d^2 L + 50,257 d, the paper's count):
+  128m: 1024, 6    204m: 1024, 12 (doubled 128m)
+  419m: 1536, 12   759m: 1536, 24 (doubled 419m)
+  589m: 1536, 18   1099m: 1536, 36 (doubled 589m)
+  125m: 768, 12 (GPT-2 small; GPU benchmark)   25m: 512, 7, vocab 8000 (CPU benchmark)
+`af=<0.5|1|2|3>` adds A_f at that multiple of the backbone's depth (default 0: baseline).
+Paper settings: vocab 50,257 (GPT-2 tokenizer; here a sentencepiece model of that size
+unless --config.tokenizer.model_file is given), seq 1024, batch 512, AdamW lr 2e-4 with
+cosine decay, weight decay 0.1, 80B tokens (152,588 steps). The paper leaves warmup and the
+final lr unstated: we use 2000 steps and 0.1x.
+"""
+
+from scone_jax import config as config_lib
+from scone_jax.model import presets
+
+# name: (d_model, num_layers, num_heads)
+SIZES = {
+    '128m': (1024, 6, 16), '204m': (1024, 12, 16),
+    '419m': (1536, 12, 24), '759m': (1536, 24, 24),
+    '589m': (1536, 18, 24), '1099m': (1536, 36, 24),
+    '125m': (768, 12, 12), '25m': (512, 7, 8),
+}
+
+
+def get_config(arg=None):
+  name, af = presets.parse_arg(arg, SIZES, 'experiments/gpt2.py')
+  d, layers, heads = SIZES[name]
+  c = config_lib.base_config()
+  c.name = f'gpt2_{name}' + (f'_af{af:g}' if af else '')
+  c.model.family = 'gpt2'
+  c.model.d_model, c.model.num_layers, c.model.num_heads = d, layers, heads
+  c.model.tied_embeddings = True
+  c.fgram.max_len = 5
+  c.fgram.size = 10_000_000
+  c.fgram.min_count = 5
+  if name == '25m':  # CPU benchmark: the embedded corpus, fp32, short sequences.
+    c.tokenizer.vocab_size = 8000
+    c.model.max_seq_len = c.train.seq_len = 256
+    c.train.batch_size = 16
+    c.train.steps = 2000
+    c.train.learning_rate = 1e-3
+    c.train.warmup_steps = 100
+    c.fgram.size = 200_000
+  else:
+    c.tokenizer.vocab_size = c.model.vocab_size = 50_257
+    c.model.max_seq_len = c.train.seq_len = 1024
+    c.model.dtype = 'bfloat16'
+    c.train.batch_size = 512
+    c.train.steps = 152_588  # 80B tokens / (512 x 1024).
+    c.train.learning_rate = 2e-4
+    c.train.warmup_steps = 2000
+  c.train.lr_end_ratio = 0.1
+  c.train.weight_decay = 0.1
+  c.train.b1, c.train.b2 = 0.9, 0.95
+  c.train.grad_clip = 1.0
+  presets.apply_af(c, af)
+  return c

@@ -1,0 +1,49 @@
+"""OLMo family presets: the paper's OLMo study (SCONE.md, "OLMo configs").
+
+  python -m scone_jax.train --config=experiments/olmo.py:1b --workdir=runs/olmo_1b
+  python -m scone_jax.train --config=experiments/olmo.py:1b,af=2 --workdir=runs/olmo_1b_af2
+  python -m scone_jax.train --config=experiments/olmo.py:1.9b --workdir=runs/olmo_1.9b
+
+Sizes: 0.7b/1b/1.3b/1.9b = d 2048 with 12/18/24/36 layers, reported as 711M/1014M/1316M/
+1920M params. Those counts fit 12 d^2 per layer, i.e. a plain 4d (8192) MLP, not SwiGLU,
+so the presets use a GELU MLP of width 8192; plus a 50,304 x 2048 tied embedding.
+`af=<0.5|1|2|3>` adds A_f at that multiple of the backbone's depth (default 0: baseline).
+OLMo-1 style: RoPE, non-parametric LayerNorm, no biases. Training: seq 2048, AdamW lr 4e-4,
+betas 0.9/0.95, wd 0.1, warmup 2000, cosine to 0.1x, clip 1.0, bf16 compute, batch 2048 x
+2048 tokens (OLMo-1B's ~4M) for 200B tokens (47,684 steps).
+"""
+
+from scone_jax import config as config_lib
+from scone_jax.model import presets
+
+SIZES = {'0.7b': 12, '1b': 18, '1.3b': 24, '1.9b': 36}
+
+
+def get_config(arg=None):
+  name, af = presets.parse_arg(arg, SIZES, 'experiments/olmo.py')
+  c = config_lib.base_config()
+  c.name = f'olmo_{name}' + (f'_af{af:g}' if af else '')
+  c.model.family = 'olmo'
+  c.model.d_model, c.model.num_layers, c.model.num_heads = 2048, SIZES[name], 16
+  c.model.mlp_dim = 8192
+  c.model.mlp_activation = 'gelu'
+  c.model.norm = 'nonparametric'
+  c.model.position = 'rope'
+  c.model.tied_embeddings = True
+  c.model.vocab_size = 50_304  # OLMo's 50,280-token vocab padded to a multiple of 64.
+  c.tokenizer.vocab_size = 50_280
+  c.model.max_seq_len = c.train.seq_len = 2048
+  c.model.dtype = 'bfloat16'
+  c.fgram.max_len = 5
+  c.fgram.size = 10_000_000
+  c.fgram.min_count = 5
+  c.train.batch_size = 2048
+  c.train.steps = 47_684  # 200B tokens / (2048 x 2048).
+  c.train.learning_rate = 4e-4
+  c.train.warmup_steps = 2000
+  c.train.lr_end_ratio = 0.1
+  c.train.weight_decay = 0.1
+  c.train.b1, c.train.b2 = 0.9, 0.95
+  c.train.grad_clip = 1.0
+  presets.apply_af(c, af)
+  return c

@@ -1,0 +1,160 @@
+"""Parameter and FLOP accounting from the config alone (MFU, sweep dry runs, accounting CLI).
+
+Symbols: d = d_model, f = mlp_dim, L = backbone layers, L_f = A_f layers, V = vocab,
+T = train.seq_len, K = fgram.max_len, S = f-grams used (fgram.use_size or fgram.size).
+
+Per block: attention 4 d^2 matmul weights (q, k, v, o) and an MLP of 2 d f (3 d f for
+SwiGLU's gate); GPT-2-family blocks add biases (4 d + f + d); LayerNorm adds 2 d per norm
+(RMSNorm d, non-parametric 0), two norms per block. The counts below equal the parameters
+of the built `SconeLM` exactly (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from scone_jax.config import Config, ModelConfig
+
+_NORM_PARAMS = {'layernorm': 2, 'rmsnorm': 1, 'nonparametric': 0}
+
+
+def _block_matmul_params(m: ModelConfig) -> int:
+  """Matmul weights of one block: 4 d^2 + (2 or 3) d f."""
+  mlp_mats = 3 if m.mlp_activation == 'swiglu' else 2
+  return 4 * m.d_model ** 2 + mlp_mats * m.d_model * m.mlp_dim
+
+
+def _block_params(m: ModelConfig) -> int:
+  biases = 5 * m.d_model + m.mlp_dim if m.family == 'gpt2' else 0
+  return _block_matmul_params(m) + biases + 2 * _NORM_PARAMS[m.norm] * m.d_model
+
+
+def _vocab(cfg: Config, vocab_size: int | None) -> int:
+  vocab = vocab_size or cfg.model.vocab_size or cfg.tokenizer.vocab_size
+  if vocab < 1:
+    raise ValueError(f'vocab_size={vocab} must be >= 1 (pass the tokenizer\'s vocab size)')
+  return vocab
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCounts:
+  """Parameter counts; `backbone_total` is what sits on the accelerator at inference."""
+  backbone_non_embedding: int  # L blocks + final norm.
+  token_embedding: int  # V d (the shared table T).
+  output_head: int  # d V when untied, else 0.
+  position_table: int  # max_seq_len d for learned positions, else 0.
+  fgram_non_embedding: int  # L_f blocks + A_f's final norm (0 for the baseline).
+  fgram_position_table: int  # K d (0 for the baseline).
+  offloaded: int  # S d: the exported f-gram table, in host RAM / on disk at inference.
+
+  @property
+  def backbone_total(self) -> int:
+    """Accelerator-resident parameters at inference, equal for SCONE and its baseline."""
+    return (self.backbone_non_embedding + self.token_embedding + self.output_head +
+            self.position_table)
+
+  @property
+  def fgram_total(self) -> int:
+    """A_f's own parameters (it also reads the shared token table)."""
+    return self.fgram_non_embedding + self.fgram_position_table
+
+  @property
+  def train_total(self) -> int:
+    """Trainable parameters during training (backbone + A_f)."""
+    return self.backbone_total + self.fgram_total
+
+
+def param_counts(cfg: Config, vocab_size: int | None = None) -> ParamCounts:
+  """Counts of a resolved Config (`config.from_configdict`).
+
+  Args:
+    cfg: the config.
+    vocab_size: the model's vocab; default `model.vocab_size`, else `tokenizer.vocab_size`.
+  """
+  m = cfg.model
+  v, d = _vocab(cfg, vocab_size), m.d_model
+  final_norm = _NORM_PARAMS[m.norm] * d
+  scone = cfg.fgram_model.num_layers > 0
+  af_norm = final_norm if cfg.fgram_model.final_norm == 'same' else 0
+  return ParamCounts(
+      backbone_non_embedding=m.num_layers * _block_params(m) + final_norm,
+      token_embedding=v * d,
+      output_head=0 if m.tied_embeddings else d * v,
+      position_table=m.max_seq_len * d if m.position == 'learned' else 0,
+      fgram_non_embedding=(cfg.fgram_model.num_layers * _block_params(m) + af_norm
+                           if scone else 0),
+      fgram_position_table=cfg.fgram.max_len * d if scone else 0,
+      offloaded=(cfg.fgram.use_size or cfg.fgram.size) * d if scone else 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopsPerToken:
+  """FLOPs per (training or generated) token; see `flops_per_token` for the formulas."""
+  train_backbone: float
+  train_fgram_per_fgram: float  # One distinct f-gram through A_f, forward + backward.
+  fgrams_per_token: float  # Distinct f-grams A_f runs on, per token of the batch.
+  inference: float  # Per generated token; identical for SCONE and its backbone.
+  fgram_forward_per_fgram: float  # One f-gram through A_f, forward only (export).
+
+  @property
+  def train_fgram(self) -> float:
+    """A_f's training FLOPs amortised per token."""
+    return self.train_fgram_per_fgram * self.fgrams_per_token
+
+  @property
+  def train_total(self) -> float:
+    return self.train_backbone + self.train_fgram
+
+
+def static_fgrams_per_token(cfg: Config) -> float:
+  """A_f rows run per token with the static capacity U, used or not.
+
+  U = fgram_model.capacity per process batch (0 means one per token), and a process batch
+  holds train.batch_size / distributed.num_processes rows of train.seq_len tokens.
+  """
+  capacity = cfg.fgram_model.capacity
+  if cfg.fgram_model.num_layers == 0:
+    return 0.0
+  if capacity == 0:
+    return 1.0
+  tokens_per_process = cfg.train.batch_size * cfg.train.seq_len / max(
+      cfg.distributed.num_processes, 1)
+  return capacity / tokens_per_process
+
+
+def flops_per_token(cfg: Config, vocab_size: int | None = None,
+                    unique_fgrams_per_token: float | None = None) -> FlopsPerToken:
+  """Matmul FLOPs per token (the PaLM/MaxText convention: 2 FLOPs per multiply-add,
+  backward = 2x forward, attention counted over the full (not causal-halved) context).
+
+  With N = L (4 d^2 + (2|3) d f) the backbone's block matmul weights and
+  N_f = L_f (4 d^2 + (2|3) d f) A_f's:
+    train_backbone         = 6 (N + d V) + 12 L d T
+    train_fgram_per_fgram  = 6 N_f K + 12 L_f d K^2     (A_f runs on all K padded slots)
+    train_fgram (per token) = train_fgram_per_fgram * fgrams_per_token
+    inference              = 2 (N + d V) + 4 L d T      (context T, an upper bound)
+    fgram_forward_per_fgram = 2 N_f K + 4 L_f d K^2
+  Embedding lookups, norms, biases and softmax are not counted. Inference is the same
+  for SCONE and its baseline: the f-gram embedding is a host-side table lookup.
+
+  Args:
+    cfg: a resolved Config.
+    vocab_size: as in `param_counts`.
+    unique_fgrams_per_token: measured distinct f-grams per token (for model FLOPs); None
+      uses the static capacity rate (what the hardware actually runs, for MFU).
+  """
+  m = cfg.model
+  v, d, t, k = _vocab(cfg, vocab_size), m.d_model, cfg.train.seq_len, cfg.fgram.max_len
+  n = m.num_layers * _block_matmul_params(m)
+  lf = cfg.fgram_model.num_layers
+  n_f = lf * _block_matmul_params(m)
+  if unique_fgrams_per_token is None:
+    rate = static_fgrams_per_token(cfg)
+  else:
+    rate = float(unique_fgrams_per_token) if lf else 0.0
+  return FlopsPerToken(
+      train_backbone=6.0 * (n + d * v) + 12.0 * m.num_layers * d * t,
+      train_fgram_per_fgram=6.0 * n_f * k + 12.0 * lf * d * k * k,
+      fgrams_per_token=rate,
+      inference=2.0 * (n + d * v) + 4.0 * m.num_layers * d * t,
+      fgram_forward_per_fgram=2.0 * n_f * k + 4.0 * lf * d * k * k)
