@@ -98,6 +98,8 @@ def _tokenizer_input(cfg: Config, train: FileCorpus) -> str:
 
 
 def _fgram_input(cfg: Config, tokenizer_fp: str, train_fp: str) -> str:
+  # The miner is left out: 'local' and 'beam' produce the same table exactly, and
+  # memory_budget_mb only changes how it is computed.
   fc = cfg.fgram
   return artifacts.fingerprint('fgrams', PREPARE_VERSION, tokenizer_fp, train_fp,
                                fc.max_len, fc.size, fc.min_count)
@@ -170,13 +172,14 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
 
   def build_fgrams():
     fc = cfg.fgram
-    mine = mine_fgrams
     if fc.miner == 'beam':
       # Imported only when chosen: apache_beam is heavy and optional for the local miner.
       from scone_jax.fgrams import beam  # pylint: disable=g-import-not-at-top
-      mine = beam.mine_fgrams_beam
-    table = mine(train, max_len=fc.max_len, size=fc.size, min_count=fc.min_count,
-                 memory_budget_mb=fc.memory_budget_mb)
+      table = beam.mine_fgrams_beam(train, max_len=fc.max_len, size=fc.size,
+                                    min_count=fc.min_count)
+    else:
+      table = mine_fgrams(train, max_len=fc.max_len, size=fc.size, min_count=fc.min_count,
+                          memory_budget_mb=fc.memory_budget_mb)
     table.meta.update({'tokenizer_fingerprint': tok.fingerprint,
                        'train_fingerprint': train.fingerprint,
                        'input_fingerprint': fgram_input, 'miner': fc.miner})

@@ -204,3 +204,13 @@ def test_bad_utf8_is_counted_in_the_shards_manifest(setup):
   strict = config_lib.replace(cfg, **{'data.on_bad_utf8': 'error'})
   with pytest.raises(ValueError, match=r'train.txt:301: invalid UTF-8'):
     prepare_lib.prepare(strict, workdir)
+
+
+def test_beam_miner_gives_the_same_table(setup):
+  pytest.importorskip('scone_jax.fgrams.beam')
+  cfg, workdir, _, _ = setup
+  local = prepare_lib.prepare(cfg, workdir)
+  beam = prepare_lib.prepare(config_lib.replace(cfg, **{'fgram.miner': 'beam'}),
+                             workdir + '_beam')
+  assert beam.table.meta['miner'] == 'beam'
+  assert beam.fgram_fingerprint == local.fgram_fingerprint
