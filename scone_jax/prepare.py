@@ -256,10 +256,10 @@ def summary(prepared: Prepared) -> str:
                f'{prepared.tokenizer_fingerprint[:16]}')
   lines.append(f'{"split":<16}{"docs":>10}{"chars":>14}{"UTF-8 bytes":>14}{"tokens":>12}'
                f'{"bytes/token":>12}{"bad UTF-8":>10}')
-  splits = {'train': prepared.train_dir, **{f'eval-{n}': d
-                                            for n, d in prepared.eval_dirs.items()}}
-  for name, directory in splits.items():
-    m = TokenShards.open(directory, verify=False).manifest
+  splits = {'train': prepared.train_shards,
+            **{f'eval-{n}': s for n, s in prepared.eval_shards.items()}}
+  for name, shards in splits.items():
+    m = shards.manifest
     lines.append(f'{name:<16}{m["num_docs"]:>10,}{m["num_chars"]:>14,}{m["num_bytes"]:>14,}'
                  f'{m["num_tokens"]:>12,}{m["num_bytes"] / m["num_tokens"]:>12.2f}'
                  f'{m.get("bad_utf8_chars", 0):>10,}')
@@ -276,8 +276,11 @@ def summary(prepared: Prepared) -> str:
 
 
 def cli() -> None:
-  """`python -m scone_jax.prepare`; flags are defined here so importing this module (as
-  train and evaluate do) never clashes with their own --config/--workdir flags."""
+  """The `python -m scone_jax.prepare` entry point.
+
+  Flags are defined here, not at import, so that importing this module (as train and
+  evaluate do) never clashes with their own --config / --workdir flags.
+  """
   config_flag = config_flags.DEFINE_config_file('config', lock_config=True,
                                                 help_string='experiments/<name>.py')
   workdir_flag = flags.DEFINE_string('workdir', None, 'run directory', required=True)
