@@ -1,5 +1,8 @@
 """Export: A_f over every f-gram -> a zarr3 [S, d] store with a manifest."""
 
+from scone_jax.export.export import (EXPORT_DIR, export_embeddings, export_store,
+                                     store_meta)
 from scone_jax.export.writer import STORE_KIND, write_store, zarr3_spec
 
-__all__ = ['STORE_KIND', 'write_store', 'zarr3_spec']
+__all__ = ['EXPORT_DIR', 'STORE_KIND', 'export_embeddings', 'export_store', 'store_meta',
+           'write_store', 'zarr3_spec']

@@ -1,0 +1,111 @@
+"""Export: run A_f over every f-gram of the table and write the [S, d] store.
+
+Dimension letters: S f-grams in the table, N f-grams per A_f batch, K longest f-gram,
+D d_model.
+
+`export_embeddings` is the engine (a model, a table, an output path); `export_store` is
+what `python -m scone_jax.export --workdir=W` calls: it restores the trained SconeLM from
+W's latest checkpoint, loads the prepared f-gram table and tokenizer, and writes W/export.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from scone_jax import compat
+from scone_jax.config import Config, ExportConfig
+from scone_jax.export.writer import write_store
+from scone_jax.model import SconeLM, model_shardings
+
+EXPORT_DIR = 'export'
+
+
+def export_embeddings(lm: SconeLM, table: Any, out_dir: str, export_cfg: ExportConfig,
+                      meta: dict[str, Any], mesh: jax.sharding.Mesh | None = None,
+                      progress: bool = True) -> str:
+  """Writes A_f(f-gram r) for every row r of `table` to a zarr3 store at `out_dir`.
+
+  Batches of `export_cfg.batch_size` f-grams are split over the mesh's batch axes
+  (data x fsdp); one shard (`export_cfg.chunk_rows` rows) is on the host at a time and
+  shards are written as they are computed, so S x D never sits in host memory. A rerun
+  after a kill resumes at the first unfinished shard.
+
+  Args:
+    lm: a SCONE model (lm.fgram_model is A_f).
+    table: the f-gram table (its `tokens_SxK`, `lengths`, `len`).
+    out_dir: the store directory (normally W/export).
+    export_cfg: dtype, batch_size and chunk_rows.
+    meta: manifest fields (checkpoint step, fingerprints).
+    mesh: where A_f runs (default: all devices on the data axis).
+    progress: show a progress bar.
+
+  Returns:
+    out_dir.
+  """
+  if lm.fgram_model is None:
+    raise ValueError('this run is a baseline (config.fgram_model.num_layers=0): it has no '
+                     'A_f and nothing to export; generate without a store')
+  if export_cfg.batch_size < 1:
+    raise ValueError(f'config.export.batch_size={export_cfg.batch_size} must be >= 1')
+  if mesh is None:
+    mesh = compat.make_mesh((jax.device_count(), 1, 1))
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  # Every device gets the same number of f-grams per batch.
+  batch = -(-export_cfg.batch_size // shards) * shards
+  tokens_SxK = np.asarray(table.tokens_SxK, np.int32)
+  lens_S = np.asarray(table.lengths, np.int32)
+  num_rows, d_model = len(table), lm.backbone.cfg.d_model
+
+  graphdef, state = nnx.split(lm.fgram_model)
+  with compat.set_mesh(mesh):
+    state = jax.device_put(state, model_shardings(state, mesh))
+  rows_sh = NamedSharding(mesh, P(('data', 'fsdp')))
+
+  @jax.jit
+  def embed(state, tokens_NxK, lens_N):
+    e_NxD = nnx.merge(graphdef, state)(tokens_NxK, lens_N)
+    return jax.lax.with_sharding_constraint(e_NxD.astype(jnp.float32), rows_sh)
+
+  def compute_rows(start: int, stop: int) -> np.ndarray:
+    pending = []
+    for lo in range(start, stop, batch):
+      hi = min(lo + batch, stop)
+      tokens_NxK = np.zeros((batch, tokens_SxK.shape[1]), np.int32)
+      lens_N = np.zeros(batch, np.int32)
+      tokens_NxK[:hi - lo], lens_N[:hi - lo] = tokens_SxK[lo:hi], lens_S[lo:hi]
+      # Dispatch every batch of the shard before reading any back (async dispatch keeps
+      # the device busy while the host copies the previous results).
+      pending.append((hi - lo, embed(state, jax.device_put(tokens_NxK, rows_sh),
+                                     jax.device_put(lens_N, rows_sh))))
+    return np.concatenate([np.asarray(e_NxD)[:n] for n, e_NxD in pending], axis=0)
+
+  # Under the mesh, the model's logical-axis constraints apply while `embed` traces.
+  with compat.set_mesh(mesh):
+    return write_store(out_dir, num_rows, d_model, export_cfg.dtype,
+                       export_cfg.chunk_rows, compute_rows, meta, progress=progress)
+
+
+def export_store(cfg: Config, workdir: str, progress: bool = True) -> str:
+  """Exports W's latest checkpoint's f-gram embeddings to W/export; returns the path."""
+  from scone_jax.serve import restore  # pylint: disable=g-import-not-at-top
+  run = restore.load_run(cfg, workdir, with_table=True)
+  out = os.path.join(workdir, EXPORT_DIR)
+  meta = store_meta(run.step, run.table.fingerprint, run.tokenizer.fingerprint)
+  logging.info('export: A_f over %d f-grams of step %d -> %s', len(run.table), run.step, out)
+  return export_embeddings(run.lm, run.table, out, cfg.export, meta, run.mesh, progress)
+
+
+def store_meta(step: int, table_fingerprint: str,
+               tokenizer_fingerprint: str) -> dict[str, Any]:
+  """What the store depends on: the manifest fields `EmbeddingStore.open(..., expect=...)`
+  checks so a store is never served with another checkpoint, table or tokenizer."""
+  return {'checkpoint_step': int(step), 'table_fingerprint': table_fingerprint,
+          'tokenizer_fingerprint': tokenizer_fingerprint}

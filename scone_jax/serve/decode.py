@@ -1,0 +1,320 @@
+"""KV-cache decoding fed with INPUT EMBEDDINGS, f-gram lookups done on the host.
+
+Dimension letters: B batch (sequences), T padded prompt length, S cache length,
+D d_model, V vocab, K longest f-gram.
+
+One jitted prefill and one jitted decode step serve the baseline and SCONE: each takes
+token ids plus a host-made slab of f-gram embeddings and a mask, and computes
+x = where(mask, slab, T(token)) on the device; the baseline passes a mask that is all
+False. Only the backbone's parameters go to the accelerator: A_f was folded into the
+exported store, so a SCONE step costs what the baseline's does (tests assert XLA's FLOP
+counts agree).
+
+Per decode step the host (1) pushes each sequence's new token into an
+`IncrementalMatcher`, which returns the longest f-gram ending there, (2) gathers those
+rows from the `EmbeddingStore`, (3) `device_put`s the [B, 1, D] slab (asynchronous) and
+dispatches the step. The prompt's matching, gather and transfer are issued before the
+prefill is dispatched, and the host's bookkeeping of token t runs while step t+1 runs on
+the device. The store is never indexed inside jit (ENV.md: a pinned_host table indexed
+in jit fails or runs slow host compute).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from scone_jax.model import Backbone, KVCache, SconeLM
+from scone_jax.serve.store import EmbeddingStore
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """Decoding rule: temperature 0 is greedy; top_k 0 and top_p 1.0 disable the filters."""
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f'temperature={self.temperature} must be >= 0 (0 = greedy)')
+    if self.top_k < 0:
+      raise ValueError(f'top_k={self.top_k} must be >= 0 (0 = off)')
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f'top_p={self.top_p} must be in (0, 1] (1 = off)')
+
+
+def sample(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+  """Next token per row under `sampling`; int32 [B]."""
+  if sampling.temperature == 0.0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits_BxV = logits_BxV.astype(jnp.float32) / sampling.temperature
+  if sampling.top_k > 0:
+    k = min(sampling.top_k, logits_BxV.shape[-1])
+    kth_Bx1 = jax.lax.top_k(logits_BxV, k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+  if sampling.top_p < 1.0:
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    cutoff_Bx1 = jnp.min(jnp.where(before_BxV < sampling.top_p, sorted_BxV, jnp.inf),
+                         axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
+  return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+def _inputs(backbone: Backbone, tokens_BxT: jax.Array, slab_BxTxD: jax.Array,
+            mask_BxT: jax.Array) -> jax.Array:
+  """The SCONE replace rule with precomputed f-gram rows: slab where mask, else T(token)."""
+  x_BxTxD = backbone.embed(tokens_BxT)
+  return jnp.where(mask_BxT[..., None], slab_BxTxD.astype(x_BxTxD.dtype), x_BxTxD)
+
+
+def _prefill(graphdef, sampling: Sampling, all_logits: bool, state, tokens_BxT, slab_BxTxD,
+             mask_BxT, lengths_B, cache: KVCache, key):
+  backbone = nnx.merge(graphdef, state)
+  x_BxTxD = _inputs(backbone, tokens_BxT, slab_BxTxD, mask_BxT)
+  logits_BxTxV, cache = backbone.prefill(x_BxTxD, lengths_B, cache)
+  last_BxV = jnp.take_along_axis(logits_BxTxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  return (logits_BxTxV if all_logits else last_BxV), sample(last_BxV, key, sampling), cache
+
+
+def _decode(graphdef, sampling: Sampling, state, token_B, slab_BxD, mask_B, cache: KVCache,
+            key):
+  backbone = nnx.merge(graphdef, state)
+  x_Bx1xD = _inputs(backbone, token_B[:, None], slab_BxD[:, None], mask_B[:, None])
+  logits_Bx1xV, cache = backbone.decode(x_Bx1xD, cache)
+  return logits_Bx1xV[:, 0], sample(logits_Bx1xV[:, 0], key, sampling), cache
+
+
+# Module level, so decoders of one model shape share compilations.
+_PREFILL = jax.jit(_prefill, static_argnums=(0, 1, 2), donate_argnames=('cache',))
+_DECODE = jax.jit(_decode, static_argnums=(0, 1), donate_argnames=('cache',))
+
+
+@dataclasses.dataclass
+class Generation:
+  """Result of `Decoder.generate`: new tokens per prompt and where the time went."""
+  tokens: list[np.ndarray]
+  prefill_seconds: float
+  decode_seconds: float
+  decode_steps: int
+  batch_size: int
+  lookup_seconds: float = 0.0  # host match + gather + device_put, all decode steps
+
+  @property
+  def tokens_per_second(self) -> float:
+    """Decode throughput: generated tokens (all rows) per second after the prefill."""
+    return self.decode_steps * self.batch_size / max(self.decode_seconds, 1e-12)
+
+
+class Decoder:
+  """Batched KV-cache generation through the host-side f-gram store.
+
+  Args:
+    lm: the trained model; only `lm.backbone` is put on the accelerator.
+    store: the exported f-gram embeddings (None for a baseline run).
+    table: the f-gram table the store was exported from (its `match`, and
+      `IncrementalMatcher(table, B)` from scone_jax.fgrams).
+    batch_size: B, rows decoded together (prompts are padded to it).
+    bos_id: prepended to every prompt; no f-gram contains it, so matches never reach
+      before it.
+    cache_len: S, the KV cache length (default and maximum: model.max_seq_len).
+  """
+
+  def __init__(self, lm: SconeLM, store: EmbeddingStore | None = None, table: Any = None,
+               *, batch_size: int = 1, bos_id: int = 1, cache_len: int | None = None):
+    backbone = lm.backbone
+    cfg = backbone.cfg
+    if (store is None) != (table is None):
+      raise ValueError('pass both the f-gram store and its table (SCONE) or neither '
+                       '(baseline)')
+    if store is not None:
+      if store.d_model != cfg.d_model:
+        raise ValueError(f'store rows have d={store.d_model} but the model has d_model='
+                         f'{cfg.d_model}: the store was exported from another model')
+      if store.num_rows != len(table):
+        raise ValueError(f'store has {store.num_rows} rows but the f-gram table has '
+                         f'{len(table)}: export with the same fgram.use_size')
+    if batch_size < 1:
+      raise ValueError(f'batch_size={batch_size} must be >= 1')
+    self.cache_len = cache_len or cfg.max_seq_len
+    if self.cache_len > cfg.max_seq_len:
+      raise ValueError(f'cache_len={self.cache_len} exceeds the context (config.model.'
+                       f'max_seq_len={cfg.max_seq_len})')
+    self.store, self.table = store, table
+    self.batch_size, self.bos_id = batch_size, bos_id
+    self.d_model, self.dtype = cfg.d_model, jnp.dtype(cfg.dtype)
+    self.graphdef, self.state = nnx.split(backbone)
+    slab_dtype = store.dtype if store is not None else self.dtype
+    self._zero_slab_BxD = jnp.zeros((batch_size, cfg.d_model), slab_dtype)
+    self._no_match_B = jnp.zeros((batch_size,), bool)
+    self._init_cache = jax.jit(functools.partial(backbone.init_cache, batch_size,
+                                                 self.cache_len))
+    self._prefill, self._decode = _PREFILL, _DECODE
+    self._matcher = None
+    if table is not None:
+      from scone_jax.fgrams import IncrementalMatcher  # pylint: disable=g-import-not-at-top
+      self._matcher = IncrementalMatcher(table, batch_size)
+      self.max_fgram_len = int(table.max_len)
+
+  # -- host side -----------------------------------------------------------------------
+
+  def _prompt_batch(self, prompts: Sequence[np.ndarray], max_new_tokens: int):
+    """Validates prompts; returns BOS-prepended, right-padded tokens_BxT and lengths_B."""
+    if not 1 <= len(prompts) <= self.batch_size:
+      raise ValueError(f'got {len(prompts)} prompts for a decoder of batch_size='
+                       f'{self.batch_size}; pass 1..{self.batch_size} prompts')
+    rows = []
+    for i, p in enumerate(prompts):
+      p = np.asarray(p, np.int32).reshape(-1)
+      if p.size == 0:
+        raise ValueError(f'prompt {i} is empty; give at least one token (BOS is added)')
+      rows.append(np.concatenate([[self.bos_id], p]).astype(np.int32))
+    longest = max(r.size for r in rows)
+    if longest + max_new_tokens > self.cache_len:
+      raise ValueError(
+          f'prompt of {longest} tokens (with BOS) + max_new_tokens={max_new_tokens} exceeds '
+          f'the context of {self.cache_len} tokens (config.model.max_seq_len); shorten the '
+          'prompt or lower max_new_tokens')
+    # Padding T up to a multiple of 16 bounds the number of prefill compilations.
+    t = min(-(-longest // 16) * 16, self.cache_len)
+    tokens_BxT = np.zeros((self.batch_size, t), np.int32)
+    lengths_B = np.ones(self.batch_size, np.int32)  # Unused rows hold just BOS.
+    tokens_BxT[:, 0] = self.bos_id
+    for b, r in enumerate(rows):
+      tokens_BxT[b, :r.size] = r
+      lengths_B[b] = r.size
+    return tokens_BxT, lengths_B
+
+  def _prompt_slab(self, tokens_BxT: np.ndarray, lengths_B: np.ndarray):
+    """Host matching + gather for the prompts, and the matcher primed to continue them."""
+    b, t = tokens_BxT.shape
+    if self.store is None:
+      return (jnp.zeros((b, t, self.d_model), self.dtype), jnp.zeros((b, t), bool))
+    segment_ids_BxT = (np.arange(t)[None] < lengths_B[:, None]).astype(np.int32)
+    ids_BxT, _ = self.table.match(tokens_BxT, segment_ids_BxT)
+    ids_BxT = np.where(segment_ids_BxT > 0, ids_BxT, -1)
+    slab_BxTxD = self.store.gather(ids_BxT.reshape(-1)).reshape(b, t, self.d_model)
+    # Prime the incremental matcher with each row's last K-1 tokens: the longest f-gram
+    # ending at the next token depends on nothing older. BOS stands in before the prompt.
+    k1 = self.max_fgram_len - 1
+    for r in range(b):
+      self._matcher.reset(r)
+    for j in range(k1):
+      pos_B = lengths_B - k1 + j
+      self._matcher.push(np.where(pos_B >= 0, tokens_BxT[np.arange(b), np.maximum(pos_B, 0)],
+                                  self.bos_id).astype(np.int32))
+    return jax.device_put(slab_BxTxD), jax.device_put(ids_BxT >= 0)
+
+  def _step_slab(self, token_B: np.ndarray):
+    """Matcher push + store gather for one new token per row -> device slab and mask."""
+    if self.store is None:
+      return self._zero_slab_BxD, self._no_match_B
+    ids_B, _ = self._matcher.push(token_B)
+    ids_B = np.asarray(ids_B)
+    return jax.device_put(self.store.gather(ids_B)), jax.device_put(ids_B >= 0)
+
+  # -- generation ----------------------------------------------------------------------
+
+  def generate(self, prompts: Sequence[np.ndarray], max_new_tokens: int,
+               sampling: Sampling = Sampling(), seed: int = 0,
+               eos_id: int | None = None) -> Generation:
+    """Generates up to `max_new_tokens` tokens after each prompt (token ids, no BOS).
+
+    Rows stop at `eos_id` (kept in the output); the batch stops when all rows have.
+    """
+    if max_new_tokens < 1:
+      raise ValueError(f'max_new_tokens={max_new_tokens} must be >= 1')
+    tokens_BxT, lengths_B = self._prompt_batch(prompts, max_new_tokens)
+    key = jax.random.key(seed)
+    start = time.perf_counter()
+    slab_BxTxD, mask_BxT = self._prompt_slab(tokens_BxT, lengths_B)
+    _, next_B, cache = self._prefill(self.graphdef, sampling, False, self.state, tokens_BxT,
+                                     slab_BxTxD, mask_BxT, lengths_B, self._init_cache(),
+                                     jax.random.fold_in(key, 0))
+    out_BxN = np.zeros((self.batch_size, max_new_tokens), np.int32)
+    token_B = np.asarray(next_B)
+    prefill_seconds = time.perf_counter() - start
+    done_B = np.zeros(self.batch_size, bool)
+    lookup = 0.0
+    start = time.perf_counter()
+    steps = 0
+    for n in range(max_new_tokens):
+      if n + 1 < max_new_tokens and not done_B.all():
+        t0 = time.perf_counter()
+        slab_BxD, mask_B = self._step_slab(token_B)
+        lookup += time.perf_counter() - t0
+        _, next_B, cache = self._decode(self.graphdef, sampling, self.state, token_B,
+                                        slab_BxD, mask_B, cache, jax.random.fold_in(key, n + 1))
+        steps += 1
+      else:
+        next_B = None
+      # Bookkeeping for token n overlaps the device's work on token n + 1.
+      out_BxN[:, n] = token_B
+      if eos_id is not None:
+        done_B |= token_B == eos_id
+      if next_B is None:
+        break
+      token_B = np.asarray(next_B)
+    decode_seconds = time.perf_counter() - start
+    tokens = []
+    for b in range(len(prompts)):
+      row = out_BxN[b, :n + 1]
+      if eos_id is not None and (row == eos_id).any():
+        row = row[:int(np.argmax(row == eos_id)) + 1]
+      tokens.append(row)
+    return Generation(tokens=tokens, prefill_seconds=prefill_seconds,
+                      decode_seconds=decode_seconds, decode_steps=steps,
+                      batch_size=self.batch_size, lookup_seconds=lookup)
+
+  def teacher_forced_logits(self, prompts: Sequence[np.ndarray],
+                            continuations: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Float32 logits at every position of BOS+prompt+continuation via prefill + decode.
+
+    The prompt goes through the prefill, each continuation token through one decode step
+    (the serving path, store lookups included). Row i of the result has
+    1 + len(prompt) + len(continuation) - 1 positions: the distribution after each input
+    token except the last continuation token. Continuations must have equal lengths.
+    """
+    n = {len(c) for c in continuations}
+    if len(n) != 1 or len(continuations) != len(prompts):
+      raise ValueError('give one continuation per prompt, all of the same length')
+    n = n.pop()
+    tokens_BxT, lengths_B = self._prompt_batch(prompts, n)
+    slab_BxTxD, mask_BxT = self._prompt_slab(tokens_BxT, lengths_B)
+    greedy, key = Sampling(), jax.random.key(0)
+    logits_BxTxV, _, cache = self._prefill(self.graphdef, greedy, True, self.state,
+                                           tokens_BxT, slab_BxTxD, mask_BxT, lengths_B,
+                                           self._init_cache(), key)
+    steps = []
+    cont_BxN = np.zeros((self.batch_size, n), np.int32)
+    for b, c in enumerate(continuations):
+      cont_BxN[b] = c
+    for i in range(max(n - 1, 0)):
+      slab_BxD, mask_B = self._step_slab(cont_BxN[:, i])
+      logits_BxV, _, cache = self._decode(self.graphdef, greedy, self.state, cont_BxN[:, i],
+                                          slab_BxD, mask_B, cache, key)
+      steps.append(np.asarray(logits_BxV))
+    logits_BxTxV = np.asarray(logits_BxTxV)
+    out = []
+    for b in range(len(prompts)):
+      rows = [logits_BxTxV[b, :lengths_B[b]]] + [s[b:b + 1] for s in steps]
+      out.append(np.concatenate(rows, axis=0))
+    return out
+
+  def compiled_decode_step(self, sampling: Sampling = Sampling()):
+    """The compiled decode step for this decoder's shapes (for XLA cost analysis)."""
+    cache = jax.eval_shape(self._init_cache)
+    token_B = jax.ShapeDtypeStruct((self.batch_size,), jnp.int32)
+    return self._decode.lower(self.graphdef, sampling, self.state, token_B,
+                              self._zero_slab_BxD, self._no_match_B, cache,
+                              jax.random.key(0)).compile()

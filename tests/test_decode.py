@@ -1,0 +1,202 @@
+"""Decoder: serving-path logits and generation equal the training forward (A_f on the fly)."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from scone_jax import compat, config
+from scone_jax.batches.tagging import tag_fgrams
+from scone_jax.config import ExportConfig
+from scone_jax.export import export_embeddings
+from scone_jax.fgrams import mine_fgrams
+from scone_jax.model import SconeLM
+from scone_jax.serve import EmbeddingStore
+from scone_jax.serve.decode import Decoder, Sampling, sample
+
+V, K, BOS = 48, 4, 1
+B = 5  # One batch size for every decoder here, so they share compilations.
+ONE_DEVICE = compat.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+# Documents built from a few repeated phrases, so the table holds 2..4-grams.
+PHRASES = [[5, 6, 7, 8], [9, 10, 11], [12, 13], [20, 21, 22, 23], [30, 31]]
+
+
+def _cfg(fgram_layers):
+  return config.replace(config.from_configdict(config.base_config()), **{
+      'model.num_layers': 2, 'model.d_model': 32, 'model.num_heads': 2,
+      'model.max_seq_len': 48, 'model.init_std': 0.3, 'train.seq_len': 32,
+      'fgram_model.num_layers': fgram_layers, 'fgram.max_len': K})
+
+
+@pytest.fixture(scope='module')
+def table():
+  rng = np.random.default_rng(0)
+  docs = []
+  for _ in range(60):
+    parts = [PHRASES[i] + [int(rng.integers(40, V))] for i in rng.integers(0, 5, 6)]
+    docs.append(np.array(sum(parts, []), np.int32))
+  t = mine_fgrams(docs, max_len=K, size=40, min_count=3, progress=False)
+  assert len(t) > 10 and t.lengths.max() == K
+  return t
+
+
+@pytest.fixture(scope='module')
+def scone(table, tmp_path_factory):
+  cfg = _cfg(1)
+  lm = SconeLM(cfg.model, cfg.fgram_model, fgram_max_len=K, vocab_size=V, rngs=nnx.Rngs(0))
+  out = {}
+  for dtype in ('float32', 'bfloat16'):
+    # One device: sharded export is test_export's business; this keeps setup short.
+    path = export_embeddings(lm, table, str(tmp_path_factory.mktemp(dtype) / 'export'),
+                             ExportConfig(dtype=dtype, batch_size=64, chunk_rows=64),
+                             {'checkpoint_step': 0}, mesh=ONE_DEVICE, progress=False)
+    out[dtype] = EmbeddingStore.open(path, 'ram')
+  return lm, out
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_forward(graphdef):
+  return jax.jit(lambda state, batch: nnx.merge(graphdef, state)(batch))
+
+
+def _train_forward(lm, table, seqs, t=24):
+  """Logits of the training path: BOS-prepended rows, table.match + unique rows, lm(batch).
+
+  Rows are padded to `t` (segment 0) so every call reuses one compilation.
+  """
+  inputs = np.zeros((len(seqs), t), np.int32)
+  segments = np.zeros_like(inputs)
+  for b, s in enumerate(seqs):
+    inputs[b, :len(s) + 1] = [BOS] + list(s)
+    segments[b, :len(s) + 1] = 1
+  batch = {'inputs_BxT': inputs, 'segment_ids_BxT': segments,
+           'positions_BxT': np.broadcast_to(np.arange(t, dtype=np.int32), inputs.shape)}
+  if lm.is_scone:
+    batch = tag_fgrams(batch, table, capacity=inputs.size)
+    batch = {k: v for k, v in batch.items() if not k.startswith('stats/')}
+  graphdef, state = nnx.split(lm)
+  return np.asarray(_jitted_forward(graphdef)(state, batch)), batch
+
+
+# Prompts and continuations: matches inside the prompt, across the prompt/continuation
+# boundary, right at the start (BOS blocks an f-gram's tail), a 1-token prompt, tokens
+# that never match.
+PROMPTS = [[5, 6, 7], [7, 8, 9, 10], [6, 7, 8, 44, 12], [13], [45, 46, 47, 45]]
+CONTS = [[8, 9, 10, 11, 12], [11, 40, 12, 13, 5], [13, 5, 6, 7, 8], [12, 13, 20, 21, 22],
+         [44, 30, 31, 9, 10]]
+
+
+@pytest.mark.parametrize('dtype,rtol', [('float32', 1e-5), ('bfloat16', 3e-2)])
+def test_serving_logits_equal_training_forward(scone, table, dtype, rtol):
+  lm, stores = scone
+  store = stores[dtype]
+  dec = Decoder(lm, store, table, batch_size=B, bos_id=BOS)
+  hits_before = store.stats.hits
+  got = dec.teacher_forced_logits([np.array(p) for p in PROMPTS],
+                                  [np.array(c) for c in CONTS])
+  want, batch = _train_forward(lm, table, [p + c for p, c in zip(PROMPTS, CONTS)])
+  matched = batch['fgram_slot_BxT'] >= 0
+  assert matched.sum() >= 15 and (~matched).sum() >= 15  # Both kinds of position occur.
+  fed = [len(p) + len(c) for p, c in zip(PROMPTS, CONTS)]  # Inputs: all but the last.
+  # Store rows served every matched input position.
+  assert store.stats.hits - hits_before == sum(matched[b, :n].sum() for b, n in enumerate(fed))
+  for b, (p, c) in enumerate(zip(PROMPTS, CONTS)):
+    n = len(p) + len(c)  # BOS + prompt + continuation minus the last token.
+    ref = want[b, :n]
+    assert got[b].shape == ref.shape
+    err = np.abs(got[b] - ref).max() / np.abs(ref).max()
+    assert err < rtol, (b, err)
+
+
+def test_store_rows_change_the_logits(scone, table):
+  """The comparison above can fail: a decoder without the store differs at matches."""
+  lm, stores = scone
+  seqs = [np.array(p) for p in PROMPTS]
+  scone_dec = Decoder(lm, stores['float32'], table, batch_size=B, bos_id=BOS)
+  plain_dec = Decoder(lm, batch_size=B, bos_id=BOS)
+  conts = [np.array(c[:1]) for c in CONTS]
+  a = scone_dec.teacher_forced_logits(seqs, conts)
+  b = plain_dec.teacher_forced_logits(seqs, conts)
+  assert max(np.abs(x - y).max() for x, y in zip(a, b)) > 1e-3
+
+
+def _reference_greedy(lm, table, prompt, n):
+  seq = list(prompt)
+  for _ in range(n):
+    logits, _ = _train_forward(lm, table, [seq])
+    seq.append(int(np.argmax(logits[0, len(seq)])))
+  return seq[len(prompt):]
+
+
+def test_greedy_generation_equals_training_path(scone, table):
+  lm, stores = scone
+  dec = Decoder(lm, stores['float32'], table, batch_size=B, bos_id=BOS)
+  prompts = PROMPTS[:3]
+  gen = dec.generate([np.array(p) for p in prompts], max_new_tokens=6)
+  for p, toks in zip(prompts, gen.tokens):
+    assert list(toks) == _reference_greedy(lm, table, p, 6)
+  assert gen.decode_steps == 5 and gen.tokens_per_second > 0
+
+
+def test_baseline_generation_is_the_plain_backbone(table):
+  cfg = _cfg(0)
+  lm = SconeLM(cfg.model, cfg.fgram_model, fgram_max_len=K, vocab_size=V, rngs=nnx.Rngs(1))
+  dec = Decoder(lm, batch_size=B, bos_id=BOS)
+  gen = dec.generate([np.array(PROMPTS[0]), np.array(PROMPTS[3])], max_new_tokens=5)
+  for p, toks in zip([PROMPTS[0], PROMPTS[3]], gen.tokens):
+    assert list(toks) == _reference_greedy(lm, None, p, 5)
+
+
+def test_decode_step_flops_equal_baseline(scone, table):
+  lm, stores = scone
+  cfg = _cfg(0)
+  base = SconeLM(cfg.model, cfg.fgram_model, fgram_max_len=K, vocab_size=V, rngs=nnx.Rngs(1))
+  f_scone = compat.cost_flops(
+      Decoder(lm, stores['bfloat16'], table, batch_size=B).compiled_decode_step())
+  f_base = compat.cost_flops(Decoder(base, batch_size=B).compiled_decode_step())
+  assert f_base > 0
+  assert abs(f_scone - f_base) <= 0.01 * f_base, (f_scone, f_base)
+
+
+def test_eos_stops_rows_and_sampling_is_seeded(scone, table):
+  lm, stores = scone
+  dec = Decoder(lm, stores['float32'], table, batch_size=B, bos_id=BOS)
+  prompts = [np.array(PROMPTS[0]), np.array(PROMPTS[1])]
+  greedy = dec.generate(prompts, 6)
+  eos = int(greedy.tokens[0][2])
+  stopped = dec.generate(prompts, 6, eos_id=eos)
+  first = list(greedy.tokens[0]).index(eos)
+  assert list(stopped.tokens[0]) == list(greedy.tokens[0][:first + 1])
+  s = Sampling(temperature=1.0, top_k=5, top_p=0.9)
+  a, b = dec.generate(prompts, 6, s, seed=3), dec.generate(prompts, 6, s, seed=3)
+  assert all((x == y).all() for x, y in zip(a.tokens, b.tokens))
+
+
+def test_sampling_filters_match_numpy_reference():
+  # 400 rows of the same distribution: each row is an independent draw.
+  logits = np.log(np.tile(np.array([[0.5, 0.2, 0.15, 0.1, 0.05]], np.float32), (400, 1)))
+
+  def draws(s):
+    return set(np.asarray(sample(logits, jax.random.key(0), s)).tolist())
+  assert draws(Sampling()) == {0}
+  assert draws(Sampling(1.0, top_k=2)) == {0, 1}
+  # Nucleus 0.8: 0.5 + 0.2 + 0.15 = 0.85 is the first prefix reaching 0.8.
+  assert draws(Sampling(1.0, top_p=0.8)) == {0, 1, 2}
+  assert draws(Sampling(1.0)) == {0, 1, 2, 3, 4}
+  with pytest.raises(ValueError, match='top_p'):
+    Sampling(1.0, top_p=0.0)
+
+
+def test_bad_prompts_are_clear_errors(scone, table):
+  lm, stores = scone
+  dec = Decoder(lm, stores['float32'], table, batch_size=2, bos_id=BOS)
+  with pytest.raises(ValueError, match='prompt 1 is empty'):
+    dec.generate([np.array([5]), np.array([], np.int32)], 4)
+  with pytest.raises(ValueError, match='exceeds the context of 48'):
+    dec.generate([np.arange(2, 40)], 10)
+  with pytest.raises(ValueError, match='batch_size=2'):
+    dec.generate([np.array([5])] * 3, 4)
+  with pytest.raises(ValueError, match='rows but the f-gram table has 8'):
+    Decoder(lm, stores['float32'], table.slice(8))
