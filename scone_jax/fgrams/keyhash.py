@@ -23,12 +23,24 @@ class KeyHash:
     values: int64 [C] slot values.
   """
 
-  def __init__(self, keys_M: np.ndarray, values_M: np.ndarray):
-    """Builds the map. M = number of entries; keys must be unique."""
+  def __init__(self, keys_M: np.ndarray, values_M: np.ndarray,
+               priority_M: np.ndarray | None = None):
+    """Builds the map. M = number of entries; keys must be unique.
+
+    Args:
+      keys_M: the keys.
+      values_M: their values.
+      priority_M: optional, e.g. how often each key will be looked up. Where keys compete
+        for a slot the higher priority wins, so frequent keys resolve in one probe.
+    """
     keys_M = np.asarray(keys_M, dtype=np.uint64)
     values_M = np.asarray(values_M, dtype=np.int64)
     if keys_M.shape != values_M.shape or keys_M.ndim != 1:
       raise ValueError(f'keys {keys_M.shape} and values {values_M.shape} must be equal 1-D')
+    if priority_M is not None:
+      # Fancy assignment to a repeated slot keeps the last write: highest priority last.
+      order = np.argsort(priority_M, kind='stable')
+      keys_M, values_M = keys_M[order], values_M[order]
     bits = max(3, int(2 * max(len(keys_M), 1) - 1).bit_length())
     self._shift = np.uint64(64 - bits)
     self._mask = (1 << bits) - 1
@@ -38,7 +50,7 @@ class KeyHash:
     pending = np.arange(len(keys_M))
     slot = self._slot(keys_M)
     # Insert in rounds: every pending key tries its slot; where several land on one free
-    # slot the last write wins and the others probe on with the keys already placed.
+    # slot one write wins (read back) and the others probe on.
     while pending.size:
       s, k = slot[pending], keys_M[pending]
       free = self.keys[s] == EMPTY

@@ -41,7 +41,9 @@ class Matcher:
     for n in range(2, k + 1):
       rows = np.flatnonzero(lengths == n)
       try:
-        self.hashes[n] = KeyHash(_pack(code[rows], tokens[rows, n - 1]), rows)
+        # Frequent rows (low row ids) win slot conflicts: fewer probes on real text.
+        self.hashes[n] = KeyHash(_pack(code[rows], tokens[rows, n - 1]), rows,
+                                 table.counts[rows])
       except ValueError as e:
         raise ValueError('FgramTable rows must be distinct f-grams') from e
       longer = np.flatnonzero(lengths > n)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import os
 import tempfile
 from typing import Any, Iterable
@@ -187,20 +188,25 @@ def _pack(prefix_ids: np.ndarray, last_tokens: np.ndarray) -> np.ndarray:
   return (prefix_ids.astype(np.uint64) << _SHIFT) | last_tokens.astype(np.uint64)
 
 
-def _scan_chunk(corpus: _Corpus, n: int, a: int, b: int, store_prev: _IdStore | None,
-                hash_prev: KeyHash | None, validate: bool):
+def _scan_chunk(corpus: _Corpus, n: int, store_prev: _IdStore | None,
+                hash_prev: KeyHash | None, frequent: np.ndarray | None,
+                span: tuple[int, int]):
   """Scan n over start positions [a, b): returns (ids of kept (n-1)-grams at a..b-1, run).
+
+  For n = 2, `frequent` (bool [V] or None) marks tokens seen >= min_count times: a bigram
+  with a rarer token cannot be kept (Apriori at length 1).
 
   P = positions a..e-1 with e = b+1 (one more, for the suffix of the gram starting at b-1).
   """
+  a, b = span
   num = corpus.num_tokens
   e = min(b + 1, num)
   tokens = np.asarray(corpus.tokens[a:min(b + n - 1, num)], dtype=np.int64)
-  if validate:
-    check_tokens(tokens, f'docs tokens [{a}:{b}]')
   rem_P = corpus.remaining(a, e)
   if n == 2:
     ids_P = tokens[:e - a]  # The "kept 1-grams" are the tokens themselves.
+    if frequent is not None:
+      ids_P = np.where(frequent[ids_P], ids_P, -1)
   else:
     # Id of the kept (n-1)-gram at p = lookup of (id of the kept (n-2)-gram at p, x_{p+n-2}).
     prev_P = tokens[:e - a] if n == 3 else store_prev.read(a, e)
@@ -266,6 +272,46 @@ def mine_fgrams(docs: Iterable[np.ndarray] | Any, max_len: int = 5, size: int = 
                     min_count=min_count)
 
 
+def _ordered(pool: concurrent.futures.Executor, fn, items, workers: int):
+  """pool.map with at most workers + 1 items in flight, so memory stays at a few chunks."""
+  in_flight = collections.deque()
+  for item in items:
+    in_flight.append(pool.submit(fn, item))
+    if len(in_flight) > workers:
+      yield in_flight.popleft().result()
+  while in_flight:
+    yield in_flight.popleft().result()
+
+
+def _check_and_count(corpus: _Corpus, limit: int,
+                     span: tuple[int, int]) -> np.ndarray | None:
+  a, b = span
+  tokens = np.asarray(corpus.tokens[a:b])
+  check_tokens(tokens, f'docs tokens [{a}:{b}]')
+  return np.bincount(tokens) if tokens.size and tokens.max() < limit else None
+
+
+def _frequent_tokens(corpus: _Corpus, spans, pool, workers: int, min_count: int,
+                     budget: int) -> np.ndarray | None:
+  """Validates every token; bool [V] of tokens occurring >= min_count times.
+
+  None when the vocabulary is too large for a dense count within the budget (then scan 2
+  simply counts every bigram).
+  """
+  limit = max(budget // 64, 1 << 16)
+  total = np.zeros(0, np.int64)
+  dense = True
+  count = functools.partial(_check_and_count, corpus, limit)
+  for counts in _ordered(pool, count, spans, workers):
+    if counts is None:
+      dense = False
+    elif dense:
+      if counts.size > total.size:
+        total = np.pad(total, (0, counts.size - total.size))
+      total[:counts.size] += counts
+  return total >= min_count if dense else None
+
+
 def _mine_levels(corpus: _Corpus, max_len: int, min_count: int, budget: int, workers: int,
                  progress: bool, chunk_tokens: int, tmp: str):
   """Runs scans n = 2..K; returns [(kept keys ascending, counts)] for n = 2..K."""
@@ -274,6 +320,7 @@ def _mine_levels(corpus: _Corpus, max_len: int, min_count: int, budget: int, wor
   ids_in_memory = num * 8 <= budget // 4
   levels, hash_prev, store_prev = [], None, None
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    frequent = _frequent_tokens(corpus, spans, pool, workers, min_count, budget)
     for n in range(2, max_len + 1):
       merger = spill.RunMerger(budget // 2, tmp, min_count, tag=f'n{n}')
       # Ids of the kept (n-1)-grams are computed in this scan and read back by the next.
@@ -283,25 +330,13 @@ def _mine_levels(corpus: _Corpus, max_len: int, min_count: int, budget: int, wor
                          len(hash_prev))
       bar = tqdm.tqdm(total=num, unit='tok', unit_scale=True, desc=f'f-grams n={n}',
                       disable=not progress, leave=False)
-      in_flight = collections.deque()
-
-      def collect():
-        a_done, b_done, future = in_flight.popleft()
-        ids, run = future.result()
+      # Chunks are collected in order, so the id store is written sequentially.
+      scan = functools.partial(_scan_chunk, corpus, n, store_prev, hash_prev, frequent)
+      for (a, b), (ids, run) in zip(spans, _ordered(pool, scan, spans, workers)):
         if store is not None:
-          store.write(a_done, ids)
+          store.write(a, ids)
         merger.add(*run)
-        bar.update(b_done - a_done)
-
-      # Chunks finish in order (the id store is written sequentially) with at most
-      # workers + 1 in flight, so memory stays at a few chunks.
-      for a, b in spans:
-        in_flight.append((a, b, pool.submit(_scan_chunk, corpus, n, a, b, store_prev,
-                                            hash_prev, n == 2)))
-        if len(in_flight) > workers:
-          collect()
-      while in_flight:
-        collect()
+        bar.update(b - a)
       bar.close()
       if store_prev is not None:
         store_prev.close()
@@ -310,7 +345,8 @@ def _mine_levels(corpus: _Corpus, max_len: int, min_count: int, budget: int, wor
       levels.append((keys, counts))
       if keys.size == 0:
         break  # Apriori: no longer gram can be kept either.
-      hash_prev = KeyHash(keys, np.arange(keys.size)) if n < max_len else None
+      # Frequent keys get their home slot: most lookups then take one probe.
+      hash_prev = KeyHash(keys, np.arange(keys.size), counts) if n < max_len else None
   if store_prev is not None:
     store_prev.close()
   return levels

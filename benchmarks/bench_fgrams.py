@@ -1,0 +1,208 @@
+"""F-gram benchmark: mining and matching throughput vs plain-Python baselines.
+
+Usage:
+  .venv/bin/python benchmarks/bench_fgrams.py            # 5M-token mining + matching
+  .venv/bin/python benchmarks/bench_fgrams.py --big      # also 50M tokens under 1 GiB
+
+Corpus: real text made without network, the source files of Python's standard library
+(code, comments and docstrings), one document per blank-line-separated paragraph,
+tokenised deterministically as regex words/punctuation -> ids by first occurrence.
+--big concatenates copies of it, each with its vocabulary shifted to fresh ids, so the
+number of distinct n-grams grows with the corpus (harsher than more real text would be).
+
+Every measurement runs in a fresh subprocess so peak RSS (ru_maxrss) is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_WORD = re.compile(rb'[A-Za-z_]+|\d+|[^\sA-Za-z_\d]')
+
+
+def _stdlib_paragraphs():
+  root = sysconfig.get_paths()['stdlib']
+  for dirpath, dirnames, filenames in os.walk(root):  # Sorted in place: deterministic.
+    dirnames[:] = sorted(d for d in dirnames if d not in ('site-packages', 'test', 'tests'))
+    for name in sorted(filenames):
+      if name.endswith('.py'):
+        with open(os.path.join(dirpath, name), 'rb') as f:
+          yield from f.read().split(b'\n\n')
+
+
+def build_corpus(directory: str, num_tokens: int) -> dict:
+  """Writes tokens.npy (int32) and offsets.npy (int64 [D+1]) of >= num_tokens tokens."""
+  vocab: dict[bytes, int] = {}
+  docs, total = [], 0
+  for para in _stdlib_paragraphs():
+    ids = [vocab.setdefault(w, len(vocab)) for w in _WORD.findall(para)]
+    if ids:
+      docs.append(np.array(ids, np.int32))
+      total += len(ids)
+      if total >= num_tokens:
+        break
+  base = np.concatenate(docs)
+  base_offsets = np.cumsum([0] + [len(d) for d in docs])
+  copies = -(-num_tokens // total)
+  tokens = np.concatenate([base + c * len(vocab) for c in range(copies)])
+  offsets = np.concatenate([[0]] + [base_offsets[1:] + c * total for c in range(copies)])
+  np.save(os.path.join(directory, 'tokens.npy'), tokens)
+  np.save(os.path.join(directory, 'offsets.npy'), offsets.astype(np.int64))
+  return dict(num_tokens=len(tokens), num_docs=len(offsets) - 1, vocab=len(vocab) * copies,
+              base_tokens=total, copies=copies)
+
+
+class _Shards:
+  """Flat corpus view (like TokenShards) over the first `limit` tokens, at a doc boundary."""
+
+  def __init__(self, directory: str, limit: int):
+    tokens = np.load(os.path.join(directory, 'tokens.npy'), mmap_mode='r')
+    offsets = np.load(os.path.join(directory, 'offsets.npy'))
+    self.offsets = offsets[:np.searchsorted(offsets, limit, 'right')]
+    self.tokens = tokens[:self.offsets[-1]]
+
+  def __iter__(self):
+    for a, b in zip(self.offsets[:-1], self.offsets[1:]):
+      yield self.tokens[a:b]
+
+
+def counter_slices(docs, max_len, size, min_count):
+  """The plain Python miner: tuple slices into a Counter, filter, sort."""
+  counter = collections.Counter()
+  for doc in docs:
+    doc = doc.tolist()
+    for n in range(2, max_len + 1):
+      counter.update(tuple(doc[i:i + n]) for i in range(len(doc) - n + 1))
+  kept = [(g, c) for g, c in counter.items() if c >= min_count]
+  kept.sort(key=lambda gc: (-gc[1], len(gc[0]), gc[0]))
+  return kept[:size]
+
+
+def counter_zip(docs, max_len, size, min_count):
+  """The fastest Counter idiom: Counter.update over zip of shifted lists."""
+  counter = collections.Counter()
+  for doc in docs:
+    doc = doc.tolist()
+    for n in range(2, max_len + 1):
+      counter.update(zip(*[doc[i:] for i in range(n)]))
+  kept = [(g, c) for g, c in counter.items() if c >= min_count]
+  kept.sort(key=lambda gc: (-gc[1], len(gc[0]), gc[0]))
+  return kept[:size]
+
+
+def _job(spec: dict) -> dict:
+  """Runs one measurement in this (fresh) process."""
+  from scone_jax.fgrams import IncrementalMatcher, mine_fgrams  # pylint: disable=g-import-not-at-top
+  shards = _Shards(spec['dir'], spec['tokens'])
+  num = int(shards.offsets[-1])
+  kind = spec['kind']
+  start = time.perf_counter()
+  out = dict(tokens=num)
+  if kind in ('counter_slices', 'counter_zip'):
+    kept = globals()[kind](shards, 5, spec['size'], spec['min_count'])
+    out['rows'] = len(kept)
+  elif kind == 'mine':
+    table = mine_fgrams(shards, max_len=5, size=spec['size'], min_count=spec['min_count'],
+                        memory_budget_mb=spec['budget_mb'], workers=spec['workers'],
+                        progress=False)
+    out['rows'] = len(table)
+    out['fingerprint'] = table.fingerprint
+  elif kind == 'match':
+    table = mine_fgrams(shards, max_len=5, size=spec['size'], min_count=spec['min_count'],
+                        progress=False)
+    table.matcher  # Build the hash maps outside the timed loop.
+    b, t = 64, 2048
+    tokens = np.asarray(shards.tokens[:b * t]).reshape(b, t)
+    segments = np.searchsorted(shards.offsets, np.arange(b * t), 'right').reshape(b, t)
+    out['rows'] = len(table)
+    reps = 10
+    start = time.perf_counter()
+    for _ in range(reps):
+      _, lens = table.match(tokens, segments)
+    out['seconds'] = time.perf_counter() - start
+    out['tokens'] = reps * b * t
+    out['matched'] = float((lens > 1).mean())
+    out['mean_len'] = float(lens[lens > 1].mean())
+    matcher = IncrementalMatcher(table, b)
+    start = time.perf_counter()
+    for i in range(t):
+      matcher.push(tokens[:, i])
+    out['incremental_tokens_per_s'] = b * t / (time.perf_counter() - start)
+  if kind != 'match':
+    out['seconds'] = time.perf_counter() - start
+  out['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  return out
+
+
+def run(spec: dict) -> dict:
+  proc = subprocess.run([sys.executable, __file__, '--job', json.dumps(spec)],
+                        capture_output=True, text=True, check=True)
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--tokens', type=int, default=5_000_000)
+  parser.add_argument('--baseline_tokens', type=int, default=1_000_000)
+  parser.add_argument('--big', action='store_true', help='also mine 50M tokens under 1 GiB')
+  parser.add_argument('--job', help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.job:
+    print(json.dumps(_job(json.loads(args.job))))
+    return
+  with tempfile.TemporaryDirectory(prefix='bench_fgrams_') as tmp:
+    info = build_corpus(tmp, 50_000_000 if args.big else args.tokens)
+    print(f'corpus: stdlib .py paragraphs, {info["base_tokens"]:,} tokens per copy, '
+          f'{info["copies"]} cop(y/ies), vocab {info["vocab"]:,}')
+    common = dict(dir=tmp, size=1_000_000, min_count=5)
+    rows = []
+    base = {k: run(dict(common, kind=k, tokens=args.baseline_tokens))
+            for k in ('counter_slices', 'counter_zip')}
+    ours_small = run(dict(common, kind='mine', tokens=args.baseline_tokens, budget_mb=1024,
+                          workers=2))
+    ours = run(dict(common, kind='mine', tokens=args.tokens, budget_mb=1024, workers=2))
+    ours1 = run(dict(common, kind='mine', tokens=args.tokens, budget_mb=1024, workers=1))
+    for name, r in base.items():
+      rows.append((f'{name} K=5 (on {r["tokens"]/1e6:.1f}M tokens, linear extrapolation)',
+                   r, None))
+    rows.append((f'mine_fgrams K=5 2 workers ({ours_small["tokens"]/1e6:.1f}M tokens)',
+                 ours_small, None))
+    rows.append((f'mine_fgrams K=5 1 worker ({ours1["tokens"]/1e6:.1f}M tokens)', ours1, None))
+    rows.append((f'mine_fgrams K=5 2 workers ({ours["tokens"]/1e6:.1f}M tokens)', ours, None))
+    if args.big:
+      big = run(dict(common, kind='mine', tokens=50_000_000, budget_mb=1024, workers=2))
+      rows.append((f'mine_fgrams K=5, {big["tokens"]/1e6:.0f}M tokens, 1 GiB budget', big,
+                   None))
+    slow = base['counter_slices']['tokens'] / base['counter_slices']['seconds']
+    fast = base['counter_zip']['tokens'] / base['counter_zip']['seconds']
+    print(f'\n{"mining (min_count=5, S=1M)":<62} {"tok/s":>11} {"s":>7} {"peak RSS MB":>11} '
+          f'{"x slices":>9} {"x zip":>7}')
+    for name, r, _ in rows:
+      tps = r['tokens'] / r['seconds']
+      print(f'{name:<62} {tps:>11,.0f} {r["seconds"]:>7.1f} {r["peak_rss_mb"]:>11,.0f} '
+            f'{tps / slow:>9.1f} {tps / fast:>7.1f}')
+    match = run(dict(dir=tmp, kind='match', tokens=args.tokens, size=2_000_000, min_count=2))
+    print(f'\nmatching K=5, table of {match["rows"]:,} f-grams (min_count=2), batch 64x2048 '
+          f'real text with segment ids, one core')
+    print(f'  table.match:          {match["tokens"] / match["seconds"]:>13,.0f} tokens/s '
+          f'({match["matched"]:.0%} of tokens matched, mean length {match["mean_len"]:.2f})')
+    print(f'  IncrementalMatcher:   {match["incremental_tokens_per_s"]:>13,.0f} tokens/s '
+          '(batch 64, one push per step)')
+
+
+if __name__ == '__main__':
+  main()
