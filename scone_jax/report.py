@@ -61,17 +61,21 @@ class Run:
 
 
 def accounting(cfg: config_lib.Config) -> dict[str, float]:
-  """Params and FLOPs per token of a config (scone_jax.model.flops), as table columns."""
-  from scone_jax.model import flops  # Deferred: the report itself needs no JAX.
-  vocab = cfg.model.vocab_size or cfg.tokenizer.vocab_size
-  params = flops.param_counts(cfg, vocab)
-  per_token = flops.flops_per_token(cfg, vocab)
+  """Params and FLOPs per token of a config (scone_jax.model.flops), as table columns.
+
+  accel_params is what sits on the accelerator at inference (equal for SCONE and its
+  backbone); offloaded_params is the exported S x d f-gram table; train_flops_af is A_f's
+  training cost amortised per token at the static capacity.
+  """
+  from scone_jax.model import flops  # Deferred: reading results needs no JAX.
+  params = flops.param_counts(cfg)
+  per_token = flops.flops_per_token(cfg)
   return {
-      'accel_params': params.accelerator,
+      'accel_params': params.backbone_total,
       'offloaded_params': params.offloaded,
-      'af_params': params.fgram_model,
+      'af_params': params.fgram_total,
       'train_flops_backbone': per_token.train_backbone,
-      'train_flops_af': per_token.train_fgram_model,
+      'train_flops_af': per_token.train_fgram,
       'infer_flops': per_token.inference,
   }
 
@@ -174,10 +178,13 @@ def groups(runs: Sequence[Run]) -> list[Group]:
 def group_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
   keys = [k for k in varying_keys(runs) if k != SEED_KEY]
   rows = []
-  for g in groups(runs):
+  for g in sorted(groups(runs), key=lambda g: (accounting(g.first.cfg)['accel_params'],
+                                               g.first.cfg.is_scone, g.first.num_fgrams,
+                                               accounting(g.first.cfg)['af_params'])):
     acc = accounting(g.first.cfg)
     rows.append({**{k: g.first.overrides.get(k, '') for k in keys},
-                 'S': g.first.num_fgrams, 'af_params': acc['af_params'],
+                 'S': g.first.num_fgrams, 'accel_params': acc['accel_params'],
+                 'af_params': acc['af_params'],
                  'infer_flops': acc['infer_flops'], 'seeds': f'{g.n}/{len(g.runs)}',
                  'ppl_mean': g.stat(np.mean), 'ppl_std': g.stat(np.std),
                  'ppl_min': g.stat(np.min), 'ppl_max': g.stat(np.max)})
@@ -259,6 +266,11 @@ def _series(gs: Sequence[Group], x_key: str) -> dict[str, list[Group]]:
   return out
 
 
+def _label(g: Group) -> str:
+  """A group's overrides (seed excluded), short keys: 'use_size=1024, num_layers=2'."""
+  return ', '.join(f'{k.split(".")[-1]}={v}' for k, v in g.first.group) or 'base'
+
+
 def _errorbar(ax, gs: Sequence[Group], xs: Sequence[float], label: str, **kw) -> None:
   """Mean over seeds with a min..max bar."""
   mean = np.array([g.stat(np.mean) for g in gs])
@@ -326,7 +338,7 @@ def draw_plots(runs: Sequence[Run], out_dir: str) -> dict[str, str]:
       bs = sorted(baselines, key=infer_flops)
       _errorbar(ax, bs, [infer_flops(g) for g in bs], 'baselines', color='k', linestyle='--')
     for i, g in enumerate(scone):
-      _errorbar(ax, [g], [infer_flops(g)], f'SCONE {g.first.name.rsplit("-", 1)[0]}',
+      _errorbar(ax, [g], [infer_flops(g)], 'SCONE ' + _label(g),
                 color=f'C{i % 7}', linestyle='none')
     ax.set_xscale('log')
     ax.set(title='Perplexity vs inference FLOPs per token', xlabel='inference FLOPs / token',
@@ -341,8 +353,7 @@ def draw_plots(runs: Sequence[Run], out_dir: str) -> dict[str, str]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, g in enumerate(curves):
       steps, losses = _mean_curve([r.curve for r in g.runs if r.curve])
-      label = ', '.join(f'{k.split(".")[-1]}={v}' for k, v in g.first.group) or 'run'
-      ax.plot(steps, losses, color=f'C{i % 10}', label=label,
+      ax.plot(steps, losses, color=f'C{i % 10}', label=_label(g),
               linestyle='-' if g.first.cfg.is_scone else '--')
     ax.set(title='Training loss (mean over seeds)', xlabel='step', ylabel='train loss')
     ax.grid(alpha=0.3)
