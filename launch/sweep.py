@@ -59,8 +59,7 @@ def dry_run(sweep: sweep_spec.Sweep, python: str, out=None) -> None:
     for stage in ('train', 'evaluate'):
       print(sweep_spec.command(sweep, p, python, stage), file=out)
   print(file=out)
-  print(report_lib.markdown_table(
-      [{'run': p.name, **report_lib.accounting(p.cfg)} for p in sweep.points]), file=out)
+  print(report_lib.markdown_table(sweep_spec.accounting_rows(sweep)), file=out)
 
 
 def main(argv):

@@ -265,3 +265,9 @@ def write_point_json(sweep: Sweep, point: Point) -> None:
       'sweep': sweep.name, 'sweep_file': sweep.path, 'base_config': sweep.base_config,
       'name': point.name, 'overrides': point.overrides,
       'launch_overrides': point.launch_overrides, 'config': json.loads(point.cfg.to_json())})
+
+
+def accounting_rows(sweep: Sweep) -> list[dict[str, Any]]:
+  """Per point: accelerator-resident and offloaded params, train/inference FLOPs/token."""
+  from scone_jax import report  # Deferred: loading a sweep needs no accounting.
+  return [{'run': p.name, **report.accounting(p.cfg)} for p in sweep.points]

@@ -192,13 +192,15 @@ def group_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
 
 
 def _fmt(v: Any) -> str:
-  if isinstance(v, float):
-    if math.isnan(v):
-      return '-'
-    return f'{v:.4g}' if abs(v) < 1e5 else f'{v:.3e}'
-  if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 100_000:
-    return f'{v:.3e}'
-  return str(v)
+  """Table cell: big numbers with an SI suffix (419.2M, 2.73G), floats to 4 digits."""
+  if isinstance(v, bool) or not isinstance(v, (int, float)):
+    return str(v)
+  if isinstance(v, float) and math.isnan(v):
+    return '-'
+  for scale, suffix in ((1e12, 'T'), (1e9, 'G'), (1e6, 'M'), (1e3, 'K')):
+    if abs(v) >= 10 * scale or (abs(v) >= scale and suffix != 'K'):
+      return f'{v / scale:.4g}{suffix}'
+  return f'{v:.4g}' if isinstance(v, float) else str(v)
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:

@@ -296,3 +296,59 @@ def test_stages_after_train_take_only_the_workdir(tmp_path):
     assert shlex.split(sweep_spec.command(sweep, point, 'PY', stage)) == [
         'PY', '-m', f'scone_jax.{stage}', f'--workdir={point.workdir}']
   assert '--config.train.seed=2' in sweep_spec.command(sweep, point, 'PY', 'prepare')
+
+
+# The paper's reported param counts: (d_model, layers) -> millions.
+PAPER_GPT2 = {(1024, 6): 128, (1024, 12): 204, (1536, 12): 419, (1536, 24): 759,
+              (1536, 18): 589, (1536, 36): 1099}
+PAPER_OLMO = {(2048, 12): 711, (2048, 18): 1014, (2048, 24): 1316, (2048, 36): 1920}
+
+
+@pytest.mark.parametrize('name,paper', [('backbone_gpt2', PAPER_GPT2),
+                                        ('backbone_olmo', PAPER_OLMO)])
+def test_backbone_dry_run_reproduces_paper_accounting(tmp_path, name, paper):
+  sweep = sweep_spec.load_sweep(os.path.join(REPO, 'experiments', 'sweeps', f'{name}.py'),
+                                str(tmp_path))
+  rows = sweep_spec.accounting_rows(sweep)
+  baseline, scone = {}, []
+  for p, row in zip(sweep.points, rows):
+    key = (p.cfg.model.d_model, p.cfg.model.num_layers)
+    if p.cfg.is_scone:
+      scone.append((key, row))
+      assert row['offloaded_params'] == p.cfg.fgram.size * p.cfg.model.d_model
+      assert row['af_params'] > 0 and row['train_flops_af'] > 0
+    else:
+      baseline[key] = row
+      assert row['offloaded_params'] == row['af_params'] == row['train_flops_af'] == 0
+  assert set(baseline) == set(paper)
+  for key, millions in paper.items():
+    assert baseline[key]['accel_params'] == pytest.approx(millions * 1e6, rel=0.02), key
+  assert scone
+  for key, row in scone:
+    # SCONE costs its backbone's accelerator memory and inference FLOPs, exactly.
+    assert row['infer_flops'] == baseline[key]['infer_flops']
+    assert row['accel_params'] == baseline[key]['accel_params']
+    assert row['train_flops_backbone'] == baseline[key]['train_flops_backbone']
+
+
+def test_dry_run_cli_prints_commands_and_table(tmp_path):
+  out = subprocess.run(
+      [sys.executable, 'launch/sweep.py', '--sweep=experiments/sweeps/backbone_gpt2.py',
+       f'--root={tmp_path}', '--dry_run'], cwd=REPO, capture_output=True, text=True,
+      check=True).stdout
+  assert out.count('-m scone_jax.train ') == 9 and out.count('-m scone_jax.prepare ') == 1
+  assert '| run | accel_params | offloaded_params | af_params |' in out
+  assert '418.7M' in out and '1.099G' in out  # 419M and 1099M backbones.
+  assert not os.listdir(tmp_path)  # a dry run creates nothing.
+
+
+@pytest.mark.parametrize('name', ['demo', 'demo_micro', 'num_fgrams', 'af_size', 'max_len'])
+def test_shipped_sweeps_validate(tmp_path, name):
+  sweep = sweep_spec.load_sweep(os.path.join(REPO, 'experiments', 'sweeps', f'{name}.py'),
+                                str(tmp_path))
+  assert sum(not p.cfg.is_scone for p in sweep.points) >= 1
+  groups = sweep_backends.prepare_groups(sweep)
+  if name == 'max_len':
+    assert len(groups) == 7  # one table per K; the baseline shares K=5's (the preset's).
+  else:
+    assert len(groups) == 1  # S slices one table: mining happens once.
