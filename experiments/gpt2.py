@@ -51,6 +51,7 @@ def get_config(arg=None):
     c.tokenizer.vocab_size = c.model.vocab_size = 50_257
     c.model.max_seq_len = c.train.seq_len = 1024
     c.model.dtype = 'bfloat16'
+    c.model.remat = 'block'
     c.train.batch_size = 512
     c.train.steps = 152_588  # 80B tokens / (512 x 1024).
     c.train.learning_rate = 2e-4

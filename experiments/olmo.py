@@ -34,6 +34,7 @@ def get_config(arg=None):
   c.tokenizer.vocab_size = 50_280
   c.model.max_seq_len = c.train.seq_len = 2048
   c.model.dtype = 'bfloat16'
+  c.model.remat = 'block'
   c.fgram.max_len = 5
   c.fgram.size = 10_000_000
   c.fgram.min_count = 5

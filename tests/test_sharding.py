@@ -9,7 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from scone_jax import compat
 from scone_jax.model import SconeLM, create_sharded, logical_to_spec, model_shardings
-from tests.test_model import K, V, _scone_batch, tiny_cfg
+from test_model import K, V, _scone_batch, tiny_cfg
 
 
 @pytest.fixture(scope='module')

@@ -196,6 +196,8 @@ class BlockStack(nnx.Module):
       p, carry = xs
       return self._block(p, x, positions_BxT, attend_fn, carry)
 
+    if self.cfg.remat == 'block':
+      body = jax.checkpoint(body)
     return jax.lax.scan(body, x_BxTxD.astype(dtype), (stacked, layer_carries))
 
 
