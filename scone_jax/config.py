@@ -95,6 +95,9 @@ class ModelConfig:
   param_dtype: Literal['float32', 'bfloat16'] = 'float32'
   rope_theta: float = 10000.0
   init_std: float = 0.02
+  # Activation memory: 'none' keeps every block's activations for the backward pass;
+  # 'block' recomputes each block in the backward (jax.checkpoint), for large models.
+  remat: Literal['none', 'block'] = 'none'
 
 
 @dataclasses.dataclass(frozen=True)
