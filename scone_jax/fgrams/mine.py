@@ -210,7 +210,11 @@ def _scan_chunk(corpus: _Corpus, n: int, store_prev: _IdStore | None,
   else:
     # Id of the kept (n-1)-gram at p = lookup of (id of the kept (n-2)-gram at p, x_{p+n-2}).
     prev_P = tokens[:e - a] if n == 3 else store_prev.read(a, e)
-    ok = np.flatnonzero((prev_P >= 0) & (rem_P >= n - 1))
+    # Apriori again: only a gram whose (n-2)-suffix at p+1 is kept can be kept, so look up
+    # only there (position e-1's suffix is not loaded: look it up regardless).
+    suffix_kept = np.ones(e - a, bool)
+    suffix_kept[:-1] = prev_P[1:] >= 0
+    ok = np.flatnonzero((prev_P >= 0) & suffix_kept & (rem_P >= n - 1))
     ids_P = np.full(e - a, -1, np.int64)
     ids_P[ok] = hash_prev.lookup(_pack(prev_P[ok], tokens[ok + n - 2]))
   # Apriori: the n-gram at p needs kept (n-1)-grams at p (prefix) and p+1 (suffix).
