@@ -221,7 +221,8 @@ class Decoder:
       return self._zero_slab_BxD, self._no_match_B
     ids_B, _ = self._matcher.push(token_B)
     ids_B = np.asarray(ids_B)
-    return jax.device_put(self.store.gather(ids_B)), jax.device_put(ids_B >= 0)
+    # One asynchronous device_put for both arrays (it returns before the copy is done).
+    return jax.device_put((self.store.gather(ids_B), ids_B >= 0))
 
   # -- generation ----------------------------------------------------------------------
 

@@ -1,0 +1,115 @@
+"""Text generation through the host-side f-gram store.
+
+  python -m scone_jax.generate --workdir=W --prompt="def main(" [--max_new_tokens=64
+      --temperature=0.8 --top_k=40 --top_p=0.95 --batch_size=1 --store_tier=ram|disk
+      --seed=0] [--accounting_only]
+
+Restores W's latest checkpoint. SCONE runs read the store written by
+`python -m scone_jax.export --workdir=W`; baseline runs need none. Unset flags take
+config.serve's values from W/config.json. `--accounting_only` prints accelerator-resident
+and offloaded parameters and FLOPs per token instead of generating.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+from absl import app, flags
+
+from scone_jax import artifacts
+from scone_jax.config import Config
+from scone_jax.export import EXPORT_DIR
+from scone_jax.serve import restore
+from scone_jax.serve.accounting import account
+from scone_jax.serve.decode import Decoder, Sampling
+from scone_jax.serve.store import EmbeddingStore
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateResult:
+  texts: list[str]
+  tokens_per_second: float
+  lookup_ms_per_step: float
+
+
+def open_store(cfg: Config, workdir: str, run: restore.Run) -> EmbeddingStore | None:
+  """The run's exported store, checked against its checkpoint, table and tokenizer."""
+  if run.table is None:
+    return None
+  path = os.path.join(workdir, EXPORT_DIR)
+  if not os.path.exists(os.path.join(path, artifacts.MANIFEST)):
+    raise artifacts.ArtifactError(
+        f'{path} holds no exported f-gram store; run `python -m scone_jax.export '
+        f'--workdir={workdir}` first')
+  return EmbeddingStore.open(path, cfg.serve.store_tier, expect={
+      'checkpoint_step': run.step, 'table_fingerprint': run.table.fingerprint,
+      'tokenizer_fingerprint': run.tokenizer.fingerprint}, progress=True)
+
+
+def build_decoder(cfg: Config, workdir: str) -> tuple[restore.Run, Decoder]:
+  run = restore.load_run(cfg, workdir, with_table=True)
+  store = open_store(cfg, workdir, run)
+  return run, Decoder(run.lm, store, run.table, batch_size=cfg.serve.batch_size,
+                      bos_id=run.tokenizer.bos_id)
+
+
+def generate(cfg: Config, workdir: str, prompts: list[str], seed: int = 0) -> GenerateResult:
+  """Generates `cfg.serve.max_new_tokens` tokens after each prompt.
+
+  With fewer prompts than `serve.batch_size` the last prompt fills the remaining rows
+  (their outputs are not returned), so throughput is measured at the requested batch.
+  """
+  if not prompts or not all(p for p in prompts):
+    raise ValueError('give a non-empty --prompt')
+  run, decoder = build_decoder(cfg, workdir)
+  tok = run.tokenizer
+  ids = [np.asarray(x, np.int32) for x in tok.encode(prompts)]
+  batch = ids + [ids[-1]] * (cfg.serve.batch_size - len(ids))
+  s = cfg.serve
+  gen = decoder.generate(batch, s.max_new_tokens, Sampling(s.temperature, s.top_k, s.top_p),
+                         seed=seed, eos_id=tok.eos_id)
+  return GenerateResult(
+      texts=[tok.decode(t.tolist()) for t in gen.tokens[:len(prompts)]],
+      tokens_per_second=gen.tokens_per_second,
+      lookup_ms_per_step=1e3 * gen.lookup_seconds / max(gen.decode_steps, 1))
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  names = ('max_new_tokens', 'temperature', 'top_k', 'top_p', 'batch_size', 'store_tier')
+  overrides = {f'serve.{n}': getattr(f, n) for n in names if getattr(f, n) is not None}
+  if f.prompt and f.batch_size is None:
+    overrides['serve.batch_size'] = max(len(f.prompt), 1)
+  cfg = restore.run_config(f.workdir, overrides)
+  if f.accounting_only:
+    run, decoder = build_decoder(cfg, f.workdir)
+    print(account(cfg, decoder, run.tokenizer.vocab_size).table())
+    return
+  result = generate(cfg, f.workdir, f.prompt, f.seed)
+  for prompt, text in zip(f.prompt, result.texts):
+    print(f'{prompt}{text}')
+  print(f'[{result.tokens_per_second:.1f} tokens/s, host lookup '
+        f'{result.lookup_ms_per_step:.3f} ms/step]')
+
+
+def define_flags() -> None:
+  """The CLI flags; defined only when run as a program, so importing never adds them."""
+  flags.DEFINE_string('workdir', None, 'Training run directory.', required=True)
+  flags.DEFINE_multi_string('prompt', [], 'Prompt text (repeat the flag for a batch).')
+  flags.DEFINE_integer('max_new_tokens', None, 'Tokens to generate (default config.serve).')
+  flags.DEFINE_float('temperature', None, '0 = greedy.')
+  flags.DEFINE_integer('top_k', None, '0 = off.')
+  flags.DEFINE_float('top_p', None, '1.0 = off.')
+  flags.DEFINE_integer('batch_size', None, 'Rows decoded together.')
+  flags.DEFINE_enum('store_tier', None, ['ram', 'disk'], 'Where the f-gram table is read.')
+  flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+  flags.DEFINE_bool('accounting_only', False,
+                    'Print parameter/FLOP accounting of the decode step and exit.')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
