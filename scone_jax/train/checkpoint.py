@@ -13,10 +13,10 @@ mesh shape.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from typing import Any
 
+from absl import logging
 import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp

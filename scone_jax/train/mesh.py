@@ -7,10 +7,10 @@ one table in `scone_jax.model.sharding`.
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Sequence
 
+from absl import logging
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -43,24 +43,31 @@ def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
   return data, fsdp, tensor
 
 
-def make_mesh(mesh_cfg: MeshConfig, global_batch: int | None = None,
-              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """Builds the (data, fsdp, tensor) mesh over `devices` (default: all devices).
-
-  Args:
-    mesh_cfg: the `mesh` config section.
-    global_batch: if given, checked to be divisible by data*fsdp (each batch shard gets
-      whole sequences).
-    devices: the devices to use (tests pass a subset).
-  """
-  devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(mesh_cfg, len(devices))
+def check_mesh(mesh_cfg: MeshConfig, num_devices: int,
+               global_batch: int | None = None) -> tuple[int, int, int]:
+  """The resolved (data, fsdp, tensor) shape; checks it against the devices and the batch
+  (each batch shard must get whole sequences). Cheap: call it before any work."""
+  shape = mesh_shape(mesh_cfg, num_devices)
   data, fsdp, _ = shape
   if global_batch is not None and global_batch % (data * fsdp):
     raise ConfigError(
         f'config.train.batch_size={global_batch} is not divisible by mesh data*fsdp='
         f'{data}*{fsdp}={data * fsdp}; make the batch a multiple of {data * fsdp} or '
         'move devices to config.mesh.tensor')
+  return shape
+
+
+def make_mesh(mesh_cfg: MeshConfig, global_batch: int | None = None,
+              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """Builds the (data, fsdp, tensor) mesh over `devices` (default: all devices).
+
+  Args:
+    mesh_cfg: the `mesh` config section.
+    global_batch: if given, checked to be divisible by data*fsdp.
+    devices: the devices to use (tests pass a subset).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = check_mesh(mesh_cfg, len(devices), global_batch)
   return compat.make_mesh(shape, compat.MESH_AXES, devices=devices)
 
 

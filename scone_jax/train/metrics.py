@@ -18,6 +18,9 @@ from typing import Any, Mapping
 
 import jax
 
+from scone_jax.config import Config
+from scone_jax.model import flops as flops_lib
+
 # Dense bf16 peak FLOP/s per device (= per chip; per TensorCore on TPU v2/v3 where each
 # core is a jax device). Sources: NVIDIA A100/H100/H200 data sheets (SXM, without
 # sparsity); Google Cloud TPU system architecture pages.
@@ -46,6 +49,31 @@ def peak_flops_per_device(device_kind: str, override_tflops: float = 0.0) -> flo
   # Device kinds carry suffixes on some platforms ('NVIDIA H200 NVL'): longest prefix wins.
   matches = [k for k in PEAK_FLOPS if device_kind.startswith(k)]
   return PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+class StepFlops:
+  """Model FLOPs of one train step from `scone_jax.model.flops` (forward + backward).
+
+  `useful(stats)` counts A_f once per DISTINCT f-gram the step's batch actually holds
+  (batch stat `fgram_unique`, per process, so times the process count): the MFU we log.
+  `static()` counts A_f on every capacity row U it runs on, used or not (and once per
+  accumulation microbatch): the hardware's work, logged as `mfu_static`.
+  """
+
+  def __init__(self, cfg: Config, vocab_size: int, num_processes: int = 1):
+    per_token = flops_lib.flops_per_token(cfg, vocab_size)
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    self.backbone = per_token.train_backbone * tokens
+    self.per_fgram = per_token.train_fgram_per_fgram
+    self.static_fgrams = per_token.fgrams_per_token * tokens * cfg.train.grad_accum_steps
+    self.num_processes = num_processes
+
+  def useful(self, batch_stats: Mapping[str, float]) -> float:
+    distinct = batch_stats.get('fgram_unique', 0.0) * self.num_processes
+    return self.backbone + self.per_fgram * distinct
+
+  def static(self) -> float:
+    return self.backbone + self.per_fgram * self.static_fgrams
 
 
 def mfu(model_flops_per_step: float, step_seconds: float, num_devices: int,
@@ -101,7 +129,8 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """The logged records, last one per step (a resumed run may re-log steps), by step."""
+  """The logged records merged per step (train and eval scalars of a step are separate
+  lines; a resumed run may log a step again, the later value wins), sorted by step."""
   path = os.path.join(workdir, 'metrics.jsonl')
   by_step: dict[int, dict[str, Any]] = {}
   if os.path.exists(path):
@@ -109,5 +138,5 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
       for line in f:
         if line.strip():
           record = json.loads(line)
-          by_step[record['step']] = record
+          by_step.setdefault(record['step'], {}).update(record)
   return [by_step[s] for s in sorted(by_step)]

@@ -10,9 +10,9 @@ it lets us state every input and output sharding explicitly.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable
 
+from absl import logging
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from scone_jax.config import Config
+from scone_jax.model import SconeLM, create_sharded
 from scone_jax.train import mesh as mesh_lib
+from scone_jax.train import optimizer as optimizer_lib
 
 Batch = dict[str, Any]
 Metrics = dict[str, jax.Array]
@@ -174,3 +177,22 @@ def log_memory_analysis(compiled) -> dict[str, int]:
   logging.info('train step memory per device: %s',
                ', '.join(f'{k}={v / 2**20:.1f} MiB' for k, v in sizes.items()))
   return sizes
+
+
+def create_train_state(cfg: Config, mesh: jax.sharding.Mesh, vocab_size: int,
+                       fgram_max_len: int
+                       ) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation]:
+  """SconeLM params born sharded (`model.create_sharded`), then the optimizer state.
+
+  Params are float32 by default (cfg.model.param_dtype); the model computes in
+  cfg.model.dtype and returns float32 logits. The init RNG is `train.seed`: the same seed
+  gives the same initial params on any mesh.
+  """
+  def make_model():
+    return SconeLM(cfg.model, cfg.fgram_model, fgram_max_len=fgram_max_len,
+                   vocab_size=vocab_size, rngs=nnx.Rngs(cfg.train.seed))
+
+  model = create_sharded(make_model, mesh)
+  graphdef, params, other = split_model(model)
+  tx = optimizer_lib.make_optimizer(cfg.train)
+  return graphdef, init_state(params, other, tx, mesh), tx

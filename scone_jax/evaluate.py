@@ -1,0 +1,144 @@
+"""Held-out evaluation: token loss, perplexity and bits per byte per eval corpus.
+
+  python -m scone_jax.evaluate --workdir=W
+
+reads W/config.json, restores the latest checkpoint in W/checkpoints and writes W/eval.json
+(atomically). The train loop calls the same `Evaluator` at `train.eval_every` and at the end.
+
+Bits per byte = mean token NLL (nats) x (corpus tokens / corpus UTF-8 bytes) / ln 2. Every
+corpus token is a prediction target exactly once (documents get a BOS prepended), so when
+the whole corpus is evaluated this equals summed NLL / (bytes * ln 2); with
+`train.eval_batches` limiting the batches it is the same estimate on a prefix of the corpus
+(`fraction_evaluated` says how much).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from scone_jax import artifacts, batches
+from scone_jax import config as config_lib
+from scone_jax.train import checkpoint as checkpoint_lib
+from scone_jax.train import mesh as mesh_lib
+from scone_jax.train import rundata
+from scone_jax.train import step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusEval:
+  loss: float  # Mean token cross-entropy (nats).
+  perplexity: float
+  bits_per_byte: float
+  tokens: float  # Target tokens evaluated.
+  fraction_evaluated: float  # tokens / corpus tokens.
+
+
+class Evaluator:
+  """Runs the model's weighted loss over each eval corpus; one jitted step for all."""
+
+  def __init__(self, cfg: config_lib.Config, graphdef: nnx.GraphDef,
+               mesh: jax.sharding.Mesh, data: rundata.RunData):
+    self._cfg = cfg
+    self._mesh = mesh
+    self._data = data
+    self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def loss_sums(params, other, batch):
+      logits_BxTxV = nnx.merge(graphdef, params, other)(batch)
+      return step_lib.cross_entropy_sums(logits_BxTxV, batch['targets_BxT'],
+                                         batch['weights_BxT'])
+    self._loss_sums = jax.jit(loss_sums, out_shardings=self._replicated)
+
+  def __call__(self, params: nnx.State, other: nnx.State) -> dict[str, CorpusEval]:
+    results = {}
+    for name, shards in sorted(self._data.eval_shards.items()):
+      it = batches.make_eval_iterator(
+          self._cfg, shards, self._data.table, jax.process_index(), jax.process_count(),
+          max_batches=self._cfg.train.eval_batches, bos_id=self._data.tokenizer.bos_id)
+      loss_sum, weight_sum = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+      with jax.set_mesh(self._mesh):
+        for local_batch in it:
+          l, w = self._loss_sums(params, other,
+                                 batches.to_global_arrays(local_batch, self._mesh))
+          loss_sum, weight_sum = loss_sum + l, weight_sum + w
+      loss_sum, weight_sum = float(loss_sum), float(weight_sum)
+      results[name] = corpus_metrics(loss_sum, weight_sum, shards.num_tokens,
+                                     shards.num_bytes, name)
+    return results
+
+
+def corpus_metrics(nll_sum: float, tokens: float, corpus_tokens: int, corpus_bytes: int,
+                   name: str = '') -> CorpusEval:
+  if tokens <= 0 or corpus_bytes <= 0:
+    raise ValueError(f'eval corpus {name!r} has no tokens to evaluate ({tokens} tokens, '
+                     f'{corpus_bytes} bytes); give it documents or drop it from '
+                     'config.data.eval_files')
+  loss = nll_sum / tokens
+  return CorpusEval(loss=loss, perplexity=math.exp(min(loss, 700.0)),
+                    bits_per_byte=loss * corpus_tokens / corpus_bytes / math.log(2),
+                    tokens=tokens, fraction_evaluated=tokens / max(corpus_tokens, 1))
+
+
+def eval_record(step: int, results: Mapping[str, CorpusEval]) -> dict[str, Any]:
+  return {'step': int(step),
+          'corpora': {k: dataclasses.asdict(v) for k, v in sorted(results.items())}}
+
+
+def write_eval(workdir: str, step: int, results: Mapping[str, CorpusEval]) -> dict[str, Any]:
+  """Writes W/eval.json (process 0, atomically) and returns the record."""
+  record = eval_record(step, results)
+  if jax.process_index() == 0:
+    artifacts.write_json_atomic(os.path.join(workdir, 'eval.json'), record)
+  return record
+
+
+def read_config(workdir: str) -> config_lib.Config:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: --workdir must be a training run '
+                            '(python -m scone_jax.train ... --workdir=W writes it)')
+  with open(path) as f:
+    return config_lib.from_json(f.read())
+
+
+def evaluate(workdir: str, step: int | None = None) -> dict[str, Any]:
+  """Restores W's checkpoint (latest, or `step`) and writes W/eval.json; returns it."""
+  cfg = read_config(workdir)
+  mesh_lib.maybe_initialize_distributed(cfg.distributed)
+  data = rundata.open_run_data(cfg, workdir, build_missing=False)
+  mesh = mesh_lib.make_mesh(cfg.mesh, cfg.train.batch_size)
+  ckpt = checkpoint_lib.Checkpointer(rundata.checkpoint_dir(workdir), cfg.checkpoint)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'{rundata.checkpoint_dir(workdir)} holds no checkpoint; train '
+                            'first (python -m scone_jax.train --workdir=...)')
+  graphdef, state, _ = step_lib.create_train_state(
+      cfg, mesh, data.vocab_size, cfg.fgram.max_len)
+  state = ckpt.restore(step, state)
+  ckpt.close()
+  results = Evaluator(cfg, graphdef, mesh, data)(state.params, state.other)
+  return write_eval(workdir, step, results)
+
+
+def main(argv):
+  del argv
+  record = evaluate(flags.FLAGS.workdir, flags.FLAGS.step)
+  for name, r in record['corpora'].items():
+    print(f'{name}: loss {r["loss"]:.4f}  ppl {r["perplexity"]:.2f}  '
+          f'bits/byte {r["bits_per_byte"]:.4f}  ({r["tokens"]:.0f} tokens)')
+
+
+if __name__ == '__main__':
+  # Defined here, not at import: the train loop imports this module next to its own flags.
+  flags.DEFINE_string('workdir', None, 'Training run directory.', required=True)
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+  app.run(main)

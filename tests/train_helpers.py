@@ -1,0 +1,127 @@
+"""Shared by the train / resume / multihost / evaluate tests: a micro corpus and config.
+
+The corpus is synthetic, seeded text: documents built from a small set of repeated phrases
+(so frequent f-grams exist) mixed with rarer words. Prepare on it takes well under a
+second; the model is 1 layer, d=32, so the train step compiles in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from scone_jax import config as config_lib
+
+
+def write_corpus(directory: str, num_train_docs: int = 1500, seed: int = 0) -> None:
+  """Writes train.txt and eval.txt (one document per line) if not already there."""
+  if os.path.exists(os.path.join(directory, 'eval.txt')):
+    return
+  os.makedirs(directory, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  common = ('the of and to in is that for it as with was on be by at this from or an are '
+            'have not which but all were one can had there their').split()
+  rare = [f'w{i}' for i in range(300)]
+  phrases = [' '.join(rng.choice(common + rare[:50], size=rng.integers(2, 5)))
+             for _ in range(40)]
+
+  def doc() -> str:
+    return ' '.join(phrases[rng.integers(len(phrases))] if rng.random() < 0.5
+                    else str(rng.choice(rare)) for _ in range(rng.integers(5, 40)))
+  for name, count in (('train.txt', num_train_docs), ('eval.txt', 100)):
+    tmp = os.path.join(directory, name + '.tmp')
+    with open(tmp, 'w') as f:
+      f.write('\n'.join(doc() for _ in range(count)) + '\n')
+    os.replace(tmp, os.path.join(directory, name))
+
+
+def micro_dict(corpus_dir: str, artifacts_dir: str = '', **overrides: Any) -> dict:
+  """The micro run as a plain nested dict (dotted-key overrides applied)."""
+  cd = config_lib.base_config()
+  cd.name = 'micro'
+  cd.data.source = 'files'
+  cd.data.train_files = os.path.join(corpus_dir, 'train.txt')
+  cd.data.eval_files = 'heldout=' + os.path.join(corpus_dir, 'eval.txt')
+  cd.data.artifacts_dir = artifacts_dir
+  cd.tokenizer.vocab_size = 512
+  cd.fgram.size = 2000
+  cd.fgram.min_count = 3
+  cd.model.num_layers = 1
+  cd.model.d_model = 32
+  cd.model.num_heads = 2
+  cd.model.max_seq_len = 32
+  cd.fgram_model.num_layers = 1
+  cd.train.steps = 4
+  cd.train.batch_size = 8
+  cd.train.seq_len = 32
+  cd.train.warmup_steps = 2
+  cd.train.log_every = 1
+  cd.train.eval_batches = 2
+  cd.train.data_prefetch = 0
+  cd.checkpoint.every_steps = 2
+  cd.checkpoint.keep = 5
+  values = cd.to_dict()
+  for dotted, value in overrides.items():
+    node = values
+    *parents, leaf = dotted.split('.')
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise KeyError(dotted)
+    node[leaf] = value
+  return values
+
+
+def micro_config(corpus_dir: str, artifacts_dir: str = '', **overrides: Any):
+  return config_lib.from_configdict(micro_dict(corpus_dir, artifacts_dir, **overrides))
+
+
+def micro_config_file(path: str, corpus_dir: str, artifacts_dir: str = '',
+                      **overrides: Any) -> str:
+  """Writes an experiment file (for the CLIs) returning the micro config; returns path."""
+  values = micro_dict(corpus_dir, artifacts_dir, **overrides)
+  with open(path, 'w') as f:
+    f.write('import ml_collections\n\n\ndef get_config():\n'
+            f'  return ml_collections.ConfigDict({values!r})\n')
+  return path
+
+
+def subprocess_env(num_devices: int) -> dict[str, str]:
+  """Environment for a CLI subprocess: CPU with `num_devices` fake devices, repo on path."""
+  env = dict(os.environ)
+  env['JAX_PLATFORMS'] = 'cpu'
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={num_devices}'
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env['PYTHONPATH'] = repo + os.pathsep + env.get('PYTHONPATH', '')
+  return env
+
+
+def shared_dirs(base_dir: str) -> tuple[str, str]:
+  """(corpus dir, prepared artifacts dir) under a session's base temp dir, built once."""
+  corpus = os.path.join(base_dir, 'micro_corpus')
+  write_corpus(corpus)
+  return corpus, os.path.join(base_dir, 'micro_artifacts')
+
+
+def reference_run(base_dir: str):
+  """An uninterrupted micro run (4 steps, checkpoints at 2 and 4), trained once per session
+  and shared by the test files; returns (config, workdir)."""
+  from scone_jax.train import loop  # Imported here: JAX must see conftest's flags first.
+  corpus, artifacts = shared_dirs(base_dir)
+  cfg = micro_config(corpus, artifacts)
+  workdir = os.path.join(base_dir, 'micro_reference_run')
+  if not os.path.exists(os.path.join(workdir, 'eval.json')):
+    loop.train(cfg, workdir)
+  return cfg, workdir
+
+
+def checkpoint_arrays(workdir: str, step: int) -> dict[str, np.ndarray]:
+  """The saved TrainState of `step` as {path: numpy array}, read without a target."""
+  import jax
+  import orbax.checkpoint as ocp
+  path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  tree = ocp.StandardCheckpointer().restore(path)
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
