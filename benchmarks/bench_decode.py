@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from scone_jax import compat  # noqa: E402
 from scone_jax import config as config_lib  # noqa: E402
 from scone_jax.export.writer import write_store  # noqa: E402
 from scone_jax.fgrams import FgramTable, IncrementalMatcher  # noqa: E402
@@ -172,6 +173,12 @@ def main(argv):
   new_tokens = min(new_tokens, cfg.model.max_seq_len - FLAGS.prompt_len - 1)
   lm = SconeLM(cfg.model, cfg.fgram_model, fgram_max_len=K, vocab_size=vocab,
                rngs=nnx.Rngs(0))
+  for b in (1, 16):
+    f_base = compat.cost_flops(Decoder(lm, batch_size=b).compiled_decode_step())
+    f_scone = compat.cost_flops(
+        Decoder(lm, stores['ram'], table, batch_size=b).compiled_decode_step())
+    print(f'XLA decode-step FLOPs B={b}: baseline {f_base:.4g}, SCONE {f_scone:.4g}, '
+          f'ratio {f_scone / f_base:.4f}')
   print(f'\ndecode tokens/s ({new_tokens} new tokens after {FLAGS.prompt_len}-token prompts)')
   print(f'{"B":>4} {"baseline":>10} {"scone ram":>10} {"ratio":>6} {"scone disk":>10} '
         f'{"ratio":>6}')
