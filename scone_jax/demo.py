@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import shlex
 import sys
 from typing import Sequence
 
@@ -105,7 +106,9 @@ def export_and_generate(sweep: sweep_spec.Sweep, run: report.Run, prompts: Seque
   if os.path.exists(gen_log):
     os.remove(gen_log)
   cmd = sweep_spec.command(sweep, point, python, 'generate')
-  cmd += ''.join(f' --prompt={sweep_spec.shlex.quote(p)}' for p in prompts)
+  # Half the context for new tokens leaves the other half for the (short) prompts.
+  cmd += f' --max_new_tokens={run.cfg.model.max_seq_len // 2} --temperature=0.8 --top_k=40'
+  cmd += ''.join(' ' + shlex.quote(f'--prompt={p}') for p in prompts)
   rc = sweep_backends.shell_runner(cmd, gen_log)
   with open(gen_log) as f:
     text = f.read()
