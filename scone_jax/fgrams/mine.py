@@ -100,14 +100,17 @@ class _Corpus:
     self.tokens, self.offsets = tokens, offsets
     self.num_tokens = int(offsets[-1])
 
-  def remaining(self, a: int, e: int) -> np.ndarray:
-    """For positions a..e-1: tokens left in their document (counting the position)."""
-    offsets = self.offsets
-    d0 = np.searchsorted(offsets, a, 'right') - 1
-    d1 = np.searchsorted(offsets, e - 1, 'right') - 1
-    ends = offsets[d0 + 1:d1 + 2]
-    starts = np.maximum(offsets[d0:d1 + 1], a)
-    return np.repeat(ends, np.minimum(ends, e) - starts) - np.arange(a, e)
+  def breaks(self, a: int, length: int) -> np.ndarray:
+    """bool [length]: position a+j starts a document or lies past the corpus end.
+
+    A gram of m tokens starting at p lies inside one document iff no break is at
+    p+1..p+m-1; scans build that up one length at a time with cheap boolean ANDs.
+    """
+    breaks = np.zeros(length, bool)
+    lo, hi = np.searchsorted(self.offsets, [a + 1, a + length])
+    breaks[self.offsets[lo:hi] - a] = True
+    breaks[max(self.num_tokens - a, 0):] = True
+    return breaks
 
 
 def _as_corpus(docs: Any, tmp_dir: str, budget_bytes: int) -> _Corpus:
@@ -171,11 +174,15 @@ class _IdStore:
       os.pwrite(self._fd, ids.astype(self._dtype).tobytes(), a * self._dtype.itemsize)
 
   def read(self, a: int, e: int) -> np.ndarray:
+    """int64 ids of positions a..e-1; -1 past the corpus end."""
+    out = np.full(e - a, -1, np.int64)
     if self._array is not None:
-      return self._array[a:e].astype(np.int64)
-    size = self._dtype.itemsize
-    return np.frombuffer(os.pread(self._fd, (e - a) * size, a * size),
-                         self._dtype).astype(np.int64)
+      got = self._array[a:e]
+    else:
+      size = self._dtype.itemsize
+      got = np.frombuffer(os.pread(self._fd, (e - a) * size, a * size), self._dtype)
+    out[:got.size] = got
+    return out
 
   def close(self) -> None:
     if self._fd is not None:
@@ -193,37 +200,39 @@ def _scan_chunk(corpus: _Corpus, n: int, store_prev: _IdStore | None,
                 span: tuple[int, int]):
   """Scan n over start positions [a, b): returns (ids of kept (n-1)-grams at a..b-1, run).
 
-  For n = 2, `frequent` (bool [V] or None) marks tokens seen >= min_count times: a bigram
-  with a rarer token cannot be kept (Apriori at length 1).
-
-  P = positions a..e-1 with e = b+1 (one more, for the suffix of the gram starting at b-1).
+  P = positions a..a+L-1 with L = b-a+1: one more than the chunk, for the suffix of the
+  gram starting at b-1. For n = 2, `frequent` (bool [V] or None) marks tokens seen
+  >= min_count times: a bigram with a rarer token cannot be kept (Apriori at length 1).
+  Keys are packed densely over P (contiguous slices, no gathers) and masked afterwards.
   """
   a, b = span
-  num = corpus.num_tokens
-  e = min(b + 1, num)
-  tokens = np.asarray(corpus.tokens[a:min(b + n - 1, num)], dtype=np.int64)
-  rem_P = corpus.remaining(a, e)
+  length = b - a + 1
+  tokens = np.zeros(length + n - 1, np.int64)  # Zeros past the end are masked by breaks.
+  chunk = np.asarray(corpus.tokens[a:min(a + length + n - 1, corpus.num_tokens)])
+  tokens[:chunk.size] = chunk
+  breaks = corpus.breaks(a, length + n - 1)
+  in_doc_P = np.arange(a, a + length) < corpus.num_tokens  # The 1-gram at p exists.
+  for m in range(2, n):
+    in_doc_P &= ~breaks[m - 1:m - 1 + length]
+  # Now in_doc_P marks p whose (n-1)-gram lies in one document.
   if n == 2:
-    ids_P = tokens[:e - a]  # The "kept 1-grams" are the tokens themselves.
+    ids_P = np.where(in_doc_P, tokens[:length], -1)  # The kept 1-grams are the tokens.
     if frequent is not None:
-      ids_P = np.where(frequent[ids_P], ids_P, -1)
+      ids_P = np.where(frequent[tokens[:length]], ids_P, -1)
   else:
     # Id of the kept (n-1)-gram at p = lookup of (id of the kept (n-2)-gram at p, x_{p+n-2}).
-    prev_P = tokens[:e - a] if n == 3 else store_prev.read(a, e)
-    # Apriori again: only a gram whose (n-2)-suffix at p+1 is kept can be kept, so look up
-    # only there (position e-1's suffix is not loaded: look it up regardless).
-    suffix_kept = np.ones(e - a, bool)
-    suffix_kept[:-1] = prev_P[1:] >= 0
-    ok = np.flatnonzero((prev_P >= 0) & suffix_kept & (rem_P >= n - 1))
-    ids_P = np.full(e - a, -1, np.int64)
-    ids_P[ok] = hash_prev.lookup(_pack(prev_P[ok], tokens[ok + n - 2]))
+    prev_P = tokens[:length] if n == 3 else store_prev.read(a, a + length)
+    lookup = in_doc_P & (prev_P >= 0)
+    # Apriori again: a kept (n-1)-gram at p has its (n-2)-suffix at p+1 kept (the last
+    # position's suffix is not loaded: look it up regardless).
+    lookup[:-1] &= prev_P[1:] >= 0
+    keys_P = _pack(prev_P, tokens[n - 2:n - 2 + length])
+    ids_P = np.full(length, -1, np.int64)
+    ids_P[lookup] = hash_prev.lookup(keys_P[lookup])
   # Apriori: the n-gram at p needs kept (n-1)-grams at p (prefix) and p+1 (suffix).
-  starts = np.arange(b - a)
-  suffix_ok = np.zeros(b - a, bool)
-  suffix_ok[:e - a - 1] = ids_P[1:] >= 0
-  cand = starts[(ids_P[:b - a] >= 0) & suffix_ok & (rem_P[:b - a] >= n)]
-  keys = np.sort(_pack(ids_P[cand], tokens[cand + n - 1]))
-  return ids_P[:b - a], spill.count_sorted(keys)
+  cand = (ids_P[:-1] >= 0) & (ids_P[1:] >= 0) & ~breaks[n - 1:n - 1 + length - 1]
+  keys = np.sort(_pack(ids_P[:-1], tokens[n - 1:n - 1 + length - 1])[cand])
+  return ids_P[:-1], spill.count_sorted(keys)
 
 
 def mine_fgrams(docs: Iterable[np.ndarray] | Any, max_len: int = 5, size: int = 100_000,
