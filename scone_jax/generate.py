@@ -48,25 +48,29 @@ def open_store(cfg: Config, workdir: str, run: restore.Run) -> EmbeddingStore | 
       'tokenizer_fingerprint': run.tokenizer.fingerprint}, progress=True)
 
 
-def build_decoder(cfg: Config, workdir: str) -> tuple[restore.Run, Decoder]:
+def build_decoder(cfg: Config, workdir: str,
+                  batch_size: int | None = None) -> tuple[restore.Run, Decoder]:
+  """Restores W's model and store; a decoder of `batch_size` (default serve.batch_size)."""
   run = restore.load_run(cfg, workdir, with_table=True)
   store = open_store(cfg, workdir, run)
-  return run, Decoder(run.lm, store, run.table, batch_size=cfg.serve.batch_size,
+  return run, Decoder(run.lm, store, run.table, batch_size=batch_size or cfg.serve.batch_size,
                       bos_id=run.tokenizer.bos_id)
 
 
 def generate(cfg: Config, workdir: str, prompts: list[str], seed: int = 0) -> GenerateResult:
   """Generates `cfg.serve.max_new_tokens` tokens after each prompt.
 
-  With fewer prompts than `serve.batch_size` the last prompt fills the remaining rows
-  (their outputs are not returned), so throughput is measured at the requested batch.
+  The batch is max(serve.batch_size, number of prompts); with fewer prompts the last one
+  fills the remaining rows (their outputs are not returned), so throughput is measured at
+  the requested batch.
   """
   if not prompts or not all(p for p in prompts):
     raise ValueError('give a non-empty --prompt')
-  run, decoder = build_decoder(cfg, workdir)
+  batch_size = max(cfg.serve.batch_size, len(prompts))
+  run, decoder = build_decoder(cfg, workdir, batch_size)
   tok = run.tokenizer
   ids = [np.asarray(x, np.int32) for x in tok.encode(prompts)]
-  batch = ids + [ids[-1]] * (cfg.serve.batch_size - len(ids))
+  batch = ids + [ids[-1]] * (batch_size - len(ids))
   s = cfg.serve
   gen = decoder.generate(batch, s.max_new_tokens, Sampling(s.temperature, s.top_k, s.top_p),
                          seed=seed, eos_id=tok.eos_id)
@@ -81,8 +85,6 @@ def main(argv):
   f = flags.FLAGS
   names = ('max_new_tokens', 'temperature', 'top_k', 'top_p', 'batch_size', 'store_tier')
   overrides = {f'serve.{n}': getattr(f, n) for n in names if getattr(f, n) is not None}
-  if f.prompt and f.batch_size is None:
-    overrides['serve.batch_size'] = max(len(f.prompt), 1)
   cfg = restore.run_config(f.workdir, overrides)
   if f.accounting_only:
     run, decoder = build_decoder(cfg, f.workdir)

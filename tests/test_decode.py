@@ -200,3 +200,42 @@ def test_bad_prompts_are_clear_errors(scone, table):
     dec.generate([np.array([5])] * 3, 4)
   with pytest.raises(ValueError, match='rows but the f-gram table has 8'):
     Decoder(lm, stores['float32'], table.slice(8))
+
+
+@pytest.mark.slow
+def test_trained_run_export_then_generate(tmp_path):
+  """A briefly trained micro run: export_store + generate, and logits vs training path."""
+  import train_helpers as th  # pylint: disable=g-import-not-at-top
+  from scone_jax import artifacts, generate
+  from scone_jax.export import export_store
+  from scone_jax.serve import restore
+  from scone_jax.train import loop
+
+  th.write_corpus(str(tmp_path / 'corpus'))
+  cfg = th.micro_config(str(tmp_path / 'corpus'), **{'model.max_seq_len': 64,
+                                                     'serve.max_new_tokens': 6})
+  workdir = str(tmp_path / 'run')
+  loop.train(cfg, workdir)
+  with pytest.raises(artifacts.ArtifactError, match='python -m scone_jax.export'):
+    generate.generate(cfg, workdir, ['the of'])
+  export_store(cfg, workdir, progress=False)
+  out = generate.generate(cfg, workdir, ['the of and', 'w1 w2'])
+  assert len(out.texts) == 2 and out.tokens_per_second > 0
+
+  run, dec = generate.build_decoder(restore.run_config(workdir, {'serve.batch_size': 2}),
+                                    workdir)
+  assert dec.store.manifest['checkpoint_step'] == run.step == cfg.train.steps
+  tok = run.tokenizer
+  seqs = [np.asarray(x, np.int32) for x in tok.encode(['the of and to in is that',
+                                                       'for it as with was on be'])]
+  got = dec.teacher_forced_logits([s[:3] for s in seqs], [s[3:7] for s in seqs])
+  graphdef, state = nnx.split(run.lm)
+  for b, s in enumerate(seqs):
+    inputs = np.concatenate([[tok.bos_id], s[:7]])[None].astype(np.int32)
+    batch = {'inputs_BxT': inputs, 'segment_ids_BxT': np.ones_like(inputs),
+             'positions_BxT': np.arange(inputs.shape[1], dtype=np.int32)[None]}
+    batch = tag_fgrams(batch, run.table, capacity=inputs.size)
+    batch = {k: v for k, v in batch.items() if not k.startswith('stats/')}
+    want = np.asarray(nnx.merge(graphdef, state)(batch))[0, :7]
+    # bf16 store (the export default): rows are rounded to 8 mantissa bits.
+    assert np.abs(got[b] - want).max() <= 3e-2 * np.abs(want).max()
