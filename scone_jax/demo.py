@@ -14,9 +14,9 @@ finished points are skipped.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import shlex
+import subprocess
 import sys
 from typing import Sequence
 
@@ -39,21 +39,6 @@ _SET = flags.DEFINE_multi_string('set', [], 'KEY=VALUE override for every point.
 _PROMPTS = flags.DEFINE_multi_string(
     'prompt', ['Return the number of', 'This module provides', 'If the file'],
     'Prompts for the generation step.')
-
-_STAGES = ('prepare', 'train', 'evaluate', 'export', 'generate')
-
-
-def available_stages() -> list[str]:
-  """The pipeline CLIs present in this checkout (`python -m scone_jax.<stage>` runs)."""
-  found = []
-  for stage in _STAGES:
-    spec = importlib.util.find_spec(f'scone_jax.{stage}')
-    if spec is not None and spec.submodule_search_locations is not None:  # a package
-      spec = importlib.util.find_spec(f'scone_jax.{stage}.__main__')
-    if spec is not None:
-      found.append(stage)
-  return found
-
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
@@ -102,36 +87,31 @@ def export_and_generate(sweep: sweep_spec.Sweep, run: report.Run, prompts: Seque
   rc = sweep_backends.shell_runner(sweep_spec.command(sweep, point, python, 'export'), log)
   if rc:
     raise RuntimeError(f'export of {run.name} failed (exit {rc}); see {log}')
-  gen_log = os.path.join(point.workdir, 'generate.txt')
-  if os.path.exists(gen_log):
-    os.remove(gen_log)
   cmd = sweep_spec.command(sweep, point, python, 'generate')
   # Half the context for new tokens leaves the other half for the (short) prompts.
   cmd += f' --max_new_tokens={run.cfg.model.max_seq_len // 2} --temperature=0.8 --top_k=40'
   cmd += ''.join(' ' + shlex.quote(f'--prompt={p}') for p in prompts)
-  rc = sweep_backends.shell_runner(cmd, gen_log)
-  with open(gen_log) as f:
-    text = f.read()
-  if rc:
-    raise RuntimeError(f'generate from {run.name} failed (exit {rc}):\n{text[-2000:]}')
-  return text
+  result = subprocess.run(cmd, shell=True, executable='/bin/bash', capture_output=True,
+                          text=True, check=False)
+  with open(log, 'a') as f:
+    f.write(f'\n$ {cmd}\n{result.stdout}{result.stderr}')
+  if result.returncode:
+    raise RuntimeError(f'generate from {run.name} failed (exit {result.returncode}); see '
+                       f'{log}:\n{result.stderr[-2000:]}')
+  return result.stdout
 
 
 def main(argv):
   del argv
-  stages = available_stages()
   sweep = sweep_spec.load_sweep(_SWEEP.value, _WORKDIR.value,
                                 sweep_spec.parse_set(_SET.value))
-  print(f'demo: sweep {sweep.name}, {len(sweep.points)} points under {sweep.dir}; '
-        f'stages available: {", ".join(stages)}', flush=True)
-  if 'train' not in stages or 'evaluate' not in stages:
-    return _prepare_only(sweep)
+  print(f'demo: sweep {sweep.name}, {len(sweep.points)} points under {sweep.dir}', flush=True)
   outcomes = sweep_backends.run_local(sweep, sys.executable, _PARALLEL.value)
   failed = [o.name for o in outcomes if o.status == 'failed']
   paths = report.write_report(sweep.dir)
   runs = report.collect(sweep.dir)
   best = best_scone_run(runs)
-  if best is not None and {'export', 'generate'} <= set(stages):
+  if best is not None:
     print(f'\nexport + generate from the best SCONE run {best.name}:', flush=True)
     print(export_and_generate(sweep, best, _PROMPTS.value))
   print('\n' + report.markdown_table(report.group_rows(runs)) + '\n')
@@ -142,23 +122,6 @@ def main(argv):
     print('  ' + line)
   if failed:
     sys.exit(f'{len(failed)} point(s) failed: {", ".join(failed)} (logs in their log.txt)')
-
-
-def _prepare_only(sweep: sweep_spec.Sweep) -> None:
-  """While train/evaluate are missing from the checkout: run prepare and summarise it."""
-  if 'prepare' not in available_stages():
-    print('no pipeline stage CLI is in this checkout yet (scone_jax.prepare missing).')
-    return
-  for adir, group in sweep_backends.prepare_groups(sweep).items():
-    point = group[0]
-    log = os.path.join(point.workdir, 'log.txt')
-    os.makedirs(point.workdir, exist_ok=True)
-    rc = sweep_backends.shell_runner(sweep_spec.command(sweep, point, sys.executable,
-                                                        'prepare'), log)
-    with open(log) as f:
-      print(f.read())
-    print(f'prepare {adir}: exit {rc} (log {log})')
-  print('train/evaluate are not in this checkout yet: stopping after prepare.')
 
 
 if __name__ == '__main__':
