@@ -12,6 +12,7 @@ import pytest
 
 from scone_jax import artifacts
 from scone_jax.fgrams import FgramTable, mine_fgrams, spill
+from scone_jax.fgrams.keyhash import count_distinct
 
 
 def reference_mine(docs, max_len, size, min_count):
@@ -182,3 +183,13 @@ def test_bad_corpora(docs, match):
 def test_no_gram_reaches_min_count():
   with pytest.raises(ValueError, match='lower min_count'):
     mine_fgrams([np.arange(10)], min_count=2, progress=False)
+
+
+@hypothesis.settings(max_examples=30, deadline=None)
+@hypothesis.given(keys=st.lists(st.integers(0, 2**63 - 1) | st.integers(0, 20), max_size=300))
+def test_count_distinct_equals_unique(keys):
+  keys = np.array(keys, np.uint64)
+  got_keys, got_counts = count_distinct(keys)
+  want_keys, want_counts = np.unique(keys, return_counts=True)
+  np.testing.assert_array_equal(got_keys, want_keys)
+  np.testing.assert_array_equal(got_counts, want_counts)

@@ -16,13 +16,14 @@ often and are shorter, they rank before it: every table (and every slice of one)
 closed under prefixes and suffixes, which the matcher relies on. A smaller table is the
 prefix of a larger one, so `table.slice(S2)` equals mining again with size=S2.
 
-Exact keys without hashing: scan n represents an n-gram as the uint64
+Exact keys (hash tables here only choose where a full key is stored, never merge two):
+scan n represents an n-gram as the uint64
 `prefix_id * 2**31 + last_token`, where prefix_id is the row of its (n-1)-prefix among the
 kept (n-1)-grams (for n = 2: the first token). Kept n-grams get ids in ascending key order.
-Each chunk of the corpus recomputes, per position, the id of the kept (n-1)-gram starting
-there by a hash lookup of its key, so no per-position array of the whole corpus is held in
-memory (one is streamed through a temp file when the corpus exceeds the budget). Counting
-sorts each chunk's keys into a (key, count) run; runs spill to disk beyond the budget and
+Each scan computes, per position, the id of the kept (n-1)-gram starting there by a hash
+lookup of its key, and hands it to the next scan (in RAM, or streamed through a temp file
+when the corpus exceeds the budget). Counting turns each chunk's keys into a sorted
+(key, count) run (`keyhash.count_distinct`); runs spill to disk beyond the budget and
 are merged by key range (`spill.py`). Token ids must be in [0, 2**31); a corpus may hold
 up to 2**32 tokens.
 """
@@ -40,7 +41,7 @@ import numpy as np
 import tqdm
 
 from scone_jax.fgrams import spill
-from scone_jax.fgrams.keyhash import KeyHash
+from scone_jax.fgrams.keyhash import KeyHash, count_distinct
 from scone_jax.fgrams.table import FgramTable
 
 TOKEN_LIMIT = 1 << 31
@@ -231,8 +232,7 @@ def _scan_chunk(corpus: _Corpus, n: int, store_prev: _IdStore | None,
     ids_P[lookup] = hash_prev.lookup(keys_P[lookup])
   # Apriori: the n-gram at p needs kept (n-1)-grams at p (prefix) and p+1 (suffix).
   cand = (ids_P[:-1] >= 0) & (ids_P[1:] >= 0) & ~breaks[n - 1:n - 1 + length - 1]
-  keys = np.sort(_pack(ids_P[:-1], tokens[n - 1:n - 1 + length - 1])[cand])
-  return ids_P[:-1], spill.count_sorted(keys)
+  return ids_P[:-1], count_distinct(_pack(ids_P[:-1], tokens[n - 1:n - 1 + length - 1])[cand])
 
 
 def mine_fgrams(docs: Iterable[np.ndarray] | Any, max_len: int = 5, size: int = 100_000,

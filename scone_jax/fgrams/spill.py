@@ -17,15 +17,6 @@ import numpy as np
 _MERGE_BYTES_PER_ENTRY = 48
 
 
-def count_sorted(keys_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Run-length counts of an ascending uint64 array: (distinct keys [U], counts [U])."""
-  if keys_N.size == 0:
-    return keys_N, np.zeros(0, np.int64)
-  starts = np.flatnonzero(np.concatenate(([True], keys_N[1:] != keys_N[:-1])))
-  counts = np.diff(np.append(starts, keys_N.size))
-  return keys_N[starts], counts.astype(np.int64)
-
-
 def merge_runs(runs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
   """Sums counts of equal keys over sorted runs; returns one sorted run."""
   runs = [r for r in runs if r[0].size]
