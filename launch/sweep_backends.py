@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import os
 import shlex
 import subprocess
@@ -48,14 +49,49 @@ class Outcome:
   detail: str = ''
 
 
-class Progress:
-  """One line per event with running totals; thread-safe."""
+def _last_step(point: sweep_spec.Point) -> str:
+  """'step 120/300 loss 5.123' from the last line of W/metrics.jsonl ('' if none yet)."""
+  try:
+    with open(os.path.join(point.workdir, 'metrics.jsonl'), 'rb') as f:
+      f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+      lines = f.read().decode(errors='replace').splitlines()
+  except OSError:
+    return ''
+  for line in reversed(lines):
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if 'loss' in rec:
+      return f'step {rec["step"]}/{point.cfg.train.steps} loss {rec["loss"]:.3f}'
+  return ''
 
-  def __init__(self, total: int, out=None):
+
+class Progress:
+  """One line per event with running totals, and a heartbeat listing running points'
+  latest step; thread-safe."""
+
+  def __init__(self, total: int, out=None, heartbeat_s: float = 30.0):
     self.total, self.out, self.start = total, out or sys.stdout, time.time()
     self.counts = {'done': 0, 'skipped': 0, 'failed': 0}
     self.running = 0
+    self.active: dict[str, sweep_spec.Point] = {}
     self.lock = threading.Lock()
+    self._stop = threading.Event()
+    self._heartbeat_s = heartbeat_s
+
+  def __enter__(self):
+    threading.Thread(target=self._beat, daemon=True).start()
+    return self
+
+  def __exit__(self, *exc):
+    self._stop.set()
+
+  def _beat(self):
+    while not self._stop.wait(self._heartbeat_s):
+      with self.lock:
+        for name, point in self.active.items():
+          print(f'    {name}: {_last_step(point) or "starting"}', file=self.out, flush=True)
 
   def event(self, name: str, status: str, detail: str = ''):
     with self.lock:
@@ -114,13 +150,8 @@ def run_local(sweep: sweep_spec.Sweep, python: str = sys.executable, parallel: i
     if rc:
       broken_groups[adir] = f'prepare exited with {rc}; see {log}:\n{_tail(log)}'
 
-  def run_point(p: sweep_spec.Point) -> Outcome:
-    if p.cfg.data.artifacts_dir in broken_groups:
-      progress.event(p.name, 'failed', broken_groups[p.cfg.data.artifacts_dir])
-      return Outcome(p.name, 'failed', detail=broken_groups[p.cfg.data.artifacts_dir])
-    sweep_spec.write_point_json(sweep, p)
+  def _run_stages(p: sweep_spec.Point) -> Outcome:
     log = os.path.join(p.workdir, 'log.txt')
-    progress.event(p.name, 'started')
     start = time.time()
     for stage, cmd in _stage_commands(sweep, p, python):
       if stage == 'evaluate' and sweep_spec.is_finished(p):
@@ -137,7 +168,21 @@ def run_local(sweep: sweep_spec.Sweep, python: str = sys.executable, parallel: i
     progress.event(p.name, 'done')
     return Outcome(p.name, 'done', time.time() - start)
 
-  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+  def run_point(p: sweep_spec.Point) -> Outcome:
+    if p.cfg.data.artifacts_dir in broken_groups:
+      progress.event(p.name, 'failed', broken_groups[p.cfg.data.artifacts_dir])
+      return Outcome(p.name, 'failed', detail=broken_groups[p.cfg.data.artifacts_dir])
+    sweep_spec.write_point_json(sweep, p)
+    progress.event(p.name, 'started')
+    with progress.lock:
+      progress.active[p.name] = p
+    try:
+      return _run_stages(p)
+    finally:
+      with progress.lock:
+        progress.active.pop(p.name)
+
+  with progress, concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
     outcomes += list(pool.map(run_point, todo))
   return outcomes
 

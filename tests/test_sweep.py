@@ -352,3 +352,17 @@ def test_shipped_sweeps_validate(tmp_path, name):
     assert len(groups) == 7  # one table per K; the baseline shares K=5's (the preset's).
   else:
     assert len(groups) == 1  # S slices one table: mining happens once.
+
+
+def test_progress_heartbeat_shows_latest_step(tmp_path, capsys):
+  import time
+  sweep = sweep_spec.load_sweep(write_sweep(tmp_path, [{}]), str(tmp_path))
+  point = sweep.points[0]
+  progress = sweep_backends.Progress(1, heartbeat_s=0.05)
+  os.makedirs(point.workdir)
+  with open(os.path.join(point.workdir, 'metrics.jsonl'), 'w') as f:
+    f.write('{"step": 5, "loss": 4.25}\n{"step": 5, "eval/c/loss": 4.0}\n{"step": 6, "lo')
+  with progress:
+    progress.active[point.name] = point
+    time.sleep(0.3)
+  assert f'{point.name}: step 5/300 loss 4.250' in capsys.readouterr().out
