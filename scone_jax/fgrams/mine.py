@@ -47,8 +47,9 @@ from scone_jax.fgrams.table import FgramTable
 TOKEN_LIMIT = 1 << 31
 _SHIFT = np.uint64(31)
 _LOW_MASK = np.uint64(TOKEN_LIMIT - 1)
-# Working bytes per corpus position in one chunk (tokens, ids, keys, sort copies, masks).
-_CHUNK_BYTES_PER_TOKEN = 96
+# Working bytes per corpus position in one chunk (tokens, ids, keys, masks, lookup and
+# counting tables).
+_CHUNK_BYTES_PER_TOKEN = 160
 
 
 def rank_fgrams(tokens_MxK: np.ndarray, lengths_M: np.ndarray, counts_M: np.ndarray,
@@ -311,7 +312,7 @@ def _frequent_tokens(corpus: _Corpus, spans, pool, workers: int, min_count: int,
   None when the vocabulary is too large for a dense count within the budget (then scan 2
   simply counts every bigram).
   """
-  limit = max(budget // 64, 1 << 16)
+  limit = max(budget // 256, 1 << 16)  # A few dense [V] int64 counts in flight.
   total = np.zeros(0, np.int64)
   dense = True
   count = functools.partial(_check_and_count, corpus, limit)
