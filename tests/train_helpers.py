@@ -109,6 +109,7 @@ def reference_run(base_dir: str):
   """An uninterrupted micro run (4 steps, checkpoints at 2 and 4), trained once per session
   and shared by the test files; returns (config, workdir)."""
   from scone_jax.train import loop  # Imported here: JAX must see conftest's flags first.
+  enable_compile_cache(base_dir)
   corpus, artifacts = shared_dirs(base_dir)
   cfg = micro_config(corpus, artifacts)
   workdir = os.path.join(base_dir, 'micro_reference_run')
@@ -125,3 +126,12 @@ def checkpoint_arrays(workdir: str, step: int) -> dict[str, np.ndarray]:
   tree = ocp.StandardCheckpointer().restore(path)
   return {jax.tree_util.keystr(k): np.asarray(v)
           for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def enable_compile_cache(base_dir: str) -> None:
+  """A persistent XLA cache for this session: the train step of a resumed run (or of the
+  same micro config in another test file) compiles once instead of once per train()."""
+  import jax
+  jax.config.update('jax_compilation_cache_dir', os.path.join(base_dir, 'xla_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
