@@ -250,7 +250,7 @@ def mine_fgrams(docs: Iterable[np.ndarray] | Any, max_len: int = 5, size: int = 
     min_count: the least count of a kept f-gram (>= 1).
     memory_budget_mb: approximate working memory (chunks and count runs; the corpus
       memmap and the output table come on top); beyond it runs spill to `tmp_dir`.
-    workers: threads scanning chunks in parallel (numpy releases the GIL in sorts).
+    workers: threads scanning chunks in parallel (numpy releases the GIL in its loops).
     progress: show a tqdm bar per scan.
     chunk_tokens: corpus positions per chunk; default from the budget.
     tmp_dir: parent of the temp dir for spills; default the system temp dir.
