@@ -98,6 +98,9 @@ class ModelConfig:
   # Activation memory: 'none' keeps every block's activations for the backward pass;
   # 'block' recomputes each block in the backward (jax.checkpoint), for large models.
   remat: Literal['none', 'block'] = 'none'
+  # Backbone training/eval attention: 'einsum' (XLA, any backend) or 'cudnn' (fused flash
+  # attention through jax.nn.dot_product_attention; NVIDIA GPUs, bfloat16 compute only).
+  attention: Literal['einsum', 'cudnn'] = 'einsum'
 
 
 @dataclasses.dataclass(frozen=True)
