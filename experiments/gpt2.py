@@ -14,6 +14,8 @@ Paper settings: vocab 50,257 (GPT-2 tokenizer; here a sentencepiece model of tha
 unless --config.tokenizer.model_file is given), seq 1024, batch 512, AdamW lr 2e-4 with
 cosine decay, weight decay 0.1, 80B tokens (152,588 steps). The paper leaves warmup and the
 final lr unstated: we use 2000 steps and 0.1x.
+On NVIDIA GPUs add --config.model.attention=cudnn (fused flash attention): measured on one
+H200, bf16, fwd+bwd, 1.46x faster for 125m (B16 x T1024) and 0.7b (B8 x T2048, MFU 27% -> 39%).
 """
 
 from scone_jax import config as config_lib

@@ -11,6 +11,8 @@ so the presets use a GELU MLP of width 8192; plus a 50,304 x 2048 tied embedding
 OLMo-1 style: RoPE, non-parametric LayerNorm, no biases. Training: seq 2048, AdamW lr 4e-4,
 betas 0.9/0.95, wd 0.1, warmup 2000, cosine to 0.1x, clip 1.0, bf16 compute, batch 2048 x
 2048 tokens (OLMo-1B's ~4M) for 200B tokens (47,684 steps).
+On NVIDIA GPUs add --config.model.attention=cudnn (fused flash attention): measured on one
+H200, bf16, fwd+bwd, 1.46x faster for 125m (B16 x T1024) and 0.7b (B8 x T2048, MFU 27% -> 39%).
 """
 
 from scone_jax import config as config_lib

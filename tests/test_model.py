@@ -292,3 +292,8 @@ def test_bfloat16_compute_close_to_float32():
   assert out.dtype == jnp.float32  # logits stay float32 for the loss
   # bf16 keeps ~3 significant digits; params are the same fp32 values.
   np.testing.assert_allclose(np.asarray(out), ref, atol=0.02 * np.abs(ref).max())
+
+
+def test_cudnn_attention_needs_bfloat16():
+  with pytest.raises(ValueError, match="dtype='bfloat16'"):
+    make_lm(tiny_cfg('gpt2', af_layers=0, attention='cudnn'))

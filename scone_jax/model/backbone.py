@@ -65,6 +65,9 @@ class Backbone(nnx.Module):
     if vocab_size < 1:
       raise ValueError(f'vocab_size={vocab_size} must be >= 1: pass the tokenizer\'s '
                        'vocab size (or set config.model.vocab_size)')
+    if cfg.attention == 'cudnn' and cfg.dtype != 'bfloat16':
+      raise ValueError("config.model.attention='cudnn' needs config.model.dtype='bfloat16' "
+                       "(cuDNN flash attention has no float32 kernel); or use 'einsum'")
     self.cfg, self.vocab_size = cfg, vocab_size
     self.token_embed = Embed(vocab_size, cfg, rngs)
     pd = jnp.dtype(cfg.param_dtype)
@@ -108,7 +111,7 @@ class Backbone(nnx.Module):
     """
     mask_BxTxT = segment_mask(segment_ids_BxT)
     x_BxTxD = self._add_positions(x_BxTxD, positions_BxT)
-    full = lambda q, k, v, _: (attend(q, k, v, mask_BxTxT), None)
+    full = lambda q, k, v, _: (attend(q, k, v, mask_BxTxT, self.cfg.attention), None)
     x_BxTxD, _ = self.blocks(x_BxTxD, positions_BxT, full)
     return self._logits(x_BxTxD)
 

@@ -82,8 +82,15 @@ def segment_mask(segment_ids_BxT: jax.Array) -> jax.Array:
 
 
 def attend(q_BxTxHxE: jax.Array, k_BxSxHxE: jax.Array, v_BxSxHxE: jax.Array,
-           mask_BxTxS: jax.Array) -> jax.Array:
-  """Softmax attention (float32 logits) under a boolean mask."""
+           mask_BxTxS: jax.Array, implementation: str = 'einsum') -> jax.Array:
+  """Softmax attention (float32 logits) under a boolean mask.
+
+  implementation: 'einsum' (XLA, materialises [B, H, T, S] logits) or 'cudnn' (fused
+  flash attention on NVIDIA GPUs; the mask becomes an additive bias).
+  """
+  if implementation == 'cudnn':
+    return jax.nn.dot_product_attention(q_BxTxHxE, k_BxSxHxE, v_BxSxHxE,
+                                        mask=mask_BxTxS[:, None], implementation='cudnn')
   scale = 1.0 / math.sqrt(q_BxTxHxE.shape[-1])
   logits_BxHxTxS = jnp.einsum('bthe,bshe->bhts', q_BxTxHxE, k_BxSxHxE,
                               preferred_element_type=jnp.float32) * scale
