@@ -101,6 +101,10 @@ class ModelConfig:
   # Backbone training/eval attention: 'einsum' (XLA, any backend) or 'cudnn' (fused flash
   # attention through jax.nn.dot_product_attention; NVIDIA GPUs, bfloat16 compute only).
   attention: Literal['einsum', 'cudnn'] = 'einsum'
+  # 'scan' compiles one block for all layers; 'unrolled' compiles each layer (slower to
+  # compile) and is what XLA's cost analysis needs to count every layer (it counts a scan
+  # body once).
+  layer_loop: Literal['scan', 'unrolled'] = 'scan'
 
 
 @dataclasses.dataclass(frozen=True)
