@@ -146,19 +146,24 @@ def test_inference_flops_close_to_xla_count():
   """The written formula vs XLA's count of the compiled forward (T tokens, context T)."""
   c = tiny('gpt2')
   c.model.d_model, c.model.num_heads, c.model.max_seq_len, c.train.seq_len = 256, 4, 64, 64
-  # XLA's cost analysis counts a scan (while-loop) body once, so compare one layer.
-  c.model.num_layers, c.fgram_model.num_layers = 1, 0
-  cfg = config_lib.from_configdict(c)
-  lm = SconeLM(cfg.model, cfg.fgram_model, 4, 512, nnx.Rngs(0))
-  graphdef, state = nnx.split(lm.backbone)
-  t = cfg.train.seq_len
+  c.model.num_layers, c.fgram_model.num_layers = 3, 0
+  t = c.train.seq_len
 
-  def forward(state, tokens):
-    bb = nnx.merge(graphdef, state)
-    return bb(bb.embed(tokens), jnp.arange(t)[None], jnp.ones((1, t), jnp.int32))
+  def xla_flops(layer_loop):
+    c.model.layer_loop = layer_loop
+    cfg = config_lib.from_configdict(c)
+    lm = SconeLM(cfg.model, cfg.fgram_model, 4, 512, nnx.Rngs(0))
+    graphdef, state = nnx.split(lm.backbone)
 
-  compiled = jax.jit(forward).lower(state, jnp.zeros((1, t), jnp.int32)).compile()
-  xla = compat.cost_flops(compiled)
-  formula = flops_per_token(cfg, vocab_size=512).inference * t
+    def forward(state, tokens):
+      bb = nnx.merge(graphdef, state)
+      return bb(bb.embed(tokens), jnp.arange(t)[None], jnp.ones((1, t), jnp.int32))
+
+    compiled = jax.jit(forward).lower(state, jnp.zeros((1, t), jnp.int32)).compile()
+    return compat.cost_flops(compiled), flops_per_token(cfg, vocab_size=512).inference * t
+
+  xla, formula = xla_flops('unrolled')
   # XLA also counts softmax, norms and elementwise ops; our formula counts matmuls only.
   assert formula <= xla <= 1.05 * formula
+  # A scanned stack is counted once by XLA, whatever its depth.
+  assert xla_flops('scan')[0] < 0.5 * xla

@@ -205,7 +205,8 @@ class BlockStack(nnx.Module):
 
     if self.cfg.remat == 'block':
       body = jax.checkpoint(body)
-    return jax.lax.scan(body, x_BxTxD.astype(dtype), (stacked, layer_carries))
+    return jax.lax.scan(body, x_BxTxD.astype(dtype), (stacked, layer_carries),
+                        unroll=self.cfg.layer_loop == 'unrolled')
 
 
 class FinalNorm(nnx.Module):
