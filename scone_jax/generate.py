@@ -29,7 +29,7 @@ from scone_jax.serve.store import EmbeddingStore
 
 @dataclasses.dataclass(frozen=True)
 class GenerateResult:
-  texts: list[str]
+  texts: list[str]  # Prompt + generated text, one per prompt.
   tokens_per_second: float
   lookup_ms_per_step: float
 
@@ -75,7 +75,8 @@ def generate(cfg: Config, workdir: str, prompts: list[str], seed: int = 0) -> Ge
   gen = decoder.generate(batch, s.max_new_tokens, Sampling(s.temperature, s.top_k, s.top_p),
                          seed=seed, eos_id=tok.eos_id)
   return GenerateResult(
-      texts=[tok.decode(t.tolist()) for t in gen.tokens[:len(prompts)]],
+      # Decoding prompt + continuation together keeps the tokenizer's spacing right.
+      texts=[tok.decode(p.tolist() + t.tolist()) for p, t in zip(ids, gen.tokens)],
       tokens_per_second=gen.tokens_per_second,
       lookup_ms_per_step=1e3 * gen.lookup_seconds / max(gen.decode_steps, 1))
 
@@ -91,8 +92,8 @@ def main(argv):
     print(account(cfg, decoder, run.tokenizer.vocab_size).table())
     return
   result = generate(cfg, f.workdir, f.prompt, f.seed)
-  for prompt, text in zip(f.prompt, result.texts):
-    print(f'{prompt}{text}')
+  for text in result.texts:
+    print(text)
   print(f'[{result.tokens_per_second:.1f} tokens/s, host lookup '
         f'{result.lookup_ms_per_step:.3f} ms/step]')
 

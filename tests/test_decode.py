@@ -137,7 +137,7 @@ def test_greedy_generation_equals_training_path(scone, table):
   gen = dec.generate([np.array(p) for p in prompts], max_new_tokens=6)
   for p, toks in zip(prompts, gen.tokens):
     assert list(toks) == _reference_greedy(lm, table, p, 6)
-  assert gen.decode_steps == 5 and gen.tokens_per_second > 0
+  assert gen.decode_steps == 4 and gen.tokens_per_second > 0  # First step untimed.
 
 
 def test_baseline_generation_is_the_plain_backbone(table):
