@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import train_helpers as th
+from train_helpers import compile_cache  # noqa: F401  (autouse fixture)
 from scone_jax import batches
 from scone_jax import evaluate as evaluate_lib
 from scone_jax.artifacts import ArtifactError

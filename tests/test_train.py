@@ -1,23 +1,23 @@
 """Train step, optimizer, mesh and loop: numpy references, sharding, golden numbers, errors."""
 
-import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import types
 
 import jax
 import numpy as np
-import optax
 import pytest
+from flax import nnx
 
 import train_helpers as th
+from train_helpers import compile_cache  # noqa: F401  (autouse fixture)
 from scone_jax import batches
 from scone_jax import config as config_lib
 from scone_jax.config import ConfigError
 from scone_jax.fgrams import mine_fgrams
+from scone_jax.model import SconeLM
 from scone_jax.train import loop
 from scone_jax.train import mesh as mesh_lib
 from scone_jax.train import optimizer as optimizer_lib
@@ -162,9 +162,112 @@ def test_sharded_mesh_matches_one_device(single_device_run):
     np.testing.assert_allclose(np.asarray(got_p), np.asarray(want_p), atol=2e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_matches_full_batch(single_device_run):
   cfg, local_batches, want, want_state = single_device_run
   cfg_accum = config_lib.replace(cfg, **{'mesh.data': 1, 'train.grad_accum_steps': 2})
   got, state = _run_steps(cfg_accum, local_batches[:1], jax.devices()[:1])
   assert got[0]['loss'] == pytest.approx(want[0]['loss'], rel=1e-6)
   assert got[0]['grad_norm'] == pytest.approx(want[0]['grad_norm'], rel=1e-5)
+
+
+def test_baseline_and_scone_differ_only_in_the_embedding_layer(single_device_run):
+  cfg, local_batches, _, scone_state = single_device_run
+  _, base_batches = _synthetic_setup(num_layers_af=0)
+  # The pipeline adds only the f-gram keys; every baseline key has the same content.
+  assert set(local_batches[0]) - set(base_batches[0]) == {
+      'fgram_slot_BxT', 'fgram_tokens_UxK', 'fgram_lens_U'}
+  for key in base_batches[0]:
+    np.testing.assert_array_equal(base_batches[0][key], local_batches[0][key])
+  # The same parameters except A_f's, with the same shapes (abstract init, no compile).
+  # The step (`make_train_step`) and the loop never look at which model they run: both
+  # runs go through the identical code, exercised for SCONE by every other test here.
+  base_cfg = config_lib.replace(cfg, **{'fgram_model.num_layers': 0})
+  base_model = nnx.eval_shape(lambda: SconeLM(
+      base_cfg.model, base_cfg.fgram_model, fgram_max_len=base_cfg.fgram.max_len,
+      vocab_size=VOCAB, rngs=nnx.Rngs(0)))
+  flat = lambda params: {jax.tree_util.keystr(k): v.shape for k, v in
+                         jax.tree_util.tree_flatten_with_path(params)[0]}
+  scone_params = flat(scone_state.params)
+  base_params = flat(nnx.state(base_model, nnx.Param))
+  extra = set(scone_params) - set(base_params)
+  assert extra and all(k.startswith("['fgram_model']") for k in extra), extra
+  assert {k: scone_params[k] for k in base_params} == base_params
+
+
+# ---------------------------------------------------------------- loop errors
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, tmp_path_factory, monkeypatch):
+  cfg, _ = th.reference_run(str(tmp_path_factory.getbasetemp()))
+  make_iterator = loop.batches.make_train_iterator
+
+  class PoisonThird:
+    def __init__(self, it):
+      self.it, self.n = it, 0
+
+    def __next__(self):
+      batch = dict(next(self.it))
+      self.n += 1
+      if self.n == 3:
+        batch['weights_BxT'] = batch['weights_BxT'] * np.float32('nan')
+      return batch
+
+    def get_state(self):
+      return self.it.get_state()
+
+    def set_state(self, state):
+      self.it.set_state(state)
+  monkeypatch.setattr(loop.batches, 'make_train_iterator',
+                      lambda *a, **k: PoisonThird(make_iterator(*a, **k)))
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(loop.TrainingDivergedError,
+                     match=r'step 3: loss=nan.*last good checkpoint is step 2'):
+    loop.train(cfg, workdir)
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['2']
+
+
+def test_incompatible_workdir_is_refused_and_untouched(tmp_path_factory):
+  cfg, workdir = th.reference_run(str(tmp_path_factory.getbasetemp()))
+  before = {p: open(os.path.join(workdir, p), 'rb').read()
+            for p in ('config.json', 'eval.json', 'metrics.jsonl')}
+  checkpoints = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  changed = config_lib.replace(cfg, **{'model.d_model': 64, 'train.learning_rate': 1e-3})
+  with pytest.raises(ConfigError, match=r'incompatible config \(model.d_model: 32 in the '
+                     r'run, 64 now, train.learning_rate: .*Use a new --workdir'):
+    loop.train(changed, workdir)
+  for p, data in before.items():
+    assert open(os.path.join(workdir, p), 'rb').read() == data
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == checkpoints
+  # Keys that may change on resume are accepted (the run is complete: nothing to train).
+  more_logging = config_lib.replace(cfg, **{'train.log_every': 3,
+                                            'checkpoint.every_steps': 7})
+  result = loop.train(more_logging, workdir)
+  assert (result.status, result.step, result.resumed_from) == ('completed', 4, 4)
+
+
+def test_bad_mesh_or_seq_len_fail_before_writing(tmp_path):
+  cfg = th.micro_config(str(tmp_path / 'corpus'))
+  for overrides, message in (({'mesh.tensor': 3}, r'config.mesh.fsdp\*tensor=1\*3'),
+                             ({'train.batch_size': 12},
+                              r'config.train.batch_size=12 is not divisible by mesh')):
+    workdir = tmp_path / 'run'
+    with pytest.raises(ConfigError, match=message):
+      loop.train(config_lib.replace(cfg, **overrides), str(workdir))
+    assert not (workdir / 'config.json').exists()
+  with pytest.raises(ConfigError, match=r'config.train.seq_len=64 is larger than the '
+                     r'position table config.model.max_seq_len=32'):
+    config_lib.replace(cfg, **{'train.seq_len': 64})
+
+
+def test_cli_rejects_an_unknown_config_key(tmp_path):
+  workdir = tmp_path / 'run'
+  done = subprocess.run(
+      [sys.executable, '-m', 'scone_jax.train', '--config=experiments/tiny.py',
+       f'--workdir={workdir}', '--config.model.num_layerz=3'],
+      env=th.subprocess_env(1), capture_output=True, text=True, timeout=300,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert done.returncode != 0
+  assert 'num_layerz' in done.stderr
+  assert not workdir.exists()

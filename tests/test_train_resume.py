@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import train_helpers as th
+from train_helpers import compile_cache  # noqa: F401  (autouse fixture)
 from scone_jax.train import loop
 from scone_jax.train import metrics as metrics_lib
 

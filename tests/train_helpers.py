@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 import numpy as np
+import pytest
 
 from scone_jax import config as config_lib
 
@@ -109,7 +110,6 @@ def reference_run(base_dir: str):
   """An uninterrupted micro run (4 steps, checkpoints at 2 and 4), trained once per session
   and shared by the test files; returns (config, workdir)."""
   from scone_jax.train import loop  # Imported here: JAX must see conftest's flags first.
-  enable_compile_cache(base_dir)
   corpus, artifacts = shared_dirs(base_dir)
   cfg = micro_config(corpus, artifacts)
   workdir = os.path.join(base_dir, 'micro_reference_run')
@@ -126,6 +126,12 @@ def checkpoint_arrays(workdir: str, step: int) -> dict[str, np.ndarray]:
   tree = ocp.StandardCheckpointer().restore(path)
   return {jax.tree_util.keystr(k): np.asarray(v)
           for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.fixture(autouse=True, scope='module')
+def compile_cache(tmp_path_factory):
+  """Imported by each train test module so the cache is on before its first compile."""
+  enable_compile_cache(str(tmp_path_factory.getbasetemp()))
 
 
 def enable_compile_cache(base_dir: str) -> None:
