@@ -145,13 +145,14 @@ def parse_set(items: list[str]) -> dict[str, Any]:
   return out
 
 
-def run_name(overrides: dict[str, Any]) -> str:
+def run_name(overrides: dict[str, Any], config_fingerprint: str = '') -> str:
   """Stable, filesystem-safe name: 'fgram.use_size=1000,train.seed=1-<hash8>'.
 
   The readable part may be truncated; the hash covers every override (key order does not
-  matter), so two different points never share a name.
+  matter) and the resolved config's fingerprint, so two different points never share a
+  name, and editing the base experiment file gives new runs instead of skipping stale ones.
   """
-  digest = artifacts.fingerprint(sorted(overrides.items()))[:8]
+  digest = artifacts.fingerprint(sorted(overrides.items()), config_fingerprint)[:8]
   readable = ','.join(f'{k}={format_value(v)}' for k, v in sorted(overrides.items()))
   readable = re.sub(r'[^A-Za-z0-9._=,+-]', '_', readable)[:_NAME_MAX_CHARS] or 'base'
   return f'{readable}-{digest}'
@@ -205,7 +206,9 @@ def load_sweep(path: str, root: str, extra_overrides: dict[str, Any] | None = No
     if not cfg.data.artifacts_dir:
       launch['data.artifacts_dir'] = _join(root, 'prepare', prepare_fingerprint(cfg))
       cfg = config_lib.replace(cfg, **{'data.artifacts_dir': launch['data.artifacts_dir']})
-    rname = run_name(overrides)
+    # The artifacts dir follows --root; the run's identity must not.
+    rname = run_name(overrides, artifacts.fingerprint(
+        dataclasses.asdict(config_lib.replace(cfg, **{'data.artifacts_dir': ''}))))
     if rname in seen:
       raise SweepError(f'{path}: points {seen[rname]} and {i} have identical overrides '
                        f'{own}; remove the duplicate')

@@ -34,7 +34,9 @@ import sweep_spec  # noqa: E402
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Root of the demo sweep and its report.')
 _SWEEP = flags.DEFINE_string('sweep', os.path.join(_REPO, 'experiments', 'sweeps', 'demo.py'),
                              'The sweep to run (tests pass a smaller one).')
-_PARALLEL = flags.DEFINE_integer('parallel', 1, 'Points trained at once.')
+_PARALLEL = flags.DEFINE_integer(
+    'parallel', 2, "Points trained at once (2 overlaps one run's Python startup and "
+    "compilation with the other's training on 2 cores).")
 _SET = flags.DEFINE_multi_string('set', [], 'KEY=VALUE override for every point.')
 _PROMPTS = flags.DEFINE_multi_string(
     'prompt', ['Return the number of', 'This module provides', 'If the file'],

@@ -349,7 +349,8 @@ def draw_plots(runs: Sequence[Run], out_dir: str) -> dict[str, str]:
     ax.legend(fontsize=6)
     _save_png(fig, paths['ppl_vs_inference_flops'])
     plt.close(fig)
-  curves = [g for g in groups(runs) if any(r.curve for r in g.runs)]
+  curves = sorted((g for g in groups(runs) if any(r.curve for r in g.runs)),
+                  key=lambda g: (g.first.cfg.is_scone, g.first.num_fgrams, _label(g)))
   if curves:
     paths['training_curves'] = os.path.join(out_dir, 'training_curves.png')
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -30,7 +30,7 @@ def fake_ppl(overrides, corpus):
 
 
 @pytest.fixture
-def sweep_dir(tmp_path):
+def sweep(tmp_path):
   path = tmp_path / 'fake.py'
   path.write_text(f'BASE_CONFIG = {TINY!r}\ndef get_sweep():\n  return {POINTS!r}\n')
   sweep = sweep_spec.load_sweep(str(path), str(tmp_path / 'runs'))
@@ -47,17 +47,24 @@ def sweep_dir(tmp_path):
         f.write(json.dumps({'step': step, 'loss': 5.0 - step / 10 - p.overrides['train.seed'],
                             'lr': 1e-3}) + '\n')
       f.write('{"step": 40, "lo')  # a run killed mid-write
+  return sweep
+
+
+@pytest.fixture
+def sweep_dir(sweep):
   return sweep.dir
 
 
-def test_csv_and_markdown(sweep_dir):
+def test_csv_and_markdown(sweep):
+  sweep_dir = sweep.dir
+  name = {repr(p.overrides): p.name for p in sweep.points}
   paths = report.write_report(sweep_dir)
   with open(paths['csv']) as f:
     rows = list(csv.DictReader(f))
   assert len(rows) == len(POINTS)
   by_run = {r['run']: r for r in rows}
   for p in POINTS[:-1]:
-    row = by_run[sweep_spec.run_name(p)]
+    row = by_run[name[repr(p)]]
     want = (fake_ppl(p, 'a') + fake_ppl(p, 'b')) / 2
     assert float(row['perplexity']) == pytest.approx(want)
     assert float(row['a/perplexity']) == pytest.approx(fake_ppl(p, 'a'))
@@ -65,9 +72,9 @@ def test_csv_and_markdown(sweep_dir):
     assert row['steps'] == '30'
     assert int(row['num_fgrams']) == (0 if p.get('fgram_model.num_layers') == 0
                                       else p['fgram.use_size'])
-  assert by_run[sweep_spec.run_name(POINTS[-1])]['perplexity'] == ''
+  assert by_run[name[repr(POINTS[-1])]]['perplexity'] == ''
   md = open(paths['markdown']).read()
-  assert 'Unfinished runs' in md and sweep_spec.run_name(POINTS[-1]) in md
+  assert 'Unfinished runs' in md and name[repr(POINTS[-1])] in md
   # The grouped row for S=1000: mean/std/min/max over the two seeds.
   ppl = [(fake_ppl(p, 'a') + fake_ppl(p, 'b')) / 2 for p in POINTS if
          p.get('fgram.use_size') == 1000]

@@ -55,6 +55,18 @@ def test_run_names_are_stable_and_distinct():
   assert sweep_spec.run_name({}) == 'base-' + sweep_spec.run_name({})[-8:]
 
 
+def test_names_follow_the_config_not_the_root(tmp_path):
+  path = write_sweep(tmp_path, [{'train.seed': 1}])
+  a = sweep_spec.load_sweep(path, str(tmp_path / 'r1')).points[0].name
+  assert a == sweep_spec.load_sweep(path, 'gs://b/r2').points[0].name
+  # Same overrides on an edited base experiment: a new run, not a stale skip.
+  base = tmp_path / 'base.py'
+  base.write_text(open(TINY).read().replace('c.train.steps = 300', 'c.train.steps = 301'))
+  edited = write_sweep(tmp_path, [{'train.seed': 1}], base=str(base), name='mysweep2')
+  b = sweep_spec.load_sweep(edited, str(tmp_path)).points[0].name
+  assert a.split('-')[0] == b.split('-')[0] and a != b
+
+
 def test_different_data_gets_different_artifacts_dir(tmp_path):
   points = [{'fgram.max_len': 3}, {'fgram.max_len': 4}, {'fgram.max_len': 4, 'train.seed': 1}]
   sweep = sweep_spec.load_sweep(write_sweep(tmp_path, points), str(tmp_path))
