@@ -293,6 +293,11 @@ def validate(cfg: Config) -> Config:
     _positive(cfg, key)
   if cfg.fgram_model.num_layers < 0:
     raise ConfigError('config.fgram_model.num_layers must be >= 0 (0 = baseline, no SCONE)')
+  if model.vocab_size and model.vocab_size < cfg.tokenizer.vocab_size:
+    raise ConfigError(
+        f'config.model.vocab_size={model.vocab_size} is smaller than the tokenizer\'s '
+        f'config.tokenizer.vocab_size={cfg.tokenizer.vocab_size}: token ids past the table '
+        'would embed as garbage; set model.vocab_size >= tokenizer.vocab_size (or 0 = same)')
   if model.d_model % model.num_heads:
     raise ConfigError(f'config.model.d_model={model.d_model} is not divisible by '
                       f'config.model.num_heads={model.num_heads}')
@@ -320,9 +325,23 @@ def from_json(text: str) -> Config:
   return from_configdict(json.loads(text))
 
 
+def _get_dotted(values: dict[str, Any], dotted: str) -> Any:
+  for part in dotted.split('.'):
+    values = values[part]
+  return values
+
+
 def replace(cfg: Config, **overrides: Any) -> Config:
   """Dotted-key overrides on a Config, e.g. replace(cfg, **{'model.num_layers': 4})."""
   values = dataclasses.asdict(cfg)
+  # `cfg` holds family defaults already resolved; re-derive them when what they derive
+  # from changes (unless the override sets them too).
+  derived = {'model.family': ('mlp_activation', 'norm', 'position'), 'model.d_model': ('mlp_dim',)}
+  for key, names in derived.items():
+    if key in overrides and overrides[key] != _get_dotted(values, key):
+      for name in names:
+        if f'model.{name}' not in overrides:
+          values['model'][name] = type(values['model'][name])()
   for dotted, value in overrides.items():
     node = values
     *parents, leaf = dotted.split('.')
