@@ -48,16 +48,22 @@ _REF = flags.DEFINE_string('ref', 'main', 'TPU backend: git ref the workers chec
 _RETRIES = flags.DEFINE_integer('retries', 3, 'TPU backend: retries of a failed point.')
 
 
-def dry_run(sweep: sweep_spec.Sweep, python: str, out=None) -> None:
-  """Prints the commands a local run would execute, then the accounting table."""
+def dry_run(sweep: sweep_spec.Sweep, python: str,
+            tpu: sweep_backends.TpuTarget | None = None, out=None) -> None:
+  """Prints the commands a run would execute, then the accounting table."""
   out = out or sys.stdout
-  for adir, group in sweep_backends.prepare_groups(sweep).items():
-    print(f'# prepare {adir} (shared by {len(group)} point(s))', file=out)
-    print(sweep_spec.command(sweep, group[0], python, 'prepare'), file=out)
-  for p in sweep.points:
-    print(f'# {p.name}', file=out)
-    for stage in ('train', 'evaluate'):
-      print(sweep_spec.command(sweep, p, python, stage), file=out)
+  if tpu is not None:
+    for p in sweep.points:
+      print(f'# {p.name}', file=out)
+      print(sweep_backends.tpu_command(sweep, p, tpu), file=out)
+  else:
+    for adir, group in sweep_backends.prepare_groups(sweep).items():
+      print(f'# prepare {adir} (shared by {len(group)} point(s))', file=out)
+      print(sweep_spec.command(sweep, group[0], python, 'prepare'), file=out)
+    for p in sweep.points:
+      print(f'# {p.name}', file=out)
+      for stage in ('train', 'evaluate'):
+        print(sweep_spec.command(sweep, p, python, stage), file=out)
   print(file=out)
   print(report_lib.markdown_table(sweep_spec.accounting_rows(sweep)), file=out)
 
@@ -65,27 +71,30 @@ def dry_run(sweep: sweep_spec.Sweep, python: str, out=None) -> None:
 def main(argv):
   del argv
   try:
-    sweep = sweep_spec.load_sweep(_SWEEP.value, _ROOT.value, sweep_spec.parse_set(_SET.value), _ONLY.value)
+    sweep = sweep_spec.load_sweep(_SWEEP.value, _ROOT.value,
+                                  sweep_spec.parse_set(_SET.value), _ONLY.value)
   except sweep_spec.SweepError as e:
     sys.exit(f'error: {e}\nnothing was launched.')
   print(f'sweep {sweep.name}: {len(sweep.points)} point(s) under {sweep.dir}')
+  tpu = _tpu_target() if _BACKEND.value == 'tpu' else None
   if _DRY_RUN.value:
-    if _BACKEND.value == 'tpu':
-      for p in sweep.points:
-        print(sweep_backends.tpu_command(sweep, p, _tpu_target()))
-    else:
-      dry_run(sweep, _PYTHON.value)
+    dry_run(sweep, _PYTHON.value, tpu)
     return
-  if _BACKEND.value == 'local':
+  if tpu is None:
     outcomes = sweep_backends.run_local(sweep, _PYTHON.value, _PARALLEL.value)
   else:
-    outcomes = sweep_backends.run_tpu(sweep, _tpu_target(), retries=_RETRIES.value,
+    outcomes = sweep_backends.run_tpu(sweep, tpu, retries=_RETRIES.value,
                                       log_dir=os.path.join('runs', 'tpu_logs'))
   failed = [o for o in outcomes if o.status == 'failed']
   print(f'{len(outcomes) - len(failed)}/{len(outcomes)} point(s) ok'
         + (f'; FAILED: {", ".join(o.name for o in failed)}' if failed else ''))
-  if _REPORT.value and _BACKEND.value == 'local':
-    report_lib.write_report(sweep.dir)
+  if _REPORT.value:
+    if '://' in sweep.dir:
+      print(f'report: copy {sweep.dir} to a local ROOT/{sweep.name} (gcloud storage rsync '
+            f'-r) and run python -m scone_jax.report --sweep={_SWEEP.value} --root=ROOT')
+    else:
+      for name, path in report_lib.write_report(sweep.dir).items():
+        print(f'{name}: {path}')
   if failed:
     sys.exit(1)
 

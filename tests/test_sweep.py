@@ -378,3 +378,27 @@ def test_progress_heartbeat_shows_latest_step(tmp_path, capsys):
     progress.active[point.name] = point
     time.sleep(0.3)
   assert f'{point.name}: step 5/300 loss 4.250' in capsys.readouterr().out
+
+
+def test_tpu_dry_run_cli(tmp_path):
+  out = subprocess.run(
+      [sys.executable, 'launch/sweep.py', '--sweep=experiments/sweeps/af_size.py',
+       '--root=gs://b/runs', '--dry_run', '--backend=tpu', '--tpu_name=pod', '--zone=z',
+       '--repo=https://example.com/x.git'], cwd=REPO, capture_output=True, text=True,
+      check=True).stdout
+  assert out.count('gcloud compute tpus tpu-vm ssh pod') == 5
+  assert out.count('--config.distributed.mode=auto') == 5
+  assert '| run | accel_params |' in out
+  bad = subprocess.run([sys.executable, 'launch/sweep.py', '--sweep=experiments/sweeps/af_size.py',
+                        '--backend=tpu', '--dry_run'], cwd=REPO, capture_output=True, text=True)
+  assert bad.returncode != 0 and '--backend=tpu needs --tpu_name, --zone, --repo' in bad.stderr
+
+
+def test_cli_unknown_key_launches_nothing(tmp_path):
+  path = write_sweep(tmp_path, [{'train.seed': 0}, {'train.sede': 1}])
+  root = tmp_path / 'runs'
+  out = subprocess.run([sys.executable, 'launch/sweep.py', f'--sweep={path}', f'--root={root}'],
+                       cwd=REPO, capture_output=True, text=True)
+  assert out.returncode != 0
+  assert "unknown config key 'train.sede'" in out.stderr and 'nothing was launched' in out.stderr
+  assert not root.exists()
