@@ -160,6 +160,23 @@ def test_decode_step_flops_equal_baseline(scone, table):
   assert abs(f_scone - f_base) <= 0.01 * f_base, (f_scone, f_base)
 
 
+def test_accounting_counts_backbone_on_device_and_table_offloaded(scone, table):
+  from scone_jax.model import flops
+  from scone_jax.serve import account
+  lm, stores = scone
+  cfg = _cfg(1)
+  acc = account(cfg, Decoder(lm, stores['bfloat16'], table, batch_size=B), V)
+  counts = flops.param_counts(cfg, V)
+  assert acc.accelerator_params == acc.analytical_accelerator_params == counts.backbone_total
+  assert acc.fgram_model_params == counts.fgram_total > 0
+  assert acc.offloaded_params == len(table) * 32 and acc.offloaded_bytes == len(table) * 64
+  base = account(_cfg(0), Decoder(lm, batch_size=B), V)
+  assert base.offloaded_params == 0 and base.accelerator_params == acc.accelerator_params
+  f_scone, f_base = acc.xla_flops_per_token, base.xla_flops_per_token
+  assert abs(f_scone - f_base) <= 0.01 * f_base
+  assert 'offloaded f-gram table (ram)' in acc.table()
+
+
 def test_eos_stops_rows_and_sampling_is_seeded(scone, table):
   lm, stores = scone
   dec = Decoder(lm, stores['float32'], table, batch_size=B, bos_id=BOS)

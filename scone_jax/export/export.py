@@ -95,6 +95,8 @@ def export_embeddings(lm: SconeLM, table: Any, out_dir: str, export_cfg: ExportC
 
 def export_store(cfg: Config, workdir: str, progress: bool = True) -> str:
   """Exports W's latest checkpoint's f-gram embeddings to W/export; returns the path."""
+  # Imported here: scone_jax.serve imports this package (the store reads the writer's
+  # format), so a module-level import would be circular.
   from scone_jax.serve import restore  # pylint: disable=g-import-not-at-top
   run = restore.load_run(cfg, workdir, with_table=True)
   out = os.path.join(workdir, EXPORT_DIR)

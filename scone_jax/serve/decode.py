@@ -14,10 +14,14 @@ counts agree).
 Per decode step the host (1) pushes each sequence's new token into an
 `IncrementalMatcher`, which returns the longest f-gram ending there, (2) gathers those
 rows from the `EmbeddingStore`, (3) `device_put`s one [B, D + 1] slab whose last column
-is the match flag (one asynchronous transfer per step, not two) and dispatches the step. The prompt's matching, gather and transfer are issued before the
-prefill is dispatched, and the host's bookkeeping of token t runs while step t+1 runs on
-the device. The store is never indexed inside jit (ENV.md: a pinned_host table indexed
-in jit fails or runs slow host compute).
+is the match flag (one asynchronous transfer per step, not two) and dispatches the step.
+The prompt's matching, gather and transfer are issued before the prefill is dispatched,
+sampled tokens stay on the device as the next step's input, and the host's bookkeeping
+of token t runs while step t+1 runs on the device. Steps (1)-(3) need token t, so they
+sit between two device steps: they are SCONE's whole per-step cost over the baseline
+(~0.1-0.15 ms of matching plus one small transfer; benchmarks/bench_decode.py).
+The store is never indexed inside jit (ENV.md: a pinned_host table indexed in jit fails
+or runs slow host compute).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from scone_jax.fgrams import IncrementalMatcher
 from scone_jax.model import Backbone, KVCache, SconeLM
 from scone_jax.serve.store import EmbeddingStore
 
@@ -165,7 +170,6 @@ class Decoder:
     self._prefill, self._decode = _PREFILL, _DECODE
     self._matcher = None
     if table is not None:
-      from scone_jax.fgrams import IncrementalMatcher  # pylint: disable=g-import-not-at-top
       self._matcher = IncrementalMatcher(table, batch_size)
       self.max_fgram_len = int(table.max_len)
 
