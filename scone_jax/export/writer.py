@@ -135,9 +135,9 @@ def write_store(out_dir: str, num_rows: int, d_model: int, dtype: str, chunk_row
         shard_sha[i] = json.load(f)['sha256']
     else:
       todo.append(i)
-  bar = tqdm.tqdm(total=num_rows, initial=(num_shards - len(todo)) * chunk_rows,
-                  unit='row', desc='export', disable=not progress)
-  bar.n = min(bar.n, num_rows)
+  done_rows = num_rows - sum(min(chunk_rows, num_rows - i * chunk_rows) for i in todo)
+  bar = tqdm.tqdm(total=num_rows, initial=done_rows, unit='row', desc='export',
+                  disable=not progress)
   for i in todo:
     start, stop = i * chunk_rows, min((i + 1) * chunk_rows, num_rows)
     rows_RxD = np.asarray(compute_rows(start, stop))
