@@ -19,6 +19,7 @@ import numpy as np
 from absl import app, flags
 
 from scone_jax import artifacts
+from scone_jax import config as config_lib
 from scone_jax.config import Config
 from scone_jax.export import EXPORT_DIR
 from scone_jax.serve import restore
@@ -88,6 +89,8 @@ def main(argv):
   overrides = {f'serve.{n}': getattr(f, n) for n in names if getattr(f, n) is not None}
   cfg = restore.run_config(f.workdir, overrides)
   if f.accounting_only:
+    # XLA's cost analysis counts a scanned layer body once: unroll so it counts every layer.
+    cfg = config_lib.replace(cfg, **{'model.layer_loop': 'unrolled'})
     run, decoder = build_decoder(cfg, f.workdir)
     print(account(cfg, decoder, run.tokenizer.vocab_size).table())
     return
