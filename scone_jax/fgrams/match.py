@@ -15,6 +15,7 @@ from scone_jax.fgrams.keyhash import KeyHash
 from scone_jax.fgrams.table import FgramTable
 
 _SHIFT = np.uint64(31)
+_TOKEN_LIMIT = 1 << 31
 
 
 def _pack(codes: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -111,11 +112,20 @@ class Matcher:
     return ids_N.reshape(b, t), lens_N.reshape(b, t)
 
 
+# Below this batch size `push` probes the hash maps one key at a time in Python: a numpy
+# call costs microseconds however few its keys, and decode steps are latency-bound.
+SCALAR_MAX_BATCH = 64
+
+
 class IncrementalMatcher:
   """Matching for decoding: one token per sequence per step, equal to `table.match`.
 
   Keeps, per sequence, the rows of the 1..K-1-grams ending at the previous token (for
-  n = 1 the token itself; -1 where none), i.e. the information in its last K-1 tokens.
+  n = 1 the token itself), i.e. the information in its last K-1 tokens. The n-gram ending
+  at the new token x is the (n-1)-gram ending at the previous token extended by x, so
+  level n is one exact lookup of (that row, x), and the first miss ends the chain.
+  Batches up to SCALAR_MAX_BATCH keep that state in Python lists and probe one key at a
+  time (`KeyHash.lookup_one`); larger ones keep a [B, K-1] array and probe vectorised.
   """
 
   def __init__(self, table: FgramTable, batch_size: int):
@@ -124,11 +134,23 @@ class IncrementalMatcher:
     self._matcher = table.matcher
     self._k = table.max_len
     self.batch_size = batch_size
-    self._codes_BxL = np.full((batch_size, self._k - 1), -1, np.int64)  # L = K-1 lengths.
+    self._scalar = batch_size <= SCALAR_MAX_BATCH
+    if self._scalar:
+      # Per sequence: rows of the 1..m-grams ending at the previous token, m <= K-1
+      # (shorter where a level missed).
+      self._history: list[list[int]] = [[] for _ in range(batch_size)]
+      self._lookups = [self._matcher.hashes[n].lookup_one for n in range(2, self._k + 1)]
+    else:
+      self._codes_BxL = np.full((batch_size, self._k - 1), -1, np.int64)  # L = K-1 lengths.
 
   def reset(self, b: int | None = None) -> None:
     """Forgets the history of sequence `b` (or all): call at a document start."""
-    if b is None:
+    if self._scalar:
+      if b is None:
+        self._history = [[] for _ in range(self.batch_size)]
+      else:
+        self._history[b] = []
+    elif b is None:
       self._codes_BxL[:] = -1
     else:
       self._codes_BxL[b] = -1
@@ -139,6 +161,8 @@ class IncrementalMatcher:
     if tokens_B.shape != (self.batch_size,):
       raise ValueError(f'tokens_B must have shape ({self.batch_size},), got '
                        f'{tokens_B.shape}')
+    if self._scalar:
+      return self._push_scalar(tokens_B)
     x_B = _check_tokens(tokens_B, 'tokens_B')
     codes_BxL = self._codes_BxL
     new_BxL = np.full_like(codes_BxL, -1)
@@ -159,3 +183,23 @@ class IncrementalMatcher:
         new_BxL[active, n - 1] = rows
     self._codes_BxL = new_BxL
     return ids_B, lens_B
+
+  def _push_scalar(self, tokens_B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if tokens_B.dtype == bool or not np.issubdtype(tokens_B.dtype, np.integer):
+      raise ValueError(f'tokens_B must be integer token ids, got dtype {tokens_B.dtype}')
+    xs = tokens_B.tolist()
+    if not all(0 <= x < _TOKEN_LIMIT for x in xs):
+      raise ValueError(f'tokens_B holds token ids outside [0, 2**31): {xs}')
+    history, lookups, last = self._history, self._lookups, self._k - 1
+    ids, lens = [-1] * len(xs), [1] * len(xs)
+    for b, x in enumerate(xs):
+      new = [x]
+      for level, code in enumerate(history[b]):  # level = n - 2.
+        row = lookups[level]((code << 31) | x)
+        if row < 0:
+          break
+        ids[b], lens[b] = row, level + 2
+        if level + 1 < last:
+          new.append(row)
+      history[b] = new
+    return np.array(ids, np.int32), np.array(lens, np.int32)
