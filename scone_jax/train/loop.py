@@ -160,29 +160,52 @@ def train(cfg: Config, workdir: str) -> TrainResult:
   if resumed_from is not None:
     state = ckpt.restore(resumed_from, state, data_it)
   step = int(resumed_from or 0)
-  writer = metrics_lib.MetricsWriter(workdir)
-  evaluator = evaluate_lib.Evaluator(cfg, graphdef, mesh, data)
+  run = _Run(cfg, workdir, mesh, data_it, ckpt, metrics_lib.MetricsWriter(workdir),
+             evaluate_lib.Evaluator(cfg, graphdef, mesh, data),
+             metrics_lib.StepFlops(cfg, vocab_size, jax.process_count()))
   result = TrainResult(workdir, step, 'completed', resumed_from, {}, None)
   try:
     with _Preemption() as preemption:
-      _run(cfg, workdir, mesh, graphdef, tx, state, step, data_it, ckpt, writer, evaluator,
-           preemption, result, metrics_lib.StepFlops(cfg, vocab_size, jax.process_count()))
+      step_fn = step_lib.make_train_step(
+          graphdef, tx, optimizer_lib.learning_rate_schedule(cfg.train),
+          cfg.train.grad_accum_steps)
+      _train_steps(run, step_fn, state, step, preemption, result)
   finally:
     ckpt.close()
-    writer.close()
+    run.writer.close()
   return result
 
 
-def _run(cfg, workdir, mesh, graphdef, tx, state, step, data_it, ckpt, writer, evaluator,
-         preemption, result, flops) -> None:
-  """The step loop; fills `result` (split out of `train` so cleanup stays in one place)."""
+@dataclasses.dataclass
+class _Run:
+  """The long-lived pieces of one train() call that the step loop uses."""
+  cfg: Config
+  workdir: str
+  mesh: jax.sharding.Mesh
+  data_it: Any
+  ckpt: checkpoint_lib.Checkpointer
+  writer: metrics_lib.MetricsWriter
+  evaluator: evaluate_lib.Evaluator
+  flops: metrics_lib.StepFlops
+
+  def evaluate(self, step: int, state: step_lib.TrainState) -> dict[str, Any]:
+    record = evaluate_lib.write_eval(self.workdir, step,
+                                     self.evaluator(state.params, state.other))
+    self.writer.write(step, {f'eval/{name}/{k}': v for name, r in record['corpora'].items()
+                             for k, v in r.items()})
+    return record
+
+
+def _train_steps(run: _Run, step_fn, state: step_lib.TrainState, step: int,
+                 preemption: _Preemption, result: TrainResult) -> None:
+  """The step loop from `step` to train.steps; fills `result`."""
+  cfg, mesh, data_it, ckpt, writer, flops = (run.cfg, run.mesh, run.data_it, run.ckpt,
+                                             run.writer, run.flops)
   tc = cfg.train
   if step >= tc.steps:
     logging.info('run already at step %d >= train.steps=%d', step, tc.steps)
-    result.eval = _evaluate(workdir, step, state, evaluator, writer)
+    result.eval = run.evaluate(step, state)
     return
-  step_fn = step_lib.make_train_step(graphdef, tx, optimizer_lib.learning_rate_schedule(tc),
-                                     tc.grad_accum_steps)
   local_batch = next(data_it)
   inputs, stats = batches.split_stats(local_batch)
   global_batch = batches.to_global_arrays(inputs, mesh)
@@ -241,7 +264,7 @@ def _run(cfg, workdir, mesh, graphdef, tx, state, step, data_it, ckpt, writer, e
                        scalars['tokens_per_second'])
           interval_start, interval_step = now, step
         if evaluate:
-          result.eval = _evaluate(workdir, step, state, evaluator, writer)
+          result.eval = run.evaluate(step, state)
           interval_start = time.perf_counter()  # Eval time is not step time.
         if preempt:
           result.status = 'preempted'
@@ -251,10 +274,3 @@ def _run(cfg, workdir, mesh, graphdef, tx, state, step, data_it, ckpt, writer, e
         global_batch = batches.to_global_arrays(inputs, mesh)
   writer.flush()
   result.step = step
-
-
-def _evaluate(workdir, step, state, evaluator, writer) -> dict[str, Any]:
-  record = evaluate_lib.write_eval(workdir, step, evaluator(state.params, state.other))
-  writer.write(step, {f'eval/{name}/{k}': v for name, r in record['corpora'].items()
-                      for k, v in r.items()})
-  return record
