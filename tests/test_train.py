@@ -1,5 +1,6 @@
 """Train step, optimizer, mesh and loop: numpy references, sharding, golden numbers, errors."""
 
+import json
 import math
 import os
 import subprocess
@@ -20,6 +21,7 @@ from scone_jax.fgrams import mine_fgrams
 from scone_jax.model import SconeLM
 from scone_jax.train import loop
 from scone_jax.train import mesh as mesh_lib
+from scone_jax.train import metrics as metrics_lib
 from scone_jax.train import optimizer as optimizer_lib
 from scone_jax.train import step as step_lib
 
@@ -227,6 +229,38 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
                      match=r'step 3: loss=nan.*last good checkpoint is step 2'):
     loop.train(cfg, workdir)
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['2']
+
+
+def test_metrics_jsonl_and_tensorboard(tmp_path_factory):
+  cfg, workdir = th.reference_run(str(tmp_path_factory.getbasetemp()))
+  records = metrics_lib.read_metrics(workdir)
+  assert [r['step'] for r in records] == [1, 2, 3, 4]  # log_every=1.
+  for r in records:
+    for key in ('loss', 'grad_norm', 'lr', 'tokens', 'step_seconds', 'tokens_per_second',
+                'batch/fgram_unique', 'batch/fgram_unique_per_matched',
+                'batch/fgram_overflow_positions', 'batch/fgram_matched_frac'):
+      assert math.isfinite(r[key]), (r['step'], key)
+    assert 'mfu' not in r  # No peak FLOP/s known for CPU and no override given.
+  assert records[-1]['eval/heldout/loss'] > 0
+  assert records[0]['lr'] == pytest.approx(cfg.train.learning_rate / 2)  # Warmup 2.
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(
+      os.path.join(workdir, 'tb')))
+  flops = metrics_lib.StepFlops(cfg, 512)
+  assert flops.useful({'fgram_unique': 10.0}) < flops.static()
+  assert metrics_lib.peak_flops_per_device('NVIDIA H200 NVL') == 989e12
+  assert metrics_lib.peak_flops_per_device('cpu', override_tflops=2.0) == 2e12
+  assert metrics_lib.mfu(1e12, 1.0, 2, 1e12) == 0.5
+
+
+def test_a_run_from_before_a_config_key_existed_resumes(tmp_path_factory, tmp_path):
+  cfg, workdir = th.reference_run(str(tmp_path_factory.getbasetemp()))
+  old = json.load(open(os.path.join(workdir, 'config.json')))
+  del old['train']['peak_tflops']  # As if written before this key was added.
+  run = tmp_path / 'run'
+  run.mkdir()
+  json.dump(old, open(run / 'config.json', 'w'))
+  loop.write_run_config(cfg, str(run))  # No error: the missing key takes its default.
+  assert json.load(open(run / 'config.json'))['train']['peak_tflops'] == 0.0
 
 
 def test_incompatible_workdir_is_refused_and_untouched(tmp_path_factory):

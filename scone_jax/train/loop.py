@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from scone_jax import artifacts, batches
+from scone_jax import config as config_lib
 from scone_jax import evaluate as evaluate_lib
 from scone_jax.config import Config, ConfigError
 from scone_jax.train import checkpoint as checkpoint_lib
@@ -78,6 +79,12 @@ def write_run_config(cfg: Config, workdir: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
+    try:
+      # Resolve through the schema so keys added since the run started compare as their
+      # defaults (a newer checkout can resume an older run).
+      old = json.loads(config_lib.from_configdict(old).to_json())
+    except ConfigError:
+      pass  # A key the schema no longer has: compare raw, which reports it.
     old_flat, new_flat = _flatten(old), _flatten(new)
     diffs = sorted(k for k in set(old_flat) | set(new_flat)
                    if old_flat.get(k, '<missing>') != new_flat.get(k, '<missing>')
