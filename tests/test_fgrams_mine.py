@@ -190,6 +190,11 @@ def test_no_gram_reaches_min_count():
 def test_count_distinct_equals_unique(keys):
   keys = np.array(keys, np.uint64)
   got_keys, got_counts = count_distinct(keys)
-  want_keys, want_counts = np.unique(keys, return_counts=True)
+  want_keys, want_inverse, want_counts = np.unique(keys, return_inverse=True,
+                                                  return_counts=True)
   np.testing.assert_array_equal(got_keys, want_keys)
   np.testing.assert_array_equal(got_counts, want_counts)
+  got_keys, got_counts, got_inverse = count_distinct(keys, return_inverse=True)
+  np.testing.assert_array_equal(got_keys, want_keys)
+  np.testing.assert_array_equal(got_counts, want_counts)
+  np.testing.assert_array_equal(got_inverse, want_inverse.reshape(-1))

@@ -113,17 +113,26 @@ class KeyHash:
     return out
 
 
-def count_distinct(keys_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Distinct uint64 keys (< 2**63) in ascending order with their counts: (keys_U, counts_U).
+def count_distinct(keys_N: np.ndarray, return_inverse: bool = False, sort: bool = True):
+  """Distinct uint64 keys (< 2**63), ascending, with their counts: (keys_U, counts_U).
 
   Equals run-length counting after np.sort, ~1.6x faster on text n-grams: each key is
   placed in an open-addressing table (most resolve in the first round, duplicates land on
   their own key), counted with one bincount, and only the U distinct keys are sorted.
+
+  Args:
+    keys_N: the keys.
+    return_inverse: also return inverse_N (int32, int64 from 2**31 keys), the index of
+      each key in keys_U as np.unique gives it: one more gather, where looking the keys
+      up again would cost a hash probe each.
+    sort: False leaves keys_U in an arbitrary order, skipping the argsort (half the cost
+      on text n-grams) where the caller sorts only what it keeps.
   """
   keys_N = np.asarray(keys_N, dtype=np.uint64)
   num = keys_N.size
   if num == 0:
-    return keys_N, np.zeros(0, np.int64)
+    empty = (keys_N, np.zeros(0, np.int64))
+    return empty + (np.zeros(0, np.int32),) if return_inverse else empty
   bits = max(3, num.bit_length())  # Capacity > N >= U, so probing always ends.
   mask = (1 << bits) - 1
   table = np.full(1 << bits, EMPTY, dtype=np.uint64)
@@ -141,5 +150,10 @@ def count_distinct(keys_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   counts = np.bincount(slot, minlength=table.size)
   occupied = np.flatnonzero(table != EMPTY)
   keys_U = table[occupied]
-  order = np.argsort(keys_U)
-  return keys_U[order], counts[occupied][order]
+  order = np.argsort(keys_U) if sort else slice(None)
+  if not return_inverse:
+    return keys_U[order], counts[occupied][order]
+  # Only occupied slots are read.
+  index_of_slot = np.empty(table.size, np.int32 if num < 1 << 31 else np.int64)
+  index_of_slot[occupied[order]] = np.arange(keys_U.size)
+  return keys_U[order], counts[occupied][order], index_of_slot[slot]

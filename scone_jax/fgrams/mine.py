@@ -19,13 +19,17 @@ prefix of a larger one, so `table.slice(S2)` equals mining again with size=S2.
 Exact keys (hash tables here only choose where a full key is stored, never merge two):
 scan n represents an n-gram as the uint64
 `prefix_id * 2**31 + last_token`, where prefix_id is the row of its (n-1)-prefix among the
-kept (n-1)-grams (for n = 2: the first token). Kept n-grams get ids in ascending key order.
-Each scan computes, per position, the id of the kept (n-1)-gram starting there by a hash
-lookup of its key, and hands it to the next scan (in RAM, or streamed through a temp file
-when the corpus exceeds the budget). Counting turns each chunk's keys into a sorted
-(key, count) run (`keyhash.count_distinct`); runs spill to disk beyond the budget and
-are merged by key range (`spill.py`). Token ids must be in [0, 2**31); a corpus may hold
-up to 2**32 tokens.
+kept (n-1)-grams (for n = 2: the first token). Kept n-grams get ids in ascending key order,
+which is also the lexicographic order of their tokens (by induction over n), so ranking
+needs one stable sort by count. Counting turns each chunk's keys into a sorted
+(key, count) run (`keyhash.count_distinct`) and records, per start position, the index
+of its key in the run; runs spill to disk beyond the budget and are merged by key range
+(`spill.py`). Once scan n's kept keys are known, each chunk's run keys are resolved
+against them (U_chunk hash lookups, far fewer than positions) and the per-position
+indices become ids of the kept n-gram starting there, which scan n+1 reads as its
+prefix ids (kept n-gram at p) and suffix test (kept n-gram at p+1): no per-position hash
+lookup. These per-position arrays live in RAM, or in a temp file when the corpus exceeds
+the budget. Token ids must be in [0, 2**31); a corpus may hold up to 2**32 tokens.
 """
 
 from __future__ import annotations
@@ -103,10 +107,10 @@ class _Corpus:
     self.num_tokens = int(offsets[-1])
 
   def breaks(self, a: int, length: int) -> np.ndarray:
-    """bool [length]: position a+j starts a document or lies past the corpus end.
+    """bool [length]: position a+j (j >= 1) starts a document or lies past the corpus end.
 
-    A gram of m tokens starting at p lies inside one document iff no break is at
-    p+1..p+m-1; scans build that up one length at a time with cheap boolean ANDs.
+    Index 0 is never set: a bigram starting at p lies inside one document iff no break
+    is at p+1.
     """
     breaks = np.zeros(length, bool)
     lo, hi = np.searchsorted(self.offsets, [a + 1, a + length])
@@ -161,10 +165,13 @@ def _as_corpus(docs: Any, tmp_dir: str, budget_bytes: int) -> _Corpus:
 
 
 class _IdStore:
-  """Per-position ids of kept n-grams for the whole corpus: in RAM if small, else a file."""
+  """One int per corpus position (run indices, then kept ids): in RAM if small, else a file.
 
-  def __init__(self, num_tokens: int, in_memory: bool, path: str, num_ids: int):
-    self._dtype = np.dtype(np.int32 if num_ids < TOKEN_LIMIT else np.int64)
+  Both are below num_tokens (a run or the kept set has at most one key per position).
+  """
+
+  def __init__(self, num_tokens: int, in_memory: bool, path: str):
+    self._dtype = np.dtype(np.int32 if num_tokens < TOKEN_LIMIT else np.int64)
     self._array = np.empty(num_tokens, self._dtype) if in_memory else None
     self._path = path
     self._fd = None if in_memory else os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
@@ -197,43 +204,56 @@ def _pack(prefix_ids: np.ndarray, last_tokens: np.ndarray) -> np.ndarray:
   return (prefix_ids.astype(np.uint64) << _SHIFT) | last_tokens.astype(np.uint64)
 
 
-def _scan_chunk(corpus: _Corpus, n: int, store_prev: _IdStore | None,
-                hash_prev: KeyHash | None, frequent: np.ndarray | None,
-                span: tuple[int, int]):
-  """Scan n over start positions [a, b): returns (ids of kept (n-1)-grams at a..b-1, run).
+def _read_tokens(corpus: _Corpus, a: int, e: int) -> np.ndarray:
+  """int64 tokens of positions a..e-1, -1 past the corpus end."""
+  out = np.full(e - a, -1, np.int64)
+  got = np.asarray(corpus.tokens[a:min(e, corpus.num_tokens)])
+  out[:got.size] = got
+  return out
 
-  P = positions a..a+L-1 with L = b-a+1: one more than the chunk, for the suffix of the
-  gram starting at b-1. For n = 2, `frequent` (bool [V] or None) marks tokens seen
-  >= min_count times: a bigram with a rarer token cannot be kept (Apriori at length 1).
-  Keys are packed densely over P (contiguous slices, no gathers) and masked afterwards.
+
+def _scan_chunk(corpus: _Corpus, n: int, ids: _IdStore | None, frequent: np.ndarray | None,
+                want_index: bool, span: tuple[int, int]):
+  """Counts the candidate n-grams starting at [a, b): returns (index_P or None, run).
+
+  P = positions a..b-1. Candidates have a kept (n-1)-prefix at p and (n-1)-suffix at p+1
+  (Apriori), read from `ids` (kept (n-1)-gram ids, -1 where none); for n = 2 the kept
+  1-grams are the tokens, those seen >= min_count times where `frequent` (bool [V]) is
+  given, and the bigram must not cross a document start. Kept (n-1)-grams lie inside one
+  document, and two overlapping ones span one document, so n >= 3 needs no break test.
+  index_P: int [P], each position's index in the run's keys, -1 for non-candidates.
   """
   a, b = span
-  length = b - a + 1
-  tokens = np.zeros(length + n - 1, np.int64)  # Zeros past the end are masked by breaks.
-  chunk = np.asarray(corpus.tokens[a:min(a + length + n - 1, corpus.num_tokens)])
-  tokens[:chunk.size] = chunk
-  breaks = corpus.breaks(a, length + n - 1)
-  in_doc_P = np.arange(a, a + length) < corpus.num_tokens  # The 1-gram at p exists.
-  for m in range(2, n):
-    in_doc_P &= ~breaks[m - 1:m - 1 + length]
-  # Now in_doc_P marks p whose (n-1)-gram lies in one document.
   if n == 2:
-    ids_P = np.where(in_doc_P, tokens[:length], -1)  # The kept 1-grams are the tokens.
-    if frequent is not None:
-      ids_P = np.where(frequent[tokens[:length]], ids_P, -1)
+    prev_Q = _read_tokens(corpus, a, b + 1)  # Q = positions a..b.
+    if frequent is not None:  # Past the end (-1) stays -1 whatever frequent[0] says.
+      prev_Q = np.where(frequent[np.maximum(prev_Q, 0)], prev_Q, -1)
+    cand_P = (prev_Q[:-1] >= 0) & (prev_Q[1:] >= 0) & ~corpus.breaks(a, b - a + 1)[1:]
+    last_P = prev_Q[1:]
   else:
-    # Id of the kept (n-1)-gram at p = lookup of (id of the kept (n-2)-gram at p, x_{p+n-2}).
-    prev_P = tokens[:length] if n == 3 else store_prev.read(a, a + length)
-    lookup = in_doc_P & (prev_P >= 0)
-    # Apriori again: a kept (n-1)-gram at p has its (n-2)-suffix at p+1 kept (the last
-    # position's suffix is not loaded: look it up regardless).
-    lookup[:-1] &= prev_P[1:] >= 0
-    keys_P = _pack(prev_P, tokens[n - 2:n - 2 + length])
-    ids_P = np.full(length, -1, np.int64)
-    ids_P[lookup] = hash_prev.lookup(keys_P[lookup])
-  # Apriori: the n-gram at p needs kept (n-1)-grams at p (prefix) and p+1 (suffix).
-  cand = (ids_P[:-1] >= 0) & (ids_P[1:] >= 0) & ~breaks[n - 1:n - 1 + length - 1]
-  return ids_P[:-1], count_distinct(_pack(ids_P[:-1], tokens[n - 1:n - 1 + length - 1])[cand])
+    prev_Q = ids.read(a, b + 1)
+    cand_P = (prev_Q[:-1] >= 0) & (prev_Q[1:] >= 0)
+    last_P = _read_tokens(corpus, a + n - 1, b + n - 1)
+  keys_C = _pack(prev_Q[:-1][cand_P], last_P[cand_P])  # C = candidate positions.
+  # Runs stay unsorted: the merger sorts only the kept keys (or a spill).
+  if not want_index:
+    return None, count_distinct(keys_C, sort=False)
+  keys_U, counts_U, index_C = count_distinct(keys_C, return_inverse=True, sort=False)
+  index_P = np.full(b - a, -1, index_C.dtype)
+  index_P[cand_P] = index_C
+  return index_P, (keys_U, counts_U)
+
+
+def _resolve_chunk(ids: _IdStore, kept: KeyHash, run_keys: list,
+                   item: tuple[int, tuple[int, int]]) -> None:
+  """Turns chunk i's run indices in `ids` into ids of the kept grams (-1 if not kept)."""
+  i, (a, b) = item
+  keys_U = run_keys[i]
+  if isinstance(keys_U, str):
+    keys_U = np.load(keys_U)
+  # Index -1 (no candidate) reads the appended -1.
+  id_of_index = np.append(kept.lookup(keys_U), -1)
+  ids.write(a, id_of_index[ids.read(a, b)])
 
 
 def mine_fgrams(docs: Iterable[np.ndarray] | Any, max_len: int = 5, size: int = 100_000,
@@ -281,7 +301,9 @@ def mine_fgrams(docs: Iterable[np.ndarray] | Any, max_len: int = 5, size: int = 
     raise ValueError(f'no n-gram of 2..{max_len} tokens occurs min_count={min_count} times '
                      'in docs; lower min_count or mine a larger corpus')
   tokens_MxK, lengths_M, counts_M = _materialise(levels, max_len, size)
-  top = rank_fgrams(tokens_MxK, lengths_M, counts_M, size)
+  # The candidates come by length, then in key order = token order (module docstring):
+  # a stable sort by count alone gives rank_fgrams' order, without its lexsort.
+  top = np.argsort(-counts_M, kind='stable')[:size]
   return FgramTable(tokens_MxK[top], counts_M[top], lengths_M[top], max_len=max_len,
                     min_count=min_count)
 
@@ -331,38 +353,46 @@ def _mine_levels(corpus: _Corpus, max_len: int, min_count: int, budget: int, wor
   """Runs scans n = 2..K; returns [(kept keys ascending, counts)] for n = 2..K."""
   num = corpus.num_tokens
   spans = [(a, min(a + chunk_tokens, num)) for a in range(0, num, chunk_tokens)]
-  ids_in_memory = num * 8 <= budget // 4
-  levels, hash_prev, store_prev = [], None, None
+  in_memory = num * 8 <= budget // 4
+  levels = []
+  ids = _IdStore(num, in_memory, os.path.join(tmp, 'ids.bin')) if max_len > 2 else None
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     frequent = _frequent_tokens(corpus, spans, pool, workers, min_count, budget)
     for n in range(2, max_len + 1):
       merger = spill.RunMerger(budget // 2, tmp, min_count, tag=f'n{n}')
-      # Ids of the kept (n-1)-grams are computed in this scan and read back by the next.
-      store = None
-      if 3 <= n < max_len:
-        store = _IdStore(num, ids_in_memory, os.path.join(tmp, f'ids{n - 1}.bin'),
-                         len(hash_prev))
+      want_index = n < max_len  # Scan n+1 reads the kept n-gram ids.
+      run_keys = []  # Per chunk: the run's keys (a temp .npy path when out of core).
       bar = tqdm.tqdm(total=num, unit='tok', unit_scale=True, desc=f'f-grams n={n}',
                       disable=not progress, leave=False)
-      # Chunks are collected in order, so the id store is written sequentially.
-      scan = functools.partial(_scan_chunk, corpus, n, store_prev, hash_prev, frequent)
-      for (a, b), (ids, run) in zip(spans, _ordered(pool, scan, spans, workers)):
-        if store is not None:
-          store.write(a, ids)
+      scan = functools.partial(_scan_chunk, corpus, n, ids, frequent, want_index)
+      # Results come in chunk order. Writing chunk i's indices over the (n-1)-gram ids is
+      # safe: chunks up to i are done reading, later ones read from position b_i on.
+      for i, ((a, b), (index, run)) in enumerate(zip(spans, _ordered(pool, scan, spans,
+                                                                      workers))):
+        if want_index:
+          ids.write(a, index)
+          if in_memory:
+            run_keys.append(run[0])
+          else:
+            run_keys.append(os.path.join(tmp, f'n{n}-keys{i:06d}.npy'))
+            np.save(run_keys[-1], run[0])
         merger.add(*run)
         bar.update(b - a)
       bar.close()
-      if store_prev is not None:
-        store_prev.close()
-      store_prev = store
       keys, counts = merger.finish()
       levels.append((keys, counts))
       if keys.size == 0:
         break  # Apriori: no longer gram can be kept either.
-      # Frequent keys get their home slot: most lookups then take one probe.
-      hash_prev = KeyHash(keys, np.arange(keys.size), counts) if n < max_len else None
-  if store_prev is not None:
-    store_prev.close()
+      if want_index:
+        # Frequent keys get their home slot: most lookups then take one probe.
+        kept = KeyHash(keys, np.arange(keys.size), counts)
+        resolve = functools.partial(_resolve_chunk, ids, kept, run_keys)
+        for _ in _ordered(pool, resolve, enumerate(spans), workers):
+          pass
+        for path in run_keys if not in_memory else ():
+          os.remove(path)
+  if ids is not None:
+    ids.close()
   return levels
 
 

@@ -1,10 +1,11 @@
 """Out-of-core counting: sorted (key, count) runs, spilled to disk and merged by key range.
 
-Each chunk of the corpus yields a run: its distinct uint64 n-gram keys in ascending order
+Each chunk of the corpus yields a run: its distinct uint64 n-gram keys, in any order,
 with their counts in that chunk. Runs stay in memory until they exceed the budget; then
-they are merged into one run and written to the temp dir as .npy. The final merge reads
-every spilled run one key range at a time (memmap + searchsorted), so peak memory is about
-one range of all runs, whatever the corpus size.
+they are merged into one sorted run and written to the temp dir as .npy. The final merge
+reads every spilled run one key range at a time (memmap + searchsorted), so peak memory
+is about one range of all runs, whatever the corpus size. Without spills the final merge
+sums equal keys by hashing and sorts only the keys that reach min_count.
 """
 
 from __future__ import annotations
@@ -13,20 +14,20 @@ import os
 
 import numpy as np
 
+from scone_jax.fgrams.keyhash import count_distinct
+
 # Bytes per pending run entry while merging: key + count, their sorted copies, the order.
 _MERGE_BYTES_PER_ENTRY = 48
 
 
 def merge_runs(runs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-  """Sums counts of equal keys over sorted runs; returns one sorted run."""
+  """Sums counts of equal keys over runs; returns one sorted run."""
   runs = [r for r in runs if r[0].size]
   if not runs:
     return np.zeros(0, np.uint64), np.zeros(0, np.int64)
-  if len(runs) == 1:
-    return runs[0]
   keys = np.concatenate([k for k, _ in runs])
   counts = np.concatenate([c for _, c in runs])
-  # Timsort (kind='stable') finds the already-sorted runs: O(N log runs), not O(N log N).
+  # Timsort (kind='stable') finds already-sorted runs: O(N log runs) for spilled ones.
   order = np.argsort(keys, kind='stable')
   keys, counts = keys[order], counts[order]
   del order
@@ -74,10 +75,7 @@ class RunMerger:
   def finish(self) -> tuple[np.ndarray, np.ndarray]:
     """All keys with total count >= min_count, ascending, and their counts."""
     if not self._spilled:
-      keys, counts = merge_runs(self._pending)
-      self._pending = []
-      keep = counts >= self._min_count
-      return keys[keep], counts[keep]
+      return self._finish_in_memory()
     if self._pending:
       self._spill()
     out_keys, out_counts = [], []
@@ -100,6 +98,19 @@ class RunMerger:
         os.remove(path)
     self._spilled = []
     return np.concatenate(out_keys), np.concatenate(out_counts)
+
+  def _finish_in_memory(self) -> tuple[np.ndarray, np.ndarray]:
+    if not self._pending:
+      return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    keys = np.concatenate([k for k, _ in self._pending])
+    counts = np.concatenate([c for _, c in self._pending])
+    self._pending = []
+    keys_D, _, index = count_distinct(keys, return_inverse=True, sort=False)
+    # float64 sums of int counts are exact below 2**53 (a corpus has < 2**32 tokens).
+    totals = np.bincount(index, weights=counts, minlength=keys_D.size).astype(np.int64)
+    keep = np.flatnonzero(totals >= self._min_count)
+    order = keep[np.argsort(keys_D[keep])]
+    return keys_D[order], totals[order]
 
   def _key_ranges(self) -> list[tuple[int | None, int | None]]:
     """Splits the key space so one range of all runs fits the budget."""
