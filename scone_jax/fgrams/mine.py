@@ -17,19 +17,20 @@ closed under prefixes and suffixes, which the matcher relies on. A smaller table
 prefix of a larger one, so `table.slice(S2)` equals mining again with size=S2.
 
 Exact keys (hash tables here only choose where a full key is stored, never merge two):
-scan n represents an n-gram as the uint64
-`prefix_id * 2**31 + last_token`, where prefix_id is the row of its (n-1)-prefix among the
-kept (n-1)-grams (for n = 2: the first token). Kept n-grams get ids in ascending key order,
-which is also the lexicographic order of their tokens (by induction over n), so ranking
-needs one stable sort by count. Counting turns each chunk's keys into a sorted
-(key, count) run (`keyhash.count_distinct`) and records, per start position, the index
-of its key in the run; runs spill to disk beyond the budget and are merged by key range
-(`spill.py`). Once scan n's kept keys are known, each chunk's run keys are resolved
-against them (U_chunk hash lookups, far fewer than positions) and the per-position
-indices become ids of the kept n-gram starting there, which scan n+1 reads as its
-prefix ids (kept n-gram at p) and suffix test (kept n-gram at p+1): no per-position hash
-lookup. These per-position arrays live in RAM, or in a temp file when the corpus exceeds
-the budget. Token ids must be in [0, 2**31); a corpus may hold up to 2**32 tokens.
+scan n represents an n-gram as the uint64 `prefix_id * 2**31 + last_token`, where
+prefix_id is the row of its (n-1)-prefix among the kept (n-1)-grams (for n = 2: the
+first token). Kept n-grams get ids in ascending key order, which is also the
+lexicographic order of their tokens (by induction over n), so ranking needs one stable
+sort by count. Counting turns each chunk's keys into a (key, count) run
+(`keyhash.count_distinct`) and records, per start position, the index of its key in the
+run; runs spill to disk beyond the budget and are merged by key range (`spill.py`). Once
+scan n's kept keys are known, each chunk's run entries are resolved to kept ids (by the
+final merge's own inverse, or after spills by hash lookups of the run keys: far fewer
+than positions), turning the per-position indices into ids of the kept n-gram starting
+there. Scan n+1 reads those as its prefix ids (kept n-gram at p) and suffix test (kept
+n-gram at p+1): no per-position hash lookup. The per-position array lives in RAM, or in
+a temp file when the corpus exceeds the budget. Token ids must be in [0, 2**31); a
+corpus may hold up to 2**32 tokens.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import numpy as np
 import tqdm
 
 from scone_jax.fgrams import spill
-from scone_jax.fgrams.keyhash import KeyHash, count_distinct
+from scone_jax.fgrams.keyhash import count_distinct
 from scone_jax.fgrams.table import FgramTable
 
 TOKEN_LIMIT = 1 << 31
@@ -248,15 +249,12 @@ def _scan_chunk(corpus: _Corpus, n: int, ids: _IdStore | None, frequent: np.ndar
   return index_P, (keys_U, counts_U)
 
 
-def _resolve_chunk(ids: _IdStore, kept: KeyHash, run_keys: list,
+def _resolve_chunk(ids: _IdStore, merger: spill.RunMerger,
                    item: tuple[int, tuple[int, int]]) -> None:
   """Turns chunk i's run indices in `ids` into ids of the kept grams (-1 if not kept)."""
   i, (a, b) = item
-  keys_U = run_keys[i]
-  if isinstance(keys_U, str):
-    keys_U = np.load(keys_U)
   # Index -1 (no candidate) reads the appended -1.
-  id_of_index = np.append(kept.lookup(keys_U), -1)
+  id_of_index = np.append(merger.kept_ids(i), -1)
   ids.write(a, id_of_index[ids.read(a, b)])
 
 
@@ -363,38 +361,29 @@ def _mine_levels(corpus: _Corpus, max_len: int, min_count: int, budget: int, wor
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     frequent = _frequent_tokens(corpus, spans, pool, workers, min_count, budget)
     for n in range(2, max_len + 1):
-      merger = spill.RunMerger(budget // 2, tmp, min_count, tag=f'n{n}')
       want_index = n < max_len  # Scan n+1 reads the kept n-gram ids.
-      run_keys = []  # Per chunk: the run's keys (a temp .npy path when out of core).
+      merger = spill.RunMerger(budget // 2, tmp, min_count, tag=f'n{n}',
+                               keep_runs=want_index)
       bar = tqdm.tqdm(total=num, unit='tok', unit_scale=True, desc=f'f-grams n={n}',
                       disable=not progress, leave=False)
       scan = functools.partial(_scan_chunk, corpus, n, ids, frequent, want_index)
       # Results come in chunk order. Writing chunk i's indices over the (n-1)-gram ids is
       # safe: chunks up to i are done reading, later ones read from position b_i on.
-      for i, ((a, b), (index, run)) in enumerate(zip(spans, _ordered(pool, scan, spans,
-                                                                      workers))):
+      for (a, b), (index, run) in zip(spans, _ordered(pool, scan, spans, workers)):
         if want_index:
           ids.write(a, index)
-          if in_memory:
-            run_keys.append(run[0])
-          else:
-            run_keys.append(os.path.join(tmp, f'n{n}-keys{i:06d}.npy'))
-            np.save(run_keys[-1], run[0])
         merger.add(*run)
         bar.update(b - a)
       bar.close()
       keys, counts = merger.finish()
       levels.append((keys, counts))
-      if keys.size == 0:
-        break  # Apriori: no longer gram can be kept either.
-      if want_index:
-        # Frequent keys get their home slot: most lookups then take one probe.
-        kept = KeyHash(keys, np.arange(keys.size), counts)
-        resolve = functools.partial(_resolve_chunk, ids, kept, run_keys)
+      if keys.size and want_index:
+        resolve = functools.partial(_resolve_chunk, ids, merger)
         for _ in _ordered(pool, resolve, enumerate(spans), workers):
           pass
-        for path in run_keys if not in_memory else ():
-          os.remove(path)
+      merger.close()
+      if keys.size == 0:
+        break  # Apriori: no longer gram can be kept either.
   if ids is not None:
     ids.close()
   return levels

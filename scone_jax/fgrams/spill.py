@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from scone_jax.fgrams.keyhash import count_distinct
+from scone_jax.fgrams.keyhash import KeyHash, count_distinct
 
 # Bytes per pending run entry while merging: key + count, their sorted copies, the order.
 _MERGE_BYTES_PER_ENTRY = 48
@@ -43,9 +43,13 @@ class RunMerger:
     tmp_dir: where spilled runs go (removed by the caller).
     min_count: keys with a total count below this are dropped by `finish`.
     tag: file name prefix (e.g. the n-gram length) so several mergers can share tmp_dir.
+    keep_runs: remember each added run's keys so that, after `finish`, `kept_ids(i)`
+      says which kept key each entry of run i is. Without spills that falls out of the
+      final merge; with them the runs' keys are saved too and looked up.
   """
 
-  def __init__(self, budget_bytes: int, tmp_dir: str, min_count: int, tag: str):
+  def __init__(self, budget_bytes: int, tmp_dir: str, min_count: int, tag: str,
+               keep_runs: bool = False):
     self._budget = max(int(budget_bytes), 1)
     self._tmp_dir = tmp_dir
     self._min_count = min_count
@@ -53,6 +57,11 @@ class RunMerger:
     self._pending: list[tuple[np.ndarray, np.ndarray]] = []
     self._pending_entries = 0
     self._spilled: list[tuple[str, str]] = []
+    self._keep_runs = keep_runs
+    self._run_offsets = [0]  # Entry offsets of the added runs, in order.
+    self._run_paths: list[str] = []  # Each run's keys, once spilled.
+    self._kept_of_entry = None  # Without spills: kept id of every added entry.
+    self._kept_hash = None  # With spills: kept key -> kept id.
 
   @property
   def num_spilled(self) -> int:
@@ -60,11 +69,17 @@ class RunMerger:
 
   def add(self, keys_U: np.ndarray, counts_U: np.ndarray) -> None:
     self._pending.append((keys_U, counts_U))
+    self._run_offsets.append(self._run_offsets[-1] + keys_U.size)
     self._pending_entries += keys_U.size
     if self._pending_entries * _MERGE_BYTES_PER_ENTRY > self._budget:
       self._spill()
 
   def _spill(self) -> None:
+    if self._keep_runs:
+      for keys, _ in self._pending:
+        self._run_paths.append(os.path.join(
+            self._tmp_dir, f'{self._tag}-added{len(self._run_paths):06d}.npy'))
+        np.save(self._run_paths[-1], keys)
     keys, counts = merge_runs(self._pending)
     self._pending, self._pending_entries = [], 0
     base = os.path.join(self._tmp_dir, f'{self._tag}-run{len(self._spilled):05d}')
@@ -97,7 +112,26 @@ class RunMerger:
       for path in paths:
         os.remove(path)
     self._spilled = []
-    return np.concatenate(out_keys), np.concatenate(out_counts)
+    keys, counts = np.concatenate(out_keys), np.concatenate(out_counts)
+    if self._keep_runs:
+      # Frequent keys get their home slot: most lookups then take one probe.
+      self._kept_hash = KeyHash(keys, np.arange(keys.size), counts)
+    return keys, counts
+
+  def kept_ids(self, i: int) -> np.ndarray:
+    """After `finish` (keep_runs=True): int64 [U_i], for each entry of the i-th added run
+    its index among the kept keys, -1 where it was not kept. Thread-safe."""
+    if self._kept_hash is not None:
+      return self._kept_hash.lookup(np.load(self._run_paths[i]))
+    if self._kept_of_entry is None:
+      raise ValueError('RunMerger.kept_ids needs keep_runs=True and finish() first')
+    return self._kept_of_entry[self._run_offsets[i]:self._run_offsets[i + 1]]
+
+  def close(self) -> None:
+    """Removes the saved keys of spilled runs (keep_runs=True)."""
+    for path in self._run_paths:
+      os.remove(path)
+    self._run_paths = []
 
   def _finish_in_memory(self) -> tuple[np.ndarray, np.ndarray]:
     if not self._pending:
@@ -110,6 +144,10 @@ class RunMerger:
     totals = np.bincount(index, weights=counts, minlength=keys_D.size).astype(np.int64)
     keep = np.flatnonzero(totals >= self._min_count)
     order = keep[np.argsort(keys_D[keep])]
+    if self._keep_runs:
+      kept_of_distinct = np.full(keys_D.size, -1, np.int64)
+      kept_of_distinct[order] = np.arange(order.size)
+      self._kept_of_entry = kept_of_distinct[index]
     return keys_D[order], totals[order]
 
   def _key_ranges(self) -> list[tuple[int | None, int | None]]:
