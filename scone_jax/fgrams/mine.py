@@ -188,15 +188,15 @@ class _IdStore:
       os.pwrite(self._fd, ids.astype(self._dtype).tobytes(), a * self._dtype.itemsize)
 
   def read(self, a: int, e: int) -> np.ndarray:
-    """int64 ids of positions a..e-1; -1 past the corpus end."""
-    out = np.full(e - a, -1, np.int64)
+    """Values of positions a..e-1 (a view when in RAM: read it before writing there); -1
+    past the corpus end."""
     if self._array is not None:
       got = self._array[a:e]
     else:
       size = self._dtype.itemsize
       got = np.frombuffer(os.pread(self._fd, (e - a) * size, a * size), self._dtype)
-    out[:got.size] = got
-    return out
+    return got if got.size == e - a else np.append(got, np.full(e - a - got.size, -1,
+                                                                 self._dtype))
 
   def close(self) -> None:
     if self._fd is not None:
@@ -210,11 +210,9 @@ def _pack(prefix_ids: np.ndarray, last_tokens: np.ndarray) -> np.ndarray:
 
 
 def _read_tokens(corpus: _Corpus, a: int, e: int) -> np.ndarray:
-  """int64 tokens of positions a..e-1, -1 past the corpus end."""
-  out = np.full(e - a, -1, np.int64)
+  """Tokens of positions a..e-1 in the corpus dtype (a view), 0 past the corpus end."""
   got = np.asarray(corpus.tokens[a:min(e, corpus.num_tokens)])
-  out[:got.size] = got
-  return out
+  return got if got.size == e - a else np.append(got, np.zeros(e - a - got.size, got.dtype))
 
 
 def _scan_chunk(corpus: _Corpus, n: int, ids: _IdStore | None, frequent: np.ndarray | None,
@@ -229,11 +227,14 @@ def _scan_chunk(corpus: _Corpus, n: int, ids: _IdStore | None, frequent: np.ndar
   index_P: int [P], each position's index in the run's keys, -1 for non-candidates.
   """
   a, b = span
+  # Arrays stay in their stored dtypes (views where possible); only the C candidates'
+  # keys are widened to uint64.
   if n == 2:
     prev_Q = _read_tokens(corpus, a, b + 1)  # Q = positions a..b.
-    if frequent is not None:  # Past the end (-1) stays -1 whatever frequent[0] says.
-      prev_Q = np.where(frequent[np.maximum(prev_Q, 0)], prev_Q, -1)
-    cand_P = (prev_Q[:-1] >= 0) & (prev_Q[1:] >= 0) & ~corpus.breaks(a, b - a + 1)[1:]
+    kept_Q = np.arange(a, b + 1) < corpus.num_tokens  # Kept 1-gram at q.
+    if frequent is not None:
+      kept_Q &= frequent[prev_Q]
+    cand_P = kept_Q[:-1] & kept_Q[1:] & ~corpus.breaks(a, b - a + 1)[1:]
     last_P = prev_Q[1:]
   else:
     prev_Q = ids.read(a, b + 1)
