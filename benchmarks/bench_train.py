@@ -52,6 +52,7 @@ _SEQ = flags.DEFINE_integer('seq_len', 0, 'Sequence length override (0 = preset)
 _OVERRIDES = flags.DEFINE_multi_string('override', [], 'Extra config overrides key=value, '
                                        'e.g. --override=model.attention=cudnn.')
 _TOKENS = flags.DEFINE_integer('corpus_tokens', 2_000_000, 'Synthetic corpus size.')
+_VARIANTS = flags.DEFINE_list('variants', ['baseline', 'scone'], 'Quality mode: which runs.')
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/bench_train_quality', 'Quality-mode runs.')
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,6 +161,14 @@ def measure(name: str, cfg: config_lib.Config, variant: str, shards, table, step
              metrics_lib.mfu(useful, seconds, jax.device_count(), peak), dedup, pipeline_tps)
 
 
+def _parse_overrides() -> dict:
+  overrides = {}
+  for item in _OVERRIDES.value:
+    key, _, value = item.partition('=')
+    overrides[key] = json.loads(value) if value[:1] in '0123456789-[{tf' else value
+  return overrides
+
+
 def speed(presets, steps, device):
   peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind)
   print(f'devices: {jax.device_count()} x {jax.devices()[0].device_kind} (peak '
@@ -174,9 +183,7 @@ def speed(presets, steps, device):
       overrides['train.seq_len'] = _SEQ.value
     if device == 'cpu':
       overrides['model.dtype'] = 'float32'
-    for item in _OVERRIDES.value:
-      key, _, value = item.partition('=')
-      overrides[key] = json.loads(value) if value[:1] in '0123456789-[{tf' else value
+    overrides.update(_parse_overrides())
     cfg = _variant_config(cfg, 'baseline', overrides)
     vocab = cfg.model.vocab_size or cfg.tokenizer.vocab_size
     start = time.perf_counter()
@@ -220,17 +227,22 @@ def quality(steps):
   from scone_jax.train import loop
   cfg = load_preset('tiny')
   artifacts = os.path.join(_WORKDIR.value, 'prepare')
+  overrides = _parse_overrides()
+  suffix = ''.join(f'_{k}={v}' for k, v in sorted(overrides.items()))
   losses = {}
-  for variant in ('baseline', 'scone'):
+  for variant in _VARIANTS.value:
     af = cfg.model.num_layers if variant == 'scone' else 0
     run_cfg = config_lib.replace(cfg, **{'fgram_model.num_layers': af, 'train.steps': steps,
                                          'data.artifacts_dir': artifacts,
-                                         'train.eval_batches': 0})
+                                         'train.eval_batches': 0, **overrides})
     start = time.perf_counter()
-    result = loop.train(run_cfg, os.path.join(_WORKDIR.value, f'{variant}_{steps}'))
+    result = loop.train(run_cfg,
+                        os.path.join(_WORKDIR.value, f'{variant}_{steps}{suffix}'))
     losses[variant] = {k: v['loss'] for k, v in result.eval['corpora'].items()}
     print(f'{variant}: {steps} steps in {time.perf_counter() - start:.0f} s, held-out loss '
           f'{losses[variant]}, train loss {result.last_metrics.get("loss")}')
+  if set(losses) != {'baseline', 'scone'}:
+    return
   for corpus in losses['baseline']:
     b, s = losses['baseline'][corpus], losses['scone'][corpus]
     print(f'{corpus}: baseline {b:.4f} vs SCONE {s:.4f} ({"lower" if s < b else "NOT lower"})')
