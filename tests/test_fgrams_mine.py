@@ -198,3 +198,27 @@ def test_count_distinct_equals_unique(keys):
   np.testing.assert_array_equal(got_keys, want_keys)
   np.testing.assert_array_equal(got_counts, want_counts)
   np.testing.assert_array_equal(got_inverse, want_inverse.reshape(-1))
+
+
+@pytest.mark.parametrize('budget_bytes', [1 << 30, 200])  # In memory; spilling every run.
+def test_run_merger_kept_ids_equal_dict(tmp_path, budget_bytes):
+  rng = np.random.default_rng(0)
+  runs = []
+  for size in (50, 0, 300, 120):  # Unsorted distinct keys per run, as count_distinct gives.
+    keys = rng.permutation(np.unique(rng.integers(0, 400, size)).astype(np.uint64))
+    runs.append((keys, rng.integers(1, 4, keys.size)))
+  merger = spill.RunMerger(budget_bytes, str(tmp_path), min_count=5, tag='t', keep_runs=True)
+  for run in runs:
+    merger.add(*run)
+  keys, counts = merger.finish()
+  total = collections.Counter()
+  for run_keys, run_counts in runs:
+    total.update(dict(zip(run_keys.tolist(), run_counts.tolist())))
+  want = sorted((k, c) for k, c in total.items() if c >= 5)
+  assert keys.tolist() == [k for k, _ in want] and counts.tolist() == [c for _, c in want]
+  assert bool(os.listdir(tmp_path)) == (budget_bytes == 200)  # Spilled runs' keys.
+  row = {k: i for i, (k, _) in enumerate(want)}
+  for i, (run_keys, _) in enumerate(runs):
+    assert merger.kept_ids(i).tolist() == [row.get(k, -1) for k in run_keys.tolist()]
+  merger.close()
+  assert os.listdir(tmp_path) == []
