@@ -62,9 +62,6 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
-
   def save(self, step: int, state: Any, data_iterator: Any | None = None) -> None:
     """Starts saving `state` (and the iterator's position) as `step`; returns once the
     iterator state and a host copy of the arrays are taken (async) or written (sync)."""

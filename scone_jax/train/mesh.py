@@ -7,7 +7,6 @@ one table in `scone_jax.model.sharding`.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 from absl import logging
@@ -74,10 +73,6 @@ def make_mesh(mesh_cfg: MeshConfig, global_batch: int | None = None,
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
   """Sharding of a [B, ...] input array: B split over data x fsdp, the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
-
-
-def batch_shards(mesh: jax.sharding.Mesh) -> int:
-  return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def maybe_initialize_distributed(dist_cfg: DistributedConfig) -> None:
