@@ -4,6 +4,7 @@ import collections
 import inspect
 import os
 import types
+from unittest import mock
 
 import hypothesis
 import hypothesis.strategies as st
@@ -12,6 +13,7 @@ import pytest
 
 from scone_jax import artifacts
 from scone_jax.fgrams import FgramTable, mine_fgrams, spill
+from scone_jax.fgrams import keyhash
 from scone_jax.fgrams.keyhash import count_distinct
 
 
@@ -185,19 +187,29 @@ def test_no_gram_reaches_min_count():
     mine_fgrams([np.arange(10)], min_count=2, progress=False)
 
 
+# PART_KEYS=2 splits anything over 8 keys into parts, as 1M+ keys are in real use.
+@pytest.mark.parametrize('part_keys', [keyhash.PART_KEYS, 2])
 @hypothesis.settings(max_examples=30, deadline=None)
 @hypothesis.given(keys=st.lists(st.integers(0, 2**63 - 1) | st.integers(0, 20), max_size=300))
-def test_count_distinct_equals_unique(keys):
+def test_count_distinct_equals_unique(part_keys, keys):
   keys = np.array(keys, np.uint64)
-  got_keys, got_counts = count_distinct(keys)
   want_keys, want_inverse, want_counts = np.unique(keys, return_inverse=True,
                                                   return_counts=True)
-  np.testing.assert_array_equal(got_keys, want_keys)
-  np.testing.assert_array_equal(got_counts, want_counts)
-  got_keys, got_counts, got_inverse = count_distinct(keys, return_inverse=True)
-  np.testing.assert_array_equal(got_keys, want_keys)
-  np.testing.assert_array_equal(got_counts, want_counts)
-  np.testing.assert_array_equal(got_inverse, want_inverse.reshape(-1))
+  with mock.patch.object(keyhash, 'PART_KEYS', part_keys):
+    got_keys, got_counts = count_distinct(keys)
+    np.testing.assert_array_equal(got_keys, want_keys)
+    np.testing.assert_array_equal(got_counts, want_counts)
+    got_keys, got_counts, got_inverse = count_distinct(keys, return_inverse=True)
+    np.testing.assert_array_equal(got_keys, want_keys)
+    np.testing.assert_array_equal(got_counts, want_counts)
+    np.testing.assert_array_equal(got_inverse, want_inverse.reshape(-1))
+    # Unsorted: the same (key, count) pairs, and the inverse points at each key.
+    got_keys, got_counts, got_inverse = count_distinct(keys, return_inverse=True,
+                                                       sort=False)
+    order = np.argsort(got_keys)
+    np.testing.assert_array_equal(got_keys[order], want_keys)
+    np.testing.assert_array_equal(got_counts[order], want_counts)
+    np.testing.assert_array_equal(got_keys[got_inverse], keys)
 
 
 @pytest.mark.parametrize('budget_bytes', [1 << 30, 200])  # In memory; spilling every run.
@@ -222,3 +234,11 @@ def test_run_merger_kept_ids_equal_dict(tmp_path, budget_bytes):
     assert merger.kept_ids(i).tolist() == [row.get(k, -1) for k in run_keys.tolist()]
   merger.close()
   assert os.listdir(tmp_path) == []
+
+
+def test_partitioned_counting_gives_the_same_table():
+  docs = text_corpus()
+  want = mine_fgrams(docs, max_len=4, size=800, min_count=2, progress=False)
+  with mock.patch.object(keyhash, 'PART_KEYS', 64):  # Chunk counts and merges split.
+    got = mine_fgrams(docs, max_len=4, size=800, min_count=2, progress=False)
+  assert got.fingerprint == want.fingerprint

@@ -14,6 +14,12 @@ import numpy as np
 EMPTY = np.uint64(0xFFFF_FFFF_FFFF_FFFF)  # Never a valid key: callers keep keys < 2**63.
 _MULT = np.uint64(0x9E37_79B9_7F4A_7C15)  # Fibonacci hashing: top bits of key * 2**64/phi.
 _EMPTY_INT, _MULT_INT, _U64_INT = int(EMPTY), int(_MULT), (1 << 64) - 1
+# count_distinct splits more keys than 4x this into parts of about this many, by the top
+# bits of a second, independent hash (the slot hash's own bits would crowd each part into
+# a fraction of its table): one table of 10M+ slots misses cache and TLB on every access,
+# ~3x slower than the parts' small tables (5.3M text bigram keys: 1.8 s vs 0.65 s).
+PART_KEYS = 1 << 18
+_PART_MULT = np.uint64(0xD6E8_FEB8_6659_FD93)
 
 
 class KeyHash:
@@ -129,6 +135,40 @@ def count_distinct(keys_N: np.ndarray, return_inverse: bool = False, sort: bool 
       on text n-grams) where the caller sorts only what it keeps.
   """
   keys_N = np.asarray(keys_N, dtype=np.uint64)
+  if keys_N.size > 4 * PART_KEYS:
+    return _count_parts(keys_N, return_inverse, sort)
+  return _count_table(keys_N, return_inverse, sort)
+
+
+def _count_parts(keys_N: np.ndarray, return_inverse: bool, sort: bool):
+  """count_distinct of many keys: one small table per part of about PART_KEYS keys."""
+  part_bits = (keys_N.size // PART_KEYS).bit_length()
+  part_N = ((keys_N * _PART_MULT) >> np.uint64(64 - part_bits)).astype(np.uint16)
+  perm = np.argsort(part_N, kind='stable')  # A radix sort for 16-bit keys.
+  ends = np.cumsum(np.bincount(part_N, minlength=1 << part_bits))
+  del part_N
+  keys_N = keys_N[perm]
+  results = [_count_table(keys_N[lo:hi], return_inverse, sort=False)
+             for lo, hi in zip(np.concatenate(([0], ends[:-1])), ends)]
+  del keys_N
+  keys_U = np.concatenate([r[0] for r in results])
+  counts_U = np.concatenate([r[1] for r in results])
+  order = np.argsort(keys_U) if sort else slice(None)
+  if not return_inverse:
+    return keys_U[order], counts_U[order]
+  # A part's local index + the part's offset = the index in keys_U (before `order`).
+  offsets = np.cumsum([0] + [r[0].size for r in results[:-1]])
+  inverse_N = np.empty(perm.size, np.int32 if perm.size < 1 << 31 else np.int64)
+  inverse_N[perm] = np.concatenate([r[2] + off for r, off in zip(results, offsets)])
+  if sort:
+    rank = np.empty(keys_U.size, inverse_N.dtype)
+    rank[order] = np.arange(keys_U.size)
+    inverse_N = rank[inverse_N]
+  return keys_U[order], counts_U[order], inverse_N
+
+
+def _count_table(keys_N: np.ndarray, return_inverse: bool, sort: bool):
+  """count_distinct with one open-addressing table."""
   num = keys_N.size
   if num == 0:
     empty = (keys_N, np.zeros(0, np.int64))

@@ -1,4 +1,4 @@
-"""Out-of-core counting: sorted (key, count) runs, spilled to disk and merged by key range.
+"""Out-of-core counting: (key, count) runs, spilled to disk sorted, merged by key range.
 
 Each chunk of the corpus yields a run: its distinct uint64 n-gram keys, in any order,
 with their counts in that chunk. Runs stay in memory until they exceed the budget; then
@@ -16,8 +16,11 @@ import numpy as np
 
 from scone_jax.fgrams.keyhash import KeyHash, count_distinct
 
-# Bytes per pending run entry while merging: key + count, their sorted copies, the order.
-_MERGE_BYTES_PER_ENTRY = 48
+# Peak bytes per pending run entry while merging. A spill's sort: key + count, their
+# sorted copies, the order (~48). The final in-memory merge by hashing, which must fit
+# too: the concatenated key + count, the table (1.25-2.5 slots per entry), slots, the
+# inverse and per-distinct arrays (~75 measured from the sizes).
+_MERGE_BYTES_PER_ENTRY = 80
 
 
 def merge_runs(runs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -80,8 +83,9 @@ class RunMerger:
         self._run_paths.append(os.path.join(
             self._tmp_dir, f'{self._tag}-added{len(self._run_paths):06d}.npy'))
         np.save(self._run_paths[-1], keys)
-    keys, counts = merge_runs(self._pending)
-    self._pending, self._pending_entries = [], 0
+    keys, counts, _ = self._sum_pending()
+    order = np.argsort(keys)  # Only the distinct keys: cheaper than sorting the runs.
+    keys, counts = keys[order], counts[order]
     base = os.path.join(self._tmp_dir, f'{self._tag}-run{len(self._spilled):05d}')
     np.save(base + '-keys.npy', keys)
     np.save(base + '-counts.npy', counts)
@@ -133,15 +137,18 @@ class RunMerger:
       os.remove(path)
     self._run_paths = []
 
-  def _finish_in_memory(self) -> tuple[np.ndarray, np.ndarray]:
-    if not self._pending:
-      return np.zeros(0, np.uint64), np.zeros(0, np.int64)
-    keys = np.concatenate([k for k, _ in self._pending])
-    counts = np.concatenate([c for _, c in self._pending])
-    self._pending = []
+  def _sum_pending(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct pending keys (unsorted), their total counts, each entry's index in them."""
+    keys = np.concatenate([k for k, _ in self._pending] or [np.zeros(0, np.uint64)])
+    counts = np.concatenate([c for _, c in self._pending] or [np.zeros(0, np.int64)])
+    self._pending, self._pending_entries = [], 0
     keys_D, _, index = count_distinct(keys, return_inverse=True, sort=False)
     # float64 sums of int counts are exact below 2**53 (a corpus has < 2**32 tokens).
     totals = np.bincount(index, weights=counts, minlength=keys_D.size).astype(np.int64)
+    return keys_D, totals, index
+
+  def _finish_in_memory(self) -> tuple[np.ndarray, np.ndarray]:
+    keys_D, totals, index = self._sum_pending()
     keep = np.flatnonzero(totals >= self._min_count)
     order = keep[np.argsort(keys_D[keep])]
     if self._keep_runs:
