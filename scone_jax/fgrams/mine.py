@@ -65,7 +65,8 @@ def rank_fgrams(tokens_MxK: np.ndarray, lengths_M: np.ndarray, counts_M: np.ndar
                 size: int) -> np.ndarray:
   """Indices of the top `size` grams in rank order (count desc, length asc, tokens asc).
 
-  The one ranking used by every miner (local and Beam), so their tables are identical.
+  The ranking of the Beam miner; the local one gets the same order from one stable sort
+  (its candidates come in (length, tokens) order), so their tables are identical.
 
   Args:
     tokens_MxK: M candidate grams, left-aligned, 0-padded to K columns.
