@@ -56,9 +56,6 @@ class KeyHash:
     slots_Cx2 = np.full((1 << bits, 2), EMPTY, dtype=np.uint64)  # Value -1 as uint64.
     self.keys, self.values = slots_Cx2[:, 0], slots_Cx2[:, 1].view(np.int64)
     self._slots_C = slots_Cx2.view(np.complex128).reshape(-1)  # 16-byte items for take.
-    # Strided memoryviews index to Python ints: `lookup_one` makes no numpy call.
-    self._keys_py, self._values_py = memoryview(self.keys), memoryview(self.values)
-    self._shift_int = 64 - bits
     self._len = len(keys_M)
     pending = np.arange(len(keys_M))
     slot = self._slot(keys_M)
@@ -75,28 +72,14 @@ class KeyHash:
     # A duplicate key overwrites its first copy's slot, leaving fewer occupied slots.
     if np.count_nonzero(self.keys != EMPTY) != len(keys_M):
       raise ValueError('KeyHash keys must be unique')
+    # lookup_one(key: int) -> int: the value for one Python-int key, -1 if absent.
+    self.lookup_one = _one_key_lookup(self.keys, self.values, 64 - bits, self._mask)
 
   def __len__(self) -> int:
     return self._len
 
   def _slot(self, keys_N: np.ndarray) -> np.ndarray:
     return ((keys_N * _MULT) >> self._shift).view(np.int64)  # < 2**63: shift >= 1.
-
-  def lookup_one(self, key: int) -> int:
-    """The value for one Python-int key, -1 if absent: `lookup` without numpy overhead.
-
-    A numpy call costs microseconds however few its keys; this costs ~0.3 us per probe,
-    for the decode-time matcher at small batch.
-    """
-    keys = self._keys_py
-    slot = ((key * _MULT_INT) & _U64_INT) >> self._shift_int
-    found = keys[slot]
-    while found != key:
-      if found == _EMPTY_INT:
-        return -1
-      slot = (slot + 1) & self._mask
-      found = keys[slot]
-    return self._values_py[slot]
 
   def lookup(self, keys_N: np.ndarray) -> np.ndarray:
     """Values for uint64 keys [N]; -1 where a key is absent."""
@@ -117,6 +100,28 @@ class KeyHash:
       more = ~hit & (found != EMPTY)
       pending, slot = pending[more], slot[more]
     return out
+
+
+def _one_key_lookup(keys_C: np.ndarray, values_C: np.ndarray, shift: int, mask: int):
+  """`KeyHash.lookup` for one key without numpy: a numpy call costs microseconds however
+  few its keys, this ~0.2 us per probe (for the decode-time matcher at small batch).
+
+  Strided memoryviews index to Python ints, and a closure reads its state from cells,
+  faster than a method's attribute loads.
+  """
+  keys, values = memoryview(keys_C), memoryview(values_C)
+
+  def lookup_one(key: int) -> int:
+    slot = ((key * _MULT_INT) & _U64_INT) >> shift
+    found = keys[slot]
+    while found != key:
+      if found == _EMPTY_INT:
+        return -1
+      slot = (slot + 1) & mask
+      found = keys[slot]
+    return values[slot]
+
+  return lookup_one
 
 
 def count_distinct(keys_N: np.ndarray, return_inverse: bool = False, sort: bool = True):

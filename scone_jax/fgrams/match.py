@@ -185,21 +185,22 @@ class IncrementalMatcher:
     return ids_B, lens_B
 
   def _push_scalar(self, tokens_B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if tokens_B.dtype == bool or not np.issubdtype(tokens_B.dtype, np.integer):
+    # Plain-Python checks: np.issubdtype and ufunc reductions cost microseconds each.
+    if tokens_B.dtype.kind not in 'iu':
       raise ValueError(f'tokens_B must be integer token ids, got dtype {tokens_B.dtype}')
     xs = tokens_B.tolist()
-    if not all(0 <= x < _TOKEN_LIMIT for x in xs):
+    if min(xs) < 0 or max(xs) >= _TOKEN_LIMIT:
       raise ValueError(f'tokens_B holds token ids outside [0, 2**31): {xs}')
     history, lookups, last = self._history, self._lookups, self._k - 1
     ids, lens = [-1] * len(xs), [1] * len(xs)
     for b, x in enumerate(xs):
-      new = [x]
-      for level, code in enumerate(history[b]):  # level = n - 2.
-        row = lookups[level]((code << 31) | x)
+      new = [x]  # Then the rows of the 2-, 3-, ... grams ending at x.
+      for lookup, code in zip(lookups, history[b]):
+        row = lookup((code << 31) | x)
         if row < 0:
           break
-        ids[b], lens[b] = row, level + 2
-        if level + 1 < last:
-          new.append(row)
-      history[b] = new
+        new.append(row)
+      if len(new) > 1:
+        ids[b], lens[b] = new[-1], len(new)
+      history[b] = new[:last]
     return np.array(ids, np.int32), np.array(lens, np.int32)
