@@ -30,6 +30,7 @@ class KeyHash:
     values: int64 [C] slot values.
   Both are strided views of one [C, 2] array, so a lookup fetches a slot's key and value
   with one 16-byte gather (one cache line instead of two: ~35% faster when out of cache).
+    lookup_one: (key: int) -> int, `lookup` of one Python-int key in plain Python.
   """
 
   def __init__(self, keys_M: np.ndarray, values_M: np.ndarray,
@@ -72,7 +73,6 @@ class KeyHash:
     # A duplicate key overwrites its first copy's slot, leaving fewer occupied slots.
     if np.count_nonzero(self.keys != EMPTY) != len(keys_M):
       raise ValueError('KeyHash keys must be unique')
-    # lookup_one(key: int) -> int: the value for one Python-int key, -1 if absent.
     self.lookup_one = _one_key_lookup(self.keys, self.values, 64 - bits, self._mask)
 
   def __len__(self) -> int:
