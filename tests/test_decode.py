@@ -27,7 +27,8 @@ def _cfg(fgram_layers):
   return config.replace(config.from_configdict(config.base_config()), **{
       'model.num_layers': 2, 'model.d_model': 32, 'model.num_heads': 2,
       'model.max_seq_len': 48, 'model.init_std': 0.3, 'train.seq_len': 32,
-      'fgram_model.num_layers': fgram_layers, 'fgram.max_len': K})
+      'fgram_model.num_layers': fgram_layers, 'fgram.max_len': K,
+      'fgram_model.init': 'random'})  # A non-trivial A_f at step 0 (test_model.py says why).
 
 
 @pytest.fixture(scope='module')

@@ -33,7 +33,7 @@ def lm():
   cfg = config.replace(config.from_configdict(config.base_config()), **{
       'model.num_layers': 1, 'model.d_model': 16, 'model.num_heads': 2,
       'model.max_seq_len': 16, 'train.seq_len': 16, 'fgram_model.num_layers': 1,
-      'fgram.max_len': K})
+      'fgram.max_len': K, 'fgram_model.init': 'random'})
   return SconeLM(cfg.model, cfg.fgram_model, fgram_max_len=K, vocab_size=V,
                  rngs=nnx.Rngs(0))
 

@@ -22,6 +22,9 @@ def tiny_cfg(family='gpt2', af_layers=1, **model):
   c.train.seq_len = 16
   c.fgram.max_len = K
   c.fgram_model.num_layers = af_layers
+  # Random A_f blocks: with the default identity init A_f(gram) = T(last token) at step 0,
+  # which would make the equivalence tests below blind to the earlier tokens of a gram.
+  c.fgram_model.init = 'random'
   for key, value in model.items():
     c.model[key] = value
   return config_lib.from_configdict(c)

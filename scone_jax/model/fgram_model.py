@@ -9,7 +9,9 @@ uses learned positions, never RoPE, whatever the backbone family: f-grams are at
 tokens long and the paper specifies a learned position table of size K. Attention is
 causal; the output is the hidden state at the f-gram's last token (index len-1), then a
 final norm per `fgram_model.final_norm` ('same' = the backbone's norm type with its own
-parameters, 'none' = the raw residual stream).
+parameters, 'none' = the raw residual stream). With `fgram_model.init='identity'` (the
+default) the position table and the blocks' residual output projections start at zero, so
+A_f(x_j..x_i) = T(x_i) at step 0: SCONE starts from the baseline's function.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ class FgramModel(nnx.Module):
             rngs.params(), (fgram_max_len, model_cfg.d_model), jnp.dtype(model_cfg.param_dtype)),
         ('fgram_pos', 'embed'))
     self.blocks = BlockStack(model_cfg, fgram_model_cfg.num_layers, rope=False, rngs=rngs)
+    if fgram_model_cfg.init == 'identity':
+      # A_f starts as the identity on the f-gram's last token (config.FgramModelConfig.init).
+      for zeroed in (self.pos_table, self.blocks.wo, self.blocks.w_out):
+        zeroed[...] = jnp.zeros_like(zeroed[...])
     self.final_norm = (FinalNorm(model_cfg.norm, model_cfg.d_model, model_cfg.param_dtype)
                        if fgram_model_cfg.final_norm == 'same' else None)
 
