@@ -58,9 +58,6 @@ def get_config(arg=None):
     c.train.steps = 152_588  # 80B tokens / (512 x 1024).
     c.train.learning_rate = 2e-4
     c.train.warmup_steps = 2000
-  c.train.lr_end_ratio = 0.1
-  c.train.weight_decay = 0.1
-  c.train.b1, c.train.b2 = 0.9, 0.95
-  c.train.grad_clip = 1.0
+  presets.apply_paper_optimizer(c)
   presets.apply_af(c, af)
   return c

@@ -44,9 +44,6 @@ def get_config(arg=None):
   c.train.steps = 47_684  # 200B tokens / (2048 x 2048).
   c.train.learning_rate = 4e-4
   c.train.warmup_steps = 2000
-  c.train.lr_end_ratio = 0.1
-  c.train.weight_decay = 0.1
-  c.train.b1, c.train.b2 = 0.9, 0.95
-  c.train.grad_clip = 1.0
+  presets.apply_paper_optimizer(c)
   presets.apply_af(c, af)
   return c

@@ -44,3 +44,14 @@ def apply_af(c: ml_collections.ConfigDict, af: float) -> None:
   if layers != int(layers):
     raise ValueError(f'af={af} x {c.model.num_layers} layers is not a whole number of layers')
   c.fgram_model.num_layers = int(layers)
+
+
+def apply_paper_optimizer(c: ml_collections.ConfigDict) -> None:
+  """The paper's AdamW settings shared by its GPT-2 and OLMo runs (SCONE.md).
+
+  Peak learning rate, warmup and steps differ per family and stay in the preset files.
+  """
+  c.train.lr_end_ratio = 0.1
+  c.train.weight_decay = 0.1
+  c.train.b1, c.train.b2 = 0.9, 0.95
+  c.train.grad_clip = 1.0
