@@ -273,6 +273,15 @@ def _label(g: Group) -> str:
   return ', '.join(f'{k.split(".")[-1]}={v}' for k, v in g.first.group) or 'base'
 
 
+def _log_x(ax, ticks: Sequence[float] = ()) -> None:
+  """Log x axis without the overlapping minor labels; major ticks at `ticks` if given."""
+  from matplotlib import ticker
+  ax.set_xscale('log')
+  ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+  if ticks:
+    ax.set_xticks(list(ticks), [f'{t:,.0f}' for t in ticks])
+
+
 def _errorbar(ax, gs: Sequence[Group], xs: Sequence[float], label: str, **kw) -> None:
   """Mean over seeds with a min..max bar."""
   mean = np.array([g.stat(np.mean) for g in gs])
@@ -300,7 +309,7 @@ def _ppl_plot(path: str, title: str, xlabel: str, scone: Sequence[Group],
     _errorbar(ax, gs, [x_of(g) for g in gs], label)
   _baseline_lines(ax, baselines)
   if logx:
-    ax.set_xscale('log')
+    _log_x(ax, sorted({x_of(g) for gs in _series(scone, x_key).values() for g in gs}))
   ax.set(title=title, xlabel=xlabel, ylabel='held-out perplexity (mean over seeds)')
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
@@ -342,7 +351,7 @@ def draw_plots(runs: Sequence[Run], out_dir: str) -> dict[str, str]:
     for i, g in enumerate(scone):
       _errorbar(ax, [g], [infer_flops(g)], 'SCONE ' + _label(g),
                 color=f'C{i % 7}', linestyle='none')
-    ax.set_xscale('log')
+    _log_x(ax)
     ax.set(title='Perplexity vs inference FLOPs per token', xlabel='inference FLOPs / token',
            ylabel='held-out perplexity')
     ax.grid(alpha=0.3)
