@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
-from scone_jax import artifacts, batches
+from scone_jax import artifacts, batches, compat
 from scone_jax import config as config_lib
 from scone_jax.train import checkpoint as checkpoint_lib
 from scone_jax.train import mesh as mesh_lib
@@ -64,7 +64,7 @@ class Evaluator:
           self._cfg, shards, self._data.table, jax.process_index(), jax.process_count(),
           max_batches=self._cfg.train.eval_batches, bos_id=self._data.tokenizer.bos_id)
       loss_sum, weight_sum = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
-      with jax.set_mesh(self._mesh):
+      with compat.set_mesh(self._mesh):
         for local_batch in it:
           l, w = self._loss_sums(params, other,
                                  batches.to_global_arrays(local_batch, self._mesh))

@@ -24,7 +24,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from scone_jax import artifacts, batches
+from scone_jax import artifacts, batches, compat
 from scone_jax import config as config_lib
 from scone_jax import evaluate as evaluate_lib
 from scone_jax.config import Config, ConfigError
@@ -239,7 +239,7 @@ def _train_steps(run: _Run, step_fn, state: step_lib.TrainState, step: int,
     scalars.update({f'batch/{k}': v for k, v in batch_stats.items()})
     return s, scalars
 
-  with jax.set_mesh(mesh):
+  with compat.set_mesh(mesh):
     while step < tc.steps:
       state, metrics_dev = train_step(state, global_batch)
       step += 1

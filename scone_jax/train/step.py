@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from scone_jax import compat
 from scone_jax.config import Config
 from scone_jax.model import SconeLM, create_sharded
 from scone_jax.train import mesh as mesh_lib
@@ -157,7 +158,7 @@ def jit_train_step(step_fn, state: TrainState, batch: Batch, mesh: jax.sharding.
                    out_shardings=(state_sh, replicated), donate_argnums=(0,))
   abstract_batch = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=batch_sh[k])
                     for k, v in batch.items()}
-  with jax.set_mesh(mesh):
+  with compat.set_mesh(mesh):
     compiled = jitted.lower(state, abstract_batch).compile()
   log_memory_analysis(compiled)
   return compiled
