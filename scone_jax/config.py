@@ -150,6 +150,10 @@ class TrainConfig:
   eval_every: int = 0  # 0 = only at the end.
   eval_batches: int = 8
   shuffle_buffer_docs: int = 0  # 0 = global shuffle of documents per epoch.
+  # Learning-rate multiplier for A_f's own parameters (not the shared token table), applied
+  # to AdamW's updates (scaling gradients would cancel in Adam). 1 is the paper's joint
+  # training; 0 freezes A_f's parameters (their gradients still count in the global-norm clip).
+  fgram_model_lr_scale: float = 1.0
   # Batches built ahead by one background thread (0 = build in the training thread).
   data_prefetch: int = 2
   # Peak dense TFLOP/s of one device for MFU; 0 = look up jax's device_kind in

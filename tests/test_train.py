@@ -68,6 +68,27 @@ def test_schedule_matches_reference_and_decay_mask():
                                               'embed': True}
 
 
+def test_fgram_model_lr_scale_scales_only_af_updates():
+  params = {'backbone': {'w': np.ones((3, 4), np.float32)},
+            'fgram_model': {'w': np.ones((3, 4), np.float32)}}
+  grads = {'backbone': {'w': np.full((3, 4), 0.5, np.float32)},
+           'fgram_model': {'w': np.full((3, 4), 0.5, np.float32)}}
+
+  def first_update(scale):
+    tc = config_lib.TrainConfig(steps=10, warmup_steps=1, learning_rate=0.1,
+                                fgram_model_lr_scale=scale)
+    tx = optimizer_lib.make_optimizer(tc)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return updates
+  full, scaled = first_update(1.0), first_update(0.25)
+  np.testing.assert_allclose(scaled['backbone']['w'], full['backbone']['w'])
+  np.testing.assert_allclose(scaled['fgram_model']['w'], 0.25 * full['fgram_model']['w'],
+                             rtol=1e-6)
+  assert np.abs(full['fgram_model']['w']).min() > 0
+  with pytest.raises(ConfigError, match='fgram_model_lr_scale=-1'):
+    first_update(-1.0)
+
+
 def test_mesh_errors_name_the_keys():
   assert mesh_lib.check_mesh(config_lib.MeshConfig(data=-1, fsdp=2, tensor=2), 8, 16) == (
       2, 2, 2)

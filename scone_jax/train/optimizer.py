@@ -47,9 +47,28 @@ def make_optimizer(train_cfg: TrainConfig) -> optax.GradientTransformation:
   over the whole global batch (accumulation happens in the train step)."""
   if train_cfg.grad_clip < 0:
     raise ConfigError(f'config.train.grad_clip={train_cfg.grad_clip} must be >= 0 (0 = off)')
+  if train_cfg.fgram_model_lr_scale < 0:
+    raise ConfigError(f'config.train.fgram_model_lr_scale={train_cfg.fgram_model_lr_scale} '
+                      'must be >= 0 (1 = the paper\'s joint training at one learning rate)')
   adamw = optax.adamw(
       learning_rate=learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
       eps=train_cfg.eps, weight_decay=train_cfg.weight_decay, mask=decay_mask)
+  if train_cfg.fgram_model_lr_scale != 1.0:
+    adamw = optax.chain(adamw, _scale_fgram_model(train_cfg.fgram_model_lr_scale))
   if train_cfg.grad_clip == 0:
     return adamw
   return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip), adamw)
+
+
+def _scale_fgram_model(scale: float) -> optax.GradientTransformation:
+  """Multiplies the updates (decay included) of A_f's own parameters by `scale`.
+
+  Only parameters under the model's `fgram_model` attribute: the token table T is shared
+  with the backbone and keeps the full rate.
+  """
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, u: u * scale if "['fgram_model']" in jax.tree_util.keystr(path) else u,
+        updates), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
