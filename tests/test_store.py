@@ -161,24 +161,22 @@ def test_truncated_store_is_a_clear_error(tmp_path, tier):
     EmbeddingStore.open(path, tier)
 
 
+def _edit_json(path, key, value):
+  with open(path) as f:
+    obj = json.load(f)
+  obj[key] = value
+  with open(path, 'w') as f:
+    json.dump(obj, f)
+
+
 def test_wrong_dtype_in_metadata_is_a_clear_error(tmp_path):
   path = _write(tmp_path / 'export', 'float16')
-  meta_path = os.path.join(path, 'zarr.json')
-  with open(meta_path) as f:
-    meta = json.load(f)
-  meta['data_type'] = 'float32'
-  with open(meta_path, 'w') as f:
-    json.dump(meta, f)
+  _edit_json(os.path.join(path, 'zarr.json'), 'data_type', 'float32')
   with pytest.raises(artifacts.ArtifactError, match='zarr.json .* truncated or modified'):
     EmbeddingStore.open(path, 'ram')
   # A manifest claiming another dtype than the zarr3 metadata.
   _write(tmp_path / 'export', 'float16')
-  manifest_path = os.path.join(path, 'manifest.json')
-  with open(manifest_path) as f:
-    manifest = json.load(f)
-  manifest['dtype'] = 'bfloat16'
-  with open(manifest_path, 'w') as f:
-    json.dump(manifest, f)
+  _edit_json(os.path.join(path, 'manifest.json'), 'dtype', 'bfloat16')
   with pytest.raises(artifacts.ArtifactError, match='modified after export'):
     EmbeddingStore.open(path, 'ram')
 
