@@ -1,13 +1,14 @@
 """Matching vs a nested-loop reference; IncrementalMatcher vs match; KeyHash vs a dict."""
 
-from unittest import mock
 
 import hypothesis
+import numba
 import hypothesis.strategies as st
 import numpy as np
 import pytest
 
-from scone_jax.fgrams import FgramTable, IncrementalMatcher, match, mine_fgrams
+from scone_jax.fgrams import FgramTable, IncrementalMatcher, mine_fgrams
+from scone_jax.fgrams import keyhash
 from scone_jax.fgrams.keyhash import KeyHash
 
 
@@ -75,20 +76,17 @@ def test_match_on_real_text_finds_long_grams():
   assert (lens == 5).any()
 
 
-# 0: every batch takes the vectorised path; 64: these batches take the scalar one.
-@pytest.mark.parametrize('scalar_max_batch', [0, 64])
 @hypothesis.settings(max_examples=25, deadline=None)
 @hypothesis.given(seed=st.integers(0, 2**31), max_len=st.integers(2, 6),
                   b=st.sampled_from([1, 5]))
-def test_incremental_equals_match(scalar_max_batch, seed, max_len, b):
+def test_incremental_equals_match(seed, max_len, b):
   rng = np.random.default_rng(seed)
   vocab, t = 4, 40
   table = random_table(rng, vocab, max_len, 60)
   tokens = rng.integers(0, vocab, (b, t))
   segments = np.cumsum(rng.random((b, t)) < 0.1, axis=1) + 1
   want_ids, want_lens = table.match(tokens, segments)
-  with mock.patch.object(match, 'SCALAR_MAX_BATCH', scalar_max_batch):
-    matcher = IncrementalMatcher(table, b)
+  matcher = IncrementalMatcher(table, b)
   for i in range(t):
     for bi in range(b):
       if i == 0 or segments[bi, i] != segments[bi, i - 1]:
@@ -126,15 +124,15 @@ def test_match_bad_inputs():
     table.match(-np.ones((2, 3), np.int64))
   with pytest.raises(ValueError, match='shape of tokens'):
     table.match(np.ones((2, 3), np.int64), np.ones((2, 4), np.int64))
-  for scalar_max_batch in (0, 64):
-    with mock.patch.object(match, 'SCALAR_MAX_BATCH', scalar_max_batch):
-      matcher = IncrementalMatcher(table, 2)
-    with pytest.raises(ValueError, match='tokens_B must have shape'):
-      matcher.push(np.ones(3, np.int64))
-    with pytest.raises(ValueError, match='integer'):
-      matcher.push(np.ones(2))
-    with pytest.raises(ValueError, match='outside'):
-      matcher.push(np.array([1, 2**31]))
+  matcher = IncrementalMatcher(table, 2)
+  with pytest.raises(ValueError, match='tokens_B must have shape'):
+    matcher.push(np.ones(3, np.int64))
+  with pytest.raises(ValueError, match='integer'):
+    matcher.push(np.ones(2))
+  with pytest.raises(ValueError, match='outside'):
+    matcher.push(np.array([1, 2**31]))
+  with pytest.raises(ValueError, match='outside'):
+    matcher.push(np.array([-1, 2]))
 
 
 def test_keyhash_equals_dict():
@@ -147,6 +145,7 @@ def test_keyhash_equals_dict():
   want = dict(zip(keys.tolist(), values.tolist()))
   want_values = [want.get(q, -1) for q in queries.tolist()]
   np.testing.assert_array_equal(table.lookup(queries), want_values)
-  assert [table.lookup_one(q) for q in queries.tolist()] == want_values
+  probe_all = numba.njit(lambda slots, shift, q: [keyhash.probe(slots, shift, k) for k in q])
+  assert probe_all(table.slots_Cx2, table.shift, queries) == want_values
   with pytest.raises(ValueError, match='unique'):
     KeyHash(np.array([3, 3], np.uint64), np.array([0, 1]))

@@ -1,6 +1,7 @@
 """mine_fgrams and FgramTable vs a plain-Python Counter reference."""
 
 import collections
+import concurrent.futures
 import inspect
 import os
 import types
@@ -210,6 +211,13 @@ def test_count_distinct_equals_unique(part_keys, keys):
     np.testing.assert_array_equal(got_keys[order], want_keys)
     np.testing.assert_array_equal(got_counts[order], want_counts)
     np.testing.assert_array_equal(got_keys[got_inverse], keys)
+    # Weighted (merging runs), parts counted on a thread pool.
+    weights = np.arange(keys.size, dtype=np.int64) % 7 + 1
+    want_sums = np.bincount(want_inverse.reshape(-1), weights, want_keys.size).astype(np.int64)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      got_keys, got_sums = count_distinct(keys, weights_N=weights, pool=pool)
+    np.testing.assert_array_equal(got_keys, want_keys)
+    np.testing.assert_array_equal(got_sums, want_sums)
 
 
 @pytest.mark.parametrize('budget_bytes', [1 << 30, 200])  # In memory; spilling every run.

@@ -1,4 +1,4 @@
-"""A vectorised open-addressing hash map from uint64 keys to int64 values (numpy only).
+"""Open-addressing hashing of exact uint64 keys: a vectorised map (KeyHash) and counting.
 
 Both the miner (per-position id of the kept (n-1)-gram) and the matcher (row of the
 f-gram ending at a position) resolve millions of exact keys per call. A sorted array with
@@ -9,11 +9,12 @@ stored and compared): hashing only picks the slot, it never merges two keys.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 EMPTY = np.uint64(0xFFFF_FFFF_FFFF_FFFF)  # Never a valid key: callers keep keys < 2**63.
 _MULT = np.uint64(0x9E37_79B9_7F4A_7C15)  # Fibonacci hashing: top bits of key * 2**64/phi.
-_EMPTY_INT, _MULT_INT, _U64_INT = int(EMPTY), int(_MULT), (1 << 64) - 1
+_MULT_INT = int(_MULT)
 # count_distinct splits more keys than 4x this into parts of about this many, by the top
 # bits of a second, independent hash (the slot hash's own bits would crowd each part into
 # a fraction of its table): one table of 10M+ slots misses cache and TLB on every access,
@@ -26,11 +27,12 @@ class KeyHash:
   """Exact map from unique uint64 keys (< 2**63) to int64 values.
 
   Attributes:
-    keys: uint64 [C] slot keys (EMPTY where free), C a power of two >= 2 * len.
-    values: int64 [C] slot values.
-  Both are strided views of one [C, 2] array, so a lookup fetches a slot's key and value
-  with one 16-byte gather (one cache line instead of two: ~35% faster when out of cache).
-    lookup_one: (key: int) -> int, `lookup` of one Python-int key in plain Python.
+    slots_Cx2: uint64 [C, 2], per slot its key (EMPTY where free) and value (as uint64),
+      C a power of two >= 2 * len: a lookup fetches a slot's key and value with one
+      16-byte gather (one cache line instead of two: ~35% faster when out of cache).
+    keys: uint64 [C] slot keys, a strided view of slots_Cx2.
+    values: int64 [C] slot values, likewise.
+    shift: a key's home slot is (key * _MULT mod 2**64) >> shift; probing steps + 1 mod C.
   """
 
   def __init__(self, keys_M: np.ndarray, values_M: np.ndarray,
@@ -55,6 +57,8 @@ class KeyHash:
     self._shift = np.uint64(64 - bits)
     self._mask = (1 << bits) - 1
     slots_Cx2 = np.full((1 << bits, 2), EMPTY, dtype=np.uint64)  # Value -1 as uint64.
+    self.slots_Cx2 = slots_Cx2
+    self.shift = 64 - bits
     self.keys, self.values = slots_Cx2[:, 0], slots_Cx2[:, 1].view(np.int64)
     self._slots_C = slots_Cx2.view(np.complex128).reshape(-1)  # 16-byte items for take.
     self._len = len(keys_M)
@@ -73,7 +77,6 @@ class KeyHash:
     # A duplicate key overwrites its first copy's slot, leaving fewer occupied slots.
     if np.count_nonzero(self.keys != EMPTY) != len(keys_M):
       raise ValueError('KeyHash keys must be unique')
-    self.lookup_one = _one_key_lookup(self.keys, self.values, 64 - bits, self._mask)
 
   def __len__(self) -> int:
     return self._len
@@ -102,50 +105,37 @@ class KeyHash:
     return out
 
 
-def _one_key_lookup(keys_C: np.ndarray, values_C: np.ndarray, shift: int, mask: int):
-  """`KeyHash.lookup` for one key without numpy: a numpy call costs microseconds however
-  few its keys, this ~0.2 us per probe (for the decode-time matcher at small batch).
-
-  Strided memoryviews index to Python ints, and a closure reads its state from cells,
-  faster than a method's attribute loads.
-  """
-  keys, values = memoryview(keys_C), memoryview(values_C)
-
-  def lookup_one(key: int) -> int:
-    slot = ((key * _MULT_INT) & _U64_INT) >> shift
-    found = keys[slot]
-    while found != key:
-      if found == _EMPTY_INT:
-        return -1
-      slot = (slot + 1) & mask
-      found = keys[slot]
-    return values[slot]
-
-  return lookup_one
-
-
-def count_distinct(keys_N: np.ndarray, return_inverse: bool = False, sort: bool = True):
+def count_distinct(keys_N: np.ndarray, return_inverse: bool = False, sort: bool = True,
+                   weights_N: np.ndarray | None = None, pool=None):
   """Distinct uint64 keys (< 2**63), ascending, with their counts: (keys_U, counts_U).
 
-  Equals run-length counting after np.sort, ~1.6x faster on text n-grams: each key is
-  placed in an open-addressing table (most resolve in the first round, duplicates land on
-  their own key), counted with one bincount, and only the U distinct keys are sorted.
+  Equals run-length counting after np.sort, several times faster: one compiled pass puts
+  each key in an open-addressing table and counts it there; only the U distinct keys are
+  sorted.
 
   Args:
     keys_N: the keys.
     return_inverse: also return inverse_N (int32, int64 from 2**31 keys), the index of
-      each key in keys_U as np.unique gives it: one more gather, where looking the keys
-      up again would cost a hash probe each.
-    sort: False leaves keys_U in an arbitrary order, skipping the argsort (half the cost
-      on text n-grams) where the caller sorts only what it keeps.
+      each key in keys_U as np.unique gives it (where looking the keys up again would
+      cost a hash probe each).
+    sort: False leaves keys_U in an arbitrary order, skipping the argsort where the
+      caller sorts only what it keeps.
+    weights_N: optional int64 counts to add per key (merging runs) instead of 1 each.
+    pool: optional concurrent.futures executor; more than 4 * PART_KEYS keys are counted
+      as parts on it in parallel (the kernel releases the GIL).
   """
   keys_N = np.asarray(keys_N, dtype=np.uint64)
+  weights_N = (np.zeros(0, np.int64) if weights_N is None
+               else np.asarray(weights_N, dtype=np.int64))
+  if weights_N.size not in (0, keys_N.size):
+    raise ValueError(f'weights_N has {weights_N.size} entries for {keys_N.size} keys')
   if keys_N.size > 4 * PART_KEYS:
-    return _count_parts(keys_N, return_inverse, sort)
-  return _count_table(keys_N, return_inverse, sort)
+    return _count_parts(keys_N, weights_N, return_inverse, sort, pool)
+  return _count_table(keys_N, weights_N, return_inverse, sort)
 
 
-def _count_parts(keys_N: np.ndarray, return_inverse: bool, sort: bool):
+def _count_parts(keys_N: np.ndarray, weights_N: np.ndarray, return_inverse: bool,
+                 sort: bool, pool):
   """count_distinct of many keys: one small table per part of about PART_KEYS keys."""
   part_bits = (keys_N.size // PART_KEYS).bit_length()
   part_N = ((keys_N * _PART_MULT) >> np.uint64(64 - part_bits)).astype(np.uint16)
@@ -153,9 +143,16 @@ def _count_parts(keys_N: np.ndarray, return_inverse: bool, sort: bool):
   ends = np.cumsum(np.bincount(part_N, minlength=1 << part_bits))
   del part_N
   keys_N = keys_N[perm]
-  results = [_count_table(keys_N[lo:hi], return_inverse, sort=False)
-             for lo, hi in zip(np.concatenate(([0], ends[:-1])), ends)]
-  del keys_N
+  if weights_N.size:
+    weights_N = weights_N[perm]
+  spans = list(zip(np.concatenate(([0], ends[:-1])), ends))
+
+  def count(span):
+    lo, hi = span
+    return _count_table(keys_N[lo:hi], weights_N[lo:hi], return_inverse, sort=False)
+
+  results = list(pool.map(count, spans) if pool is not None else map(count, spans))
+  del keys_N, weights_N
   keys_U = np.concatenate([r[0] for r in results])
   counts_U = np.concatenate([r[1] for r in results])
   order = np.argsort(keys_U) if sort else slice(None)
@@ -172,36 +169,73 @@ def _count_parts(keys_N: np.ndarray, return_inverse: bool, sort: bool):
   return keys_U[order], counts_U[order], inverse_N
 
 
-def _count_table(keys_N: np.ndarray, return_inverse: bool, sort: bool):
-  """count_distinct with one open-addressing table."""
+def _count_table(keys_N: np.ndarray, weights_N: np.ndarray, return_inverse: bool,
+                 sort: bool):
+  """count_distinct with one open-addressing table (one compiled pass over the keys)."""
   num = keys_N.size
-  if num == 0:
-    empty = (keys_N, np.zeros(0, np.int64))
-    return empty + (np.zeros(0, np.int32),) if return_inverse else empty
   # Capacity > 1.25 N >= 1.25 U: probing ends, and stays short (load <= 0.8) even when
   # (nearly) all keys are distinct.
   bits = max(3, (num + num // 4).bit_length())
+  inverse_dtype = np.int32 if num < 1 << 31 else np.int64
+  keys_U, counts_U, inverse_N = _count_kernel(keys_N, weights_N, bits, return_inverse,
+                                              np.zeros(0, inverse_dtype))
+  if sort:
+    order = np.argsort(keys_U)
+    keys_U, counts_U = keys_U[order], counts_U[order]
+    if return_inverse:
+      rank = np.empty(keys_U.size, inverse_dtype)
+      rank[order] = np.arange(keys_U.size, dtype=inverse_dtype)
+      inverse_N = rank[inverse_N]
+  return (keys_U, counts_U, inverse_N) if return_inverse else (keys_U, counts_U)
+
+
+@numba.njit(nogil=True, cache=True)
+def _count_kernel(keys_N, weights_N, bits, return_inverse, like):
+  """Distinct keys in first-seen order, their counts (or summed weights where weights_N
+  is not empty), and optionally each key's index among them.
+
+  Linear probing over a table of indices into keys_U (-1 free); nogil, so the miner's
+  threads count chunks on all cores. `like` (empty) carries the index dtype.
+  """
+  num = keys_N.size
+  weighted = weights_N.size > 0
   mask = (1 << bits) - 1
-  table = np.full(1 << bits, EMPTY, dtype=np.uint64)
-  slot = ((keys_N * _MULT) >> np.uint64(64 - bits)).view(np.int64)
-  # Round 1 writes every key to its slot; where keys collide one write wins (read back),
-  # the others probe on: to their own key, or claim a free slot.
-  table[slot] = keys_N
-  pending = np.flatnonzero(table[slot] != keys_N)
-  while pending.size:
-    slot[pending] = (slot[pending] + 1) & mask
-    s, k = slot[pending], keys_N[pending]
-    free = table[s] == EMPTY
-    table[s[free]] = k[free]
-    pending = pending[table[s] != k]
-  occupied = np.flatnonzero(table != EMPTY)
-  keys_U = table[occupied]
-  order = np.argsort(keys_U) if sort else slice(None)
-  if not return_inverse:
-    return keys_U[order], np.bincount(slot, minlength=table.size)[occupied][order]
-  # Only occupied slots are read.
-  index_of_slot = np.empty(table.size, np.int32 if num < 1 << 31 else np.int64)
-  index_of_slot[occupied[order]] = np.arange(keys_U.size)
-  inverse_N = index_of_slot[slot]
-  # Counting over the U indices, not the C slots: a smaller, cache-resident output.
-  return keys_U[order], np.bincount(inverse_N, minlength=keys_U.size), inverse_N
+  shift = np.uint64(64 - bits)
+  mult = np.uint64(_MULT_INT)
+  index_of_slot = np.full(1 << bits, -1, like.dtype)
+  keys_U = np.empty(num, np.uint64)
+  counts_U = np.zeros(num, np.int64)
+  inverse_N = np.empty(num if return_inverse else 0, like.dtype)
+  u = 0
+  for i in range(num):
+    key = keys_N[i]
+    slot = np.int64((key * mult) >> shift)
+    while True:
+      j = index_of_slot[slot]
+      if j < 0:
+        index_of_slot[slot] = u
+        keys_U[u] = key
+        j = u
+        u += 1
+        break
+      if keys_U[j] == key:
+        break
+      slot = (slot + 1) & mask
+    counts_U[j] += weights_N[i] if weighted else 1
+    if return_inverse:
+      inverse_N[i] = j
+  return keys_U[:u].copy(), counts_U[:u].copy(), inverse_N
+
+
+@numba.njit(nogil=True, inline='always')
+def probe(slots_Cx2, shift, key):
+  """KeyHash lookup of one key inside a compiled kernel: its value, or -1."""
+  mask = slots_Cx2.shape[0] - 1
+  slot = np.int64((np.uint64(key) * np.uint64(_MULT_INT)) >> np.uint64(shift))
+  while True:
+    found = slots_Cx2[slot, 0]
+    if found == np.uint64(key):
+      return np.int64(slots_Cx2[slot, 1])
+    if found == EMPTY:
+      return np.int64(-1)
+    slot = (slot + 1) & mask

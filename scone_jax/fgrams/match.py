@@ -9,9 +9,10 @@ at most K-1 probes per token, vectorised over all positions of the batch.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
-from scone_jax.fgrams.keyhash import KeyHash
+from scone_jax.fgrams.keyhash import KeyHash, probe
 from scone_jax.fgrams.table import FgramTable
 
 _SHIFT = np.uint64(31)
@@ -112,45 +113,33 @@ class Matcher:
     return ids_N.reshape(b, t), lens_N.reshape(b, t)
 
 
-# Below this batch size `push` probes the hash maps one key at a time in Python: a numpy
-# call costs microseconds however few its keys, and decode steps are latency-bound.
-SCALAR_MAX_BATCH = 64
-
-
 class IncrementalMatcher:
   """Matching for decoding: one token per sequence per step, equal to `table.match`.
 
   Keeps, per sequence, the rows of the 1..K-1-grams ending at the previous token (for
   n = 1 the token itself), i.e. the information in its last K-1 tokens. The n-gram ending
   at the new token x is the (n-1)-gram ending at the previous token extended by x, so
-  level n is one exact lookup of (that row, x), and the first miss ends the chain.
-  Batches up to SCALAR_MAX_BATCH keep that state in Python lists and probe one key at a
-  time (`KeyHash.lookup_one`); larger ones keep a [B, K-1] array and probe vectorised.
+  level n is one exact lookup of (that row, x), and the first miss ends the chain. `push`
+  is one compiled call for the whole batch: it sits on the decode critical path, where
+  each numpy call would cost microseconds however few its keys.
   """
 
   def __init__(self, table: FgramTable, batch_size: int):
     if batch_size < 1:
       raise ValueError(f'batch_size={batch_size} must be >= 1')
-    self._matcher = table.matcher
+    matcher = table.matcher
     self._k = table.max_len
     self.batch_size = batch_size
-    self._scalar = batch_size <= SCALAR_MAX_BATCH
-    if self._scalar:
-      # Per sequence: rows of the 1..m-grams ending at the previous token, m <= K-1
-      # (shorter where a level missed).
-      self._history: list[list[int]] = [[] for _ in range(batch_size)]
-      self._lookups = [self._matcher.hashes[n].lookup_one for n in range(2, self._k + 1)]
-    else:
-      self._codes_BxL = np.full((batch_size, self._k - 1), -1, np.int64)  # L = K-1 lengths.
+    levels = [matcher.hashes[n] for n in range(2, self._k + 1)]
+    self._slots = tuple(h.slots_Cx2 for h in levels)
+    self._shifts_L = np.array([h.shift for h in levels], np.int64)
+    # Row b, column n-1: row of the n-gram ending at b's last token (n = 1: the token);
+    # -1 where none (or nothing came before).
+    self._codes_BxL = np.full((batch_size, self._k - 1), -1, np.int64)
 
   def reset(self, b: int | None = None) -> None:
     """Forgets the history of sequence `b` (or all): call at a document start."""
-    if self._scalar:
-      if b is None:
-        self._history = [[] for _ in range(self.batch_size)]
-      else:
-        self._history[b] = []
-    elif b is None:
+    if b is None:
       self._codes_BxL[:] = -1
     else:
       self._codes_BxL[b] = -1
@@ -161,46 +150,43 @@ class IncrementalMatcher:
     if tokens_B.shape != (self.batch_size,):
       raise ValueError(f'tokens_B must have shape ({self.batch_size},), got '
                        f'{tokens_B.shape}')
-    if self._scalar:
-      return self._push_scalar(tokens_B)
-    x_B = _check_tokens(tokens_B, 'tokens_B')
-    codes_BxL = self._codes_BxL
-    new_BxL = np.full_like(codes_BxL, -1)
-    new_BxL[:, 0] = x_B
-    ids_B = np.full(self.batch_size, -1, np.int32)
-    lens_B = np.ones(self.batch_size, np.int32)
-    active = np.arange(self.batch_size)
-    for n in range(2, self._k + 1):
-      code = codes_BxL[active, n - 2]  # Row of the (n-1)-gram ending at the last token.
-      active, code = active[code >= 0], code[code >= 0]
-      rows = self._matcher.hashes[n].lookup(_pack(code, x_B[active]))
-      active, rows = active[rows >= 0], rows[rows >= 0]
-      if not active.size:
-        break
-      ids_B[active] = rows
-      lens_B[active] = n
-      if n < self._k:
-        new_BxL[active, n - 1] = rows
-    self._codes_BxL = new_BxL
-    return ids_B, lens_B
-
-  def _push_scalar(self, tokens_B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    # Plain-Python checks: np.issubdtype and ufunc reductions cost microseconds each.
     if tokens_B.dtype.kind not in 'iu':
       raise ValueError(f'tokens_B must be integer token ids, got dtype {tokens_B.dtype}')
-    xs = tokens_B.tolist()
-    if min(xs) < 0 or max(xs) >= _TOKEN_LIMIT:
-      raise ValueError(f'tokens_B holds token ids outside [0, 2**31): {xs}')
-    history, lookups, last = self._history, self._lookups, self._k - 1
-    ids, lens = [-1] * len(xs), [1] * len(xs)
-    for b, x in enumerate(xs):
-      new = [x]  # Then the rows of the 2-, 3-, ... grams ending at x.
-      for lookup, code in zip(lookups, history[b]):
-        row = lookup((code << 31) | x)
-        if row < 0:
-          break
-        new.append(row)
-      if len(new) > 1:
-        ids[b], lens[b] = new[-1], len(new)
-      history[b] = new[:last]
-    return np.array(ids, np.int32), np.array(lens, np.int32)
+    ids_B = np.empty(self.batch_size, np.int32)
+    lens_B = np.empty(self.batch_size, np.int32)
+    bad = _push_kernel(tokens_B.astype(np.int64, copy=False), self._codes_BxL, self._slots,
+                       self._shifts_L, ids_B, lens_B)
+    if bad >= 0:
+      raise ValueError(f'tokens_B holds token ids outside [0, 2**31): row {bad} has '
+                       f'{tokens_B[bad]}')
+    return ids_B, lens_B
+
+
+@numba.njit(nogil=True, cache=True)
+def _push_kernel(tokens_B, codes_BxL, slots, shifts_L, ids_B, lens_B):
+  """IncrementalMatcher.push; returns -1, or the first row with an invalid token (rows
+  before it are updated, it and later ones are not)."""
+  batch, levels = codes_BxL.shape
+  old_L = np.empty(levels, np.int64)
+  for b in range(batch):
+    x = tokens_B[b]
+    if x < 0 or x >= _TOKEN_LIMIT:
+      return b
+    for j in range(levels):
+      old_L[j] = codes_BxL[b, j]
+      codes_BxL[b, j] = -1
+    codes_BxL[b, 0] = x
+    ids_B[b] = -1
+    lens_B[b] = 1
+    for n in range(2, levels + 2):
+      code = old_L[n - 2]  # Row of the (n-1)-gram ending at the previous token.
+      if code < 0:
+        break
+      row = probe(slots[n - 2], shifts_L[n - 2], (code << 31) | x)
+      if row < 0:
+        break
+      ids_B[b] = row
+      lens_B[b] = n
+      if n - 1 < levels:
+        codes_BxL[b, n - 1] = row
+  return -1

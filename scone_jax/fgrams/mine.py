@@ -367,7 +367,7 @@ def _mine_levels(corpus: _Corpus, max_len: int, min_count: int, budget: int, wor
     for n in range(2, max_len + 1):
       want_index = n < max_len  # Scan n+1 reads the kept n-gram ids.
       merger = spill.RunMerger(budget // 2, tmp, min_count, tag=f'n{n}',
-                               keep_runs=want_index)
+                               keep_runs=want_index, pool=pool)
       bar = tqdm.tqdm(total=num, unit='tok', unit_scale=True, desc=f'f-grams n={n}',
                       disable=not progress, leave=False)
       scan = functools.partial(_scan_chunk, corpus, n, ids, frequent, want_index)

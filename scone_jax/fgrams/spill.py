@@ -49,10 +49,12 @@ class RunMerger:
     keep_runs: remember each added run's keys so that, after `finish`, `kept_ids(i)`
       says which kept key each entry of run i is. Without spills that falls out of the
       final merge; with them the runs' keys are saved too and looked up.
+    pool: optional executor that counts the merge's parts in parallel (count_distinct).
   """
 
   def __init__(self, budget_bytes: int, tmp_dir: str, min_count: int, tag: str,
-               keep_runs: bool = False):
+               keep_runs: bool = False, pool=None):
+    self._pool = pool
     self._budget = max(int(budget_bytes), 1)
     self._tmp_dir = tmp_dir
     self._min_count = min_count
@@ -142,9 +144,8 @@ class RunMerger:
     keys = np.concatenate([k for k, _ in self._pending] or [np.zeros(0, np.uint64)])
     counts = np.concatenate([c for _, c in self._pending] or [np.zeros(0, np.int64)])
     self._pending, self._pending_entries = [], 0
-    keys_D, _, index = count_distinct(keys, return_inverse=True, sort=False)
-    # float64 sums of int counts are exact below 2**53 (a corpus has < 2**32 tokens).
-    totals = np.bincount(index, weights=counts, minlength=keys_D.size).astype(np.int64)
+    keys_D, totals, index = count_distinct(keys, return_inverse=True, sort=False,
+                                           weights_N=counts, pool=self._pool)
     return keys_D, totals, index
 
   def _finish_in_memory(self) -> tuple[np.ndarray, np.ndarray]:
