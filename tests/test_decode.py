@@ -54,6 +54,8 @@ def scone(table, tmp_path_factory):
                              ExportConfig(dtype=dtype, batch_size=64, chunk_rows=64),
                              {'checkpoint_step': 0}, mesh=ONE_DEVICE, progress=False)
     out[dtype] = EmbeddingStore.open(path, 'ram')
+    if dtype == 'float32':  # The disk tier takes the decoder's unfused path.
+      out['float32-disk'] = EmbeddingStore.open(path, 'disk')
   return lm, out
 
 
@@ -89,7 +91,8 @@ CONTS = [[8, 9, 10, 11, 12], [11, 40, 12, 13, 5], [13, 5, 6, 7, 8], [12, 13, 20,
          [44, 30, 31, 9, 10]]
 
 
-@pytest.mark.parametrize('dtype,rtol', [('float32', 1e-5), ('bfloat16', 3e-2)])
+@pytest.mark.parametrize('dtype,rtol', [('float32', 1e-5), ('bfloat16', 3e-2),
+                                        ('float32-disk', 1e-5)])
 def test_serving_logits_equal_training_forward(scone, table, dtype, rtol):
   lm, stores = scone
   store = stores[dtype]

@@ -137,6 +137,12 @@ class IncrementalMatcher:
     # -1 where none (or nothing came before).
     self._codes_BxL = np.full((batch_size, self._k - 1), -1, np.int64)
 
+  @property
+  def kernel_args(self) -> tuple:
+    """(codes_BxL, slots, shifts_L): `push_kernel`'s state arguments, for compiled callers
+    that fuse a push with more work (serve/decode.py). codes_BxL is updated in place."""
+    return self._codes_BxL, self._slots, self._shifts_L
+
   def reset(self, b: int | None = None) -> None:
     """Forgets the history of sequence `b` (or all): call at a document start."""
     if b is None:
@@ -154,7 +160,7 @@ class IncrementalMatcher:
       raise ValueError(f'tokens_B must be integer token ids, got dtype {tokens_B.dtype}')
     ids_B = np.empty(self.batch_size, np.int32)
     lens_B = np.empty(self.batch_size, np.int32)
-    bad = _push_kernel(tokens_B.astype(np.int64, copy=False), self._codes_BxL, self._slots,
+    bad = push_kernel(tokens_B.astype(np.int64, copy=False), self._codes_BxL, self._slots,
                        self._shifts_L, ids_B, lens_B)
     if bad >= 0:
       raise ValueError(f'tokens_B holds token ids outside [0, 2**31): row {bad} has '
@@ -163,7 +169,7 @@ class IncrementalMatcher:
 
 
 @numba.njit(nogil=True, cache=True)
-def _push_kernel(tokens_B, codes_BxL, slots, shifts_L, ids_B, lens_B):
+def push_kernel(tokens_B, codes_BxL, slots, shifts_L, ids_B, lens_B):
   """IncrementalMatcher.push; returns -1, or the first row with an invalid token (rows
   before it are updated, it and later ones are not)."""
   batch, levels = codes_BxL.shape

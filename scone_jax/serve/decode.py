@@ -13,13 +13,15 @@ counts agree).
 
 Per decode step the host (1) pushes each sequence's new token into an
 `IncrementalMatcher`, which returns the longest f-gram ending there, (2) gathers those
-rows from the `EmbeddingStore`, (3) `device_put`s one [B, D + 1] slab whose last column
-is the match flag (one asynchronous transfer per step, not two) and dispatches the step.
-The prompt's matching, gather and transfer are issued before the prefill is dispatched,
-sampled tokens stay on the device as the next step's input, and the host's bookkeeping
-of token t runs while step t+1 runs on the device. Steps (1)-(3) need token t, so they
-sit between two device steps: they are SCONE's whole per-step cost over the baseline
-(~0.1-0.15 ms of matching plus one small transfer; benchmarks/bench_decode.py).
+rows from the `EmbeddingStore` into one [B, D + 1] slab whose last column is the match
+flag, and (3) hands the slab to the jitted step (one small transfer per step). For the
+'ram' tier (1)-(2) are one compiled call (`_slab_kernel`). The prompt's matching, gather
+and transfer are issued before the prefill is dispatched, sampled tokens stay on the
+device as the next step's input, and the host's bookkeeping of token t runs while step
+t+1 runs on the device. Steps (1)-(3) need token t, so they sit between two device
+steps: they are SCONE's whole per-step cost over the baseline (benchmarks/bench_decode.py
+prints it: ~2 us isolated, ~10-20 us inside the CPU decode loop, whose device step has
+just evicted the host's caches).
 The store is never indexed inside jit (ENV.md: a pinned_host table indexed in jit fails
 or runs slow host compute).
 """
@@ -33,12 +35,14 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numba
 import numpy as np
 from flax import nnx
 
 from scone_jax.fgrams import IncrementalMatcher
+from scone_jax.fgrams.match import push_kernel
 from scone_jax.model import Backbone, KVCache, SconeLM
-from scone_jax.serve.store import EmbeddingStore
+from scone_jax.serve.store import EmbeddingStore, gather_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +105,20 @@ def _decode(graphdef, sampling: Sampling, state, token_B, slab_BxE, cache: KVCac
   logits_Bx1xV, cache = backbone.decode(x_Bx1xD, cache)
   next_B = sample(logits_Bx1xV[:, 0], jax.random.fold_in(key, step), sampling)
   return logits_Bx1xV[:, 0], next_B, cache
+
+
+@numba.njit(nogil=True, cache=True)
+def _slab_kernel(tokens_B, codes_BxL, slots, shifts_L, ids_B, lens_B, rows_RxD, num_rows,
+                 slab_BxE, one):
+  """IncrementalMatcher.push + EmbeddingStore.gather + the match flag, on raw bits; returns
+  the number of matched rows, or -1 - b for the first row b with an invalid token."""
+  bad = push_kernel(tokens_B, codes_BxL, slots, shifts_L, ids_B, lens_B)
+  if bad >= 0:
+    return -1 - bad
+  hits = gather_kernel(rows_RxD, ids_B, num_rows, slab_BxE[:, :-1])
+  for b in range(ids_B.size):
+    slab_BxE[b, -1] = one if lens_B[b] > 1 else 0
+  return hits
 
 
 # Module level, so decoders of one model shape share compilations.
@@ -172,6 +190,17 @@ class Decoder:
     if table is not None:
       self._matcher = IncrementalMatcher(table, batch_size)
       self.max_fgram_len = int(table.max_len)
+      self._ids_B = np.empty(batch_size, np.int32)
+      self._lens_B = np.empty(batch_size, np.int32)
+      if store.raw_rows is not None:
+        # Tier 'ram': one compiled call per step (_slab_kernel) on the raw bits.
+        raw = store.raw_rows.dtype
+        self._fused_args = (*self._matcher.kernel_args, self._ids_B, self._lens_B,
+                            store.raw_rows, store.num_rows)
+        self._raw_one = np.array(1, self._slab_dtype).view(raw)[()]
+        self._raw_dtype = raw
+      else:
+        self._fused_args = None
 
   # -- host side -----------------------------------------------------------------------
 
@@ -222,15 +251,31 @@ class Decoder:
                                   self.bos_id).astype(np.int32))
     return jax.device_put(slab_BxTxD), jax.device_put(ids_BxT >= 0)
 
-  def _step_slab(self, token_B: np.ndarray) -> jax.Array | np.ndarray:
-    """Matcher push + store gather for one new token per row -> slab_BxE for the step."""
+  def step_slab(self, token_B: np.ndarray) -> jax.Array | np.ndarray:
+    """The host's lookup for one decode step: pushes one new token per row into the
+    matcher and gathers the f-gram rows -> slab_BxE (last column the match flag)."""
     if self.store is None:
       return self._no_match_BxE
-    ids_B, _ = self._matcher.push(token_B)
-    ids_B = np.asarray(ids_B)
     slab_BxE = np.empty((self.batch_size, self.d_model + 1), self._slab_dtype)
-    slab_BxE[:, :-1] = self.store.gather(ids_B)
-    slab_BxE[:, -1] = ids_B >= 0
+    if self._fused_args is None:
+      ids_B, lens_B = self._matcher.push(token_B)
+      self.store.gather(ids_B, out=slab_BxE[:, :-1])
+      slab_BxE[:, -1] = lens_B > 1  # Matched (an f-gram has 2+ tokens).
+      return slab_BxE
+    # The same three steps as one compiled call: on the decode critical path every
+    # Python-level numpy call costs microseconds (several times more in the loop, where
+    # the device step has just evicted the host's caches).
+    start = time.perf_counter()
+    token_B = np.asarray(token_B)
+    if token_B.shape != (self.batch_size,) or token_B.dtype.kind not in 'iu':
+      raise ValueError(f'token_B must be integer ids of shape ({self.batch_size},), got '
+                       f'{token_B.dtype}{list(token_B.shape)}')
+    hits = _slab_kernel(token_B, *self._fused_args, slab_BxE.view(self._raw_dtype),
+                        self._raw_one)
+    if hits < 0:
+      raise ValueError(f'token ids must be in [0, 2**31); got {token_B[-1 - hits]}')
+    self.store.stats.add(self.batch_size, hits, self.batch_size * self.d_model *
+                         self._slab_dtype.itemsize, time.perf_counter() - start)
     # Handed to the jitted step as numpy: its dispatch copies the small slab on the fast
     # path, whereas a separate jax.device_put first costs ~45 us more per step (CPU).
     return slab_BxE
@@ -265,7 +310,7 @@ class Decoder:
     for n in range(max_new_tokens):
       if n + 1 < max_new_tokens and not done_B.all():
         t0 = time.perf_counter()
-        slab_BxE = self._step_slab(token_B)
+        slab_BxE = self.step_slab(token_B)
         lookup += time.perf_counter() - t0
         _, next_B, cache = self._decode(self.graphdef, sampling, self.state, next_B,
                                         slab_BxE, cache, key, np.int32(n + 1))
@@ -318,7 +363,7 @@ class Decoder:
       cont_BxN[b] = c
     for i in range(max(n - 1, 0)):
       logits_BxV, _, cache = self._decode(self.graphdef, greedy, self.state, cont_BxN[:, i],
-                                          self._step_slab(cont_BxN[:, i]), cache, key,
+                                          self.step_slab(cont_BxN[:, i]), cache, key,
                                           np.int32(0))
       steps.append(np.asarray(logits_BxV))
     logits_BxTxV = np.asarray(logits_BxTxV)

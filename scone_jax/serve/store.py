@@ -25,6 +25,7 @@ import os
 import time
 from typing import Any, Literal
 
+import numba
 import numpy as np
 import tensorstore as ts
 import tqdm
@@ -44,6 +45,13 @@ class GatherStats:
   hits: int = 0  # rows that were not -1
   bytes: int = 0
   seconds: float = 0.0
+
+  def add(self, rows: int, hits: int, nbytes: int, seconds: float) -> None:
+    self.calls += 1
+    self.rows += rows
+    self.hits += hits
+    self.bytes += nbytes
+    self.seconds += seconds
 
   @property
   def ms_per_call(self) -> float:
@@ -73,9 +81,18 @@ class EmbeddingStore:
     self.dtype = DTYPES[manifest['dtype']]
     self.stats = GatherStats()
     self._table = table
+    self._raw_rows = (None if table is None
+                      else table.view(np.dtype(f'u{self.dtype.itemsize}')))
     self._array = array
     self._shards = shards
     self._chunk_rows = int(manifest['chunk_rows'])
+
+  @property
+  def raw_rows(self) -> np.ndarray | None:
+    """Tier 'ram': the [S + 1, d] matrix (row S all zeros, for id -1) viewed as unsigned
+    ints of the dtype's width, the form `gather_kernel` copies (numba has no bfloat16);
+    None for tier 'disk'."""
+    return self._raw_rows
 
   @property
   def nbytes(self) -> int:
@@ -130,32 +147,44 @@ class EmbeddingStore:
     array = ts.open(zarr3_spec(path), read=True, context=context).result()
     return cls(path, tier, manifest, None, array, None)
 
-  def gather(self, rows_N: np.ndarray) -> np.ndarray:
-    """Rows of the matrix for ids `rows_N` (int, -1 = no f-gram -> a zero row)."""
+  def gather(self, rows_N: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows of the matrix for ids `rows_N` (int, -1 = no f-gram -> a zero row).
+
+    `out`, optional: an [N, d] array of the store's dtype (a strided view is fine, e.g.
+    the first d columns of a decode slab) to write into instead of a new array.
+    """
     start = time.perf_counter()
     rows_N = np.asarray(rows_N)
-    if rows_N.ndim != 1 or not np.issubdtype(rows_N.dtype, np.integer):
+    if rows_N.ndim != 1 or rows_N.dtype.kind not in 'iu':
       raise ValueError(f'gather expects a 1-D integer array of row ids, got '
                        f'{rows_N.dtype}{list(rows_N.shape)}')
-    if rows_N.size and (rows_N.max() >= self.num_rows or rows_N.min() < -1):
-      raise IndexError(f'row ids must be in [-1, {self.num_rows}); got '
-                       f'[{rows_N.min()}, {rows_N.max()}]: the matcher and the store come '
-                       'from different f-gram tables')
-    hit_N = rows_N >= 0
-    if self._table is not None:
-      out_NxD = np.take(self._table, np.where(hit_N, rows_N, self.num_rows), axis=0)
+    if out is None:
+      out = np.empty((rows_N.size, self.d_model), self.dtype)
+    elif out.shape != (rows_N.size, self.d_model) or out.dtype != self.dtype:
+      raise ValueError(f'gather out= must be {self.dtype}[{rows_N.size}, {self.d_model}], '
+                       f'got {out.dtype}{list(out.shape)}')
+    if self._raw_rows is not None:
+      hits = gather_kernel(self._raw_rows, rows_N, self.num_rows,
+                           out.view(self._raw_rows.dtype))
     else:
-      out_NxD = np.zeros((rows_N.size, self.d_model), self.dtype)
-      if hit_N.any():
-        out_NxD[hit_N] = self._read_disk(rows_N[hit_N])
-    stats = self.stats
-    stats.calls += 1
-    stats.rows += rows_N.size
-    stats.hits += int(hit_N.sum())
-    stats.bytes += out_NxD.nbytes
-    stats.seconds += time.perf_counter() - start
-    return out_NxD
+      hits = self._gather_disk(rows_N, out)
+    if hits < 0:
+      raise IndexError(f'row ids must be in [-1, {self.num_rows}); got {rows_N[-1 - hits]} '
+                       f'at index {-1 - hits}: the matcher and the store come from different '
+                       'f-gram tables')
+    self.stats.add(rows_N.size, hits, out.nbytes, time.perf_counter() - start)
+    return out
 
+  def _gather_disk(self, rows_N: np.ndarray, out_NxD: np.ndarray) -> int:
+    """`gather` for the disk tier; returns the number of hits, or -1 - (a bad index)."""
+    bad = np.flatnonzero((rows_N >= self.num_rows) | (rows_N < -1))
+    if bad.size:
+      return -1 - int(bad[0])
+    hit_N = rows_N >= 0
+    out_NxD[~hit_N] = 0
+    if hit_N.any():
+      out_NxD[hit_N] = self._read_disk(rows_N[hit_N])
+    return int(hit_N.sum())
 
   def _read_disk(self, rows_H: np.ndarray) -> np.ndarray:
     """[H, d] rows for valid ids `rows_H` from the disk tier."""
@@ -249,3 +278,20 @@ def _load_ram(path: str, manifest: dict[str, Any], verify: bool,
           f'embedding store {path}: rows {start}..{stop - 1} fail their checksum '
           '(corrupted); re-run `python -m scone_jax.export`')
   return table_SxD
+
+
+@numba.njit(nogil=True, cache=True)
+def gather_kernel(table_RxD, rows_N, num_rows, out_NxD):
+  """out[i] = table[rows[i]] (row num_rows, all zeros, for -1) on raw bits; returns the
+  number of hits, or -1 - i for the first invalid id (nothing after it is written)."""
+  hits = 0
+  for i in range(rows_N.size):
+    r = rows_N[i]
+    if r < -1 or r >= num_rows:
+      return -1 - i
+    if r < 0:
+      r = num_rows
+    else:
+      hits += 1
+    out_NxD[i, :] = table_RxD[r, :]
+  return hits
