@@ -27,7 +27,9 @@ def get_config(arg: str = ''):
   c.train.steps = 300
   c.train.batch_size = 16
   c.train.seq_len = 64
-  c.train.learning_rate = 1e-2  # Tiny model, few steps: a high peak lr trains fastest.
+  # The baseline's best of 3e-3 / 5e-3 / 1e-2 (seed 0: ppl 294 / 292 / 325), so SCONE is
+  # compared with the baseline at its best learning rate.
+  c.train.learning_rate = 5e-3
   c.train.warmup_steps = 30
   c.train.log_every = 10
   c.train.eval_batches = 16
