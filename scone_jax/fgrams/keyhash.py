@@ -173,9 +173,7 @@ def _count_table(keys_N: np.ndarray, weights_N: np.ndarray, return_inverse: bool
                  sort: bool):
   """count_distinct with one open-addressing table (one compiled pass over the keys)."""
   num = keys_N.size
-  # Capacity > 1.25 N >= 1.25 U: probing ends, and stays short (load <= 0.8) even when
-  # (nearly) all keys are distinct.
-  bits = max(3, (num + num // 4).bit_length())
+  bits = table_bits(num)
   inverse_dtype = np.int32 if num < 1 << 31 else np.int64
   keys_U, counts_U, inverse_N = _count_kernel(keys_N, weights_N, bits, return_inverse,
                                               np.zeros(0, inverse_dtype))
@@ -189,38 +187,48 @@ def _count_table(keys_N: np.ndarray, weights_N: np.ndarray, return_inverse: bool
   return (keys_U, counts_U, inverse_N) if return_inverse else (keys_U, counts_U)
 
 
+def table_bits(num: int) -> int:
+  """log2 of a counting table's slots for up to `num` keys: > 1.25 num, so probing ends and
+  stays short (load <= 0.8) even when (nearly) all keys are distinct."""
+  return max(3, (num + num // 4).bit_length())
+
+
+@numba.njit(nogil=True, inline='always')
+def place(index_of_slot, keys_U, num_distinct, key, shift):
+  """Finds `key` in a counting table (index_of_slot: a power-of-two array of indices into
+  keys_U, -1 free), appending it to keys_U as distinct key number `num_distinct` if absent.
+  Returns (its index in keys_U, the new number of distinct keys)."""
+  mask = index_of_slot.size - 1
+  slot = np.int64((key * np.uint64(_MULT_INT)) >> shift)
+  while True:
+    j = index_of_slot[slot]
+    if j < 0:
+      index_of_slot[slot] = num_distinct
+      keys_U[num_distinct] = key
+      return num_distinct, num_distinct + 1
+    if keys_U[j] == key:
+      return j, num_distinct
+    slot = (slot + 1) & mask
+
+
 @numba.njit(nogil=True, cache=True)
 def _count_kernel(keys_N, weights_N, bits, return_inverse, like):
   """Distinct keys in first-seen order, their counts (or summed weights where weights_N
   is not empty), and optionally each key's index among them.
 
-  Linear probing over a table of indices into keys_U (-1 free); nogil, so the miner's
-  threads count chunks on all cores. `like` (empty) carries the index dtype.
+  Linear probing over a table of indices into keys_U; nogil, so the miner's threads count
+  chunks on all cores. `like` (empty) carries the index dtype.
   """
   num = keys_N.size
   weighted = weights_N.size > 0
-  mask = (1 << bits) - 1
   shift = np.uint64(64 - bits)
-  mult = np.uint64(_MULT_INT)
   index_of_slot = np.full(1 << bits, -1, like.dtype)
   keys_U = np.empty(num, np.uint64)
   counts_U = np.zeros(num, np.int64)
   inverse_N = np.empty(num if return_inverse else 0, like.dtype)
   u = 0
   for i in range(num):
-    key = keys_N[i]
-    slot = np.int64((key * mult) >> shift)
-    while True:
-      j = index_of_slot[slot]
-      if j < 0:
-        index_of_slot[slot] = u
-        keys_U[u] = key
-        j = u
-        u += 1
-        break
-      if keys_U[j] == key:
-        break
-      slot = (slot + 1) & mask
+    j, u = place(index_of_slot, keys_U, u, keys_N[i], shift)
     counts_U[j] += weights_N[i] if weighted else 1
     if return_inverse:
       inverse_N[i] = j

@@ -21,9 +21,9 @@ scan n represents an n-gram as the uint64 `prefix_id * 2**31 + last_token`, wher
 prefix_id is the row of its (n-1)-prefix among the kept (n-1)-grams (for n = 2: the
 first token). Kept n-grams get ids in ascending key order, which is also the
 lexicographic order of their tokens (by induction over n), so ranking needs one stable
-sort by count. Counting turns each chunk's keys into a (key, count) run
-(`keyhash.count_distinct`) and records, per start position, the index of its key in the
-run; runs spill to disk beyond the budget and are merged by key range (`spill.py`). Once
+sort by count. Counting turns each chunk's keys into a (key, count) run (`_scan_kernel`:
+one compiled pass with a keyhash counting table) and records, per start position, the
+index of its key in the run; runs spill to disk beyond the budget and are merged by key range (`spill.py`). Once
 scan n's kept keys are known, each chunk's run entries are resolved to kept ids (by the
 final merge's own inverse, or after spills by hash lookups of the run keys: far fewer
 than positions), turning the per-position indices into ids of the kept n-gram starting
@@ -42,11 +42,12 @@ import os
 import tempfile
 from typing import Any, Iterable
 
+import numba
 import numpy as np
 import tqdm
 
 from scone_jax.fgrams import spill
-from scone_jax.fgrams.keyhash import count_distinct
+from scone_jax.fgrams.keyhash import place, table_bits
 from scone_jax.fgrams.table import FgramTable
 
 TOKEN_LIMIT = 1 << 31
@@ -206,12 +207,6 @@ class _IdStore:
     self._array = None
 
 
-def _pack(prefix_ids: np.ndarray, last_tokens: np.ndarray) -> np.ndarray:
-  keys = prefix_ids.astype(np.uint64)
-  np.left_shift(keys, _SHIFT, out=keys)  # In place: one temporary fewer per scan.
-  return np.bitwise_or(keys, last_tokens.astype(np.uint64), out=keys)
-
-
 def _read_tokens(corpus: _Corpus, a: int, e: int) -> np.ndarray:
   """Tokens of positions a..e-1 in the corpus dtype (a view), 0 past the corpus end."""
   got = np.asarray(corpus.tokens[a:min(e, corpus.num_tokens)])
@@ -241,16 +236,40 @@ def _scan_chunk(corpus: _Corpus, n: int, ids: _IdStore | None, frequent: np.ndar
     last_P = prev_Q[1:]
   else:
     prev_Q = ids.read(a, b + 1)
-    cand_P = (prev_Q[:-1] >= 0) & (prev_Q[1:] >= 0)
+    cand_P = np.zeros(0, bool)  # Computed from prev_Q by the kernel.
     last_P = _read_tokens(corpus, a + n - 1, b + n - 1)
-  keys_C = _pack(prev_Q[:-1][cand_P], last_P[cand_P])  # C = candidate positions.
+  index_dtype = np.int32 if b - a < 1 << 31 else np.int64
+  keys_U, counts_U, index_P = _scan_kernel(prev_Q, last_P, cand_P, table_bits(b - a),
+                                           want_index, np.zeros(0, index_dtype))
   # Runs stay unsorted: the merger sorts only the kept keys (or a spill).
-  if not want_index:
-    return None, count_distinct(keys_C, sort=False)
-  keys_U, counts_U, index_C = count_distinct(keys_C, return_inverse=True, sort=False)
-  index_P = np.full(b - a, -1, index_C.dtype)
-  index_P[cand_P] = index_C
-  return index_P, (keys_U, counts_U)
+  return (index_P if want_index else None), (keys_U, counts_U)
+
+
+@numba.njit(nogil=True, cache=True)
+def _scan_kernel(prev_Q, last_P, cand_P, bits, want_index, like):
+  """One pass over a chunk's P positions: counts the keys prev_Q[p] * 2**31 + last_P[p] of
+  the candidate positions -- cand_P[p], or where cand_P is empty, prev_Q[p] >= 0 and
+  prev_Q[p + 1] >= 0 (kept prefix and suffix ids) -- and returns (keys_U in first-seen
+  order, counts_U, index_P: each position's index in keys_U, -1 for non-candidates; empty
+  unless want_index). The keyhash counting table, without materialising the candidates."""
+  num = last_P.size
+  from_ids = cand_P.size == 0
+  shift = np.uint64(64 - bits)
+  index_of_slot = np.full(1 << bits, -1, like.dtype)
+  keys_U = np.empty(num, np.uint64)
+  counts_U = np.zeros(num, np.int64)
+  index_P = np.empty(num if want_index else 0, like.dtype)
+  u = 0
+  for p in range(num):
+    if (prev_Q[p] >= 0 and prev_Q[p + 1] >= 0) if from_ids else cand_P[p]:
+      key = (np.uint64(prev_Q[p]) << np.uint64(31)) | np.uint64(last_P[p])
+      j, u = place(index_of_slot, keys_U, u, key, shift)
+      counts_U[j] += 1
+    else:
+      j = -1
+    if want_index:
+      index_P[p] = j
+  return keys_U[:u].copy(), counts_U[:u].copy(), index_P
 
 
 def _resolve_chunk(ids: _IdStore, merger: spill.RunMerger,
