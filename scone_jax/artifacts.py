@@ -4,7 +4,10 @@ Every artifact (token shards, f-gram table, exported store, run outputs) is a di
 holding a `manifest.json`. It is built under a temporary sibling name and renamed into
 place only when complete, so a reader never sees a half-written artifact as finished.
 The manifest records what the artifact depends on (e.g. the tokenizer fingerprint) and a
-sha256 of each data file; `read_manifest(..., verify=True)` recomputes them.
+sha256 of each data file; `read_manifest(..., verify=True)` recomputes them, except for a
+file whose size, mtime and inode are those recorded when it last passed (`.verified.json`
+beside the manifest, git's stat-cache idea): a resumed run does not re-read a multi-GB
+token file on every restart. `verify='full'` always recomputes.
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ from typing import Any, Iterator
 
 MANIFEST = 'manifest.json'
 FORMAT_VERSION = 1
+# Stat cache of files that passed their sha256 check (see the module docstring).
+VERIFIED = '.verified.json'
+# A file modified less than this long before it was checked is not cached: a same-size
+# change within the file system's mtime granularity would keep its mtime ("racy git").
+_RACY_SECONDS = 2.0
 
 
 class ArtifactError(RuntimeError):
@@ -42,6 +50,16 @@ def fingerprint(*parts: Any) -> str:
   """A short stable hash of JSON-serialisable parts (configs, other fingerprints)."""
   blob = json.dumps(parts, sort_keys=True, default=str).encode()
   return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _read_verified(directory: str) -> dict[str, Any]:
+  """The stat cache of `directory` ({} if absent or unreadable: then files are hashed)."""
+  try:
+    with open(os.path.join(directory, VERIFIED)) as f:
+      cache = json.load(f)
+    return cache if isinstance(cache, dict) else {}
+  except (OSError, ValueError):
+    return {}
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -86,7 +104,7 @@ def write_manifest(directory: str, kind: str, meta: dict[str, Any],
                    files: list[str] | None = None) -> dict[str, Any]:
   """Writes `manifest.json` with sha256 of `files` (relative to directory)."""
   if files is None:
-    files = sorted(f for f in os.listdir(directory) if f != MANIFEST and
+    files = sorted(f for f in os.listdir(directory) if f not in (MANIFEST, VERIFIED) and
                    os.path.isfile(os.path.join(directory, f)))
   manifest = {
       'kind': kind,
@@ -100,16 +118,19 @@ def write_manifest(directory: str, kind: str, meta: dict[str, Any],
   return manifest
 
 
-def read_manifest(directory: str, kind: str, verify: bool = True,
+def read_manifest(directory: str, kind: str, verify: bool | str = True,
                   expect: dict[str, Any] | None = None) -> dict[str, Any]:
   """Reads and checks a manifest; raises ArtifactError saying what is wrong and the fix.
 
   Args:
     directory: the artifact directory.
     kind: the expected artifact kind (e.g. 'fgram_table').
-    verify: recompute each file's size and sha256.
+    verify: False checks sizes only; True also each file's sha256, skipping files
+      unchanged (size, mtime, inode) since they last passed; 'full' recomputes every one.
     expect: manifest fields that must match (e.g. {'tokenizer_fingerprint': fp}).
   """
+  if verify not in (False, True, 'full'):
+    raise ValueError(f"verify={verify!r} must be False, True or 'full'")
   path = os.path.join(directory, MANIFEST)
   if not os.path.isdir(directory):
     raise ArtifactError(f'{directory} does not exist (expected a {kind} artifact directory)')
@@ -123,6 +144,8 @@ def read_manifest(directory: str, kind: str, verify: bool = True,
     raise ArtifactError(f'{path} is corrupted ({e}); rebuild the {kind}') from e
   if manifest.get('kind') != kind:
     raise ArtifactError(f'{directory} holds a {manifest.get("kind")!r}, not a {kind!r}')
+  verified = _read_verified(directory) if verify is True else {}
+  passed = {}
   for name, info in manifest.get('files', {}).items():
     fpath = os.path.join(directory, name)
     if not os.path.exists(fpath):
@@ -130,9 +153,22 @@ def read_manifest(directory: str, kind: str, verify: bool = True,
     if os.path.getsize(fpath) != info['bytes']:
       raise ArtifactError(f'{kind} file {fpath} has {os.path.getsize(fpath)} bytes, manifest '
                           f'says {info["bytes"]}: truncated or modified; rebuild it')
-    if verify and sha256_file(fpath) != info['sha256']:
+    if not verify:
+      continue
+    st = os.stat(fpath)
+    entry = {'sha256': info['sha256'], 'stat': [st.st_size, st.st_mtime_ns, st.st_ino]}
+    if verified.get(name) == entry:
+      continue
+    if sha256_file(fpath) != info['sha256']:
       raise ArtifactError(f'{kind} file {fpath} fails its sha256 checksum: corrupted; '
                           'rebuild it')
+    if time.time() - st.st_mtime > _RACY_SECONDS:
+      passed[name] = entry
+  if passed:
+    try:
+      write_json_atomic(os.path.join(directory, VERIFIED), {**verified, **passed})
+    except OSError:
+      pass  # A read-only artifact is simply checked in full next time.
   for key, want in (expect or {}).items():
     have = manifest.get(key)
     if have != want:

@@ -214,3 +214,30 @@ def test_beam_miner_gives_the_same_table(setup):
                              workdir + '_beam')
   assert beam.table.meta['miner'] == 'beam'
   assert beam.fgram_fingerprint == local.fgram_fingerprint
+
+
+def test_verified_files_are_not_rehashed_until_they_change(tmp_path, monkeypatch):
+  d = tmp_path / 'art'
+  d.mkdir()
+  (d / 'data.bin').write_bytes(b'x' * 1000)
+  artifacts.write_manifest(str(d), 'thing', {})
+  hashed = []
+  real = artifacts.sha256_file
+  monkeypatch.setattr(artifacts, 'sha256_file', lambda p: hashed.append(p) or real(p))
+  artifacts.read_manifest(str(d), 'thing')
+  # Modified just now: not cached yet (a same-size change could keep the mtime).
+  assert len(hashed) == 1 and not (d / artifacts.VERIFIED).exists()
+  old = os.stat(d / 'data.bin').st_mtime - 60
+  os.utime(d / 'data.bin', (old, old))
+  artifacts.read_manifest(str(d), 'thing')
+  assert len(hashed) == 2 and (d / artifacts.VERIFIED).exists()
+  artifacts.read_manifest(str(d), 'thing')  # Unchanged since it passed: skipped.
+  assert len(hashed) == 2
+  artifacts.read_manifest(str(d), 'thing', verify='full')
+  assert len(hashed) == 3
+  # Same size, new content: the mtime changed, so it is hashed again and fails.
+  (d / 'data.bin').write_bytes(b'y' * 1000)
+  with pytest.raises(artifacts.ArtifactError, match='sha256'):
+    artifacts.read_manifest(str(d), 'thing')
+  # A rewritten manifest (e.g. a rebuild) ignores the cache file.
+  assert artifacts.write_manifest(str(d), 'thing', {})['files'].keys() == {'data.bin'}
