@@ -194,6 +194,14 @@ def table_bits(num: int) -> int:
 
 
 @numba.njit(nogil=True, inline='always')
+def new_count_table(num, bits, like):
+  """An empty counting table for up to `num` keys in 2**bits slots: (index_of_slot, keys_U,
+  counts_U, shift) for `place`; `like` (empty) carries the index dtype."""
+  return (np.full(1 << bits, -1, like.dtype), np.empty(num, np.uint64),
+          np.zeros(num, np.int64), np.uint64(64 - bits))
+
+
+@numba.njit(nogil=True, inline='always')
 def place(index_of_slot, keys_U, num_distinct, key, shift):
   """Finds `key` in a counting table (index_of_slot: a power-of-two array of indices into
   keys_U, -1 free), appending it to keys_U as distinct key number `num_distinct` if absent.
@@ -221,10 +229,7 @@ def _count_kernel(keys_N, weights_N, bits, return_inverse, like):
   """
   num = keys_N.size
   weighted = weights_N.size > 0
-  shift = np.uint64(64 - bits)
-  index_of_slot = np.full(1 << bits, -1, like.dtype)
-  keys_U = np.empty(num, np.uint64)
-  counts_U = np.zeros(num, np.int64)
+  index_of_slot, keys_U, counts_U, shift = new_count_table(num, bits, like)
   inverse_N = np.empty(num if return_inverse else 0, like.dtype)
   u = 0
   for i in range(num):

@@ -47,7 +47,7 @@ import numpy as np
 import tqdm
 
 from scone_jax.fgrams import spill
-from scone_jax.fgrams.keyhash import place, table_bits
+from scone_jax.fgrams.keyhash import new_count_table, place, table_bits
 from scone_jax.fgrams.table import FgramTable
 
 TOKEN_LIMIT = 1 << 31
@@ -254,10 +254,7 @@ def _scan_kernel(prev_Q, last_P, cand_P, bits, want_index, like):
   unless want_index). The keyhash counting table, without materialising the candidates."""
   num = last_P.size
   from_ids = cand_P.size == 0
-  shift = np.uint64(64 - bits)
-  index_of_slot = np.full(1 << bits, -1, like.dtype)
-  keys_U = np.empty(num, np.uint64)
-  counts_U = np.zeros(num, np.int64)
+  index_of_slot, keys_U, counts_U, shift = new_count_table(num, bits, like)
   index_P = np.empty(num if want_index else 0, like.dtype)
   u = 0
   for p in range(num):
