@@ -12,7 +12,7 @@ def get_config():
   c = config_lib.base_config()
   c.name = 'tiny'
   # 1024, not 4096: with 4096 pieces SCONE's held-out loss was above the baseline's at
-  # every learning rate up to the baseline's best; with 1024 it is below it (2 seeds;
+  # every learning rate up to the baseline's best; with 1024 it is below it (3 seeds;
   # BENCHMARKS.md, "CPU-tiny quality").
   c.tokenizer.vocab_size = 1024
   c.fgram.max_len = 5
