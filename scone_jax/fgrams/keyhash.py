@@ -1,4 +1,4 @@
-"""Open-addressing hashing of exact uint64 keys: a vectorised map (KeyHash) and counting.
+"""Open-addressing hashing of exact uint64 keys: an exact map (KeyHash) and counting.
 
 Both the miner (per-position id of the kept (n-1)-gram) and the matcher (row of the
 f-gram ending at a position) resolve millions of exact keys per call. A sorted array with
@@ -28,8 +28,8 @@ class KeyHash:
 
   Attributes:
     slots_Cx2: uint64 [C, 2], per slot its key (EMPTY where free) and value (as uint64),
-      C a power of two >= 2 * len: a lookup fetches a slot's key and value with one
-      16-byte gather (one cache line instead of two: ~35% faster when out of cache).
+      C a power of two >= 2 * len: a probe reads a slot's key and value from one cache
+      line (`probe`, compiled; `lookup` runs it per key).
     keys: uint64 [C] slot keys, a strided view of slots_Cx2.
     values: int64 [C] slot values, likewise.
     shift: a key's home slot is (key * _MULT mod 2**64) >> shift; probing steps + 1 mod C.
@@ -60,7 +60,6 @@ class KeyHash:
     self.slots_Cx2 = slots_Cx2
     self.shift = 64 - bits
     self.keys, self.values = slots_Cx2[:, 0], slots_Cx2[:, 1].view(np.int64)
-    self._slots_C = slots_Cx2.view(np.complex128).reshape(-1)  # 16-byte items for take.
     self._len = len(keys_M)
     pending = np.arange(len(keys_M))
     slot = self._slot(keys_M)
@@ -86,23 +85,15 @@ class KeyHash:
 
   def lookup(self, keys_N: np.ndarray) -> np.ndarray:
     """Values for uint64 keys [N]; -1 where a key is absent."""
-    keys_N = np.asarray(keys_N, dtype=np.uint64)
-    slot = self._slot(keys_N)
-    pairs_Nx2 = self._slots_C.take(slot).view(np.uint64).reshape(-1, 2)
-    found = pairs_Nx2[:, 0]
-    out = np.where(found == keys_N, pairs_Nx2[:, 1].view(np.int64), -1)
-    # Only keys that met another key in their first slot probe further (few at load 1/2).
-    pending = np.flatnonzero((found != keys_N) & (found != EMPTY))
-    slot = slot[pending]
-    while pending.size:
-      slot = (slot + 1) & self._mask
-      found = self.keys[slot]
-      want = keys_N[pending]
-      hit = found == want
-      out[pending[hit]] = self.values[slot[hit]]
-      more = ~hit & (found != EMPTY)
-      pending, slot = pending[more], slot[more]
-    return out
+    return _lookup_kernel(self.slots_Cx2, self.shift, np.asarray(keys_N, dtype=np.uint64))
+
+
+@numba.njit(nogil=True, cache=True)
+def _lookup_kernel(slots_Cx2, shift, keys_N):
+  out = np.empty(keys_N.size, np.int64)
+  for i in range(keys_N.size):
+    out[i] = probe(slots_Cx2, shift, keys_N[i])
+  return out
 
 
 def count_distinct(keys_N: np.ndarray, return_inverse: bool = False, sort: bool = True,
