@@ -190,13 +190,12 @@ class Decoder:
     if table is not None:
       self._matcher = IncrementalMatcher(table, batch_size)
       self.max_fgram_len = int(table.max_len)
-      self._ids_B = np.empty(batch_size, np.int32)
-      self._lens_B = np.empty(batch_size, np.int32)
       if store.raw_rows is not None:
-        # Tier 'ram': one compiled call per step (_slab_kernel) on the raw bits.
+        # Tier 'ram': one compiled call per step (_slab_kernel) on the raw bits; the ids
+        # and lengths buffers are its scratch space.
         raw = store.raw_rows.dtype
-        self._fused_args = (*self._matcher.kernel_args, self._ids_B, self._lens_B,
-                            store.raw_rows, store.num_rows)
+        self._fused_args = (*self._matcher.kernel_args, np.empty(batch_size, np.int32),
+                            np.empty(batch_size, np.int32), store.raw_rows, store.num_rows)
         self._raw_one = np.array(1, self._slab_dtype).view(raw)[()]
         self._raw_dtype = raw
       else:
