@@ -26,7 +26,7 @@ from typing import Iterator
 
 from absl import logging
 
-from scone_jax import artifacts
+from scone_jax import artifacts, paths
 from scone_jax.corpus import readers
 
 KIND = 'embedded_corpus'
@@ -127,7 +127,7 @@ def build_embedded(directory: str, eval_fraction: float, root: str | None = None
   if not 0.0 < eval_fraction < 1.0:
     raise ValueError(f'data.embedded_eval_fraction={eval_fraction} must be in (0, 1): the '
                      'embedded corpus always has a train and a held-out split')
-  directory = os.path.abspath(directory)
+  directory = paths.resolve(directory)
   root = root or stdlib_dir()
   files = stdlib_files(root, max_files)
   if not files:
@@ -139,7 +139,7 @@ def build_embedded(directory: str, eval_fraction: float, root: str | None = None
                                        expect={'fingerprint': fp})
     return EmbeddedCorpus(directory, fp, manifest['sizes'])
   except artifacts.ArtifactError as e:
-    if os.path.exists(directory):
+    if paths.exists(directory):
       logging.info('rebuilding the embedded corpus: %s', e)
   sizes = {s: dict(documents=0, modules=0, chars=0, bytes=0) for s in SPLITS}
   skipped = []
@@ -187,4 +187,4 @@ def open_embedded(directory: str, eval_fraction: float, root: str | None = None,
   """Opens a built embedded corpus; ArtifactError if missing or built for other inputs."""
   fp = fingerprint_of(stdlib_files(root, max_files), eval_fraction)
   manifest = artifacts.read_manifest(directory, KIND, verify=False, expect={'fingerprint': fp})
-  return EmbeddedCorpus(os.path.abspath(directory), fp, manifest['sizes'])
+  return EmbeddedCorpus(paths.resolve(directory), fp, manifest['sizes'])

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
 from typing import Any
 
 import numpy as np
 
-from scone_jax import artifacts
+from scone_jax import artifacts, paths
 
 KIND = 'fgram_table'
 _FILES = ('tokens.npy', 'counts.npy', 'lengths.npy')
@@ -116,8 +117,8 @@ class FgramTable:
     expect = {'tokenizer_fingerprint': expect_tokenizer} if expect_tokenizer else None
     manifest = artifacts.read_manifest(directory, KIND, verify=True, expect=expect)
     try:
-      arrays = [np.load(os.path.join(directory, name), allow_pickle=False)
-                for name in _FILES]
+      arrays = [np.load(io.BytesIO(paths.read_bytes(paths.join(directory, name))),
+                        allow_pickle=False) for name in _FILES]
       table = cls(*arrays, max_len=manifest['max_len'], min_count=manifest['min_count'],
                   meta=manifest.get('meta'))
     except (ValueError, OSError, KeyError) as e:

@@ -30,7 +30,7 @@ import numpy as np
 import tensorstore as ts
 import tqdm
 
-from scone_jax import artifacts
+from scone_jax import artifacts, paths
 from scone_jax.export.writer import DTYPES, STORE_KIND, shard_file, zarr3_spec
 
 Tier = Literal['ram', 'disk']
@@ -122,7 +122,7 @@ class EmbeddingStore:
     """
     if tier not in ('ram', 'disk'):
       raise ValueError(f"store tier {tier!r} must be 'ram' or 'disk'")
-    if not os.path.isdir(path):
+    if not paths.isdir(path):
       raise artifacts.ArtifactError(
           f'no embedding store at {path}; run `python -m scone_jax.export --workdir=W` '
           'first')
@@ -134,7 +134,11 @@ class EmbeddingStore:
     if disk_reader not in ('auto', 'memmap', 'tensorstore'):
       raise ValueError(f"disk_reader {disk_reader!r} must be 'auto', 'memmap' or "
                        "'tensorstore'")
-    if disk_reader != 'tensorstore':
+    if disk_reader == 'memmap' and paths.is_remote(path):
+      raise artifacts.ArtifactError(
+          f"embedding store {path} is in an object store; disk_reader='memmap' needs a "
+          "local copy: use disk_reader='tensorstore' (or 'auto') or copy the store")
+    if disk_reader != 'tensorstore' and not paths.is_remote(path):
       shards = _map_shards(path, manifest)
       if shards is not None:
         return cls(path, tier, manifest, None, None, shards)
@@ -245,8 +249,7 @@ def _map_shards(path: str, manifest: dict[str, Any]) -> list[np.ndarray] | None:
 def _check_metadata(path: str, manifest: dict[str, Any]) -> None:
   """The zarr3 metadata must agree with the manifest (shape and dtype)."""
   try:
-    with open(os.path.join(path, 'zarr.json')) as f:
-      meta = json.load(f)
+    meta = json.loads(paths.read_text(paths.join(path, 'zarr.json')))
   except (OSError, json.JSONDecodeError) as e:
     raise artifacts.ArtifactError(f'{path}/zarr.json is missing or corrupted ({e}); '
                                   're-run `python -m scone_jax.export`') from e

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -24,12 +23,13 @@ from absl import logging
 import jax
 import numpy as np
 
-from scone_jax import artifacts, batches, compat
+from scone_jax import artifacts, batches, compat, paths
 from scone_jax import config as config_lib
 from scone_jax import evaluate as evaluate_lib
+from scone_jax import run as run_lib
 from scone_jax.config import Config, ConfigError
 from scone_jax.train import checkpoint as checkpoint_lib
-from scone_jax.train import mesh as mesh_lib
+from scone_jax import mesh as mesh_lib
 from scone_jax.train import metrics as metrics_lib
 from scone_jax.train import optimizer as optimizer_lib
 from scone_jax.train import rundata
@@ -74,11 +74,10 @@ def write_run_config(cfg: Config, workdir: str) -> None:
 
   Raises ConfigError naming every differing key (and writes nothing) otherwise.
   """
-  path = os.path.join(workdir, 'config.json')
+  path = paths.join(workdir, run_lib.CONFIG_FILE)
   new = json.loads(cfg.to_json())
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+  if paths.exists(path):
+    old = json.loads(paths.read_text(path))
     try:
       # Resolve through the schema so keys added since the run started compare as their
       # defaults (a newer checkout can resume an older run).
@@ -150,19 +149,26 @@ def train(cfg: Config, workdir: str) -> TrainResult:
     TrainingDivergedError: NaN/Inf loss or gradient norm (names the step).
   """
   mesh_lib.maybe_initialize_distributed(cfg.distributed)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  run_dir = run_lib.RunDir(workdir)
+  workdir = run_dir.path
+  paths.makedirs(workdir)
   # Cheap checks first, so a bad mesh fails before anything is prepared or written.
   mesh_lib.check_mesh(cfg.mesh, jax.device_count(), cfg.train.batch_size)
   write_run_config(cfg, workdir)
   data = rundata.open_run_data(cfg, workdir)
   mesh = mesh_lib.make_mesh(cfg.mesh, cfg.train.batch_size)
   vocab_size = _vocab_size(cfg, data)
+  if jax.process_index() == 0:
+    # Before the first step: evaluate/export/generate reopen the run from this record.
+    run_dir.record(vocab_size=vocab_size, fgram_max_len=cfg.fgram.max_len,
+                   tokenizer=data.tokenizer, train_shards=data.train_shards,
+                   eval_shards=data.eval_shards, table=data.table, table_dir=data.table_dir,
+                   checkpoint_steps=run_dir.checkpoint_steps())
   graphdef, state, tx = step_lib.create_train_state(cfg, mesh, vocab_size, cfg.fgram.max_len)
   data_it = batches.make_train_iterator(
       cfg, data.train_shards, data.table, jax.process_index(), jax.process_count(),
       bos_id=data.tokenizer.bos_id)
-  ckpt = checkpoint_lib.Checkpointer(rundata.checkpoint_dir(workdir), cfg.checkpoint)
+  ckpt = checkpoint_lib.Checkpointer(run_dir.checkpoint_dir, cfg.checkpoint)
   resumed_from = ckpt.latest_step()
   if resumed_from is not None:
     state = ckpt.restore(resumed_from, state, data_it)
@@ -180,6 +186,8 @@ def train(cfg: Config, workdir: str) -> TrainResult:
   finally:
     ckpt.close()
     run.writer.close()
+    if jax.process_index() == 0:
+      run_dir.record_checkpoints(run_dir.checkpoint_steps())
   return result
 
 

@@ -1,0 +1,92 @@
+"""The whole pipeline through the CLIs with every path under gs://, against local disk.
+
+prepare -> train (kill -9 after a checkpoint, then resume) -> evaluate -> export ->
+generate, once with the corpus, workdir and artifacts in the (emulated) bucket and once on
+local disk: checkpoints, eval.json, the exported store and the generated text are
+bitwise-equal. These are the commands of the README's "Buckets" section. Slow (~minutes).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import train_helpers as th
+from gcs_emulator import gcs  # noqa: F401  (the fixture)
+from scone_jax import paths
+
+pytestmark = pytest.mark.slow
+OVERRIDES = {'train.steps': 8, 'checkpoint.every_steps': 2, 'model.max_seq_len': 64}
+
+
+def _run(args: list[str], env: dict[str, str]) -> str:
+  done = subprocess.run([sys.executable, '-m', *args], env=env, capture_output=True,
+                        text=True, timeout=900)
+  assert done.returncode == 0, f'{args}: {done.stderr[-3000:]}'
+  return done.stdout
+
+
+def _train_killed_then_resumed(config_file: str, workdir: str, env: dict[str, str]) -> int:
+  """Starts train, kill -9s it once step 4 is committed, reruns it; returns the kill step."""
+  cmd = [sys.executable, '-m', 'scone_jax.train', f'--config={config_file}',
+         f'--workdir={workdir}']
+  # orbax marks a finished step in a bucket with commit_success.txt.
+  marker = paths.join(workdir, 'checkpoints', '4', 'commit_success.txt')
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  try:
+    deadline = time.time() + 600
+    while not paths.exists(marker):
+      assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+      assert time.time() < deadline, 'no checkpoint at step 4 within 600 s'
+      time.sleep(0.2)
+    proc.kill()
+  finally:
+    proc.wait()
+  from scone_jax import run as run_lib
+  killed_at = run_lib.RunDir(workdir).latest_step()
+  assert killed_at < 8, 'the run finished before it was killed; nothing was tested'
+  _run(cmd[2:], env)
+  return killed_at
+
+
+def _pipeline(config_file: str, workdir: str, env: dict[str, str], kill: bool) -> dict:
+  _run(['scone_jax.prepare', f'--config={config_file}', f'--workdir={workdir}'], env)
+  if kill:
+    _train_killed_then_resumed(config_file, workdir, env)
+  else:
+    _run(['scone_jax.train', f'--config={config_file}', f'--workdir={workdir}'], env)
+  _run(['scone_jax.evaluate', f'--workdir={workdir}'], env)
+  _run(['scone_jax.export', f'--workdir={workdir}'], env)
+  text = _run(['scone_jax.generate', f'--workdir={workdir}', '--prompt=the of and',
+               '--max_new_tokens=6', '--temperature=0'], env)
+  from scone_jax.serve import EmbeddingStore
+  store = EmbeddingStore.open(paths.join(workdir, 'export'), 'ram')
+  return {'eval': json.loads(paths.read_text(paths.join(workdir, 'eval.json'))),
+          'state': th.checkpoint_arrays(workdir, 8),
+          'rows': store.gather(np.arange(store.num_rows)).view(np.uint16),
+          'text': text.splitlines()[0]}
+
+
+def test_pipeline_in_a_bucket_equals_local_disk(gcs, tmp_path):
+  corpus = str(tmp_path / 'corpus')
+  th.write_corpus(corpus, num_train_docs=600)
+  bucket_corpus = f'{gcs}/pipeline/corpus'
+  for name in ('train.txt', 'eval.txt'):
+    with open(os.path.join(corpus, name), 'rb') as f:
+      paths.write_bytes(f'{bucket_corpus}/{name}', f.read())
+  env = th.subprocess_env(8)
+  local_cfg = th.micro_config_file(str(tmp_path / 'local.py'), corpus, **OVERRIDES)
+  bucket_cfg = th.micro_config_file(str(tmp_path / 'bucket.py'), bucket_corpus, **OVERRIDES)
+  want = _pipeline(local_cfg, str(tmp_path / 'run'), env, kill=False)
+  got = _pipeline(bucket_cfg, f'{gcs}/pipeline/run', env, kill=True)
+  assert got['eval'] == want['eval']
+  assert sorted(got['state']) == sorted(want['state'])
+  for key, value in want['state'].items():
+    np.testing.assert_array_equal(got['state'][key], value, err_msg=key)
+  np.testing.assert_array_equal(got['rows'], want['rows'])
+  assert got['text'] == want['text']
+  assert not os.path.exists('gs:')
