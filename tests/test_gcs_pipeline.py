@@ -90,3 +90,46 @@ def test_pipeline_in_a_bucket_equals_local_disk(gcs, tmp_path):
   np.testing.assert_array_equal(got['rows'], want['rows'])
   assert got['text'] == want['text']
   assert not os.path.exists('gs:')
+
+
+def _sweep(sweep_file: str, root: str, env: dict[str, str]) -> dict:
+  out = _run(['scone_jax.sweeps', f'--sweep={sweep_file}', f'--root={root}', '--report'], env)
+  sweep_dir = paths.join(root, 'twopoint')
+  evals = {}
+  for name in sorted(p.name for p in paths.path(sweep_dir).iterdir()):
+    eval_path = paths.join(sweep_dir, name, 'eval.json')
+    if paths.exists(eval_path):  # Keyed by overrides: run names hash the data paths too.
+      point = json.loads(paths.read_text(paths.join(sweep_dir, name, 'point.json')))
+      evals[json.dumps(point['overrides'], sort_keys=True)] = json.loads(
+          paths.read_text(eval_path))
+  assert len(evals) == 2, (out, evals)
+  report = paths.read_text(paths.join(sweep_dir, 'REPORT.md'))
+  assert report.startswith('# Sweep twopoint')
+  return {'evals': evals,
+          'csv': paths.read_text(paths.join(sweep_dir, 'results.csv')),
+          'plots': sorted(n for n in paths.walk_files(sweep_dir) if n.endswith('.png'))}
+
+
+def test_two_point_sweep_with_report_in_a_bucket(gcs, tmp_path):
+  corpus = str(tmp_path / 'corpus')
+  th.write_corpus(corpus, num_train_docs=600)
+  bucket_corpus = f'{gcs}/sweep/corpus'
+  for name in ('train.txt', 'eval.txt'):
+    with open(os.path.join(corpus, name), 'rb') as f:
+      paths.write_bytes(f'{bucket_corpus}/{name}', f.read())
+  env = th.subprocess_env(8)
+  results = []
+  for where, corpus_dir, root in (('local', corpus, str(tmp_path / 'runs')),
+                                  ('bucket', bucket_corpus, f'{gcs}/sweep/runs')):
+    base = th.micro_config_file(str(tmp_path / f'{where}.py'), corpus_dir)
+    sweep_file = tmp_path / where / 'twopoint.py'
+    sweep_file.parent.mkdir()
+    sweep_file.write_text(f'BASE_CONFIG = {base!r}\n\ndef get_sweep():\n  return '
+                          "[{'fgram_model.num_layers': 0}, {'fgram.use_size': 500}]\n")
+    results.append(_sweep(str(sweep_file), root, env))
+  want, got = results
+  assert got['evals'] == want['evals']
+  # The run column holds names; every other column (accounting, losses) must match.
+  strip = lambda csv: [line.split(',', 1)[1] for line in csv.splitlines()]  # noqa: E731
+  assert sorted(strip(got['csv'])) == sorted(strip(want['csv']))
+  assert got['plots'] == want['plots'] and got['plots']

@@ -182,3 +182,23 @@ def test_the_layering_check_sees_an_import_of_train():
   """The check itself: the train loop does reach scone_jax.train modules."""
   assert 'scone_jax.train.step' in _closure('scone_jax.train.loop')
   assert 'scone_jax.train' in _closure('scone_jax.train.__main__')
+
+
+def test_nothing_inserts_into_sys_path():
+  """Modules are imported as the package (pip install -e . or PYTHONPATH), never by
+  editing sys.path."""
+  offenders = []
+  for folder in ('scone_jax', 'launch', 'experiments', 'tests', 'benchmarks'):
+    for path in sorted((REPO / folder).rglob('*.py')):
+      for node in ast.walk(ast.parse(path.read_text())):
+        target = node.func.value if (isinstance(node, ast.Call) and
+                                     isinstance(node.func, ast.Attribute)) else None
+        if (isinstance(target, ast.Attribute) and target.attr == 'path' and
+            isinstance(target.value, ast.Name) and target.value.id == 'sys'):
+          offenders.append(f'{path.relative_to(REPO)}:{node.lineno}')
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and (
+            'sys.path.insert' in node.value or 'sys.path.append' in node.value):
+          offenders.append(f'{path.relative_to(REPO)}:{node.lineno} (in a string)')
+  # This file names the calls in its own strings above.
+  offenders = [o for o in offenders if not o.startswith('tests/test_rundir.py')]
+  assert not offenders, offenders

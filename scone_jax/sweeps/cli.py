@@ -67,13 +67,9 @@ def main(argv):
   failed = [o for o in outcomes if o.status == 'failed']
   print(f'{len(outcomes) - len(failed)}/{len(outcomes)} point(s) ok'
         + (f'; FAILED: {", ".join(o.name for o in failed)}' if failed else ''))
-  if _REPORT.value:
-    if '://' in sweep.dir:
-      print(f'report: copy {sweep.dir} to a local ROOT/{sweep.name} (gcloud storage rsync '
-            f'-r) and run python -m scone_jax.report --sweep={_SWEEP.value} --root=ROOT')
-    else:
-      for name, path in report_lib.write_report(sweep.dir).items():
-        print(f'{name}: {path}')
+  if _REPORT.value:  # ROOT may be a bucket: the report is written next to the runs.
+    for name, path in report_lib.write_report(sweep.dir).items():
+      print(f'{name}: {path}')
   if failed:
     sys.exit(1)
 
