@@ -115,10 +115,12 @@ def remove(p: str) -> None:
 
 def walk_files(root: str) -> Iterator[str]:
   """Paths of the files under `root`, relative to it ('/'-separated)."""
-  base = path(root)
-  for f in base.rglob('*'):
-    if f.is_file():
-      yield os.fspath(f)[len(os.fspath(base)):].lstrip('/')
+  # epath's walk yields object-store roots without their scheme ('bucket/dir').
+  base = os.fspath(path(root)).split('://', 1)[-1].rstrip('/')
+  for directory, _, files in path(root).walk():
+    rel = os.fspath(directory).split('://', 1)[-1][len(base):].strip('/')
+    for name in files:
+      yield f'{rel}/{name}' if rel else name
 
 
 def glob(pattern: str) -> list[str]:
