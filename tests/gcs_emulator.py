@@ -11,6 +11,10 @@ inherited by CLI subprocesses:
   FSSPEC_GS_TOKEN=anon     gcsfs uses no credentials
 No real credentials or network are used. The same variables point a shell at an emulator
 (README, "Buckets").
+
+The emulator's object download omits the `x-goog-generation` header real GCS sends;
+tensorstore's OCDBT (orbax checkpoints) reads it to make its conditional manifest writes
+and fails with "Malformed StorageGeneration" without it. `LAUNCHER` adds the header.
 """
 
 from __future__ import annotations
@@ -25,6 +29,24 @@ import urllib.request
 import pytest
 
 BUCKET = 'scone-test'
+
+# Runs the emulator with downloads carrying x-goog-generation, as GCS's do (see above).
+LAUNCHER = """
+import sys
+from gcp_storage_emulator.handlers import objects
+_download = objects.download
+def download(request, response, storage, *args, **kwargs):
+    try:
+        obj = storage.get_file_obj(request.params['bucket_name'], request.params['object_id'])
+        response['x-goog-generation'] = str(obj['generation'])
+        response['x-goog-metageneration'] = str(obj.get('metageneration', '1'))
+    except Exception:  # Missing object: the original handler answers 404.
+        pass
+    return _download(request, response, storage, *args, **kwargs)
+objects.download = download  # Before the server module builds its routing table.
+from gcp_storage_emulator.__main__ import main
+main(sys.argv[1:])
+"""
 
 
 def _free_port() -> int:
@@ -46,7 +68,7 @@ def gcs():
   port = _free_port()
   url = f'http://127.0.0.1:{port}'
   proc = subprocess.Popen(
-      [sys.executable, '-m', 'gcp_storage_emulator', 'start', f'--port={port}',
+      [sys.executable, '-c', LAUNCHER, 'start', f'--port={port}',
        f'--default-bucket={BUCKET}', '--in-memory'],
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.monotonic() + 30
@@ -74,3 +96,8 @@ def gcs():
         os.environ.pop(k, None)
       else:
         os.environ[k] = v
+
+
+if __name__ == '__main__':
+  # python tests/gcs_emulator.py start --port=9023 --default-bucket=BUCKET --in-memory
+  exec(compile(LAUNCHER, 'gcs_emulator.LAUNCHER', 'exec'))  # pylint: disable=exec-used

@@ -104,6 +104,11 @@ def test_prepare_in_a_bucket_equals_prepare_on_disk(gcs, tmp_path, tmp_path_fact
   again = prepare.prepare(cfg, f'{gcs}/prepare/run')
   assert set(again.skipped) == {'tokenizer', 'tokens/train', 'tokens/heldout', 'fgrams'}
   assert not os.path.exists('gs:')  # Nothing went to ./gs:/... on local disk.
+  # tokenizer.model_file in the bucket: installed as is (same fingerprint).
+  with_model = th.micro_config(remote_corpus, f'{gcs}/prepare/art2', **{
+      'tokenizer.model_file': f'{gcs}/prepare/art/tokenizer/spm.model'})
+  assert prepare.prepare(with_model, f'{gcs}/prepare/run2').tokenizer_fingerprint == (
+      local.tokenizer_fingerprint)
 
 
 def test_metrics_are_mirrored_to_the_bucket(gcs):

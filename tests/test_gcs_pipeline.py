@@ -30,22 +30,28 @@ def _run(args: list[str], env: dict[str, str]) -> str:
   return done.stdout
 
 
-def _train_killed_then_resumed(config_file: str, workdir: str, env: dict[str, str]) -> int:
+def _train_killed_then_resumed(config_file: str, workdir: str, env: dict[str, str],
+                               log_path: str) -> int:
   """Starts train, kill -9s it once step 4 is committed, reruns it; returns the kill step."""
   cmd = [sys.executable, '-m', 'scone_jax.train', f'--config={config_file}',
          f'--workdir={workdir}']
   # orbax marks a finished step in a bucket with commit_success.txt.
   marker = paths.join(workdir, 'checkpoints', '4', 'commit_success.txt')
-  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  # stderr to a file: a pipe nobody drains would block the logging child.
+  log = open(log_path, 'w+')
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
   try:
     deadline = time.time() + 600
     while not paths.exists(marker):
-      assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+      if proc.poll() is not None:
+        log.seek(0)
+        pytest.fail(f'train exited with {proc.returncode}: {log.read()[-3000:]}')
       assert time.time() < deadline, 'no checkpoint at step 4 within 600 s'
       time.sleep(0.2)
     proc.kill()
   finally:
     proc.wait()
+    log.close()
   from scone_jax import run as run_lib
   killed_at = run_lib.RunDir(workdir).latest_step()
   assert killed_at < 8, 'the run finished before it was killed; nothing was tested'
@@ -53,10 +59,11 @@ def _train_killed_then_resumed(config_file: str, workdir: str, env: dict[str, st
   return killed_at
 
 
-def _pipeline(config_file: str, workdir: str, env: dict[str, str], kill: bool) -> dict:
+def _pipeline(config_file: str, workdir: str, env: dict[str, str], kill: str = '') -> dict:
+  """The CLIs in order; `kill`: a log path, to kill -9 train once and resume it."""
   _run(['scone_jax.prepare', f'--config={config_file}', f'--workdir={workdir}'], env)
   if kill:
-    _train_killed_then_resumed(config_file, workdir, env)
+    _train_killed_then_resumed(config_file, workdir, env, kill)
   else:
     _run(['scone_jax.train', f'--config={config_file}', f'--workdir={workdir}'], env)
   _run(['scone_jax.evaluate', f'--workdir={workdir}'], env)
@@ -81,8 +88,8 @@ def test_pipeline_in_a_bucket_equals_local_disk(gcs, tmp_path):
   env = th.subprocess_env(8)
   local_cfg = th.micro_config_file(str(tmp_path / 'local.py'), corpus, **OVERRIDES)
   bucket_cfg = th.micro_config_file(str(tmp_path / 'bucket.py'), bucket_corpus, **OVERRIDES)
-  want = _pipeline(local_cfg, str(tmp_path / 'run'), env, kill=False)
-  got = _pipeline(bucket_cfg, f'{gcs}/pipeline/run', env, kill=True)
+  want = _pipeline(local_cfg, str(tmp_path / 'run'), env)
+  got = _pipeline(bucket_cfg, f'{gcs}/pipeline/run', env, kill=str(tmp_path / 'train.log'))
   assert got['eval'] == want['eval']
   assert sorted(got['state']) == sorted(want['state'])
   for key, value in want['state'].items():
