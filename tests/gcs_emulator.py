@@ -12,9 +12,11 @@ inherited by CLI subprocesses:
 No real credentials or network are used. The same variables point a shell at an emulator
 (README, "Buckets").
 
-The emulator's object download omits the `x-goog-generation` header real GCS sends;
-tensorstore's OCDBT (orbax checkpoints) reads it to make its conditional manifest writes
-and fails with "Malformed StorageGeneration" without it. `LAUNCHER` adds the header.
+`LAUNCHER` runs the emulator with two gaps to real GCS closed, both of which tensorstore
+relies on: object downloads carry the `x-goog-generation` header (OCDBT, orbax's checkpoint
+format, fails with "Malformed StorageGeneration" without it), and object listings honour
+`startOffset`/`endOffset` (tensorstore lists and deletes key ranges with them; ignored, a
+`delete_existing` open of one store would delete the whole bucket).
 """
 
 from __future__ import annotations
@@ -43,7 +45,20 @@ def download(request, response, storage, *args, **kwargs):
     except Exception:  # Missing object: the original handler answers 404.
         pass
     return _download(request, response, storage, *args, **kwargs)
-objects.download = download  # Before the server module builds its routing table.
+objects.download = download
+_ls = objects.ls
+def ls(request, response, storage, *args, **kwargs):
+    start = (request.query.get('startOffset') or [None])[0]
+    end = (request.query.get('endOffset') or [None])[0]
+    if start is not None or end is not None:
+        reply = response.json
+        def in_range(listing):
+            items = [i for i in listing.get('items', []) if
+                     (start is None or i['name'] >= start) and (end is None or i['name'] < end)]
+            reply({**listing, 'items': items})
+        response.json = in_range
+    return _ls(request, response, storage, *args, **kwargs)
+objects.ls = ls  # Both patches precede the server module, which builds the routing table.
 from gcp_storage_emulator.__main__ import main
 main(sys.argv[1:])
 """

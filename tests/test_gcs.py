@@ -135,9 +135,11 @@ def test_export_store_in_a_bucket(gcs, tier):
   rng = np.random.default_rng(1)
   rows_SxD = rng.normal(size=(23, 8)).astype(np.float32)
   out = f'{gcs}/export/{tier}'
+  neighbour = f'{gcs}/export/{tier}-config.json'  # Next to the store: must survive it.
+  paths.write_bytes(neighbour, b'{}')
   write_store(out, 23, 8, 'float32', 10, lambda a, b: rows_SxD[a:b], {'checkpoint_step': 3},
               progress=False)
-  assert not paths.exists(f'{out}.partial.done')
+  assert not paths.exists(f'{out}.partial.done') and paths.exists(neighbour)
   store = EmbeddingStore.open(out, tier, expect={'checkpoint_step': 3}, verify=True)
   ids = np.array([0, 22, -1, 5, 5, 13])
   want = np.where((ids >= 0)[:, None], rows_SxD[ids], 0)
