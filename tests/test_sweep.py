@@ -386,8 +386,8 @@ def test_tpu_dry_run_cli(tmp_path):
        '--root=gs://b/runs', '--dry_run', '--backend=tpu', '--tpu_name=pod', '--zone=z',
        '--repo=https://example.com/x.git'], cwd=REPO, capture_output=True, text=True,
       check=True).stdout
-  assert out.count('gcloud compute tpus tpu-vm ssh pod') == 5
-  assert out.count('--config.distributed.mode=auto') == 5
+  assert out.count('gcloud compute tpus tpu-vm ssh pod') == 15  # 3 backbones x 5 points
+  assert out.count('--config.distributed.mode=auto') == 15
   assert '| run | accel_params |' in out
   bad = subprocess.run([sys.executable, 'launch/sweep.py', '--sweep=experiments/sweeps/af_size.py',
                         '--backend=tpu', '--dry_run'], cwd=REPO, capture_output=True, text=True)
