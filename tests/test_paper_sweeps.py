@@ -146,7 +146,7 @@ def _preset(spec):
   loaded = importlib.util.spec_from_file_location('preset', os.path.join(REPO, path))
   module = importlib.util.module_from_spec(loaded)
   loaded.loader.exec_module(module)
-  return config_lib.from_configdict(module.get_config(arg))
+  return config_lib.from_configdict(module.get_config(arg) if arg else module.get_config())
 
 
 def test_af_layers_for():

@@ -149,6 +149,7 @@ def train(cfg: Config, workdir: str) -> TrainResult:
     ConfigError: bad config, mesh or an incompatible existing run in `workdir`.
     TrainingDivergedError: NaN/Inf loss or gradient norm (names the step).
   """
+  config_lib.check_data_source(cfg)  # Before the workdir is created.
   mesh_lib.maybe_initialize_distributed(cfg.distributed)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
