@@ -66,7 +66,8 @@ def test_hf_tokenizer_gpt2_style(tmp_path):
   # GPT-2 has only <|endoftext|>: it is BOS, EOS and pad.
   eot = tok._tok.token_to_id(EOT)
   assert tok.bos_id == tok.eos_id == tok.pad_id == eot
-  for text in ('hello world', '  two  spaces\nand\ttabs', 'ünïcödé ✓ 漢字', 'the mat'):
+  for text in ('hello world', '  two  spaces\nand\ttabs', 'ünïcödé ✓ 漢字', 'the mat',
+               f'quoting {EOT} inside a document'):
     ids = tok.encode([text])[0]
     assert ids.dtype == np.int32 and eot not in ids  # No template specials added.
     assert tok.decode(ids) == text  # Byte-level BPE round-trips any text.

@@ -16,7 +16,9 @@ rarely say which token plays which role, so the roles are resolved here, explici
   * pad is the first of <pad>, <|padding|> (GPT-NeoX-20B's id 1), else EOS.
 The resolved strings and ids are recorded in the tokenizer artifact's manifest. Encoding
 never adds the tokenizer's own template specials (add_special_tokens=False): BOS is added
-once, by the packer.
+once, by the packer. Special-token strings that occur in a document's text (a web page
+quoting "<|endoftext|>") are encoded as ordinary text (encode_special_tokens), so the BOS/EOS
+ids never occur inside a document and no f-gram contains them, as with sentencepiece.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class HFTokenizer:
       raise artifacts.ArtifactError(f'{where} is not a valid tokenizer.json ({e}); give '
                                     'config.tokenizer.model_file a Hugging Face '
                                     'tokenizer.json') from e
+    self._tok.encode_special_tokens = True  # See the module docstring.
     self.path = path
     self.fingerprint = hashlib.sha256(data).hexdigest()
     vocab = self._tok.get_vocab(with_added_tokens=True)
