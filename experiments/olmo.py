@@ -12,8 +12,9 @@ Sizes: 0.7b/1b/1.3b/1.9b = d 2048 with 12/18/24/36 layers, reported as 711M/1014
 1920M params. Those counts fit 12 d^2 per layer, i.e. a plain 4d (8192) MLP, not SwiGLU,
 so the presets use a GELU MLP of width 8192; plus a 50,304 x 2048 tied embedding.
 A_f: `af_layers=<n>` layers (the paper: 12 = 0.6B, 36 = 1.8B), or `af=<multiplier>` x the
-backbone's depth; none is the baseline. Tokenizer: GPT-NeoX-20B's tokenizer.json (50,280
-ids, padded to 50,304 in the model). These presets refuse the embedded stdlib corpus unless
+backbone's depth; none is the baseline. Tokenizer: OLMo's release of GPT-NeoX-20B's
+tokenizer.json (50,280 ids, padded to 50,304 in the model; EleutherAI's own file has 50,277:
+then pass --config.tokenizer.vocab_size=50277). These presets refuse the embedded stdlib corpus unless
 --config.data.allow_embedded=True.
 OLMo-1 style: RoPE, non-parametric LayerNorm, no biases. Training: seq 2048, AdamW lr 4e-4,
 betas 0.9/0.95, wd 0.1, warmup 2000, cosine to 0.1x, clip 1.0, bf16 compute, batch 2048 x

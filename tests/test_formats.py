@@ -138,6 +138,12 @@ def test_parquet_reader_streams_rows(tmp_path):
   docs = list(FileCorpus([path], 'parquet'))
   want = [(t, f'{path}:row {i}') for i, t in enumerate(texts) if t and t.strip()]
   assert [(d.text, d.source) for d in docs] == want
+  # Compressed columns: the file is far smaller than its text, the bound is not.
+  repetitive = write_parquet(tmp_path / 'r.parquet', [f'{i} ' + 'same words ' * 200
+                                                      for i in range(300)])
+  text_bytes = sum(len(f'{i} ' + 'same words ' * 200) for i in range(300))
+  assert os.path.getsize(repetitive) < text_bytes / 10
+  assert FileCorpus([repetitive], 'parquet').total_file_bytes >= text_bytes
   with pytest.raises(CorpusError, match=r"no column 'body' \(columns: \['text', 'id'\]\)"):
     list(FileCorpus([path], 'parquet', text_field='body'))
   with pytest.raises(CorpusError, match="column 'id' has type int64, not string"):

@@ -9,7 +9,7 @@ SCONE-1B 5.57e13).
   python launch/sweep.py --sweep=experiments/sweeps/backbone_olmo.py --backend=tpu \\
       --tpu_name=NAME --zone=ZONE --root=gs://BUCKET/runs --repo=GIT_URL --report \\
       --set=data.source=files --set=data.format=parquet \\
-      --set=data.train_files='gs://BUCKET/dolma/*.parquet' \\
+      --set=data.train_files='/data/dolma/*.parquet' \\
       --set=tokenizer.kind=huggingface --set=tokenizer.model_file=/data/neox/tokenizer.json
 
 A_f sizes are layer counts at d 2048 (12 d^2 = 50.3M params per layer): 12 layers = 0.6B,

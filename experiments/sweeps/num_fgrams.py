@@ -7,8 +7,8 @@ backbone_gpt2.py).
   python launch/sweep.py --sweep=experiments/sweeps/num_fgrams.py --backend=tpu \\
       --tpu_name=NAME --zone=ZONE --root=gs://BUCKET/runs --repo=GIT_URL --report \\
       --set=data.source=files --set=data.format=parquet \\
-      --set=data.train_files='gs://BUCKET/owt/train-*.parquet' \\
-      --set=data.eval_files='wikitext103=gs://BUCKET/wt103/test.parquet' \\
+      --set=data.train_files='/data/owt/train-*.parquet' \\
+      --set=data.eval_files='wikitext103=/data/wt103/test.parquet' \\
       --set=tokenizer.kind=huggingface --set=tokenizer.model_file=/data/gpt2/tokenizer.json
 
 The paper does not list its S grid (its x axis spans 1e6..1e8): we use 512K, 1M, 2M, 4M,

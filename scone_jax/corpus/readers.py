@@ -148,6 +148,10 @@ class FileCorpus:
   @property
   def total_file_bytes(self) -> int:
     """Size of the input files: an upper bound on the corpus's UTF-8 text bytes."""
+    if self.format == 'parquet':  # Compressed columns: read the uncompressed size.
+      from scone_jax.corpus import columnar  # pylint: disable=g-import-not-at-top
+      return sum(max(columnar.parquet_uncompressed_bytes(p), os.path.getsize(p))
+                 for p in self.paths)
     return sum(os.path.getsize(p) for p in self.paths)
 
   def __iter__(self) -> Iterator[Document]:
