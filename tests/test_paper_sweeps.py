@@ -92,7 +92,7 @@ def parse_table(out):
 
 def dry_run(name, tmp_path):
   proc = subprocess.run(
-      [sys.executable, 'launch/sweep.py', f'--sweep=experiments/sweeps/{name}.py',
+      [sys.executable, '-m', 'scone_jax.sweeps', f'--sweep=experiments/sweeps/{name}.py',
        f'--root={tmp_path}', '--dry_run'], cwd=REPO, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert not os.listdir(tmp_path)  # A dry run writes nothing.

@@ -3,7 +3,7 @@ backbone's non-embedding params for the 128M, 419M and 589M models. The 419M mod
 WikiText-103 perplexity: baseline 26.1, + A_f 170M (6 layers) 23.4, + A_f 1020M (36 layers)
 22.1).
 
-  python launch/sweep.py --sweep=experiments/sweeps/af_size.py --dry_run
+  python -m scone_jax.sweeps --sweep=experiments/sweeps/af_size.py --dry_run
 
 A_f has the backbone's width, so its size is set by its layer count: 0.5x..3x of a
 12-layer backbone are 6/12/24/36 layers (170M/340M/680M/1020M non-embedding params). All

@@ -2,7 +2,7 @@
 S = 100M f-grams and A_f at 1x the backbone match the "doubled" baselines 204M/759M/1099M
 of twice the depth, at the backbone's inference FLOPs and accelerator memory).
 
-  python launch/sweep.py --sweep=experiments/sweeps/backbone_gpt2.py --dry_run
+  python -m scone_jax.sweeps --sweep=experiments/sweeps/backbone_gpt2.py --dry_run
 
 The dry-run table shows each point's accelerator-resident params (the paper's counts
 within 1%) and that a SCONE point's inference FLOPs per token equal its backbone's.

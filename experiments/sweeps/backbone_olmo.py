@@ -5,8 +5,8 @@ with A_f 1.8B reaches 14.581 vs the 1.9B baseline's 14.598, at about half its in
 FLOPs and accelerator memory. Training FLOPs per 2048-token sequence: 1.9B 2.73e13,
 SCONE-1B 5.57e13).
 
-  python launch/sweep.py --sweep=experiments/sweeps/backbone_olmo.py --dry_run
-  python launch/sweep.py --sweep=experiments/sweeps/backbone_olmo.py --backend=tpu \\
+  python -m scone_jax.sweeps --sweep=experiments/sweeps/backbone_olmo.py --dry_run
+  python -m scone_jax.sweeps --sweep=experiments/sweeps/backbone_olmo.py --backend=tpu \\
       --tpu_name=NAME --zone=ZONE --root=gs://BUCKET/runs --repo=GIT_URL --report \\
       --set=data.source=files --set=data.format=parquet \\
       --set=data.train_files='/data/dolma/*.parquet' \\

@@ -1,7 +1,7 @@
 """Perplexity vs maximum f-gram length K = 2..8 (paper ablation, WebText GPT-2 419M, S =
 20M f-grams, A_f at 1x the backbone (12 layers), 3 seeds: gains plateau at K = 4-6).
 
-  python launch/sweep.py --sweep=experiments/sweeps/max_len.py --dry_run
+  python -m scone_jax.sweeps --sweep=experiments/sweeps/max_len.py --dry_run
 
 Each K mines its own table of 20M f-grams (the launcher gives each distinct
 data/tokenizer/f-gram config its own artifacts dir); the tokenizer and token shards are

@@ -3,8 +3,8 @@
 and at S = 100M SCONE matches the doubled baselines 204M/759M/1099M, which are in
 backbone_gpt2.py).
 
-  python launch/sweep.py --sweep=experiments/sweeps/num_fgrams.py --dry_run
-  python launch/sweep.py --sweep=experiments/sweeps/num_fgrams.py --backend=tpu \\
+  python -m scone_jax.sweeps --sweep=experiments/sweeps/num_fgrams.py --dry_run
+  python -m scone_jax.sweeps --sweep=experiments/sweeps/num_fgrams.py --backend=tpu \\
       --tpu_name=NAME --zone=ZONE --root=gs://BUCKET/runs --repo=GIT_URL --report \\
       --set=data.source=files --set=data.format=parquet \\
       --set=data.train_files='/data/owt/train-*.parquet' \\
