@@ -301,3 +301,12 @@ def test_train_cli_refuses_embedded_corpus(tmp_path):
   assert 'refuses to train on the embedded' in done.stderr
   assert '--config.data.allow_embedded=True' in done.stderr
   assert not workdir.exists()
+
+
+def test_allow_embedded_may_change_on_resume(tmp_path):
+  from scone_jax.train import loop
+  cfg = _preset('experiments/gpt2.py:128m')
+  loop.write_run_config(config_lib.replace(cfg, **{'data.allow_embedded': True}), str(tmp_path))
+  loop.write_run_config(cfg, str(tmp_path))  # The refusal flag changes no math.
+  with pytest.raises(config_lib.ConfigError, match='data.format'):
+    loop.write_run_config(config_lib.replace(cfg, **{'data.format': 'parquet'}), str(tmp_path))

@@ -153,3 +153,12 @@ def test_af_layers_for():
   assert presets.af_layers_for(0.5, 12) == 6 and presets.af_layers_for(3, 12) == 36
   with pytest.raises(ValueError, match='af_layers'):
     presets.af_layers_for(0.5, 7)
+
+
+def test_allow_embedded_does_not_change_what_prepare_builds(tmp_path):
+  from scone_jax.sweeps import spec
+  path = tmp_path / 'two.py'
+  path.write_text("BASE_CONFIG = 'experiments/gpt2.py:128m'\n\ndef get_sweep():\n"
+                  "  return [{'data.allow_embedded': True}, {'data.allow_embedded': False}]\n")
+  sweep = spec.load_sweep(str(path), str(tmp_path / 'runs'))
+  assert len({p.cfg.data.artifacts_dir for p in sweep.points}) == 1

@@ -42,7 +42,7 @@ from scone_jax.train import step as step_lib
 # longer schedule from the restored step.)
 RESUMABLE_KEYS = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
                   'train.data_prefetch', 'train.peak_tflops', 'checkpoint.', 'distributed.',
-                  'mesh.')
+                  'mesh.', 'data.allow_embedded')
 
 
 class TrainingDivergedError(RuntimeError):
