@@ -34,13 +34,13 @@ def main(argv):
   if _CONFIG.value is None:
     raise app.UsageError('--config=experiments/<preset>.py is required')
   logs.quiet_third_party_logs()
-  cfg = config_lib.from_configdict(_CONFIG.value)
-  if _PRINT_CONFIG.value:
-    print(cfg.to_json())
-    return
-  if not _WORKDIR.value:
-    raise app.UsageError('--workdir is required (the run directory)')
   try:
+    cfg = config_lib.from_configdict(_CONFIG.value)
+    if _PRINT_CONFIG.value:
+      print(cfg.to_json())
+      return
+    if not _WORKDIR.value:
+      raise app.UsageError('--workdir is required (the run directory)')
     result = loop.train(cfg, _WORKDIR.value, tuple(_ALLOW.value))
   except (config_lib.ConfigError, runlock.RunLockedError,
           checkpoint_lib.CheckpointSaveError) as e:

@@ -176,7 +176,7 @@ class Checkpointer:
         following = steps[i + 1] if i + 1 < len(steps) else None
         logging.warning('checkpoint step %d in %s does not restore (%s: %s); falling back '
                         'to step %s', step, self.directory, type(e).__name__,
-                        str(e)[:500], following)
+                        (str(e).splitlines() or [''])[0][:300], following)
         continue
       for bad in steps[:i]:
         self._move_aside(bad)
