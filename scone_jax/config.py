@@ -121,14 +121,13 @@ class FgramModelConfig:
   # embedding in the backbone's residual stream, and the raw stream starts at that scale
   # (T(x_i) + position + block updates), whereas a norm's unit-variance output is ~50x
   # the token embeddings (init std 0.02) and drowns the backbone's own updates at matched
-  # positions. Measured on the demo preset (S=4096, 300 steps): ppl 265 ('none') vs 291.
+  # positions (measurements: BENCHMARKS.md, "A_f's output norm and init").
   final_norm: Literal['same', 'none'] = 'none'
   # 'identity': A_f's residual-branch output projections (wo, w_out) and its position
   # table start at zero, so at step 0 A_f(x_j..x_i) = T(x_i) exactly and SCONE computes the
   # baseline's function; training then learns what the f-gram adds. 'random': the
   # backbone's init (random blocks add noise comparable to the 0.02-scale token signal at
-  # every matched position, which the CPU-tiny preset showed as a higher loss than the
-  # baseline after 300 steps).
+  # every matched position; BENCHMARKS.md, "A_f's output norm and init").
   init: Literal['identity', 'random'] = 'identity'
 
 
