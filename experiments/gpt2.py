@@ -1,4 +1,5 @@
-"""GPT-2 family presets: the paper's WebText study plus two benchmark sizes.
+"""GPT-2 family presets: the paper's WebText study (docs/METHOD.md, section 3) plus two
+benchmark sizes.
 
   python -m scone_jax.train --config=experiments/gpt2.py:419m --workdir=runs/gpt2_419m \
       --config.data.source=files --config.data.format=parquet \

@@ -72,7 +72,7 @@ def af_name(c: ml_collections.ConfigDict) -> str:
 
 
 def apply_paper_optimizer(c: ml_collections.ConfigDict) -> None:
-  """The paper's AdamW settings shared by its GPT-2 and OLMo runs.
+  """The paper's AdamW settings shared by its GPT-2 and OLMo runs (docs/METHOD.md, section 3).
 
   Peak learning rate, warmup and steps differ per family and stay in the preset files.
   """
