@@ -59,6 +59,8 @@ BAD_VALUES = [
     ({'fgram.miner': 'spark'}, r"config\.fgram\.miner='spark' is not one of"),
     ({'model.attention': 'cudnn'}, r"config\.model\.attention='cudnn' needs "
                                    r"config\.model\.dtype='bfloat16'"),
+    ({'model.attention': 'cudnn', 'model.dtype': 'bfloat16'},
+     r"config\.model\.attention='cudnn' needs an NVIDIA GPU, but the backend is 'cpu'"),
     ({'serve.top_p': 0.0}, r'config\.serve\.top_p=0\.0 must be in \(0, 1\]'),
     ({'distributed.mode': 'explicit'}, r'config\.distributed\.coordinator_address'),
     ({'mesh.tensor': 3}, r'config\.mesh\.fsdp\*tensor=1\*3 does not divide the 8 devices'),

@@ -140,7 +140,8 @@ def train(cfg: Config, workdir: str,
     CheckpointSaveError: a checkpoint could not be saved (e.g. disk full).
   """
   mesh_lib.maybe_initialize_distributed(cfg.distributed)
-  config_lib.validate_runtime(cfg, jax.device_count(), jax.process_count())
+  config_lib.validate_runtime(cfg, jax.device_count(), jax.process_count(),
+                              jax.default_backend())
   workdir = os.path.abspath(workdir)
   check_run_config(cfg, workdir, allow_config_change)
   os.makedirs(workdir, exist_ok=True)
