@@ -11,6 +11,7 @@ points only ever sees the dataclasses (layers never import ml_collections).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import typing
@@ -488,12 +489,20 @@ def check_batch_on_mesh(global_batch: int, shape: tuple[int, int, int]) -> None:
         'move devices to config.mesh.tensor')
 
 
-def validate_runtime(cfg: Config, num_devices: int, num_processes: int) -> None:
-  """The rules that need the runtime: mesh vs devices, batch vs mesh and processes.
+def validate_runtime(cfg: Config, num_devices: int, num_processes: int,
+                     platform: str = '') -> None:
+  """The rules that need the runtime: mesh vs devices, batch vs mesh and processes, the
+  backend (`platform`, jax.default_backend(); '' skips) and optional packages.
 
   Cheap and side-effect free: entry points call it right after the distributed runtime
   is up (jax.device_count() is known) and before anything is prepared or written.
   """
+  if cfg.model.attention == 'cudnn' and platform and platform != 'gpu':
+    raise ConfigError(f"config.model.attention='cudnn' needs an NVIDIA GPU, but the backend "
+                      f"is {platform!r}; use config.model.attention='einsum'")
+  if cfg.fgram.miner == 'beam' and importlib.util.find_spec('apache_beam') is None:
+    raise ConfigError("config.fgram.miner='beam' needs apache-beam: pip install -r "
+                      "requirements-beam.txt, or use config.fgram.miner='local'")
   shape = resolve_mesh(cfg.mesh, num_devices)
   check_batch_on_mesh(cfg.train.batch_size, shape)
   if cfg.train.batch_size % num_processes:

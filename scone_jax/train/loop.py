@@ -141,13 +141,12 @@ def train(cfg: Config, workdir: str,
   """
   config_lib.check_data_source(cfg)  # Before the workdir is created.
   mesh_lib.maybe_initialize_distributed(cfg.distributed)
-  config_lib.validate_runtime(cfg, jax.device_count(), jax.process_count())
+  config_lib.validate_runtime(cfg, jax.device_count(), jax.process_count(),
+                              jax.default_backend())
   workdir = os.path.abspath(workdir)
   check_run_config(cfg, workdir, allow_config_change)
   os.makedirs(workdir, exist_ok=True)
-  lock = runlock.RunLock(workdir) if jax.process_index() == 0 else None
-  if lock is not None:
-    lock.acquire()
+  lock = _acquire_run_lock(workdir)
   try:
     if lock is not None:
       artifacts.clean_stale_temps(workdir)
@@ -155,6 +154,27 @@ def train(cfg: Config, workdir: str,
   finally:
     if lock is not None:
       lock.release()
+
+
+def _acquire_run_lock(workdir: str) -> runlock.RunLock | None:
+  """Process 0 takes W's lock; every process raises RunLockedError if it could not (the
+  others would otherwise wait at the next barrier for a process 0 that has stopped)."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    lock = runlock.RunLock(workdir)
+    try:
+      lock.acquire()
+    except runlock.RunLockedError as e:
+      lock, error = None, e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    locked = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+    if not int(locked) and error is None:
+      error = runlock.RunLockedError(f'process 0 could not take the lock of {workdir} '
+                                     '(its log names the holder)')
+  if error is not None:
+    raise error
+  return lock
 
 
 def _train_locked(cfg: Config, workdir: str,
