@@ -33,8 +33,13 @@ class DataConfig:
   train_files: str = ''
   eval_files: str = ''
   # 'lines': one document per line; 'blank_lines': documents separated by blank lines;
-  # 'jsonl': one JSON object per line, text under `text_field`.
-  format: Literal['lines', 'blank_lines', 'jsonl'] = 'lines'
+  # 'jsonl': one JSON object per line, text under `text_field`; 'parquet': the string
+  # column `text_field`, one document per row, streamed by row group; 'arrayrecord': one
+  # UTF-8 document per record; 'arrayrecord_tokens': one document per record as token ids
+  # (little-endian uint32, no BOS/EOS; needs the tokenizer that made them in
+  # tokenizer.model_file). Layouts: scone_jax/corpus/columnar.py.
+  format: Literal['lines', 'blank_lines', 'jsonl', 'parquet', 'arrayrecord',
+                  'arrayrecord_tokens'] = 'lines'
   text_field: str = 'text'
   # Invalid UTF-8: 'replace' with U+FFFD (counted and reported) or 'error' (names file+line).
   on_bad_utf8: Literal['replace', 'error'] = 'replace'
@@ -44,10 +49,18 @@ class DataConfig:
   # <workdir>/prepare. Sweep points point this at one shared directory: stages are keyed
   # by their inputs' fingerprints, so points with the same data prepare once.
   artifacts_dir: str = ''
+  # False in the paper presets (experiments/gpt2.py, olmo.py): prepare and train refuse
+  # source='embedded' unless this is set, since a paper-sized run on the small stdlib
+  # corpus is almost always a forgotten data flag (check_data_source).
+  allow_embedded: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
+  # 'sentencepiece': train one on the corpus or load a .model (model_file);
+  # 'huggingface': load a local tokenizer.json (model_file) with the `tokenizers`
+  # library, e.g. GPT-2's or GPT-NeoX-20B's; it cannot be trained here.
+  kind: Literal['sentencepiece', 'huggingface'] = 'sentencepiece'
   vocab_size: int = 8000
   model_type: Literal['bpe', 'unigram'] = 'bpe'
   # Path of an existing sentencepiece .model; empty means train one on the train corpus.
@@ -60,6 +73,13 @@ class TokenizerConfig:
   # Documents longer than max_sentence_length bytes when training the tokenizer:
   # 'split' them at whitespace (counted and logged with file:line) or raise an 'error'.
   long_docs: Literal['split', 'error'] = 'split'
+  # huggingface only: the special tokens scone_jax uses ('' = the rule in
+  # scone_jax/tokenizer/hf.py: EOS is <|endoftext|> or </s>; BOS is <s> if present, else
+  # EOS, as GPT-2 and GPT-NeoX mark document starts with <|endoftext|>; pad is <pad> or
+  # <|padding|>, else EOS; padded positions are masked, so its id never reaches a loss).
+  bos_token: str = ''
+  eos_token: str = ''
+  pad_token: str = ''
   # Token shard dtype is derived from vocab_size (uint16 below 2**16, else uint32).
 
 
@@ -395,6 +415,18 @@ def validate(cfg: Config) -> Config:
   if cfg.train.batch_size % cfg.train.grad_accum_steps:
     raise ConfigError(f'config.train.batch_size={cfg.train.batch_size} is not divisible by '
                       f'config.train.grad_accum_steps={cfg.train.grad_accum_steps}')
+  tc = cfg.tokenizer
+  if tc.kind == 'huggingface' and not tc.model_file:
+    raise ConfigError("config.tokenizer.kind='huggingface' loads an existing tokenizer.json: "
+                      "set --config.tokenizer.model_file=/path/to/tokenizer.json")
+  if tc.kind == 'sentencepiece' and (tc.bos_token or tc.eos_token or tc.pad_token):
+    raise ConfigError('config.tokenizer.bos_token/eos_token/pad_token apply to '
+                      "tokenizer.kind='huggingface' only; sentencepiece models carry their "
+                      'own special ids')
+  if cfg.data.format == 'arrayrecord_tokens' and not tc.model_file:
+    raise ConfigError("config.data.format='arrayrecord_tokens' holds token ids already: set "
+                      'config.tokenizer.model_file (and tokenizer.kind) to the tokenizer '
+                      'that produced them')
   if cfg.data.source == 'files' and not cfg.data.train_files and not cfg.tokenizer.model_file:
     raise ConfigError("config.data.source='files' needs config.data.train_files (comma-"
                       "separated globs), e.g. --config.data.train_files='/data/*.txt'")
@@ -409,6 +441,22 @@ def validate(cfg: Config) -> Config:
   return cfg
 
 
+def check_data_source(cfg: Config) -> None:
+  """Refuses the embedded corpus for configs that set data.allow_embedded=False.
+
+  Called where a run starts (prepare, train) rather than in `validate`, so sweep dry runs
+  and accounting still load the paper presets.
+  """
+  if cfg.data.source == 'embedded' and not cfg.data.allow_embedded:
+    raise ConfigError(
+        f'config {cfg.name!r} is a paper-scale preset and refuses to train on the embedded '
+        'stdlib corpus. Point it at your data: --config.data.source=files '
+        "--config.data.train_files='/data/owt/train-*.parquet' --config.data.format=parquet "
+        "--config.data.eval_files='heldout=/data/owt/val-*.parquet' "
+        '--config.tokenizer.kind=huggingface --config.tokenizer.model_file=/data/gpt2/'
+        'tokenizer.json (formats: lines, blank_lines, jsonl, parquet, arrayrecord, '
+        'arrayrecord_tokens). To train on the embedded corpus anyway, pass '
+        '--config.data.allow_embedded=True')
 def resolve_mesh(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
   """The (data, fsdp, tensor) shape: resolves `data=-1`; the axes must multiply to the
   device count."""
@@ -475,7 +523,8 @@ def validate_runtime(cfg: Config, num_devices: int, num_processes: int,
 # --allow_config_change), e.g. train.steps, which moves the cosine schedule's end.
 RESUMABLE_KEYS = ('name', 'train.log_every', 'train.eval_every', 'train.eval_batches',
                   'train.data_prefetch', 'train.peak_tflops', 'checkpoint.', 'distributed.',
-                  'mesh.', 'data.artifacts_dir', 'export.', 'serve.')
+                  'mesh.', 'data.artifacts_dir', 'export.', 'serve.',
+                  'data.allow_embedded')
 
 
 def _key_matches(key: str, pattern: str) -> bool:

@@ -77,6 +77,12 @@ def accounting(cfg: config_lib.Config) -> dict[str, float]:
       'train_flops_backbone': per_token.train_backbone,
       'train_flops_af': per_token.train_fgram,
       'infer_flops': per_token.inference,
+      # What the paper's tables vary, so a dry run can be checked against them.
+      'af_layers': cfg.fgram_model.num_layers,
+      'S': (cfg.fgram.use_size or cfg.fgram.size) if cfg.is_scone else 0,
+      'K': cfg.fgram.max_len,
+      'train_tokens': cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len,
+      'seed': cfg.train.seed,
   }
 
 

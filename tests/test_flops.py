@@ -74,7 +74,7 @@ def test_benchmark_presets_sizes():
 
 
 @pytest.mark.parametrize('arg,match', [(None, 'needs a size'), ('420m', 'unknown size'),
-                                       ('419m,af=4', 'not one of'), ('419m,x=1', 'unknown option')])
+                                       ('419m,af=0.3', 'whole number'), ('419m,x=1', 'unknown option')])
 def test_preset_arg_errors(arg, match):
   with pytest.raises(ValueError, match=match):
     load_preset('experiments/gpt2.py', arg)

@@ -29,7 +29,7 @@ from scone_jax import config as config_lib
 # fgram.use_size only slices the mined table; miner/memory budget change how, not what.
 _PREPARE_SECTIONS = ('data', 'tokenizer', 'fgram')
 _PREPARE_IGNORED = ('data.artifacts_dir', 'fgram.use_size', 'fgram.miner',
-                    'fgram.memory_budget_mb')
+                    'fgram.memory_budget_mb', 'data.allow_embedded')
 _NAME_MAX_CHARS = 100
 
 

@@ -139,6 +139,7 @@ def train(cfg: Config, workdir: str,
     TrainingDivergedError: NaN/Inf loss or gradient norm (names the step).
     CheckpointSaveError: a checkpoint could not be saved (e.g. disk full).
   """
+  config_lib.check_data_source(cfg)  # Before the workdir is created.
   mesh_lib.maybe_initialize_distributed(cfg.distributed)
   config_lib.validate_runtime(cfg, jax.device_count(), jax.process_count(),
                               jax.default_backend())
