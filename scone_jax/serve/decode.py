@@ -22,8 +22,15 @@ t+1 runs on the device. Steps (1)-(3) need token t, so they sit between two devi
 steps: they are SCONE's whole per-step cost over the baseline (benchmarks/bench_decode.py
 prints it: ~2 us isolated, ~10-20 us inside the CPU decode loop, whose device step has
 just evicted the host's caches).
-The store is never indexed inside jit (ENV.md: a pinned_host table indexed in jit fails
-or runs slow host compute).
+The store is never indexed inside jit (indexing a pinned_host table in jit fails or
+runs slow host compute).
+
+That is the 'host' loop (`loop='host'`), one jitted step per token from Python. The
+default, `loop='device'`, runs the same step in an on-device `lax.while_loop` (serve/
+device_loop.py): sampling, EOS and max_new_tokens are decided on the device and tokens
+come back in chunks; SCONE's lookup is called from inside the loop (`lookup`: 'native',
+an XLA FFI call into the same compiled kernel, on the CPU backend with the 'ram' tier;
+'callback', a host callback into `step_slab`, anywhere).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +49,11 @@ from flax import nnx
 from scone_jax.fgrams import IncrementalMatcher
 from scone_jax.fgrams.match import push_kernel
 from scone_jax.model import Backbone, KVCache, SconeLM
+from scone_jax.serve import device_loop
 from scone_jax.serve.store import EmbeddingStore, gather_kernel
+
+Loop = Literal['device', 'host']
+LookupMode = Literal['auto', 'native', 'callback']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,10 +165,17 @@ class Decoder:
     bos_id: prepended to every prompt; no f-gram contains it, so matches never reach
       before it.
     cache_len: S, the KV cache length (default and maximum: model.max_seq_len).
+    loop: 'device' (an on-device while loop, tokens streamed in chunks of `chunk_steps`)
+      or 'host' (one jitted step per token from Python).
+    lookup: SCONE's per-step lookup inside the device loop: 'native' (XLA FFI call, CPU
+      backend and 'ram' tier only), 'callback' (host callback), or 'auto' (native where
+      it applies).
+    chunk_steps: decode steps per device call (the streaming granularity).
   """
 
   def __init__(self, lm: SconeLM, store: EmbeddingStore | None = None, table: Any = None,
-               *, batch_size: int = 1, bos_id: int = 1, cache_len: int | None = None):
+               *, batch_size: int = 1, bos_id: int = 1, cache_len: int | None = None,
+               loop: Loop = 'device', lookup: LookupMode = 'auto', chunk_steps: int = 32):
     backbone = lm.backbone
     cfg = backbone.cfg
     if (store is None) != (table is None):
@@ -200,6 +218,35 @@ class Decoder:
         self._raw_dtype = raw
       else:
         self._fused_args = None
+    if loop not in ('device', 'host'):
+      raise ValueError(f"loop={loop!r} must be 'device' or 'host'")
+    if chunk_steps < 1:
+      raise ValueError(f'chunk_steps={chunk_steps} must be >= 1')
+    self.loop, self.chunk_steps = loop, chunk_steps
+    self.lookup = self._resolve_lookup(lookup)
+    self._chunk_programs = {}
+
+  def _resolve_lookup(self, lookup: LookupMode) -> str:
+    """The device loop's lookup mode, and its operand (native context / callback handle)."""
+    if lookup not in ('auto', 'native', 'callback'):
+      raise ValueError(f"lookup={lookup!r} must be 'auto', 'native' or 'callback'")
+    self._target, self._native = '', None
+    self._lookup_operand = np.int32(0)
+    if self.store is None:
+      return 'none'
+    native_ok = self._fused_args is not None and jax.default_backend() == 'cpu'
+    if lookup == 'native' and not native_ok:
+      raise ValueError("lookup='native' needs the 'ram' store tier and the CPU backend; "
+                       "use lookup='callback' (or 'auto')")
+    if lookup != 'callback' and native_ok:
+      from scone_jax.serve import native_lookup  # pylint: disable=g-import-not-at-top
+      self._native = native_lookup.LookupContext(
+          self._matcher.kernel_args, self.store.raw_rows, self.store.num_rows,
+          self._raw_one, self.batch_size)
+      self._target, self._lookup_operand = self._native.target, self._native.operand
+      return 'native'
+    self._lookup_operand = np.int32(device_loop.register_callback(self.step_slab))
+    return 'callback'
 
   # -- host side -----------------------------------------------------------------------
 
@@ -292,6 +339,9 @@ class Decoder:
       raise ValueError(f'max_new_tokens={max_new_tokens} must be >= 1')
     tokens_BxT, lengths_B = self._prompt_batch(prompts, max_new_tokens)
     key = jax.random.key(seed)
+    if self.loop == 'device':
+      return self._generate_device(len(prompts), tokens_BxT, lengths_B, max_new_tokens,
+                                   sampling, key, eos_id)
     start = time.perf_counter()
     slab_BxTxD, mask_BxT = self._prompt_slab(tokens_BxT, lengths_B)
     _, next_B, cache = self._prefill(self.graphdef, sampling, False, self.state, tokens_BxT,
@@ -327,15 +377,49 @@ class Decoder:
         # The first decode step may include its compilation: time the steady state.
         start, steps, lookup = time.perf_counter(), 0, 0.0
     decode_seconds = time.perf_counter() - start
-    tokens = []
-    for b in range(len(prompts)):
-      row = out_BxN[b, :n + 1]
-      if eos_id is not None and (row == eos_id).any():
-        row = row[:int(np.argmax(row == eos_id)) + 1]
-      tokens.append(row)
-    return Generation(tokens=tokens, prefill_seconds=prefill_seconds,
-                      decode_seconds=decode_seconds, decode_steps=steps,
-                      batch_size=self.batch_size, lookup_seconds=lookup)
+    return Generation(tokens=_cut_at_eos(out_BxN[:len(prompts), :n + 1], eos_id),
+                      prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
+                      decode_steps=steps, batch_size=self.batch_size, lookup_seconds=lookup)
+
+  def _chunk_program(self, sampling: Sampling):
+    """The compiled device-loop chunk for `sampling`, bound to this decoder's weights,
+    lookup and key; compiled before a generation is timed."""
+    if sampling not in self._chunk_programs:
+      static = (self.graphdef, sampling, self.lookup, self._target, self.chunk_steps,
+                self._slab_dtype)
+      cache = jax.eval_shape(self._init_cache)
+      token_B = jax.ShapeDtypeStruct((self.batch_size,), jnp.int32)
+      scalar = jax.ShapeDtypeStruct((), jnp.int32)
+      self._chunk_programs[sampling] = device_loop.DECODE_CHUNK.lower(
+          *static, self.state, self._lookup_operand, token_B, cache,
+          jax.ShapeDtypeStruct((self.batch_size,), bool), scalar, scalar, scalar,
+          jax.random.key(0)).compile()
+    return self._chunk_programs[sampling]
+
+  def _generate_device(self, num_prompts, tokens_BxT, lengths_B, max_new_tokens,
+                       sampling, key, eos_id) -> Generation:
+    program = self._chunk_program(sampling)
+    start = time.perf_counter()
+    slab_BxTxD, mask_BxT = self._prompt_slab(tokens_BxT, lengths_B)
+    _, first_B, cache = self._prefill(self.graphdef, sampling, False, self.state, tokens_BxT,
+                                      slab_BxTxD, mask_BxT, lengths_B, self._init_cache(),
+                                      jax.random.fold_in(key, 0))
+    first_B.block_until_ready()
+    prefill_seconds = time.perf_counter() - start
+    counters = None if self._native is None else self._native.counters.copy()
+    start = time.perf_counter()
+    run = functools.partial(program, self.state, self._lookup_operand)
+    tokens_BxN, steps = device_loop.ChunkRunner(
+        lambda *a: run(*a, key), first_B, cache, eos_id, max_new_tokens,
+        self.chunk_steps).run()
+    decode_seconds = time.perf_counter() - start
+    if counters is not None:  # The native lookup counts in place of store.gather.
+      hits, calls = self._native.counters - counters
+      self.store.stats.add(int(calls) * self.batch_size, int(hits), int(calls) *
+                           self.batch_size * self.d_model * self._slab_dtype.itemsize, 0.0)
+    return Generation(tokens=_cut_at_eos(tokens_BxN[:num_prompts], eos_id),
+                      prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
+                      decode_steps=steps, batch_size=self.batch_size)
 
   def teacher_forced_logits(self, prompts: Sequence[np.ndarray],
                             continuations: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -379,3 +463,13 @@ class Decoder:
     return self._decode.lower(self.graphdef, sampling, self.state, token_B,
                               self._no_match_BxE, cache, jax.random.key(0),
                               np.int32(0)).compile()
+
+
+def _cut_at_eos(tokens_BxN: np.ndarray, eos_id: int | None) -> list[np.ndarray]:
+  """Each row's tokens up to and including its first `eos_id`."""
+  out = []
+  for row in tokens_BxN:
+    if eos_id is not None and (row == eos_id).any():
+      row = row[:int(np.argmax(row == eos_id)) + 1]
+    out.append(row)
+  return out
