@@ -99,10 +99,14 @@ def _inputs(backbone: Backbone, tokens_BxT: jax.Array, slab_BxTxD: jax.Array,
   return jnp.where(mask_BxT[..., None], slab_BxTxD.astype(x_BxTxD.dtype), x_BxTxD)
 
 
-def _prefill(graphdef, sampling: Sampling, all_logits: bool, state, tokens_BxT, slab_BxTxD,
-             mask_BxT, lengths_B, cache: KVCache, key):
+def _prefill(graphdef, sampling: Sampling, all_logits: bool, state, tokens_BxT, slab_BxTxE,
+             lengths_B, cache: KVCache, key):
+  """slab_BxTxE: the prompts' f-gram rows with the match flag last (None: baseline)."""
   backbone = nnx.merge(graphdef, state)
-  x_BxTxD = _inputs(backbone, tokens_BxT, slab_BxTxD, mask_BxT)
+  if slab_BxTxE is None:
+    x_BxTxD = backbone.embed(tokens_BxT)
+  else:
+    x_BxTxD = _inputs(backbone, tokens_BxT, slab_BxTxE[..., :-1], slab_BxTxE[..., -1] > 0)
   logits_BxTxV, cache = backbone.prefill(x_BxTxD, lengths_B, cache)
   last_BxV = jnp.take_along_axis(logits_BxTxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
   return (logits_BxTxV if all_logits else last_BxV), sample(last_BxV, key, sampling), cache
@@ -129,6 +133,33 @@ def _slab_kernel(tokens_B, codes_BxL, slots, shifts_L, ids_B, lens_B, rows_RxD, 
   hits = gather_kernel(rows_RxD, ids_B, num_rows, slab_BxE[:, :-1])
   for b in range(ids_B.size):
     slab_BxE[b, -1] = one if lens_B[b] > 1 else 0
+  return hits
+
+
+@numba.njit(nogil=True, cache=True)
+def _prompt_kernel(tokens_BxT, lengths_B, codes_BxL, slots, shifts_L, ids_BxT, rows_RxD,
+                   num_rows, slab_NxE, one):
+  """Matches every prompt row (positions < lengths_B[b]; later ones get -1) by pushing its
+  tokens into a fresh incremental matcher, which ends primed with the row's last K-1
+  tokens. With `rows_RxD` (raw bits) also fills slab_NxE (N = B*T positions): the
+  f-gram row and the match flag. Returns the number of matched positions."""
+  b, t = tokens_BxT.shape
+  codes_BxL[:] = -1
+  lens_1 = np.empty(1, np.int32)
+  hits = 0
+  for r in range(b):
+    for j in range(t):
+      if j >= lengths_B[r]:
+        ids_BxT[r, j] = -1
+      else:
+        push_kernel(tokens_BxT[r, j:j + 1], codes_BxL[r:r + 1], slots, shifts_L,
+                    ids_BxT[r, j:j + 1], lens_1)
+      if ids_BxT[r, j] >= 0:
+        hits += 1
+      if rows_RxD is not None:
+        row = ids_BxT[r, j] if ids_BxT[r, j] >= 0 else num_rows
+        slab_NxE[r * t + j, :-1] = rows_RxD[row, :]
+        slab_NxE[r * t + j, -1] = one if ids_BxT[r, j] >= 0 else 0
   return hits
 
 
@@ -278,24 +309,33 @@ class Decoder:
     return tokens_BxT, lengths_B
 
   def _prompt_slab(self, tokens_BxT: np.ndarray, lengths_B: np.ndarray):
-    """Host matching + gather for the prompts, and the matcher primed to continue them."""
-    b, t = tokens_BxT.shape
+    """The prompts' f-gram rows for one prefill: slab_BxTxE on the device (None for the
+    baseline), the matcher primed to continue every row.
+
+    One compiled call matches every prompt position (`_prompt_kernel`: the incremental
+    matcher run along each row from an empty history, equal to `table.match` with one
+    segment per row) and, for the 'ram' tier, gathers the rows and match flags into the
+    slab; the 'disk' tier gathers with one `store.gather`. One transfer follows.
+    """
     if self.store is None:
-      return (jnp.zeros((b, t, self.d_model), self.dtype), jnp.zeros((b, t), bool))
-    segment_ids_BxT = (np.arange(t)[None] < lengths_B[:, None]).astype(np.int32)
-    ids_BxT, _ = self.table.match(tokens_BxT, segment_ids_BxT)
-    ids_BxT = np.where(segment_ids_BxT > 0, ids_BxT, -1)
-    slab_BxTxD = self.store.gather(ids_BxT.reshape(-1)).reshape(b, t, self.d_model)
-    # Prime the incremental matcher with each row's last K-1 tokens: the longest f-gram
-    # ending at the next token depends on nothing older. BOS stands in before the prompt.
-    k1 = self.max_fgram_len - 1
-    for r in range(b):
-      self._matcher.reset(r)
-    for j in range(k1):
-      pos_B = lengths_B - k1 + j
-      self._matcher.push(np.where(pos_B >= 0, tokens_BxT[np.arange(b), np.maximum(pos_B, 0)],
-                                  self.bos_id).astype(np.int32))
-    return jax.device_put(slab_BxTxD), jax.device_put(ids_BxT >= 0)
+      return None
+    b, t = tokens_BxT.shape
+    start = time.perf_counter()
+    ids_BxT = np.empty((b, t), np.int32)
+    slab_BxTxE = np.empty((b, t, self.d_model + 1), self._slab_dtype)
+    codes_BxL, slots, shifts_L = self._matcher.kernel_args
+    if self._fused_args is not None:
+      raw_BxTxE = slab_BxTxE.view(self._raw_dtype)
+      hits = _prompt_kernel(tokens_BxT, lengths_B, codes_BxL, slots, shifts_L, ids_BxT,
+                            self.store.raw_rows, self.store.num_rows,
+                            raw_BxTxE.reshape(b * t, -1), self._raw_one)
+      self.store.stats.add(b * t, hits, slab_BxTxE.nbytes, time.perf_counter() - start)
+    else:
+      _prompt_kernel(tokens_BxT, lengths_B, codes_BxL, slots, shifts_L, ids_BxT,
+                     None, 0, None, 0)
+      self.store.gather(ids_BxT.reshape(-1), out=slab_BxTxE.reshape(b * t, -1)[:, :-1])
+      slab_BxTxE[..., -1] = ids_BxT >= 0
+    return jax.device_put(slab_BxTxE)
 
   def step_slab(self, token_B: np.ndarray) -> jax.Array | np.ndarray:
     """The host's lookup for one decode step: pushes one new token per row into the
@@ -343,9 +383,9 @@ class Decoder:
       return self._generate_device(len(prompts), tokens_BxT, lengths_B, max_new_tokens,
                                    sampling, key, eos_id)
     start = time.perf_counter()
-    slab_BxTxD, mask_BxT = self._prompt_slab(tokens_BxT, lengths_B)
+    slab_BxTxE = self._prompt_slab(tokens_BxT, lengths_B)
     _, next_B, cache = self._prefill(self.graphdef, sampling, False, self.state, tokens_BxT,
-                                     slab_BxTxD, mask_BxT, lengths_B, self._init_cache(),
+                                     slab_BxTxE, lengths_B, self._init_cache(),
                                      jax.random.fold_in(key, 0))
     out_BxN = np.zeros((self.batch_size, max_new_tokens), np.int32)
     # The sampled tokens stay on the device as the next step's input; the host copy
@@ -400,9 +440,9 @@ class Decoder:
                        sampling, key, eos_id) -> Generation:
     program = self._chunk_program(sampling)
     start = time.perf_counter()
-    slab_BxTxD, mask_BxT = self._prompt_slab(tokens_BxT, lengths_B)
+    slab_BxTxE = self._prompt_slab(tokens_BxT, lengths_B)
     _, first_B, cache = self._prefill(self.graphdef, sampling, False, self.state, tokens_BxT,
-                                      slab_BxTxD, mask_BxT, lengths_B, self._init_cache(),
+                                      slab_BxTxE, lengths_B, self._init_cache(),
                                       jax.random.fold_in(key, 0))
     first_B.block_until_ready()
     prefill_seconds = time.perf_counter() - start
@@ -435,10 +475,10 @@ class Decoder:
       raise ValueError('give one continuation per prompt, all of the same length')
     n = n.pop()
     tokens_BxT, lengths_B = self._prompt_batch(prompts, n)
-    slab_BxTxD, mask_BxT = self._prompt_slab(tokens_BxT, lengths_B)
+    slab_BxTxE = self._prompt_slab(tokens_BxT, lengths_B)
     greedy, key = Sampling(), jax.random.key(0)
     logits_BxTxV, _, cache = self._prefill(self.graphdef, greedy, True, self.state,
-                                           tokens_BxT, slab_BxTxD, mask_BxT, lengths_B,
+                                           tokens_BxT, slab_BxTxE, lengths_B,
                                            self._init_cache(), key)
     steps = []
     cont_BxN = np.zeros((self.batch_size, n), np.int32)
