@@ -135,7 +135,7 @@ def _reference_greedy(lm, table, prompt, n):
 
 
 # (store, loop, lookup, chunk_steps): the device loop with each lookup, the host loop.
-LOOPS = [('float32', 'device', 'native', 32), ('float32', 'device', 'callback', 2),
+LOOPS = [('float32', 'device', 'native', 64), ('float32', 'device', 'callback', 2),
          ('float32-disk', 'device', 'auto', 4), ('float32', 'host', 'auto', 32)]
 
 
@@ -144,8 +144,7 @@ def test_greedy_generation_equals_training_path(scone, table, store, loop, looku
   lm, stores = scone
   dec = Decoder(lm, stores[store], table, batch_size=B, bos_id=BOS, loop=loop,
                 lookup=lookup, chunk_steps=chunk)
-  assert dec.lookup == ('callback' if store.endswith('disk') else lookup if
-                        lookup != 'auto' else 'native')
+  assert dec.lookup == ('native' if lookup == 'auto' else lookup)
   hits_before = stores[store].stats.hits
   prompts = PROMPTS[:3]
   gen = dec.generate([np.array(p) for p in prompts], max_new_tokens=6)
@@ -264,8 +263,9 @@ def test_bad_prompts_are_clear_errors(scone, table):
     dec.generate([np.array([5])] * 3, 4)
   with pytest.raises(ValueError, match='rows but the f-gram table has 8'):
     Decoder(lm, stores['float32'], table.slice(8))
-  with pytest.raises(ValueError, match="lookup='native' needs the 'ram' store tier"):
-    Decoder(lm, stores['float32-disk'], table, lookup='native')
+  tensorstore = EmbeddingStore.open(stores['float32'].path, 'disk', disk_reader='tensorstore')
+  with pytest.raises(ValueError, match="lookup='native' needs the CPU backend and a store"):
+    Decoder(lm, tensorstore, table, lookup='native')
   with pytest.raises(ValueError, match="loop='gpu' must be"):
     Decoder(lm, loop='gpu')
 

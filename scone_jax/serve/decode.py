@@ -206,7 +206,7 @@ class Decoder:
 
   def __init__(self, lm: SconeLM, store: EmbeddingStore | None = None, table: Any = None,
                *, batch_size: int = 1, bos_id: int = 1, cache_len: int | None = None,
-               loop: Loop = 'device', lookup: LookupMode = 'auto', chunk_steps: int = 32):
+               loop: Loop = 'device', lookup: LookupMode = 'auto', chunk_steps: int = 64):
     backbone = lm.backbone
     cfg = backbone.cfg
     if (store is None) != (table is None):
@@ -265,15 +265,16 @@ class Decoder:
     self._lookup_operand = np.int32(0)
     if self.store is None:
       return 'none'
-    native_ok = self._fused_args is not None and jax.default_backend() == 'cpu'
-    if lookup == 'native' and not native_ok:
-      raise ValueError("lookup='native' needs the 'ram' store tier and the CPU backend; "
-                       "use lookup='callback' (or 'auto')")
-    if lookup != 'callback' and native_ok:
-      from scone_jax.serve import native_lookup  # pylint: disable=g-import-not-at-top
-      self._native = native_lookup.LookupContext(
-          self._matcher.kernel_args, self.store.raw_rows, self.store.num_rows,
-          self._raw_one, self.batch_size)
+    from scone_jax.serve import native_lookup  # pylint: disable=g-import-not-at-top
+    shards = native_lookup.store_shards(self.store)
+    if lookup == 'native' and (shards is None or jax.default_backend() != 'cpu'):
+      raise ValueError("lookup='native' needs the CPU backend and a store in memory or "
+                       "memory-mapped (tier 'ram', or 'disk' with the memmap reader); use "
+                       "lookup='callback' (or 'auto')")
+    if lookup != 'callback' and shards is not None and jax.default_backend() == 'cpu':
+      one = np.array(1, self._slab_dtype).view(shards[0][0].dtype)[()]
+      self._native = native_lookup.LookupContext(self._matcher.kernel_args, *shards, one,
+                                                 self.batch_size)
       self._target, self._lookup_operand = self._native.target, self._native.operand
       return 'native'
     self._lookup_operand = np.int32(device_loop.register_callback(self.step_slab))

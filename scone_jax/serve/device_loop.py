@@ -129,15 +129,19 @@ class ChunkRunner:
     emitted = jnp.int32(1)
     cols = [np.asarray(token_B)[:, None]]
     pending = self._compiled(token_B, cache, done_B, emitted, self._limit, self._eos)
-    while True:
+    reach = 1 + self._chunk  # Tokens emitted at most once the dispatched chunks are done.
+    while pending is not None:
       out_BxC, token_B, cache, done_B, emitted = pending
-      # Dispatch the next chunk before reading this one: if this one finished the
-      # generation, the next runs zero steps.
-      pending = self._compiled(token_B, cache, done_B, emitted, self._limit, self._eos)
+      # Dispatch the next chunk before reading this one, unless this one surely ends the
+      # generation at max_new_tokens; if it ends it by EOS, the next runs zero steps.
+      pending = None
+      if reach < self._limit:
+        pending = self._compiled(token_B, cache, done_B, emitted, self._limit, self._eos)
+        reach += self._chunk
       before = sum(c.shape[1] for c in cols)
       n = int(emitted)
       cols.append(np.asarray(out_BxC)[:, :n - before])
-      if n >= self._limit or bool(np.asarray(done_B).all()) or n - before < self._chunk:
+      if n - before < self._chunk:  # Stopped early: max_new_tokens or every row at EOS.
         break
     jax.block_until_ready(pending)  # The lookup state may not change under a running call.
     tokens_BxN = np.concatenate(cols, axis=1)

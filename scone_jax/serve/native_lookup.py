@@ -5,8 +5,9 @@ Dimension letters: B batch, L = K - 1 matcher levels, D d_model, E = D + 1.
 A device decode loop needs, every step, the f-gram row of the token it just sampled. On
 the CPU backend a JAX host callback (`io_callback`) costs ~200 us per call on our 2-core
 machines (a thread hand-off and the GIL), more than a whole tiny-model step. Here the same
-compiled work as `Decoder.step_slab` ('ram' tier: `IncrementalMatcher.push` + the store
-gather + the match flag, `decode._slab_kernel`) is registered as a typed XLA FFI handler:
+compiled work as `Decoder.step_slab` (`IncrementalMatcher.push` + the store gather + the
+match flag; `sharded_slab_kernel` reads the 'ram' tier's matrix or the 'disk' tier's
+memory-mapped shards) is registered as a typed XLA FFI handler:
 a numba `cfunc` that reads XLA's C call frame directly, so XLA:CPU calls it inline like any
 other op (~1 us for B = 1).
 
@@ -36,6 +37,8 @@ import numpy as np
 from numba import types
 from numba.core.extending import intrinsic
 
+from scone_jax.fgrams.match import push_kernel
+
 _TARGET = 'scone_jax_fgram_slab_u{bits}'
 _METADATA_EXTENSION = 1  # XLA_FFI_Extension_Metadata
 _EXECUTE = 3  # XLA_FFI_ExecutionStage_EXECUTE
@@ -62,14 +65,45 @@ def _api_version() -> tuple[int, int]:
 
 
 # Context vector (int64), built by `LookupContext`: the addresses and sizes of the host
-# arrays the kernel reads and updates. Slots of level i at _SLOTS + 2i (address, rows).
-_B, _LEVELS, _CODES, _SHIFTS, _IDS, _LENS, _ROWS, _NUM_ROWS, _D, _ONE, _HITS = range(11)
-_SLOTS = 11
+# arrays the kernel reads and updates. Then per level i (address, rows) of its hash slots
+# and per store shard j (address, rows) of its raw rows.
+_B, _LEVELS, _CODES, _SHIFTS, _IDS, _LENS, _SHARDS, _CHUNK, _D, _ONE, _HITS = range(11)
+_HEAD = 11
+
+
+@numba.njit(nogil=True, inline='always')
+def _views(address, count, cols, dtype):
+  """A typed list of `count` C-order [rows, cols] arrays described by (address, rows)
+  pairs at `address`."""
+  info = numba.carray(_ptr(address), 2 * count, np.int64)
+  out = numba.typed.List()
+  for i in range(count):
+    out.append(numba.carray(_ptr(info[2 * i]), (info[2 * i + 1], cols), dtype))
+  return out
+
+
+@numba.njit(nogil=True)
+def sharded_slab_kernel(tokens_B, codes_BxL, slots, shifts_L, ids_B, lens_B, shards,
+                        chunk_rows, slab_BxE, one):
+  """IncrementalMatcher.push, then row r of the store from shard r // chunk_rows (zeros
+  for no match) and the match flag into slab_BxE; returns the number of matches. The
+  store's rows as one array ('ram': chunk_rows = S + 1) or as its memmapped shards
+  ('disk'): one kernel for both tiers."""
+  push_kernel(tokens_B, codes_BxL, slots, shifts_L, ids_B, lens_B)
+  hits = 0
+  for b in range(ids_B.size):
+    r = ids_B[b]
+    if r < 0:
+      slab_BxE[b, :] = 0
+    else:
+      slab_BxE[b, :-1] = shards[r // chunk_rows][r % chunk_rows, :]
+      slab_BxE[b, -1] = one
+      hits += 1
+  return hits
 
 
 def _make_handler(raw_dtype, major: int, minor: int):
   """The FFI handler for a store whose rows are `raw_dtype` bits (uint16 or uint32)."""
-  from scone_jax.serve.decode import _slab_kernel  # pylint: disable=g-import-not-at-top
 
   @numba.cfunc(types.intp(types.voidptr), nopython=True)
   def handler(call_frame):
@@ -88,26 +122,23 @@ def _make_handler(raw_dtype, major: int, minor: int):
     rets = numba.carray(_ptr(frame[14]), 1, np.int64)
     # XLA_FFI_Buffer: (struct_size, ext, dtype, data, rank, dims): data is word 3.
     token_data = numba.carray(_ptr(args[0]), 4, np.int64)[3]
-    ctx = numba.carray(_ptr(numba.carray(_ptr(args[1]), 4, np.int64)[3]), _SLOTS, np.int64)
+    ctx_address = numba.carray(_ptr(args[1]), 4, np.int64)[3]
+    ctx = numba.carray(_ptr(ctx_address), _HEAD, np.int64)
     b, levels, d = ctx[_B], ctx[_LEVELS], ctx[_D]
-    slot_info = numba.carray(_ptr(numba.carray(_ptr(args[1]), 4, np.int64)[3] + 8 * _SLOTS),
-                             2 * levels, np.int64)
-    slots = numba.typed.List()
-    for i in range(levels):
-      slots.append(numba.carray(_ptr(slot_info[2 * i]), (slot_info[2 * i + 1], 2),
-                                np.uint64))
-    tokens_B = numba.carray(_ptr(token_data), b, np.int32)
-    codes_BxL = numba.carray(_ptr(ctx[_CODES]), (b, levels), np.int64)
-    shifts_L = numba.carray(_ptr(ctx[_SHIFTS]), levels, np.int64)
-    ids_B = numba.carray(_ptr(ctx[_IDS]), b, np.int32)
-    lens_B = numba.carray(_ptr(ctx[_LENS]), b, np.int32)
-    rows_RxD = numba.carray(_ptr(ctx[_ROWS]), (ctx[_NUM_ROWS] + 1, d), raw_dtype)
+    slots = _views(ctx_address + 8 * _HEAD, levels, 2, np.uint64)
+    shards = _views(ctx_address + 8 * (_HEAD + 2 * levels), ctx[_SHARDS], d, raw_dtype)
     slab_BxE = numba.carray(_ptr(numba.carray(_ptr(rets[0]), 4, np.int64)[3]), (b, d + 1),
                             raw_dtype)
-    hits = _slab_kernel(tokens_B, codes_BxL, slots, shifts_L, ids_B, lens_B, rows_RxD,
-                        ctx[_NUM_ROWS], slab_BxE, raw_dtype(ctx[_ONE]))
-    numba.carray(_ptr(ctx[_HITS]), 2, np.int64)[0] += max(hits, 0)
-    numba.carray(_ptr(ctx[_HITS]), 2, np.int64)[1] += 1
+    hits = sharded_slab_kernel(
+        numba.carray(_ptr(token_data), b, np.int32),
+        numba.carray(_ptr(ctx[_CODES]), (b, levels), np.int64), slots,
+        numba.carray(_ptr(ctx[_SHIFTS]), levels, np.int64),
+        numba.carray(_ptr(ctx[_IDS]), b, np.int32),
+        numba.carray(_ptr(ctx[_LENS]), b, np.int32), shards, ctx[_CHUNK], slab_BxE,
+        raw_dtype(ctx[_ONE]))
+    counters = numba.carray(_ptr(ctx[_HITS]), 2, np.int64)
+    counters[0] += hits
+    counters[1] += 1
     return 0
 
   return handler
@@ -130,32 +161,47 @@ def _register(bits: int) -> str:
   return name
 
 
+def store_shards(store) -> tuple[list[np.ndarray], int] | None:
+  """The store's rows as raw-bit arrays and the rows per array, or None if it has none
+  in memory or memory-mapped (tensorstore reader). The one place that reads the store's
+  internal arrays: 'ram' exposes `raw_rows` ([S + 1, d], the last row zeros); 'disk'
+  (memmap reader) its shards' memmaps, each of `chunk_rows` rows (the last may be short).
+  """
+  if store.raw_rows is not None:
+    return [store.raw_rows], store.raw_rows.shape[0]
+  shards = getattr(store, '_shards', None)
+  if not shards:
+    return None
+  raw = np.dtype(f'u{store.dtype.itemsize}')
+  return [s.view(raw) for s in shards], int(store.manifest['chunk_rows'])
+
+
 class LookupContext:
   """The host state one decoder's native lookup reads: matcher codes, hash slots, the
-  store's raw rows, scratch ids/lengths and hit counters, with their addresses packed for
-  the FFI call (`operand`). Holds references to every array so none is freed while a
-  compiled loop may still read it."""
+  store's rows (`store_shards`), scratch ids/lengths and hit counters, with their
+  addresses packed for the FFI call (`operand`). Holds references to every array so none
+  is freed while a compiled loop may still read it."""
 
-  def __init__(self, kernel_args: tuple, raw_rows: np.ndarray, num_rows: int, one_raw,
-               batch_size: int):
+  def __init__(self, kernel_args: tuple, shards: list[np.ndarray], chunk_rows: int,
+               one_raw, batch_size: int):
     codes_BxL, slots, shifts_L = kernel_args
-    for a in (codes_BxL, shifts_L, raw_rows, *slots):
+    for a in (codes_BxL, shifts_L, *shards, *slots):
       if not a.flags.c_contiguous:
         raise ValueError('the native lookup needs C-contiguous host arrays')
-    self.bits = raw_rows.dtype.itemsize * 8
+    self.bits = shards[0].dtype.itemsize * 8
     self._ids_B = np.empty(batch_size, np.int32)
     self._lens_B = np.empty(batch_size, np.int32)
     self.counters = np.zeros(2, np.int64)  # hits, calls
-    self._keep = (codes_BxL, slots, shifts_L, raw_rows)
-    ctx = np.zeros(_SLOTS + 2 * len(slots), np.int64)
-    ctx[[_B, _LEVELS, _NUM_ROWS, _D]] = (batch_size, len(slots), num_rows,
-                                         raw_rows.shape[1])
+    self._keep = (codes_BxL, slots, shifts_L, shards)
+    ctx = np.zeros(_HEAD + 2 * len(slots) + 2 * len(shards), np.int64)
+    ctx[[_B, _LEVELS, _SHARDS, _CHUNK, _D]] = (batch_size, len(slots), len(shards),
+                                               chunk_rows, shards[0].shape[1])
     ctx[_ONE] = int(one_raw)
     for i, a in ((_CODES, codes_BxL), (_SHIFTS, shifts_L), (_IDS, self._ids_B),
-                 (_LENS, self._lens_B), (_ROWS, raw_rows), (_HITS, self.counters)):
+                 (_LENS, self._lens_B), (_HITS, self.counters)):
       ctx[i] = a.ctypes.data
-    for i, s in enumerate(slots):
-      ctx[_SLOTS + 2 * i], ctx[_SLOTS + 2 * i + 1] = s.ctypes.data, s.shape[0]
+    for i, a in enumerate(list(slots) + list(shards)):
+      ctx[_HEAD + 2 * i], ctx[_HEAD + 2 * i + 1] = a.ctypes.data, a.shape[0]
     self._ctx = ctx
     # Viewed as uint32 so the addresses survive jax's default 32-bit mode.
     self.operand = jnp.asarray(ctx.view(np.uint32))
