@@ -155,19 +155,22 @@ def minimal_loop(lm: SconeLM, b: int, prompt_len: int, steps: int):
   token_B = jnp.full((b,), 5, jnp.int32)
   np.asarray(run(state, token_B, fresh_cache()))  # Compile.
 
-  def timed() -> float:
+  def timed() -> tuple[float, float]:
     cache = jax.block_until_ready(fresh_cache())
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     np.asarray(run(state, token_B, cache))
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
   return timed
 
 
 def rates(variants: dict, b: int, new_tokens: int, stream: np.ndarray, repeats: int):
-  """Best decode and prefill tokens/s of each variant, variants interleaved per repeat."""
+  """Best decode tokens per wall second and per CPU second of this process, and best
+  prefill tokens/s, of each variant; variants interleaved per repeat."""
   prompts = [stream[i * 97:i * 97 + FLAGS.prompt_len] for i in range(b)]
   decode = {name: 0.0 for name in variants}
+  decode_cpu = {name: 0.0 for name in variants}
   prefill = {name: 0.0 for name in variants}
+  prompt_host = {name: np.inf for name in variants}
   for name, v in variants.items():
     if isinstance(v, Decoder):
       v.generate(prompts, new_tokens)  # Compile.
@@ -175,11 +178,22 @@ def rates(variants: dict, b: int, new_tokens: int, stream: np.ndarray, repeats: 
     for name, v in variants.items():
       if isinstance(v, Decoder):
         g = v.generate(prompts, new_tokens)
-        decode[name] = max(decode[name], g.tokens_per_second)
+        tokens, wall, cpu = g.decode_steps * b, g.decode_seconds, g.decode_cpu_seconds
         prefill[name] = max(prefill[name], b * (FLAGS.prompt_len + 1) / g.prefill_seconds)
+        prompt_host[name] = min(prompt_host[name], g.prompt_lookup_seconds)
       else:
-        decode[name] = max(decode[name], (new_tokens - 1) * b / v())
-  return decode, prefill
+        tokens, (wall, cpu) = (new_tokens - 1) * b, v()
+      decode[name] = max(decode[name], tokens / wall)
+      decode_cpu[name] = max(decode_cpu[name], tokens / max(cpu, 1e-9))
+  return decode, decode_cpu, prefill, prompt_host
+
+
+def _row(b: int, names: list[str], rate: dict[str, float]) -> str:
+  cells = []
+  for n in names:
+    ref = rate['minimal'] if n == 'baseline' else rate['baseline']
+    cells.append(f'{rate[n]:>9.0f}' + ('' if n == 'minimal' else f' ({rate[n] / ref:.3f})'))
+  return f'{b:>4} ' + ' '.join(f'{c:>16}' for c in cells)
 
 
 def write_synthetic_store(store_dir: str, rows: int, d: int) -> None:
@@ -232,8 +246,9 @@ def bench_preset(preset: str, root: str) -> None:
   names = ['minimal', 'baseline', 'ram', 'ram:callback', 'disk']
   if FLAGS.host_loops:
     names += ['baseline:host', 'ram:host', 'disk:host']
-  print(f'{"B":>4} ' + ' '.join(f'{n:>16}' for n in names))
-  prefill_rows = []
+  header = f'{"B":>4} ' + ' '.join(f'{n:>16}' for n in names)
+  print(header)
+  prefill_rows, cpu_rows = [], []
   for b in batches:
     variants = {
         'minimal': minimal_loop(lm, b, FLAGS.prompt_len, new_tokens - 1),
@@ -245,17 +260,20 @@ def bench_preset(preset: str, root: str) -> None:
       variants.update({'baseline:host': Decoder(lm, batch_size=b, loop='host'),
                        'ram:host': Decoder(lm, ram, table, batch_size=b, loop='host'),
                        'disk:host': Decoder(lm, disk, table, batch_size=b, loop='host')})
-    dec, pre = rates(variants, b, new_tokens, stream, FLAGS.repeats)
-    cells = []
-    for n in names:
-      ref = dec['minimal'] if n == 'baseline' else dec['baseline']
-      cells.append(f'{dec[n]:>9.0f}' + ('' if n == 'minimal' else f' ({dec[n] / ref:.3f})'))
-    print(f'{b:>4} ' + ' '.join(f'{c:>16}' for c in cells), flush=True)
-    prefill_rows.append((b, pre['baseline'], pre['ram'], pre['disk']))
-  print(f'\nprefill tokens/s ({FLAGS.prompt_len + 1} tokens per row; SCONE / baseline)')
-  for b, base, r, dk in prefill_rows:
+    dec, dec_cpu, pre, host = rates(variants, b, new_tokens, stream, FLAGS.repeats)
+    print(_row(b, names, dec), flush=True)
+    cpu_rows.append(_row(b, names, dec_cpu))
+    prefill_rows.append((b, pre['baseline'], pre['ram'], pre['disk'], host['ram'],
+                         host['disk']))
+  print('\ndecode tokens per CPU second of this process (the same runs; robust to other '
+        'jobs on a shared machine)')
+  print(header)
+  print('\n'.join(cpu_rows))
+  print(f'\nprefill tokens/s ({FLAGS.prompt_len + 1} tokens per row; SCONE / baseline) '
+        'and the host match + gather of all prompts (ms)')
+  for b, base, r, dk, hr, hd in prefill_rows:
     print(f'{b:>4} baseline {base:>10.0f}  ram {r:>10.0f} ({r / base:.3f})  '
-          f'disk {dk:>10.0f} ({dk / base:.3f})')
+          f'disk {dk:>10.0f} ({dk / base:.3f})  host ram {1e3 * hr:.3f} disk {1e3 * hd:.3f}')
 
 
 def main(argv):

@@ -177,6 +177,10 @@ class Generation:
   decode_steps: int  # Steps timed in decode_seconds (all but the first when > 1).
   batch_size: int
   lookup_seconds: float = 0.0  # host match + gather + device_put, the timed steps
+  # This process's CPU time over the timed steps (all threads): on a CPU backend shared with
+  # other jobs, the work done, not the time spent waiting for a core.
+  decode_cpu_seconds: float = 0.0
+  prompt_lookup_seconds: float = 0.0  # host match + gather of the prompts (in prefill)
 
   @property
   def tokens_per_second(self) -> float:
@@ -395,7 +399,7 @@ class Decoder:
     prefill_seconds = time.perf_counter() - start
     done_B = np.zeros(self.batch_size, bool)
     lookup = 0.0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     steps = 0
     for n in range(max_new_tokens):
       if n + 1 < max_new_tokens and not done_B.all():
@@ -417,10 +421,13 @@ class Decoder:
       if n == 0 and max_new_tokens > 2:
         # The first decode step may include its compilation: time the steady state.
         start, steps, lookup = time.perf_counter(), 0, 0.0
+        cpu_start = time.process_time()
     decode_seconds = time.perf_counter() - start
+    decode_cpu_seconds = time.process_time() - cpu_start
     return Generation(tokens=_cut_at_eos(out_BxN[:len(prompts), :n + 1], eos_id),
                       prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
-                      decode_steps=steps, batch_size=self.batch_size, lookup_seconds=lookup)
+                      decode_steps=steps, batch_size=self.batch_size, lookup_seconds=lookup,
+                      decode_cpu_seconds=decode_cpu_seconds)
 
   def _chunk_program(self, sampling: Sampling):
     """The compiled device-loop chunk for `sampling`, bound to this decoder's weights,
@@ -442,25 +449,29 @@ class Decoder:
     program = self._chunk_program(sampling)
     start = time.perf_counter()
     slab_BxTxE = self._prompt_slab(tokens_BxT, lengths_B)
+    prompt_lookup = time.perf_counter() - start
     _, first_B, cache = self._prefill(self.graphdef, sampling, False, self.state, tokens_BxT,
                                       slab_BxTxE, lengths_B, self._init_cache(),
                                       jax.random.fold_in(key, 0))
     first_B.block_until_ready()
     prefill_seconds = time.perf_counter() - start
     counters = None if self._native is None else self._native.counters.copy()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     run = functools.partial(program, self.state, self._lookup_operand)
     tokens_BxN, steps = device_loop.ChunkRunner(
         lambda *a: run(*a, key), first_B, cache, eos_id, max_new_tokens,
         self.chunk_steps).run()
     decode_seconds = time.perf_counter() - start
+    decode_cpu_seconds = time.process_time() - cpu_start
     if counters is not None:  # The native lookup counts in place of store.gather.
       hits, calls = self._native.counters - counters
       self.store.stats.add(int(calls) * self.batch_size, int(hits), int(calls) *
                            self.batch_size * self.d_model * self._slab_dtype.itemsize, 0.0)
     return Generation(tokens=_cut_at_eos(tokens_BxN[:num_prompts], eos_id),
                       prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
-                      decode_steps=steps, batch_size=self.batch_size)
+                      decode_steps=steps, batch_size=self.batch_size,
+                      decode_cpu_seconds=decode_cpu_seconds,
+                      prompt_lookup_seconds=prompt_lookup)
 
   def teacher_forced_logits(self, prompts: Sequence[np.ndarray],
                             continuations: Sequence[np.ndarray]) -> list[np.ndarray]:
