@@ -22,15 +22,15 @@ t+1 runs on the device. Steps (1)-(3) need token t, so they sit between two devi
 steps: they are SCONE's whole per-step cost over the baseline (benchmarks/bench_decode.py
 prints it: ~2 us isolated, ~10-20 us inside the CPU decode loop, whose device step has
 just evicted the host's caches).
-The store is never indexed inside jit (indexing a pinned_host table in jit fails or
-runs slow host compute).
+The store is never indexed inside jit (docs/METHOD.md, section 4: a pinned_host table
+indexed in jit fails or runs slow host compute).
 
 That is the 'host' loop (`loop='host'`), one jitted step per token from Python. The
 default, `loop='device'`, runs the same step in an on-device `lax.while_loop` (serve/
 device_loop.py): sampling, EOS and max_new_tokens are decided on the device and tokens
 come back in chunks; SCONE's lookup is called from inside the loop (`lookup`: 'native',
-an XLA FFI call into the same compiled kernel, on the CPU backend with the 'ram' tier;
-'callback', a host callback into `step_slab`, anywhere).
+an XLA FFI call into the compiled match + gather, on the CPU backend with the 'ram' tier
+or the memmapped 'disk' tier; 'callback', a host callback into `step_slab`, anywhere).
 """
 
 from __future__ import annotations
