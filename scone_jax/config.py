@@ -221,6 +221,10 @@ class ServeConfig:
   top_k: int = 0
   top_p: float = 1.0
   batch_size: int = 1
+  # Generation loop: on-device while loop (default) or one jitted step per token.
+  decode_loop: Literal['device', 'host'] = 'device'
+  # SCONE's per-step lookup in the device loop (serve/device_loop.py).
+  lookup: Literal['auto', 'native', 'callback'] = 'auto'
 
 
 @dataclasses.dataclass(frozen=True)
