@@ -4,6 +4,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from scone_jax import config as config_lib
+from scone_jax import evaluate
 from scone_jax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -21,6 +22,8 @@ def main(argv):
   result = loop.train(cfg, _WORKDIR.value)
   logging.info('train: %s at step %d (resumed from %s)', result.status, result.step,
                result.resumed_from)
+  if result.eval:  # The final eval per corpus, with the fraction of each set it covered.
+    print('\n'.join(evaluate.summary_lines(result.eval)))
 
 
 if __name__ == '__main__':
