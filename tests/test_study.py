@@ -201,3 +201,33 @@ def test_valid_files_are_validation_corpora_disjoint_from_test(tmp_path):
     prepare._corpora(config_lib.replace(cfg, **{
         'data.eval_files': f'valid.x={tmp_path / "test.txt"}'}), str(tmp_path / 'a'),
         build=False)
+
+
+@pytest.mark.parametrize('name', ['study', 'output_scale'])
+def test_shipped_studies_validate(tmp_path, name):
+  s = study.load_study(os.path.join(REPO, 'experiments', 'sweeps', f'{name}.py'))
+  tune = study.tune_sweep(s, str(tmp_path))
+  assert len(tune.points) == len(s.arms) * len(s.learning_rates)
+  assert len(s.seeds) >= 3 and len(s.learning_rates) >= 3
+  assert len({p.cfg.data.artifacts_dir for p in tune.points}) == 1  # one prepare.
+  if name == 'study':
+    arms = {a: p.cfg for a, p in zip([t[0] for t in study.tune_plan(s)], tune.points)}
+    sizes = sorted({c.fgram.use_size for c in arms.values() if c.is_scone})
+    assert len(sizes) >= 4 and sizes[-1] / sizes[0] >= 16
+    assert len({c.fgram_model.num_layers for c in arms.values() if c.is_scone}) >= 2
+    assert not arms[s.baseline].is_scone
+
+
+def test_study_dry_run_cli(tmp_path):
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, '-m', 'scone_jax.sweeps',
+                        '--sweep=experiments/sweeps/study.py', f'--root={tmp_path}',
+                        '--dry_run'], cwd=REPO, capture_output=True, text=True, check=True)
+  assert out.stdout.count('-m scone_jax.train ') == 6 * 3
+  assert "at each arm's chosen lr" in out.stdout
+  assert not os.listdir(tmp_path)
+  bad = subprocess.run([sys.executable, '-m', 'scone_jax.sweeps',
+                        '--sweep=experiments/sweeps/study.py', f'--root={tmp_path}',
+                        '--only=S=128'], cwd=REPO, capture_output=True, text=True)
+  assert bad.returncode != 0 and 'drop --backend/--only' in bad.stderr
