@@ -213,7 +213,7 @@ def write_report(sweep_dir: str) -> dict[str, str]:
         'never reported as results): ' + (', '.join(
             f'`{c}` ({analysis.coverage(runs, c)})' for c in valids) or 'none') + '.', '']
   if record:
-    md += _selection_section(record)
+    md += _selection_section(record, [a.name for a in arms])
   for corpus in tests:
     md += [f'## Test corpus `{corpus}` ({analysis.coverage(runs, corpus)})', '',
            markdown_table(analysis.summary_rows(arms, corpus)), '']
@@ -224,9 +224,13 @@ def write_report(sweep_dir: str) -> dict[str, str]:
              markdown_table(rows), '']
   if len(tests) > 1:
     md += [f'## Macro-average over the {len(tests)} test corpora (LABELLED: the unweighted '
-           'mean of per-corpus mean perplexities; not a corpus, and no interval)', '',
+           'mean of per-corpus (geometric) mean perplexities; not a corpus, no interval)', '',
            markdown_table([{'arm': a.name, 'macro-avg perplexity': float(np.mean(
-               [a.summary(c, 'perplexity').mean for c in tests]))} for a in arms]), '']
+               [a.ppl_summary(c).mean for c in tests]))} for a in arms]), '']
+  exposure = analysis.exposure_rows(arms)
+  if exposure:
+    md += ['## How often training met each arm\'s least frequent f-gram', '',
+           markdown_table(exposure), '']
   md += ['## Verdicts', ''] + [f'* {line}' for line in analysis.verdicts(arms, baseline, runs)]
   md += ['', f'Per-run results (every corpus, tokens and fraction evaluated): '
          f'{os.path.basename(paths["csv"])}', '']
@@ -238,11 +242,13 @@ def write_report(sweep_dir: str) -> dict[str, str]:
   return paths
 
 
-def _selection_section(record: dict[str, Any]) -> list[str]:
+def _selection_section(record: dict[str, Any], order: Sequence[str]) -> list[str]:
   sel = record['selection']
   lrs = record['learning_rates']
   rows = []
-  for arm, cells in sel['grid'].items():
+  rank = {name: i for i, name in enumerate(order)}
+  for arm, cells in sorted(sel['grid'].items(), key=lambda kv: (rank.get(kv[0], 1 << 30),
+                                                                 kv[0])):
     row: dict[str, Any] = {'arm': arm}
     for cell in cells:
       mark = ' *' if cell['lr'] == sel['chosen'][arm] else ''

@@ -143,7 +143,7 @@ def test_never_averages_across_corpora_without_the_label(written):
   for arm in arms:
     if not arm.finished:
       continue
-    avg = statistics.mean(arm.summary(c, 'perplexity').mean for c in ('a', 'b'))
+    avg = statistics.mean(arm.ppl_summary(c).mean for c in ('a', 'b'))
     cell = f'| {report._fmt(avg)} |'
     # The cross-corpus number appears in the labelled section and nowhere else.
     assert cell in macro[0]

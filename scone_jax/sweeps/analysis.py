@@ -58,6 +58,13 @@ class Arm:
   def summary(self, corpus: str, metric: str) -> stats.Summary:
     return stats.summarize(list(self.values(corpus, metric).values()))
 
+  def ppl_summary(self, corpus: str) -> stats.Summary:
+    """Perplexity over seeds as exp of the loss's summary (geometric mean and interval;
+    std/min/max are of the per-seed perplexities)."""
+    loss, ppl = self.summary(corpus, 'loss'), self.summary(corpus, 'perplexity')
+    return stats.Summary(loss.n, math.exp(loss.mean), ppl.std, math.exp(loss.lo),
+                         math.exp(loss.hi), ppl.min, ppl.max)
+
   def validation_loss(self) -> float:
     """Mean over seeds of the mean loss over validation corpora (nan if none)."""
     from scone_jax.sweeps import study  # Deferred: study imports the runners.
@@ -77,6 +84,7 @@ def arms_of(runs: Sequence[Any], study_record: dict[str, Any] | None
       if members:
         arms.append(Arm(name, members, dict(study_record['arms'][name]),
                         study_record['selection']['chosen'][name]))
+    arms.sort(key=_arm_order)
     base = next((a for a in arms if a.name == study_record['baseline']), None)
     return arms, base
   groups: dict[tuple, list[Any]] = {}
@@ -88,9 +96,13 @@ def arms_of(runs: Sequence[Any], study_record: dict[str, Any] | None
     own = {k: v for k, v in members[0].overrides.items() if k != SEED_KEY}
     name = ', '.join(f'{k.split(".")[-1]}={v}' for k, v in sorted(own.items())) or 'base'
     arms.append(Arm(name, members, own))
-  arms.sort(key=lambda a: (a.is_scone, a.num_fgrams, a.af_layers, a.name))
+  arms.sort(key=_arm_order)
   baselines = [a for a in arms if not a.is_scone]
   return arms, baselines[0] if len(baselines) == 1 else None
+
+
+def _arm_order(a: Arm) -> tuple:
+  return (a.is_scone, a.num_fgrams, a.af_layers, a.name)
 
 
 def test_corpora(runs: Sequence[Any]) -> list[str]:
@@ -181,7 +193,7 @@ def verdicts(arms: Sequence[Arm], baseline: Arm | None, runs: Sequence[Any]) -> 
       d, seeds = stats.paired(best.values(corpus, 'loss'), baseline.values(corpus, 'loss'))
       dp, _ = stats.paired(best.values(corpus, 'perplexity'),
                            baseline.values(corpus, 'perplexity'))
-      b, s = baseline.summary(corpus, 'perplexity'), best.summary(corpus, 'perplexity')
+      b, s = baseline.ppl_summary(corpus), best.ppl_summary(corpus)
       ref = ('tuned baseline' if not baseline.is_scone else
              f'reference arm {baseline.name}')
       lines.append(
@@ -197,7 +209,7 @@ def verdicts(arms: Sequence[Arm], baseline: Arm | None, runs: Sequence[Any]) -> 
 
 def _trend_line(corpus: str, cov: str, axis: str, members: Sequence[Arm]) -> str:
   value = (lambda a: a.num_fgrams) if axis == 'S' else (lambda a: a.af_layers)
-  means = [(value(a), a.summary(corpus, 'perplexity')) for a in members]
+  means = [(value(a), a.ppl_summary(corpus)) for a in members]
   listing = ', '.join(f'{axis}={v}: {s.mean:.3f}' for v, s in means)
   finite = [s.mean for _, s in means if math.isfinite(s.mean)]
   monotone = all(b <= a for a, b in zip(finite, finite[1:]))
@@ -240,9 +252,44 @@ def summary_rows(arms: Sequence[Arm], corpus: str) -> list[dict[str, Any]]:
     for metric in METRICS:
       s = a.summary(corpus, metric)
       short = {'loss': 'loss', 'perplexity': 'ppl', 'bits_per_byte': 'bpb'}[metric]
+      if metric == 'perplexity':
+        s = a.ppl_summary(corpus)
+        short = 'ppl (geo)'
       row[f'{short} mean'] = s.mean
-      row[f'{short} std'] = s.std
+      row[f'{short.split()[0]} std'] = s.std
       row[f'{short} 95% CI'] = ('-' if s.n < 2 else
                                 f'[{s.lo:.4g}, {s.hi:.4g}]')
     rows.append(row)
+  return rows
+
+
+def exposure_rows(arms: Sequence[Arm]) -> list[dict[str, Any]]:
+  """Per SCONE arm: how often training met its LEAST frequent f-gram (the S-th row).
+
+  count = that f-gram's count in the train split (the mined table's counts); training
+  tokens <= steps x batch x seq_len (packed rows, padding included), so the expected
+  sightings count x training tokens / train split tokens are an upper estimate. Arms whose
+  prepared artifacts are not readable here are left out.
+  """
+  import json
+  import os
+  import numpy as np
+  rows = []
+  for a in arms:
+    if not a.is_scone:
+      continue
+    adir = a.cfg.data.artifacts_dir
+    try:
+      counts = np.load(os.path.join(adir, 'fgrams', 'counts.npy'), mmap_mode='r')
+      with open(os.path.join(adir, 'tokens', 'train', 'manifest.json')) as f:
+        split_tokens = int(json.load(f)['num_tokens'])
+    except (OSError, ValueError, KeyError):
+      continue
+    s = min(a.num_fgrams, len(counts))
+    tc = a.cfg.train
+    trained = tc.steps * tc.batch_size * tc.seq_len
+    count = int(counts[s - 1])
+    rows.append({'arm': a.name, 'S': s, 'count of the S-th f-gram': count,
+                 'training tokens (<=)': trained, 'epochs (<=)': trained / split_tokens,
+                 'sightings in training (<=)': count * trained / split_tokens})
   return rows

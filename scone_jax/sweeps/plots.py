@@ -37,7 +37,7 @@ def _yerr(summaries) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _baseline_band(ax, baseline: analysis.Arm | None, corpus: str) -> None:
   if baseline is None or not baseline.finished:
     return
-  s = baseline.summary(corpus, 'perplexity')
+  s = baseline.ppl_summary(corpus)
   ax.axhline(s.mean, color='k', linestyle='--', label=f'baseline {baseline.name} ({s.mean:.4g})')
   if s.n >= 2:
     ax.axhspan(s.lo, s.hi, color='k', alpha=0.12)
@@ -59,7 +59,7 @@ def _trend_plot(path: str, caption: str, xlabel: str, groups: list[list[analysis
   for i, members in enumerate(groups):
     xs = [x_of(a) for a in members]
     xs_all |= set(xs)
-    mean, lo, hi = _yerr([a.summary(corpus, 'perplexity') for a in members])
+    mean, lo, hi = _yerr([a.ppl_summary(corpus) for a in members])
     label = ', '.join(sorted({a.name for a in members})) if len(members) == 1 else (
         _series_label(members))
     ax.errorbar(xs, mean, yerr=[lo, hi], marker='o', capsize=3, color=f'C{i % 10}',
@@ -134,7 +134,7 @@ def draw_plots(runs: Sequence[Any], arms: Sequence[analysis.Arm],
       name = f'ppl_vs_inference_flops-{_slug(corpus)}'
       fig, ax = plt.subplots(figsize=(6.5, 4.2))
       for i, a in enumerate(finished):
-        mean, lo, hi = _yerr([a.summary(corpus, 'perplexity')])
+        mean, lo, hi = _yerr([a.ppl_summary(corpus)])
         ax.errorbar([report.accounting(a.cfg)['infer_flops']], mean, yerr=[lo, hi],
                     marker='o' if a.is_scone else 's', capsize=3, linestyle='none',
                     color=f'C{i % 10}', label=a.name)

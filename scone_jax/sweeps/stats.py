@@ -6,7 +6,9 @@ mean +- t_{1-a/2, n-1} * s / sqrt(n), s the sample standard deviation (ddof 1). 
 difference (SCONE minus baseline) takes, for each seed both arms ran, the difference of
 their values (same seed = same data order and initialisation stream), and gives the
 t-interval of the mean of those differences. With fewer than 2 samples there is no
-interval (reported as such, never as zero width).
+interval (reported as such, never as zero width). Perplexity is summarised as exp of the
+loss's mean and interval (the geometric mean over seeds), so its interval is never
+negative; paired perplexity differences use the per-seed perplexities.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import numpy as np
 CONFIDENCE = 0.95
 METHOD = (f'{CONFIDENCE:.0%} two-sided Student-t interval of the mean over seeds '
           '(mean +- t(n-1) * sample std / sqrt(n)); paired differences are taken per seed '
-          '(same seed = same data order for both arms)')
+          '(same seed = same data order for both arms); perplexity = exp(loss): its mean and '
+          'interval are exp of the loss mean and interval (geometric mean over seeds)')
 
 
 @dataclasses.dataclass(frozen=True)
