@@ -21,6 +21,6 @@ SEEDS = (0, 1, 2)
 def get_study():
   common = {'fgram.use_size': 1024}
   arms = {f'output_scale={kind}': {**common, 'fgram_model.output_scale': kind}
-          for kind in ('none', 'channel', 'rmsnorm_gain')}
+          for kind in ('none', 'rmsnorm_gain', 'channel')}
   return {'arms': arms, 'learning_rates': LEARNING_RATES, 'seeds': SEEDS,
           'baseline': 'output_scale=none'}

@@ -31,9 +31,13 @@ SEEDS = (0, 1, 2)
 
 
 def get_study():
-  arms = {'baseline': {'fgram_model.num_layers': 0}}
-  arms.update({f'S={s}': {'fgram.use_size': s} for s in NUM_FGRAMS})
-  arms[f'S={NUM_FGRAMS[-1]}, A_f 2L'] = {'fgram.use_size': NUM_FGRAMS[-1],
-                                         'fgram_model.num_layers': 2}
+  # Arms run in this order (each arm's seeds right after its grid): the baseline and the
+  # ends of the S range first, so a run cut short still answers the main questions.
+  s = {n: {'fgram.use_size': n} for n in NUM_FGRAMS}
+  arms = {'baseline': {'fgram_model.num_layers': 0},
+          f'S={NUM_FGRAMS[-1]}': s[NUM_FGRAMS[-1]],
+          f'S={NUM_FGRAMS[0]}': s[NUM_FGRAMS[0]],
+          f'S={NUM_FGRAMS[-1]}, A_f 2L': {**s[NUM_FGRAMS[-1]], 'fgram_model.num_layers': 2}}
+  arms.update({f'S={n}': s[n] for n in NUM_FGRAMS[1:-1]})
   return {'arms': arms, 'learning_rates': LEARNING_RATES, 'seeds': SEEDS,
           'tune_seeds': SEEDS[:1], 'baseline': 'baseline'}

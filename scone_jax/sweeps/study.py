@@ -117,8 +117,8 @@ def tune_plan(study: Study) -> list[tuple[str, float, int]]:
 
 
 def compare_plan(study: Study, chosen: Mapping[str, float]) -> list[tuple[str, float, int]]:
-  """(arm, lr, seed) of each comparison point, in the order of compare_sweep's points."""
-  return [(a, chosen[a], s) for a in study.arms for s in study.seeds]
+  """(arm, lr, seed) of each comparison point of the arms in `chosen` (study order)."""
+  return [(a, chosen[a], s) for a in study.arms if a in chosen for s in study.seeds]
 
 
 def tune_sweep(study: Study, root: str, extra: dict | None = None) -> spec.Sweep:
@@ -128,7 +128,7 @@ def tune_sweep(study: Study, root: str, extra: dict | None = None) -> spec.Sweep
 
 def compare_sweep(study: Study, root: str, chosen: Mapping[str, float],
                   extra: dict | None = None) -> spec.Sweep:
-  """Phase 2: every arm x comparison seed at the arm's chosen learning rate."""
+  """Phase 2: every arm of `chosen` x comparison seed at the arm's chosen lr."""
   return _sweep(study, root, [point_overrides(study, *t)
                               for t in compare_plan(study, chosen)], extra)
 
@@ -156,12 +156,17 @@ class Selection:
   validation_corpora: list[str]
 
 
-def select_lrs(study: Study, tune: spec.Sweep,
-               records: Mapping[str, Mapping[str, Any]]) -> Selection:
+def select_lrs(study: Study, tune: spec.Sweep, records: Mapping[str, Mapping[str, Any]],
+               arms: Sequence[str] | None = None) -> Selection:
   """Chooses each arm's lr from finished tuning runs' eval records (run name -> corpora).
 
+  Args:
+    study, tune: the study and its tuning sweep (tune_sweep).
+    records: run name -> final eval corpora (finished runs only).
+    arms: choose for these arms only (default: all); the grid covers every arm.
+
   Raises:
-    SweepError: an arm has no finished tuning run with a validation result.
+    SweepError: one of `arms` has no finished tuning run with a validation result.
   """
   grid: dict[str, dict[float, dict[str, Any]]] = {
       a: {lr: {'valid_loss': math.nan, 'runs': [], 'finished': 0}
@@ -185,6 +190,8 @@ def select_lrs(study: Study, tune: spec.Sweep,
     for lr, cell in grid[arm].items():
       if (arm, lr) in losses:
         cell['valid_loss'] = sum(losses[arm, lr]) / len(losses[arm, lr])
+    if arms is not None and arm not in arms:
+      continue
     scored = [(c['valid_loss'], lr) for lr, c in grid[arm].items()
               if math.isfinite(c['valid_loss'])]
     if not scored:
@@ -237,28 +244,51 @@ def finished_records(sweep: spec.Sweep) -> dict[str, dict[str, Any]]:
 def run_study(study: Study, root: str, python: str = sys.executable, parallel: int = 1,
               extra: dict | None = None, runner: backends.Runner = backends.shell_runner,
               out=None) -> tuple[dict[str, Any], list[backends.Outcome]]:
-  """Tune, select, compare (local backend); returns the study.json record and outcomes."""
+  """Tunes, selects and compares, arm by arm (local backend).
+
+  Arms run in the study file's order, pipelined: while arm k's grid trains, arm k-1's
+  comparison seeds (its lr already chosen) train alongside, so slots stay busy and a
+  partial run already holds finished arms. study.json is rewritten after every arm's
+  selection, so the report works on partial results. Returns the last study.json record
+  and every outcome.
+  """
   out = out or sys.stdout
   extra = dict(extra or {})
-  tune = tune_sweep(study, root, extra)
-  print(f'study {study.name}: tuning {len(study.arms)} arm(s) x {len(study.learning_rates)} '
-        f'lr(s) x {len(study.tune_seeds)} seed(s) on the validation corpora', file=out,
-        flush=True)
-  outcomes = backends.run_local(tune, python, parallel, runner=runner, out=out)
-  selection = select_lrs(study, tune, finished_records(tune))
-  for arm, lr in selection.chosen.items():
-    edge = ' (at the edge of the grid: widen it)' if selection.at_edge[arm] else ''
-    print(f'  {arm}: lr {lr:g}{edge}', file=out, flush=True)
-  compare = compare_sweep(study, root, selection.chosen, extra)
-  record = selection_record(study, selection, compare, extra)
-  os.makedirs(compare.dir, exist_ok=True)
-  artifacts.write_json_atomic(os.path.join(compare.dir, STUDY_JSON), record)
-  print(f'study {study.name}: comparing {len(study.arms)} arm(s) x {len(study.seeds)} '
-        'seed(s) at the chosen lrs (points equal to tuning runs are reused)', file=out,
-        flush=True)
+  tune = tune_sweep(study, root, extra)  # Validates every tuning point first.
   tuned = {p.name for p in tune.points}
-  outcomes += [o for o in backends.run_local(compare, python, parallel, runner=runner,
-                                             out=out) if o.name not in tuned]
+  by_arm = {a: [p for (arm, _, _), p in zip(tune_plan(study), tune.points) if arm == a]
+            for a in study.arms}
+  print(f'study {study.name}: {len(study.arms)} arm(s) x {len(study.learning_rates)} lr(s) '
+        f'x {len(study.tune_seeds)} tune seed(s) chosen on the validation corpora, then '
+        f'{len(study.seeds)} paired seed(s) per arm at its lr', file=out, flush=True)
+  outcomes: list[backends.Outcome] = []
+  selected: list[str] = []
+  pending: list[spec.Point] = []
+  record: dict[str, Any] = {}
+  arms = list(study.arms)
+  for i in range(len(arms) + 1):
+    batch = pending + (by_arm[arms[i]] if i < len(arms) else [])
+    if batch:
+      outcomes += backends.run_local(dataclasses.replace(tune, points=batch), python,
+                                     parallel, runner=runner, out=out)
+    if i == len(arms):
+      break
+    try:
+      selection = select_lrs(study, tune, finished_records(tune), selected + [arms[i]])
+    except spec.SweepError as e:
+      print(f'  {arms[i]}: {e}; its comparison seeds are skipped', file=out, flush=True)
+      pending = []
+      continue
+    selected.append(arms[i])
+    edge = ' (at the edge of the grid: widen it)' if selection.at_edge[arms[i]] else ''
+    print(f'  {arms[i]}: lr {selection.chosen[arms[i]]:g} chosen on '
+          f'{", ".join(selection.validation_corpora)}{edge}', file=out, flush=True)
+    compare = compare_sweep(study, root, selection.chosen, extra)
+    record = selection_record(study, selection, compare, extra)
+    os.makedirs(compare.dir, exist_ok=True)
+    artifacts.write_json_atomic(os.path.join(compare.dir, STUDY_JSON), record)
+    new = set(record['compare_runs'][arms[i]].values()) - tuned
+    pending = [p for p in compare.points if p.name in new]
   return record, outcomes
 
 
