@@ -1,4 +1,5 @@
-"""GPT-2 family presets: the paper's WebText study (SCONE.md) plus two benchmark sizes.
+"""GPT-2 family presets: the paper's WebText study (docs/METHOD.md, section 3) plus two
+benchmark sizes.
 
   python -m scone_jax.train --config=experiments/gpt2.py:419m --workdir=runs/gpt2_419m
   python -m scone_jax.train --config=experiments/gpt2.py:419m,af=2 --workdir=runs/gpt2_419m_af2

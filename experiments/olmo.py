@@ -1,4 +1,4 @@
-"""OLMo family presets: the paper's OLMo study (SCONE.md, "OLMo configs").
+"""OLMo family presets: the paper's OLMo study (docs/METHOD.md, section 3, "OLMo").
 
   python -m scone_jax.train --config=experiments/olmo.py:1b --workdir=runs/olmo_1b
   python -m scone_jax.train --config=experiments/olmo.py:1b,af=2 --workdir=runs/olmo_1b_af2

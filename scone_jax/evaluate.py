@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
-from scone_jax import artifacts, batches, compat
+from scone_jax import artifacts, batches, compat, logs
 from scone_jax import config as config_lib
 from scone_jax.train import checkpoint as checkpoint_lib
 from scone_jax.train import mesh as mesh_lib
@@ -101,6 +101,18 @@ def write_eval(workdir: str, step: int, results: Mapping[str, CorpusEval]) -> di
   return record
 
 
+def format_eval(record: Mapping[str, Any]) -> list[str]:
+  """One line per eval corpus of an eval record (as in W/eval.json), saying whether it is a
+  test or a validation set and the fraction of it that was evaluated."""
+  lines = []
+  for name, r in record['corpora'].items():
+    role = 'validation' if config_lib.is_validation_corpus(name) else 'test'
+    lines.append(f'eval step {record["step"]} {name} ({role}): loss {r["loss"]:.4f}  ppl '
+                 f'{r["perplexity"]:.2f}  bits/byte {r["bits_per_byte"]:.4f}  '
+                 f'({r["tokens"]:.0f} tokens = {r["fraction_evaluated"]:.1%} of the set)')
+  return lines
+
+
 def read_config(workdir: str) -> config_lib.Config:
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
@@ -140,20 +152,10 @@ def evaluate(workdir: str, step: int | None = None,
 
 def main(argv):
   del argv
+  logs.quiet_third_party_logs()
   record = evaluate(flags.FLAGS.workdir, flags.FLAGS.step, flags.FLAGS.eval_batches)
-  for line in summary_lines(record):
+  for line in format_eval(record):
     print(line)
-
-
-def summary_lines(record: Mapping[str, Any]) -> list[str]:
-  """One line per corpus of an eval record, with the fraction of the set evaluated."""
-  lines = []
-  for name, r in record['corpora'].items():
-    role = 'validation' if config_lib.is_validation_corpus(name) else 'test'
-    lines.append(f'{name} ({role}): loss {r["loss"]:.4f}  ppl {r["perplexity"]:.2f}  '
-                 f'bits/byte {r["bits_per_byte"]:.4f}  ({r["tokens"]:.0f} tokens = '
-                 f'{r["fraction_evaluated"]:.1%} of the set)')
-  return lines
 
 
 if __name__ == '__main__':

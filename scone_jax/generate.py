@@ -18,7 +18,7 @@ import os
 import numpy as np
 from absl import app, flags
 
-from scone_jax import artifacts
+from scone_jax import artifacts, logs
 from scone_jax import config as config_lib
 from scone_jax.config import Config
 from scone_jax.export import EXPORT_DIR
@@ -84,6 +84,7 @@ def generate(cfg: Config, workdir: str, prompts: list[str], seed: int = 0) -> Ge
 
 def main(argv):
   del argv
+  logs.quiet_third_party_logs()
   f = flags.FLAGS
   names = ('max_new_tokens', 'temperature', 'top_k', 'top_p', 'batch_size', 'store_tier')
   overrides = {f'serve.{n}': getattr(f, n) for n in names if getattr(f, n) is not None}

@@ -170,9 +170,10 @@ def test_limited_eval_coverage_shows_in_every_output(tmp_path):
     assert all(float(r['a/fraction_evaluated']) == 0.25 for r in csv.DictReader(f)
                if r['a/fraction_evaluated'])
   from scone_jax import evaluate
-  record = {'corpora': {'a': {'loss': 1.0, 'perplexity': 2.7, 'bits_per_byte': 1.0,
-                              'tokens': 1000.0, 'fraction_evaluated': 0.25}}}
-  assert '1000 tokens = 25.0% of the set' in evaluate.summary_lines(record)[0]
+  record = {'step': 3, 'corpora': {'a': {
+      'loss': 1.0, 'perplexity': 2.7, 'bits_per_byte': 1.0, 'tokens': 1000.0,
+      'fraction_evaluated': 0.25}}}
+  assert '1000 tokens = 25.0% of the set' in evaluate.format_eval(record)[0]
 
 
 def test_plots_exist_and_are_pngs(written):

@@ -47,7 +47,7 @@ def apply_af(c: ml_collections.ConfigDict, af: float) -> None:
 
 
 def apply_paper_optimizer(c: ml_collections.ConfigDict) -> None:
-  """The paper's AdamW settings shared by its GPT-2 and OLMo runs (SCONE.md).
+  """The paper's AdamW settings shared by its GPT-2 and OLMo runs (docs/METHOD.md, section 3).
 
   Peak learning rate, warmup and steps differ per family and stay in the preset files.
   """

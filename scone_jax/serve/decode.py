@@ -22,8 +22,8 @@ t+1 runs on the device. Steps (1)-(3) need token t, so they sit between two devi
 steps: they are SCONE's whole per-step cost over the baseline (benchmarks/bench_decode.py
 prints it: ~2 us isolated, ~10-20 us inside the CPU decode loop, whose device step has
 just evicted the host's caches).
-The store is never indexed inside jit (ENV.md: a pinned_host table indexed in jit fails
-or runs slow host compute).
+The store is never indexed inside jit (docs/METHOD.md, section 4: a pinned_host table
+indexed in jit fails or runs slow host compute).
 """
 
 from __future__ import annotations
