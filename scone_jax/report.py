@@ -250,12 +250,13 @@ def _selection_section(record: dict[str, Any], order: Sequence[str]) -> list[str
   for arm, cells in sorted(sel['grid'].items(), key=lambda kv: (rank.get(kv[0], 1 << 30),
                                                                  kv[0])):
     row: dict[str, Any] = {'arm': arm}
+    chosen = sel['chosen'].get(arm)  # None: the study has not reached this arm yet.
     for cell in cells:
-      mark = ' *' if cell['lr'] == sel['chosen'][arm] else ''
+      mark = ' *' if cell['lr'] == chosen else ''
       row[f'lr={cell["lr"]:g}'] = (f'{cell["valid_loss"]:.4f}{mark}'
                                    if math.isfinite(cell['valid_loss']) else 'no result')
-    row['chosen lr'] = f'{sel["chosen"][arm]:g}' + (' (grid edge)' if sel['at_edge'][arm]
-                                                     else '')
+    row['chosen lr'] = ('not chosen yet' if chosen is None else f'{chosen:g}' + (
+        ' (grid edge)' if sel['at_edge'][arm] else ''))
     rows.append(row)
   return [f'## Learning rates: each arm tuned over {[f"{x:g}" for x in lrs]} with seed(s) '
           f'{record["tune_seeds"]}, chosen by {sel["metric"]} on '
