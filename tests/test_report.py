@@ -201,11 +201,14 @@ def test_study_report_shows_grid_and_chosen_lrs(tmp_path):
                     'chosen': {a: 2e-3 for a in by_arm}, 'at_edge': {a: True for a in by_arm},
                     'grid': {a: [{'lr': 1e-3, 'valid_loss': 3.5},
                                  {'lr': 2e-3, 'valid_loss': 3.25}] for a in by_arm}}}
+  # An arm the study has not reached yet (a run cut short): in the grid, not chosen.
+  record['selection']['grid']['S=9999'] = [{'lr': 1e-3, 'valid_loss': float('nan')}]
   with open(os.path.join(sweep.dir, study.STUDY_JSON), 'w') as f:
     json.dump(record, f)
   md = open(report.write_report(sweep.dir)['markdown']).read()
   assert '## Learning rates' in md and '3.2500 *' in md and '(grid edge)' in md
   assert '| S=1000 |' in md and 'widened' in md
+  assert '| S=9999 | no result |' in md and 'not chosen yet |' in md
 
 
 def test_mean_curve_uses_common_steps():
