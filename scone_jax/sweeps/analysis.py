@@ -11,11 +11,16 @@ which SCONE arm is "best"). Nothing here averages across corpora.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from typing import Any, Sequence
+
+import numpy as np
 
 from scone_jax import config as config_lib
 from scone_jax.sweeps import stats
+from scone_jax.sweeps import study
 
 METRICS = ('loss', 'perplexity', 'bits_per_byte')
 SEED_KEY = 'train.seed'
@@ -67,7 +72,6 @@ class Arm:
 
   def validation_loss(self) -> float:
     """Mean over seeds of the mean loss over validation corpora (nan if none)."""
-    from scone_jax.sweeps import study  # Deferred: study imports the runners.
     losses = [study.validation_loss(r.eval) for r in self.finished]
     losses = [x for x in losses if math.isfinite(x)]
     return sum(losses) / len(losses) if losses else math.nan
@@ -271,9 +275,6 @@ def exposure_rows(arms: Sequence[Arm]) -> list[dict[str, Any]]:
   sightings count x training tokens / train split tokens are an upper estimate. Arms whose
   prepared artifacts are not readable here are left out.
   """
-  import json
-  import os
-  import numpy as np
   rows = []
   for a in arms:
     if not a.is_scone:
