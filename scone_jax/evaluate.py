@@ -1,12 +1,13 @@
 """Held-out evaluation: token loss, perplexity and bits per byte per eval corpus.
 
-  python -m scone_jax.evaluate --workdir=W
+  python -m scone_jax.evaluate --workdir=W [--eval_batches=N]
 
 reopens the run through `scone_jax.run.RunDir` (W/config.json, W/run.json, the model's
-weights from the latest checkpoint in W/checkpoints, the recorded eval token shards) and
-writes W/eval.json (atomically). It never reads the raw corpus, so it works after the corpus
-is deleted or W is copied elsewhere. The train loop calls the same `Evaluator` at
-`train.eval_every` and at the end.
+weights from the latest checkpoint in W/checkpoints, the recorded eval token shards), with
+`--eval_batches` overriding train.eval_batches (0 = every batch of every held-out set, the
+default), and writes W/eval.json (atomically). It never reads the raw corpus, so it works
+after the corpus is deleted or W is copied elsewhere. The train loop calls the same
+`Evaluator` at `train.eval_every` and at the end.
 
 Bits per byte = mean token NLL (nats) x (corpus tokens / corpus UTF-8 bytes) / ln 2. Every
 corpus token is a prediction target exactly once (documents get a BOS prepended), so when
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
-from scone_jax import artifacts, batches, compat, paths
+from scone_jax import artifacts, batches, compat, logs, paths
 from scone_jax import config as config_lib
 from scone_jax import mesh as mesh_lib
 from scone_jax import run as run_lib
@@ -111,10 +112,31 @@ class EvalData:
   table: Any | None
 
 
-def evaluate(workdir: str, step: int | None = None) -> dict[str, Any]:
-  """Restores W's weights (latest checkpoint, or `step`), writes W/eval.json; returns it."""
+def format_eval(record: Mapping[str, Any]) -> list[str]:
+  """One line per eval corpus of an eval record (as in W/eval.json), saying whether it is a
+  test or a validation set and the fraction of it that was evaluated."""
+  lines = []
+  for name, r in record['corpora'].items():
+    role = 'validation' if config_lib.is_validation_corpus(name) else 'test'
+    lines.append(f'eval step {record["step"]} {name} ({role}): loss {r["loss"]:.4f}  ppl '
+                 f'{r["perplexity"]:.2f}  bits/byte {r["bits_per_byte"]:.4f}  '
+                 f'({r["tokens"]:.0f} tokens = {r["fraction_evaluated"]:.1%} of the set)')
+  return lines
+
+
+def evaluate(workdir: str, step: int | None = None,
+             eval_batches: int | None = None) -> dict[str, Any]:
+  """Restores W's weights (latest checkpoint, or `step`), writes W/eval.json; returns it.
+
+  Args:
+    workdir: the training run (local or gs://).
+    step: the checkpoint step (None = the latest).
+    eval_batches: overrides the run's train.eval_batches (0 = the whole held-out sets).
+  """
   run_dir = run_lib.RunDir(workdir)
   cfg = run_dir.config()
+  if eval_batches is not None:
+    cfg = config_lib.replace(cfg, **{'train.eval_batches': eval_batches})
   mesh_lib.maybe_initialize_distributed(cfg.distributed)
   step = run_dir.latest_step() if step is None else step  # Fails fast without checkpoints.
   data = EvalData(tokenizer=run_dir.tokenizer(), eval_shards=run_dir.eval_shards(),
@@ -128,14 +150,16 @@ def evaluate(workdir: str, step: int | None = None) -> dict[str, Any]:
 
 def main(argv):
   del argv
-  record = evaluate(flags.FLAGS.workdir, flags.FLAGS.step)
-  for name, r in record['corpora'].items():
-    print(f'{name}: loss {r["loss"]:.4f}  ppl {r["perplexity"]:.2f}  '
-          f'bits/byte {r["bits_per_byte"]:.4f}  ({r["tokens"]:.0f} tokens)')
+  logs.quiet_third_party_logs()
+  record = evaluate(flags.FLAGS.workdir, flags.FLAGS.step, flags.FLAGS.eval_batches)
+  for line in format_eval(record):
+    print(line)
 
 
 if __name__ == '__main__':
   # Defined here, not at import: the train loop imports this module next to its own flags.
   flags.DEFINE_string('workdir', None, 'Training run directory.', required=True)
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+  flags.DEFINE_integer('eval_batches', None, 'Batches per eval corpus (0 = the whole set; '
+                       "default: the run's train.eval_batches).")
   app.run(main)
