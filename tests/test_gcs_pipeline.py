@@ -69,7 +69,7 @@ def _pipeline(config_file: str, workdir: str, env: dict[str, str], kill: str = '
   _run(['scone_jax.evaluate', f'--workdir={workdir}'], env)
   _run(['scone_jax.export', f'--workdir={workdir}'], env)
   text = _run(['scone_jax.generate', f'--workdir={workdir}', '--prompt=the of and',
-               '--max_new_tokens=6', '--temperature=0'], env)
+               '--max_new_tokens=6', '--temperature=0', '--decode_loop=host'], env)
   from scone_jax.serve import EmbeddingStore
   store = EmbeddingStore.open(paths.join(workdir, 'export'), 'ram')
   return {'eval': json.loads(paths.read_text(paths.join(workdir, 'eval.json'))),
