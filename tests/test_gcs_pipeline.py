@@ -59,7 +59,23 @@ def _train_killed_then_resumed(config_file: str, workdir: str, env: dict[str, st
   return killed_at
 
 
-def _pipeline(config_file: str, workdir: str, env: dict[str, str], kill: str = '') -> dict:
+def _checkpoint_arrays(workdir: str, step: int, scratch: str) -> dict:
+  """The saved TrainState of `step` as {path: array}. A step in a bucket is copied to local
+  disk first: orbax restores a sub-item (`state`) directly only where a rename, not a
+  commit_success.txt beside it, marks the step finished."""
+  if paths.is_remote(workdir):
+    local = os.path.join(scratch, 'checkpoint_copy')
+    for name in paths.walk_files(paths.join(workdir, 'checkpoints', str(step))):
+      target = os.path.join(local, 'checkpoints', str(step), name)
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      with open(target, 'wb') as f:
+        f.write(paths.read_bytes(paths.join(workdir, 'checkpoints', str(step), name)))
+    workdir = local
+  return th.checkpoint_arrays(workdir, step)
+
+
+def _pipeline(config_file: str, workdir: str, env: dict[str, str], scratch: str,
+              kill: str = '') -> dict:
   """The CLIs in order; `kill`: a log path, to kill -9 train once and resume it."""
   _run(['scone_jax.prepare', f'--config={config_file}', f'--workdir={workdir}'], env)
   if kill:
@@ -73,7 +89,7 @@ def _pipeline(config_file: str, workdir: str, env: dict[str, str], kill: str = '
   from scone_jax.serve import EmbeddingStore
   store = EmbeddingStore.open(paths.join(workdir, 'export'), 'ram')
   return {'eval': json.loads(paths.read_text(paths.join(workdir, 'eval.json'))),
-          'state': th.checkpoint_arrays(workdir, 8),
+          'state': _checkpoint_arrays(workdir, 8, scratch),
           'rows': store.gather(np.arange(store.num_rows)).view(np.uint16),
           'text': text.splitlines()[0]}
 
@@ -88,8 +104,9 @@ def test_pipeline_in_a_bucket_equals_local_disk(gcs, tmp_path):
   env = th.subprocess_env(8)
   local_cfg = th.micro_config_file(str(tmp_path / 'local.py'), corpus, **OVERRIDES)
   bucket_cfg = th.micro_config_file(str(tmp_path / 'bucket.py'), bucket_corpus, **OVERRIDES)
-  want = _pipeline(local_cfg, str(tmp_path / 'run'), env)
-  got = _pipeline(bucket_cfg, f'{gcs}/pipeline/run', env, kill=str(tmp_path / 'train.log'))
+  want = _pipeline(local_cfg, str(tmp_path / 'run'), env, str(tmp_path))
+  got = _pipeline(bucket_cfg, f'{gcs}/pipeline/run', env, str(tmp_path),
+                  kill=str(tmp_path / 'train.log'))
   assert got['eval'] == want['eval']
   assert sorted(got['state']) == sorted(want['state'])
   for key, value in want['state'].items():
