@@ -64,6 +64,9 @@ def _checkpoint_arrays(workdir: str, step: int, scratch: str) -> dict:
   disk first: orbax restores a sub-item (`state`) directly only where a rename, not a
   commit_success.txt beside it, marks the step finished."""
   if paths.is_remote(workdir):
+    # This process listed checkpoints/ while train ran: drop gcsfs's cached listings.
+    import fsspec  # pylint: disable=g-import-not-at-top
+    fsspec.filesystem('gs', finalize_on_close=True).invalidate_cache()
     local = os.path.join(scratch, 'checkpoint_copy')
     for name in paths.walk_files(paths.join(workdir, 'checkpoints', str(step))):
       target = os.path.join(local, 'checkpoints', str(step), name)
