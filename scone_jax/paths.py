@@ -32,6 +32,21 @@ from etils import epath
 _URL_RE = re.compile(r'^[a-z][a-z0-9+.-]*://')
 
 
+def _no_listing_cache() -> None:
+  """gcsfs caches directory listings per process by default, so a checkpoint, eval.json or
+  metrics file another process (or host) wrote stays invisible to `exists`, `walk_files`
+  and orbax's step listing: readers here poll runs that others write. Off for gs://."""
+  try:
+    import fsspec.config  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  for protocol in ('gs', 'gcs'):
+    fsspec.config.conf.setdefault(protocol, {}).setdefault('use_listings_cache', False)
+
+
+_no_listing_cache()
+
+
 def is_remote(path: str | os.PathLike) -> bool:
   """True for a URL (gs://bucket/x), False for a local path."""
   return bool(_URL_RE.match(os.fspath(path)))

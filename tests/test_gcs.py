@@ -166,3 +166,17 @@ def test_a_run_copied_to_a_bucket_evaluates_the_same(gcs, tmp_path, tmp_path_fac
   got = evaluate_lib.evaluate(remote)
   assert got == want
   assert json.loads(paths.read_text(f'{remote}/eval.json')) == want
+
+
+def test_listings_see_what_another_process_wrote(gcs):
+  """No per-process listing cache: a reader polling a run sees new steps and files."""
+  import subprocess
+  import sys
+  paths.write_bytes(f'{gcs}/listing/2/x', b'1')
+  assert sorted(paths.walk_files(f'{gcs}/listing')) == ['2/x']
+  assert not paths.exists(f'{gcs}/listing/8/x')
+  subprocess.run([sys.executable, '-c', 'from scone_jax import paths; '
+                  f'paths.write_bytes("{gcs}/listing/8/x", b"1")'],
+                 env=th.subprocess_env(1), check=True)
+  assert sorted(paths.walk_files(f'{gcs}/listing')) == ['2/x', '8/x']
+  assert paths.exists(f'{gcs}/listing/8/x')
