@@ -9,7 +9,9 @@
 Every point is validated against the config schema before anything launches. Finished
 points (complete W/eval.json) are skipped; interrupted ones resume from W/checkpoints.
 `--dry_run` prints every command and a table of each point's accelerator-resident and
-offloaded params and training/inference FLOPs per token. Exit code is non-zero if any
+offloaded params and training/inference FLOPs per token; A_f's training FLOPs at the worst
+case (K A_f tokens per main-model token) and, with `--af_tokens_per_token=X` (measured: the
+runs' logged batch/fgram_af_tokens_per_token, or benchmarks/bench_train.py), at X. Exit code is non-zero if any
 point failed.
 """
 
@@ -32,6 +34,9 @@ _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file (experiments/sweeps/*.py
                              required=True)
 _BACKEND = flags.DEFINE_enum('backend', 'local', ['local', 'tpu'], 'Where to run points.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print commands and accounting; run nothing.')
+_AF_TOKENS = flags.DEFINE_float(
+    'af_tokens_per_token', None, 'Dry run: measured A_f tokens per main-model token for '
+    'the *_measured accounting columns (default: worst case only).')
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'Local backend: points run at once.')
 _ONLY = flags.DEFINE_string('only', '', 'Run only points whose run name matches this regex.')
 _REPORT = flags.DEFINE_bool('report', False, 'Write the report (CSV, REPORT.md, plots) after.')
@@ -49,7 +54,8 @@ _RETRIES = flags.DEFINE_integer('retries', 3, 'TPU backend: retries of a failed 
 
 
 def dry_run(sweep: sweep_spec.Sweep, python: str,
-            tpu: sweep_backends.TpuTarget | None = None, out=None) -> None:
+            tpu: sweep_backends.TpuTarget | None = None, out=None,
+            af_tokens_per_token: float | None = None) -> None:
   """Prints the commands a run would execute, then the accounting table."""
   out = out or sys.stdout
   if tpu is not None:
@@ -65,7 +71,8 @@ def dry_run(sweep: sweep_spec.Sweep, python: str,
       for stage in ('train', 'evaluate'):
         print(sweep_spec.command(sweep, p, python, stage), file=out)
   print(file=out)
-  print(report_lib.markdown_table(sweep_spec.accounting_rows(sweep)), file=out)
+  print(report_lib.markdown_table(sweep_spec.accounting_rows(sweep, af_tokens_per_token)),
+        file=out)
 
 
 def main(argv):
@@ -78,7 +85,7 @@ def main(argv):
   print(f'sweep {sweep.name}: {len(sweep.points)} point(s) under {sweep.dir}')
   tpu = _tpu_target() if _BACKEND.value == 'tpu' else None
   if _DRY_RUN.value:
-    dry_run(sweep, _PYTHON.value, tpu)
+    dry_run(sweep, _PYTHON.value, tpu, af_tokens_per_token=_AF_TOKENS.value)
     return
   if tpu is None:
     outcomes = sweep_backends.run_local(sweep, _PYTHON.value, _PARALLEL.value)

@@ -111,10 +111,15 @@ class ModelConfig:
 class FgramModelConfig:
   # Depth of A_f. 0 means no SCONE: the plain backbone baseline.
   num_layers: int = 0
-  # Static capacity: at most this many distinct f-grams per (per-process) batch. 0 means
-  # batch_size * seq_len (always enough). When exceeded the excess f-grams' positions fall
-  # back to token embeddings and the event is counted in the metrics.
+  # A_f runs once per DISTINCT f-gram of a (per-process) batch, the f-grams packed into
+  # rows of 2 * fgram.max_len tokens; the row count is padded to a bucket of a geometric
+  # ladder (batches/tagging.py). capacity = the smallest bucket in rows (0 = 8): set it to
+  # a high quantile of the logged batch/fgram_rows to keep one compiled shape. A batch
+  # needing more rows gets the next bucket (ratio bucket_growth), compiled on first use and
+  # counted (batch/fgram_above_capacity, train/compiled_steps): never a fallback to token
+  # embeddings, so training, eval and serving use the same embedding at every position.
   capacity: int = 0
+  bucket_growth: float = 1.2
   # Final norm on A_f's output at the f-gram's last token: 'none' = A_f's raw residual
   # stream, 'same' = the backbone's norm type. Default 'none': the output REPLACES a token
   # embedding in the backbone's residual stream, and the raw stream starts at that scale
@@ -308,6 +313,9 @@ def validate(cfg: Config) -> Config:
     _positive(cfg, key)
   if cfg.fgram_model.num_layers < 0:
     raise ConfigError('config.fgram_model.num_layers must be >= 0 (0 = baseline, no SCONE)')
+  if cfg.fgram_model.capacity < 0 or cfg.fgram_model.bucket_growth <= 1.0:
+    raise ConfigError(f'config.fgram_model.capacity={cfg.fgram_model.capacity} must be >= 0 '
+                      f'and bucket_growth={cfg.fgram_model.bucket_growth} > 1 (e.g. 1.2)')
   if model.vocab_size and model.vocab_size < cfg.tokenizer.vocab_size:
     raise ConfigError(
         f'config.model.vocab_size={model.vocab_size} is smaller than the tokenizer\'s '
