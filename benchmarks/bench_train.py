@@ -4,6 +4,8 @@
   python benchmarks/bench_train.py --corpus=embedded,kjv=/tmp/kjv.txt   # real text
   python benchmarks/bench_train.py --device=gpu --preset=125m       # bf16 MFU on a GPU
   python benchmarks/bench_train.py --mode=quality --steps=300       # held-out loss, tiny
+  python benchmarks/bench_train.py --mode=af_rate --preset=25m --batch_size=32 \
+      --seq_len=1024 --corpus=embedded,kjv=/tmp/kjv.txt     # A_f tokens/token, SCONE-1B
 
 Speed mode, per preset and corpus (`synthetic`: Zipf tokens with recurring motifs;
 `embedded`: the stdlib-docstring corpus; `NAME=PATH`: a text file of blank-line separated
@@ -17,6 +19,11 @@ alternating rounds, best round kept), and A_f's work per step:
 * the SCONE/baseline step-time ratio next to the analytical FLOPs ratio at the measured A_f
   tokens (target: measured / analytical <= 1.15);
 * the batch pipeline's tokens/s alone (one thread, no prefetch; target >= 5x the trainer's).
+
+A_f-rate mode only tags batches (no model): distinct f-grams and A_f tokens per main-model
+token at the given batch shape, and the SCONE-1B (experiments/olmo.py:1b,af=2) training
+FLOPs per 2048-token sequence at that measured rate, next to the worst case and the
+paper's 5.57e13.
 
 Quality mode trains experiments/tiny.py twice (baseline, SCONE) through `train()` on the
 embedded corpus and prints both held-out losses (SCONE's should be lower).
@@ -44,7 +51,8 @@ from scone_jax.train import metrics as metrics_lib
 from scone_jax.train import optimizer as optimizer_lib
 from scone_jax.train import step as step_lib
 
-_MODE = flags.DEFINE_enum('mode', 'speed', ['speed', 'quality'], 'What to measure.')
+_MODE = flags.DEFINE_enum('mode', 'speed', ['speed', 'quality', 'af_rate'],
+                          'What to measure.')
 _DEVICE = flags.DEFINE_enum('device', 'cpu', ['cpu', 'gpu'], 'Where to run.')
 _PRESET = flags.DEFINE_list('preset', None, 'Presets: tiny, 25m, 125m (default: tiny,25m '
                             'on cpu, 125m on gpu).')
@@ -284,6 +292,47 @@ def _print_speed(table_rows):
           f'{scone.af["work_over_distinct"]:.3f} (target <= 1.25)')
 
 
+def af_rate(presets, steps):
+  """Tags `steps` batches per corpus; prints A_f work rates and SCONE-1B's FLOPs/sequence."""
+  olmo = importlib.util.spec_from_file_location('olmo', os.path.join(_REPO, 'experiments',
+                                                                     'olmo.py'))
+  module = importlib.util.module_from_spec(olmo)
+  olmo.loader.exec_module(module)
+  scone_1b = config_lib.from_configdict(module.get_config('1b,af=2'))
+  paper = 5.57e13
+  worst = flops_lib.flops_per_token(scone_1b).train_total * 2048
+  print(f'SCONE-1B worst case (K={scone_1b.fgram.max_len} A_f tokens/token): {worst:.3e} '
+        f'FLOPs/sequence = {worst / paper:.2f}x the paper\'s {paper:.3g}')
+  for name in presets:
+    overrides = {'fgram_model.num_layers': 1}
+    if _BATCH.value:
+      overrides['train.batch_size'] = _BATCH.value
+    if _SEQ.value:
+      overrides['train.seq_len'] = overrides['model.max_seq_len'] = _SEQ.value
+    overrides.update(_parse_overrides())
+    cfg = config_lib.replace(load_preset(name), **overrides)
+    for corpus in _CORPUS.value:
+      cname, _, spec = corpus.partition('=')
+      shards, table = corpus_data(cname, spec or cname, cfg)
+      table = table.slice(cfg.fgram.use_size) if cfg.fgram.use_size else table
+      local, _ = _pipeline(cfg, shards, table, steps)
+      stats = [batches.split_stats(b)[1] for b in local]
+      tokens = cfg.train.batch_size * cfg.train.seq_len
+      mean = lambda k: float(np.mean([st[k] for st in stats]))
+      rate = mean('fgram_af_tokens') / tokens
+      useful = mean('fgram_tokens') / tokens
+      at_rate = flops_lib.flops_per_token(scone_1b, af_tokens_per_token=rate)
+      at_useful = flops_lib.flops_per_token(scone_1b, af_tokens_per_token=useful)
+      print(f'{name}/{cname}: S={len(table)} K={cfg.fgram.max_len} batch '
+            f'{cfg.train.batch_size}x{cfg.train.seq_len}, {steps} batches: matched '
+            f'{mean("fgram_matched_frac"):.3f}, distinct f-grams/token '
+            f'{mean("fgram_unique") / tokens:.3f}, their tokens/token {useful:.3f}, A_f '
+            f'tokens/token run {rate:.3f} (worst case {cfg.fgram.max_len}); SCONE-1B at '
+            f'{rate:.3f}: {at_rate.train_total * 2048:.3e} FLOPs/seq '
+            f'({at_rate.train_total * 2048 / paper:.3f}x paper), at {useful:.3f}: '
+            f'{at_useful.train_total * 2048:.3e} ({at_useful.train_total * 2048 / paper:.3f}x)')
+
+
 def quality(steps):
   from scone_jax.train import loop
   cfg = load_preset('tiny')
@@ -313,6 +362,9 @@ def main(argv):
   del argv
   if _MODE.value == 'quality':
     quality(_STEPS.value or 300)
+    return
+  if _MODE.value == 'af_rate':
+    af_rate(_PRESET.value or ['25m'], _STEPS.value or 8)
     return
   if _DEVICE.value == 'gpu' and jax.devices()[0].platform != 'gpu':
     sys.exit(f'--device=gpu but jax sees {jax.devices()[0].platform}')
