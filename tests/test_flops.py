@@ -182,3 +182,18 @@ def test_inference_flops_close_to_xla_count():
   assert formula <= xla <= 1.05 * formula
   # A scanned stack is counted once by XLA, whatever its depth.
   assert xla_flops('scan')[0] < 0.5 * xla
+
+
+def test_dry_run_accounting_labels_worst_case_and_measured():
+  from scone_jax import report
+  cfg = load_preset('experiments/olmo.py', '1b,af=2')
+  worst_only = report.accounting(cfg)
+  assert worst_only['af_tok_per_tok_worst'] == 5.0
+  assert not any(k.endswith('_measured') for k in worst_only)
+  row = report.accounting(cfg, af_tokens_per_token=1.5)
+  assert row['af_tok_per_tok_measured'] == 1.5
+  assert row['train_flops_seq_measured'] == pytest.approx(
+      flops_per_token(cfg, af_tokens_per_token=1.5).train_total * 2048)
+  assert row['train_flops_seq_measured'] < row['train_flops_seq_worst']
+  base = report.accounting(load_preset('experiments/olmo.py', '1b'), 1.5)
+  assert base['train_flops_af_measured'] == 0 and base['af_tok_per_tok_worst'] == 0
