@@ -179,6 +179,11 @@ def test_accounting_counts_backbone_on_device_and_table_offloaded(scone, table):
   f_scone, f_base = acc.xla_flops_per_token, base.xla_flops_per_token
   assert abs(f_scone - f_base) <= 0.01 * f_base
   assert 'offloaded f-gram table (ram)' in acc.table()
+  assert 'A_f measured' not in acc.table()
+  measured = account(cfg, Decoder(lm, stores['bfloat16'], table, batch_size=B), V, 1.5)
+  assert 'A_f worst case' in measured.table() and 'A_f measured' in measured.table()
+  assert base.train_flops_per_token_worst < measured.train_flops_per_token_measured < (
+      measured.train_flops_per_token_worst)
 
 
 def test_eos_stops_rows_and_sampling_is_seeded(scone, table):

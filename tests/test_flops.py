@@ -197,3 +197,12 @@ def test_dry_run_accounting_labels_worst_case_and_measured():
   assert row['train_flops_seq_measured'] < row['train_flops_seq_worst']
   base = report.accounting(load_preset('experiments/olmo.py', '1b'), 1.5)
   assert base['train_flops_af_measured'] == 0 and base['af_tok_per_tok_worst'] == 0
+
+
+def test_measured_af_rate_is_read_from_the_runs_metrics(tmp_path):
+  from scone_jax.serve.accounting import measured_af_tokens_per_token
+  assert measured_af_tokens_per_token(str(tmp_path)) is None
+  (tmp_path / 'metrics.jsonl').write_text(
+      '{"step": 1, "batch/fgram_af_tokens_per_token": 1.0}\n{"step": 2, "loss": 3.0}\n'
+      '{"step": 3, "batch/fgram_af_tokens_per_token": 2.0}\n{"step": 4, "batch/fg')
+  assert measured_af_tokens_per_token(str(tmp_path)) == 1.5
