@@ -253,6 +253,8 @@ def speed(presets, steps, device):
         best = [min(b, v.run()) for b, v in zip(best, variants)]
       table_rows.append(tuple(v.row(name, cname, s, peak)
                               for v, s in zip(variants, best)))
+      if len(presets) * len(_CORPUS.value) > 1:
+        _print_speed(table_rows[-1:])  # Partial results, in case a long run is cut short.
   _print_speed(table_rows)
 
 
