@@ -1,6 +1,6 @@
 """EmbeddingStore: the exported [S, d] f-gram embeddings in host memory or on disk.
 
-Two tiers (ENV.md has the measured costs behind the choice):
+Two tiers (docs/METHOD.md, section 4, has the measured costs behind the choice):
   'ram'   the matrix is read once into host numpy with one extra zero row at index S,
           so a gather is a single `np.take` and rows -1 (no match) come back as zeros.
   'disk'  the matrix stays in the zarr3 store. Reader 'memmap' (the default when the
@@ -13,7 +13,7 @@ Two tiers (ENV.md has the measured costs behind the choice):
 
 The accelerator never sees the store: the decoder gathers on the host and transfers a
 small [B, d] slab per step (indexing a pinned_host array inside jit fails or runs slow
-host compute, ENV.md).
+host compute; docs/METHOD.md, section 4).
 """
 
 from __future__ import annotations

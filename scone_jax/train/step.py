@@ -5,8 +5,8 @@ accumulation microbatches, R x W the batch's distinct f-grams packed into A_f ro
 N = R * W, D d_model.
 
 The model is split once (`nnx.split`) into a static graphdef and pytrees of arrays, and the
-step is a plain `jax.jit` over those pytrees: cheaper per call than `nnx.jit` (ENV.md) and
-it lets us state every input and output sharding explicitly.
+step is a plain `jax.jit` over those pytrees: cheaper per call than `nnx.jit`
+(docs/METHOD.md, section 4) and it lets us state every input and output sharding explicitly.
 """
 
 from __future__ import annotations
