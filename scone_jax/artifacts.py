@@ -16,10 +16,14 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from typing import Any, Iterator
+
+from absl import logging
 
 MANIFEST = 'manifest.json'
 FORMAT_VERSION = 1
@@ -28,6 +32,13 @@ VERIFIED = '.verified.json'
 # A file modified less than this long before it was checked is not cached: a same-size
 # change within the file system's mtime granularity would keep its mtime ("racy git").
 _RACY_SECONDS = 2.0
+# Temporary names carry their writer ("<pid>@<host>") so that the next start can tell the
+# leftovers of a killed stage (clean_stale_temps removes them) from a live writer's.
+_OWNER = f'{os.getpid()}@{socket.gethostname()}'
+_TEMP_NAME = re.compile(r'^\.(?:.*\.)?(?:tmp|old)-(?:(?P<pid>\d+)@(?P<host>[^/]+)-)?[^-]*$')
+# A temp of unknown owner (another host, or named before owners were recorded) is removed
+# only when older than this.
+UNKNOWN_OWNER_STALE_SECONDS = 24 * 3600.0
 
 
 class ArtifactError(RuntimeError):
@@ -65,7 +76,7 @@ def _read_verified(directory: str) -> dict[str, Any]:
 def write_json_atomic(path: str, obj: Any) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.tmp-', dir=directory)
+  fd, tmp = tempfile.mkstemp(prefix=f'.tmp-{_OWNER}-', dir=directory)
   with os.fdopen(fd, 'w') as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=str)
     f.flush()
@@ -84,14 +95,16 @@ def atomic_dir(final_path: str, overwrite: bool = True) -> Iterator[str]:
   os.makedirs(parent, exist_ok=True)
   if os.path.exists(final_path) and not overwrite:
     raise ArtifactError(f'{final_path} already exists; remove it or pick another path')
-  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(final_path)}.tmp-', dir=parent)
+  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(final_path)}.tmp-{_OWNER}-',
+                         dir=parent)
   try:
     yield tmp
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   if os.path.exists(final_path):
-    old = tempfile.mkdtemp(prefix=f'.{os.path.basename(final_path)}.old-', dir=parent)
+    old = tempfile.mkdtemp(prefix=f'.{os.path.basename(final_path)}.old-{_OWNER}-',
+                           dir=parent)
     os.rmdir(old)
     os.replace(final_path, old)
     os.replace(tmp, final_path)
@@ -176,3 +189,53 @@ def read_manifest(directory: str, kind: str, verify: bool | str = True,
           f'{kind} at {directory} was built with {key}={have!r} but this run has {want!r}; '
           f'rebuild the {kind} for these inputs (or point to the matching one)')
   return manifest
+
+
+def _temp_is_stale(name: str, path: str) -> bool:
+  m = _TEMP_NAME.match(name)
+  if m is None:
+    return False
+  if m['pid'] is not None and m['host'] == socket.gethostname():
+    pid = int(m['pid'])
+    if pid == os.getpid():
+      return False
+    try:
+      os.kill(pid, 0)
+    except ProcessLookupError:
+      return True
+    except PermissionError:
+      return False
+    return False
+  try:
+    return time.time() - os.path.getmtime(path) > UNKNOWN_OWNER_STALE_SECONDS
+  except FileNotFoundError:
+    return False
+
+
+def clean_stale_temps(directory: str, max_depth: int = 3) -> list[str]:
+  """Removes the temporary files and folders of `atomic_dir` / `write_json_atomic` left
+  under `directory` (down to `max_depth` levels) by a stage that was killed; returns them.
+
+  A temp whose writer is a dead process on this host goes at once; one of a live process
+  stays; one of unknown owner goes when older than UNKNOWN_OWNER_STALE_SECONDS.
+  """
+  removed = []
+  if not os.path.isdir(directory):
+    return removed
+  base_depth = directory.rstrip(os.sep).count(os.sep)
+  for root, dirs, files in os.walk(directory):
+    for name in list(dirs) + files:
+      path = os.path.join(root, name)
+      if _temp_is_stale(name, path):
+        if os.path.isdir(path) and not os.path.islink(path):
+          shutil.rmtree(path, ignore_errors=True)
+        else:
+          with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        removed.append(path)
+    dirs[:] = [d for d in dirs if os.path.join(root, d) not in removed and
+               not d.startswith('.') and root.count(os.sep) - base_depth < max_depth - 1]
+  if removed:
+    logging.warning('removed %d temporary file(s)/folder(s) left by a killed stage: %s',
+                    len(removed), ', '.join(removed))
+  return removed

@@ -11,7 +11,9 @@ points only ever sees the dataclasses (layers never import ml_collections).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import math
 import typing
 from typing import Any, Literal
 
@@ -31,8 +33,13 @@ class DataConfig:
   train_files: str = ''
   eval_files: str = ''
   # 'lines': one document per line; 'blank_lines': documents separated by blank lines;
-  # 'jsonl': one JSON object per line, text under `text_field`.
-  format: Literal['lines', 'blank_lines', 'jsonl'] = 'lines'
+  # 'jsonl': one JSON object per line, text under `text_field`; 'parquet': the string
+  # column `text_field`, one document per row, streamed by row group; 'arrayrecord': one
+  # UTF-8 document per record; 'arrayrecord_tokens': one document per record as token ids
+  # (little-endian uint32, no BOS/EOS; needs the tokenizer that made them in
+  # tokenizer.model_file). Layouts: scone_jax/corpus/columnar.py.
+  format: Literal['lines', 'blank_lines', 'jsonl', 'parquet', 'arrayrecord',
+                  'arrayrecord_tokens'] = 'lines'
   text_field: str = 'text'
   # Invalid UTF-8: 'replace' with U+FFFD (counted and reported) or 'error' (names file+line).
   on_bad_utf8: Literal['replace', 'error'] = 'replace'
@@ -42,10 +49,18 @@ class DataConfig:
   # <workdir>/prepare. Sweep points point this at one shared directory: stages are keyed
   # by their inputs' fingerprints, so points with the same data prepare once.
   artifacts_dir: str = ''
+  # False in the paper presets (experiments/gpt2.py, olmo.py): prepare and train refuse
+  # source='embedded' unless this is set, since a paper-sized run on the small stdlib
+  # corpus is almost always a forgotten data flag (check_data_source).
+  allow_embedded: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
+  # 'sentencepiece': train one on the corpus or load a .model (model_file);
+  # 'huggingface': load a local tokenizer.json (model_file) with the `tokenizers`
+  # library, e.g. GPT-2's or GPT-NeoX-20B's; it cannot be trained here.
+  kind: Literal['sentencepiece', 'huggingface'] = 'sentencepiece'
   vocab_size: int = 8000
   model_type: Literal['bpe', 'unigram'] = 'bpe'
   # Path of an existing sentencepiece .model; empty means train one on the train corpus.
@@ -58,6 +73,13 @@ class TokenizerConfig:
   # Documents longer than max_sentence_length bytes when training the tokenizer:
   # 'split' them at whitespace (counted and logged with file:line) or raise an 'error'.
   long_docs: Literal['split', 'error'] = 'split'
+  # huggingface only: the special tokens scone_jax uses ('' = the rule in
+  # scone_jax/tokenizer/hf.py: EOS is <|endoftext|> or </s>; BOS is <s> if present, else
+  # EOS, as GPT-2 and GPT-NeoX mark document starts with <|endoftext|>; pad is <pad> or
+  # <|padding|>, else EOS; padded positions are masked, so its id never reaches a loss).
+  bos_token: str = ''
+  eos_token: str = ''
+  pad_token: str = ''
   # Token shard dtype is derived from vocab_size (uint16 below 2**16, else uint32).
 
 
@@ -120,14 +142,13 @@ class FgramModelConfig:
   # embedding in the backbone's residual stream, and the raw stream starts at that scale
   # (T(x_i) + position + block updates), whereas a norm's unit-variance output is ~50x
   # the token embeddings (init std 0.02) and drowns the backbone's own updates at matched
-  # positions. Measured on the demo preset (S=4096, 300 steps): ppl 265 ('none') vs 291.
+  # positions (measurements: BENCHMARKS.md, "A_f's output norm and init").
   final_norm: Literal['same', 'none'] = 'none'
   # 'identity': A_f's residual-branch output projections (wo, w_out) and its position
   # table start at zero, so at step 0 A_f(x_j..x_i) = T(x_i) exactly and SCONE computes the
   # baseline's function; training then learns what the f-gram adds. 'random': the
   # backbone's init (random blocks add noise comparable to the 0.02-scale token signal at
-  # every matched position, which the CPU-tiny preset showed as a higher loss than the
-  # baseline after 300 steps).
+  # every matched position; BENCHMARKS.md, "A_f's output norm and init").
   init: Literal['identity', 'random'] = 'identity'
 
 
@@ -200,6 +221,10 @@ class ServeConfig:
   top_k: int = 0
   top_p: float = 1.0
   batch_size: int = 1
+  # Generation loop: on-device while loop (default) or one jitted step per token.
+  decode_loop: Literal['device', 'host'] = 'device'
+  # SCONE's per-step lookup in the device loop (serve/device_loop.py).
+  lookup: Literal['auto', 'native', 'callback'] = 'auto'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,15 +298,91 @@ def _build(cls, values: dict[str, Any], path: str):
   return cls(**kwargs)
 
 
-def _positive(cfg: Config, key: str, minimum: int = 1):
-  section, name = key.split('.')
-  value = getattr(getattr(cfg, section), name)
-  if value < minimum:
-    raise ConfigError(f'config.{key}={value} must be >= {minimum}')
+def get_value(cfg: Config, key: str) -> Any:
+  """The value of a dotted key, e.g. get_value(cfg, 'train.steps')."""
+  value = cfg
+  for part in key.split('.'):
+    value = getattr(value, part)
+  return value
+
+
+def _finite(v) -> bool:
+  return math.isfinite(v)
+
+
+# Every single-value rule, as (dotted key, test, what the value must be). `validate` checks
+# them all before any cross-field rule; the message names the key, the value and the range.
+_VALUE_RULES = (
+    ('data.embedded_eval_fraction', lambda v: 0 < v < 1, 'must be in (0, 1)'),
+    ('tokenizer.vocab_size', lambda v: v >= 16, 'must be >= 16'),
+    ('tokenizer.max_sentence_length', lambda v: v >= 16, 'must be >= 16 (bytes)'),
+    ('tokenizer.train_chars', lambda v: v >= 1, 'must be >= 1'),
+    ('fgram.max_len', lambda v: v >= 2,
+     'must be >= 2: f-grams have at least 2 tokens, so max_len (K) must be >= 2'),
+    ('fgram.size', lambda v: v >= 1, 'must be >= 1'),
+    ('fgram.min_count', lambda v: v >= 1, 'must be >= 1'),
+    ('fgram.memory_budget_mb', lambda v: v >= 16, 'must be >= 16'),
+    ('model.num_layers', lambda v: v >= 1, 'must be >= 1'),
+    ('model.d_model', lambda v: v >= 1, 'must be >= 1'),
+    ('model.num_heads', lambda v: v >= 1, 'must be >= 1'),
+    ('model.mlp_dim', lambda v: v >= 0, 'must be >= 0 (0 = 4 * d_model)'),
+    ('model.max_seq_len', lambda v: v >= 1, 'must be >= 1'),
+    ('model.vocab_size', lambda v: v >= 0, "must be >= 0 (0 = the tokenizer's)"),
+    ('model.rope_theta', lambda v: v > 0 and _finite(v), 'must be > 0'),
+    ('model.init_std', lambda v: v > 0 and _finite(v), 'must be > 0'),
+    ('fgram_model.num_layers', lambda v: v >= 0, 'must be >= 0 (0 = baseline, no SCONE)'),
+    ('fgram_model.capacity', lambda v: v >= 0, 'must be >= 0 (0 = batch_size * seq_len)'),
+    ('train.steps', lambda v: v >= 1, 'must be >= 1'),
+    ('train.batch_size', lambda v: v >= 1, 'must be >= 1'),
+    ('train.seq_len', lambda v: v >= 1, 'must be >= 1'),
+    ('train.learning_rate', lambda v: v > 0 and _finite(v), 'must be > 0'),
+    ('train.warmup_steps', lambda v: v >= 0, 'must be >= 0'),
+    ('train.lr_end_ratio', lambda v: 0 <= v <= 1, 'must be in [0, 1]'),
+    ('train.weight_decay', lambda v: v >= 0 and _finite(v), 'must be >= 0'),
+    ('train.b1', lambda v: 0 <= v < 1, 'must be in [0, 1)'),
+    ('train.b2', lambda v: 0 <= v < 1, 'must be in [0, 1)'),
+    ('train.eps', lambda v: v > 0 and _finite(v), 'must be > 0'),
+    ('train.grad_clip', lambda v: v >= 0 and _finite(v), 'must be >= 0 (0 = off)'),
+    ('train.grad_accum_steps', lambda v: v >= 1, 'must be >= 1'),
+    ('train.seed', lambda v: v >= 0, 'must be >= 0'),
+    ('train.log_every', lambda v: v >= 1, 'must be >= 1'),
+    ('train.eval_every', lambda v: v >= 0, 'must be >= 0 (0 = only at the end)'),
+    ('train.eval_batches', lambda v: v >= 0, 'must be >= 0 (0 = the whole eval corpus)'),
+    ('train.shuffle_buffer_docs', lambda v: v >= 0, 'must be >= 0 (0 = global shuffle)'),
+    ('train.fgram_model_lr_scale', lambda v: v >= 0 and _finite(v),
+     "must be >= 0 (0 freezes A_f's parameters)"),
+    ('train.data_prefetch', lambda v: v >= 0, 'must be >= 0'),
+    ('train.peak_tflops', lambda v: v >= 0 and _finite(v), 'must be >= 0 (0 = look up)'),
+    ('mesh.data', lambda v: v == -1 or v >= 1, 'must be >= 1 or -1 (= the remaining devices)'),
+    ('mesh.fsdp', lambda v: v >= 1, 'must be >= 1'),
+    ('mesh.tensor', lambda v: v >= 1, 'must be >= 1'),
+    ('checkpoint.every_steps', lambda v: v >= 0, 'must be >= 0 (0 = only at the end)'),
+    ('checkpoint.keep', lambda v: v >= 1, 'must be >= 1 (checkpoints kept)'),
+    ('distributed.num_processes', lambda v: v >= 1, 'must be >= 1'),
+    ('distributed.process_id', lambda v: v >= 0, 'must be >= 0'),
+    ('distributed.cpu_collectives', lambda v: v in ('', 'gloo', 'mpi'),
+     "must be one of ['', 'gloo', 'mpi']"),
+    ('export.batch_size', lambda v: v >= 1, 'must be >= 1'),
+    ('export.chunk_rows', lambda v: v >= 1, 'must be >= 1'),
+    ('serve.max_new_tokens', lambda v: v >= 1, 'must be >= 1'),
+    ('serve.temperature', lambda v: v >= 0 and _finite(v), 'must be >= 0 (0 = greedy)'),
+    ('serve.top_k', lambda v: v >= 0, 'must be >= 0 (0 = off)'),
+    ('serve.top_p', lambda v: 0 < v <= 1, 'must be in (0, 1] (1 = off)'),
+    ('serve.batch_size', lambda v: v >= 1, 'must be >= 1'),
+)
 
 
 def validate(cfg: Config) -> Config:
-  """Checks cross-field constraints; returns cfg with family defaults resolved."""
+  """Checks every value and cross-field rule; returns cfg with family defaults resolved.
+
+  Needs no devices and touches no file, so entry points call it (through
+  `from_configdict`) before any work. Rules that need the device or process count are in
+  `validate_runtime`.
+  """
+  for key, ok, must in _VALUE_RULES:
+    value = get_value(cfg, key)
+    if not ok(value):
+      raise ConfigError(f'config.{key}={value!r} {must}')
   model = cfg.model
   defaults = _FAMILY_DEFAULTS[model.family]
   model = dataclasses.replace(
@@ -292,22 +393,9 @@ def validate(cfg: Config) -> Config:
       raise ConfigError(f'config.{section}.{name}={getattr(model, name)!r} is not one of '
                         f'{list(allowed)}')
   cfg = dataclasses.replace(cfg, model=model)
-  if cfg.fgram.max_len < 2:
-    raise ConfigError(f'config.fgram.max_len={cfg.fgram.max_len}: f-grams have at least 2 '
-                      'tokens, so max_len (K) must be >= 2')
-  _positive(cfg, 'fgram.size')
-  _positive(cfg, 'fgram.min_count')
-  _positive(cfg, 'fgram.memory_budget_mb', 16)
   if cfg.fgram.use_size < 0 or cfg.fgram.use_size > cfg.fgram.size:
     raise ConfigError(f'config.fgram.use_size={cfg.fgram.use_size} must be in [0, '
                       f'fgram.size={cfg.fgram.size}] (0 = the whole table)')
-  _positive(cfg, 'tokenizer.vocab_size', 16)
-  for key in ('model.num_layers', 'model.d_model', 'model.num_heads', 'train.steps',
-              'train.batch_size', 'train.seq_len', 'train.grad_accum_steps',
-              'model.max_seq_len'):
-    _positive(cfg, key)
-  if cfg.fgram_model.num_layers < 0:
-    raise ConfigError('config.fgram_model.num_layers must be >= 0 (0 = baseline, no SCONE)')
   if model.vocab_size and model.vocab_size < cfg.tokenizer.vocab_size:
     raise ConfigError(
         f'config.model.vocab_size={model.vocab_size} is smaller than the tokenizer\'s '
@@ -316,6 +404,13 @@ def validate(cfg: Config) -> Config:
   if model.d_model % model.num_heads:
     raise ConfigError(f'config.model.d_model={model.d_model} is not divisible by '
                       f'config.model.num_heads={model.num_heads}')
+  if model.position == 'rope' and (model.d_model // model.num_heads) % 2:
+    raise ConfigError(
+        f'config.model.position=\'rope\' needs an even head dimension, but '
+        f'config.model.d_model/num_heads={model.d_model}/{model.num_heads} is odd')
+  if model.attention == 'cudnn' and model.dtype != 'bfloat16':
+    raise ConfigError("config.model.attention='cudnn' needs config.model.dtype='bfloat16' "
+                      "(cuDNN flash attention has no float32 kernel); or use 'einsum'")
   if cfg.train.seq_len > model.max_seq_len:
     raise ConfigError(
         f'config.train.seq_len={cfg.train.seq_len} is larger than the position table '
@@ -324,10 +419,172 @@ def validate(cfg: Config) -> Config:
   if cfg.train.batch_size % cfg.train.grad_accum_steps:
     raise ConfigError(f'config.train.batch_size={cfg.train.batch_size} is not divisible by '
                       f'config.train.grad_accum_steps={cfg.train.grad_accum_steps}')
+  tc = cfg.tokenizer
+  if tc.kind == 'huggingface' and not tc.model_file:
+    raise ConfigError("config.tokenizer.kind='huggingface' loads an existing tokenizer.json: "
+                      "set --config.tokenizer.model_file=/path/to/tokenizer.json")
+  if tc.kind == 'sentencepiece' and (tc.bos_token or tc.eos_token or tc.pad_token):
+    raise ConfigError('config.tokenizer.bos_token/eos_token/pad_token apply to '
+                      "tokenizer.kind='huggingface' only; sentencepiece models carry their "
+                      'own special ids')
+  if cfg.data.format == 'arrayrecord_tokens' and not tc.model_file:
+    raise ConfigError("config.data.format='arrayrecord_tokens' holds token ids already: set "
+                      'config.tokenizer.model_file (and tokenizer.kind) to the tokenizer '
+                      'that produced them')
   if cfg.data.source == 'files' and not cfg.data.train_files and not cfg.tokenizer.model_file:
     raise ConfigError("config.data.source='files' needs config.data.train_files (comma-"
                       "separated globs), e.g. --config.data.train_files='/data/*.txt'")
+  dist = cfg.distributed
+  if dist.mode == 'explicit':
+    if not dist.coordinator_address:
+      raise ConfigError("config.distributed.mode='explicit' needs "
+                        'config.distributed.coordinator_address (host:port of process 0)')
+    if dist.process_id >= dist.num_processes:
+      raise ConfigError(f'config.distributed.process_id={dist.process_id} must be in '
+                        f'[0, num_processes={dist.num_processes})')
   return cfg
+
+
+def check_data_source(cfg: Config) -> None:
+  """Refuses the embedded corpus for configs that set data.allow_embedded=False.
+
+  Called where a run starts (prepare, train) rather than in `validate`, so sweep dry runs
+  and accounting still load the paper presets.
+  """
+  if cfg.data.source == 'embedded' and not cfg.data.allow_embedded:
+    raise ConfigError(
+        f'config {cfg.name!r} is a paper-scale preset and refuses to train on the embedded '
+        'stdlib corpus. Point it at your data: --config.data.source=files '
+        "--config.data.train_files='/data/owt/train-*.parquet' --config.data.format=parquet "
+        "--config.data.eval_files='heldout=/data/owt/val-*.parquet' "
+        '--config.tokenizer.kind=huggingface --config.tokenizer.model_file=/data/gpt2/'
+        'tokenizer.json (formats: lines, blank_lines, jsonl, parquet, arrayrecord, '
+        'arrayrecord_tokens). To train on the embedded corpus anyway, pass '
+        '--config.data.allow_embedded=True')
+def resolve_mesh(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+  """The (data, fsdp, tensor) shape: resolves `data=-1`; the axes must multiply to the
+  device count."""
+  data, fsdp, tensor = mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor
+  if fsdp < 1 or tensor < 1:
+    raise ConfigError(f'config.mesh.fsdp={fsdp} and config.mesh.tensor={tensor} must be >= 1')
+  if data == -1:
+    if num_devices % (fsdp * tensor):
+      raise ConfigError(
+          f'config.mesh.fsdp*tensor={fsdp}*{tensor} does not divide the {num_devices} '
+          'devices; pick fsdp and tensor whose product divides the device count')
+    data = num_devices // (fsdp * tensor)
+  elif data < 1:
+    raise ConfigError(f'config.mesh.data={data} must be >= 1 or -1 (= the remaining devices)')
+  if data * fsdp * tensor != num_devices:
+    raise ConfigError(
+        f'config.mesh data*fsdp*tensor={data}*{fsdp}*{tensor}={data * fsdp * tensor} does '
+        f'not equal the {num_devices} devices; set --config.mesh.data=-1 to use the rest, '
+        'or change the axis sizes so their product is the device count')
+  return data, fsdp, tensor
+
+
+def check_batch_on_mesh(global_batch: int, shape: tuple[int, int, int]) -> None:
+  """Each batch shard (data x fsdp) must get whole sequences."""
+  data, fsdp, _ = shape
+  if global_batch % (data * fsdp):
+    raise ConfigError(
+        f'config.train.batch_size={global_batch} is not divisible by mesh data*fsdp='
+        f'{data}*{fsdp}={data * fsdp}; make the batch a multiple of {data * fsdp} or '
+        'move devices to config.mesh.tensor')
+
+
+def validate_runtime(cfg: Config, num_devices: int, num_processes: int,
+                     platform: str = '') -> None:
+  """The rules that need the runtime: mesh vs devices, batch vs mesh and processes, the
+  backend (`platform`, jax.default_backend(); '' skips) and optional packages.
+
+  Cheap and side-effect free: entry points call it right after the distributed runtime
+  is up (jax.device_count() is known) and before anything is prepared or written.
+  """
+  if cfg.model.attention == 'cudnn' and platform and platform != 'gpu':
+    raise ConfigError(f"config.model.attention='cudnn' needs an NVIDIA GPU, but the backend "
+                      f"is {platform!r}; use config.model.attention='einsum'")
+  if cfg.fgram.miner == 'beam' and importlib.util.find_spec('apache_beam') is None:
+    raise ConfigError("config.fgram.miner='beam' needs apache-beam: pip install -r "
+                      "requirements-beam.txt, or use config.fgram.miner='local'")
+  shape = resolve_mesh(cfg.mesh, num_devices)
+  check_batch_on_mesh(cfg.train.batch_size, shape)
+  if cfg.train.batch_size % num_processes:
+    raise ConfigError(
+        f'config.train.batch_size={cfg.train.batch_size} is not divisible by the '
+        f'{num_processes} processes; each process reads an equal slice of every batch')
+  dist = cfg.distributed
+  if dist.mode == 'explicit' and dist.num_processes != num_processes:
+    raise ConfigError(f'config.distributed.num_processes={dist.num_processes} but the runtime '
+                      f'has {num_processes} processes')
+
+
+# Keys (dotted prefixes) that may differ between a run's config.json and a resumed
+# invocation without an explicit override: they change how often things are logged,
+# evaluated or saved, where the run executes or its artifacts live (prepared stages are
+# keyed by their inputs' fingerprints), or stages after training; never the model, the
+# data, the optimisation or the schedule. Any other key needs `allow` (the train CLI's
+# --allow_config_change), e.g. train.steps, which moves the cosine schedule's end.
+RESUMABLE_KEYS = ('name', 'train.log_every', 'train.eval_every', 'train.eval_batches',
+                  'train.data_prefetch', 'train.peak_tflops', 'checkpoint.', 'distributed.',
+                  'mesh.', 'data.artifacts_dir', 'export.', 'serve.',
+                  'data.allow_embedded')
+
+
+def _key_matches(key: str, pattern: str) -> bool:
+  """'train.steps' matches 'train.steps', 'train.' and 'train'."""
+  pattern = pattern.rstrip('.')
+  return key == pattern or key.startswith(pattern + '.')
+
+
+def flat_dict(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(flat_dict(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def check_resume(run_values: dict[str, Any], cfg: Config, run_dir: str,
+                 allow: tuple[str, ...] = ()) -> list[str]:
+  """Checks a resumed invocation's `cfg` against the run's recorded config (a dict from
+  its config.json). Returns the changed keys that were allowed; raises ConfigError naming
+  every other changed key.
+
+  Args:
+    run_values: the run's config.json, parsed.
+    cfg: the config of this invocation.
+    run_dir: for the message.
+    allow: dotted keys or prefixes (e.g. 'train.steps', 'train.') the user explicitly
+      allows to change.
+  """
+  known = flat_dict(dataclasses.asdict(cfg))
+  for key in allow:
+    if not any(_key_matches(k, key) for k in known):
+      raise ConfigError(f'--allow_config_change={key}: no such config key or section '
+                        '(e.g. train.steps)')
+  try:
+    # Resolve through the schema so keys added since the run started compare as their
+    # defaults (a newer checkout can resume an older run).
+    run_values = dataclasses.asdict(from_configdict(run_values))
+  except ConfigError:
+    pass  # A key the schema no longer has: compare raw, which reports it.
+  old, new = flat_dict(run_values), known
+  changed = sorted(k for k in set(old) | set(new)
+                   if old.get(k, '<missing>') != new.get(k, '<missing>'))
+  refused = [k for k in changed
+             if not any(_key_matches(k, p) for p in RESUMABLE_KEYS + tuple(allow))]
+  if refused:
+    detail = ', '.join(f'{k}: {old.get(k, "<missing>")!r} in the run, '
+                       f'{new.get(k, "<missing>")!r} now' for k in refused)
+    raise ConfigError(
+        f'{run_dir} holds a run with an incompatible config ({detail}). These keys change '
+        'the run\'s math; use a new --workdir, pass the run\'s values to resume it, or '
+        f'pass --allow_config_change={",".join(refused)} to resume with the change')
+  return [k for k in changed if k not in refused]
 
 
 def from_configdict(cd: ml_collections.ConfigDict | dict) -> Config:

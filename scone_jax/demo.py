@@ -3,7 +3,7 @@
   python -m scone_jax.demo --workdir=runs/demo
 
 prepare (once, shared) -> train a baseline and SCONE at three numbers of f-grams S, two
-seeds each (experiments/sweeps/demo.py through launch/sweep.py's local backend) ->
+seeds each (experiments/sweeps/demo.py through scone_jax.sweeps' local backend) ->
 evaluate -> report (table + PNG plots) -> export the best SCONE model's f-gram embeddings
 -> generate a few lines through the host store. It ends with the table, the plot paths and
 a plain verdict: did SCONE beat the baseline, and did perplexity fall as S grew (means over
@@ -24,12 +24,10 @@ from absl import app
 from absl import flags
 
 from scone_jax import report
+from scone_jax.sweeps import backends as sweep_backends
+from scone_jax.sweeps import spec as sweep_spec
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(_REPO, 'launch'))
-
-import sweep_backends  # noqa: E402  (launch/ is a folder of scripts, not a package)
-import sweep_spec  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Root of the demo sweep and its report.')
 _SWEEP = flags.DEFINE_string('sweep', os.path.join(_REPO, 'experiments', 'sweeps', 'demo.py'),

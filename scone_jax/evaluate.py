@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
-from scone_jax import artifacts, batches, compat
+from scone_jax import artifacts, batches, compat, logs
 from scone_jax import config as config_lib
 from scone_jax.train import checkpoint as checkpoint_lib
 from scone_jax.train import mesh as mesh_lib
@@ -100,6 +100,14 @@ def write_eval(workdir: str, step: int, results: Mapping[str, CorpusEval]) -> di
   return record
 
 
+def format_eval(record: Mapping[str, Any]) -> list[str]:
+  """One line per eval corpus of an eval record (as in W/eval.json)."""
+  return [f'eval step {record["step"]} {name}: loss {r["loss"]:.4f}  ppl '
+          f'{r["perplexity"]:.2f}  bits/byte {r["bits_per_byte"]:.4f}  ({r["tokens"]:.0f} '
+          f'tokens, {100 * r["fraction_evaluated"]:.1f}% of the corpus)'
+          for name, r in record['corpora'].items()]
+
+
 def read_config(workdir: str) -> config_lib.Config:
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
@@ -130,10 +138,10 @@ def evaluate(workdir: str, step: int | None = None) -> dict[str, Any]:
 
 def main(argv):
   del argv
+  logs.quiet_third_party_logs()
   record = evaluate(flags.FLAGS.workdir, flags.FLAGS.step)
-  for name, r in record['corpora'].items():
-    print(f'{name}: loss {r["loss"]:.4f}  ppl {r["perplexity"]:.2f}  '
-          f'bits/byte {r["bits_per_byte"]:.4f}  ({r["tokens"]:.0f} tokens)')
+  for line in format_eval(record):
+    print(line)
 
 
 if __name__ == '__main__':

@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from scone_jax import artifacts
+from scone_jax import artifacts, logs
 from scone_jax import config as config_lib
 from scone_jax.config import Config
 from scone_jax.corpus import CorpusError, FileCorpus, embedded, readers
@@ -91,6 +91,10 @@ def _tokenizer_input(cfg: Config, train: FileCorpus) -> str:
     if not os.path.isfile(tc.model_file):
       raise artifacts.ArtifactError(f'config.tokenizer.model_file={tc.model_file} does not '
                                     'exist; fix the path or leave it empty to train one')
+    if tc.kind == 'huggingface':  # The special-token roles change what BOS/EOS are.
+      return artifacts.fingerprint('model_file', artifacts.sha256_file(tc.model_file),
+                                   tc.vocab_size, tc.kind, tc.bos_token, tc.eos_token,
+                                   tc.pad_token)
     return artifacts.fingerprint('model_file', artifacts.sha256_file(tc.model_file),
                                  tc.vocab_size)
   return artifacts.fingerprint('train', spm_lib.TRAIN_VERSION, train.fingerprint,
@@ -133,7 +137,9 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
     cfg: the resolved config (data, tokenizer and fgram sections are used).
     workdir: the run directory; artifacts go to cfg.data.artifacts_dir or workdir/prepare.
   """
+  config_lib.check_data_source(cfg)  # Before anything is written.
   art = artifacts_dir(cfg, workdir)
+  artifacts.clean_stale_temps(art)  # Left by a killed prepare (ours only; see there).
   timings: dict[str, float] = {}
   skipped: list[str] = []
   start = time.perf_counter()
@@ -163,7 +169,8 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
             d, c, tok, c.fingerprint, c.total_file_bytes, name=n,
             extra_meta=lambda: {'bad_utf8_lines': c.stats.bad_utf8_lines,
                                 'bad_utf8_chars': c.stats.bad_utf8_chars}),
-        lambda d=directory, e=expect: TokenShards.open(d, tok.fingerprint, expect=e),
+        lambda d=directory, e=expect: TokenShards.open(d, tok.fingerprint, expect=e,
+                                                       vocab_size=tok.vocab_size),
         f'tokens/{name}', timings, skipped)
   train = shards['train']
 
@@ -236,7 +243,8 @@ def load_prepared(cfg: Config, workdir: str, verify: bool = True) -> Prepared:
     for name, directory in shard_dirs.items():
       corpus = corpora.train if name == 'train' else corpora.evals[name]
       shards[name] = TokenShards.open(directory, tok.fingerprint, verify=verify,
-                                      expect={'corpus_fingerprint': corpus.fingerprint})
+                                      expect={'corpus_fingerprint': corpus.fingerprint},
+                                      vocab_size=tok.vocab_size)
     fgram_dir = os.path.join(art, 'fgrams')
     table = _open_fgrams(fgram_dir, tok.fingerprint,
                          _fgram_input(cfg, tok.fingerprint, shards['train'].fingerprint))
@@ -288,6 +296,7 @@ def cli() -> None:
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    logs.quiet_third_party_logs()
     cfg = config_lib.from_configdict(config_flag.value)
     print(summary(prepare(cfg, workdir_flag.value)))
 

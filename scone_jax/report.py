@@ -2,7 +2,7 @@
 
   python -m scone_jax.report --sweep=experiments/sweeps/demo.py --root=runs
 
-Reads every run under ROOT/SWEEP/ that launch/sweep.py started (W/point.json: overrides
+Reads every run under ROOT/SWEEP/ that a sweep (scone_jax.sweeps) started (W/point.json: overrides
 and resolved config) with its W/metrics.jsonl and W/eval.json, and writes into the sweep
 dir: results.csv (one row per run), REPORT.md (runs grouped over seeds: mean, std, min,
 max) and PNG plots: held-out perplexity vs number of f-grams, vs A_f size, vs inference
@@ -77,6 +77,12 @@ def accounting(cfg: config_lib.Config) -> dict[str, float]:
       'train_flops_backbone': per_token.train_backbone,
       'train_flops_af': per_token.train_fgram,
       'infer_flops': per_token.inference,
+      # What the paper's tables vary, so a dry run can be checked against them.
+      'af_layers': cfg.fgram_model.num_layers,
+      'S': (cfg.fgram.use_size or cfg.fgram.size) if cfg.is_scone else 0,
+      'K': cfg.fgram.max_len,
+      'train_tokens': cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len,
+      'seed': cfg.train.seed,
   }
 
 
@@ -107,7 +113,7 @@ def collect(sweep_dir: str) -> list[Run]:
   """Every run under sweep_dir that has a point.json, sorted by name."""
   if not os.path.isdir(sweep_dir):
     raise FileNotFoundError(f'{sweep_dir} does not exist: run the sweep first '
-                            '(python launch/sweep.py --sweep=FILE --root=ROOT)')
+                            '(python -m scone_jax.sweeps --sweep=FILE --root=ROOT)')
   runs = []
   for name in sorted(os.listdir(sweep_dir)):
     workdir = os.path.join(sweep_dir, name)
@@ -233,7 +239,7 @@ def write_report(sweep_dir: str) -> dict[str, str]:
   """Writes results.csv, REPORT.md and the plots; returns {'csv','markdown',plot names}."""
   runs = collect(sweep_dir)
   if not runs:
-    raise FileNotFoundError(f'{sweep_dir} holds no runs started by launch/sweep.py '
+    raise FileNotFoundError(f'{sweep_dir} holds no runs started by a sweep '
                             '(no */point.json)')
   paths = {'csv': os.path.join(sweep_dir, 'results.csv'),
            'markdown': os.path.join(sweep_dir, 'REPORT.md')}
@@ -395,7 +401,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  # Flags are defined here, not at import: launch/sweep.py imports this module and
+  # Flags are defined here, not at import: scone_jax.sweeps.cli imports this module and
   # defines its own --sweep/--root.
   from absl import app, flags
   flags.DEFINE_string('sweep', None, 'Sweep file (experiments/sweeps/*.py).', required=True)

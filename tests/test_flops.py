@@ -24,7 +24,7 @@ def load_preset(file, arg):
   return config_lib.from_configdict(module.get_config(arg))
 
 
-# The paper's reported sizes (SCONE.md) and its formulas.
+# The paper's reported sizes (docs/METHOD.md, section 3) and its formulas.
 GPT2_PAPER = {'128m': 128e6, '204m': 204e6, '419m': 419e6, '759m': 759e6, '589m': 589e6,
               '1099m': 1099e6}
 OLMO_PAPER = {'0.7b': 711e6, '1b': 1014e6, '1.3b': 1316e6, '1.9b': 1920e6}
@@ -74,7 +74,7 @@ def test_benchmark_presets_sizes():
 
 
 @pytest.mark.parametrize('arg,match', [(None, 'needs a size'), ('420m', 'unknown size'),
-                                       ('419m,af=4', 'not one of'), ('419m,x=1', 'unknown option')])
+                                       ('419m,af=0.3', 'whole number'), ('419m,x=1', 'unknown option')])
 def test_preset_arg_errors(arg, match):
   with pytest.raises(ValueError, match=match):
     load_preset('experiments/gpt2.py', arg)
@@ -125,7 +125,7 @@ def test_param_counts_equal_built_model(family, model, final_norm):
 
 
 def test_flops_match_paper_training_flops():
-  # SCONE.md: 1.9B baseline, 2.73e13 training FLOPs per 2048-token sequence.
+  # docs/METHOD.md, section 3: 1.9B baseline, 2.73e13 training FLOPs per 2048-token sequence.
   per_token = flops_per_token(load_preset('experiments/olmo.py', '1.9b'))
   assert per_token.train_total * 2048 == pytest.approx(2.73e13, rel=0.02)
 

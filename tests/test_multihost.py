@@ -14,7 +14,8 @@ import pytest
 import train_helpers as th
 from train_helpers import compile_cache  # noqa: F401  (autouse fixture)
 from scone_jax import batches
-from scone_jax.config import ConfigError, DistributedConfig, MeshConfig
+from scone_jax import config as config_lib
+from scone_jax.config import ConfigError, MeshConfig
 from scone_jax.fgrams import FgramTable
 from scone_jax.tokenizer import TokenShards
 from scone_jax.train import mesh as mesh_lib
@@ -29,11 +30,14 @@ def _free_port() -> int:
 
 
 def test_explicit_mode_errors_name_the_keys():
+  # config.validate holds these rules: they fail at the config boundary, before any work.
+  base = config_lib.Config()
   with pytest.raises(ConfigError, match='coordinator_address'):
-    mesh_lib.maybe_initialize_distributed(DistributedConfig(mode='explicit'))
+    config_lib.replace(base, **{'distributed.mode': 'explicit'})
   with pytest.raises(ConfigError, match=r'process_id=2 must be in \[0, num_processes=2\)'):
-    mesh_lib.maybe_initialize_distributed(DistributedConfig(
-        mode='explicit', coordinator_address='127.0.0.1:1', num_processes=2, process_id=2))
+    config_lib.replace(base, **{'distributed.mode': 'explicit',
+                                'distributed.coordinator_address': '127.0.0.1:1',
+                                'distributed.num_processes': 2, 'distributed.process_id': 2})
 
 
 def test_two_process_slices_give_the_one_process_loss(tmp_path_factory):

@@ -10,11 +10,9 @@ import sys
 import pytest
 
 from scone_jax import report
+from scone_jax.sweeps import spec as sweep_spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, 'launch'))
-
-import sweep_spec  # noqa: E402
 
 TINY = os.path.join(REPO, 'experiments', 'tiny.py')
 POINTS = ([{'fgram_model.num_layers': 0, 'train.seed': s} for s in (0, 1)] +

@@ -1,4 +1,5 @@
-"""launch/sweep.py: expansion, quoting, run names, skip/resume, crashes, TPU commands."""
+"""scone_jax.sweeps (and launch/sweep.py): expansion, quoting, run names, skip/resume,
+crashes, TPU commands, the bootstrap's Python check."""
 
 import json
 import os
@@ -8,11 +9,10 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, 'launch'))
+from scone_jax.sweeps import backends as sweep_backends
+from scone_jax.sweeps import spec as sweep_spec
 
-import sweep_backends  # noqa: E402
-import sweep_spec  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = os.path.join(REPO, 'experiments', 'tiny.py')
 NASTY = "it's a \"test\" $HOME; echo pwned `id` & | > x"
@@ -259,7 +259,7 @@ def test_tpu_commands(tmp_path):
   assert len(calls) == 5
   scp = shlex.split(calls[0])
   assert scp[:5] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp']
-  assert scp[5].endswith('launch/tpu_bootstrap.sh') and scp[6] == 'my-pod:tpu_bootstrap.sh'
+  assert scp[5] == sweep_backends.BOOTSTRAP_SCRIPT and scp[6] == 'my-pod:tpu_bootstrap.sh'
   assert {'--zone=us-east5-a', '--project=proj', '--worker=all'} <= set(scp)
   ssh = shlex.split(calls[1])
   assert ssh[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'my-pod']
@@ -345,7 +345,7 @@ def test_backbone_dry_run_reproduces_paper_accounting(tmp_path, name, paper):
 
 def test_dry_run_cli_prints_commands_and_table(tmp_path):
   out = subprocess.run(
-      [sys.executable, 'launch/sweep.py', '--sweep=experiments/sweeps/backbone_gpt2.py',
+      [sys.executable, '-m', 'scone_jax.sweeps', '--sweep=experiments/sweeps/backbone_gpt2.py',
        f'--root={tmp_path}', '--dry_run'], cwd=REPO, capture_output=True, text=True,
       check=True).stdout
   assert out.count('-m scone_jax.train ') == 9 and out.count('-m scone_jax.prepare ') == 1
@@ -382,23 +382,72 @@ def test_progress_heartbeat_shows_latest_step(tmp_path, capsys):
 
 def test_tpu_dry_run_cli(tmp_path):
   out = subprocess.run(
-      [sys.executable, 'launch/sweep.py', '--sweep=experiments/sweeps/af_size.py',
+      [sys.executable, '-m', 'scone_jax.sweeps', '--sweep=experiments/sweeps/af_size.py',
        '--root=gs://b/runs', '--dry_run', '--backend=tpu', '--tpu_name=pod', '--zone=z',
        '--repo=https://example.com/x.git'], cwd=REPO, capture_output=True, text=True,
       check=True).stdout
-  assert out.count('gcloud compute tpus tpu-vm ssh pod') == 5
-  assert out.count('--config.distributed.mode=auto') == 5
+  commands = [line for line in out.splitlines() if line.startswith('gcloud ')]
+  # Every command a user would paste, in order: the bootstrap copy first, then the points
+  # (3 backbones x (baseline + 4 A_f sizes)).
+  assert len(commands) == 1 + 15
+  scp = shlex.split(commands[0])
+  assert scp[4] == 'scp' and scp[5] == sweep_backends.BOOTSTRAP_SCRIPT
+  assert os.path.isfile(scp[5]) and scp[6] == 'pod:tpu_bootstrap.sh'
+  assert all(c.startswith('gcloud compute tpus tpu-vm ssh pod') for c in commands[1:])
+  assert out.count('--config.distributed.mode=auto') == 15
   assert '| run | accel_params |' in out
-  bad = subprocess.run([sys.executable, 'launch/sweep.py', '--sweep=experiments/sweeps/af_size.py',
-                        '--backend=tpu', '--dry_run'], cwd=REPO, capture_output=True, text=True)
+  bad = subprocess.run([sys.executable, '-m', 'scone_jax.sweeps',
+                        '--sweep=experiments/sweeps/af_size.py', '--backend=tpu', '--dry_run'],
+                       cwd=REPO, capture_output=True, text=True)
   assert bad.returncode != 0 and '--backend=tpu needs --tpu_name, --zone, --repo' in bad.stderr
+
+
+def test_launch_script_is_the_same_entry_point(tmp_path):
+  """launch/sweep.py is a thin wrapper: same output as `python -m scone_jax.sweeps`."""
+  argv = ['--sweep=experiments/sweeps/demo_micro.py', f'--root={tmp_path}', '--dry_run']
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join(
+      [REPO] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p])}
+  via_script = subprocess.run([sys.executable, 'launch/sweep.py', *argv], cwd=REPO, env=env,
+                              capture_output=True, text=True, check=True).stdout
+  via_module = subprocess.run([sys.executable, '-m', 'scone_jax.sweeps', *argv], cwd=REPO,
+                              capture_output=True, text=True, check=True).stdout
+  assert via_script == via_module and '-m scone_jax.train ' in via_script
+  source = open(os.path.join(REPO, 'launch', 'sweep.py')).read()
+  assert 'sys.path' not in source
+
+
+def _fake_python(tmp_path, version):
+  """An executable that reports `version` and fails the bootstrap's version check."""
+  fake = tmp_path / 'python_old'
+  fake.write_text(f'#!/bin/bash\nif [[ "$1" == --version ]]; then echo "Python {version}"; '
+                  'exit 0; fi\nexit 1\n')
+  fake.chmod(0o755)
+  return str(fake)
+
+
+def test_bootstrap_checks_python_version(tmp_path):
+  script = sweep_backends.BOOTSTRAP_SCRIPT
+  env = {**os.environ, 'HOME': str(tmp_path), 'PYTHON': _fake_python(tmp_path, '3.8.10')}
+  out = subprocess.run(['bash', script, 'gs://b/code', 'main', 'scone_jax'], env=env,
+                       capture_output=True, text=True)
+  assert out.returncode == 3, out.stderr
+  assert 'needs Python >= 3.11' in out.stderr and 'Python 3.8.10' in out.stderr
+  assert 'fix:' in out.stderr
+  assert not (tmp_path / 'scone_jax').exists()  # it failed before fetching any code.
+  # The minimum it checks is the package's own requires-python.
+  pyproject = open(os.path.join(REPO, 'pyproject.toml')).read()
+  minimum = next(l.split('=', 1)[1].strip().strip('"')[2:] for l in pyproject.splitlines()
+                 if l.startswith('requires-python'))
+  assert f'MIN_PYTHON={minimum}\n' in open(script).read()
+  usage = subprocess.run(['bash', script], env=env, capture_output=True, text=True)
+  assert usage.returncode == 2 and 'usage:' in usage.stderr
 
 
 def test_cli_unknown_key_launches_nothing(tmp_path):
   path = write_sweep(tmp_path, [{'train.seed': 0}, {'train.sede': 1}])
   root = tmp_path / 'runs'
-  out = subprocess.run([sys.executable, 'launch/sweep.py', f'--sweep={path}', f'--root={root}'],
-                       cwd=REPO, capture_output=True, text=True)
+  out = subprocess.run([sys.executable, '-m', 'scone_jax.sweeps', f'--sweep={path}',
+                        f'--root={root}'], cwd=REPO, capture_output=True, text=True)
   assert out.returncode != 0
   assert "unknown config key 'train.sede'" in out.stderr and 'nothing was launched' in out.stderr
   assert not root.exists()

@@ -327,7 +327,7 @@ def test_incompatible_workdir_is_refused_and_untouched(tmp_path_factory):
   checkpoints = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
   changed = config_lib.replace(cfg, **{'model.d_model': 64, 'train.learning_rate': 1e-3})
   with pytest.raises(ConfigError, match=r'incompatible config \(model.d_model: 32 in the '
-                     r'run, 64 now, .*train.learning_rate: .*Use a new --workdir'):
+                     r'run, 64 now, .*train.learning_rate: .*use a new --workdir'):
     loop.train(changed, workdir)
   for p, data in before.items():
     assert open(os.path.join(workdir, p), 'rb').read() == data

@@ -8,6 +8,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from scone_jax import config as config_lib
+from scone_jax import logs
 from scone_jax.export.export import export_store
 from scone_jax.serve import restore
 
@@ -18,6 +19,7 @@ _CONFIG = config_flags.DEFINE_config_dict('config', config_lib.base_config(),
 
 def main(argv):
   del argv
+  logs.quiet_third_party_logs()
   cfg = restore.run_config(flags.FLAGS.workdir,
                            config_flags.get_override_values(flags.FLAGS['config']))
   print(export_store(cfg, flags.FLAGS.workdir))

@@ -1,8 +1,8 @@
 """Exact f-gram mining: K-1 linear scans with Apriori pruning, out of core, deterministic.
 
-Definitions (SCONE.md): an f-gram is a token n-gram with 2 <= n <= K (`max_len`) that lies
-inside one document. Scan n counts the n-grams whose (n-1)-prefix AND (n-1)-suffix were
-kept by scan n-1 and keeps those with count >= `min_count`. This pruning is exact: a
+Definitions (docs/METHOD.md, section 1): an f-gram is a token n-gram with 2 <= n <= K
+(`max_len`) that lies inside one document. Scan n counts the n-grams whose (n-1)-prefix
+AND (n-1)-suffix were kept by scan n-1 and keeps those with count >= `min_count`. This pruning is exact: a
 gram's prefix and suffix occur at least as often as the gram, so no n-gram with
 count >= min_count is ever pruned. All kept lengths are pooled and ranked by raw count.
 

@@ -1,4 +1,4 @@
-"""The f-gram model A_f: an f-gram's tokens -> its embedding (SCONE.md, "Definitions").
+"""The f-gram model A_f: an f-gram's tokens -> its embedding (docs/METHOD.md, section 1).
 
 Dimension letters: U f-grams, K max f-gram length, D d_model.
 

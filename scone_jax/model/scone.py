@@ -6,7 +6,7 @@ K max f-gram length, D d_model, V vocab.
 Baseline (fgram_model.num_layers == 0) and SCONE share every code path except
 `input_embeddings`: x = T(inputs); for SCONE, each DISTINCT f-gram of the batch is run
 through A_f once (e_UxD) and scattered back by slot, REPLACING the token embedding where
-a position has an f-gram (no add, no gate; SCONE.md).
+a position has an f-gram (no add, no gate; docs/METHOD.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """EmbeddingStore: the exported [S, d] f-gram embeddings in host memory or on disk.
 
-Two tiers:
+Two tiers (docs/METHOD.md, section 4, has the measured costs behind the choice):
   'ram'   the matrix is read once into host memory with one extra zero row at index S,
           so rows -1 (no match) gather zeros without a branch. Shards are read straight
           into that buffer by parallel threads (no intermediate copies; the buffer is
@@ -19,8 +19,8 @@ Two tiers:
 
 The accelerator never sees the store: the decoder gathers on the host and transfers a
 small [B, d] slab per step (indexing a pinned_host array inside jit fails or runs slow
-host compute). BENCHMARKS.md has the measured load, gather and disk latencies and the
-sharded-store design for tables larger than one host.
+host compute; docs/METHOD.md, section 4). BENCHMARKS.md has the measured load, gather
+and disk latencies; ARCHITECTURE.md the sharded-store design for tables beyond one host.
 """
 
 from __future__ import annotations

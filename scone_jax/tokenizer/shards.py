@@ -4,7 +4,9 @@ Layout of a shards directory (see ARCHITECTURE.md):
   tokens.bin    flat token ids, uint16 when vocab_size < 2**16 else uint32 (D docs, N tokens)
   offsets.npy   int64 [D+1]; document i is tokens[offsets[i]:offsets[i+1]]
   manifest.json tokenizer_fingerprint, corpus_fingerprint, num_docs, num_tokens,
-                num_bytes (UTF-8 bytes of the source text, for bits per byte), dtype
+                num_bytes (UTF-8 bytes of the source text, for bits per byte), dtype,
+                max_token_id (checked against the vocabulary on open, so no batch can
+                carry an id past the embedding table)
 Documents are stored without BOS/EOS; documents that encode to no token are dropped.
 """
 
@@ -44,7 +46,8 @@ class TokenShards:
 
   @classmethod
   def open(cls, directory: str, expect_tokenizer: str | None = None,
-           verify: bool = True, expect: dict | None = None) -> TokenShards:
+           verify: bool = True, expect: dict | None = None,
+           vocab_size: int | None = None) -> TokenShards:
     """Opens and checks shards; raises ArtifactError saying what is wrong.
 
     Args:
@@ -52,6 +55,7 @@ class TokenShards:
       expect_tokenizer: the tokenizer fingerprint the shards must have been built with.
       verify: recompute the files' sha256 (sizes are always checked).
       expect: further manifest fields that must match (e.g. corpus_fingerprint).
+      vocab_size: every token id must be below it (see `check_vocab`).
     """
     expect = dict(expect or {})
     if expect_tokenizer is not None:
@@ -71,7 +75,31 @@ class TokenShards:
       raise artifacts.ArtifactError(
           f'{directory}/{OFFSETS_FILE} is inconsistent with the manifest ({num_docs} '
           f'documents, {num_tokens} tokens); rebuild the token shards')
-    return cls(directory, manifest, tokens, offsets)
+    shards = cls(directory, manifest, tokens, offsets)
+    if vocab_size is not None:
+      shards.check_vocab(vocab_size)
+    return shards
+
+  def max_token_id(self, chunk: int = 1 << 24) -> int:
+    """The largest token id: from the manifest, or (shards written before it recorded
+    one) one chunked pass over the memory-mapped tokens."""
+    if 'max_token_id' in self.manifest:
+      return int(self.manifest['max_token_id'])
+    logging.info('token shards %s record no max_token_id: scanning %d tokens',
+                 self.directory, self.num_tokens)
+    return max((int(self.tokens[i:i + chunk].max())
+                for i in range(0, self.num_tokens, chunk)), default=-1)
+
+  def check_vocab(self, vocab_size: int) -> None:
+    """Raises ArtifactError if a token id is >= vocab_size: it would index past the
+    embedding table (JAX clamps or fills out-of-range gathers silently)."""
+    top = self.max_token_id()
+    if top >= vocab_size:
+      raise artifacts.ArtifactError(
+          f'token shards {self.directory} hold token id {top}, but the vocabulary has '
+          f'{vocab_size} ids (0..{vocab_size - 1}): they were built with another tokenizer '
+          'or are corrupt; rebuild them with the run\'s tokenizer (delete the directory and '
+          'rerun prepare)')
 
   @property
   def num_docs(self) -> int:
@@ -119,7 +147,8 @@ def write_shards(directory: str, docs: Iterable[Document], tokenizer: Tokenizer,
       invalid-UTF-8 counts, known only once the corpus has been read).
   """
   dtype = token_dtype(tokenizer.vocab_size)
-  counts = dict(num_docs=0, num_tokens=0, num_bytes=0, num_chars=0, dropped_empty=0)
+  counts = dict(num_docs=0, num_tokens=0, num_bytes=0, num_chars=0, dropped_empty=0,
+                max_token_id=-1)
   tokens_sha = hashlib.sha256()
   start = time.perf_counter()
   with artifacts.atomic_dir(directory) as tmp:
@@ -132,10 +161,15 @@ def write_shards(directory: str, docs: Iterable[Document], tokenizer: Tokenizer,
       def flush(texts: list[str]) -> None:
         encoded = [ids for ids in tokenizer.encode(texts) if ids.size]
         counts['dropped_empty'] += len(texts) - len(encoded)
+        append(encoded)
+
+      def append(encoded: list[np.ndarray]) -> None:
         if encoded:
           lengths = np.fromiter((ids.size for ids in encoded), np.int64, len(encoded))
           ends = counts['num_tokens'] + np.cumsum(lengths)
-          block = np.concatenate(encoded).astype(dtype).tobytes()
+          ids = np.concatenate(encoded)
+          counts['max_token_id'] = max(counts['max_token_id'], int(ids.max()))
+          block = ids.astype(dtype).tobytes()
           tokens_f.write(block)
           tokens_sha.update(block)
           offsets_f.write(ends.tobytes())
@@ -143,8 +177,16 @@ def write_shards(directory: str, docs: Iterable[Document], tokenizer: Tokenizer,
           counts['num_tokens'] = int(ends[-1])
 
       batch: list[str] = []
+      batch_ids: list[np.ndarray] = []
       batch_len = 0
       for doc in docs:
+        if doc.ids is not None:  # Already tokenized (data.format='arrayrecord_tokens').
+          batch_len += _add_pretokenized(doc, tokenizer, batch_ids, counts)
+          bar.update(doc.ids.nbytes)
+          if batch_len >= batch_chars:
+            append(batch_ids)
+            batch_ids, batch_len = [], 0
+          continue
         batch.append(doc.text)
         batch_len += len(doc.text)
         doc_bytes = len(doc.text.encode('utf-8'))
@@ -155,6 +197,7 @@ def write_shards(directory: str, docs: Iterable[Document], tokenizer: Tokenizer,
           flush(batch)
           batch, batch_len = [], 0
       flush(batch)
+      append(batch_ids)
     if not counts['num_docs']:
       raise ValueError(f'token shards {name!r}: no document produced any token; check the '
                        'corpus')
@@ -169,7 +212,30 @@ def write_shards(directory: str, docs: Iterable[Document], tokenizer: Tokenizer,
   logging.info('token shards %s: %d docs, %d tokens (%.0f tokens/s), %d empty dropped',
                name, counts['num_docs'], counts['num_tokens'],
                counts['num_tokens'] / max(seconds, 1e-9), counts['dropped_empty'])
-  return TokenShards.open(directory, expect_tokenizer=tokenizer.fingerprint, verify=False)
+  return TokenShards.open(directory, expect_tokenizer=tokenizer.fingerprint, verify=False,
+                         vocab_size=tokenizer.vocab_size)
+
+
+def _add_pretokenized(doc: Document, tokenizer: Tokenizer, batch_ids: list[np.ndarray],
+                      counts: dict[str, int]) -> int:
+  """Queues an already tokenized document; returns its length in characters.
+
+  Its ids are checked against the vocabulary (an id past it would embed garbage), and it is
+  decoded once so that bytes and characters (bits per byte) count its text like any other.
+  """
+  ids = doc.ids
+  if ids.size and int(ids.max()) >= tokenizer.vocab_size:
+    raise ValueError(f'{doc.source}: token id {int(ids.max())} is >= the tokenizer\'s vocab '
+                     f'size {tokenizer.vocab_size}; the ids were made by another tokenizer '
+                     'than config.tokenizer.model_file')
+  text = tokenizer.decode(ids)
+  counts['num_bytes'] += len(text.encode('utf-8'))
+  counts['num_chars'] += len(text)
+  if ids.size:
+    batch_ids.append(ids.astype(np.int32))
+  else:
+    counts['dropped_empty'] += 1
+  return len(text)
 
 
 def _write_offsets(path: str, raw_path: str, num_docs: int, chunk: int = 1 << 22) -> None:

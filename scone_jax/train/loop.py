@@ -24,7 +24,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from scone_jax import artifacts, batches, compat
+from scone_jax import artifacts, batches, compat, runlock
 from scone_jax import config as config_lib
 from scone_jax import evaluate as evaluate_lib
 from scone_jax.config import Config, ConfigError
@@ -34,16 +34,6 @@ from scone_jax.train import metrics as metrics_lib
 from scone_jax.train import optimizer as optimizer_lib
 from scone_jax.train import rundata
 from scone_jax.train import step as step_lib
-
-# Config keys (dotted prefixes) that may differ between a run's config.json and a resumed
-# invocation: they change how long / how often things happen or where the run executes,
-# never the model, the data or the optimisation up to the steps already taken.
-# (train.steps moves the cosine schedule's end: resuming with more steps continues on the
-# longer schedule from the restored step.)
-RESUMABLE_KEYS = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
-                  'train.data_prefetch', 'train.peak_tflops', 'checkpoint.', 'distributed.',
-                  'mesh.')
-
 
 class TrainingDivergedError(RuntimeError):
   """The loss or gradient norm became NaN/Inf."""
@@ -59,45 +49,36 @@ class TrainResult:
   eval: dict[str, Any] | None  # The last eval record (as in W/eval.json).
 
 
-def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
-def write_run_config(cfg: Config, workdir: str) -> None:
-  """Writes W/config.json; an existing one must match except for RESUMABLE_KEYS.
-
-  Raises ConfigError naming every differing key (and writes nothing) otherwise.
-  """
+def _read_run_config(workdir: str) -> dict[str, Any] | None:
   path = os.path.join(workdir, 'config.json')
-  new = json.loads(cfg.to_json())
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    try:
-      # Resolve through the schema so keys added since the run started compare as their
-      # defaults (a newer checkout can resume an older run).
-      old = json.loads(config_lib.from_configdict(old).to_json())
-    except ConfigError:
-      pass  # A key the schema no longer has: compare raw, which reports it.
-    old_flat, new_flat = _flatten(old), _flatten(new)
-    diffs = sorted(k for k in set(old_flat) | set(new_flat)
-                   if old_flat.get(k, '<missing>') != new_flat.get(k, '<missing>')
-                   and not k.startswith(RESUMABLE_KEYS))
-    if diffs:
-      detail = ', '.join(f'{k}: {old_flat.get(k, "<missing>")!r} in the run, '
-                         f'{new_flat.get(k, "<missing>")!r} now' for k in diffs)
-      raise ConfigError(
-          f'{workdir} holds a run with an incompatible config ({detail}). Use a new '
-          '--workdir, or pass the same values to resume this run (only '
-          f'{", ".join(RESUMABLE_KEYS)} may change on resume)')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def check_run_config(cfg: Config, workdir: str,
+                     allow_config_change: tuple[str, ...] = ()) -> None:
+  """An existing run in `workdir` must have `cfg`'s config except for the keys that may
+  change on resume (config.RESUMABLE_KEYS) and those in `allow_config_change`.
+
+  Raises ConfigError naming every other differing key; reads only.
+  """
+  old = _read_run_config(workdir)
+  if old is not None:
+    changed = config_lib.check_resume(old, cfg, workdir, tuple(allow_config_change))
+    if changed:
+      logging.warning('resuming %s with changed config keys: %s', workdir,
+                      ', '.join(changed))
+
+
+def write_run_config(cfg: Config, workdir: str,
+                     allow_config_change: tuple[str, ...] = ()) -> None:
+  """Writes W/config.json after `check_run_config` (raises, writing nothing, on a
+  disallowed change)."""
+  check_run_config(cfg, workdir, allow_config_change)
   if jax.process_index() == 0:
-    artifacts.write_json_atomic(path, new)
+    artifacts.write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(cfg.to_json()))
 
 
 class _Preemption:
@@ -142,19 +123,63 @@ def _vocab_size(cfg: Config, data: rundata.RunData) -> int:
   return cfg.model.vocab_size or tok_vocab
 
 
-def train(cfg: Config, workdir: str) -> TrainResult:
+def train(cfg: Config, workdir: str,
+          allow_config_change: tuple[str, ...] = ()) -> TrainResult:
   """Trains (or resumes) the run in `workdir` to `cfg.train.steps` updates.
+
+  Every check runs before anything is written: the config's values (config.validate, at
+  the config boundary), the mesh against the devices and processes, and an existing run's
+  config (only keys in config.RESUMABLE_KEYS or `allow_config_change` may differ). Then
+  process 0 takes the run directory's lock (one writer per run) and removes temporary
+  files a killed stage left.
 
   Raises:
     ConfigError: bad config, mesh or an incompatible existing run in `workdir`.
+    RunLockedError: another live process trains in `workdir`.
     TrainingDivergedError: NaN/Inf loss or gradient norm (names the step).
+    CheckpointSaveError: a checkpoint could not be saved (e.g. disk full).
   """
+  config_lib.check_data_source(cfg)  # Before the workdir is created.
   mesh_lib.maybe_initialize_distributed(cfg.distributed)
+  config_lib.validate_runtime(cfg, jax.device_count(), jax.process_count(),
+                              jax.default_backend())
   workdir = os.path.abspath(workdir)
+  check_run_config(cfg, workdir, allow_config_change)
   os.makedirs(workdir, exist_ok=True)
-  # Cheap checks first, so a bad mesh fails before anything is prepared or written.
-  mesh_lib.check_mesh(cfg.mesh, jax.device_count(), cfg.train.batch_size)
-  write_run_config(cfg, workdir)
+  lock = _acquire_run_lock(workdir)
+  try:
+    if lock is not None:
+      artifacts.clean_stale_temps(workdir)
+    return _train_locked(cfg, workdir, allow_config_change)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _acquire_run_lock(workdir: str) -> runlock.RunLock | None:
+  """Process 0 takes W's lock; every process raises RunLockedError if it could not (the
+  others would otherwise wait at the next barrier for a process 0 that has stopped)."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    lock = runlock.RunLock(workdir)
+    try:
+      lock.acquire()
+    except runlock.RunLockedError as e:
+      lock, error = None, e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    locked = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+    if not int(locked) and error is None:
+      error = runlock.RunLockedError(f'process 0 could not take the lock of {workdir} '
+                                     '(its log names the holder)')
+  if error is not None:
+    raise error
+  return lock
+
+
+def _train_locked(cfg: Config, workdir: str,
+                  allow_config_change: tuple[str, ...]) -> TrainResult:
+  write_run_config(cfg, workdir, allow_config_change)
   data = rundata.open_run_data(cfg, workdir)
   mesh = mesh_lib.make_mesh(cfg.mesh, cfg.train.batch_size)
   vocab_size = _vocab_size(cfg, data)
@@ -162,10 +187,9 @@ def train(cfg: Config, workdir: str) -> TrainResult:
   data_it = batches.make_train_iterator(
       cfg, data.train_shards, data.table, jax.process_index(), jax.process_count(),
       bos_id=data.tokenizer.bos_id)
-  ckpt = checkpoint_lib.Checkpointer(rundata.checkpoint_dir(workdir), cfg.checkpoint)
-  resumed_from = ckpt.latest_step()
-  if resumed_from is not None:
-    state = ckpt.restore(resumed_from, state, data_it)
+  ckpt = checkpoint_lib.Checkpointer(rundata.checkpoint_dir(workdir), cfg.checkpoint,
+                                    writer=True)
+  resumed_from, state = ckpt.restore_latest(state, data_it)
   step = int(resumed_from or 0)
   run = _Run(cfg, workdir, mesh, data_it, ckpt, metrics_lib.MetricsWriter(workdir),
              evaluate_lib.Evaluator(cfg, graphdef, mesh, data),
@@ -243,6 +267,7 @@ def _train_steps(run: _Run, step_fn, state: step_lib.TrainState, step: int,
     while step < tc.steps:
       state, metrics_dev = train_step(state, global_batch)
       step += 1
+      ckpt.raise_if_save_failed()  # A failed async save stops the run here.
       if pending is not None:
         finish(pending)
       pending = (step, metrics_dev, stats)

@@ -14,7 +14,8 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from scone_jax import compat
-from scone_jax.config import ConfigError, DistributedConfig, MeshConfig
+from scone_jax import config as config_lib
+from scone_jax.config import DistributedConfig, MeshConfig
 
 # The batch dimension of every input array is split over these mesh axes.
 BATCH_AXES = ('data', 'fsdp')
@@ -22,24 +23,7 @@ BATCH_AXES = ('data', 'fsdp')
 
 def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
   """Resolves `data=-1` and checks that the axes multiply to the device count."""
-  fsdp, tensor = mesh_cfg.fsdp, mesh_cfg.tensor
-  if fsdp < 1 or tensor < 1:
-    raise ConfigError(f'config.mesh.fsdp={fsdp} and config.mesh.tensor={tensor} must be >= 1')
-  data = mesh_cfg.data
-  if data == -1:
-    if num_devices % (fsdp * tensor):
-      raise ConfigError(
-          f'config.mesh.fsdp*tensor={fsdp}*{tensor} does not divide the {num_devices} '
-          'devices; pick fsdp and tensor whose product divides the device count')
-    data = num_devices // (fsdp * tensor)
-  elif data < 1:
-    raise ConfigError(f'config.mesh.data={data} must be >= 1 or -1 (= the remaining devices)')
-  if data * fsdp * tensor != num_devices:
-    raise ConfigError(
-        f'config.mesh data*fsdp*tensor={data}*{fsdp}*{tensor}={data * fsdp * tensor} does '
-        f'not equal the {num_devices} devices; set --config.mesh.data=-1 to use the rest, '
-        'or change the axis sizes so their product is the device count')
-  return data, fsdp, tensor
+  return config_lib.resolve_mesh(mesh_cfg, num_devices)
 
 
 def check_mesh(mesh_cfg: MeshConfig, num_devices: int,
@@ -47,12 +31,8 @@ def check_mesh(mesh_cfg: MeshConfig, num_devices: int,
   """The resolved (data, fsdp, tensor) shape; checks it against the devices and the batch
   (each batch shard must get whole sequences). Cheap: call it before any work."""
   shape = mesh_shape(mesh_cfg, num_devices)
-  data, fsdp, _ = shape
-  if global_batch is not None and global_batch % (data * fsdp):
-    raise ConfigError(
-        f'config.train.batch_size={global_batch} is not divisible by mesh data*fsdp='
-        f'{data}*{fsdp}={data * fsdp}; make the batch a multiple of {data * fsdp} or '
-        'move devices to config.mesh.tensor')
+  if global_batch is not None:
+    config_lib.check_batch_on_mesh(global_batch, shape)
   return shape
 
 
@@ -81,7 +61,7 @@ def maybe_initialize_distributed(dist_cfg: DistributedConfig) -> None:
   'none' does nothing; 'auto' calls `jax.distributed.initialize()` (TPU pods, SLURM and
   other clusters it detects); 'explicit' passes coordinator/num_processes/process_id. On
   CPU the cross-process collectives need an implementation chosen before the backend
-  starts (gloo, see ENV.md). Must run before the first JAX computation.
+  starts (gloo; docs/METHOD.md, "Measured facts"). Must run before the first JAX computation.
   """
   if dist_cfg.mode == 'none':
     return
@@ -92,14 +72,7 @@ def maybe_initialize_distributed(dist_cfg: DistributedConfig) -> None:
     jax.config.update('jax_cpu_collectives_implementation', dist_cfg.cpu_collectives)
   if dist_cfg.mode == 'auto':
     jax.distributed.initialize()
-  else:
-    if not dist_cfg.coordinator_address:
-      raise ConfigError("config.distributed.mode='explicit' needs "
-                        'config.distributed.coordinator_address (host:port of process 0)')
-    if not 0 <= dist_cfg.process_id < dist_cfg.num_processes:
-      raise ConfigError(
-          f'config.distributed.process_id={dist_cfg.process_id} must be in '
-          f'[0, num_processes={dist_cfg.num_processes})')
+  else:  # 'explicit': config.validate checked the fields.
     jax.distributed.initialize(coordinator_address=dist_cfg.coordinator_address,
                                num_processes=dist_cfg.num_processes,
                                process_id=dist_cfg.process_id)

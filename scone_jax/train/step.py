@@ -4,8 +4,8 @@ Dimension letters: B batch (sequences), T sequence length, V vocabulary, A gradi
 accumulation microbatches, U distinct f-grams in a batch, K longest f-gram.
 
 The model is split once (`nnx.split`) into a static graphdef and pytrees of arrays, and the
-step is a plain `jax.jit` over those pytrees: cheaper per call than `nnx.jit` (ENV.md) and
-it lets us state every input and output sharding explicitly.
+step is a plain `jax.jit` over those pytrees: cheaper per call than `nnx.jit`
+(docs/METHOD.md, section 4) and it lets us state every input and output sharding explicitly.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A sweep file (experiments/sweeps/*.py) defines `BASE_CONFIG` ('experiments/gpt2.
 an experiment file plus its optional `get_config` argument) and `get_sweep()` returning a
 list of override dicts with dotted keys ({'fgram.use_size': 1000, 'train.seed': 1}). This
 module turns that into `Point`s: a validated `Config`, a stable run name and workdir, and
-shell-quoted command lines. It never runs anything (see sweep_backends.py).
+shell-quoted command lines. It never runs anything (see backends.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from scone_jax import config as config_lib
 # fgram.use_size only slices the mined table; miner/memory budget change how, not what.
 _PREPARE_SECTIONS = ('data', 'tokenizer', 'fgram')
 _PREPARE_IGNORED = ('data.artifacts_dir', 'fgram.use_size', 'fgram.miner',
-                    'fgram.memory_budget_mb')
+                    'fgram.memory_budget_mb', 'data.allow_embedded')
 _NAME_MAX_CHARS = 100
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepares one TPU VM worker to run scone_jax; idempotent, run on every worker before each
-# sweep point (launch/sweep.py --backend=tpu copies it to ~/tpu_bootstrap.sh).
+# sweep point (`python -m scone_jax.sweeps --backend=tpu` copies it to ~/tpu_bootstrap.sh).
 #
 #   bash tpu_bootstrap.sh REPO REF DIR
 #
@@ -9,13 +9,34 @@
 # The pinned requirements are installed into DIR/.venv once per requirements content:
 # a marker file named after their hash guards the install, so a retried (preempted) point
 # costs only the code sync. JAX_TPU_SPEC overrides the TPU jax wheel
-# (default: jax[tpu] at the version pinned in requirements.txt).
+# (default: jax[tpu] at the version pinned in requirements.txt). PYTHON picks the
+# interpreter (default: the first of python3, python3.13, python3.12, python3.11 that is at
+# least MIN_PYTHON, pyproject.toml's requires-python); an older VM image fails here, first.
 set -euo pipefail
 
 if [[ $# -ne 3 ]]; then
   echo "usage: bash tpu_bootstrap.sh REPO REF DIR (REPO: git URL or gs:// folder)" >&2
   exit 2
 fi
+
+MIN_PYTHON=3.11
+py_ok() {
+  "$1" -c "import sys; sys.exit(sys.version_info < tuple(map(int, '$MIN_PYTHON'.split('.'))))" \
+    2>/dev/null
+}
+if [[ -z "${PYTHON:-}" ]]; then
+  for candidate in python3 python3.13 python3.12 python3.11; do
+    if command -v "$candidate" >/dev/null && py_ok "$candidate"; then PYTHON=$candidate; break; fi
+  done
+fi
+if [[ -z "${PYTHON:-}" ]] || ! py_ok "$PYTHON"; then
+  found=$("${PYTHON:-python3}" --version 2>&1 || echo 'no python3')
+  echo "error: scone_jax needs Python >= $MIN_PYTHON on the TPU VM; found: $found." >&2
+  echo "fix: install it (e.g. sudo apt-get install -y python$MIN_PYTHON python$MIN_PYTHON-venv)" \
+    "or use a newer TPU VM image, then rerun; PYTHON=/path/to/python3.x picks one." >&2
+  exit 3
+fi
+
 REPO="$1"; REF="$2"; DIR="$3"
 cd "$HOME"
 
@@ -36,10 +57,12 @@ else
 fi
 
 cd "$DIR"
-REQ_HASH=$(cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)
+# The interpreter's version is part of the hash: a new Python gets a fresh venv.
+REQ_HASH=$({ cat requirements.txt pyproject.toml; "$PYTHON" --version; } | sha256sum | cut -c1-16)
 MARKER=".venv/.scone_installed-$REQ_HASH"
 if [[ ! -f "$MARKER" ]]; then
-  python3 -m venv .venv
+  rm -rf .venv
+  "$PYTHON" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r requirements.txt
   JAX_VERSION=$(sed -n 's/^jax==\([0-9.]*\).*/\1/p' requirements.txt)

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Callable
 
-import sweep_spec
+from scone_jax.sweeps import spec
 
 Runner = Callable[[str, str], int]
 
@@ -49,7 +49,7 @@ class Outcome:
   detail: str = ''
 
 
-def _last_step(point: sweep_spec.Point) -> str:
+def _last_step(point: spec.Point) -> str:
   """'step 120/300 loss 5.123' from the last line of W/metrics.jsonl ('' if none yet)."""
   try:
     with open(os.path.join(point.workdir, 'metrics.jsonl'), 'rb') as f:
@@ -75,7 +75,7 @@ class Progress:
     self.total, self.out, self.start = total, out or sys.stdout, time.time()
     self.counts = {'done': 0, 'skipped': 0, 'failed': 0}
     self.running = 0
-    self.active: dict[str, sweep_spec.Point] = {}
+    self.active: dict[str, spec.Point] = {}
     self.lock = threading.Lock()
     self._stop = threading.Event()
     self._heartbeat_s = heartbeat_s
@@ -107,21 +107,21 @@ class Progress:
             + (f'\n{detail}' if detail else ''), file=self.out, flush=True)
 
 
-def _stage_commands(sweep: sweep_spec.Sweep, point: sweep_spec.Point,
+def _stage_commands(sweep: spec.Sweep, point: spec.Point,
                     python: str) -> list[tuple[str, str]]:
-  return [('train', sweep_spec.command(sweep, point, python, 'train')),
-          ('evaluate', sweep_spec.command(sweep, point, python, 'evaluate'))]
+  return [('train', spec.command(sweep, point, python, 'train')),
+          ('evaluate', spec.command(sweep, point, python, 'evaluate'))]
 
 
-def prepare_groups(sweep: sweep_spec.Sweep) -> dict[str, list[sweep_spec.Point]]:
+def prepare_groups(sweep: spec.Sweep) -> dict[str, list[spec.Point]]:
   """Points grouped by the artifacts dir they share (one prepare per group)."""
-  groups: dict[str, list[sweep_spec.Point]] = {}
+  groups: dict[str, list[spec.Point]] = {}
   for p in sweep.points:
     groups.setdefault(p.cfg.data.artifacts_dir, []).append(p)
   return groups
 
 
-def run_local(sweep: sweep_spec.Sweep, python: str = sys.executable, parallel: int = 1,
+def run_local(sweep: spec.Sweep, python: str = sys.executable, parallel: int = 1,
               runner: Runner = shell_runner, out=None) -> list[Outcome]:
   """Runs every unfinished point: prepare once per artifacts dir, then train + evaluate.
 
@@ -132,7 +132,7 @@ def run_local(sweep: sweep_spec.Sweep, python: str = sys.executable, parallel: i
   progress = Progress(len(sweep.points), out)
   todo, outcomes = [], []
   for p in sweep.points:
-    if sweep_spec.is_finished(p):
+    if spec.is_finished(p):
       outcomes.append(Outcome(p.name, 'skipped', detail='eval.json present'))
       progress.event(p.name, 'skipped')
     else:
@@ -143,36 +143,36 @@ def run_local(sweep: sweep_spec.Sweep, python: str = sys.executable, parallel: i
     if not group:
       continue
     first = group[0]
-    sweep_spec.write_point_json(sweep, first)
+    spec.write_point_json(sweep, first)
     log = os.path.join(first.workdir, 'log.txt')
     print(f'prepare {adir} (shared by {len(group)} point(s); log {log})', file=out, flush=True)
-    rc = runner(sweep_spec.command(sweep, first, python, 'prepare'), log)
+    rc = runner(spec.command(sweep, first, python, 'prepare'), log)
     if rc:
       broken_groups[adir] = f'prepare exited with {rc}; see {log}:\n{_tail(log)}'
 
-  def _run_stages(p: sweep_spec.Point) -> Outcome:
+  def _run_stages(p: spec.Point) -> Outcome:
     log = os.path.join(p.workdir, 'log.txt')
     start = time.time()
     for stage, cmd in _stage_commands(sweep, p, python):
-      if stage == 'evaluate' and sweep_spec.is_finished(p):
+      if stage == 'evaluate' and spec.is_finished(p):
         continue  # train already evaluated at its end.
       rc = runner(cmd, log)
       if rc:
         detail = f'  {stage} exited with {rc}; log {log}:\n{_tail(log)}'
         progress.event(p.name, 'failed', detail)
         return Outcome(p.name, 'failed', time.time() - start, detail)
-    if not sweep_spec.is_finished(p):
+    if not spec.is_finished(p):
       detail = f'  finished without writing {p.workdir}/eval.json; log {log}'
       progress.event(p.name, 'failed', detail)
       return Outcome(p.name, 'failed', time.time() - start, detail)
     progress.event(p.name, 'done')
     return Outcome(p.name, 'done', time.time() - start)
 
-  def run_point(p: sweep_spec.Point) -> Outcome:
+  def run_point(p: spec.Point) -> Outcome:
     if p.cfg.data.artifacts_dir in broken_groups:
       progress.event(p.name, 'failed', broken_groups[p.cfg.data.artifacts_dir])
       return Outcome(p.name, 'failed', detail=broken_groups[p.cfg.data.artifacts_dir])
-    sweep_spec.write_point_json(sweep, p)
+    spec.write_point_json(sweep, p)
     progress.event(p.name, 'started')
     with progress.lock:
       progress.active[p.name] = p
@@ -210,7 +210,7 @@ class TpuTarget:
     return ' '.join(shlex.quote(a) for a in argv)
 
 
-def tpu_command(sweep: sweep_spec.Sweep, point: sweep_spec.Point, target: TpuTarget) -> str:
+def tpu_command(sweep: spec.Sweep, point: spec.Point, target: TpuTarget) -> str:
   """The gcloud command running one point on every host of the pod.
 
   On each worker: bootstrap (idempotent: code fetch + pinned install guarded by a marker
@@ -220,8 +220,8 @@ def tpu_command(sweep: sweep_spec.Sweep, point: sweep_spec.Point, target: TpuTar
   """
   extra = {'distributed.mode': 'auto'}
   python = '.venv/bin/python'
-  train = sweep_spec.command(sweep, point, python, 'train', extra)
-  evaluate = sweep_spec.command(sweep, point, python, 'evaluate', extra)
+  train = spec.command(sweep, point, python, 'train', extra)
+  evaluate = spec.command(sweep, point, python, 'evaluate', extra)
   eval_json = shlex.quote(f'{point.workdir}/eval.json')
   bootstrap = ' '.join(shlex.quote(a) for a in
                        ['bash', 'tpu_bootstrap.sh', target.repo, target.ref, target.remote_dir])
@@ -232,14 +232,22 @@ def tpu_command(sweep: sweep_spec.Sweep, point: sweep_spec.Point, target: TpuTar
   return target.gcloud('ssh', target.tpu_name, f'--command={remote}')
 
 
-def run_tpu(sweep: sweep_spec.Sweep, target: TpuTarget, runner: Runner = shell_runner,
+# Shipped inside the package, so an installed (non-editable) scone_jax can launch too.
+BOOTSTRAP_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tpu_bootstrap.sh')
+
+
+def bootstrap_copy_command(target: TpuTarget) -> str:
+  """The gcloud scp that puts tpu_bootstrap.sh in every worker's home (once per sweep)."""
+  return target.gcloud('scp', BOOTSTRAP_SCRIPT, f'{target.tpu_name}:tpu_bootstrap.sh')
+
+
+def run_tpu(sweep: spec.Sweep, target: TpuTarget, runner: Runner = shell_runner,
             retries: int = 3, log_dir: str = 'runs/tpu_logs', out=None,
             retry_wait_s: float = 60.0) -> list[Outcome]:
   """Runs the points one after another on the pod, retrying preempted (failed) ones."""
   out = out or sys.stdout
   os.makedirs(log_dir, exist_ok=True)
-  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tpu_bootstrap.sh')
-  copy = target.gcloud('scp', script, f'{target.tpu_name}:tpu_bootstrap.sh')
+  copy = bootstrap_copy_command(target)
   setup_log = os.path.join(log_dir, f'{sweep.name}-setup.txt')
   if runner(copy, setup_log):
     detail = f'copying tpu_bootstrap.sh to {target.tpu_name} failed; see {setup_log}'
@@ -263,3 +271,29 @@ def run_tpu(sweep: sweep_spec.Sweep, target: TpuTarget, runner: Runner = shell_r
     progress.event(p.name, status, detail)
     outcomes.append(Outcome(p.name, status, time.time() - start, detail))
   return outcomes
+
+
+def dry_run(sweep: spec.Sweep, python: str, tpu: TpuTarget | None = None, out=None) -> None:
+  """Prints every command a run would execute, in order, then the accounting table.
+
+  For the TPU backend that is the bootstrap copy, then one ssh command per point: pasted
+  into a shell in that order they do what `--backend=tpu` does (without its retries).
+  """
+  from scone_jax import report  # Deferred: report imports this package.
+  out = out or sys.stdout
+  if tpu is not None:
+    print('# copy the worker bootstrap to every host (once per sweep)', file=out)
+    print(bootstrap_copy_command(tpu), file=out)
+    for p in sweep.points:
+      print(f'# {p.name}', file=out)
+      print(tpu_command(sweep, p, tpu), file=out)
+  else:
+    for adir, group in prepare_groups(sweep).items():
+      print(f'# prepare {adir} (shared by {len(group)} point(s))', file=out)
+      print(spec.command(sweep, group[0], python, 'prepare'), file=out)
+    for p in sweep.points:
+      print(f'# {p.name}', file=out)
+      for stage, cmd in _stage_commands(sweep, p, python):
+        print(cmd, file=out)
+  print(file=out)
+  print(report.markdown_table(spec.accounting_rows(sweep)), file=out)

@@ -1,0 +1,87 @@
+"""The sweep command line: `python -m scone_jax.sweeps` (launch/sweep.py is the same).
+
+  python -m scone_jax.sweeps --sweep=experiments/sweeps/demo.py --dry_run
+  python -m scone_jax.sweeps --sweep=experiments/sweeps/demo.py --parallel=2 --report
+  python -m scone_jax.sweeps --sweep=experiments/sweeps/num_fgrams.py --backend=tpu \\
+      --tpu_name=v5p-64 --zone=us-east5-a --project=P --root=gs://BUCKET/runs \\
+      --repo=https://github.com/ORG/scone_jax.git --ref=main
+
+Every point is validated against the config schema before anything launches. Finished
+points (complete W/eval.json) are skipped; interrupted ones resume from W/checkpoints.
+`--dry_run` prints every command (for TPU: the bootstrap copy, then one ssh per point) and
+a table of each point's accelerator-resident and offloaded params and training/inference
+FLOPs per token. Exit code is non-zero if any point failed.
+
+This module defines absl flags at import: only entry points import it (library code uses
+spec/backends).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import flags
+
+from scone_jax import report as report_lib
+from scone_jax.sweeps import backends
+from scone_jax.sweeps import spec
+
+_SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file (experiments/sweeps/*.py).',
+                             required=True)
+_BACKEND = flags.DEFINE_enum('backend', 'local', ['local', 'tpu'], 'Where to run points.')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print commands and accounting; run nothing.')
+_PARALLEL = flags.DEFINE_integer('parallel', 1, 'Local backend: points run at once.')
+_ONLY = flags.DEFINE_string('only', '', 'Run only points whose run name matches this regex.')
+_REPORT = flags.DEFINE_bool('report', False, 'Write the report (CSV, REPORT.md, plots) after.')
+_ROOT = flags.DEFINE_string('root', 'runs', 'Runs go to ROOT/SWEEP/RUN (local or gs://).')
+_SET = flags.DEFINE_multi_string(
+    'set', [], 'KEY=VALUE override for every point (part of run names), e.g. '
+    '--set=train.steps=3. VALUE is parsed as a Python literal, else kept as a string.')
+_PYTHON = flags.DEFINE_string('python', sys.executable, 'Local backend: the interpreter.')
+_TPU_NAME = flags.DEFINE_string('tpu_name', '', 'TPU backend: TPU VM name.')
+_ZONE = flags.DEFINE_string('zone', '', 'TPU backend: zone.')
+_PROJECT = flags.DEFINE_string('project', '', 'TPU backend: GCP project (default: gcloud).')
+_REPO = flags.DEFINE_string('repo', '', 'TPU backend: git URL or gs:// folder of this repo.')
+_REF = flags.DEFINE_string('ref', 'main', 'TPU backend: git ref the workers check out.')
+_RETRIES = flags.DEFINE_integer('retries', 3, 'TPU backend: retries of a failed point.')
+
+
+def main(argv):
+  del argv
+  try:
+    sweep = spec.load_sweep(_SWEEP.value, _ROOT.value, spec.parse_set(_SET.value),
+                            _ONLY.value)
+  except spec.SweepError as e:
+    sys.exit(f'error: {e}\nnothing was launched.')
+  print(f'sweep {sweep.name}: {len(sweep.points)} point(s) under {sweep.dir}')
+  tpu = _tpu_target() if _BACKEND.value == 'tpu' else None
+  if _DRY_RUN.value:
+    backends.dry_run(sweep, _PYTHON.value, tpu)
+    return
+  if tpu is None:
+    outcomes = backends.run_local(sweep, _PYTHON.value, _PARALLEL.value)
+  else:
+    outcomes = backends.run_tpu(sweep, tpu, retries=_RETRIES.value,
+                                log_dir=os.path.join('runs', 'tpu_logs'))
+  failed = [o for o in outcomes if o.status == 'failed']
+  print(f'{len(outcomes) - len(failed)}/{len(outcomes)} point(s) ok'
+        + (f'; FAILED: {", ".join(o.name for o in failed)}' if failed else ''))
+  if _REPORT.value:
+    if '://' in sweep.dir:
+      print(f'report: copy {sweep.dir} to a local ROOT/{sweep.name} (gcloud storage rsync '
+            f'-r) and run python -m scone_jax.report --sweep={_SWEEP.value} --root=ROOT')
+    else:
+      for name, path in report_lib.write_report(sweep.dir).items():
+        print(f'{name}: {path}')
+  if failed:
+    sys.exit(1)
+
+
+def _tpu_target() -> backends.TpuTarget:
+  missing = [f'--{n}' for n, v in (('tpu_name', _TPU_NAME.value), ('zone', _ZONE.value),
+                                   ('repo', _REPO.value)) if not v]
+  if missing:
+    sys.exit(f'error: --backend=tpu needs {", ".join(missing)}')
+  return backends.TpuTarget(_TPU_NAME.value, _ZONE.value, _PROJECT.value, _REPO.value,
+                            _REF.value)
