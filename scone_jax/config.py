@@ -24,6 +24,15 @@ class ConfigError(ValueError):
   """A config value is invalid; the message names the key and the fix."""
 
 
+# Eval corpora whose name starts with this are VALIDATION sets (hyperparameter selection);
+# all other eval corpora are test sets (what a report states as results).
+VALID_PREFIX = 'valid.'
+
+
+def is_validation_corpus(name: str) -> bool:
+  return name.startswith(VALID_PREFIX)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   # 'embedded' builds the default corpus from Python's stdlib docstrings (no network);
@@ -45,6 +54,14 @@ class DataConfig:
   on_bad_utf8: Literal['replace', 'error'] = 'replace'
   # Embedded corpus: fraction of stdlib modules held out for evaluation (split by module).
   embedded_eval_fraction: float = 0.05
+  # Embedded corpus: a further fraction of modules held out as the VALIDATION corpus
+  # (eval corpus 'valid.stdlib'), disjoint from both train and the test corpus 'stdlib'.
+  # Learning rates are selected on it (scone_jax.sweeps.study), never on the test corpus.
+  # 0 = no validation split (the corpus is then exactly what it was before this option).
+  embedded_valid_fraction: float = 0.0
+  # Validation corpora for files: named globs like eval_files; each becomes the eval corpus
+  # 'valid.<name>'. They must not share a file with eval_files (the reported test sets).
+  valid_files: str = ''
   # Where prepared artifacts (tokenizer, token shards, f-gram table) live; '' means
   # <workdir>/prepare. Sweep points point this at one shared directory: stages are keyed
   # by their inputs' fingerprints, so points with the same data prepare once.
@@ -150,6 +167,13 @@ class FgramModelConfig:
   # backbone's init (random blocks add noise comparable to the 0.02-scale token signal at
   # every matched position; BENCHMARKS.md, "A_f's output norm and init").
   init: Literal['identity', 'random'] = 'identity'
+  # Scale of A_f's output e (after final_norm): 'none' = as computed; 'scalar' = g * e with
+  # one learned g; 'channel' = g_D * e with a learned gain per channel (both g start at 1,
+  # so with init='identity' e = T(x_i) at step 0); 'rmsnorm_gain' = g_D * e / rms(e) with g
+  # starting at the token embeddings' init scale (model.init_std), which bounds the output
+  # at the token embeddings' scale. The gain is part of A_f, so export stores what the
+  # backbone saw. Measured in STUDY.md ("A_f output scale").
+  output_scale: Literal['none', 'scalar', 'channel', 'rmsnorm_gain'] = 'none'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +193,9 @@ class TrainConfig:
   seed: int = 0
   log_every: int = 10
   eval_every: int = 0  # 0 = only at the end.
-  eval_batches: int = 8
+  # Batches per eval corpus; 0 = the whole held-out set (every output states the fraction
+  # of each set a limited eval covered).
+  eval_batches: int = 0
   shuffle_buffer_docs: int = 0  # 0 = global shuffle of documents per epoch.
   # Learning-rate multiplier for A_f's own parameters (not the shared token table), applied
   # to AdamW's updates (scaling gradients would cancel in Adam). 1 is the paper's joint
@@ -314,6 +340,8 @@ def _finite(v) -> bool:
 # them all before any cross-field rule; the message names the key, the value and the range.
 _VALUE_RULES = (
     ('data.embedded_eval_fraction', lambda v: 0 < v < 1, 'must be in (0, 1)'),
+    ('data.embedded_valid_fraction', lambda v: 0 <= v < 1,
+     'must be in [0, 1) (0 = no validation split)'),
     ('tokenizer.vocab_size', lambda v: v >= 16, 'must be >= 16'),
     ('tokenizer.max_sentence_length', lambda v: v >= 16, 'must be >= 16 (bytes)'),
     ('tokenizer.train_chars', lambda v: v >= 1, 'must be >= 1'),
@@ -396,6 +424,14 @@ def validate(cfg: Config) -> Config:
   if cfg.fgram.use_size < 0 or cfg.fgram.use_size > cfg.fgram.size:
     raise ConfigError(f'config.fgram.use_size={cfg.fgram.use_size} must be in [0, '
                       f'fgram.size={cfg.fgram.size}] (0 = the whole table)')
+  if cfg.fgram_model.output_scale == 'rmsnorm_gain' and cfg.fgram_model.final_norm != 'none':
+    raise ConfigError("config.fgram_model.output_scale='rmsnorm_gain' normalises A_f's output "
+                      "itself; set config.fgram_model.final_norm='none' (or choose "
+                      "output_scale='scalar'/'channel' to scale the normed output)")
+  if cfg.data.embedded_eval_fraction + cfg.data.embedded_valid_fraction >= 1:
+    raise ConfigError(f'config.data.embedded_valid_fraction={cfg.data.embedded_valid_fraction}'
+                      f' + data.embedded_eval_fraction={cfg.data.embedded_eval_fraction} must '
+                      'be < 1: train keeps the rest of the modules')
   if model.vocab_size and model.vocab_size < cfg.tokenizer.vocab_size:
     raise ConfigError(
         f'config.model.vocab_size={model.vocab_size} is smaller than the tokenizer\'s '

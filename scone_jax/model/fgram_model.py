@@ -9,9 +9,12 @@ uses learned positions, never RoPE, whatever the backbone family: f-grams are at
 tokens long and the paper specifies a learned position table of size K. Attention is
 causal; the output is the hidden state at the f-gram's last token (index len-1), then a
 final norm per `fgram_model.final_norm` ('same' = the backbone's norm type with its own
-parameters, 'none' = the raw residual stream). With `fgram_model.init='identity'` (the
-default) the position table and the blocks' residual output projections start at zero, so
-A_f(x_j..x_i) = T(x_i) at step 0: SCONE starts from the baseline's function.
+parameters, 'none' = the raw residual stream), then `fgram_model.output_scale` (a learned
+scalar or per-channel gain, or an RMS norm with a per-channel gain: the output's scale is
+otherwise unbounded and after training grows to many times the token embeddings').
+With `fgram_model.init='identity'` (the default) the position table and the blocks'
+residual output projections start at zero, so A_f(x_j..x_i) = T(x_i) at step 0 (up to the
+RMS normalisation for 'rmsnorm_gain'): SCONE starts from the baseline's function.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from flax import nnx
 
 from scone_jax.config import FgramModelConfig, ModelConfig
 from scone_jax.model.backbone import Embed
-from scone_jax.model.layers import BlockStack, FinalNorm, attend, segment_mask
+from scone_jax.model.layers import BlockStack, FinalNorm, apply_norm, attend, segment_mask
 from scone_jax.model.sharding import constrain, param
 
 
@@ -49,6 +52,18 @@ class FgramModel(nnx.Module):
         zeroed[...] = jnp.zeros_like(zeroed[...])
     self.final_norm = (FinalNorm(model_cfg.norm, model_cfg.d_model, model_cfg.param_dtype)
                        if fgram_model_cfg.final_norm == 'same' else None)
+    self.output_scale = fgram_model_cfg.output_scale
+    d, dtype = model_cfg.d_model, jnp.dtype(model_cfg.param_dtype)
+    # Gains are rank < 2, so AdamW never decays them (train/optimizer.py).
+    if self.output_scale == 'scalar':
+      self.out_gain = param(jnp.ones((), dtype), ())
+    elif self.output_scale == 'channel':
+      self.out_gain = param(jnp.ones((d,), dtype), ('embed',))
+    elif self.output_scale == 'rmsnorm_gain':
+      # Unit-RMS output times init_std: the scale the token embeddings start at.
+      self.out_gain = param(jnp.full((d,), model_cfg.init_std, dtype), ('embed',))
+    else:
+      self.out_gain = None
 
   def __call__(self, tokens_UxK: jax.Array, lens_U: jax.Array) -> jax.Array:
     """Embeds U left-aligned, 0-padded f-grams of lengths lens_U -> e_UxD.
@@ -71,4 +86,9 @@ class FgramModel(nnx.Module):
     e_UxD = jnp.take_along_axis(h_UxKxD, last_U[:, None, None], axis=1)[:, 0]
     if self.final_norm is not None:
       e_UxD = self.final_norm(e_UxD)
+    if self.output_scale == 'rmsnorm_gain':
+      e_UxD = apply_norm('rmsnorm', e_UxD, self.out_gain[...])
+    elif self.out_gain is not None:
+      e_UxD = (e_UxD.astype(jnp.float32) * self.out_gain[...].astype(jnp.float32)
+               ).astype(e_UxD.dtype)
     return constrain(e_UxD, ('batch', 'embed'))

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -52,16 +50,9 @@ def _ptr(typingctx, addr):
   return types.voidptr(types.int64), codegen
 
 
-def _api_version() -> tuple[int, int]:
-  """The FFI C API version of the installed jaxlib, read from the header it ships."""
-  path = os.path.join(jax.ffi.include_dir(), 'xla', 'ffi', 'api', 'c_api.h')
-  with open(path) as f:
-    text = f.read()
-  major = re.search(r'#define XLA_FFI_API_MAJOR (\d+)', text)
-  minor = re.search(r'#define XLA_FFI_API_MINOR (\d+)', text)
-  if major is None or minor is None:
-    raise RuntimeError(f'no XLA_FFI_API_MAJOR/MINOR in {path}')
-  return int(major.group(1)), int(minor.group(1))
+# The FFI C API version the handler reports. Minor versions only add to the structs (ABI
+# compatible), and the handler reads only fields present since the first minor version.
+_API_MAJOR, _API_MINOR = 0, 1
 
 
 # Context vector (int64), built by `LookupContext`: the addresses and sizes of the host
@@ -84,7 +75,7 @@ def _views(address, count, cols, dtype):
   return out
 
 
-@numba.njit(nogil=True)
+@numba.njit(nogil=True, cache=True)
 def sharded_slab_kernel(tokens_B, codes_BxL, index, limit, ids_B, lens_B, shards,
                         chunk_rows, slab_BxE, one):
   """IncrementalMatcher.push, then row r of the store from shard r // chunk_rows (zeros
@@ -104,58 +95,63 @@ def sharded_slab_kernel(tokens_B, codes_BxL, index, limit, ids_B, lens_B, shards
   return hits
 
 
-def _make_handler(raw_dtype, major: int, minor: int):
-  """The FFI handler for a store whose rows are `raw_dtype` bits (uint16 or uint32)."""
-
-  @numba.cfunc(types.intp(types.voidptr), nopython=True)
-  def handler(call_frame):
-    frame = numba.carray(call_frame, 16, np.int64)
-    ext = frame[1]
-    if ext != 0:
-      if numba.carray(_ptr(ext), 4, np.int32)[2] == _METADATA_EXTENSION:
-        meta = numba.carray(_ptr(numba.carray(_ptr(ext), 4, np.int64)[3]), 12, np.int32)
-        meta[6], meta[7], meta[8] = major, minor, 0  # api_version, traits
-        numba.carray(_ptr(numba.carray(_ptr(ext), 4, np.int64)[3]), 6, np.int64)[5] = 0
-        return 0
-    if (frame[4] & 0xFFFFFFFF) != _EXECUTE:
+@numba.njit(nogil=True, cache=True)
+def _handle(call_frame, raw):
+  """The FFI handler's body for a store of `raw` rows (np.uint16 or np.uint32 bits)."""
+  frame = numba.carray(call_frame, 16, np.int64)
+  ext = frame[1]
+  if ext != 0:
+    if numba.carray(_ptr(ext), 4, np.int32)[2] == _METADATA_EXTENSION:
+      meta_address = numba.carray(_ptr(ext), 4, np.int64)[3]
+      meta = numba.carray(_ptr(meta_address), 12, np.int32)
+      meta[6], meta[7], meta[8] = _API_MAJOR, _API_MINOR, 0  # api_version, traits
+      numba.carray(_ptr(meta_address), 6, np.int64)[5] = 0  # state_type_id: none
       return 0
-    # XLA_FFI_Args at byte 40: (struct_size, ext, size, types, args); Rets at byte 80.
-    args = numba.carray(_ptr(frame[9]), 2, np.int64)
-    rets = numba.carray(_ptr(frame[14]), 1, np.int64)
-    # XLA_FFI_Buffer: (struct_size, ext, dtype, data, rank, dims): data is word 3.
-    token_data = numba.carray(_ptr(args[0]), 4, np.int64)[3]
-    ctx_address = numba.carray(_ptr(args[1]), 4, np.int64)[3]
-    ctx = numba.carray(_ptr(ctx_address), _HEAD, np.int64)
-    b, levels, d = ctx[_B], ctx[_LEVELS], ctx[_D]
-    index = numba.carray(_ptr(ctx[_INDEX]), (ctx[_SLOTS], 3), np.uint32)
-    shards = _views(ctx_address + 8 * _HEAD, ctx[_SHARDS], d, raw_dtype)
-    slab_BxE = numba.carray(_ptr(numba.carray(_ptr(rets[0]), 4, np.int64)[3]), (b, d + 1),
-                            raw_dtype)
-    hits = sharded_slab_kernel(
-        numba.carray(_ptr(token_data), b, np.int32),
-        numba.carray(_ptr(ctx[_CODES]), (b, levels), np.int64), index, ctx[_LIMIT],
-        numba.carray(_ptr(ctx[_IDS]), b, np.int32),
-        numba.carray(_ptr(ctx[_LENS]), b, np.int32), shards, ctx[_CHUNK], slab_BxE,
-        raw_dtype(ctx[_ONE]))
-    counters = numba.carray(_ptr(ctx[_HITS]), 2, np.int64)
-    counters[0] += hits
-    counters[1] += 1
+  if (frame[4] & 0xFFFFFFFF) != _EXECUTE:
     return 0
+  # XLA_FFI_Args at byte 40: (struct_size, ext, size, types, args); Rets at byte 80.
+  args = numba.carray(_ptr(frame[9]), 2, np.int64)
+  rets = numba.carray(_ptr(frame[14]), 1, np.int64)
+  # XLA_FFI_Buffer: (struct_size, ext, dtype, data, rank, dims): data is word 3.
+  token_data = numba.carray(_ptr(args[0]), 4, np.int64)[3]
+  ctx_address = numba.carray(_ptr(args[1]), 4, np.int64)[3]
+  ctx = numba.carray(_ptr(ctx_address), _HEAD, np.int64)
+  b, levels, d = ctx[_B], ctx[_LEVELS], ctx[_D]
+  index = numba.carray(_ptr(ctx[_INDEX]), (ctx[_SLOTS], 3), np.uint32)
+  shards = _views(ctx_address + 8 * _HEAD, ctx[_SHARDS], d, raw)
+  slab_BxE = numba.carray(_ptr(numba.carray(_ptr(rets[0]), 4, np.int64)[3]), (b, d + 1), raw)
+  hits = sharded_slab_kernel(
+      numba.carray(_ptr(token_data), b, np.int32),
+      numba.carray(_ptr(ctx[_CODES]), (b, levels), np.int64), index, ctx[_LIMIT],
+      numba.carray(_ptr(ctx[_IDS]), b, np.int32),
+      numba.carray(_ptr(ctx[_LENS]), b, np.int32), shards, ctx[_CHUNK], slab_BxE,
+      raw(ctx[_ONE]))
+  counters = numba.carray(_ptr(ctx[_HITS]), 2, np.int64)
+  counters[0] += hits
+  counters[1] += 1
+  return 0
 
-  return handler
+
+# One C entry point per row width; module level and cached, so a process pays numba's
+# compilation once per machine, not per run.
+@numba.cfunc(types.intp(types.voidptr), nopython=True, cache=True)
+def _handler_u16(call_frame):
+  return _handle(call_frame, np.uint16)
+
+
+@numba.cfunc(types.intp(types.voidptr), nopython=True, cache=True)
+def _handler_u32(call_frame):
+  return _handle(call_frame, np.uint32)
 
 
 _PyCapsule_New = ctypes.pythonapi.PyCapsule_New
 _PyCapsule_New.restype = ctypes.py_object
 _PyCapsule_New.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
-_HANDLERS = {}  # Keeps the compiled cfuncs alive for as long as XLA may call them.
 
 
 @functools.lru_cache(maxsize=None)
 def _register(bits: int) -> str:
-  raw = {16: np.uint16, 32: np.uint32}[bits]
-  handler = _make_handler(raw, *_api_version())
-  _HANDLERS[bits] = handler
+  handler = {16: _handler_u16, 32: _handler_u32}[bits]
   name = _TARGET.format(bits=bits)
   jax.ffi.register_ffi_target(name, _PyCapsule_New(handler.address, None, None),
                               platform='cpu')
