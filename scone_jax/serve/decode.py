@@ -174,7 +174,9 @@ class Generation:
   tokens: list[np.ndarray]
   prefill_seconds: float
   decode_seconds: float
-  decode_steps: int  # Steps timed in decode_seconds (all but the first when > 1).
+  # Steps timed in decode_seconds: all of them for the device loop (compiled beforehand),
+  # all but the first (its compilation) for the host loop.
+  decode_steps: int
   batch_size: int
   lookup_seconds: float = 0.0  # host match + gather + device_put, the timed steps
   # This process's CPU time over the timed steps (all threads): on a CPU backend shared with
