@@ -1,21 +1,28 @@
-"""Decode benchmark: host f-gram lookup latency and SCONE vs baseline decode throughput.
+"""Decode benchmark: on-device loops, SCONE vs baseline, host lookup latency, prefill.
 
-  python benchmarks/bench_decode.py                     # CPU: tiny backbone, 1M-row store
-  python benchmarks/bench_decode.py --preset=125m       # GPU: GPT-2 small backbone
+  python benchmarks/bench_decode.py                       # CPU: tiny and 25m, 1M-row stores
+  python benchmarks/bench_decode.py --presets=125m        # GPU: GPT-2 small backbone
   python benchmarks/bench_decode.py --rows=10000000 --store_dir=/nvme/bench_store
 
-Prints two tables:
+For each preset, prints:
 1. Per-step lookup latency (the decoder's IncrementalMatcher push + store gather into the
-   [B, d+1] slab with its match flag, then its transfer, blocked until on the device) for tiers ram / disk(memmap) /
-   disk(tensorstore) at batch 1, 16, 64, per step and per token (paper: 0.017 ms/token
+   [B, d+1] slab with its match flag, then its transfer, blocked until on the device) for
+   tiers ram / disk(memmap) at batch 1, 16, 64 (`--lookup_table`; paper: 0.017 ms/token
    from RAM at batch 16 with 100M rows; 1.1 ms from NVMe at batch 1 with 10M rows).
-2. Decode tokens/s of the same backbone as a baseline (no store) and as SCONE (store
-   lookups every step) at batch 1 and 16, with the SCONE / baseline ratio (target >= 0.95).
+2. XLA FLOPs of the compiled device-loop chunk, SCONE / baseline.
+3. Decode tokens/s at batch 1, 16, 64 of: the hand-written minimal loop (a plain
+   `fori_loop` greedy decode with a KV cache, nothing else), the project's baseline
+   (`Decoder`, on-device loop), SCONE ram and disk with each lookup, and the host loops
+   (one jitted step per token, the decoder before the device loop). Ratios: baseline /
+   minimal, and each SCONE variant / the on-device baseline, all measured in one run,
+   variants interleaved so background load hits all alike.
+4. Prefill tokens/s (prompt tokens incl. BOS per second: host match + gather + transfer +
+   one prefill step, blocked) for the baseline and SCONE ram.
 
 The store and f-gram table are synthetic (random rows, every distinct 2..K-gram of a Zipf
 token stream, so the table is prefix/suffix-closed like a mined one) and the weights are
-random: latency and throughput do not depend on their values. Query tokens come from the
-same stream, so nearly every token matches (the worst case for lookups).
+random: latency and throughput do not depend on their values. Prompts come from the same
+stream, so nearly every prompt token matches (the worst case for lookups).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -39,17 +47,21 @@ from scone_jax.export.writer import write_store  # noqa: E402
 from scone_jax.fgrams import FgramTable  # noqa: E402
 from scone_jax.model import SconeLM  # noqa: E402
 from scone_jax.serve import EmbeddingStore  # noqa: E402
-from scone_jax.serve.decode import Decoder  # noqa: E402
+from scone_jax.serve.decode import Decoder, Sampling  # noqa: E402
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-flags.DEFINE_enum('preset', 'tiny', ['tiny', '25m', '125m'],
-                  'Backbone: experiments/tiny.py or experiments/gpt2.py:<preset>.')
-flags.DEFINE_integer('rows', 1 << 20, 'f-gram rows in the synthetic store (>= 1M).')
-flags.DEFINE_string('store_dir', '', 'Where to write (or reuse) the store; default a temp dir.')
+flags.DEFINE_list('presets', ['tiny', '25m'],
+                  'Backbones: tiny (experiments/tiny.py), 25m / 125m (experiments/gpt2.py).')
+flags.DEFINE_list('batches', ['1', '16', '64'], 'Batch sizes.')
+flags.DEFINE_integer('rows', 1 << 20, 'f-gram rows in the synthetic store.')
+flags.DEFINE_string('store_dir', '', 'Where to write the stores; default a temp dir.')
 flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float16', 'float32'], 'Store dtype.')
+flags.DEFINE_bool('lookup_table', True, 'Print the lookup-latency table.')
 flags.DEFINE_integer('lookup_steps', 300, 'Timed steps per lookup measurement.')
-flags.DEFINE_integer('new_tokens', 0, 'Decode steps timed (default 64 CPU / 256 GPU).')
+flags.DEFINE_integer('new_tokens', 0, 'Tokens generated per row (default 64 CPU / 256 GPU).')
 flags.DEFINE_integer('prompt_len', 32, 'Prompt tokens per row.')
+flags.DEFINE_integer('repeats', 5, 'Timed runs per variant (the best counts).')
+flags.DEFINE_bool('host_loops', True, 'Also time the host loops (one jitted step per token).')
 FLAGS = flags.FLAGS
 K = 5
 
@@ -114,76 +126,167 @@ def lookup_latency(decoder: Decoder, stream: np.ndarray, steps: int) -> float:
   return (time.perf_counter() - start) / steps
 
 
-def decode_rates(decoders: dict[str, Decoder], stream: np.ndarray, b: int,
-                 new_tokens: int, repeats: int = 5) -> dict[str, float]:
-  """Best tokens/s of each decoder; variants alternate so background load hits all alike."""
+def minimal_loop(lm: SconeLM, b: int, prompt_len: int, steps: int):
+  """The reference: a plain greedy fori_loop decode with a KV cache, nothing else.
+
+  Returns a function timing one call (seconds for `steps` steps of batch `b`, tokens read
+  back to the host).
+  """
+  graphdef, state = nnx.split(lm.backbone)
+  cache_len = lm.backbone.cfg.max_seq_len
+
+  @jax.jit
+  def run(state, token_B, cache):
+    backbone = nnx.merge(graphdef, state)
+
+    def body(i, carry):
+      tok_B, cache, out_BxN = carry
+      logits_Bx1xV, cache = backbone.decode(backbone.embed(tok_B[:, None]), cache)
+      nxt_B = jnp.argmax(logits_Bx1xV[:, 0], axis=-1).astype(jnp.int32)
+      return nxt_B, cache, out_BxN.at[:, i].set(nxt_B)
+
+    return jax.lax.fori_loop(0, steps, body,
+                             (token_B, cache, jnp.zeros((b, steps), jnp.int32)))[2]
+
+  def fresh_cache():
+    cache = lm.backbone.init_cache(b, cache_len)
+    return cache.replace(lengths=jnp.full((b,), prompt_len + 1, jnp.int32))
+
+  token_B = jnp.full((b,), 5, jnp.int32)
+  np.asarray(run(state, token_B, fresh_cache()))  # Compile.
+
+  def timed() -> tuple[float, float]:
+    cache = jax.block_until_ready(fresh_cache())
+    start, cpu_start = time.perf_counter(), time.process_time()
+    np.asarray(run(state, token_B, cache))
+    return time.perf_counter() - start, time.process_time() - cpu_start
+  return timed
+
+
+def rates(variants: dict, b: int, new_tokens: int, stream: np.ndarray, repeats: int):
+  """Best decode tokens per wall second and per CPU second of this process, and best
+  prefill tokens/s, of each variant; variants interleaved per repeat."""
   prompts = [stream[i * 97:i * 97 + FLAGS.prompt_len] for i in range(b)]
-  best = {name: 0.0 for name in decoders}
-  for name, decoder in decoders.items():
-    decoder.generate(prompts, new_tokens)  # Compile.
+  decode = {name: 0.0 for name in variants}
+  decode_cpu = {name: 0.0 for name in variants}
+  prefill = {name: 0.0 for name in variants}
+  prompt_host = {name: np.inf for name in variants}
+  for name, v in variants.items():
+    if isinstance(v, Decoder):
+      v.generate(prompts, new_tokens)  # Compile.
   for _ in range(repeats):
-    for name, decoder in decoders.items():
-      best[name] = max(best[name], decoder.generate(prompts, new_tokens).tokens_per_second)
-  return best
+    for name, v in variants.items():
+      if isinstance(v, Decoder):
+        g = v.generate(prompts, new_tokens)
+        tokens, wall, cpu = g.decode_steps * b, g.decode_seconds, g.decode_cpu_seconds
+        prefill[name] = max(prefill[name], b * (FLAGS.prompt_len + 1) / g.prefill_seconds)
+        prompt_host[name] = min(prompt_host[name], g.prompt_lookup_seconds)
+      else:
+        tokens, (wall, cpu) = (new_tokens - 1) * b, v()
+      decode[name] = max(decode[name], tokens / wall)
+      decode_cpu[name] = max(decode_cpu[name], tokens / max(cpu, 1e-9))
+  return decode, decode_cpu, prefill, prompt_host
 
 
-def main(argv):
-  del argv
-  cfg = load_preset(FLAGS.preset)
+def _row(b: int, names: list[str], rate: dict[str, float]) -> str:
+  cells = []
+  for n in names:
+    ref = rate['minimal'] if n == 'baseline' else rate['baseline']
+    cells.append(f'{rate[n]:>9.0f}' + ('' if n == 'minimal' else f' ({rate[n] / ref:.3f})'))
+  return f'{b:>4} ' + ' '.join(f'{c:>16}' for c in cells)
+
+
+def write_synthetic_store(store_dir: str, rows: int, d: int) -> None:
+  rng = np.random.default_rng(1)
+  write_store(store_dir, rows, d, FLAGS.dtype, 65536,
+              lambda a, z: rng.standard_normal((z - a, d), np.float32),
+              {'bench': 'synthetic', 'rows': rows, 'd': d}, progress=False)
+
+
+def bench_preset(preset: str, root: str) -> None:
+  cfg = load_preset(preset)
   vocab = cfg.model.vocab_size or cfg.tokenizer.vocab_size
   d = cfg.model.d_model
-  print(f'backbone {FLAGS.preset}: d={d} layers={cfg.model.num_layers} vocab={vocab} '
+  print(f'\n=== backbone {preset}: d={d} layers={cfg.model.num_layers} vocab={vocab} '
         f'context={cfg.model.max_seq_len}; store {FLAGS.rows:,} rows x {d} {FLAGS.dtype}; '
         f'device {jax.devices()[0].device_kind}')
   t0 = time.perf_counter()
   table, stream = synthetic_table(FLAGS.rows, vocab)
-  print(f'synthetic table: {len(table):,} f-grams ({time.perf_counter() - t0:.1f} s)')
-
-  tmp = None
-  store_dir = FLAGS.store_dir
-  if not store_dir:
-    tmp = tempfile.TemporaryDirectory(prefix='bench_decode_')
-    store_dir = os.path.join(tmp.name, 'export')
-  meta = {'bench': 'synthetic', 'rows': FLAGS.rows, 'd': d}
-  t0 = time.perf_counter()
-  rng = np.random.default_rng(1)
-  write_store(store_dir, FLAGS.rows, d, FLAGS.dtype, 65536,
-              lambda a, z: rng.standard_normal((z - a, d), np.float32), meta, progress=False)
-  print(f'store written to {store_dir} ({time.perf_counter() - t0:.1f} s)')
-  stores = {'ram': EmbeddingStore.open(store_dir, 'ram'),
-            'disk(memmap)': EmbeddingStore.open(store_dir, 'disk', disk_reader='memmap'),
-            'disk(tensorstore)': EmbeddingStore.open(store_dir, 'disk',
-                                                     disk_reader='tensorstore')}
-
+  store_dir = os.path.join(root, f'{preset}_{FLAGS.rows}')
+  if not os.path.exists(store_dir):
+    write_synthetic_store(store_dir, FLAGS.rows, d)
+  print(f'synthetic table {len(table):,} f-grams + store ({time.perf_counter() - t0:.1f} s)')
+  ram = EmbeddingStore.open(store_dir, 'ram')
+  disk = EmbeddingStore.open(store_dir, 'disk', disk_reader='memmap')
   lm = SconeLM(cfg.model, cfg.fgram_model, fgram_max_len=K, vocab_size=vocab,
                rngs=nnx.Rngs(0))
-  print('\nlookup = match + gather + transfer of the [B, d+1] slab, per decode step')
-  print(f'{"tier":<18} {"B":>4} {"ms/step":>9} {"ms/token":>9}')
-  for name, store in stores.items():
-    for b in (1, 16, 64):
-      steps = FLAGS.lookup_steps if 'tensorstore' not in name else FLAGS.lookup_steps // 3
-      sec = lookup_latency(Decoder(lm, store, table, batch_size=b), stream, steps)
-      print(f'{name:<18} {b:>4} {1e3 * sec:>9.4f} {1e3 * sec / b:>9.4f}')
+  batches = [int(b) for b in FLAGS.batches]
+
+  if FLAGS.lookup_table:
+    print('\nlookup = match + gather + transfer of the [B, d+1] slab, per decode step')
+    print(f'{"tier":<14} {"B":>4} {"ms/step":>9} {"ms/token":>9}')
+    for name, store in (('ram', ram), ('disk(memmap)', disk)):
+      for b in batches:
+        sec = lookup_latency(Decoder(lm, store, table, batch_size=b, loop='host'), stream,
+                             FLAGS.lookup_steps)
+        print(f'{name:<14} {b:>4} {1e3 * sec:>9.4f} {1e3 * sec / b:>9.4f}')
 
   on_gpu = jax.devices()[0].platform != 'cpu'
   new_tokens = FLAGS.new_tokens or (256 if on_gpu else 64)
   new_tokens = min(new_tokens, cfg.model.max_seq_len - FLAGS.prompt_len - 1)
-  for b in (1, 16):
-    f_base = compat.cost_flops(Decoder(lm, batch_size=b).compiled_decode_step())
-    f_scone = compat.cost_flops(
-        Decoder(lm, stores['ram'], table, batch_size=b).compiled_decode_step())
-    print(f'XLA decode-step FLOPs B={b}: baseline {f_base:.4g}, SCONE {f_scone:.4g}, '
-          f'ratio {f_scone / f_base:.4f}')
-  print(f'\ndecode tokens/s ({new_tokens} new tokens after {FLAGS.prompt_len}-token prompts)')
-  print(f'{"B":>4} {"baseline":>10} {"scone ram":>10} {"ratio":>6} {"scone disk":>10} '
-        f'{"ratio":>6}')
-  for b in (1, 16):
-    r = decode_rates({'base': Decoder(lm, batch_size=b),
-                      'ram': Decoder(lm, stores['ram'], table, batch_size=b),
-                      'disk': Decoder(lm, stores['disk(memmap)'], table, batch_size=b)},
-                     stream, b, new_tokens)
-    print(f'{b:>4} {r["base"]:>10.1f} {r["ram"]:>10.1f} {r["ram"] / r["base"]:>6.3f} '
-          f'{r["disk"]:>10.1f} {r["disk"] / r["base"]:>6.3f}')
+  for b in batches[:2]:
+    base = compat.cost_flops(Decoder(lm, batch_size=b)._chunk_program(Sampling()))  # pylint: disable=protected-access
+    scone = compat.cost_flops(
+        Decoder(lm, ram, table, batch_size=b)._chunk_program(Sampling()))  # pylint: disable=protected-access
+    print(f'XLA FLOPs of the device-loop chunk B={b}: baseline {base:.4g}, SCONE {scone:.4g}, '
+          f'ratio {scone / base:.4f}')
+
+  print(f'\ndecode tokens/s ({new_tokens} new tokens after {FLAGS.prompt_len}-token prompts; '
+        f'ratios: baseline / minimal, SCONE / baseline)')
+  names = ['minimal', 'baseline', 'ram', 'ram:callback', 'disk']
+  if FLAGS.host_loops:
+    names += ['baseline:host', 'ram:host', 'disk:host']
+  header = f'{"B":>4} ' + ' '.join(f'{n:>16}' for n in names)
+  print(header)
+  prefill_rows, cpu_rows = [], []
+  for b in batches:
+    variants = {
+        'minimal': minimal_loop(lm, b, FLAGS.prompt_len, new_tokens - 1),
+        'baseline': Decoder(lm, batch_size=b),
+        'ram': Decoder(lm, ram, table, batch_size=b),
+        'ram:callback': Decoder(lm, ram, table, batch_size=b, lookup='callback'),
+        'disk': Decoder(lm, disk, table, batch_size=b)}
+    if FLAGS.host_loops:
+      variants.update({'baseline:host': Decoder(lm, batch_size=b, loop='host'),
+                       'ram:host': Decoder(lm, ram, table, batch_size=b, loop='host'),
+                       'disk:host': Decoder(lm, disk, table, batch_size=b, loop='host')})
+    dec, dec_cpu, pre, host = rates(variants, b, new_tokens, stream, FLAGS.repeats)
+    print(_row(b, names, dec), flush=True)
+    cpu_rows.append(_row(b, names, dec_cpu))
+    prefill_rows.append((b, pre['baseline'], pre['ram'], pre['disk'], host['ram'],
+                         host['disk']))
+  print('\ndecode tokens per CPU second of this process (the same runs; robust to other '
+        'jobs on a shared machine)')
+  print(header)
+  print('\n'.join(cpu_rows))
+  print(f'\nprefill tokens/s ({FLAGS.prompt_len + 1} tokens per row; SCONE / baseline) '
+        'and the host match + gather of all prompts (ms)')
+  for b, base, r, dk, hr, hd in prefill_rows:
+    print(f'{b:>4} baseline {base:>10.0f}  ram {r:>10.0f} ({r / base:.3f})  '
+          f'disk {dk:>10.0f} ({dk / base:.3f})  host ram {1e3 * hr:.3f} disk {1e3 * hd:.3f}')
+
+
+def main(argv):
+  del argv
+  os.system('uptime')
+  tmp = None
+  root = FLAGS.store_dir
+  if not root:
+    tmp = tempfile.TemporaryDirectory(prefix='bench_decode_')
+    root = tmp.name
+  for preset in FLAGS.presets:
+    bench_preset(preset, root)
+  os.system('uptime')
   if tmp is not None:
     tmp.cleanup()
 

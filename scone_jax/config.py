@@ -11,6 +11,7 @@ points only ever sees the dataclasses (layers never import ml_collections).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import typing
@@ -41,8 +42,13 @@ class DataConfig:
   train_files: str = ''
   eval_files: str = ''
   # 'lines': one document per line; 'blank_lines': documents separated by blank lines;
-  # 'jsonl': one JSON object per line, text under `text_field`.
-  format: Literal['lines', 'blank_lines', 'jsonl'] = 'lines'
+  # 'jsonl': one JSON object per line, text under `text_field`; 'parquet': the string
+  # column `text_field`, one document per row, streamed by row group; 'arrayrecord': one
+  # UTF-8 document per record; 'arrayrecord_tokens': one document per record as token ids
+  # (little-endian uint32, no BOS/EOS; needs the tokenizer that made them in
+  # tokenizer.model_file). Layouts: scone_jax/corpus/columnar.py.
+  format: Literal['lines', 'blank_lines', 'jsonl', 'parquet', 'arrayrecord',
+                  'arrayrecord_tokens'] = 'lines'
   text_field: str = 'text'
   # Invalid UTF-8: 'replace' with U+FFFD (counted and reported) or 'error' (names file+line).
   on_bad_utf8: Literal['replace', 'error'] = 'replace'
@@ -60,10 +66,18 @@ class DataConfig:
   # <workdir>/prepare. Sweep points point this at one shared directory: stages are keyed
   # by their inputs' fingerprints, so points with the same data prepare once.
   artifacts_dir: str = ''
+  # False in the paper presets (experiments/gpt2.py, olmo.py): prepare and train refuse
+  # source='embedded' unless this is set, since a paper-sized run on the small stdlib
+  # corpus is almost always a forgotten data flag (check_data_source).
+  allow_embedded: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
+  # 'sentencepiece': train one on the corpus or load a .model (model_file);
+  # 'huggingface': load a local tokenizer.json (model_file) with the `tokenizers`
+  # library, e.g. GPT-2's or GPT-NeoX-20B's; it cannot be trained here.
+  kind: Literal['sentencepiece', 'huggingface'] = 'sentencepiece'
   vocab_size: int = 8000
   model_type: Literal['bpe', 'unigram'] = 'bpe'
   # Path of an existing sentencepiece .model; empty means train one on the train corpus.
@@ -76,6 +90,13 @@ class TokenizerConfig:
   # Documents longer than max_sentence_length bytes when training the tokenizer:
   # 'split' them at whitespace (counted and logged with file:line) or raise an 'error'.
   long_docs: Literal['split', 'error'] = 'split'
+  # huggingface only: the special tokens scone_jax uses ('' = the rule in
+  # scone_jax/tokenizer/hf.py: EOS is <|endoftext|> or </s>; BOS is <s> if present, else
+  # EOS, as GPT-2 and GPT-NeoX mark document starts with <|endoftext|>; pad is <pad> or
+  # <|padding|>, else EOS; padded positions are masked, so its id never reaches a loss).
+  bos_token: str = ''
+  eos_token: str = ''
+  pad_token: str = ''
   # Token shard dtype is derived from vocab_size (uint16 below 2**16, else uint32).
 
 
@@ -129,10 +150,15 @@ class ModelConfig:
 class FgramModelConfig:
   # Depth of A_f. 0 means no SCONE: the plain backbone baseline.
   num_layers: int = 0
-  # Static capacity: at most this many distinct f-grams per (per-process) batch. 0 means
-  # batch_size * seq_len (always enough). When exceeded the excess f-grams' positions fall
-  # back to token embeddings and the event is counted in the metrics.
+  # A_f runs once per DISTINCT f-gram of a (per-process) batch, the f-grams packed into
+  # rows of 2 * fgram.max_len tokens; the row count is padded to a bucket of a geometric
+  # ladder (batches/tagging.py). capacity = the smallest bucket in rows (0 = 8): set it to
+  # a high quantile of the logged batch/fgram_rows to keep one compiled shape. A batch
+  # needing more rows gets the next bucket (ratio bucket_growth), compiled on first use and
+  # counted (batch/fgram_above_capacity, train/compiled_steps): never a fallback to token
+  # embeddings, so training, eval and serving use the same embedding at every position.
   capacity: int = 0
+  bucket_growth: float = 1.2
   # Final norm on A_f's output at the f-gram's last token: 'none' = A_f's raw residual
   # stream, 'same' = the backbone's norm type. Default 'none': the output REPLACES a token
   # embedding in the backbone's residual stream, and the raw stream starts at that scale
@@ -226,6 +252,10 @@ class ServeConfig:
   top_k: int = 0
   top_p: float = 1.0
   batch_size: int = 1
+  # Generation loop: on-device while loop (default) or one jitted step per token.
+  decode_loop: Literal['device', 'host'] = 'device'
+  # SCONE's per-step lookup in the device loop (serve/device_loop.py).
+  lookup: Literal['auto', 'native', 'callback'] = 'auto'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,7 +364,10 @@ _VALUE_RULES = (
     ('model.rope_theta', lambda v: v > 0 and _finite(v), 'must be > 0'),
     ('model.init_std', lambda v: v > 0 and _finite(v), 'must be > 0'),
     ('fgram_model.num_layers', lambda v: v >= 0, 'must be >= 0 (0 = baseline, no SCONE)'),
-    ('fgram_model.capacity', lambda v: v >= 0, 'must be >= 0 (0 = batch_size * seq_len)'),
+    ('fgram_model.capacity', lambda v: v >= 0,
+     'must be >= 0 (the smallest A_f row bucket; 0 = 8 rows)'),
+    ('fgram_model.bucket_growth', lambda v: v > 1 and _finite(v),
+     'must be > 1 (the A_f row bucket ladder\'s ratio, e.g. 1.2)'),
     ('train.steps', lambda v: v >= 1, 'must be >= 1'),
     ('train.batch_size', lambda v: v >= 1, 'must be >= 1'),
     ('train.seq_len', lambda v: v >= 1, 'must be >= 1'),
@@ -430,6 +463,18 @@ def validate(cfg: Config) -> Config:
   if cfg.train.batch_size % cfg.train.grad_accum_steps:
     raise ConfigError(f'config.train.batch_size={cfg.train.batch_size} is not divisible by '
                       f'config.train.grad_accum_steps={cfg.train.grad_accum_steps}')
+  tc = cfg.tokenizer
+  if tc.kind == 'huggingface' and not tc.model_file:
+    raise ConfigError("config.tokenizer.kind='huggingface' loads an existing tokenizer.json: "
+                      "set --config.tokenizer.model_file=/path/to/tokenizer.json")
+  if tc.kind == 'sentencepiece' and (tc.bos_token or tc.eos_token or tc.pad_token):
+    raise ConfigError('config.tokenizer.bos_token/eos_token/pad_token apply to '
+                      "tokenizer.kind='huggingface' only; sentencepiece models carry their "
+                      'own special ids')
+  if cfg.data.format == 'arrayrecord_tokens' and not tc.model_file:
+    raise ConfigError("config.data.format='arrayrecord_tokens' holds token ids already: set "
+                      'config.tokenizer.model_file (and tokenizer.kind) to the tokenizer '
+                      'that produced them')
   if cfg.data.source == 'files' and not cfg.data.train_files and not cfg.tokenizer.model_file:
     raise ConfigError("config.data.source='files' needs config.data.train_files (comma-"
                       "separated globs), e.g. --config.data.train_files='/data/*.txt'")
@@ -444,6 +489,22 @@ def validate(cfg: Config) -> Config:
   return cfg
 
 
+def check_data_source(cfg: Config) -> None:
+  """Refuses the embedded corpus for configs that set data.allow_embedded=False.
+
+  Called where a run starts (prepare, train) rather than in `validate`, so sweep dry runs
+  and accounting still load the paper presets.
+  """
+  if cfg.data.source == 'embedded' and not cfg.data.allow_embedded:
+    raise ConfigError(
+        f'config {cfg.name!r} is a paper-scale preset and refuses to train on the embedded '
+        'stdlib corpus. Point it at your data: --config.data.source=files '
+        "--config.data.train_files='/data/owt/train-*.parquet' --config.data.format=parquet "
+        "--config.data.eval_files='heldout=/data/owt/val-*.parquet' "
+        '--config.tokenizer.kind=huggingface --config.tokenizer.model_file=/data/gpt2/'
+        'tokenizer.json (formats: lines, blank_lines, jsonl, parquet, arrayrecord, '
+        'arrayrecord_tokens). To train on the embedded corpus anyway, pass '
+        '--config.data.allow_embedded=True')
 def resolve_mesh(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
   """The (data, fsdp, tensor) shape: resolves `data=-1`; the axes must multiply to the
   device count."""
@@ -476,12 +537,20 @@ def check_batch_on_mesh(global_batch: int, shape: tuple[int, int, int]) -> None:
         'move devices to config.mesh.tensor')
 
 
-def validate_runtime(cfg: Config, num_devices: int, num_processes: int) -> None:
-  """The rules that need the runtime: mesh vs devices, batch vs mesh and processes.
+def validate_runtime(cfg: Config, num_devices: int, num_processes: int,
+                     platform: str = '') -> None:
+  """The rules that need the runtime: mesh vs devices, batch vs mesh and processes, the
+  backend (`platform`, jax.default_backend(); '' skips) and optional packages.
 
   Cheap and side-effect free: entry points call it right after the distributed runtime
   is up (jax.device_count() is known) and before anything is prepared or written.
   """
+  if cfg.model.attention == 'cudnn' and platform and platform != 'gpu':
+    raise ConfigError(f"config.model.attention='cudnn' needs an NVIDIA GPU, but the backend "
+                      f"is {platform!r}; use config.model.attention='einsum'")
+  if cfg.fgram.miner == 'beam' and importlib.util.find_spec('apache_beam') is None:
+    raise ConfigError("config.fgram.miner='beam' needs apache-beam: pip install -r "
+                      "requirements-beam.txt, or use config.fgram.miner='local'")
   shape = resolve_mesh(cfg.mesh, num_devices)
   check_batch_on_mesh(cfg.train.batch_size, shape)
   if cfg.train.batch_size % num_processes:
@@ -502,7 +571,8 @@ def validate_runtime(cfg: Config, num_devices: int, num_processes: int) -> None:
 # --allow_config_change), e.g. train.steps, which moves the cosine schedule's end.
 RESUMABLE_KEYS = ('name', 'train.log_every', 'train.eval_every', 'train.eval_batches',
                   'train.data_prefetch', 'train.peak_tflops', 'checkpoint.', 'distributed.',
-                  'mesh.', 'data.artifacts_dir', 'export.', 'serve.')
+                  'mesh.', 'data.artifacts_dir', 'export.', 'serve.',
+                  'data.allow_embedded')
 
 
 def _key_matches(key: str, pattern: str) -> bool:

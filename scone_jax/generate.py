@@ -2,7 +2,7 @@
 
   python -m scone_jax.generate --workdir=W --prompt="def main(" [--max_new_tokens=64
       --temperature=0.8 --top_k=40 --top_p=0.95 --batch_size=1 --store_tier=ram|disk
-      --seed=0] [--accounting_only]
+      --decode_loop=device|host --lookup=auto|native|callback --seed=0] [--accounting_only]
 
 Restores W's latest checkpoint. SCONE runs read the store written by
 `python -m scone_jax.export --workdir=W`; baseline runs need none. Unset flags take
@@ -23,7 +23,7 @@ from scone_jax import config as config_lib
 from scone_jax.config import Config
 from scone_jax.export import EXPORT_DIR
 from scone_jax.serve import restore
-from scone_jax.serve.accounting import account
+from scone_jax.serve.accounting import account, measured_af_tokens_per_token
 from scone_jax.serve.decode import Decoder, Sampling
 from scone_jax.serve.store import EmbeddingStore
 
@@ -55,7 +55,8 @@ def build_decoder(cfg: Config, workdir: str,
   run = restore.load_run(cfg, workdir, with_table=True)
   store = open_store(cfg, workdir, run)
   return run, Decoder(run.lm, store, run.table, batch_size=batch_size or cfg.serve.batch_size,
-                      bos_id=run.tokenizer.bos_id)
+                      bos_id=run.tokenizer.bos_id, loop=cfg.serve.decode_loop,
+                      lookup=cfg.serve.lookup)
 
 
 def generate(cfg: Config, workdir: str, prompts: list[str], seed: int = 0) -> GenerateResult:
@@ -86,20 +87,23 @@ def main(argv):
   del argv
   logs.quiet_third_party_logs()
   f = flags.FLAGS
-  names = ('max_new_tokens', 'temperature', 'top_k', 'top_p', 'batch_size', 'store_tier')
+  names = ('max_new_tokens', 'temperature', 'top_k', 'top_p', 'batch_size', 'store_tier',
+           'decode_loop', 'lookup')
   overrides = {f'serve.{n}': getattr(f, n) for n in names if getattr(f, n) is not None}
   cfg = restore.run_config(f.workdir, overrides)
   if f.accounting_only:
     # XLA's cost analysis counts a scanned layer body once: unroll so it counts every layer.
     cfg = config_lib.replace(cfg, **{'model.layer_loop': 'unrolled'})
     run, decoder = build_decoder(cfg, f.workdir)
-    print(account(cfg, decoder, run.tokenizer.vocab_size).table())
+    print(account(cfg, decoder, run.tokenizer.vocab_size,
+                  measured_af_tokens_per_token(f.workdir)).table())
     return
   result = generate(cfg, f.workdir, f.prompt, f.seed)
   for text in result.texts:
     print(text)
-  print(f'[{result.tokens_per_second:.1f} tokens/s, host lookup '
-        f'{result.lookup_ms_per_step:.3f} ms/step]')
+  lookup = (f', host lookup {result.lookup_ms_per_step:.3f} ms/step'
+            if cfg.serve.decode_loop == 'host' else '')
+  print(f'[{result.tokens_per_second:.1f} tokens/s{lookup}]')
 
 
 def define_flags() -> None:
@@ -112,6 +116,10 @@ def define_flags() -> None:
   flags.DEFINE_float('top_p', None, '1.0 = off.')
   flags.DEFINE_integer('batch_size', None, 'Rows decoded together.')
   flags.DEFINE_enum('store_tier', None, ['ram', 'disk'], 'Where the f-gram table is read.')
+  flags.DEFINE_enum('decode_loop', None, ['device', 'host'],
+                    'On-device generation loop or one jitted step per token.')
+  flags.DEFINE_enum('lookup', None, ['auto', 'native', 'callback'],
+                    "SCONE's lookup inside the device loop (auto: native on CPU + ram).")
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
   flags.DEFINE_bool('accounting_only', False,
                     'Print parameter/FLOP accounting of the decode step and exit.')

@@ -115,6 +115,10 @@ def _tokenizer_input(cfg: Config, train: FileCorpus) -> str:
     if not os.path.isfile(tc.model_file):
       raise artifacts.ArtifactError(f'config.tokenizer.model_file={tc.model_file} does not '
                                     'exist; fix the path or leave it empty to train one')
+    if tc.kind == 'huggingface':  # The special-token roles change what BOS/EOS are.
+      return artifacts.fingerprint('model_file', artifacts.sha256_file(tc.model_file),
+                                   tc.vocab_size, tc.kind, tc.bos_token, tc.eos_token,
+                                   tc.pad_token)
     return artifacts.fingerprint('model_file', artifacts.sha256_file(tc.model_file),
                                  tc.vocab_size)
   return artifacts.fingerprint('train', spm_lib.TRAIN_VERSION, train.fingerprint,
@@ -157,6 +161,7 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
     cfg: the resolved config (data, tokenizer and fgram sections are used).
     workdir: the run directory; artifacts go to cfg.data.artifacts_dir or workdir/prepare.
   """
+  config_lib.check_data_source(cfg)  # Before anything is written.
   art = artifacts_dir(cfg, workdir)
   artifacts.clean_stale_temps(art)  # Left by a killed prepare (ours only; see there).
   timings: dict[str, float] = {}

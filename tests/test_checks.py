@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -58,6 +59,8 @@ BAD_VALUES = [
     ({'fgram.miner': 'spark'}, r"config\.fgram\.miner='spark' is not one of"),
     ({'model.attention': 'cudnn'}, r"config\.model\.attention='cudnn' needs "
                                    r"config\.model\.dtype='bfloat16'"),
+    ({'model.attention': 'cudnn', 'model.dtype': 'bfloat16'},
+     r"config\.model\.attention='cudnn' needs an NVIDIA GPU, but the backend is 'cpu'"),
     ({'serve.top_p': 0.0}, r'config\.serve\.top_p=0\.0 must be in \(0, 1\]'),
     ({'distributed.mode': 'explicit'}, r'config\.distributed\.coordinator_address'),
     ({'mesh.tensor': 3}, r'config\.mesh\.fsdp\*tensor=1\*3 does not divide the 8 devices'),
@@ -233,7 +236,7 @@ def test_failed_async_save_stops_training_with_one_message(tmp_path, tmp_path_fa
                                                            monkeypatch):
   from orbax.checkpoint._src.path import atomicity
   corpus, art = th.shared_dirs(str(tmp_path_factory.getbasetemp()))
-  cfg = th.micro_config(corpus, art, **{'train.steps': 8})
+  cfg = th.micro_config(corpus, art)  # The reference run's config: its compile is cached.
   threads = []
 
   async def disk_full(self, *args, **kwargs):
@@ -290,7 +293,9 @@ def test_a_dead_holders_lock_is_taken_over(tmp_path, caplog):
     pass
 
 
+@pytest.mark.slow  # ~25 s of CPU: a real train CLI; the lock logic has fast tests above.
 def test_two_train_processes_on_one_run(tmp_path, tmp_path_factory):
+  """The second CLI train stops at once naming the first; the first's log stays quiet."""
   corpus, art = th.shared_dirs(str(tmp_path_factory.getbasetemp()))
   config_file = th.micro_config_file(str(tmp_path / 'micro.py'), corpus, art,
                                      **{'train.steps': 100000})
@@ -298,12 +303,12 @@ def test_two_train_processes_on_one_run(tmp_path, tmp_path_factory):
   cmd = [sys.executable, '-m', 'scone_jax.train', f'--config={config_file}',
          f'--workdir={workdir}']
   env = th.subprocess_env(1)
-  first = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE)
+  first = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
   try:
     deadline = time.time() + 120
     while runlock.read_lock(str(workdir)) is None:
-      assert first.poll() is None, first.stderr.read().decode()[-3000:]
+      assert first.poll() is None, first.communicate()[1][-3000:]
       assert time.time() < deadline, 'the first train took no lock within 120 s'
       time.sleep(0.05)
     second = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True,
@@ -311,10 +316,45 @@ def test_two_train_processes_on_one_run(tmp_path, tmp_path_factory):
     assert second.returncode != 0
     assert (f'is being written by pid {first.pid} on host {socket.gethostname()}'
             in second.stderr), second.stderr[-3000:]
+    assert 'Traceback' not in second.stderr
     assert first.poll() is None  # The holder is untouched.
+    # Once it trains (the SIGTERM handler is in place), stop it: it saves and exits.
+    metrics = workdir / 'metrics.jsonl'  # Created at start; a line once step 1 ran.
+    while not (metrics.exists() and metrics.read_text().strip()):
+      assert first.poll() is None, first.communicate()[1][-3000:]
+      assert time.time() < deadline + 120, 'the first train logged no step'
+      time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    _, log = first.communicate(timeout=120)
   finally:
-    first.kill()
-    first.wait()
+    if first.poll() is None:
+      first.kill()
+      first.wait()
+  assert first.returncode == 0, log[-3000:]
+  assert 'loop.py' in log and 'train: preempted' in log
+  # Quiet: no orbax INFO lines (a save logs dozens) and no TPU probe line.
+  assert 'checkpoint_manager.py' not in log and 'xla_bridge.py' not in log, log[-3000:]
+  assert runlock.read_lock(str(workdir)) is None  # Released on exit.
+
+
+def test_quiet_filter_and_eval_lines():
+  from scone_jax import evaluate as evaluate_lib
+  from scone_jax import logs
+
+  def record(name, level, path):
+    return logging.LogRecord(name, level, path, 1, 'msg', None, None)
+  f = logs.ThirdPartyInfoFilter()
+  orbax = '/site-packages/orbax/checkpoint/checkpoint_manager.py'
+  assert not f.filter(record('absl', logging.INFO, orbax))
+  assert f.filter(record('absl', logging.WARNING, orbax))  # Warnings and errors pass.
+  assert f.filter(record('absl', logging.ERROR, orbax))
+  assert not f.filter(record('jax._src.xla_bridge', logging.INFO, '/jax/_src/xla_bridge.py'))
+  assert f.filter(record('absl', logging.INFO, '/repo/scone_jax/train/loop.py'))
+  lines = evaluate_lib.format_eval({'step': 4, 'corpora': {'heldout': dict(
+      loss=2.0, perplexity=7.389, bits_per_byte=0.8, tokens=512.0,
+      fraction_evaluated=0.0625)}})
+  assert lines == ['eval step 4 heldout: loss 2.0000  ppl 7.39  bits/byte 0.8000  '
+                   '(512 tokens, 6.2% of the corpus)']
 
 
 # ---------------------------------------------------------------- temporaries

@@ -134,23 +134,52 @@ def _reference_greedy(lm, table, prompt, n):
   return seq[len(prompt):]
 
 
-def test_greedy_generation_equals_training_path(scone, table):
+# (store, loop, lookup, chunk_steps): the device loop with each lookup, the host loop.
+LOOPS = [('float32', 'device', 'native', 64), ('float32', 'device', 'callback', 2),
+         ('float32-disk', 'device', 'auto', 4), ('float32', 'host', 'auto', 32)]
+
+
+@pytest.mark.parametrize('store,loop,lookup,chunk', LOOPS)
+def test_greedy_generation_equals_training_path(scone, table, store, loop, lookup, chunk):
   lm, stores = scone
-  dec = Decoder(lm, stores['float32'], table, batch_size=B, bos_id=BOS)
+  dec = Decoder(lm, stores[store], table, batch_size=B, bos_id=BOS, loop=loop,
+                lookup=lookup, chunk_steps=chunk)
+  assert dec.lookup == ('native' if lookup == 'auto' else lookup)
+  hits_before = stores[store].stats.hits
   prompts = PROMPTS[:3]
   gen = dec.generate([np.array(p) for p in prompts], max_new_tokens=6)
   for p, toks in zip(prompts, gen.tokens):
     assert list(toks) == _reference_greedy(lm, table, p, 6)
-  assert gen.decode_steps == 4 and gen.tokens_per_second > 0  # First step untimed.
+  # The device loop times every step (compiled beforehand); the host loop all but one.
+  assert gen.decode_steps == (5 if loop == 'device' else 4) and gen.tokens_per_second > 0
+  # Prompt gather + one lookup per decode step and row reached the store's counters.
+  assert stores[store].stats.hits > hits_before
 
 
-def test_baseline_generation_is_the_plain_backbone(table):
+@pytest.mark.parametrize('loop,chunk', [('device', 3), ('host', 32)])
+def test_baseline_generation_is_the_plain_backbone(table, loop, chunk):
   cfg = _cfg(0)
   lm = SconeLM(cfg.model, cfg.fgram_model, fgram_max_len=K, vocab_size=V, rngs=nnx.Rngs(1))
-  dec = Decoder(lm, batch_size=B, bos_id=BOS)
-  gen = dec.generate([np.array(PROMPTS[0]), np.array(PROMPTS[3])], max_new_tokens=5)
+  dec = Decoder(lm, batch_size=B, bos_id=BOS, loop=loop, chunk_steps=chunk)
+  assert dec.lookup == 'none'
+  gen = dec.generate([np.array(PROMPTS[0]), np.array(PROMPTS[3])], max_new_tokens=7)
   for p, toks in zip([PROMPTS[0], PROMPTS[3]], gen.tokens):
-    assert list(toks) == _reference_greedy(lm, None, p, 5)
+    assert list(toks) == _reference_greedy(lm, None, p, 7)
+
+
+def _loop_flops(dec):
+  return compat.cost_flops(dec._chunk_program(Sampling()))  # pylint: disable=protected-access
+
+
+def test_device_loop_flops_equal_baseline(scone, table):
+  """The whole compiled chunk (while loop, lookup inside) costs what the baseline's does."""
+  lm, stores = scone
+  f_base = _loop_flops(Decoder(lm, batch_size=B))
+  assert f_base > 0
+  for lookup in ('native', 'callback'):
+    f_scone = _loop_flops(Decoder(lm, stores['bfloat16'], table, batch_size=B,
+                                  lookup=lookup))
+    assert abs(f_scone - f_base) <= 0.01 * f_base, (lookup, f_scone, f_base)
 
 
 def test_decode_step_flops_equal_baseline(scone, table):
@@ -179,20 +208,38 @@ def test_accounting_counts_backbone_on_device_and_table_offloaded(scone, table):
   f_scone, f_base = acc.xla_flops_per_token, base.xla_flops_per_token
   assert abs(f_scone - f_base) <= 0.01 * f_base
   assert 'offloaded f-gram table (ram)' in acc.table()
+  assert 'A_f measured' not in acc.table()
+  measured = account(cfg, Decoder(lm, stores['bfloat16'], table, batch_size=B), V, 1.5)
+  assert 'A_f worst case' in measured.table() and 'A_f measured' in measured.table()
+  assert base.train_flops_per_token_worst < measured.train_flops_per_token_measured < (
+      measured.train_flops_per_token_worst)
 
 
 def test_eos_stops_rows_and_sampling_is_seeded(scone, table):
   lm, stores = scone
-  dec = Decoder(lm, stores['float32'], table, batch_size=B, bos_id=BOS)
+  host = Decoder(lm, stores['float32'], table, batch_size=B, bos_id=BOS, loop='host')
+  dev = Decoder(lm, stores['float32'], table, batch_size=B, bos_id=BOS, chunk_steps=2)
   prompts = [np.array(PROMPTS[0]), np.array(PROMPTS[1])]
-  greedy = dec.generate(prompts, 6)
+  greedy = dev.generate(prompts, 6)
+  assert [len(t) for t in greedy.tokens] == [6, 6]  # max_new_tokens, over 3 chunks.
   eos = int(greedy.tokens[0][2])
-  stopped = dec.generate(prompts, 6, eos_id=eos)
   first = list(greedy.tokens[0]).index(eos)
-  assert list(stopped.tokens[0]) == list(greedy.tokens[0][:first + 1])
+  for dec in (host, dev):
+    stopped = dec.generate(prompts, 6, eos_id=eos)
+    assert list(stopped.tokens[0]) == list(greedy.tokens[0][:first + 1])
+    # Row 1 stops at its own EOS, or runs on (the batch runs while a row has not stopped).
+    row1 = list(greedy.tokens[1])
+    assert list(stopped.tokens[1]) == row1[:row1.index(eos) + 1 if eos in row1 else 6]
+  one = dev.generate(prompts, 1)
+  assert [len(t) for t in one.tokens] == [1, 1] and one.decode_steps == 0
   s = Sampling(temperature=1.0, top_k=5, top_p=0.9)
-  a, b = dec.generate(prompts, 6, s, seed=3), dec.generate(prompts, 6, s, seed=3)
+  a, b = dev.generate(prompts, 6, s, seed=3), dev.generate(prompts, 6, s, seed=3)
   assert all((x == y).all() for x, y in zip(a.tokens, b.tokens))
+  # The device loop samples with the host loop's keys: the same draws.
+  c = host.generate(prompts, 6, s, seed=3)
+  assert all((x == y).all() for x, y in zip(a.tokens, c.tokens))
+  d = dev.generate(prompts, 6, s, seed=4)
+  assert any((x != y).any() for x, y in zip(a.tokens, d.tokens))
 
 
 def test_sampling_filters_match_numpy_reference():
@@ -221,6 +268,11 @@ def test_bad_prompts_are_clear_errors(scone, table):
     dec.generate([np.array([5])] * 3, 4)
   with pytest.raises(ValueError, match='rows but the f-gram table has 8'):
     Decoder(lm, stores['float32'], table.slice(8))
+  tensorstore = EmbeddingStore.open(stores['float32'].path, 'disk', disk_reader='tensorstore')
+  with pytest.raises(ValueError, match="lookup='native' needs the CPU backend and a store"):
+    Decoder(lm, tensorstore, table, lookup='native')
+  with pytest.raises(ValueError, match="loop='gpu' must be"):
+    Decoder(lm, loop='gpu')
 
 
 @pytest.mark.slow
@@ -260,3 +312,40 @@ def test_trained_run_export_then_generate(tmp_path):
     want = np.asarray(nnx.merge(graphdef, state)(batch))[0, :7]
     # bf16 store (the export default): rows are rounded to 8 mantissa bits.
     assert np.abs(got[b] - want).max() <= 3e-2 * np.abs(want).max()
+
+
+def test_embedding_rule_is_the_stores_at_every_position_above_capacity(scone, table):
+  """Training and eval tag batches with the same `tag_fgrams`; here a batch that needs more
+  A_f rows than fgram_model.capacity: every matched position still gets its f-gram's
+  embedding, equal to the exported store's row (what serving reads), and every other
+  position its token embedding. No fallback."""
+  lm, stores = scone
+  grams = [list(g) for g in table.grams()]
+  sep, t = 3, 24  # Token 3 never occurs in the mined documents.
+  rows, row = [], [BOS]
+  for g in grams:
+    if len(row) + len(g) + 1 > t:
+      rows.append(row)
+      row = [BOS]
+    row += g + [sep]
+  rows.append(row)
+  inputs = np.zeros((len(rows), t), np.int32)
+  segments = np.zeros_like(inputs)
+  for b, r in enumerate(rows):
+    inputs[b, :len(r)], segments[b, :len(r)] = r, 1
+  batch = {'inputs_BxT': inputs, 'segment_ids_BxT': segments,
+           'positions_BxT': np.broadcast_to(np.arange(t, dtype=np.int32), inputs.shape)}
+  batch = tag_fgrams(batch, table, capacity=8)
+  assert batch['stats/fgram_above_capacity'] == 1 and batch['fgram_tokens_RxW'].shape[0] > 8
+  batch = {k: v for k, v in batch.items() if not k.startswith('stats/')}
+  graphdef, state = nnx.split(lm)
+  x_train = np.asarray(jax.jit(lambda s, b: nnx.merge(graphdef, s).input_embeddings(b))(
+      state, batch))
+  ids, _ = table.match(inputs, segments)
+  matched = (ids >= 0) & (segments > 0)
+  assert matched.sum() >= len(grams)
+  tokens = np.asarray(lm.backbone.embed(inputs))
+  x_serve = np.where(matched[..., None],
+                     stores['float32'].gather(np.maximum(ids, 0).ravel()).reshape(tokens.shape),
+                     tokens)
+  np.testing.assert_allclose(x_train, x_serve, rtol=1e-5, atol=1e-6)

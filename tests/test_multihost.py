@@ -14,7 +14,8 @@ import pytest
 import train_helpers as th
 from train_helpers import compile_cache  # noqa: F401  (autouse fixture)
 from scone_jax import batches
-from scone_jax.config import ConfigError, DistributedConfig, MeshConfig
+from scone_jax import config as config_lib
+from scone_jax.config import ConfigError, MeshConfig
 from scone_jax.fgrams import FgramTable
 from scone_jax.tokenizer import TokenShards
 from scone_jax.train import mesh as mesh_lib
@@ -29,11 +30,14 @@ def _free_port() -> int:
 
 
 def test_explicit_mode_errors_name_the_keys():
+  # config.validate holds these rules: they fail at the config boundary, before any work.
+  base = config_lib.Config()
   with pytest.raises(ConfigError, match='coordinator_address'):
-    mesh_lib.maybe_initialize_distributed(DistributedConfig(mode='explicit'))
+    config_lib.replace(base, **{'distributed.mode': 'explicit'})
   with pytest.raises(ConfigError, match=r'process_id=2 must be in \[0, num_processes=2\)'):
-    mesh_lib.maybe_initialize_distributed(DistributedConfig(
-        mode='explicit', coordinator_address='127.0.0.1:1', num_processes=2, process_id=2))
+    config_lib.replace(base, **{'distributed.mode': 'explicit',
+                                'distributed.coordinator_address': '127.0.0.1:1',
+                                'distributed.num_processes': 2, 'distributed.process_id': 2})
 
 
 def test_two_process_slices_give_the_one_process_loss(tmp_path_factory):
@@ -48,7 +52,10 @@ def test_two_process_slices_give_the_one_process_loss(tmp_path_factory):
   whole = batches.split_stats(next(batches.make_train_iterator(cfg, shards, table)))[0]
   parts = [batches.split_stats(next(batches.make_train_iterator(cfg, shards, table, p, 2)))[0]
            for p in range(2)]
-  capacity = parts[0]['fgram_tokens_UxK'].shape[0]
+  # As to_global_arrays does: every process pads its A_f rows to the largest bucket.
+  rows = max(part['fgram_tokens_RxW'].shape[0] for part in parts)
+  parts = [batches.tagging.pad_fgram_rows(part, rows) for part in parts]
+  capacity = parts[0]['fgram_tokens_RxW'].size
   glued = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
   glued['fgram_slot_BxT'] = np.concatenate(
       [batches.offset_slots(part['fgram_slot_BxT'], p, capacity)

@@ -24,6 +24,13 @@ prints it: ~2 us isolated, ~10-20 us inside the CPU decode loop, whose device st
 just evicted the host's caches).
 The store is never indexed inside jit (docs/METHOD.md, section 4: a pinned_host table
 indexed in jit fails or runs slow host compute).
+
+That is the 'host' loop (`loop='host'`), one jitted step per token from Python. The
+default, `loop='device'`, runs the same step in an on-device `lax.while_loop` (serve/
+device_loop.py): sampling, EOS and max_new_tokens are decided on the device and tokens
+come back in chunks; SCONE's lookup is called from inside the loop (`lookup`: 'native',
+an XLA FFI call into the compiled match + gather, on the CPU backend with the 'ram' tier
+or the memmapped 'disk' tier; 'callback', a host callback into `step_slab`, anywhere).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +49,11 @@ from flax import nnx
 from scone_jax.fgrams import IncrementalMatcher
 from scone_jax.fgrams.match import push_kernel
 from scone_jax.model import Backbone, KVCache, SconeLM
+from scone_jax.serve import device_loop
 from scone_jax.serve.store import EmbeddingStore, gather_kernel
+
+Loop = Literal['device', 'host']
+LookupMode = Literal['auto', 'native', 'callback']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +99,14 @@ def _inputs(backbone: Backbone, tokens_BxT: jax.Array, slab_BxTxD: jax.Array,
   return jnp.where(mask_BxT[..., None], slab_BxTxD.astype(x_BxTxD.dtype), x_BxTxD)
 
 
-def _prefill(graphdef, sampling: Sampling, all_logits: bool, state, tokens_BxT, slab_BxTxD,
-             mask_BxT, lengths_B, cache: KVCache, key):
+def _prefill(graphdef, sampling: Sampling, all_logits: bool, state, tokens_BxT, slab_BxTxE,
+             lengths_B, cache: KVCache, key):
+  """slab_BxTxE: the prompts' f-gram rows with the match flag last (None: baseline)."""
   backbone = nnx.merge(graphdef, state)
-  x_BxTxD = _inputs(backbone, tokens_BxT, slab_BxTxD, mask_BxT)
+  if slab_BxTxE is None:
+    x_BxTxD = backbone.embed(tokens_BxT)
+  else:
+    x_BxTxD = _inputs(backbone, tokens_BxT, slab_BxTxE[..., :-1], slab_BxTxE[..., -1] > 0)
   logits_BxTxV, cache = backbone.prefill(x_BxTxD, lengths_B, cache)
   last_BxV = jnp.take_along_axis(logits_BxTxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
   return (logits_BxTxV if all_logits else last_BxV), sample(last_BxV, key, sampling), cache
@@ -121,6 +136,33 @@ def _slab_kernel(tokens_B, codes_BxL, slots, shifts_L, ids_B, lens_B, rows_RxD, 
   return hits
 
 
+@numba.njit(nogil=True, cache=True)
+def _prompt_kernel(tokens_BxT, lengths_B, codes_BxL, slots, shifts_L, ids_BxT, rows_RxD,
+                   num_rows, slab_NxE, one):
+  """Matches every prompt row (positions < lengths_B[b]; later ones get -1) by pushing its
+  tokens into a fresh incremental matcher, which ends primed with the row's last K-1
+  tokens. With `rows_RxD` (raw bits) also fills slab_NxE (N = B*T positions): the
+  f-gram row and the match flag. Returns the number of matched positions."""
+  b, t = tokens_BxT.shape
+  codes_BxL[:] = -1
+  lens_1 = np.empty(1, np.int32)
+  hits = 0
+  for r in range(b):
+    for j in range(t):
+      if j >= lengths_B[r]:
+        ids_BxT[r, j] = -1
+      else:
+        push_kernel(tokens_BxT[r, j:j + 1], codes_BxL[r:r + 1], slots, shifts_L,
+                    ids_BxT[r, j:j + 1], lens_1)
+      if ids_BxT[r, j] >= 0:
+        hits += 1
+      if rows_RxD is not None:
+        row = ids_BxT[r, j] if ids_BxT[r, j] >= 0 else num_rows
+        slab_NxE[r * t + j, :-1] = rows_RxD[row, :]
+        slab_NxE[r * t + j, -1] = one if ids_BxT[r, j] >= 0 else 0
+  return hits
+
+
 # Module level, so decoders of one model shape share compilations.
 _PREFILL = jax.jit(_prefill, static_argnums=(0, 1, 2), donate_argnames=('cache',))
 _DECODE = jax.jit(_decode, static_argnums=(0, 1), donate_argnames=('cache',))
@@ -132,9 +174,15 @@ class Generation:
   tokens: list[np.ndarray]
   prefill_seconds: float
   decode_seconds: float
-  decode_steps: int  # Steps timed in decode_seconds (all but the first when > 1).
+  # Steps timed in decode_seconds: all of them for the device loop (compiled beforehand),
+  # all but the first (its compilation) for the host loop.
+  decode_steps: int
   batch_size: int
   lookup_seconds: float = 0.0  # host match + gather + device_put, the timed steps
+  # This process's CPU time over the timed steps (all threads): on a CPU backend shared with
+  # other jobs, the work done, not the time spent waiting for a core.
+  decode_cpu_seconds: float = 0.0
+  prompt_lookup_seconds: float = 0.0  # host match + gather of the prompts (in prefill)
 
   @property
   def tokens_per_second(self) -> float:
@@ -154,10 +202,17 @@ class Decoder:
     bos_id: prepended to every prompt; no f-gram contains it, so matches never reach
       before it.
     cache_len: S, the KV cache length (default and maximum: model.max_seq_len).
+    loop: 'device' (an on-device while loop, tokens streamed in chunks of `chunk_steps`)
+      or 'host' (one jitted step per token from Python).
+    lookup: SCONE's per-step lookup inside the device loop: 'native' (XLA FFI call, CPU
+      backend and 'ram' tier only), 'callback' (host callback), or 'auto' (native where
+      it applies).
+    chunk_steps: decode steps per device call (the streaming granularity).
   """
 
   def __init__(self, lm: SconeLM, store: EmbeddingStore | None = None, table: Any = None,
-               *, batch_size: int = 1, bos_id: int = 1, cache_len: int | None = None):
+               *, batch_size: int = 1, bos_id: int = 1, cache_len: int | None = None,
+               loop: Loop = 'device', lookup: LookupMode = 'auto', chunk_steps: int = 64):
     backbone = lm.backbone
     cfg = backbone.cfg
     if (store is None) != (table is None):
@@ -200,6 +255,36 @@ class Decoder:
         self._raw_dtype = raw
       else:
         self._fused_args = None
+    if loop not in ('device', 'host'):
+      raise ValueError(f"loop={loop!r} must be 'device' or 'host'")
+    if chunk_steps < 1:
+      raise ValueError(f'chunk_steps={chunk_steps} must be >= 1')
+    self.loop, self.chunk_steps = loop, chunk_steps
+    self.lookup = self._resolve_lookup(lookup)
+    self._chunk_programs = {}
+
+  def _resolve_lookup(self, lookup: LookupMode) -> str:
+    """The device loop's lookup mode, and its operand (native context / callback handle)."""
+    if lookup not in ('auto', 'native', 'callback'):
+      raise ValueError(f"lookup={lookup!r} must be 'auto', 'native' or 'callback'")
+    self._target, self._native = '', None
+    self._lookup_operand = np.int32(0)
+    if self.store is None:
+      return 'none'
+    from scone_jax.serve import native_lookup  # pylint: disable=g-import-not-at-top
+    shards = native_lookup.store_shards(self.store)
+    if lookup == 'native' and (shards is None or jax.default_backend() != 'cpu'):
+      raise ValueError("lookup='native' needs the CPU backend and a store in memory or "
+                       "memory-mapped (tier 'ram', or 'disk' with the memmap reader); use "
+                       "lookup='callback' (or 'auto')")
+    if lookup != 'callback' and shards is not None and jax.default_backend() == 'cpu':
+      one = np.array(1, self._slab_dtype).view(shards[0][0].dtype)[()]
+      self._native = native_lookup.LookupContext(self._matcher.kernel_args, *shards, one,
+                                                 self.batch_size)
+      self._target, self._lookup_operand = self._native.target, self._native.operand
+      return 'native'
+    self._lookup_operand = np.int32(device_loop.register_callback(self.step_slab))
+    return 'callback'
 
   # -- host side -----------------------------------------------------------------------
 
@@ -231,24 +316,33 @@ class Decoder:
     return tokens_BxT, lengths_B
 
   def _prompt_slab(self, tokens_BxT: np.ndarray, lengths_B: np.ndarray):
-    """Host matching + gather for the prompts, and the matcher primed to continue them."""
-    b, t = tokens_BxT.shape
+    """The prompts' f-gram rows for one prefill: slab_BxTxE on the device (None for the
+    baseline), the matcher primed to continue every row.
+
+    One compiled call matches every prompt position (`_prompt_kernel`: the incremental
+    matcher run along each row from an empty history, equal to `table.match` with one
+    segment per row) and, for the 'ram' tier, gathers the rows and match flags into the
+    slab; the 'disk' tier gathers with one `store.gather`. One transfer follows.
+    """
     if self.store is None:
-      return (jnp.zeros((b, t, self.d_model), self.dtype), jnp.zeros((b, t), bool))
-    segment_ids_BxT = (np.arange(t)[None] < lengths_B[:, None]).astype(np.int32)
-    ids_BxT, _ = self.table.match(tokens_BxT, segment_ids_BxT)
-    ids_BxT = np.where(segment_ids_BxT > 0, ids_BxT, -1)
-    slab_BxTxD = self.store.gather(ids_BxT.reshape(-1)).reshape(b, t, self.d_model)
-    # Prime the incremental matcher with each row's last K-1 tokens: the longest f-gram
-    # ending at the next token depends on nothing older. BOS stands in before the prompt.
-    k1 = self.max_fgram_len - 1
-    for r in range(b):
-      self._matcher.reset(r)
-    for j in range(k1):
-      pos_B = lengths_B - k1 + j
-      self._matcher.push(np.where(pos_B >= 0, tokens_BxT[np.arange(b), np.maximum(pos_B, 0)],
-                                  self.bos_id).astype(np.int32))
-    return jax.device_put(slab_BxTxD), jax.device_put(ids_BxT >= 0)
+      return None
+    b, t = tokens_BxT.shape
+    start = time.perf_counter()
+    ids_BxT = np.empty((b, t), np.int32)
+    slab_BxTxE = np.empty((b, t, self.d_model + 1), self._slab_dtype)
+    codes_BxL, slots, shifts_L = self._matcher.kernel_args
+    if self._fused_args is not None:
+      raw_BxTxE = slab_BxTxE.view(self._raw_dtype)
+      hits = _prompt_kernel(tokens_BxT, lengths_B, codes_BxL, slots, shifts_L, ids_BxT,
+                            self.store.raw_rows, self.store.num_rows,
+                            raw_BxTxE.reshape(b * t, -1), self._raw_one)
+      self.store.stats.add(b * t, hits, slab_BxTxE.nbytes, time.perf_counter() - start)
+    else:
+      _prompt_kernel(tokens_BxT, lengths_B, codes_BxL, slots, shifts_L, ids_BxT,
+                     None, 0, None, 0)
+      self.store.gather(ids_BxT.reshape(-1), out=slab_BxTxE.reshape(b * t, -1)[:, :-1])
+      slab_BxTxE[..., -1] = ids_BxT >= 0
+    return jax.device_put(slab_BxTxE)
 
   def step_slab(self, token_B: np.ndarray) -> jax.Array | np.ndarray:
     """The host's lookup for one decode step: pushes one new token per row into the
@@ -292,10 +386,13 @@ class Decoder:
       raise ValueError(f'max_new_tokens={max_new_tokens} must be >= 1')
     tokens_BxT, lengths_B = self._prompt_batch(prompts, max_new_tokens)
     key = jax.random.key(seed)
+    if self.loop == 'device':
+      return self._generate_device(len(prompts), tokens_BxT, lengths_B, max_new_tokens,
+                                   sampling, key, eos_id)
     start = time.perf_counter()
-    slab_BxTxD, mask_BxT = self._prompt_slab(tokens_BxT, lengths_B)
+    slab_BxTxE = self._prompt_slab(tokens_BxT, lengths_B)
     _, next_B, cache = self._prefill(self.graphdef, sampling, False, self.state, tokens_BxT,
-                                     slab_BxTxD, mask_BxT, lengths_B, self._init_cache(),
+                                     slab_BxTxE, lengths_B, self._init_cache(),
                                      jax.random.fold_in(key, 0))
     out_BxN = np.zeros((self.batch_size, max_new_tokens), np.int32)
     # The sampled tokens stay on the device as the next step's input; the host copy
@@ -304,7 +401,7 @@ class Decoder:
     prefill_seconds = time.perf_counter() - start
     done_B = np.zeros(self.batch_size, bool)
     lookup = 0.0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     steps = 0
     for n in range(max_new_tokens):
       if n + 1 < max_new_tokens and not done_B.all():
@@ -326,16 +423,57 @@ class Decoder:
       if n == 0 and max_new_tokens > 2:
         # The first decode step may include its compilation: time the steady state.
         start, steps, lookup = time.perf_counter(), 0, 0.0
+        cpu_start = time.process_time()
     decode_seconds = time.perf_counter() - start
-    tokens = []
-    for b in range(len(prompts)):
-      row = out_BxN[b, :n + 1]
-      if eos_id is not None and (row == eos_id).any():
-        row = row[:int(np.argmax(row == eos_id)) + 1]
-      tokens.append(row)
-    return Generation(tokens=tokens, prefill_seconds=prefill_seconds,
-                      decode_seconds=decode_seconds, decode_steps=steps,
-                      batch_size=self.batch_size, lookup_seconds=lookup)
+    decode_cpu_seconds = time.process_time() - cpu_start
+    return Generation(tokens=_cut_at_eos(out_BxN[:len(prompts), :n + 1], eos_id),
+                      prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
+                      decode_steps=steps, batch_size=self.batch_size, lookup_seconds=lookup,
+                      decode_cpu_seconds=decode_cpu_seconds)
+
+  def _chunk_program(self, sampling: Sampling):
+    """The compiled device-loop chunk for `sampling`, bound to this decoder's weights,
+    lookup and key; compiled before a generation is timed."""
+    if sampling not in self._chunk_programs:
+      static = (self.graphdef, sampling, self.lookup, self._target, self.chunk_steps,
+                self._slab_dtype)
+      cache = jax.eval_shape(self._init_cache)
+      token_B = jax.ShapeDtypeStruct((self.batch_size,), jnp.int32)
+      scalar = jax.ShapeDtypeStruct((), jnp.int32)
+      self._chunk_programs[sampling] = device_loop.DECODE_CHUNK.lower(
+          *static, self.state, self._lookup_operand, token_B, cache,
+          jax.ShapeDtypeStruct((self.batch_size,), bool), scalar, scalar, scalar,
+          jax.random.key(0)).compile()
+    return self._chunk_programs[sampling]
+
+  def _generate_device(self, num_prompts, tokens_BxT, lengths_B, max_new_tokens,
+                       sampling, key, eos_id) -> Generation:
+    program = self._chunk_program(sampling)
+    start = time.perf_counter()
+    slab_BxTxE = self._prompt_slab(tokens_BxT, lengths_B)
+    prompt_lookup = time.perf_counter() - start
+    _, first_B, cache = self._prefill(self.graphdef, sampling, False, self.state, tokens_BxT,
+                                      slab_BxTxE, lengths_B, self._init_cache(),
+                                      jax.random.fold_in(key, 0))
+    first_B.block_until_ready()
+    prefill_seconds = time.perf_counter() - start
+    counters = None if self._native is None else self._native.counters.copy()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    run = functools.partial(program, self.state, self._lookup_operand)
+    tokens_BxN, steps = device_loop.ChunkRunner(
+        lambda *a: run(*a, key), first_B, cache, eos_id, max_new_tokens,
+        self.chunk_steps).run()
+    decode_seconds = time.perf_counter() - start
+    decode_cpu_seconds = time.process_time() - cpu_start
+    if counters is not None:  # The native lookup counts in place of store.gather.
+      hits, calls = self._native.counters - counters
+      self.store.stats.add(int(calls) * self.batch_size, int(hits), int(calls) *
+                           self.batch_size * self.d_model * self._slab_dtype.itemsize, 0.0)
+    return Generation(tokens=_cut_at_eos(tokens_BxN[:num_prompts], eos_id),
+                      prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
+                      decode_steps=steps, batch_size=self.batch_size,
+                      decode_cpu_seconds=decode_cpu_seconds,
+                      prompt_lookup_seconds=prompt_lookup)
 
   def teacher_forced_logits(self, prompts: Sequence[np.ndarray],
                             continuations: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -351,10 +489,10 @@ class Decoder:
       raise ValueError('give one continuation per prompt, all of the same length')
     n = n.pop()
     tokens_BxT, lengths_B = self._prompt_batch(prompts, n)
-    slab_BxTxD, mask_BxT = self._prompt_slab(tokens_BxT, lengths_B)
+    slab_BxTxE = self._prompt_slab(tokens_BxT, lengths_B)
     greedy, key = Sampling(), jax.random.key(0)
     logits_BxTxV, _, cache = self._prefill(self.graphdef, greedy, True, self.state,
-                                           tokens_BxT, slab_BxTxD, mask_BxT, lengths_B,
+                                           tokens_BxT, slab_BxTxE, lengths_B,
                                            self._init_cache(), key)
     steps = []
     cont_BxN = np.zeros((self.batch_size, n), np.int32)
@@ -379,3 +517,13 @@ class Decoder:
     return self._decode.lower(self.graphdef, sampling, self.state, token_B,
                               self._no_match_BxE, cache, jax.random.key(0),
                               np.int32(0)).compile()
+
+
+def _cut_at_eos(tokens_BxN: np.ndarray, eos_id: int | None) -> list[np.ndarray]:
+  """Each row's tokens up to and including its first `eos_id`."""
+  out = []
+  for row in tokens_BxN:
+    if eos_id is not None and (row == eos_id).any():
+      row = row[:int(np.argmax(row == eos_id)) + 1]
+    out.append(row)
+  return out
