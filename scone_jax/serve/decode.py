@@ -261,6 +261,13 @@ class Decoder:
       raise ValueError(f'chunk_steps={chunk_steps} must be >= 1')
     self.loop, self.chunk_steps = loop, chunk_steps
     self.lookup = self._resolve_lookup(lookup)
+    if self.lookup != 'none' and loop == 'device':
+      devices = {d for leaf in jax.tree.leaves(self.state) for d in leaf.devices()}
+      if len(devices) > 1:
+        # XLA's SPMD partitioner cannot split a side-effecting call (the lookup), so a
+        # loop that makes one runs on one device; weights spread over several are copied
+        # there (use loop='host' to decode with them sharded).
+        self.state = jax.device_put(self.state, jax.devices()[0])
     self._chunk_programs = {}
 
   def _resolve_lookup(self, lookup: LookupMode) -> str:
