@@ -24,6 +24,15 @@ class ConfigError(ValueError):
   """A config value is invalid; the message names the key and the fix."""
 
 
+# Eval corpora whose name starts with this are VALIDATION sets (hyperparameter selection);
+# all other eval corpora are test sets (what a report states as results).
+VALID_PREFIX = 'valid.'
+
+
+def is_validation_corpus(name: str) -> bool:
+  return name.startswith(VALID_PREFIX)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   # 'embedded' builds the default corpus from Python's stdlib docstrings (no network);
@@ -33,21 +42,42 @@ class DataConfig:
   train_files: str = ''
   eval_files: str = ''
   # 'lines': one document per line; 'blank_lines': documents separated by blank lines;
-  # 'jsonl': one JSON object per line, text under `text_field`.
-  format: Literal['lines', 'blank_lines', 'jsonl'] = 'lines'
+  # 'jsonl': one JSON object per line, text under `text_field`; 'parquet': the string
+  # column `text_field`, one document per row, streamed by row group; 'arrayrecord': one
+  # UTF-8 document per record; 'arrayrecord_tokens': one document per record as token ids
+  # (little-endian uint32, no BOS/EOS; needs the tokenizer that made them in
+  # tokenizer.model_file). Layouts: scone_jax/corpus/columnar.py.
+  format: Literal['lines', 'blank_lines', 'jsonl', 'parquet', 'arrayrecord',
+                  'arrayrecord_tokens'] = 'lines'
   text_field: str = 'text'
   # Invalid UTF-8: 'replace' with U+FFFD (counted and reported) or 'error' (names file+line).
   on_bad_utf8: Literal['replace', 'error'] = 'replace'
   # Embedded corpus: fraction of stdlib modules held out for evaluation (split by module).
   embedded_eval_fraction: float = 0.05
+  # Embedded corpus: a further fraction of modules held out as the VALIDATION corpus
+  # (eval corpus 'valid.stdlib'), disjoint from both train and the test corpus 'stdlib'.
+  # Learning rates are selected on it (scone_jax.sweeps.study), never on the test corpus.
+  # 0 = no validation split (the corpus is then exactly what it was before this option).
+  embedded_valid_fraction: float = 0.0
+  # Validation corpora for files: named globs like eval_files; each becomes the eval corpus
+  # 'valid.<name>'. They must not share a file with eval_files (the reported test sets).
+  valid_files: str = ''
   # Where prepared artifacts (tokenizer, token shards, f-gram table) live; '' means
   # <workdir>/prepare. Sweep points point this at one shared directory: stages are keyed
   # by their inputs' fingerprints, so points with the same data prepare once.
   artifacts_dir: str = ''
+  # False in the paper presets (experiments/gpt2.py, olmo.py): prepare and train refuse
+  # source='embedded' unless this is set, since a paper-sized run on the small stdlib
+  # corpus is almost always a forgotten data flag (check_data_source).
+  allow_embedded: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
+  # 'sentencepiece': train one on the corpus or load a .model (model_file);
+  # 'huggingface': load a local tokenizer.json (model_file) with the `tokenizers`
+  # library, e.g. GPT-2's or GPT-NeoX-20B's; it cannot be trained here.
+  kind: Literal['sentencepiece', 'huggingface'] = 'sentencepiece'
   vocab_size: int = 8000
   model_type: Literal['bpe', 'unigram'] = 'bpe'
   # Path of an existing sentencepiece .model; empty means train one on the train corpus.
@@ -60,6 +90,13 @@ class TokenizerConfig:
   # Documents longer than max_sentence_length bytes when training the tokenizer:
   # 'split' them at whitespace (counted and logged with file:line) or raise an 'error'.
   long_docs: Literal['split', 'error'] = 'split'
+  # huggingface only: the special tokens scone_jax uses ('' = the rule in
+  # scone_jax/tokenizer/hf.py: EOS is <|endoftext|> or </s>; BOS is <s> if present, else
+  # EOS, as GPT-2 and GPT-NeoX mark document starts with <|endoftext|>; pad is <pad> or
+  # <|padding|>, else EOS; padded positions are masked, so its id never reaches a loss).
+  bos_token: str = ''
+  eos_token: str = ''
+  pad_token: str = ''
   # Token shard dtype is derived from vocab_size (uint16 below 2**16, else uint32).
 
 
@@ -113,10 +150,15 @@ class ModelConfig:
 class FgramModelConfig:
   # Depth of A_f. 0 means no SCONE: the plain backbone baseline.
   num_layers: int = 0
-  # Static capacity: at most this many distinct f-grams per (per-process) batch. 0 means
-  # batch_size * seq_len (always enough). When exceeded the excess f-grams' positions fall
-  # back to token embeddings and the event is counted in the metrics.
+  # A_f runs once per DISTINCT f-gram of a (per-process) batch, the f-grams packed into
+  # rows of 2 * fgram.max_len tokens; the row count is padded to a bucket of a geometric
+  # ladder (batches/tagging.py). capacity = the smallest bucket in rows (0 = 8): set it to
+  # a high quantile of the logged batch/fgram_rows to keep one compiled shape. A batch
+  # needing more rows gets the next bucket (ratio bucket_growth), compiled on first use and
+  # counted (batch/fgram_above_capacity, train/compiled_steps): never a fallback to token
+  # embeddings, so training, eval and serving use the same embedding at every position.
   capacity: int = 0
+  bucket_growth: float = 1.2
   # Final norm on A_f's output at the f-gram's last token: 'none' = A_f's raw residual
   # stream, 'same' = the backbone's norm type. Default 'none': the output REPLACES a token
   # embedding in the backbone's residual stream, and the raw stream starts at that scale
@@ -130,6 +172,13 @@ class FgramModelConfig:
   # backbone's init (random blocks add noise comparable to the 0.02-scale token signal at
   # every matched position; BENCHMARKS.md, "A_f's output norm and init").
   init: Literal['identity', 'random'] = 'identity'
+  # Scale of A_f's output e (after final_norm): 'none' = as computed; 'scalar' = g * e with
+  # one learned g; 'channel' = g_D * e with a learned gain per channel (both g start at 1,
+  # so with init='identity' e = T(x_i) at step 0); 'rmsnorm_gain' = g_D * e / rms(e) with g
+  # starting at the token embeddings' init scale (model.init_std), which bounds the output
+  # at the token embeddings' scale. The gain is part of A_f, so export stores what the
+  # backbone saw. Measured in STUDY.md ("A_f output scale").
+  output_scale: Literal['none', 'scalar', 'channel', 'rmsnorm_gain'] = 'none'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +198,9 @@ class TrainConfig:
   seed: int = 0
   log_every: int = 10
   eval_every: int = 0  # 0 = only at the end.
-  eval_batches: int = 8
+  # Batches per eval corpus; 0 = the whole held-out set (every output states the fraction
+  # of each set a limited eval covered).
+  eval_batches: int = 0
   shuffle_buffer_docs: int = 0  # 0 = global shuffle of documents per epoch.
   # Learning-rate multiplier for A_f's own parameters (not the shared token table), applied
   # to AdamW's updates (scaling gradients would cancel in Adam). 1 is the paper's joint
@@ -294,6 +345,8 @@ def _finite(v) -> bool:
 # them all before any cross-field rule; the message names the key, the value and the range.
 _VALUE_RULES = (
     ('data.embedded_eval_fraction', lambda v: 0 < v < 1, 'must be in (0, 1)'),
+    ('data.embedded_valid_fraction', lambda v: 0 <= v < 1,
+     'must be in [0, 1) (0 = no validation split)'),
     ('tokenizer.vocab_size', lambda v: v >= 16, 'must be >= 16'),
     ('tokenizer.max_sentence_length', lambda v: v >= 16, 'must be >= 16 (bytes)'),
     ('tokenizer.train_chars', lambda v: v >= 1, 'must be >= 1'),
@@ -311,7 +364,10 @@ _VALUE_RULES = (
     ('model.rope_theta', lambda v: v > 0 and _finite(v), 'must be > 0'),
     ('model.init_std', lambda v: v > 0 and _finite(v), 'must be > 0'),
     ('fgram_model.num_layers', lambda v: v >= 0, 'must be >= 0 (0 = baseline, no SCONE)'),
-    ('fgram_model.capacity', lambda v: v >= 0, 'must be >= 0 (0 = batch_size * seq_len)'),
+    ('fgram_model.capacity', lambda v: v >= 0,
+     'must be >= 0 (the smallest A_f row bucket; 0 = 8 rows)'),
+    ('fgram_model.bucket_growth', lambda v: v > 1 and _finite(v),
+     'must be > 1 (the A_f row bucket ladder\'s ratio, e.g. 1.2)'),
     ('train.steps', lambda v: v >= 1, 'must be >= 1'),
     ('train.batch_size', lambda v: v >= 1, 'must be >= 1'),
     ('train.seq_len', lambda v: v >= 1, 'must be >= 1'),
@@ -376,6 +432,14 @@ def validate(cfg: Config) -> Config:
   if cfg.fgram.use_size < 0 or cfg.fgram.use_size > cfg.fgram.size:
     raise ConfigError(f'config.fgram.use_size={cfg.fgram.use_size} must be in [0, '
                       f'fgram.size={cfg.fgram.size}] (0 = the whole table)')
+  if cfg.fgram_model.output_scale == 'rmsnorm_gain' and cfg.fgram_model.final_norm != 'none':
+    raise ConfigError("config.fgram_model.output_scale='rmsnorm_gain' normalises A_f's output "
+                      "itself; set config.fgram_model.final_norm='none' (or choose "
+                      "output_scale='scalar'/'channel' to scale the normed output)")
+  if cfg.data.embedded_eval_fraction + cfg.data.embedded_valid_fraction >= 1:
+    raise ConfigError(f'config.data.embedded_valid_fraction={cfg.data.embedded_valid_fraction}'
+                      f' + data.embedded_eval_fraction={cfg.data.embedded_eval_fraction} must '
+                      'be < 1: train keeps the rest of the modules')
   if model.vocab_size and model.vocab_size < cfg.tokenizer.vocab_size:
     raise ConfigError(
         f'config.model.vocab_size={model.vocab_size} is smaller than the tokenizer\'s '
@@ -399,6 +463,18 @@ def validate(cfg: Config) -> Config:
   if cfg.train.batch_size % cfg.train.grad_accum_steps:
     raise ConfigError(f'config.train.batch_size={cfg.train.batch_size} is not divisible by '
                       f'config.train.grad_accum_steps={cfg.train.grad_accum_steps}')
+  tc = cfg.tokenizer
+  if tc.kind == 'huggingface' and not tc.model_file:
+    raise ConfigError("config.tokenizer.kind='huggingface' loads an existing tokenizer.json: "
+                      "set --config.tokenizer.model_file=/path/to/tokenizer.json")
+  if tc.kind == 'sentencepiece' and (tc.bos_token or tc.eos_token or tc.pad_token):
+    raise ConfigError('config.tokenizer.bos_token/eos_token/pad_token apply to '
+                      "tokenizer.kind='huggingface' only; sentencepiece models carry their "
+                      'own special ids')
+  if cfg.data.format == 'arrayrecord_tokens' and not tc.model_file:
+    raise ConfigError("config.data.format='arrayrecord_tokens' holds token ids already: set "
+                      'config.tokenizer.model_file (and tokenizer.kind) to the tokenizer '
+                      'that produced them')
   if cfg.data.source == 'files' and not cfg.data.train_files and not cfg.tokenizer.model_file:
     raise ConfigError("config.data.source='files' needs config.data.train_files (comma-"
                       "separated globs), e.g. --config.data.train_files='/data/*.txt'")
@@ -413,6 +489,22 @@ def validate(cfg: Config) -> Config:
   return cfg
 
 
+def check_data_source(cfg: Config) -> None:
+  """Refuses the embedded corpus for configs that set data.allow_embedded=False.
+
+  Called where a run starts (prepare, train) rather than in `validate`, so sweep dry runs
+  and accounting still load the paper presets.
+  """
+  if cfg.data.source == 'embedded' and not cfg.data.allow_embedded:
+    raise ConfigError(
+        f'config {cfg.name!r} is a paper-scale preset and refuses to train on the embedded '
+        'stdlib corpus. Point it at your data: --config.data.source=files '
+        "--config.data.train_files='/data/owt/train-*.parquet' --config.data.format=parquet "
+        "--config.data.eval_files='heldout=/data/owt/val-*.parquet' "
+        '--config.tokenizer.kind=huggingface --config.tokenizer.model_file=/data/gpt2/'
+        'tokenizer.json (formats: lines, blank_lines, jsonl, parquet, arrayrecord, '
+        'arrayrecord_tokens). To train on the embedded corpus anyway, pass '
+        '--config.data.allow_embedded=True')
 def resolve_mesh(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
   """The (data, fsdp, tensor) shape: resolves `data=-1`; the axes must multiply to the
   device count."""
@@ -479,7 +571,8 @@ def validate_runtime(cfg: Config, num_devices: int, num_processes: int,
 # --allow_config_change), e.g. train.steps, which moves the cosine schedule's end.
 RESUMABLE_KEYS = ('name', 'train.log_every', 'train.eval_every', 'train.eval_batches',
                   'train.data_prefetch', 'train.peak_tflops', 'checkpoint.', 'distributed.',
-                  'mesh.', 'data.artifacts_dir', 'export.', 'serve.')
+                  'mesh.', 'data.artifacts_dir', 'export.', 'serve.',
+                  'data.allow_embedded')
 
 
 def _key_matches(key: str, pattern: str) -> bool:

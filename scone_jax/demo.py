@@ -5,15 +5,16 @@
 prepare (once, shared) -> train a baseline and SCONE at three numbers of f-grams S, two
 seeds each (experiments/sweeps/demo.py through scone_jax.sweeps' local backend) ->
 evaluate -> report (table + PNG plots) -> export the best SCONE model's f-gram embeddings
--> generate a few lines through the host store. It ends with the table, the plot paths and
-a plain verdict: did SCONE beat the baseline, and did perplexity fall as S grew (means over
-seeds)? The verdict reports what the data says, whichever way it goes. Rerunning resumes:
-finished points are skipped.
+-> generate a few lines through the host store. It ends with the per-corpus tables, the
+plot paths and the verdict lines of the report (scone_jax/sweeps/analysis.py): did SCONE
+beat the baseline, and did perplexity fall as S grew, each "beyond the seed spread" only
+when the paired interval excludes zero. The learning rates are those `make study` chose
+(experiments/sweeps/demo.py). Rerunning resumes: finished points are skipped.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import os
 import shlex
 import subprocess
@@ -24,8 +25,10 @@ from absl import app
 from absl import flags
 
 from scone_jax import report
+from scone_jax.sweeps import analysis
 from scone_jax.sweeps import backends as sweep_backends
 from scone_jax.sweeps import spec as sweep_spec
+from scone_jax.sweeps import study
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,43 +43,26 @@ _PROMPTS = flags.DEFINE_multi_string(
     'prompt', ['Return the number of', 'This module provides', 'If the file'],
     'Prompts for the generation step.')
 
-@dataclasses.dataclass(frozen=True)
-class Verdict:
-  """What the demo's data says; `lines` are the plain-English statements."""
-  scone_beats_baseline: bool | None
-  ppl_falls_with_s: bool | None
-  lines: list[str]
 
-
-def verdict(runs: Sequence[report.Run]) -> Verdict:
-  """Compares mean held-out perplexity (over seeds) of the baseline and the SCONE points."""
-  gs = [g for g in report.groups(runs) if g.n]
-  base = [g for g in gs if not g.first.cfg.is_scone]
-  scone = sorted((g for g in gs if g.first.cfg.is_scone), key=lambda g: g.first.num_fgrams)
-  if not base or not scone:
-    return Verdict(None, None, ['Not enough finished runs for a verdict (need a baseline '
-                                'and SCONE points with eval.json).'])
-  b = base[0].stat(report.np.mean)
-  means = [(g.first.num_fgrams, g.stat(report.np.mean)) for g in scone]
-  best_s, best = min(means, key=lambda m: m[1])
-  beats = best < b
-  lines = [f'Baseline perplexity {b:.3f} (mean of {base[0].n} seed(s)); best SCONE '
-           f'{best:.3f} at S={best_s}: SCONE {"BEAT" if beats else "did NOT beat"} the '
-           f'baseline ({(best - b) / b:+.1%}).']
-  falls = all(later < earlier for (_, earlier), (_, later) in zip(means, means[1:]))
-  trend = ', '.join(f'S={s}: {m:.3f}' for s, m in means)
-  lines.append(f'Perplexity {"fell" if falls else "did NOT fall monotonically"} as S grew '
-               f'({trend}).')
-  return Verdict(beats, falls, lines)
+def verdict_lines(runs: Sequence[report.Run]) -> list[str]:
+  """What the demo's data says, per test corpus (scone_jax/sweeps/analysis.py)."""
+  arms, baseline = analysis.arms_of(runs, None)
+  return analysis.verdicts(arms, baseline, runs)
 
 
 def best_scone_run(runs: Sequence[report.Run]) -> report.Run | None:
-  """The lowest-perplexity finished SCONE run of the best SCONE group."""
-  scone = [g for g in report.groups(runs) if g.n and g.first.cfg.is_scone]
-  if not scone:
+  """The best SCONE arm's run with the lowest validation loss (the first test corpus's
+  loss when there is no validation corpus)."""
+  arms, _ = analysis.arms_of(runs, None)
+  tests = analysis.test_corpora(runs)
+  best, _ = analysis.best_scone(arms, tests[0] if tests else '')
+  if best is None:
     return None
-  best = min(scone, key=lambda g: g.stat(report.np.mean))
-  return min((r for r in best.runs if r.finished), key=lambda r: r.perplexity)
+
+  def score(r: report.Run) -> float:
+    valid = study.validation_loss(r.eval)
+    return valid if math.isfinite(valid) else r.eval[tests[0]]['loss']
+  return min(best.finished, key=score)
 
 
 def export_and_generate(sweep: sweep_spec.Sweep, run: report.Run, prompts: Sequence[str],
@@ -114,11 +100,15 @@ def main(argv):
   if best is not None:
     print(f'\nexport + generate from the best SCONE run {best.name}:', flush=True)
     print(export_and_generate(sweep, best, _PROMPTS.value))
-  print('\n' + report.markdown_table(report.group_rows(runs)) + '\n')
+  arms, _ = analysis.arms_of(runs, None)
+  for corpus in analysis.test_corpora(runs):
+    print(f'\ntest corpus {corpus} ({analysis.coverage(runs, corpus)}):')
+    print(report.markdown_table(analysis.summary_rows(arms, corpus)))
+  print()
   for name, path in paths.items():
     print(f'{name}: {path}')
   print('\nVERDICT')
-  for line in verdict(runs).lines:
+  for line in verdict_lines(runs):
     print('  ' + line)
   if failed:
     sys.exit(f'{len(failed)} point(s) failed: {", ".join(failed)} (logs in their log.txt)')

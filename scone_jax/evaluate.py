@@ -1,8 +1,9 @@
 """Held-out evaluation: token loss, perplexity and bits per byte per eval corpus.
 
-  python -m scone_jax.evaluate --workdir=W
+  python -m scone_jax.evaluate --workdir=W [--eval_batches=N]
 
-reads W/config.json, restores the latest checkpoint in W/checkpoints and writes W/eval.json
+reads W/config.json (with `--eval_batches` overriding train.eval_batches: 0 = every
+batch of every held-out set, the default), restores the latest checkpoint in W/checkpoints and writes W/eval.json
 (atomically). The train loop calls the same `Evaluator` at `train.eval_every` and at the end.
 
 Bits per byte = mean token NLL (nats) x (corpus tokens / corpus UTF-8 bytes) / ln 2. Every
@@ -101,11 +102,15 @@ def write_eval(workdir: str, step: int, results: Mapping[str, CorpusEval]) -> di
 
 
 def format_eval(record: Mapping[str, Any]) -> list[str]:
-  """One line per eval corpus of an eval record (as in W/eval.json)."""
-  return [f'eval step {record["step"]} {name}: loss {r["loss"]:.4f}  ppl '
-          f'{r["perplexity"]:.2f}  bits/byte {r["bits_per_byte"]:.4f}  ({r["tokens"]:.0f} '
-          f'tokens, {100 * r["fraction_evaluated"]:.1f}% of the corpus)'
-          for name, r in record['corpora'].items()]
+  """One line per eval corpus of an eval record (as in W/eval.json), saying whether it is a
+  test or a validation set and the fraction of it that was evaluated."""
+  lines = []
+  for name, r in record['corpora'].items():
+    role = 'validation' if config_lib.is_validation_corpus(name) else 'test'
+    lines.append(f'eval step {record["step"]} {name} ({role}): loss {r["loss"]:.4f}  ppl '
+                 f'{r["perplexity"]:.2f}  bits/byte {r["bits_per_byte"]:.4f}  '
+                 f'({r["tokens"]:.0f} tokens = {r["fraction_evaluated"]:.1%} of the set)')
+  return lines
 
 
 def read_config(workdir: str) -> config_lib.Config:
@@ -117,9 +122,18 @@ def read_config(workdir: str) -> config_lib.Config:
     return config_lib.from_json(f.read())
 
 
-def evaluate(workdir: str, step: int | None = None) -> dict[str, Any]:
-  """Restores W's checkpoint (latest, or `step`) and writes W/eval.json; returns it."""
+def evaluate(workdir: str, step: int | None = None,
+             eval_batches: int | None = None) -> dict[str, Any]:
+  """Restores W's checkpoint (latest, or `step`) and writes W/eval.json; returns it.
+
+  Args:
+    workdir: the training run.
+    step: the checkpoint step (None = the latest).
+    eval_batches: overrides the run's train.eval_batches (0 = the whole held-out sets).
+  """
   cfg = read_config(workdir)
+  if eval_batches is not None:
+    cfg = config_lib.replace(cfg, **{'train.eval_batches': eval_batches})
   mesh_lib.maybe_initialize_distributed(cfg.distributed)
   data = rundata.open_run_data(cfg, workdir, build_missing=False)
   mesh = mesh_lib.make_mesh(cfg.mesh, cfg.train.batch_size)
@@ -139,7 +153,7 @@ def evaluate(workdir: str, step: int | None = None) -> dict[str, Any]:
 def main(argv):
   del argv
   logs.quiet_third_party_logs()
-  record = evaluate(flags.FLAGS.workdir, flags.FLAGS.step)
+  record = evaluate(flags.FLAGS.workdir, flags.FLAGS.step, flags.FLAGS.eval_batches)
   for line in format_eval(record):
     print(line)
 
@@ -148,4 +162,6 @@ if __name__ == '__main__':
   # Defined here, not at import: the train loop imports this module next to its own flags.
   flags.DEFINE_string('workdir', None, 'Training run directory.', required=True)
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+  flags.DEFINE_integer('eval_batches', None, 'Batches per eval corpus (0 = the whole set; '
+                       "default: the run's train.eval_batches).")
   app.run(main)

@@ -67,11 +67,14 @@ def _corpora(cfg: Config, art_dir: str, build: bool) -> _Corpora:
   data = cfg.data
   if data.source == 'embedded':
     corpus_dir = os.path.join(art_dir, 'corpus')
-    if build:
-      emb = embedded.build_embedded(corpus_dir, data.embedded_eval_fraction)
-    else:
-      emb = embedded.open_embedded(corpus_dir, data.embedded_eval_fraction)
-    return _Corpora(emb.split('train'), {EMBEDDED_EVAL_NAME: emb.split('eval')})
+    opener = embedded.build_embedded if build else embedded.open_embedded
+    emb = opener(corpus_dir, data.embedded_eval_fraction,
+                 valid_fraction=data.embedded_valid_fraction)
+    evals = {EMBEDDED_EVAL_NAME: emb.split('eval')}
+    if data.embedded_valid_fraction:
+      valid_name = config_lib.VALID_PREFIX + EMBEDDED_EVAL_NAME
+      evals[valid_name] = emb.split('valid')
+    return _Corpora(emb.split('train'), evals)
   if not data.train_files:
     raise CorpusError("prepare needs config.data.train_files (comma-separated globs) when "
                       "config.data.source='files', e.g. --config.data.train_files='/d/*.txt'")
@@ -82,7 +85,28 @@ def _corpora(cfg: Config, art_dir: str, build: bool) -> _Corpora:
   if 'train' in evals:  # Stage names and Prepared keys reserve it for the train split.
     raise CorpusError("config.data.eval_files: an eval corpus cannot be named 'train'; name "
                       'it explicitly, e.g. "heldout=/d/train.txt"')
-  return _Corpora(train, evals)
+  return _Corpora(train, {**evals, **_valid_corpora(data, evals)})
+
+
+def _valid_corpora(data: config_lib.DataConfig,
+                   tests: dict[str, FileCorpus]) -> dict[str, FileCorpus]:
+  """data.valid_files as eval corpora named 'valid.<name>', disjoint from the test sets."""
+  for name in tests:
+    if config_lib.is_validation_corpus(name):
+      raise CorpusError(f'config.data.eval_files: {name!r} starts with '
+                        f'{config_lib.VALID_PREFIX!r}, reserved for validation sets; put '
+                        'validation corpora in config.data.valid_files')
+  test_files = {os.path.abspath(p): n for n, c in tests.items() for p in c.paths}
+  valid = {}
+  for name, paths in readers.parse_named_globs(data.valid_files, 'data.valid_files').items():
+    shared = sorted(p for p in paths if os.path.abspath(p) in test_files)
+    if shared:
+      raise CorpusError(f'config.data.valid_files: {shared[0]} is also in test corpus '
+                        f'{test_files[os.path.abspath(shared[0])]!r} of data.eval_files; '
+                        'validation and test sets must not share files')
+    full = config_lib.VALID_PREFIX + name
+    valid[full] = FileCorpus(paths, data.format, data.text_field, data.on_bad_utf8, full)
+  return valid
 
 
 def _tokenizer_input(cfg: Config, train: FileCorpus) -> str:
@@ -91,6 +115,10 @@ def _tokenizer_input(cfg: Config, train: FileCorpus) -> str:
     if not os.path.isfile(tc.model_file):
       raise artifacts.ArtifactError(f'config.tokenizer.model_file={tc.model_file} does not '
                                     'exist; fix the path or leave it empty to train one')
+    if tc.kind == 'huggingface':  # The special-token roles change what BOS/EOS are.
+      return artifacts.fingerprint('model_file', artifacts.sha256_file(tc.model_file),
+                                   tc.vocab_size, tc.kind, tc.bos_token, tc.eos_token,
+                                   tc.pad_token)
     return artifacts.fingerprint('model_file', artifacts.sha256_file(tc.model_file),
                                  tc.vocab_size)
   return artifacts.fingerprint('train', spm_lib.TRAIN_VERSION, train.fingerprint,
@@ -133,6 +161,7 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
     cfg: the resolved config (data, tokenizer and fgram sections are used).
     workdir: the run directory; artifacts go to cfg.data.artifacts_dir or workdir/prepare.
   """
+  config_lib.check_data_source(cfg)  # Before anything is written.
   art = artifacts_dir(cfg, workdir)
   artifacts.clean_stale_temps(art)  # Left by a killed prepare (ours only; see there).
   timings: dict[str, float] = {}

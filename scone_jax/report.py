@@ -1,12 +1,20 @@
-"""Sweep results -> CSV, Markdown table and the paper's plots.
+"""Sweep results -> results.csv, REPORT.md (what a reviewer reads) and plots.
 
-  python -m scone_jax.report --sweep=experiments/sweeps/demo.py --root=runs
+  python -m scone_jax.report --sweep=experiments/sweeps/study.py --root=runs
 
-Reads every run under ROOT/SWEEP/ that a sweep (scone_jax.sweeps) started (W/point.json: overrides
-and resolved config) with its W/metrics.jsonl and W/eval.json, and writes into the sweep
-dir: results.csv (one row per run), REPORT.md (runs grouped over seeds: mean, std, min,
-max) and PNG plots: held-out perplexity vs number of f-grams, vs A_f size, vs inference
-FLOPs per token (baselines as a line), and training curves.
+Reads every run under ROOT/SWEEP/ that a sweep (scone_jax.sweeps) started (W/point.json:
+overrides and resolved config) with its W/metrics.jsonl and W/eval.json, plus the study's
+study.json when there is one (the lr grid and each arm's chosen lr), and writes into the
+sweep dir:
+* results.csv: one row per run, every corpus's loss / perplexity / bits per byte with the
+  tokens evaluated and the fraction of the set they are;
+* REPORT.md: the chosen lrs and the grid (validation loss); per TEST corpus (never
+  averaged across corpora; a macro-average only under its own label) each arm's mean,
+  sample std and 95% t-interval over seeds of loss, perplexity and bits per byte, the
+  paired SCONE-minus-baseline differences with intervals, and verdict lines
+  (scone_jax/sweeps/analysis.py) that say "beyond the seed spread" only when the interval
+  excludes zero;
+* PNGs per test corpus with 95% intervals as error bars (scone_jax/sweeps/plots.py).
 """
 
 from __future__ import annotations
@@ -48,36 +56,45 @@ class Run:
       return 0
     return self.cfg.fgram.use_size or self.cfg.fgram.size
 
-  @property
-  def perplexity(self) -> float:
-    """Held-out perplexity averaged over eval corpora (the paper's 'avg perplexity')."""
-    values = [c['perplexity'] for c in self.eval.values()]
-    return float(np.mean(values)) if values else math.nan
-
-  @property
-  def group(self) -> tuple:
-    """Runs that differ only in their seed share a group."""
-    return tuple(sorted((k, v) for k, v in self.overrides.items() if k != SEED_KEY))
 
 
-def accounting(cfg: config_lib.Config) -> dict[str, float]:
+def accounting(cfg: config_lib.Config,
+               af_tokens_per_token: float | None = None) -> dict[str, float]:
   """Params and FLOPs per token of a config (scone_jax.model.flops), as table columns.
 
   accel_params is what sits on the accelerator at inference (equal for SCONE and its
-  backbone); offloaded_params is the exported S x d f-gram table; train_flops_af is A_f's
-  training cost amortised per token at the static capacity.
+  backbone); offloaded_params is the exported S x d f-gram table. A_f's training cost is
+  given per main-model token and per sequence (train.seq_len tokens) at the WORST case
+  (af_tok_per_tok_worst = K: every position a distinct K-gram) and, when
+  `af_tokens_per_token` (a measured "A_f tokens per main-model token", the logged
+  batch/fgram_af_tokens_per_token) is given, at that figure (*_measured columns).
   """
   from scone_jax.model import flops  # Deferred: reading results needs no JAX.
   params = flops.param_counts(cfg)
   per_token = flops.flops_per_token(cfg)
-  return {
+  seq = cfg.train.seq_len
+  row = {
       'accel_params': params.backbone_total,
       'offloaded_params': params.offloaded,
       'af_params': params.fgram_total,
       'train_flops_backbone': per_token.train_backbone,
       'train_flops_af': per_token.train_fgram,
+      'af_tok_per_tok_worst': per_token.af_tokens_per_token,
+      'train_flops_seq_worst': per_token.train_total * seq,
       'infer_flops': per_token.inference,
+      # What the paper's tables vary, so a dry run can be checked against them.
+      'af_layers': cfg.fgram_model.num_layers,
+      'S': (cfg.fgram.use_size or cfg.fgram.size) if cfg.is_scone else 0,
+      'K': cfg.fgram.max_len,
+      'train_tokens': cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len,
+      'seed': cfg.train.seed,
   }
+  if af_tokens_per_token is not None:
+    measured = flops.flops_per_token(cfg, af_tokens_per_token=af_tokens_per_token)
+    row.update(af_tok_per_tok_measured=measured.af_tokens_per_token,
+               train_flops_af_measured=measured.train_fgram,
+               train_flops_seq_measured=measured.train_total * seq)
+  return row
 
 
 def _read_json(path: str) -> Any:
@@ -129,65 +146,27 @@ def varying_keys(runs: Sequence[Run]) -> list[str]:
   return [k for k in keys if len({repr(r.overrides.get(k)) for r in runs}) > 1]
 
 
-def run_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
-  """One flat dict per run: varied overrides, accounting, final loss, eval results."""
+CORPUS_COLUMNS = ('loss', 'perplexity', 'bits_per_byte', 'tokens', 'fraction_evaluated')
+
+
+def run_rows(runs: Sequence[Run], arm_of: dict[str, str] | None = None
+             ) -> list[dict[str, Any]]:
+  """One flat dict per run: arm, varied overrides, accounting, final loss, per-corpus
+  results (with tokens evaluated and the fraction of the set)."""
   keys = varying_keys(runs)
   rows = []
   for r in runs:
-    row = {'run': r.name, **{k: r.overrides.get(k, '') for k in keys},
+    row = {'run': r.name, **({'arm': arm_of.get(r.name, '(lr tuning only)')}
+                             if arm_of is not None else {}),
+           **{k: r.overrides.get(k, '') for k in keys},
            'num_fgrams': r.num_fgrams, 'af_layers': r.cfg.fgram_model.num_layers,
            **accounting(r.cfg), 'steps': r.curve[-1][0] if r.curve else '',
            'final_train_loss': r.curve[-1][1] if r.curve else ''}
     for corpus, res in sorted(r.eval.items()):
-      for metric in ('loss', 'perplexity', 'bits_per_byte'):
+      for metric in CORPUS_COLUMNS:
         if metric in res:
           row[f'{corpus}/{metric}'] = res[metric]
-    row['perplexity'] = r.perplexity if r.finished else ''
     rows.append(row)
-  return rows
-
-
-@dataclasses.dataclass
-class Group:
-  """Runs that differ only in their seed, with perplexity statistics over seeds."""
-  runs: list[Run]
-
-  @property
-  def first(self) -> Run:
-    return self.runs[0]
-
-  def _ppl(self) -> np.ndarray:
-    return np.array([r.perplexity for r in self.runs if r.finished])
-
-  @property
-  def n(self) -> int:
-    return len(self._ppl())
-
-  def stat(self, fn) -> float:
-    ppl = self._ppl()
-    return float(fn(ppl)) if len(ppl) else math.nan
-
-
-def groups(runs: Sequence[Run]) -> list[Group]:
-  by_key: dict[tuple, list[Run]] = {}
-  for r in runs:
-    by_key.setdefault(r.group, []).append(r)
-  return [Group(v) for v in by_key.values()]
-
-
-def group_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
-  keys = [k for k in varying_keys(runs) if k != SEED_KEY]
-  rows = []
-  for g in sorted(groups(runs), key=lambda g: (accounting(g.first.cfg)['accel_params'],
-                                               g.first.cfg.is_scone, g.first.num_fgrams,
-                                               accounting(g.first.cfg)['af_params'])):
-    acc = accounting(g.first.cfg)
-    rows.append({**{k: g.first.overrides.get(k, '') for k in keys},
-                 'S': g.first.num_fgrams, 'accel_params': acc['accel_params'],
-                 'af_params': acc['af_params'],
-                 'infer_flops': acc['infer_flops'], 'seeds': f'{g.n}/{len(g.runs)}',
-                 'ppl_mean': g.stat(np.mean), 'ppl_std': g.stat(np.std),
-                 'ppl_min': g.stat(np.min), 'ppl_max': g.stat(np.max)})
   return rows
 
 
@@ -231,155 +210,81 @@ def write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
 
 def write_report(sweep_dir: str) -> dict[str, str]:
   """Writes results.csv, REPORT.md and the plots; returns {'csv','markdown',plot names}."""
+  from scone_jax.sweeps import analysis, plots, stats, study  # Deferred (import cycle).
   runs = collect(sweep_dir)
   if not runs:
     raise FileNotFoundError(f'{sweep_dir} holds no runs started by a sweep '
                             '(no */point.json)')
+  record = study.read_study_json(sweep_dir)
+  arms, baseline = analysis.arms_of(runs, record)
+  arm_of = {r.name: a.name for a in arms for r in a.runs}
   paths = {'csv': os.path.join(sweep_dir, 'results.csv'),
            'markdown': os.path.join(sweep_dir, 'REPORT.md')}
-  write_csv(paths['csv'], run_rows(runs))
-  plots = draw_plots(runs, sweep_dir)
-  paths.update(plots)
-  unfinished = [r.name for r in runs if not r.finished]
+  write_csv(paths['csv'], run_rows(runs, arm_of if record else None))
+  plot_paths, captions = plots.draw_plots(runs, arms, baseline, sweep_dir)
+  paths.update(plot_paths)
+  tests, valids = analysis.test_corpora(runs), analysis.validation_corpora(runs)
   md = [f'# Sweep {os.path.basename(os.path.normpath(sweep_dir))}', '',
-        'Held-out perplexity (mean over eval corpora); mean/std/min/max over seeds.', '',
-        markdown_table(group_rows(runs)), '',
-        f'Per-run results: {os.path.basename(paths["csv"])}', '']
+        f'Statistics: {stats.METHOD}. "std" is the sample standard deviation over seeds.', '',
+        'Test corpora (the results): ' + (', '.join(
+            f'`{c}` ({analysis.coverage(runs, c)})' for c in tests) or 'none yet') + '.',
+        'Validation corpora (used only to choose learning rates and the best SCONE arm, '
+        'never reported as results): ' + (', '.join(
+            f'`{c}` ({analysis.coverage(runs, c)})' for c in valids) or 'none') + '.', '']
+  if record:
+    md += _selection_section(record, [a.name for a in arms])
+  for corpus in tests:
+    md += [f'## Test corpus `{corpus}` ({analysis.coverage(runs, corpus)})', '',
+           markdown_table(analysis.summary_rows(arms, corpus)), '']
+    rows = analysis.paired_rows(arms, baseline, corpus)
+    if rows:
+      md += [f'Paired difference, SCONE arm minus baseline `{baseline.name}` (per seed, '
+             'then mean and 95% t-interval; negative = SCONE better):', '',
+             markdown_table(rows), '']
+  if len(tests) > 1:
+    md += [f'## Macro-average over the {len(tests)} test corpora (LABELLED: the unweighted '
+           'mean of per-corpus (geometric) mean perplexities; not a corpus, no interval)', '',
+           markdown_table([{'arm': a.name, 'macro-avg perplexity': float(np.mean(
+               [a.ppl_summary(c).mean for c in tests]))} for a in arms]), '']
+  exposure = analysis.exposure_rows(arms)
+  if exposure:
+    md += ['## How often training met each arm\'s least frequent f-gram', '',
+           markdown_table(exposure), '']
+  md += ['## Verdicts', ''] + [f'* {line}' for line in analysis.verdicts(arms, baseline, runs)]
+  md += ['', f'Per-run results (every corpus, tokens and fraction evaluated): '
+         f'{os.path.basename(paths["csv"])}', '']
+  unfinished = [r.name for r in runs if not r.finished]
   if unfinished:
-    md += [f'Unfinished runs (no eval.json): {", ".join(unfinished)}', '']
-  md += [f'![{k}]({os.path.basename(v)})' for k, v in plots.items()]
+    md += [f'Unfinished runs (no final eval.json): {", ".join(unfinished)}', '']
+  md += [f'![{captions[k]}]({os.path.basename(v)})' for k, v in plot_paths.items()]
   _write_atomic(paths['markdown'], ('\n'.join(md) + '\n').encode())
   return paths
 
 
-def _save_png(fig, path: str) -> None:
-  buf = io.BytesIO()
-  fig.savefig(buf, format='png', dpi=110, bbox_inches='tight')
-  _write_atomic(path, buf.getvalue())
-
-
-def _series(gs: Sequence[Group], x_key: str) -> dict[str, list[Group]]:
-  """Splits groups into plot series by their overrides other than x_key and the seed."""
-  keys = [k for k in varying_keys([g.first for g in gs]) if k not in (x_key, SEED_KEY)]
-  out: dict[str, list[Group]] = {}
-  for g in gs:
-    label = ', '.join(f'{k.split(".")[-1]}={g.first.overrides.get(k, "-")}' for k in keys)
-    out.setdefault(label or 'SCONE', []).append(g)
-  return out
-
-
-def _label(g: Group) -> str:
-  """A group's overrides (seed excluded), short keys: 'use_size=1024, num_layers=2'."""
-  return ', '.join(f'{k.split(".")[-1]}={v}' for k, v in g.first.group) or 'base'
-
-
-def _log_x(ax, ticks: Sequence[float] = ()) -> None:
-  """Log x axis without the overlapping minor labels; major ticks at `ticks` if given."""
-  from matplotlib import ticker
-  ax.set_xscale('log')
-  ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-  if ticks:
-    ax.set_xticks(list(ticks), [f'{t:,.0f}' for t in ticks])
-
-
-def _errorbar(ax, gs: Sequence[Group], xs: Sequence[float], label: str, **kw) -> None:
-  """Mean over seeds with a min..max bar."""
-  mean = np.array([g.stat(np.mean) for g in gs])
-  lo = mean - np.array([g.stat(np.min) for g in gs])
-  hi = np.array([g.stat(np.max) for g in gs]) - mean
-  ax.errorbar(xs, mean, yerr=[lo, hi], marker='o', capsize=3, label=label, **kw)
-
-
-def _baseline_lines(ax, baselines: Sequence[Group]) -> None:
-  for i, g in enumerate(baselines):
-    m = g.stat(np.mean)
-    ax.axhline(m, color=f'C{7 + i % 3}', linestyle='--',
-               label=f'baseline {g.first.cfg.model.num_layers}L d{g.first.cfg.model.d_model}'
-               f' ({m:.4g})')
-    if g.n > 1:
-      ax.axhspan(g.stat(np.min), g.stat(np.max), color=f'C{7 + i % 3}', alpha=0.15)
-
-
-def _ppl_plot(path: str, title: str, xlabel: str, scone: Sequence[Group],
-              baselines: Sequence[Group], x_of, x_key: str, logx: bool) -> None:
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for label, gs in _series(scone, x_key).items():
-    gs = sorted(gs, key=x_of)
-    _errorbar(ax, gs, [x_of(g) for g in gs], label)
-  _baseline_lines(ax, baselines)
-  if logx:
-    _log_x(ax, sorted({x_of(g) for gs in _series(scone, x_key).values() for g in gs}))
-  ax.set(title=title, xlabel=xlabel, ylabel='held-out perplexity (mean over seeds)')
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  _save_png(fig, path)
-  plt.close(fig)
-
-
-def draw_plots(runs: Sequence[Run], out_dir: str) -> dict[str, str]:
-  """Draws the plots the sweep's data supports; returns {plot name: png path}."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  finished = [g for g in groups(runs) if g.n]
-  scone = [g for g in finished if g.first.cfg.is_scone]
-  baselines = [g for g in finished if not g.first.cfg.is_scone]
-  paths = {}
-
-  def af_params(g: Group) -> float:
-    return accounting(g.first.cfg)['af_params']
-
-  def infer_flops(g: Group) -> float:
-    return accounting(g.first.cfg)['infer_flops']
-
-  if len({g.first.num_fgrams for g in scone}) >= 2 or (scone and baselines):
-    paths['ppl_vs_num_fgrams'] = os.path.join(out_dir, 'ppl_vs_num_fgrams.png')
-    _ppl_plot(paths['ppl_vs_num_fgrams'], 'Perplexity vs number of f-grams',
-              'number of f-grams S', scone, baselines, lambda g: g.first.num_fgrams,
-              'fgram.use_size', logx=True)
-  if len({af_params(g) for g in scone}) >= 2:
-    paths['ppl_vs_af_size'] = os.path.join(out_dir, 'ppl_vs_af_size.png')
-    _ppl_plot(paths['ppl_vs_af_size'], 'Perplexity vs A_f size', 'A_f parameters',
-              scone, baselines, af_params, 'fgram_model.num_layers', logx=False)
-  if finished:
-    paths['ppl_vs_inference_flops'] = os.path.join(out_dir, 'ppl_vs_inference_flops.png')
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if baselines:
-      bs = sorted(baselines, key=infer_flops)
-      _errorbar(ax, bs, [infer_flops(g) for g in bs], 'baselines', color='k', linestyle='--')
-    for i, g in enumerate(scone):
-      _errorbar(ax, [g], [infer_flops(g)], 'SCONE ' + _label(g),
-                color=f'C{i % 7}', linestyle='none')
-    _log_x(ax)
-    ax.set(title='Perplexity vs inference FLOPs per token', xlabel='inference FLOPs / token',
-           ylabel='held-out perplexity')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    _save_png(fig, paths['ppl_vs_inference_flops'])
-    plt.close(fig)
-  curves = sorted((g for g in groups(runs) if any(r.curve for r in g.runs)),
-                  key=lambda g: (g.first.cfg.is_scone, g.first.num_fgrams, _label(g)))
-  if curves:
-    paths['training_curves'] = os.path.join(out_dir, 'training_curves.png')
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, g in enumerate(curves):
-      steps, losses = _mean_curve([r.curve for r in g.runs if r.curve])
-      ax.plot(steps, losses, color=f'C{i % 10}', label=_label(g),
-              linestyle='-' if g.first.cfg.is_scone else '--')
-    ax.set(title='Training loss (mean over seeds)', xlabel='step', ylabel='train loss')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    _save_png(fig, paths['training_curves'])
-    plt.close(fig)
-  return paths
-
-
-def _mean_curve(curves: Sequence[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
-  """Mean loss over seeds at the steps every curve logged."""
-  common = sorted(set.intersection(*[{s for s, _ in c} for c in curves]))
-  by_step = [dict(c) for c in curves]
-  return common, [float(np.mean([d[s] for d in by_step])) for s in common]
+def _selection_section(record: dict[str, Any], order: Sequence[str]) -> list[str]:
+  sel = record['selection']
+  lrs = record['learning_rates']
+  rows = []
+  rank = {name: i for i, name in enumerate(order)}
+  for arm, cells in sorted(sel['grid'].items(), key=lambda kv: (rank.get(kv[0], 1 << 30),
+                                                                 kv[0])):
+    row: dict[str, Any] = {'arm': arm}
+    chosen = sel['chosen'].get(arm)  # None: the study has not reached this arm yet.
+    for cell in cells:
+      mark = ' *' if cell['lr'] == chosen else ''
+      row[f'lr={cell["lr"]:g}'] = (f'{cell["valid_loss"]:.4f}{mark}'
+                                   if math.isfinite(cell['valid_loss']) else 'no result')
+    row['chosen lr'] = ('not chosen yet' if chosen is None else f'{chosen:g}' + (
+        ' (grid edge)' if sel['at_edge'][arm] else ''))
+    rows.append(row)
+  return [f'## Learning rates: each arm tuned over {[f"{x:g}" for x in lrs]} with seed(s) '
+          f'{record["tune_seeds"]}, chosen by {sel["metric"]} on '
+          f'{", ".join(f"`{c}`" for c in sel["validation_corpora"])}', '',
+          'Cells: validation loss; * = chosen. Compared at the chosen lr over seeds '
+          f'{record["seeds"]} (same seed = same data order across arms).'
+          + (' An lr at the grid edge means the grid should be widened.'
+             if any(sel['at_edge'].values()) else ''), '',
+          markdown_table(rows), '']
 
 
 def main(argv):

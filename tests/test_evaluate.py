@@ -127,12 +127,20 @@ def test_cli_writes_eval_json(tmp_path, tmp_path_factory):
   _, workdir = th.reference_run(base)
   run = str(tmp_path / 'run')
   shutil.copytree(workdir, run)
+  full = json.load(open(os.path.join(run, 'eval.json')))['corpora']['heldout']
   os.remove(os.path.join(run, 'eval.json'))
+  config_before = open(os.path.join(run, 'config.json')).read()
   env = th.subprocess_env(8)
   env['JAX_COMPILATION_CACHE_DIR'] = os.path.join(base, 'xla_cache')
-  done = subprocess.run([sys.executable, '-m', 'scone_jax.evaluate', f'--workdir={run}'],
+  # --eval_batches overrides the run's train.eval_batches (2) for this evaluation only.
+  done = subprocess.run([sys.executable, '-m', 'scone_jax.evaluate', f'--workdir={run}',
+                         '--eval_batches=1'],
                         env=env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
-  assert 'heldout: loss' in done.stdout
   record = json.load(open(os.path.join(run, 'eval.json')))
   assert record['step'] == 4 and set(record['corpora']) == {'heldout'}
+  got = record['corpora']['heldout']
+  assert got['tokens'] < full['tokens'] and got['fraction_evaluated'] < full['fraction_evaluated']
+  assert (f'heldout (test): loss {got["loss"]:.4f}' in done.stdout
+          and f'{got["fraction_evaluated"]:.1%} of the set)' in done.stdout)
+  assert open(os.path.join(run, 'config.json')).read() == config_before

@@ -387,13 +387,14 @@ def test_tpu_dry_run_cli(tmp_path):
        '--repo=https://example.com/x.git'], cwd=REPO, capture_output=True, text=True,
       check=True).stdout
   commands = [line for line in out.splitlines() if line.startswith('gcloud ')]
-  # Every command a user would paste, in order: the bootstrap copy first, then the points.
-  assert len(commands) == 1 + 5
+  # Every command a user would paste, in order: the bootstrap copy first, then the points
+  # (3 backbones x (baseline + 4 A_f sizes)).
+  assert len(commands) == 1 + 15
   scp = shlex.split(commands[0])
   assert scp[4] == 'scp' and scp[5] == sweep_backends.BOOTSTRAP_SCRIPT
   assert os.path.isfile(scp[5]) and scp[6] == 'pod:tpu_bootstrap.sh'
   assert all(c.startswith('gcloud compute tpus tpu-vm ssh pod') for c in commands[1:])
-  assert out.count('--config.distributed.mode=auto') == 5
+  assert out.count('--config.distributed.mode=auto') == 15
   assert '| run | accel_params |' in out
   bad = subprocess.run([sys.executable, '-m', 'scone_jax.sweeps',
                         '--sweep=experiments/sweeps/af_size.py', '--backend=tpu', '--dry_run'],

@@ -94,4 +94,6 @@ def test_kill9_then_restart_is_bitwise(tmp_path, tmp_path_factory):
   assert killed_at < 8, 'the run finished before it was killed; nothing was tested'
   done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
+  # The final eval per corpus, with the fraction of the set (eval_batches limits it).
+  assert 'heldout (test): loss' in done.stdout and '% of the set)' in done.stdout
   _assert_same_run(workdir, ref, 8, first_resumed_step=killed_at + 1)

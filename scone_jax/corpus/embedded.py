@@ -4,8 +4,10 @@ Built deterministically for a given Python version: the stdlib directory (from s
 is walked in sorted order, skipping test packages and site-packages; each .py file is
 parsed with `ast` (unparsable files are skipped) and every module, class and function
 docstring becomes one document, whitespace-normalised per paragraph (paragraphs joined by
-a blank line). Modules are split into train / held-out by a hash of the module name, so
-the split is stable and a module never straddles it.
+a blank line). Modules are split into train / held-out (test) / validation by a hash of
+the module name, so the split is stable and a module never straddles it: with u the hash
+as a number in [0, 1), u < eval_fraction is held out for test, the next valid_fraction of
+[0, 1) is the validation split (only when valid_fraction > 0), the rest is train.
 
 The corpus is cached as an artifact directory (train.jsonl, eval.jsonl, manifest.json);
 its fingerprint covers the Python version, the eval fraction and every file's size.
@@ -32,7 +34,7 @@ from scone_jax.corpus import readers
 KIND = 'embedded_corpus'
 # Bump when the extraction rules change, so cached corpora are rebuilt.
 EXTRACT_VERSION = 1
-SPLITS = ('train', 'eval')
+SPLITS = ('train', 'eval', 'valid')  # 'valid' exists only when valid_fraction > 0.
 _SKIP_DIRS = frozenset({'test', 'tests', 'idle_test', 'site-packages', '__pycache__'})
 _PARAGRAPH_RE = re.compile(r'\n\s*\n')
 
@@ -45,9 +47,11 @@ class EmbeddedCorpus:
   sizes: dict[str, dict[str, int]]  # split -> {documents, modules, chars, bytes}
 
   def split(self, name: str) -> readers.FileCorpus:
-    """The 'train' or 'eval' split as a FileCorpus (sources point into the stdlib)."""
-    if name not in SPLITS:
-      raise ValueError(f'embedded corpus split {name!r} is not one of {list(SPLITS)}')
+    """The 'train', 'eval' or 'valid' split as a FileCorpus (sources point into the stdlib)."""
+    if name not in self.sizes:
+      raise ValueError(f'embedded corpus split {name!r} is not one of {sorted(self.sizes)}'
+                       + (' (set data.embedded_valid_fraction > 0 for a validation split)'
+                          if name == 'valid' else ''))
     return readers.FileCorpus([os.path.join(self.directory, f'{name}.jsonl')], 'jsonl',
                               name=name, source_field='source',
                               fingerprint=artifacts.fingerprint(self.fingerprint, name))
@@ -83,10 +87,22 @@ def module_name(relpath: str) -> str:
   return '.'.join(parts)
 
 
+def _unit(module: str) -> float:
+  """The module's sha256 as a number in [0, 1)."""
+  return int(hashlib.sha256(module.encode()).hexdigest()[:12], 16) / float(1 << 48)
+
+
 def is_eval_module(module: str, eval_fraction: float) -> bool:
   """Deterministic split: the module's sha256 as a number in [0, 1) vs the fraction."""
-  u = int(hashlib.sha256(module.encode()).hexdigest()[:12], 16) / float(1 << 48)
-  return u < eval_fraction
+  return _unit(module) < eval_fraction
+
+
+def split_of(module: str, eval_fraction: float, valid_fraction: float = 0.0) -> str:
+  """'eval' (test), 'valid' or 'train': disjoint bands of the module's hash."""
+  u = _unit(module)
+  if u < eval_fraction:
+    return 'eval'
+  return 'valid' if u < eval_fraction + valid_fraction else 'train'
 
 
 def normalise(doc: str) -> str:
@@ -109,13 +125,17 @@ def docstrings(source: bytes) -> Iterator[tuple[int, str]]:
   return iter(sorted(found, key=lambda t: t[0]))
 
 
-def fingerprint_of(files: list[tuple[str, int]], eval_fraction: float) -> str:
+def fingerprint_of(files: list[tuple[str, int]], eval_fraction: float,
+                   valid_fraction: float = 0.0) -> str:
+  # Without a validation split the fingerprint is what it was before the option existed,
+  # so corpora built then are reused.
+  extra = (('valid_fraction', valid_fraction),) if valid_fraction else ()
   return artifacts.fingerprint(KIND, EXTRACT_VERSION, platform.python_implementation(),
-                               platform.python_version(), eval_fraction, files)
+                               platform.python_version(), eval_fraction, files, *extra)
 
 
 def build_embedded(directory: str, eval_fraction: float, root: str | None = None,
-                   max_files: int = 0) -> EmbeddedCorpus:
+                   max_files: int = 0, valid_fraction: float = 0.0) -> EmbeddedCorpus:
   """Builds (or reuses, if its fingerprint matches) the embedded corpus in `directory`.
 
   Args:
@@ -123,17 +143,24 @@ def build_embedded(directory: str, eval_fraction: float, root: str | None = None
     eval_fraction: fraction of modules held out (config data.embedded_eval_fraction).
     root: the stdlib directory (default: this interpreter's).
     max_files: build from only the first N stdlib files (0 = all); for tests.
+    valid_fraction: fraction of modules in the validation split
+      (config data.embedded_valid_fraction; 0 = none).
   """
   if not 0.0 < eval_fraction < 1.0:
     raise ValueError(f'data.embedded_eval_fraction={eval_fraction} must be in (0, 1): the '
                      'embedded corpus always has a train and a held-out split')
+  if not 0.0 <= valid_fraction < 1.0 - eval_fraction:
+    raise ValueError(f'data.embedded_valid_fraction={valid_fraction} must be in [0, '
+                     f'1 - data.embedded_eval_fraction={1.0 - eval_fraction:g}): train keeps '
+                     'the rest of the modules')
   directory = os.path.abspath(directory)
   root = root or stdlib_dir()
   files = stdlib_files(root, max_files)
   if not files:
     raise readers.CorpusError(f'no .py files under the stdlib directory {root}; use '
                               "--config.data.source=files with your own corpus")
-  fp = fingerprint_of(files, eval_fraction)
+  fp = fingerprint_of(files, eval_fraction, valid_fraction)
+  splits = SPLITS if valid_fraction else SPLITS[:2]
   try:
     manifest = artifacts.read_manifest(directory, KIND, verify=True,
                                        expect={'fingerprint': fp})
@@ -141,10 +168,10 @@ def build_embedded(directory: str, eval_fraction: float, root: str | None = None
   except artifacts.ArtifactError as e:
     if os.path.exists(directory):
       logging.info('rebuilding the embedded corpus: %s', e)
-  sizes = {s: dict(documents=0, modules=0, chars=0, bytes=0) for s in SPLITS}
+  sizes = {s: dict(documents=0, modules=0, chars=0, bytes=0) for s in splits}
   skipped = []
   with artifacts.atomic_dir(directory) as tmp:
-    outs = {s: open(os.path.join(tmp, f'{s}.jsonl'), 'w', encoding='utf-8') for s in SPLITS}
+    outs = {s: open(os.path.join(tmp, f'{s}.jsonl'), 'w', encoding='utf-8') for s in splits}
     try:
       for relpath, _ in files:
         with open(os.path.join(root, relpath), 'rb') as f:
@@ -155,7 +182,7 @@ def build_embedded(directory: str, eval_fraction: float, root: str | None = None
           skipped.append(relpath)
           continue
         module = module_name(relpath)
-        split = 'eval' if is_eval_module(module, eval_fraction) else 'train'
+        split = split_of(module, eval_fraction, valid_fraction)
         size = sizes[split]
         size['modules'] += 1
         for lineno, text in docs:
@@ -171,20 +198,20 @@ def build_embedded(directory: str, eval_fraction: float, root: str | None = None
       if not size['documents']:
         raise readers.CorpusError(
             f'the embedded corpus has no {split} documents ({len(files)} stdlib files, '
-            f'data.embedded_eval_fraction={eval_fraction}); choose a fraction in (0, 1) '
-            'that leaves modules on both sides')
+            f'data.embedded_eval_fraction={eval_fraction}, data.embedded_valid_fraction='
+            f'{valid_fraction}); choose fractions that leave modules in every split')
     artifacts.write_manifest(tmp, KIND, {
         'fingerprint': fp, 'sizes': sizes, 'python': platform.python_version(),
         'stdlib_dir': root, 'num_files': len(files), 'unparsable_files': skipped,
-        'eval_fraction': eval_fraction})
+        'eval_fraction': eval_fraction, 'valid_fraction': valid_fraction})
   logging.info('embedded corpus built in %s: %s (%d unparsable files skipped)', directory,
                sizes, len(skipped))
   return EmbeddedCorpus(directory, fp, sizes)
 
 
 def open_embedded(directory: str, eval_fraction: float, root: str | None = None,
-                  max_files: int = 0) -> EmbeddedCorpus:
+                  max_files: int = 0, valid_fraction: float = 0.0) -> EmbeddedCorpus:
   """Opens a built embedded corpus; ArtifactError if missing or built for other inputs."""
-  fp = fingerprint_of(stdlib_files(root, max_files), eval_fraction)
+  fp = fingerprint_of(stdlib_files(root, max_files), eval_fraction, valid_fraction)
   manifest = artifacts.read_manifest(directory, KIND, verify=False, expect={'fingerprint': fp})
   return EmbeddedCorpus(os.path.abspath(directory), fp, manifest['sizes'])

@@ -1,4 +1,5 @@
-"""Streaming corpus readers: plain text ('lines', 'blank_lines') and JSONL, from globs.
+"""Streaming corpus readers: plain text ('lines', 'blank_lines'), JSONL, Parquet and
+ArrayRecord (columnar.py: the record layouts), from globs.
 
 A corpus is re-iterable: each pass opens the files again and streams them line by line, so
 a corpus larger than RAM works. Every `Document` carries its source ("file:line") so that
@@ -14,11 +15,12 @@ import os
 import re
 from typing import Iterator
 
+import numpy as np
 from absl import logging
 
 from scone_jax import artifacts
 
-FORMATS = ('lines', 'blank_lines', 'jsonl')
+FORMATS = ('lines', 'blank_lines', 'jsonl', 'parquet', 'arrayrecord', 'arrayrecord_tokens')
 _NAME_RE = re.compile(r'^[A-Za-z0-9_.-]+$')
 _REPLACEMENT_UTF8 = '\ufffd'.encode()
 _SURROGATE_RE = re.compile('[\ud800-\udfff]')
@@ -32,6 +34,9 @@ class CorpusError(ValueError):
 class Document:
   text: str
   source: str  # "path:line" of the document's first line, for error messages.
+  # Token ids (no BOS/EOS) of an already tokenized document (data.format=
+  # 'arrayrecord_tokens'; text is then ''), else None.
+  ids: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -93,7 +98,7 @@ def parse_named_globs(spec: str, key: str = 'data.eval_files') -> dict[str, list
 
 
 class FileCorpus:
-  """A re-iterable stream of `Document`s from text or JSONL files.
+  """A re-iterable stream of `Document`s from text, JSONL, Parquet or ArrayRecord files.
 
   Iterating raises `CorpusError` for invalid JSON, a missing text field, invalid UTF-8
   under on_bad_utf8='error', and, at the end of a pass, for a corpus with no non-empty
@@ -107,8 +112,8 @@ class FileCorpus:
 
     Args:
       paths: files, read in this order.
-      fmt: 'lines' | 'blank_lines' | 'jsonl'.
-      text_field: JSONL key holding the document text.
+      fmt: one of FORMATS.
+      text_field: JSONL key / Parquet column holding the document text.
       on_bad_utf8: 'replace' (U+FFFD, counted) or 'error'.
       name: the split's name, for messages.
       source_field: optional JSONL key holding the document's original source (used by
@@ -143,12 +148,20 @@ class FileCorpus:
   @property
   def total_file_bytes(self) -> int:
     """Size of the input files: an upper bound on the corpus's UTF-8 text bytes."""
+    if self.format == 'parquet':  # Compressed columns: read the uncompressed size.
+      from scone_jax.corpus import columnar  # pylint: disable=g-import-not-at-top
+      return sum(max(columnar.parquet_uncompressed_bytes(p), os.path.getsize(p))
+                 for p in self.paths)
     return sum(os.path.getsize(p) for p in self.paths)
 
   def __iter__(self) -> Iterator[Document]:
     self.stats = ReadStats()
-    read = {'lines': self._lines, 'blank_lines': self._blank_lines,
-            'jsonl': self._jsonl}[self.format]
+    # Imported here: columnar imports this module (Document, CorpusError).
+    from scone_jax.corpus import columnar  # pylint: disable=g-import-not-at-top
+    read = {'lines': self._lines, 'blank_lines': self._blank_lines, 'jsonl': self._jsonl,
+            'parquet': lambda p: columnar.parquet_documents(p, self.text_field),
+            'arrayrecord': lambda p: columnar.arrayrecord_text_documents(p, self._decode),
+            'arrayrecord_tokens': columnar.arrayrecord_token_documents}[self.format]
     for path in self.paths:
       for doc in read(path):
         self.stats.docs += 1
@@ -173,6 +186,13 @@ class FileCorpus:
         except UnicodeDecodeError as e:
           yield lineno, self._bad_utf8(raw.decode('utf-8', errors='replace'),
                                        raw.count(_REPLACEMENT_UTF8), f'{path}:{lineno}', e)
+
+  def _decode(self, raw: bytes, where: str) -> str:
+    try:
+      return raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+      return self._bad_utf8(raw.decode('utf-8', errors='replace'),
+                            raw.count(_REPLACEMENT_UTF8), where, e)
 
   def _bad_utf8(self, text: str, had_replacements: int, where: str, err: Exception) -> str:
     if self.on_bad_utf8 == 'error':

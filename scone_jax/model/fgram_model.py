@@ -1,6 +1,6 @@
 """The f-gram model A_f: an f-gram's tokens -> its embedding (docs/METHOD.md, section 1).
 
-Dimension letters: U f-grams, K max f-gram length, D d_model.
+Dimension letters: U f-grams, K max f-gram length, D d_model, R packed rows of W tokens.
 
 A_f is the backbone's block stack (same `BlockStack` class and `ModelConfig`, depth
 `fgram_model.num_layers`) without a token table of its own: its input is the SHARED token
@@ -9,9 +9,12 @@ uses learned positions, never RoPE, whatever the backbone family: f-grams are at
 tokens long and the paper specifies a learned position table of size K. Attention is
 causal; the output is the hidden state at the f-gram's last token (index len-1), then a
 final norm per `fgram_model.final_norm` ('same' = the backbone's norm type with its own
-parameters, 'none' = the raw residual stream). With `fgram_model.init='identity'` (the
-default) the position table and the blocks' residual output projections start at zero, so
-A_f(x_j..x_i) = T(x_i) at step 0: SCONE starts from the baseline's function.
+parameters, 'none' = the raw residual stream), then `fgram_model.output_scale` (a learned
+scalar or per-channel gain, or an RMS norm with a per-channel gain: the output's scale is
+otherwise unbounded and after training grows to many times the token embeddings').
+With `fgram_model.init='identity'` (the default) the position table and the blocks'
+residual output projections start at zero, so A_f(x_j..x_i) = T(x_i) at step 0 (up to the
+RMS normalisation for 'rmsnorm_gain'): SCONE starts from the baseline's function.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from flax import nnx
 
 from scone_jax.config import FgramModelConfig, ModelConfig
 from scone_jax.model.backbone import Embed
-from scone_jax.model.layers import BlockStack, FinalNorm, attend, segment_mask
+from scone_jax.model.layers import BlockStack, FinalNorm, apply_norm, attend, segment_mask
 from scone_jax.model.sharding import constrain, param
 
 
@@ -49,26 +52,58 @@ class FgramModel(nnx.Module):
         zeroed[...] = jnp.zeros_like(zeroed[...])
     self.final_norm = (FinalNorm(model_cfg.norm, model_cfg.d_model, model_cfg.param_dtype)
                        if fgram_model_cfg.final_norm == 'same' else None)
+    self.output_scale = fgram_model_cfg.output_scale
+    d, dtype = model_cfg.d_model, jnp.dtype(model_cfg.param_dtype)
+    # Gains are rank < 2, so AdamW never decays them (train/optimizer.py).
+    if self.output_scale == 'scalar':
+      self.out_gain = param(jnp.ones((), dtype), ())
+    elif self.output_scale == 'channel':
+      self.out_gain = param(jnp.ones((d,), dtype), ('embed',))
+    elif self.output_scale == 'rmsnorm_gain':
+      # Unit-RMS output times init_std: the scale the token embeddings start at.
+      self.out_gain = param(jnp.full((d,), model_cfg.init_std, dtype), ('embed',))
+    else:
+      self.out_gain = None
+
+  def packed(self, tokens_RxW: jax.Array, positions_RxW: jax.Array,
+             segment_ids_RxW: jax.Array) -> jax.Array:
+    """A_f over rows of PACKED f-grams (batches/tagging.py) -> e_RxWxD.
+
+    Each f-gram is one segment of its row (segment ids 1.., 0 = padding) with positions
+    0..len-1; attention is causal within the segment, so every f-gram is embedded exactly
+    as if it ran alone. e_RxWxD at an f-gram's last token is its embedding (other entries
+    are meaningless but finite).
+    """
+    x_RxWxD = self.token_embed(tokens_RxW)
+    pos_RxWxD = jnp.take(self.pos_table[...], positions_RxW, axis=0)
+    x_RxWxD = constrain(x_RxWxD + pos_RxWxD.astype(x_RxWxD.dtype), ('batch', 'length', 'embed'))
+    mask_RxWxW = segment_mask(segment_ids_RxW)
+    full = lambda q, kk, v, _: (attend(q, kk, v, mask_RxWxW), None)
+    h_RxWxD, _ = self.blocks(x_RxWxD, positions_RxW, full)
+    # The output rules act per vector, so applying them at every position and reading the
+    # last token equals reading first and applying them (what __call__ relies on).
+    if self.final_norm is not None:
+      h_RxWxD = self.final_norm(h_RxWxD)
+    if self.output_scale == 'rmsnorm_gain':
+      h_RxWxD = apply_norm('rmsnorm', h_RxWxD, self.out_gain[...])
+    elif self.out_gain is not None:
+      h_RxWxD = (h_RxWxD.astype(jnp.float32) * self.out_gain[...].astype(jnp.float32)
+                 ).astype(h_RxWxD.dtype)
+    return constrain(h_RxWxD, ('batch', 'length', 'embed'))
 
   def __call__(self, tokens_UxK: jax.Array, lens_U: jax.Array) -> jax.Array:
-    """Embeds U left-aligned, 0-padded f-grams of lengths lens_U -> e_UxD.
+    """Embeds U left-aligned, 0-padded f-grams of lengths lens_U -> e_UxD (export, tests).
 
-    Rows with length 0 (unused capacity) give a finite, meaningless vector.
+    The same computation as `packed` with one f-gram per row. Rows with length 0 give a
+    finite, meaningless vector.
     """
     u, k = tokens_UxK.shape
     if k != self.max_len:
       raise ValueError(f'fgram tokens have K={k} columns but A_f was built for '
                        f'fgram_max_len={self.max_len} (config.fgram.max_len)')
-    x_UxKxD = self.token_embed(tokens_UxK)
-    x_UxKxD = x_UxKxD + self.pos_table[...].astype(x_UxKxD.dtype)[None]
-    x_UxKxD = constrain(x_UxKxD, ('batch', 'length', 'embed'))
     positions_UxK = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (u, k))
     # Causal within the f-gram; padding sits after the last token so it is never seen.
-    mask_UxKxK = segment_mask(jnp.ones((u, k), jnp.int32))
-    full = lambda q, kk, v, _: (attend(q, kk, v, mask_UxKxK), None)
-    h_UxKxD, _ = self.blocks(x_UxKxD, positions_UxK, full)
+    h_UxKxD = self.packed(tokens_UxK, positions_UxK, jnp.ones((u, k), jnp.int32))
     last_U = jnp.clip(lens_U.astype(jnp.int32) - 1, 0, k - 1)
     e_UxD = jnp.take_along_axis(h_UxKxD, last_U[:, None, None], axis=1)[:, 0]
-    if self.final_norm is not None:
-      e_UxD = self.final_norm(e_UxD)
     return constrain(e_UxD, ('batch', 'embed'))

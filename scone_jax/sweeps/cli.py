@@ -10,7 +10,15 @@ Every point is validated against the config schema before anything launches. Fin
 points (complete W/eval.json) are skipped; interrupted ones resume from W/checkpoints.
 `--dry_run` prints every command (for TPU: the bootstrap copy, then one ssh per point) and
 a table of each point's accelerator-resident and offloaded params and training/inference
-FLOPs per token. Exit code is non-zero if any point failed.
+FLOPs per token; A_f's training FLOPs at the worst case (K A_f tokens per main-model token)
+and, with `--af_tokens_per_token=X` (measured: the runs' logged
+batch/fgram_af_tokens_per_token, or benchmarks/bench_train.py --mode=af_rate), at X. Exit
+code is non-zero if any point failed.
+
+A study file (one that defines get_study(), e.g. experiments/sweeps/study.py) runs in two
+phases: each arm's learning rate is chosen on the validation corpora, then every arm runs
+the comparison seeds at its chosen lr (scone_jax/sweeps/study.py). `--report` then writes
+REPORT.md with the grid, the chosen lrs, per-corpus intervals and the verdicts.
 
 This module defines absl flags at import: only entry points import it (library code uses
 spec/backends).
@@ -26,11 +34,15 @@ from absl import flags
 from scone_jax import report as report_lib
 from scone_jax.sweeps import backends
 from scone_jax.sweeps import spec
+from scone_jax.sweeps import study as study_lib
 
 _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file (experiments/sweeps/*.py).',
                              required=True)
 _BACKEND = flags.DEFINE_enum('backend', 'local', ['local', 'tpu'], 'Where to run points.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print commands and accounting; run nothing.')
+_AF_TOKENS = flags.DEFINE_float(
+    'af_tokens_per_token', None, 'Dry run: measured A_f tokens per main-model token for '
+    'the *_measured accounting columns (default: worst case only).')
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'Local backend: points run at once.')
 _ONLY = flags.DEFINE_string('only', '', 'Run only points whose run name matches this regex.')
 _REPORT = flags.DEFINE_bool('report', False, 'Write the report (CSV, REPORT.md, plots) after.')
@@ -50,30 +62,55 @@ _RETRIES = flags.DEFINE_integer('retries', 3, 'TPU backend: retries of a failed 
 def main(argv):
   del argv
   try:
-    sweep = spec.load_sweep(_SWEEP.value, _ROOT.value, spec.parse_set(_SET.value),
-                            _ONLY.value)
+    extra = spec.parse_set(_SET.value)
+    if study_lib.is_study_file(_SWEEP.value):
+      return _main_study(study_lib.load_study(_SWEEP.value), extra)
+    sweep = spec.load_sweep(_SWEEP.value, _ROOT.value, extra, _ONLY.value)
   except spec.SweepError as e:
     sys.exit(f'error: {e}\nnothing was launched.')
   print(f'sweep {sweep.name}: {len(sweep.points)} point(s) under {sweep.dir}')
   tpu = _tpu_target() if _BACKEND.value == 'tpu' else None
   if _DRY_RUN.value:
-    backends.dry_run(sweep, _PYTHON.value, tpu)
+    backends.dry_run(sweep, _PYTHON.value, tpu, af_tokens_per_token=_AF_TOKENS.value)
     return
   if tpu is None:
     outcomes = backends.run_local(sweep, _PYTHON.value, _PARALLEL.value)
   else:
     outcomes = backends.run_tpu(sweep, tpu, retries=_RETRIES.value,
                                 log_dir=os.path.join('runs', 'tpu_logs'))
+  _finish(sweep.name, sweep.dir, outcomes)
+
+
+def _main_study(study: study_lib.Study, extra: dict) -> None:
+  """The two-phase study (local backend only: selection reads the runs' eval.json)."""
+  if _BACKEND.value != 'local' or _ONLY.value:
+    sys.exit('error: a study runs on the local backend and always runs all its points '
+             '(lr selection needs every tuning run); drop --backend/--only.')
+  # Validates every tuning point before anything runs.
+  tune = study_lib.tune_sweep(study, _ROOT.value, extra)
+  print(f'study {study.name}: {len(study.arms)} arm(s), lr grid '
+        f'{list(study.learning_rates)}, seeds {list(study.seeds)} under {tune.dir}')
+  if _DRY_RUN.value:
+    study_lib.dry_run(study, _ROOT.value, _PYTHON.value, extra)
+    return
+  _, outcomes = study_lib.run_study(study, _ROOT.value, _PYTHON.value, _PARALLEL.value,
+                                    extra)
+  _finish(study.name, tune.dir, outcomes)
+
+
+def _finish(name: str, sweep_dir: str, outcomes: list) -> None:
   failed = [o for o in outcomes if o.status == 'failed']
   print(f'{len(outcomes) - len(failed)}/{len(outcomes)} point(s) ok'
         + (f'; FAILED: {", ".join(o.name for o in failed)}' if failed else ''))
   if _REPORT.value:
-    if '://' in sweep.dir:
-      print(f'report: copy {sweep.dir} to a local ROOT/{sweep.name} (gcloud storage rsync '
+    if '://' in sweep_dir:
+      print(f'report: copy {sweep_dir} to a local ROOT/{name} (gcloud storage rsync '
             f'-r) and run python -m scone_jax.report --sweep={_SWEEP.value} --root=ROOT')
     else:
-      for name, path in report_lib.write_report(sweep.dir).items():
-        print(f'{name}: {path}')
+      paths = report_lib.write_report(sweep_dir)
+      print(open(paths['markdown']).read())
+      for key, path in paths.items():
+        print(f'{key}: {path}')
   if failed:
     sys.exit(1)
 

@@ -29,7 +29,7 @@ from scone_jax import config as config_lib
 # fgram.use_size only slices the mined table; miner/memory budget change how, not what.
 _PREPARE_SECTIONS = ('data', 'tokenizer', 'fgram')
 _PREPARE_IGNORED = ('data.artifacts_dir', 'fgram.use_size', 'fgram.miner',
-                    'fgram.memory_budget_mb')
+                    'fgram.memory_budget_mb', 'data.allow_embedded')
 _NAME_MAX_CHARS = 100
 
 
@@ -178,19 +178,37 @@ def load_sweep(path: str, root: str, extra_overrides: dict[str, Any] | None = No
       they are part of each run name.
     only: keep points whose run name matches this regex (all points are still validated).
   """
-  module = _load_module(path, 'sweep file')
-  for attr in ('get_sweep', 'BASE_CONFIG'):
-    if not hasattr(module, attr):
-      raise SweepError(f'sweep file {path!r} defines no {attr}; a sweep file defines '
-                       "BASE_CONFIG = 'experiments/X.py[:arg]' and get_sweep() -> list of "
-                       'override dicts with dotted keys')
+  module = load_sweep_module(path)
+  if not hasattr(module, 'get_sweep'):
+    raise SweepError(f'sweep file {path!r} defines no get_sweep; a sweep file defines '
+                     "BASE_CONFIG = 'experiments/X.py[:arg]' and get_sweep() -> list of "
+                     'override dicts with dotted keys (or get_study(): see '
+                     'scone_jax/sweeps/study.py)')
   points_overrides = module.get_sweep()
   if not isinstance(points_overrides, list) or not all(
       isinstance(p, dict) for p in points_overrides):
     raise SweepError(f'{path}: get_sweep() must return a list of dicts, got '
                      f'{type(points_overrides).__name__}')
-  base = load_base_config(module.BASE_CONFIG)
   name = os.path.splitext(os.path.basename(path))[0]
+  return build_sweep(name, path, module.BASE_CONFIG, points_overrides, root,
+                     extra_overrides, only)
+
+
+def load_sweep_module(path: str) -> types.ModuleType:
+  """Loads a sweep file; SweepError if it has no BASE_CONFIG."""
+  module = _load_module(path, 'sweep file')
+  if not hasattr(module, 'BASE_CONFIG'):
+    raise SweepError(f'sweep file {path!r} defines no BASE_CONFIG; a sweep file defines '
+                     "BASE_CONFIG = 'experiments/X.py[:arg]' and get_sweep() -> list of "
+                     'override dicts with dotted keys')
+  return module
+
+
+def build_sweep(name: str, path: str, base_config: str, points_overrides: list[dict],
+                root: str, extra_overrides: dict[str, Any] | None = None,
+                only: str = '') -> Sweep:
+  """Validates and names the points of `points_overrides` (see load_sweep)."""
+  base = load_base_config(base_config)
   points, seen = [], {}
   for i, own in enumerate(points_overrides):
     overrides = {**own, **(extra_overrides or {})}
@@ -216,7 +234,7 @@ def load_sweep(path: str, root: str, extra_overrides: dict[str, Any] | None = No
     points.append(Point(rname, overrides, launch, cfg, _join(root, name, rname)))
   if only:
     points = [p for p in points if re.search(only, p.name)]
-  return Sweep(name, path, module.BASE_CONFIG, root, points)
+  return Sweep(name, path, base_config, root, points)
 
 
 # Stages whose CLI takes the experiment config; the others read the run's W/config.json.
@@ -270,7 +288,10 @@ def write_point_json(sweep: Sweep, point: Point) -> None:
       'launch_overrides': point.launch_overrides, 'config': json.loads(point.cfg.to_json())})
 
 
-def accounting_rows(sweep: Sweep) -> list[dict[str, Any]]:
-  """Per point: accelerator-resident and offloaded params, train/inference FLOPs/token."""
+def accounting_rows(sweep: Sweep,
+                    af_tokens_per_token: float | None = None) -> list[dict[str, Any]]:
+  """Per point: accelerator-resident and offloaded params, train/inference FLOPs/token
+  (A_f at the worst case, and at a measured A_f tokens per main-model token if given)."""
   from scone_jax import report  # Deferred: loading a sweep needs no accounting.
-  return [{'run': p.name, **report.accounting(p.cfg)} for p in sweep.points]
+  return [{'run': p.name, **report.accounting(p.cfg, af_tokens_per_token)}
+          for p in sweep.points]

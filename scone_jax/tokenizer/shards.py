@@ -161,6 +161,9 @@ def write_shards(directory: str, docs: Iterable[Document], tokenizer: Tokenizer,
       def flush(texts: list[str]) -> None:
         encoded = [ids for ids in tokenizer.encode(texts) if ids.size]
         counts['dropped_empty'] += len(texts) - len(encoded)
+        append(encoded)
+
+      def append(encoded: list[np.ndarray]) -> None:
         if encoded:
           lengths = np.fromiter((ids.size for ids in encoded), np.int64, len(encoded))
           ends = counts['num_tokens'] + np.cumsum(lengths)
@@ -174,8 +177,16 @@ def write_shards(directory: str, docs: Iterable[Document], tokenizer: Tokenizer,
           counts['num_tokens'] = int(ends[-1])
 
       batch: list[str] = []
+      batch_ids: list[np.ndarray] = []
       batch_len = 0
       for doc in docs:
+        if doc.ids is not None:  # Already tokenized (data.format='arrayrecord_tokens').
+          batch_len += _add_pretokenized(doc, tokenizer, batch_ids, counts)
+          bar.update(doc.ids.nbytes)
+          if batch_len >= batch_chars:
+            append(batch_ids)
+            batch_ids, batch_len = [], 0
+          continue
         batch.append(doc.text)
         batch_len += len(doc.text)
         doc_bytes = len(doc.text.encode('utf-8'))
@@ -186,6 +197,7 @@ def write_shards(directory: str, docs: Iterable[Document], tokenizer: Tokenizer,
           flush(batch)
           batch, batch_len = [], 0
       flush(batch)
+      append(batch_ids)
     if not counts['num_docs']:
       raise ValueError(f'token shards {name!r}: no document produced any token; check the '
                        'corpus')
@@ -202,6 +214,28 @@ def write_shards(directory: str, docs: Iterable[Document], tokenizer: Tokenizer,
                counts['num_tokens'] / max(seconds, 1e-9), counts['dropped_empty'])
   return TokenShards.open(directory, expect_tokenizer=tokenizer.fingerprint, verify=False,
                          vocab_size=tokenizer.vocab_size)
+
+
+def _add_pretokenized(doc: Document, tokenizer: Tokenizer, batch_ids: list[np.ndarray],
+                      counts: dict[str, int]) -> int:
+  """Queues an already tokenized document; returns its length in characters.
+
+  Its ids are checked against the vocabulary (an id past it would embed garbage), and it is
+  decoded once so that bytes and characters (bits per byte) count its text like any other.
+  """
+  ids = doc.ids
+  if ids.size and int(ids.max()) >= tokenizer.vocab_size:
+    raise ValueError(f'{doc.source}: token id {int(ids.max())} is >= the tokenizer\'s vocab '
+                     f'size {tokenizer.vocab_size}; the ids were made by another tokenizer '
+                     'than config.tokenizer.model_file')
+  text = tokenizer.decode(ids)
+  counts['num_bytes'] += len(text.encode('utf-8'))
+  counts['num_chars'] += len(text)
+  if ids.size:
+    batch_ids.append(ids.astype(np.int32))
+  else:
+    counts['dropped_empty'] += 1
+  return len(text)
 
 
 def _write_offsets(path: str, raw_path: str, num_docs: int, chunk: int = 1 << 22) -> None:

@@ -21,6 +21,7 @@ from absl import logging
 from scone_jax import artifacts
 from scone_jax.config import TokenizerConfig
 from scone_jax.corpus import CorpusError, Document
+from scone_jax.tokenizer import hf
 
 MODEL_FILE = 'spm.model'
 KIND = 'tokenizer'
@@ -62,7 +63,9 @@ class Tokenizer:
     try:
       return cls(proto, path)
     except RuntimeError as e:  # sentencepiece's parse error.
-      raise artifacts.ArtifactError(f'{path} is not a valid sentencepiece model ({e})') from e
+      raise artifacts.ArtifactError(
+          f'{path} is not a valid sentencepiece model ({e}); a Hugging Face tokenizer.json '
+          'needs --config.tokenizer.kind=huggingface') from e
 
   def encode(self, texts: Sequence[str], num_threads: int = 2) -> list[np.ndarray]:
     """Token ids (int32, no BOS/EOS) of each text."""
@@ -197,7 +200,10 @@ def install_tokenizer(model_file: str, cfg: TokenizerConfig, directory: str,
 
   A config vocab_size that differs from the model's is an error rather than a silent
   override: the model size feeds the embedding and output layer shapes.
+  tokenizer.kind='huggingface' installs a tokenizer.json instead (scone_jax/tokenizer/hf.py).
   """
+  if cfg.kind == 'huggingface':
+    return hf.install(model_file, cfg, directory, KIND, meta or {})
   tok = Tokenizer.load(model_file)
   if tok.vocab_size != cfg.vocab_size:
     raise ValueError(
@@ -222,6 +228,8 @@ def _write(directory: str, model_proto: bytes, meta: dict) -> None:
 def open_tokenizer(directory: str, expect: dict | None = None) -> Tokenizer:
   """Loads A/tokenizer after checking its manifest (and that the model matches it)."""
   manifest = artifacts.read_manifest(directory, KIND, verify=True, expect=expect)
+  if manifest.get('tokenizer_kind') == 'huggingface':
+    return hf.open_dir(directory, manifest)
   tok = Tokenizer.load(directory)
   if tok.fingerprint != manifest.get('fingerprint'):
     raise artifacts.ArtifactError(f'{directory}: spm.model does not match its manifest '

@@ -48,7 +48,7 @@ def main(argv):
     sys.exit(f'train: {type(e).__name__}: {e}')
   logging.info('train: %s at step %d (resumed from %s)', result.status, result.step,
                result.resumed_from)
-  if result.eval is not None:
+  if result.eval is not None:  # The final eval per corpus, with the fraction it covered.
     for line in evaluate_lib.format_eval(result.eval):
       print(line)
 
