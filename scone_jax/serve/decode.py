@@ -124,11 +124,11 @@ def _decode(graphdef, sampling: Sampling, state, token_B, slab_BxE, cache: KVCac
 
 
 @numba.njit(nogil=True, cache=True)
-def _slab_kernel(tokens_B, codes_BxL, slots, shifts_L, ids_B, lens_B, rows_RxD, num_rows,
+def _slab_kernel(tokens_B, codes_BxL, index, limit, ids_B, lens_B, rows_RxD, num_rows,
                  slab_BxE, one):
   """IncrementalMatcher.push + EmbeddingStore.gather + the match flag, on raw bits; returns
   the number of matched rows, or -1 - b for the first row b with an invalid token."""
-  bad = push_kernel(tokens_B, codes_BxL, slots, shifts_L, ids_B, lens_B)
+  bad = push_kernel(tokens_B, codes_BxL, index, limit, ids_B, lens_B)
   if bad >= 0:
     return -1 - bad
   hits = gather_kernel(rows_RxD, ids_B, num_rows, slab_BxE[:, :-1])
@@ -138,7 +138,7 @@ def _slab_kernel(tokens_B, codes_BxL, slots, shifts_L, ids_B, lens_B, rows_RxD, 
 
 
 @numba.njit(nogil=True, cache=True)
-def _prompt_kernel(tokens_BxT, lengths_B, codes_BxL, slots, shifts_L, ids_BxT, rows_RxD,
+def _prompt_kernel(tokens_BxT, lengths_B, codes_BxL, index, limit, ids_BxT, rows_RxD,
                    num_rows, slab_NxE, one):
   """Matches every prompt row (positions < lengths_B[b]; later ones get -1) by pushing its
   tokens into a fresh incremental matcher, which ends primed with the row's last K-1
@@ -153,7 +153,7 @@ def _prompt_kernel(tokens_BxT, lengths_B, codes_BxL, slots, shifts_L, ids_BxT, r
       if j >= lengths_B[r]:
         ids_BxT[r, j] = -1
       else:
-        push_kernel(tokens_BxT[r, j:j + 1], codes_BxL[r:r + 1], slots, shifts_L,
+        push_kernel(tokens_BxT[r, j:j + 1], codes_BxL[r:r + 1], index, limit,
                     ids_BxT[r, j:j + 1], lens_1)
       if ids_BxT[r, j] >= 0:
         hits += 1
@@ -343,15 +343,15 @@ class Decoder:
     start = time.perf_counter()
     ids_BxT = np.empty((b, t), np.int32)
     slab_BxTxE = np.empty((b, t, self.d_model + 1), self._slab_dtype)
-    codes_BxL, slots, shifts_L = self._matcher.kernel_args
+    codes_BxL, index, limit = self._matcher.kernel_args
     if self._fused_args is not None:
       raw_BxTxE = slab_BxTxE.view(self._raw_dtype)
-      hits = _prompt_kernel(tokens_BxT, lengths_B, codes_BxL, slots, shifts_L, ids_BxT,
+      hits = _prompt_kernel(tokens_BxT, lengths_B, codes_BxL, index, limit, ids_BxT,
                             self.store.raw_rows, self.store.num_rows,
                             raw_BxTxE.reshape(b * t, -1), self._raw_one)
       self.store.stats.add(b * t, hits, slab_BxTxE.nbytes, time.perf_counter() - start)
     else:
-      _prompt_kernel(tokens_BxT, lengths_B, codes_BxL, slots, shifts_L, ids_BxT,
+      _prompt_kernel(tokens_BxT, lengths_B, codes_BxL, index, limit, ids_BxT,
                      None, 0, None, 0)
       self.store.gather(ids_BxT.reshape(-1), out=slab_BxTxE.reshape(b * t, -1)[:, :-1])
       slab_BxTxE[..., -1] = ids_BxT >= 0
