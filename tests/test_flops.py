@@ -146,7 +146,7 @@ def test_flops_scone_vs_baseline():
 
 
 def test_scone_1b_training_flops_at_a_measured_af_rate_match_the_paper():
-  """SCONE.md: SCONE-1B (OLMo-1B + 1B f-grams, A_f 1.8B) costs 5.57e13 training FLOPs per
+  """docs/METHOD.md (the paper's numbers): SCONE-1B (OLMo-1B + 1B f-grams, A_f 1.8B) costs 5.57e13 training FLOPs per
   2048-token sequence. At the worst case (K A_f tokens per token) the accounting is ~2.25x
   that; at 1.56 A_f tokens per main-model token, measured on real text (BENCHMARKS.md, "A_f
   work by distinct f-gram": embedded corpus, batch 32 x 1024, S = 50K, bucket padding
