@@ -3,6 +3,13 @@
 Usage:
   .venv/bin/python benchmarks/bench_fgrams.py            # 5M-token mining + matching
   .venv/bin/python benchmarks/bench_fgrams.py --big      # also 50M tokens under 1 GiB
+  .venv/bin/python benchmarks/bench_fgrams.py --scaling  # per-token cost 1M..50M vs np.sort,
+                                                         # and Beam with 1 vs 2 workers
+
+--scaling: the np.sort bound of a run is the time np.sort takes on as many random uint64
+keys as the miner counted (its candidate n-gram positions over all scans, measured by
+wrapping its chunk scan): sorting them is the textbook way to count them, so
+miner / bound says how far the miner is from that floor.
 
 Corpus: real text made without network, the source files of Python's standard library
 (code, comments, docstrings and tests), one document per blank-line-separated paragraph,
@@ -123,6 +130,45 @@ def _job(spec: dict) -> dict:
     mine_fgrams(_Shards(spec['dir'], 20_000), max_len=5, size=1000, min_count=2,
                 workers=spec['workers'], progress=False)
     out['kernel_load_seconds'] = time.perf_counter() - start
+  if kind == 'beam':
+    from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+    from scone_jax.fgrams.beam import mine_fgrams_beam  # pylint: disable=g-import-not-at-top
+    docs = list(shards)
+    options = PipelineOptions([f'--direct_num_workers={spec["workers"]}',
+                               '--direct_running_mode=multi_processing'])
+    start = time.perf_counter()
+    table = mine_fgrams_beam(docs, max_len=5, size=spec['size'], min_count=spec['min_count'],
+                             pipeline_options=options)
+    out.update(seconds=time.perf_counter() - start, rows=len(table),
+               fingerprint=table.fingerprint, peak_rss_mb=_peak_rss_mb())
+    return out
+  if kind == 'mine_keys':  # Mining with its counted keys recorded, then the sort bound.
+    from scone_jax.fgrams import mine as mine_lib  # pylint: disable=g-import-not-at-top
+    counted = []
+    scan = mine_lib._scan_chunk  # pylint: disable=protected-access
+
+    def counting_scan(*args):
+      index, run = scan(*args)
+      counted.append(int(run[1].sum()))
+      return index, run
+    mine_lib._scan_chunk = counting_scan  # pylint: disable=protected-access
+    # Warm-up large enough to reach every compiled path (the partitioned count needs
+    # > 1M keys): a kernel missing from numba's cache compiles once, outside the timing.
+    mine_fgrams(_Shards(spec['dir'], min(spec['tokens'], 2_000_000)), max_len=5,
+                size=1000, min_count=2, workers=2, progress=False)
+    counted.clear()
+    start = time.perf_counter()
+    table = mine_fgrams(shards, max_len=5, size=spec['size'], min_count=spec['min_count'],
+                        memory_budget_mb=spec['budget_mb'], workers=2, progress=False)
+    out['seconds'] = time.perf_counter() - start
+    out.update(rows=len(table), fingerprint=table.fingerprint, keys=sum(counted),
+               peak_rss_mb=_peak_rss_mb())
+    keys = np.random.default_rng(0).integers(0, 2**63, sum(counted), dtype=np.int64)
+    keys = keys.view(np.uint64)
+    start = time.perf_counter()
+    np.sort(keys)
+    out['sort_seconds'] = time.perf_counter() - start
+    return out
   start = time.perf_counter()
   if kind in ('counter_slices', 'counter_zip'):
     kept = globals()[kind](shards, 5, spec['size'], spec['min_count'])
@@ -192,10 +238,16 @@ def main():
   parser.add_argument('--big', action='store_true', help='also mine 50M tokens under 1 GiB')
   parser.add_argument('--repeats', type=int, default=2,
                       help='best of this many runs per row (not for --big)')
+  parser.add_argument('--scaling', action='store_true',
+                      help='only the per-token scaling vs np.sort and Beam 1 vs 2 workers')
+  parser.add_argument('--beam_tokens', type=int, default=300_000)
   parser.add_argument('--job', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.job:
     print(json.dumps(_job(json.loads(args.job))))
+    return
+  if args.scaling:
+    scaling(args)
     return
   with tempfile.TemporaryDirectory(prefix='bench_fgrams_') as tmp:
     info = build_corpus(tmp, 50_000_000 if args.big else args.tokens)
@@ -241,6 +293,35 @@ def main():
       us = match[f'push_us_batch{batch}']
       print(f'  IncrementalMatcher.push batch {batch:>2}: {us:>8.1f} us/step '
             f'({batch / us * 1e6:>11,.0f} tokens/s)')
+
+
+def scaling(args) -> None:
+  """Per-token mining cost 1M..50M tokens against the np.sort bound; Beam 1 vs 2 workers."""
+  with tempfile.TemporaryDirectory(prefix='bench_fgrams_') as tmp:
+    info = build_corpus(tmp, 50_000_000)
+    print(f'corpus: stdlib .py paragraphs, {info["base_tokens"]:,} tokens per copy, '
+          f'{info["copies"]} copies (fresh ids per copy); load average '
+          '%.1f %.1f %.1f' % os.getloadavg())
+    print(f'\n{"mine_fgrams K=5 S=1M min_count=5, 2 workers":<46} {"s":>6} {"ns/token":>9} '
+          f'{"keys counted":>13} {"np.sort s":>10} {"sort/mine":>10} {"RSS MB":>7}')
+    for tokens in (1_000_000, 5_000_000, 20_000_000, 50_000_000):
+      r = run(dict(dir=tmp, kind='mine_keys', tokens=tokens, size=1_000_000, min_count=5,
+                   budget_mb=1024), 1)
+      print(f'{format(r["tokens"], ",") + " tokens":<46} {r["seconds"]:>6.2f} '
+            f'{r["seconds"] / r["tokens"] * 1e9:>9.1f} {r["keys"]:>13,} '
+            f'{r["sort_seconds"]:>10.2f} {r["sort_seconds"] / r["seconds"]:>10.2f} '
+            f'{r["peak_rss_mb"]:>7,.0f}')
+    common = dict(dir=tmp, tokens=args.beam_tokens, size=100_000, min_count=5)
+    local = run(dict(common, kind='mine', budget_mb=1024, workers=2), 1)
+    beams = [run(dict(common, kind='beam', workers=w), 1) for w in (1, 2)]
+    print(f'\n{"Beam DirectRunner multi_processing, " + format(local["tokens"], ",") + " tokens":<46} '
+          f'{"s":>7} {"tok/s":>9} {"x 1 worker":>11} {"same table":>11} {"RSS MB":>7}')
+    for name, r in (('local mine_fgrams (2 threads)', local), ('Beam, 1 worker', beams[0]),
+                    ('Beam, 2 workers', beams[1])):
+      print(f'{name:<46} {r["seconds"]:>7.1f} {r["tokens"] / r["seconds"]:>9,.0f} '
+            f'{beams[0]["seconds"] / r["seconds"]:>11.2f} '
+            f'{str(r["fingerprint"] == local["fingerprint"]):>11} {r["peak_rss_mb"]:>7,.0f}')
+    print('(RSS: the launcher process; multi-process workers are separate processes)')
 
 
 if __name__ == '__main__':

@@ -150,10 +150,15 @@ class ModelConfig:
 class FgramModelConfig:
   # Depth of A_f. 0 means no SCONE: the plain backbone baseline.
   num_layers: int = 0
-  # Static capacity: at most this many distinct f-grams per (per-process) batch. 0 means
-  # batch_size * seq_len (always enough). When exceeded the excess f-grams' positions fall
-  # back to token embeddings and the event is counted in the metrics.
+  # A_f runs once per DISTINCT f-gram of a (per-process) batch, the f-grams packed into
+  # rows of 2 * fgram.max_len tokens; the row count is padded to a bucket of a geometric
+  # ladder (batches/tagging.py). capacity = the smallest bucket in rows (0 = 8): set it to
+  # a high quantile of the logged batch/fgram_rows to keep one compiled shape. A batch
+  # needing more rows gets the next bucket (ratio bucket_growth), compiled on first use and
+  # counted (batch/fgram_above_capacity, train/compiled_steps): never a fallback to token
+  # embeddings, so training, eval and serving use the same embedding at every position.
   capacity: int = 0
+  bucket_growth: float = 1.2
   # Final norm on A_f's output at the f-gram's last token: 'none' = A_f's raw residual
   # stream, 'same' = the backbone's norm type. Default 'none': the output REPLACES a token
   # embedding in the backbone's residual stream, and the raw stream starts at that scale
@@ -359,7 +364,10 @@ _VALUE_RULES = (
     ('model.rope_theta', lambda v: v > 0 and _finite(v), 'must be > 0'),
     ('model.init_std', lambda v: v > 0 and _finite(v), 'must be > 0'),
     ('fgram_model.num_layers', lambda v: v >= 0, 'must be >= 0 (0 = baseline, no SCONE)'),
-    ('fgram_model.capacity', lambda v: v >= 0, 'must be >= 0 (0 = batch_size * seq_len)'),
+    ('fgram_model.capacity', lambda v: v >= 0,
+     'must be >= 0 (the smallest A_f row bucket; 0 = 8 rows)'),
+    ('fgram_model.bucket_growth', lambda v: v > 1 and _finite(v),
+     'must be > 1 (the A_f row bucket ladder\'s ratio, e.g. 1.2)'),
     ('train.steps', lambda v: v >= 1, 'must be >= 1'),
     ('train.batch_size', lambda v: v >= 1, 'must be >= 1'),
     ('train.seq_len', lambda v: v >= 1, 'must be >= 1'),

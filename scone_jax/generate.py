@@ -22,7 +22,7 @@ from scone_jax import config as config_lib
 from scone_jax.config import Config
 from scone_jax.export import EXPORT_DIR
 from scone_jax.serve import restore
-from scone_jax.serve.accounting import account
+from scone_jax.serve.accounting import account, measured_af_tokens_per_token
 from scone_jax.serve.decode import Decoder, Sampling
 from scone_jax.serve.store import EmbeddingStore
 
@@ -94,7 +94,8 @@ def main(argv):
     # XLA's cost analysis counts a scanned layer body once: unroll so it counts every layer.
     cfg = config_lib.replace(cfg, **{'model.layer_loop': 'unrolled'})
     run, decoder = build_decoder(cfg, f.workdir)
-    print(account(cfg, decoder, run.vocab_size).table())
+    print(account(cfg, decoder, run.vocab_size,
+                  measured_af_tokens_per_token(f.workdir)).table())
     return
   result = generate(cfg, f.workdir, f.prompt, f.seed)
   for text in result.texts:

@@ -58,22 +58,29 @@ class Run:
 
 
 
-def accounting(cfg: config_lib.Config) -> dict[str, float]:
+def accounting(cfg: config_lib.Config,
+               af_tokens_per_token: float | None = None) -> dict[str, float]:
   """Params and FLOPs per token of a config (scone_jax.model.flops), as table columns.
 
   accel_params is what sits on the accelerator at inference (equal for SCONE and its
-  backbone); offloaded_params is the exported S x d f-gram table; train_flops_af is A_f's
-  training cost amortised per token at the static capacity.
+  backbone); offloaded_params is the exported S x d f-gram table. A_f's training cost is
+  given per main-model token and per sequence (train.seq_len tokens) at the WORST case
+  (af_tok_per_tok_worst = K: every position a distinct K-gram) and, when
+  `af_tokens_per_token` (a measured "A_f tokens per main-model token", the logged
+  batch/fgram_af_tokens_per_token) is given, at that figure (*_measured columns).
   """
   from scone_jax.model import flops  # Deferred: reading results needs no JAX.
   params = flops.param_counts(cfg)
   per_token = flops.flops_per_token(cfg)
-  return {
+  seq = cfg.train.seq_len
+  row = {
       'accel_params': params.backbone_total,
       'offloaded_params': params.offloaded,
       'af_params': params.fgram_total,
       'train_flops_backbone': per_token.train_backbone,
       'train_flops_af': per_token.train_fgram,
+      'af_tok_per_tok_worst': per_token.af_tokens_per_token,
+      'train_flops_seq_worst': per_token.train_total * seq,
       'infer_flops': per_token.inference,
       # What the paper's tables vary, so a dry run can be checked against them.
       'af_layers': cfg.fgram_model.num_layers,
@@ -82,6 +89,12 @@ def accounting(cfg: config_lib.Config) -> dict[str, float]:
       'train_tokens': cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len,
       'seed': cfg.train.seed,
   }
+  if af_tokens_per_token is not None:
+    measured = flops.flops_per_token(cfg, af_tokens_per_token=af_tokens_per_token)
+    row.update(af_tok_per_tok_measured=measured.af_tokens_per_token,
+               train_flops_af_measured=measured.train_fgram,
+               train_flops_seq_measured=measured.train_total * seq)
+  return row
 
 
 def _read_json(path: str) -> Any:

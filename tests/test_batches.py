@@ -244,12 +244,24 @@ def test_resume_from_state_and_orbax_is_bit_exact(tmp_path, prefetch):
 
 
 def _reconstructed_grams(batch):
-  """Per position: the f-gram tokens its slot points at (None for -1)."""
+  """Per position: the f-gram tokens its slot points at (None for -1), read off the packed
+  rows: the slot is the flat index of the f-gram's last token; its segment's tokens in
+  position order are the f-gram."""
+  tokens, positions = batch['fgram_tokens_RxW'], batch['fgram_positions_RxW']
+  segments = batch['fgram_segment_ids_RxW']
+  width = tokens.shape[1]
   out = []
   for b, t in np.ndindex(batch['fgram_slot_BxT'].shape):
     s = batch['fgram_slot_BxT'][b, t]
-    out.append(None if s < 0 else
-               tuple(batch['fgram_tokens_UxK'][s, :batch['fgram_lens_U'][s]].tolist()))
+    if s < 0:
+      out.append(None)
+      continue
+    row, col = divmod(int(s), width)
+    seg = segments[row, col]
+    assert seg > 0
+    cols = np.flatnonzero(segments[row] == seg)
+    assert cols[-1] == col and positions[row, cols].tolist() == list(range(len(cols)))
+    out.append(tuple(tokens[row, cols].tolist()))
   return out
 
 
@@ -263,37 +275,66 @@ def test_tagging_matches_reference_matcher():
   assert _reconstructed_grams(batch) == ref
   matched = sum(g is not None for g in ref)
   assert matched > 0
-  unique = len({g for g in ref if g is not None})
-  assert batch['fgram_tokens_UxK'].shape == (4 * SEQ_LEN, 3)
-  assert (batch['fgram_lens_U'] > 0).sum() == unique
-  assert batch['stats/fgram_unique'] == unique
+  distinct = {g for g in ref if g is not None}
+  # A_f rows hold each distinct f-gram once (packed, width 2K), in the smallest bucket.
+  assert batch['fgram_tokens_RxW'].shape[1] == 2 * 3
+  assert (batch['fgram_segment_ids_RxW'] > 0).sum() == sum(len(g) for g in distinct)
+  used_rows = int((batch['fgram_segment_ids_RxW'] > 0).any(1).sum())
+  assert batch['fgram_tokens_RxW'].shape[0] == batches.tagging.row_bucket(
+      used_rows, 0, cfg.fgram_model.bucket_growth)
+  assert batch['stats/fgram_unique'] == len(distinct)
+  assert batch['stats/fgram_tokens'] == sum(len(g) for g in distinct)
+  assert batch['stats/fgram_af_tokens'] == batch['fgram_tokens_RxW'].size
   assert batch['stats/fgram_matched_frac'] == pytest.approx(matched / (segs > 0).sum())
-  assert batch['stats/fgram_overflow_positions'] == 0
+  assert batch['stats/fgram_above_capacity'] == 0
   model_inputs, stats = batches.split_stats(batch)
   assert 'fgram_slot_BxT' in model_inputs and 'fgram_unique' in stats
   assert not any(k.startswith('stats/') for k in model_inputs)
 
 
-def test_tagging_capacity_overflow_keeps_most_frequent():
+def test_pack_lengths_is_a_valid_tight_packing():
+  rng = np.random.default_rng(0)
+  for _ in range(100):
+    k = int(rng.integers(2, 9))
+    lens = rng.integers(2, k + 1, int(rng.integers(0, 300)))
+    row, col, num_rows = batches.tagging.pack_lengths(lens, 2 * k)
+    used = np.zeros((max(num_rows, 1), 2 * k), np.int32)
+    for r, c, n in zip(row, col, lens):
+      used[r, c:c + n] += 1
+    assert used.max(initial=0) <= 1 and (used.sum(1) > 0).all() == bool(lens.size)
+    # Best-fit decreasing on these sizes: at most one row more than 1.25x the bound.
+    assert num_rows <= 1.25 * (-(-lens.sum() // (2 * k))) + 1
+
+
+def test_row_buckets_are_a_geometric_ladder():
+  ladder = sorted({batches.tagging.row_bucket(n, 0, 1.25) for n in range(1, 5000)})
+  assert ladder[:3] == [8, 16, 24] and all(b % 8 == 0 for b in ladder)
+  assert all(b / a <= 1.25 + 8 / a for a, b in zip(ladder, ladder[1:]))
+  assert len(ladder) < 30
+  assert batches.tagging.row_bucket(5, 100, 1.25) == 104  # capacity = the smallest bucket
+  with pytest.raises(ValueError, match='bucket_growth'):
+    batches.tagging.row_bucket(5, 0, 1.0)
+
+
+def test_batch_above_capacity_gets_a_larger_bucket_never_a_fallback():
   docs = make_docs(2)
-  shards, table = FakeShards(docs), FakeTable(frequent_grams(docs))
-  cfg = make_cfg(**{'fgram_model.num_layers': 1, 'fgram_model.capacity': 3})
+  shards, table = FakeShards(docs), FakeTable(frequent_grams(docs, per_length=100))
+  cfg = make_cfg(**{'fgram_model.num_layers': 1, 'fgram_model.capacity': 8,
+                    'train.batch_size': 8})
   batch = batches.make_train_dataset(cfg, shards, table)[0]
   inputs, segs = batch['inputs_BxT'], batch['segment_ids_BxT']
   ref = [table.reference_gram(inputs[b], segs[b], t) for b, t in np.ndindex(inputs.shape)]
-  counts = {}
-  for g in ref:
-    if g is not None:
-      counts[g] = counts.get(g, 0) + 1
-  assert len(counts) > 3
-  rank = {g: i for i, g in enumerate(table._grams)}
-  kept = set(sorted(counts, key=lambda g: (-counts[g], rank[g]))[:3])
-  got = _reconstructed_grams(batch)
-  assert got == [g if g in kept else None for g in ref]
-  assert batch['fgram_tokens_UxK'].shape[0] == 3
-  assert batch['stats/fgram_overflow_grams'] == len(counts) - 3
-  assert batch['stats/fgram_overflow_positions'] == sum(
-      c for g, c in counts.items() if g not in kept)
+  assert _reconstructed_grams(batch) == ref  # Every matched position keeps its f-gram.
+  assert batch['fgram_tokens_RxW'].shape[0] > 8
+  assert batch['stats/fgram_above_capacity'] == 1
+  big = batches.make_train_dataset(
+      make_cfg(**{'fgram_model.num_layers': 1, 'fgram_model.capacity': 512,
+                  'train.batch_size': 8}), shards, table)[0]
+  assert big['fgram_tokens_RxW'].shape[0] == 512 and big['stats/fgram_above_capacity'] == 0
+  np.testing.assert_array_equal(big['fgram_slot_BxT'], batch['fgram_slot_BxT'])
+  padded = batches.tagging.pad_fgram_rows(batch, 512)
+  for key in batches.tagging.FGRAM_KEYS:
+    np.testing.assert_array_equal(padded[key], big[key])
 
 
 def test_use_size_slices_table_and_baseline_ignores_it():
@@ -301,7 +342,7 @@ def test_use_size_slices_table_and_baseline_ignores_it():
   shards, table = FakeShards(docs), FakeTable(frequent_grams(docs))
   cfg = make_cfg(**{'fgram_model.num_layers': 1, 'fgram.use_size': 2, 'fgram.size': 10})
   batch = batches.make_train_dataset(cfg, shards, table)[0]
-  assert set(batch['fgram_lens_U'][batch['fgram_lens_U'] > 0].tolist()) <= {2}
+  assert {len(g) for g in _reconstructed_grams(batch) if g} <= {2}
   baseline = batches.make_train_dataset(make_cfg(), shards, table)[0]
   assert 'fgram_slot_BxT' not in baseline
   with pytest.raises(ValueError, match='needs an FgramTable'):
@@ -412,5 +453,5 @@ def test_two_processes_build_the_one_process_batch(tmp_path):
   for key in ('inputs_BxT', 'targets_BxT', 'segment_ids_BxT', 'positions_BxT',
               'weights_BxT'):
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-  assert got['fgram_tokens_UxK'].shape[0] == 2 * 2 * SEQ_LEN  # P * U, U = B_local * T.
+  assert got['fgram_tokens_RxW'].shape[0] % 2 == 0  # P * R: both processes pad to one R.
   assert _reconstructed_grams(got) == _reconstructed_grams(want)

@@ -353,8 +353,8 @@ def test_quiet_filter_and_eval_lines():
   lines = evaluate_lib.format_eval({'step': 4, 'corpora': {'heldout': dict(
       loss=2.0, perplexity=7.389, bits_per_byte=0.8, tokens=512.0,
       fraction_evaluated=0.0625)}})
-  assert lines == ['eval step 4 heldout: loss 2.0000  ppl 7.39  bits/byte 0.8000  '
-                   '(512 tokens, 6.2% of the corpus)']
+  assert lines == ['eval step 4 heldout (test): loss 2.0000  ppl 7.39  bits/byte 0.8000  '
+                   '(512 tokens = 6.2% of the set)']
 
 
 # ---------------------------------------------------------------- temporaries

@@ -208,6 +208,11 @@ def test_accounting_counts_backbone_on_device_and_table_offloaded(scone, table):
   f_scone, f_base = acc.xla_flops_per_token, base.xla_flops_per_token
   assert abs(f_scone - f_base) <= 0.01 * f_base
   assert 'offloaded f-gram table (ram)' in acc.table()
+  assert 'A_f measured' not in acc.table()
+  measured = account(cfg, Decoder(lm, stores['bfloat16'], table, batch_size=B), V, 1.5)
+  assert 'A_f worst case' in measured.table() and 'A_f measured' in measured.table()
+  assert base.train_flops_per_token_worst < measured.train_flops_per_token_measured < (
+      measured.train_flops_per_token_worst)
 
 
 def test_eos_stops_rows_and_sampling_is_seeded(scone, table):
@@ -307,3 +312,40 @@ def test_trained_run_export_then_generate(tmp_path):
     want = np.asarray(nnx.merge(graphdef, state)(batch))[0, :7]
     # bf16 store (the export default): rows are rounded to 8 mantissa bits.
     assert np.abs(got[b] - want).max() <= 3e-2 * np.abs(want).max()
+
+
+def test_embedding_rule_is_the_stores_at_every_position_above_capacity(scone, table):
+  """Training and eval tag batches with the same `tag_fgrams`; here a batch that needs more
+  A_f rows than fgram_model.capacity: every matched position still gets its f-gram's
+  embedding, equal to the exported store's row (what serving reads), and every other
+  position its token embedding. No fallback."""
+  lm, stores = scone
+  grams = [list(g) for g in table.grams()]
+  sep, t = 3, 24  # Token 3 never occurs in the mined documents.
+  rows, row = [], [BOS]
+  for g in grams:
+    if len(row) + len(g) + 1 > t:
+      rows.append(row)
+      row = [BOS]
+    row += g + [sep]
+  rows.append(row)
+  inputs = np.zeros((len(rows), t), np.int32)
+  segments = np.zeros_like(inputs)
+  for b, r in enumerate(rows):
+    inputs[b, :len(r)], segments[b, :len(r)] = r, 1
+  batch = {'inputs_BxT': inputs, 'segment_ids_BxT': segments,
+           'positions_BxT': np.broadcast_to(np.arange(t, dtype=np.int32), inputs.shape)}
+  batch = tag_fgrams(batch, table, capacity=8)
+  assert batch['stats/fgram_above_capacity'] == 1 and batch['fgram_tokens_RxW'].shape[0] > 8
+  batch = {k: v for k, v in batch.items() if not k.startswith('stats/')}
+  graphdef, state = nnx.split(lm)
+  x_train = np.asarray(jax.jit(lambda s, b: nnx.merge(graphdef, s).input_embeddings(b))(
+      state, batch))
+  ids, _ = table.match(inputs, segments)
+  matched = (ids >= 0) & (segments > 0)
+  assert matched.sum() >= len(grams)
+  tokens = np.asarray(lm.backbone.embed(inputs))
+  x_serve = np.where(matched[..., None],
+                     stores['float32'].gather(np.maximum(ids, 0).ravel()).reshape(tokens.shape),
+                     tokens)
+  np.testing.assert_allclose(x_train, x_serve, rtol=1e-5, atol=1e-6)

@@ -250,3 +250,39 @@ def test_partitioned_counting_gives_the_same_table():
   with mock.patch.object(keyhash, 'PART_KEYS', 64):  # Chunk counts and merges split.
     got = mine_fgrams(docs, max_len=4, size=800, min_count=2, progress=False)
   assert got.fingerprint == want.fingerprint
+
+
+def test_positions_beyond_2_to_the_32(tmp_path):
+  """A corpus over 2**32 tokens (a sparse memmap: nothing stored but the last text):
+  scans address positions past 2**32 exactly; the per-position id store holds them."""
+  from scone_jax.fgrams import mine  # pylint: disable=g-import-not-at-top
+  text = np.concatenate(text_corpus())
+  num = (1 << 32) + (1 << 16)
+  tail = num - text.size
+  path = tmp_path / 'big.i32'
+  with open(path, 'wb') as f:
+    f.truncate(num * 4)  # Sparse: zeros (token 0) everywhere but the text at the end.
+  tokens = np.memmap(path, np.int32, 'r+', shape=(num,))
+  tokens[tail:] = text
+  doc_start = tail + 1000  # A document boundary inside the scanned span.
+  corpus = mine._as_corpus(types.SimpleNamespace(tokens=tokens, offsets=np.array(
+      [0, doc_start, num], np.int64)), str(tmp_path), 1 << 20)
+  a, b = tail, tail + 4000
+  index_P, (keys_U, counts_U) = mine._scan_chunk(corpus, 2, None, None, True, (a, b))
+  want = collections.Counter(
+      (int(x), int(y)) for p, (x, y) in enumerate(zip(tokens[a:b], tokens[a + 1:b + 1]),
+                                                  start=a) if p + 1 != doc_start)
+  got = {(int(k >> 31), int(k & (2**31 - 1))): int(c) for k, c in zip(keys_U, counts_U)}
+  assert got == dict(want)
+  assert index_P[doc_start - 1 - a] == -1 and (np.delete(index_P, doc_start - 1 - a) >= 0).all()
+  ids = mine._IdStore(num, in_memory=False, path=str(tmp_path / 'ids.bin'))
+  assert ids._dtype == np.int64  # pylint: disable=protected-access
+  ids.write(num - 5, np.array([7, 2**40, -1, 3, 9]))
+  np.testing.assert_array_equal(ids.read(num - 6, num + 2), [0, 7, 2**40, -1, 3, 9, -1, -1])
+  ids.close()
+  # The entry point no longer refuses such a corpus (it starts validating its tokens).
+  with pytest.raises(ValueError, match=r'docs tokens \[0:'):
+    bad = np.memmap(path, np.int32, 'r+', shape=(num,))
+    bad[5] = -1
+    mine_fgrams(types.SimpleNamespace(tokens=bad, offsets=np.array([0, num], np.int64)),
+                progress=False)

@@ -149,37 +149,44 @@ def test_prefill_then_decode_equals_full_forward(model):
     np.testing.assert_allclose(logits[:, 0], full[np.arange(b), pos], atol=1e-5, rtol=1e-5)
 
 
-def _scone_batch(rng, b=2, t=10):
-  """A batch with f-grams tagged by a plain-Python rule: fixed spans, dedup'd by content."""
+def _pack(grams, rows):
+  """The packed A_f rows of `grams` (batches.tagging's layout) and each gram's last-token
+  flat index."""
+  from scone_jax.batches.tagging import pack_lengths
+  w = 2 * K
+  row, col, needed = pack_lengths(np.array([len(g) for g in grams]), w)
+  assert needed <= rows
+  tok, pos, seg = (np.zeros((rows, w), np.int32) for _ in range(3))
+  for g, r, c in zip(grams, row, col):
+    tok[r, c:c + len(g)] = g
+    pos[r, c:c + len(g)] = np.arange(len(g))
+    seg[r, c:c + len(g)] = c + 1
+  return tok, pos, seg, row * w + col + np.array([len(g) for g in grams]) - 1
+
+
+def _scone_batch(rng, b=2, t=10, spans=None, rows=3):
+  """A batch with f-grams tagged by a plain-Python rule: fixed spans, dedup'd by content,
+  packed into `rows` A_f rows (more than needed: unused rows are padding)."""
   tokens = rng.integers(1, V, (b, t))
   tokens[1, 2:4] = tokens[0, 5:7]  # the same 2-gram twice: one distinct f-gram
-  spans = [(0, 3, 5), (0, 5, 7), (1, 2, 4), (1, 5, 9)]  # (row, start, end) of matches
+  spans = spans or [(0, 3, 5), (0, 5, 7), (1, 2, 4), (1, 5, 9)]  # (row, start, end)
   batch = row_batch(tokens)
-  slot = -np.ones((b, t), np.int32)
   grams: list[tuple[int, ...]] = []
   for row, s, e in spans:
     gram = tuple(int(x) for x in tokens[row, s:e])
     if gram not in grams:
       grams.append(gram)
-    slot[row, e - 1] = grams.index(gram)
-  u = 6  # static capacity > distinct f-grams; unused rows have length 0
-  fg = np.zeros((u, K), np.int32)
-  lens = np.zeros(u, np.int32)
-  for i, g in enumerate(grams):
-    fg[i, :len(g)] = g
-    lens[i] = len(g)
-  batch.update(fgram_slot_BxT=jnp.asarray(slot), fgram_tokens_UxK=jnp.asarray(fg),
-               fgram_lens_U=jnp.asarray(lens))
+  tok, pos, seg, last = _pack(grams, rows)
+  slot = -np.ones((b, t), np.int32)
+  for row, s, e in spans:
+    slot[row, e - 1] = last[grams.index(tuple(int(x) for x in tokens[row, s:e]))]
+  batch.update(fgram_slot_BxT=jnp.asarray(slot), fgram_tokens_RxW=jnp.asarray(tok),
+               fgram_positions_RxW=jnp.asarray(pos), fgram_segment_ids_RxW=jnp.asarray(seg))
   return tokens, spans, batch, len(grams)
 
 
-@pytest.mark.parametrize('family', ['gpt2', 'olmo'])
-def test_dedup_path_equals_per_position_fgram_model(family):
-  lm = make_lm(tiny_cfg(family))
-  tokens, spans, batch, distinct = _scone_batch(np.random.default_rng(4))
-  assert distinct == 3
-  logits = np.asarray(lm(batch))
-  # The paper's path: A_f on every matched position, its f-gram read off the inputs.
+def _per_position_logits(lm, tokens, spans, batch):
+  """The paper's path: A_f on every matched position, its f-gram read off the inputs."""
   per_pos = np.zeros((len(spans), K), np.int32)
   for i, (row, s, e) in enumerate(spans):
     per_pos[i, :e - s] = tokens[row, s:e]
@@ -188,13 +195,53 @@ def test_dedup_path_equals_per_position_fgram_model(family):
   x = lm.backbone.embed(batch['inputs_BxT'])
   for i, (row, _, e) in enumerate(spans):
     x = x.at[row, e - 1].set(e_NxD[i])
-  ref = np.asarray(lm.backbone(x, batch['positions_BxT'], batch['segment_ids_BxT']))
+  return lm.backbone(x, batch['positions_BxT'], batch['segment_ids_BxT'])
+
+
+@pytest.mark.parametrize('family', ['gpt2', 'olmo'])
+def test_dedup_path_equals_per_position_fgram_model(family):
+  lm = make_lm(tiny_cfg(family))
+  tokens, spans, batch, distinct = _scone_batch(np.random.default_rng(4))
+  assert distinct == 3
+  logits = np.asarray(lm(batch))
+  ref = np.asarray(_per_position_logits(lm, tokens, spans, batch))
   np.testing.assert_allclose(logits, ref, atol=1e-5, rtol=1e-5)
   # Replace, not add: the matched positions differ from the baseline rule.
   base = np.asarray(lm.backbone(lm.backbone.embed(batch['inputs_BxT']),
                                 batch['positions_BxT'], batch['segment_ids_BxT']))
   assert not np.allclose(logits[0, 4], base[0, 4])
   np.testing.assert_allclose(logits[0, :2], base[0, :2], atol=1e-6)
+
+
+def test_packed_bucketed_path_equals_per_position_loss_and_gradients():
+  """Many f-grams of every length 2..K, several per packed row, in a bucket with spare
+  rows: the loss and every parameter's gradient equal A_f run on each matched position."""
+  rng = np.random.default_rng(7)
+  b, t = 3, 16
+  spans = [(r, s, s + n) for r in range(b) for s, n in ((0, 2), (3, 4), (8, 3), (12, 4))]
+  spans += [(r, 5, 7) for r in range(b)]
+  tokens, spans, batch, distinct = _scone_batch(rng, b, t, spans, rows=8)
+  assert distinct > 8 and (np.asarray(batch['fgram_segment_ids_RxW'])[-1] == 0).all()
+  lm = make_lm(tiny_cfg('olmo'))
+  graphdef, params, rest = nnx.split(lm, nnx.Param, ...)
+  w_BxT = jnp.asarray(rng.random((b, t)), jnp.float32)
+
+  def loss(params, per_position):
+    model = nnx.merge(graphdef, params, rest)
+    logits = (_per_position_logits(model, tokens, spans, batch) if per_position
+              else model(batch))
+    return jnp.sum(jax.nn.log_softmax(logits)[..., 3] * w_BxT)
+
+  grad_fn = jax.value_and_grad(loss)
+  # One jit for both paths: one compile on a loaded 2-core machine instead of two.
+  (got, got_g), (want, want_g) = jax.jit(lambda p: (grad_fn(p, False), grad_fn(p, True)))(
+      params)
+  assert float(got) == pytest.approx(float(want), rel=1e-6)
+  for (path, g), (_, w) in zip(jax.tree_util.tree_leaves_with_path(got_g),
+                               jax.tree_util.tree_leaves_with_path(want_g)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+  assert np.abs(np.asarray(got_g['fgram_model']['pos_table'][...])).sum() > 0
 
 
 def test_fgram_model_reads_only_up_to_its_length():
@@ -211,7 +258,7 @@ def test_gradients_reach_token_table_through_both_paths():
   tokens, spans, batch, _ = _scone_batch(np.random.default_rng(5))
   matched = {(r, e - 1) for r, _, e in spans}
   only_direct = {int(tokens[r, c]) for r in range(2) for c in range(10) if (r, c) not in matched}
-  in_fgrams = {int(x) for x in np.asarray(batch['fgram_tokens_UxK']).ravel() if x}
+  in_fgrams = {int(x) for x in np.asarray(batch['fgram_tokens_RxW']).ravel() if x}
   fgram_only = sorted(in_fgrams - only_direct)
   unused = sorted(set(range(1, V)) - only_direct - in_fgrams)
   assert fgram_only and unused

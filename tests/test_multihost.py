@@ -52,7 +52,10 @@ def test_two_process_slices_give_the_one_process_loss(tmp_path_factory):
   whole = batches.split_stats(next(batches.make_train_iterator(cfg, shards, table)))[0]
   parts = [batches.split_stats(next(batches.make_train_iterator(cfg, shards, table, p, 2)))[0]
            for p in range(2)]
-  capacity = parts[0]['fgram_tokens_UxK'].shape[0]
+  # As to_global_arrays does: every process pads its A_f rows to the largest bucket.
+  rows = max(part['fgram_tokens_RxW'].shape[0] for part in parts)
+  parts = [batches.tagging.pad_fgram_rows(part, rows) for part in parts]
+  capacity = parts[0]['fgram_tokens_RxW'].size
   glued = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
   glued['fgram_slot_BxT'] = np.concatenate(
       [batches.offset_slots(part['fgram_slot_BxT'], p, capacity)

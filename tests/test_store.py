@@ -188,12 +188,55 @@ def test_missing_store_tells_how_to_export(tmp_path):
     EmbeddingStore.open(str(tmp_path), 'gpu')
 
 
-def test_corrupted_rows_fail_verify(tmp_path):
-  path = _write(tmp_path / 'export')
-  shard = os.path.join(path, writer.shard_file(0))
+def _flip_byte(path, shard, offset):
+  shard = os.path.join(path, writer.shard_file(shard))
   with open(shard, 'r+b') as f:
-    f.seek(40)
-    f.write(b'\x7f\x7f\x7f\x7f')
-  EmbeddingStore.open(path, 'ram')  # Sizes still match: only verify notices.
-  with pytest.raises(artifacts.ArtifactError, match='checksum'):
+    f.seek(offset)
+    byte = f.read(1)[0]
+    f.seek(offset)
+    f.write(bytes([byte ^ 0x10]))
+
+
+def test_flipped_byte_fails_ram_open_and_disk_first_read(tmp_path):
+  path = _write(tmp_path / 'export')
+  _flip_byte(path, 1, 40)  # A row byte of shard 1 (rows 256..511); sizes still match.
+  with pytest.raises(artifacts.ArtifactError, match=r'c/1/0 \(rows 256..511\) fails its '
+                     'checksum'):
+    EmbeddingStore.open(path, 'ram')
+  store = EmbeddingStore.open(path, 'disk', disk_reader='memmap')  # Opens: nothing read.
+  np.testing.assert_array_equal(store.gather(np.array([0, 255, 600])),
+                                _rows(0, S)[[0, 255, 600]])  # Other shards are fine.
+  for _ in range(2):  # Not marked checked after a failure: every read of it fails.
+    with pytest.raises(artifacts.ArtifactError, match='c/1/0 .* fails its checksum'):
+      store.gather(np.array([3, 300]))
+  with pytest.raises(artifacts.ArtifactError, match='c/1/0 .* fails its checksum'):
+    EmbeddingStore.open(path, 'disk', shard_checks='open')
+  ts_store = EmbeddingStore.open(path, 'disk', disk_reader='tensorstore')
+  with pytest.raises(artifacts.ArtifactError, match='c/1/0 .* fails its checksum'):
+    ts_store.gather(np.array([300]))
+  # Checks off: the corrupted bytes are served (what the checks exist to prevent).
+  unchecked = EmbeddingStore.open(path, 'ram', shard_checks='off')
+  assert not np.array_equal(unchecked.gather(np.array([256, 257])), _rows(256, 258))
+  with pytest.raises(artifacts.ArtifactError, match='sha256 checksum'):
     EmbeddingStore.open(path, 'ram', verify=True)
+
+
+def test_tiers_return_identical_rows(tmp_path):
+  path = _write(tmp_path / 'export', 'bfloat16', chunk_rows=128, inner_rows=16)
+  rng = np.random.default_rng(0)
+  ram = EmbeddingStore.open(path, 'ram', load_workers=3)
+  disks = [EmbeddingStore.open(path, 'disk', disk_reader=r, shard_checks=c)
+           for r, c in (('memmap', 'first_touch'), ('memmap', 'open'), ('tensorstore', 'off'))]
+  ref_SxD = _rows(0, S).astype(ml_dtypes.bfloat16)
+  assert ram.raw_rows.shape == (S + 1, D) and not ram.raw_rows[S].any()
+  for n in (1, 16, 300):
+    rows = rng.integers(-1, S, n)
+    want = np.where(rows[:, None] >= 0, ref_SxD[rows], 0).astype(ml_dtypes.bfloat16)
+    for store in [ram] + disks:
+      store.prefetch(rows)
+      got = store.gather(rows)
+      assert got.dtype == ml_dtypes.bfloat16 and got.flags.c_contiguous
+      np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+      slab = np.zeros((n, D + 1), ml_dtypes.bfloat16)
+      store.gather(rows, out=slab[:, :D])  # A strided out= (the decoder's slab).
+      np.testing.assert_array_equal(slab[:, :D].view(np.uint16), want.view(np.uint16))

@@ -197,12 +197,60 @@ def test_grad_accumulation_matches_full_batch(single_device_run):
   assert got[0]['grad_norm'] == pytest.approx(want[0]['grad_norm'], rel=1e-5)
 
 
+def _jaxpr_shapes(jaxpr, scan_length: int) -> tuple[set, set]:
+  """(shapes of values computed outside / inside scans of `scan_length` iterations)."""
+  outside, inside_scan = set(), set()
+
+  def walk(jaxpr, inside):
+    for eqn in jaxpr.eqns:
+      for v in eqn.outvars:
+        (inside_scan if inside else outside).add(tuple(getattr(v.aval, 'shape', ())))
+      enter = inside or (eqn.primitive.name == 'scan' and eqn.params['length'] == scan_length)
+      for param in eqn.params.values():
+        inner = getattr(param, 'jaxpr', param)
+        if hasattr(inner, 'eqns'):
+          walk(inner, enter)
+  walk(jaxpr.jaxpr, False)
+  return outside, inside_scan
+
+
+def test_grad_accumulation_runs_af_once_and_equals_one_big_step():
+  """fp32, plain SGD (the update IS the gradient): A = 4 microbatches give the
+  gradients of the one big step, and A_f's [R, W, D] activations exist only outside the
+  microbatch scan (one forward, one backward per optimizer step)."""
+  cfg, local_batches = _synthetic_setup()
+  cfg = config_lib.replace(cfg, **{'mesh.data': 1})
+  mesh = mesh_lib.make_mesh(cfg.mesh, cfg.train.batch_size, devices=jax.devices()[:1])
+  graphdef, state, _ = step_lib.create_train_state(cfg, mesh, VOCAB, cfg.fgram.max_len)
+  tx = optax.sgd(1.0)
+  state = step_lib.init_state(state.params, state.other, tx, mesh)
+  batch = batches.to_global_arrays(local_batches[0], mesh)
+  rows, width = batch['fgram_tokens_RxW'].shape
+  grads = {}
+  for accum in (1, 4):
+    step_fn = step_lib.make_train_step(graphdef, tx, lambda _: 1.0, accum)
+    if accum == 4:  # The micro model has 1 + 1 layers: its layer scans have length 1.
+      top, in_scan = _jaxpr_shapes(jax.make_jaxpr(step_fn)(state, batch), accum)
+      af_shape = (rows, width, cfg.model.d_model)
+      assert af_shape in top and af_shape not in in_scan
+    compiled = step_lib.jit_train_step(step_fn, state, batch, mesh)
+    new_state, metrics = compiled(jax.tree.map(jnp.copy, state), batch)
+    grads[accum] = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), state.params,
+                                new_state.params)
+    assert float(metrics['tokens']) == float(np.sum(local_batches[0]['weights_BxT']))
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads[4]),
+                               jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7,
+                               err_msg=jax.tree_util.keystr(path))
+  af_grad = grads[4]['fgram_model']['blocks']['w_out'][...]
+  assert np.abs(af_grad).sum() > 0
+
+
 def test_baseline_and_scone_differ_only_in_the_embedding_layer(single_device_run):
   cfg, local_batches, _, scone_state = single_device_run
   _, base_batches = _synthetic_setup(num_layers_af=0)
   # The pipeline adds only the f-gram keys; every baseline key has the same content.
-  assert set(local_batches[0]) - set(base_batches[0]) == {
-      'fgram_slot_BxT', 'fgram_tokens_UxK', 'fgram_lens_U'}
+  assert set(local_batches[0]) - set(base_batches[0]) == set(batches.tagging.FGRAM_KEYS)
   for key in base_batches[0]:
     np.testing.assert_array_equal(base_batches[0][key], local_batches[0][key])
   # The same parameters except A_f's, with the same shapes (abstract init, no compile).
@@ -295,7 +343,8 @@ def test_metrics_jsonl_and_tensorboard(tmp_path_factory):
   for r in records:
     for key in ('loss', 'grad_norm', 'lr', 'tokens', 'step_seconds', 'tokens_per_second',
                 'batch/fgram_unique', 'batch/fgram_unique_per_matched',
-                'batch/fgram_overflow_positions', 'batch/fgram_matched_frac'):
+                'batch/fgram_af_tokens_per_token', 'batch/fgram_above_capacity',
+                'batch/fgram_matched_frac', 'compiled_steps'):
       assert math.isfinite(r[key]), (r['step'], key)
     assert 'mfu' not in r  # No peak FLOP/s known for CPU and no override given.
   assert records[-1]['eval/heldout/loss'] > 0
@@ -303,7 +352,8 @@ def test_metrics_jsonl_and_tensorboard(tmp_path_factory):
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(
       os.path.join(workdir, 'tb')))
   flops = metrics_lib.StepFlops(cfg, 512)
-  assert flops.useful({'fgram_unique': 10.0}) < flops.static()
+  stats = {'fgram_tokens': 10.0, 'fgram_af_tokens': 16.0}
+  assert flops.backbone < flops.useful(stats) < flops.af_rows(stats) < flops.worst_case()
   assert metrics_lib.peak_flops_per_device('NVIDIA H200 NVL') == 989e12
   assert metrics_lib.peak_flops_per_device('cpu', override_tflops=2.0) == 2e12
   assert metrics_lib.mfu(1e12, 1.0, 2, 1e12) == 0.5

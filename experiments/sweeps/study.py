@@ -26,7 +26,7 @@ Any corpus: the arms, grid and verdict logic do not depend on the data. On your 
 
 BASE_CONFIG = 'experiments/demo.py:study'
 NUM_FGRAMS = (128, 512, 1024, 2048)
-LEARNING_RATES = (2.5e-3, 5e-3, 1e-2)
+LEARNING_RATES = (1.25e-3, 2.5e-3, 5e-3, 1e-2)
 SEEDS = (0, 1, 2)
 
 

@@ -1,7 +1,7 @@
 """Train and eval batch pipelines (grain), and the host -> global jax.Array step.
 
-Dimension letters: B rows per process, P processes, T sequence length, U f-gram capacity,
-K longest f-gram.
+Dimension letters: B rows per process, P processes, T sequence length, R packed A_f rows
+(a bucket, `tagging.row_bucket`), W their width, K longest f-gram.
 
 Global batch s is rows [s*Bg, (s+1)*Bg) of the row stream in `order.RowOrder` (Bg =
 train.batch_size), a pure function of (train.seed, s). Process p builds only its
@@ -38,7 +38,8 @@ class BatchDataset(grain.MapDataset):
 
   def __init__(self, shards, rows: order_lib.RowOrder, *, global_batch_size: int,
                num_batches: int | None, bos_id: int, table: tagging.Matcher | None,
-               capacity: int, process_index: int, process_count: int):
+               capacity: int, process_index: int, process_count: int,
+               bucket_growth: float = 1.2):
     super().__init__()
     if process_count < 1 or not 0 <= process_index < process_count:
       raise ValueError(f'process_index={process_index} must be in [0, process_count='
@@ -54,6 +55,7 @@ class BatchDataset(grain.MapDataset):
     self._bos_id = bos_id
     self._table = table
     self._capacity = capacity
+    self._bucket_growth = bucket_growth
     self._process_index = process_index
 
   def __len__(self) -> int:
@@ -71,7 +73,7 @@ class BatchDataset(grain.MapDataset):
         self._bos_id, self._rows.seq_len)
     batch[STATS_PREFIX + 'num_tokens'] = np.float32(batch['weights_BxT'].sum())
     if self._table is not None:
-      batch = tagging.tag_fgrams(batch, self._table, self._capacity)
+      batch = tagging.tag_fgrams(batch, self._table, self._capacity, self._bucket_growth)
     return batch
 
   def __str__(self) -> str:
@@ -88,10 +90,6 @@ def _scone_table(cfg: config_lib.Config, table):
   if cfg.fgram.use_size and len(table) > cfg.fgram.use_size:
     table = table.slice(cfg.fgram.use_size)
   return table
-
-
-def _capacity(cfg: config_lib.Config, local_batch_size: int) -> int:
-  return cfg.fgram_model.capacity or local_batch_size * cfg.train.seq_len
 
 
 def _read_options(cfg: config_lib.Config) -> grain.ReadOptions:
@@ -111,11 +109,11 @@ def make_train_dataset(cfg: config_lib.Config, shards, table=None, process_index
                             shuffle=True, repeat=True,
                             block_docs=cfg.train.shuffle_buffer_docs)
   table = _scone_table(cfg, table)
-  local = cfg.train.batch_size // max(process_count, 1)
   return BatchDataset(shards, rows, global_batch_size=cfg.train.batch_size,
                       num_batches=None, bos_id=bos_id, table=table,
-                      capacity=_capacity(cfg, local), process_index=process_index,
-                      process_count=process_count)
+                      capacity=cfg.fgram_model.capacity, process_index=process_index,
+                      process_count=process_count,
+                      bucket_growth=cfg.fgram_model.bucket_growth)
 
 
 def make_train_iterator(cfg: config_lib.Config, shards, table=None, process_index: int = 0,
@@ -153,10 +151,10 @@ def make_eval_dataset(cfg: config_lib.Config, shards, table=None, process_index:
   if max_batches:
     num_batches = min(num_batches, max_batches)
   table = _scone_table(cfg, table)
-  local = batch_size // max(process_count, 1)
   return BatchDataset(shards, rows, global_batch_size=batch_size, num_batches=num_batches,
-                      bos_id=bos_id, table=table, capacity=_capacity(cfg, local),
-                      process_index=process_index, process_count=process_count)
+                      bos_id=bos_id, table=table, capacity=cfg.fgram_model.capacity,
+                      process_index=process_index, process_count=process_count,
+                      bucket_growth=cfg.fgram_model.bucket_growth)
 
 
 def make_eval_iterator(cfg: config_lib.Config, shards, table=None, process_index: int = 0,
@@ -180,8 +178,26 @@ def split_stats(batch: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, flo
 
 
 def offset_slots(slot_BxT: np.ndarray, process_index: int, capacity: int) -> np.ndarray:
-  """Local slots -> slots into the global [P*U, K] f-gram list (-1 stays -1)."""
+  """Local slots -> slots into the global packed rows (-1 stays -1); capacity = R * W,
+  the flat size of one process's block of rows."""
   return np.where(slot_BxT >= 0, slot_BxT + process_index * capacity, -1).astype(np.int32)
+
+
+def _data_parallel_size(mesh: jax.sharding.Mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in ('data', 'fsdp') if a in mesh.axis_names]))
+
+
+def agree_fgram_rows(local_rows: int, mesh: jax.sharding.Mesh) -> int:
+  """The row count every process pads its f-gram rows to: the largest process's bucket,
+  rounded up so the global [P*R, W] splits evenly over the mesh's data-parallel devices.
+  With several processes this is one small all-gather per batch."""
+  rows = local_rows
+  process_count = jax.process_count()
+  if process_count > 1:
+    from jax.experimental import multihost_utils
+    rows = int(np.max(multihost_utils.process_allgather(np.array([local_rows], np.int64))))
+  per_process = max(_data_parallel_size(mesh) // process_count, 1)
+  return -(-rows // per_process) * per_process
 
 
 def _default_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
@@ -193,10 +209,11 @@ def _default_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
 def to_global_arrays(local_batch: Mapping[str, Any], mesh: jax.sharding.Mesh,
                      shardings: Mapping[str, jax.sharding.Sharding] | jax.sharding.Sharding
                      | None = None) -> dict[str, jax.Array]:
-  """This process's batch -> global jax.Arrays ([P*B, T], [P*U, K], [P*U]).
+  """This process's batch -> global jax.Arrays ([P*B, T], [P*R, W]).
 
-  Stats entries are dropped. Slots are offset by process_index * U so they index the
-  global f-gram list, whose rows [p*U, (p+1)*U) are process p's.
+  Stats entries are dropped. Every process pads its packed f-gram rows to one agreed R
+  (`agree_fgram_rows`); slots are offset by process_index * R * W so they index the global
+  rows, of which rows [p*R, (p+1)*R) are process p's.
 
   Args:
     local_batch: an element of a train/eval iterator.
@@ -207,9 +224,10 @@ def to_global_arrays(local_batch: Mapping[str, Any], mesh: jax.sharding.Mesh,
   inputs, _ = split_stats(local_batch)
   process_index, process_count = jax.process_index(), jax.process_count()
   if 'fgram_slot_BxT' in inputs:
-    capacity = inputs['fgram_tokens_UxK'].shape[0]
+    rows = agree_fgram_rows(inputs['fgram_tokens_RxW'].shape[0], mesh)
+    inputs = tagging.pad_fgram_rows(inputs, rows)
     inputs['fgram_slot_BxT'] = offset_slots(inputs['fgram_slot_BxT'], process_index,
-                                            capacity)
+                                            inputs['fgram_tokens_RxW'].size)
   out = {}
   for key, value in inputs.items():
     if isinstance(shardings, Mapping):

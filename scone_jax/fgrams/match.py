@@ -1,10 +1,11 @@
 """Longest-suffix f-gram matching: for each position, the longest f-gram ENDING there.
 
-Level-n lookup maps (row of the (n-1)-gram ending at i-1, x_i) -> row of the n-gram ending
-at i (for n = 2 the "row" is the token x_{i-1}). A table is closed under prefixes and
-suffixes (mine.py), so the chain needs only table rows, and once the n-gram ending at i is
-absent no longer one ending at i exists: each level probes only the previous level's hits,
-at most K-1 probes per token, vectorised over all positions of the batch.
+The n-gram ending at position i is the (n-1)-gram ending at i-1 extended by x_i, i.e. the
+key (row of that (n-1)-gram, x_i) in the table's index (index.py; for n = 2 the "row" is
+the token x_{i-1}). A table is closed under prefixes and suffixes (mine.py), so the chain
+needs only table rows, and once the n-gram ending at i is absent no longer one ending at
+i exists: at most K-1 probes per token. Both matchers keep, per sequence, the rows of the
+1..K-1-grams ending at the previous token and run one compiled call per batch.
 """
 
 from __future__ import annotations
@@ -12,15 +13,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from scone_jax.fgrams.keyhash import KeyHash, probe
+from scone_jax.fgrams import index as index_lib
 from scone_jax.fgrams.table import FgramTable
 
-_SHIFT = np.uint64(31)
 _TOKEN_LIMIT = 1 << 31
-
-
-def _pack(codes: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-  return (codes.astype(np.uint64) << _SHIFT) | tokens.astype(np.uint64)
 
 
 def _check_tokens(tokens: np.ndarray, name: str) -> np.ndarray:
@@ -29,42 +25,17 @@ def _check_tokens(tokens: np.ndarray, name: str) -> np.ndarray:
   if tokens.size and (tokens.min() < 0 or tokens.max() >= 1 << 31):
     raise ValueError(f'{name} holds token ids outside [0, 2**31) (min {tokens.min()}, '
                      f'max {tokens.max()})')
-  return tokens.astype(np.int64)
+  return tokens.astype(np.int64, copy=False)
 
 
 class Matcher:
-  """Per-length exact hash maps over a table's rows; see the module docstring."""
+  """Batch matching over a table's index; see the module docstring."""
 
   def __init__(self, table: FgramTable):
-    tokens, lengths, k = table.tokens_SxK, table.lengths, table.max_len
-    self.max_len = k
-    self.hashes: dict[int, KeyHash] = {}
-    code = tokens[:, 0].astype(np.int64)  # Row of each row's n-prefix (n = 1: its token).
-    for n in range(2, k + 1):
-      rows = np.flatnonzero(lengths == n)
-      try:
-        # Frequent rows (low row ids) win slot conflicts: fewer probes on real text.
-        self.hashes[n] = KeyHash(_pack(code[rows], tokens[rows, n - 1]), rows,
-                                 table.counts[rows])
-      except ValueError as e:
-        raise ValueError('FgramTable rows must be distinct f-grams') from e
-      longer = np.flatnonzero(lengths > n)
-      code[longer] = self.hashes[n].lookup(_pack(code[longer], tokens[longer, n - 1]))
-      if np.any(code[longer] < 0):
-        raise ValueError(f'FgramTable is not prefix-closed: some f-gram of {n + 1}+ tokens '
-                         f'has its {n}-token prefix missing (mined tables always have it)')
-    # Every row's suffix must be a row too, or the chained lookup would miss it.
-    for start in range(1, k - 1):
-      rows = np.flatnonzero(lengths > start + 1)
-      code = tokens[rows, start].astype(np.int64)
-      for n in range(2, k - start + 1):
-        part = np.flatnonzero(lengths[rows] >= start + n)
-        code = code[part]
-        rows = rows[part]
-        code = self.hashes[n].lookup(_pack(code, tokens[rows, start + n - 1]))
-        if np.any(code < 0):
-          raise ValueError('FgramTable is not suffix-closed: some f-gram\'s suffix is not a '
-                           'row (mined tables always have it)')
+    self.max_len = table.max_len
+    slots, limit = table.index  # Builds (and validates) an in-memory table's index.
+    self.index = slots
+    self.limit = limit
 
   def match(self, tokens_BxT: np.ndarray,
             segment_ids_BxT: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -83,34 +54,60 @@ class Matcher:
     if tokens_BxT.ndim != 2:
       raise ValueError(f'tokens_BxT must be 2-D [batch, length], got {tokens_BxT.shape}')
     b, t = tokens_BxT.shape
-    x_N = _check_tokens(tokens_BxT, 'tokens_BxT').reshape(-1)  # N = B*T positions.
-    # link_N[i]: position i continues the segment of i-1 in the same row (one spare False).
-    link_BxT = np.ones((b, t + 1), bool)
+    x_BxT = _check_tokens(tokens_BxT, 'tokens_BxT')
+    # link_BxT[i]: position i continues the segment of position i-1 in the same row.
+    link_BxT = np.ones((b, t), bool)
     link_BxT[:, 0] = False
-    link_BxT[:, t] = False
     if segment_ids_BxT is not None:
       seg = np.asarray(segment_ids_BxT)
       if seg.shape != tokens_BxT.shape:
         raise ValueError(f'segment_ids_BxT {seg.shape} must have the shape of tokens_BxT '
                          f'{tokens_BxT.shape}')
-      link_BxT[:, 1:t] &= (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
-    link_N = np.append(link_BxT[:, :t].reshape(-1), False)
-    ids_N = np.full(b * t, -1, np.int32)
-    lens_N = np.ones(b * t, np.int32)
-    pos = np.flatnonzero(link_N)
-    code = x_N[pos - 1]
-    for n in range(2, self.max_len + 1):
-      rows = self.hashes[n].lookup(_pack(code, x_N[pos]))
-      hit = rows >= 0
-      pos, rows = pos[hit], rows[hit]
-      ids_N[pos] = rows
-      lens_N[pos] = n
-      # The (n+1)-gram ending at p+1 extends the n-gram ending at p, if p+1 links to p.
-      ok = link_N[pos + 1]
-      pos, code = pos[ok] + 1, rows[ok]
-      if not pos.size:
-        break
-    return ids_N.reshape(b, t), lens_N.reshape(b, t)
+      link_BxT[:, 1:] &= (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
+    ids_BxT = np.empty((b, t), np.int32)
+    lens_BxT = np.empty((b, t), np.int32)
+    _match_kernel(x_BxT, link_BxT, self.index, self.limit, self.max_len, ids_BxT, lens_BxT)
+    return ids_BxT, lens_BxT
+
+
+@numba.njit(nogil=True, inline='always')
+def _step(x, codes_L, old_L, index, limit):
+  """Advances one sequence by token x: codes_L (rows of the 1..K-1-grams ending at the
+  previous token, -1 none; old_L scratch) becomes those ending at x. Returns (row, n) of
+  the longest f-gram ending at x, (-1, 1) if none."""
+  levels = codes_L.size
+  for j in range(levels):
+    old_L[j] = codes_L[j]
+    codes_L[j] = -1
+  codes_L[0] = x
+  best, best_n = np.int64(-1), 1
+  for n in range(2, levels + 2):
+    code = old_L[n - 2]  # Row of the (n-1)-gram ending at the previous token.
+    if code < 0:
+      break
+    if n == 2:
+      code += index_lib.TOKEN_CODE
+    row = index_lib.find(index, limit, index_lib.pack(code, x))
+    if row < 0:
+      break
+    best, best_n = row, n
+    if n - 1 < levels:
+      codes_L[n - 1] = row
+  return best, best_n
+
+
+@numba.njit(nogil=True, cache=True)
+def _match_kernel(x_BxT, link_BxT, index, limit, max_len, ids_BxT, lens_BxT):
+  batch, length = x_BxT.shape
+  codes_L = np.empty(max_len - 1, np.int64)
+  old_L = np.empty(max_len - 1, np.int64)
+  for b in range(batch):
+    for t in range(length):
+      if not link_BxT[b, t]:
+        codes_L[:] = -1  # Nothing before a segment start (or padding) extends into it.
+      row, n = _step(x_BxT[b, t], codes_L, old_L, index, limit)
+      ids_BxT[b, t] = row
+      lens_BxT[b, t] = n
 
 
 class IncrementalMatcher:
@@ -130,18 +127,16 @@ class IncrementalMatcher:
     matcher = table.matcher
     self._k = table.max_len
     self.batch_size = batch_size
-    levels = [matcher.hashes[n] for n in range(2, self._k + 1)]
-    self._slots = tuple(h.slots_Cx2 for h in levels)
-    self._shifts_L = np.array([h.shift for h in levels], np.int64)
+    self._index, self._limit = matcher.index, matcher.limit
     # Row b, column n-1: row of the n-gram ending at b's last token (n = 1: the token);
     # -1 where none (or nothing came before).
     self._codes_BxL = np.full((batch_size, self._k - 1), -1, np.int64)
 
   @property
   def kernel_args(self) -> tuple:
-    """(codes_BxL, slots, shifts_L): `push_kernel`'s state arguments, for compiled callers
+    """(codes_BxL, index, limit): `push_kernel`'s state arguments, for compiled callers
     that fuse a push with more work (serve/decode.py). codes_BxL is updated in place."""
-    return self._codes_BxL, self._slots, self._shifts_L
+    return self._codes_BxL, self._index, self._limit
 
   def reset(self, b: int | None = None) -> None:
     """Forgets the history of sequence `b` (or all): call at a document start."""
@@ -160,8 +155,8 @@ class IncrementalMatcher:
       raise ValueError(f'tokens_B must be integer token ids, got dtype {tokens_B.dtype}')
     ids_B = np.empty(self.batch_size, np.int32)
     lens_B = np.empty(self.batch_size, np.int32)
-    bad = push_kernel(tokens_B.astype(np.int64, copy=False), self._codes_BxL, self._slots,
-                       self._shifts_L, ids_B, lens_B)
+    bad = push_kernel(tokens_B.astype(np.int64, copy=False), self._codes_BxL, self._index,
+                      self._limit, ids_B, lens_B)
     if bad >= 0:
       raise ValueError(f'tokens_B holds token ids outside [0, 2**31): row {bad} has '
                        f'{tokens_B[bad]}')
@@ -169,7 +164,7 @@ class IncrementalMatcher:
 
 
 @numba.njit(nogil=True, cache=True)
-def push_kernel(tokens_B, codes_BxL, slots, shifts_L, ids_B, lens_B):
+def push_kernel(tokens_B, codes_BxL, index, limit, ids_B, lens_B):
   """IncrementalMatcher.push; returns -1, or the first row with an invalid token (rows
   before it are updated, it and later ones are not)."""
   batch, levels = codes_BxL.shape
@@ -178,21 +173,7 @@ def push_kernel(tokens_B, codes_BxL, slots, shifts_L, ids_B, lens_B):
     x = tokens_B[b]
     if x < 0 or x >= _TOKEN_LIMIT:
       return b
-    for j in range(levels):
-      old_L[j] = codes_BxL[b, j]
-      codes_BxL[b, j] = -1
-    codes_BxL[b, 0] = x
-    ids_B[b] = -1
-    lens_B[b] = 1
-    for n in range(2, levels + 2):
-      code = old_L[n - 2]  # Row of the (n-1)-gram ending at the previous token.
-      if code < 0:
-        break
-      row = probe(slots[n - 2], shifts_L[n - 2], (code << 31) | x)
-      if row < 0:
-        break
-      ids_B[b] = row
-      lens_B[b] = n
-      if n - 1 < levels:
-        codes_BxL[b, n - 1] = row
+    row, n = _step(x, codes_BxL[b], old_L, index, limit)
+    ids_B[b] = row
+    lens_B[b] = n
   return -1

@@ -29,8 +29,10 @@ final merge's own inverse, or after spills by hash lookups of the run keys: far 
 than positions), turning the per-position indices into ids of the kept n-gram starting
 there. Scan n+1 reads those as its prefix ids (kept n-gram at p) and suffix test (kept
 n-gram at p+1): no per-position hash lookup. The per-position array lives in RAM, or in
-a temp file when the corpus exceeds the budget. Token ids must be in [0, 2**31); a
-corpus may hold up to 2**32 tokens.
+a temp file when the corpus exceeds the budget. Token ids must be in [0, 2**31). A
+corpus may hold any number of tokens (positions are int64, per-position ids int64 from
+2**31 tokens on); the kept grams of one length must number < 2**32, since their ids are
+the high bits of the next scan's keys.
 """
 
 from __future__ import annotations
@@ -308,8 +310,6 @@ def mine_fgrams(docs: Iterable[np.ndarray] | Any, max_len: int = 5, size: int = 
   budget = int(memory_budget_mb * (1 << 20))
   with tempfile.TemporaryDirectory(prefix='scone_fgrams_', dir=tmp_dir) as tmp:
     corpus = _as_corpus(docs, tmp, budget)
-    if corpus.num_tokens >= 1 << 32:
-      raise ValueError(f'docs hold {corpus.num_tokens} tokens; mine at most 2**32 per call')
     if not np.any(np.diff(corpus.offsets) >= 2):
       raise ValueError('docs contain no n-gram of 2+ tokens (empty corpus, or only '
                        'documents of 0-1 tokens); pass tokenized documents')
@@ -396,6 +396,9 @@ def _mine_levels(corpus: _Corpus, max_len: int, min_count: int, budget: int, wor
         bar.update(b - a)
       bar.close()
       keys, counts = merger.finish()
+      if keys.size >= 1 << 32:
+        raise ValueError(f'{keys.size} {n}-grams occur >= min_count={min_count} times: ids '
+                         'of one length must stay < 2**32; raise min_count')
       levels.append((keys, counts))
       if keys.size and want_index:
         resolve = functools.partial(_resolve_chunk, ids, merger)

@@ -1,6 +1,6 @@
 """The f-gram model A_f: an f-gram's tokens -> its embedding (docs/METHOD.md, section 1).
 
-Dimension letters: U f-grams, K max f-gram length, D d_model.
+Dimension letters: U f-grams, K max f-gram length, D d_model, R packed rows of W tokens.
 
 A_f is the backbone's block stack (same `BlockStack` class and `ModelConfig`, depth
 `fgram_model.num_layers`) without a token table of its own: its input is the SHARED token
@@ -65,30 +65,45 @@ class FgramModel(nnx.Module):
     else:
       self.out_gain = None
 
-  def __call__(self, tokens_UxK: jax.Array, lens_U: jax.Array) -> jax.Array:
-    """Embeds U left-aligned, 0-padded f-grams of lengths lens_U -> e_UxD.
+  def packed(self, tokens_RxW: jax.Array, positions_RxW: jax.Array,
+             segment_ids_RxW: jax.Array) -> jax.Array:
+    """A_f over rows of PACKED f-grams (batches/tagging.py) -> e_RxWxD.
 
-    Rows with length 0 (unused capacity) give a finite, meaningless vector.
+    Each f-gram is one segment of its row (segment ids 1.., 0 = padding) with positions
+    0..len-1; attention is causal within the segment, so every f-gram is embedded exactly
+    as if it ran alone. e_RxWxD at an f-gram's last token is its embedding (other entries
+    are meaningless but finite).
+    """
+    x_RxWxD = self.token_embed(tokens_RxW)
+    pos_RxWxD = jnp.take(self.pos_table[...], positions_RxW, axis=0)
+    x_RxWxD = constrain(x_RxWxD + pos_RxWxD.astype(x_RxWxD.dtype), ('batch', 'length', 'embed'))
+    mask_RxWxW = segment_mask(segment_ids_RxW)
+    full = lambda q, kk, v, _: (attend(q, kk, v, mask_RxWxW), None)
+    h_RxWxD, _ = self.blocks(x_RxWxD, positions_RxW, full)
+    # The output rules act per vector, so applying them at every position and reading the
+    # last token equals reading first and applying them (what __call__ relies on).
+    if self.final_norm is not None:
+      h_RxWxD = self.final_norm(h_RxWxD)
+    if self.output_scale == 'rmsnorm_gain':
+      h_RxWxD = apply_norm('rmsnorm', h_RxWxD, self.out_gain[...])
+    elif self.out_gain is not None:
+      h_RxWxD = (h_RxWxD.astype(jnp.float32) * self.out_gain[...].astype(jnp.float32)
+                 ).astype(h_RxWxD.dtype)
+    return constrain(h_RxWxD, ('batch', 'length', 'embed'))
+
+  def __call__(self, tokens_UxK: jax.Array, lens_U: jax.Array) -> jax.Array:
+    """Embeds U left-aligned, 0-padded f-grams of lengths lens_U -> e_UxD (export, tests).
+
+    The same computation as `packed` with one f-gram per row. Rows with length 0 give a
+    finite, meaningless vector.
     """
     u, k = tokens_UxK.shape
     if k != self.max_len:
       raise ValueError(f'fgram tokens have K={k} columns but A_f was built for '
                        f'fgram_max_len={self.max_len} (config.fgram.max_len)')
-    x_UxKxD = self.token_embed(tokens_UxK)
-    x_UxKxD = x_UxKxD + self.pos_table[...].astype(x_UxKxD.dtype)[None]
-    x_UxKxD = constrain(x_UxKxD, ('batch', 'length', 'embed'))
     positions_UxK = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (u, k))
     # Causal within the f-gram; padding sits after the last token so it is never seen.
-    mask_UxKxK = segment_mask(jnp.ones((u, k), jnp.int32))
-    full = lambda q, kk, v, _: (attend(q, kk, v, mask_UxKxK), None)
-    h_UxKxD, _ = self.blocks(x_UxKxD, positions_UxK, full)
+    h_UxKxD = self.packed(tokens_UxK, positions_UxK, jnp.ones((u, k), jnp.int32))
     last_U = jnp.clip(lens_U.astype(jnp.int32) - 1, 0, k - 1)
     e_UxD = jnp.take_along_axis(h_UxKxD, last_U[:, None, None], axis=1)[:, 0]
-    if self.final_norm is not None:
-      e_UxD = self.final_norm(e_UxD)
-    if self.output_scale == 'rmsnorm_gain':
-      e_UxD = apply_norm('rmsnorm', e_UxD, self.out_gain[...])
-    elif self.out_gain is not None:
-      e_UxD = (e_UxD.astype(jnp.float32) * self.out_gain[...].astype(jnp.float32)
-               ).astype(e_UxD.dtype)
     return constrain(e_UxD, ('batch', 'embed'))

@@ -89,72 +89,74 @@ def param_counts(cfg: Config, vocab_size: int | None = None) -> ParamCounts:
 
 @dataclasses.dataclass(frozen=True)
 class FlopsPerToken:
-  """FLOPs per (training or generated) token; see `flops_per_token` for the formulas."""
+  """FLOPs per (training or generated) token; see `flops_per_token` for the formulas.
+
+  A_f's training work is counted in "A_f tokens per main-model token" as the paper does:
+  the tokens of the packed A_f rows a step runs (batches/tagging.py) over the step's
+  B * T main-model tokens. `af_tokens_basis` says which figure was used: 'worst case'
+  (every position a distinct K-token f-gram: K per token) or 'measured' (from batches).
+  """
   train_backbone: float
-  train_fgram_per_fgram: float  # One distinct f-gram through A_f, forward + backward.
-  fgrams_per_token: float  # Distinct f-grams A_f runs on, per token of the batch.
+  train_fgram_per_af_token: float  # One A_f token (packed row slot), forward + backward.
+  af_tokens_per_token: float  # A_f tokens per main-model token.
+  af_tokens_basis: str  # 'worst case' | 'measured' | 'baseline'
   inference: float  # Per generated token; identical for SCONE and its backbone.
   fgram_forward_per_fgram: float  # One f-gram through A_f, forward only (export).
 
   @property
   def train_fgram(self) -> float:
-    """A_f's training FLOPs amortised per token."""
-    return self.train_fgram_per_fgram * self.fgrams_per_token
+    """A_f's training FLOPs amortised per main-model token."""
+    return self.train_fgram_per_af_token * self.af_tokens_per_token
 
   @property
   def train_total(self) -> float:
     return self.train_backbone + self.train_fgram
 
 
-def static_fgrams_per_token(cfg: Config) -> float:
-  """A_f rows run per token with the static capacity U, used or not.
-
-  U = fgram_model.capacity per process batch (0 means one per token), and a process batch
-  holds train.batch_size / distributed.num_processes rows of train.seq_len tokens.
-  """
-  capacity = cfg.fgram_model.capacity
-  if cfg.fgram_model.num_layers == 0:
-    return 0.0
-  if capacity == 0:
-    return 1.0
-  tokens_per_process = cfg.train.batch_size * cfg.train.seq_len / max(
-      cfg.distributed.num_processes, 1)
-  return capacity / tokens_per_process
+def worst_case_af_tokens_per_token(cfg: Config) -> float:
+  """Every position a distinct f-gram of K tokens: K A_f tokens per main-model token (what
+  A_f ran when its rows were B * T padded to K)."""
+  return float(cfg.fgram.max_len) if cfg.fgram_model.num_layers > 0 else 0.0
 
 
 def flops_per_token(cfg: Config, vocab_size: int | None = None,
-                    unique_fgrams_per_token: float | None = None) -> FlopsPerToken:
+                    af_tokens_per_token: float | None = None) -> FlopsPerToken:
   """Matmul FLOPs per token (the PaLM/MaxText convention: 2 FLOPs per multiply-add,
   backward = 2x forward, attention counted over the full (not causal-halved) context).
 
-  With N = L (4 d^2 + (2|3) d f) the backbone's block matmul weights and
-  N_f = L_f (4 d^2 + (2|3) d f) A_f's:
-    train_backbone         = 6 (N + d V) + 12 L d T
-    train_fgram_per_fgram  = 6 N_f K + 12 L_f d K^2     (A_f runs on all K padded slots)
-    train_fgram (per token) = train_fgram_per_fgram * fgrams_per_token
-    inference              = 2 (N + d V) + 4 L d T      (context T, an upper bound)
-    fgram_forward_per_fgram = 2 N_f K + 4 L_f d K^2
+  With N = L (4 d^2 + (2|3) d f) the backbone's block matmul weights,
+  N_f = L_f (4 d^2 + (2|3) d f) A_f's and W = 2 K the packed A_f row width:
+    train_backbone            = 6 (N + d V) + 12 L d T
+    train_fgram_per_af_token  = 6 N_f + 12 L_f d W      (attention over its packed row)
+    train_fgram (per token)   = train_fgram_per_af_token * af_tokens_per_token
+    inference                 = 2 (N + d V) + 4 L d T   (context T, an upper bound)
+    fgram_forward_per_fgram   = 2 N_f K + 4 L_f d K^2   (export: one f-gram per row of K)
   Embedding lookups, norms, biases and softmax are not counted. Inference is the same
   for SCONE and its baseline: the f-gram embedding is a host-side table lookup.
 
   Args:
     cfg: a resolved Config.
     vocab_size: as in `param_counts`.
-    unique_fgrams_per_token: measured distinct f-grams per token (for model FLOPs); None
-      uses the static capacity rate (what the hardware actually runs, for MFU).
+    af_tokens_per_token: measured A_f tokens per main-model token (the logged
+      batch/fgram_af_tokens_per_token, or sum of distinct f-gram lengths / tokens for the
+      useful work); None = the worst case (`worst_case_af_tokens_per_token`).
   """
   m = cfg.model
   v, d, t, k = _vocab(cfg, vocab_size), m.d_model, cfg.train.seq_len, cfg.fgram.max_len
   n = m.num_layers * _block_matmul_params(m)
   lf = cfg.fgram_model.num_layers
   n_f = lf * _block_matmul_params(m)
-  if unique_fgrams_per_token is None:
-    rate = static_fgrams_per_token(cfg)
+  if not lf:
+    rate, basis = 0.0, 'baseline'
+  elif af_tokens_per_token is None:
+    rate, basis = worst_case_af_tokens_per_token(cfg), 'worst case'
   else:
-    rate = float(unique_fgrams_per_token) if lf else 0.0
+    rate, basis = float(af_tokens_per_token), 'measured'
   return FlopsPerToken(
       train_backbone=6.0 * (n + d * v) + 12.0 * m.num_layers * d * t,
-      train_fgram_per_fgram=6.0 * n_f * k + 12.0 * lf * d * k * k,
-      fgrams_per_token=rate,
+      # Attention spans the packed row, W = 2 K (batches.tagging.pack_width).
+      train_fgram_per_af_token=6.0 * n_f + 12.0 * lf * d * 2 * k,
+      af_tokens_per_token=rate,
+      af_tokens_basis=basis,
       inference=2.0 * (n + d * v) + 4.0 * m.num_layers * d * t,
       fgram_forward_per_fgram=2.0 * n_f * k + 4.0 * lf * d * k * k)

@@ -44,12 +44,13 @@ import jax
 import jax.numpy as jnp
 import numba
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from scone_jax.fgrams import IncrementalMatcher
 from scone_jax.fgrams.match import push_kernel
 from scone_jax.model import Backbone, KVCache, SconeLM
-from scone_jax.serve import device_loop
+from scone_jax.serve import device_loop, native_lookup
 from scone_jax.serve.store import EmbeddingStore, gather_kernel
 
 Loop = Literal['device', 'host']
@@ -123,11 +124,11 @@ def _decode(graphdef, sampling: Sampling, state, token_B, slab_BxE, cache: KVCac
 
 
 @numba.njit(nogil=True, cache=True)
-def _slab_kernel(tokens_B, codes_BxL, slots, shifts_L, ids_B, lens_B, rows_RxD, num_rows,
+def _slab_kernel(tokens_B, codes_BxL, index, limit, ids_B, lens_B, rows_RxD, num_rows,
                  slab_BxE, one):
   """IncrementalMatcher.push + EmbeddingStore.gather + the match flag, on raw bits; returns
   the number of matched rows, or -1 - b for the first row b with an invalid token."""
-  bad = push_kernel(tokens_B, codes_BxL, slots, shifts_L, ids_B, lens_B)
+  bad = push_kernel(tokens_B, codes_BxL, index, limit, ids_B, lens_B)
   if bad >= 0:
     return -1 - bad
   hits = gather_kernel(rows_RxD, ids_B, num_rows, slab_BxE[:, :-1])
@@ -137,7 +138,7 @@ def _slab_kernel(tokens_B, codes_BxL, slots, shifts_L, ids_B, lens_B, rows_RxD, 
 
 
 @numba.njit(nogil=True, cache=True)
-def _prompt_kernel(tokens_BxT, lengths_B, codes_BxL, slots, shifts_L, ids_BxT, rows_RxD,
+def _prompt_kernel(tokens_BxT, lengths_B, codes_BxL, index, limit, ids_BxT, rows_RxD,
                    num_rows, slab_NxE, one):
   """Matches every prompt row (positions < lengths_B[b]; later ones get -1) by pushing its
   tokens into a fresh incremental matcher, which ends primed with the row's last K-1
@@ -152,7 +153,7 @@ def _prompt_kernel(tokens_BxT, lengths_B, codes_BxL, slots, shifts_L, ids_BxT, r
       if j >= lengths_B[r]:
         ids_BxT[r, j] = -1
       else:
-        push_kernel(tokens_BxT[r, j:j + 1], codes_BxL[r:r + 1], slots, shifts_L,
+        push_kernel(tokens_BxT[r, j:j + 1], codes_BxL[r:r + 1], index, limit,
                     ids_BxT[r, j:j + 1], lens_1)
       if ids_BxT[r, j] >= 0:
         hits += 1
@@ -174,7 +175,9 @@ class Generation:
   tokens: list[np.ndarray]
   prefill_seconds: float
   decode_seconds: float
-  decode_steps: int  # Steps timed in decode_seconds (all but the first when > 1).
+  # Steps timed in decode_seconds: all of them for the device loop (compiled beforehand),
+  # all but the first (its compilation) for the host loop.
+  decode_steps: int
   batch_size: int
   lookup_seconds: float = 0.0  # host match + gather + device_put, the timed steps
   # This process's CPU time over the timed steps (all threads): on a CPU backend shared with
@@ -259,6 +262,13 @@ class Decoder:
       raise ValueError(f'chunk_steps={chunk_steps} must be >= 1')
     self.loop, self.chunk_steps = loop, chunk_steps
     self.lookup = self._resolve_lookup(lookup)
+    if self.lookup != 'none' and loop == 'device':
+      devices = {d for leaf in jax.tree.leaves(self.state) for d in leaf.devices()}
+      if len(devices) > 1:
+        # XLA's SPMD partitioner cannot split a side-effecting call (the lookup), so a
+        # loop that makes one runs on one device; weights spread over several are copied
+        # there (use loop='host' to decode with them sharded).
+        self.state = jax.device_put(self.state, jax.devices()[0])
     self._chunk_programs = {}
 
   def _resolve_lookup(self, lookup: LookupMode) -> str:
@@ -269,7 +279,6 @@ class Decoder:
     self._lookup_operand = np.int32(0)
     if self.store is None:
       return 'none'
-    from scone_jax.serve import native_lookup  # pylint: disable=g-import-not-at-top
     shards = native_lookup.store_shards(self.store)
     if lookup == 'native' and (shards is None or jax.default_backend() != 'cpu'):
       raise ValueError("lookup='native' needs the CPU backend and a store in memory or "
@@ -277,8 +286,14 @@ class Decoder:
                        "lookup='callback' (or 'auto')")
     if lookup != 'callback' and shards is not None and jax.default_backend() == 'cpu':
       one = np.array(1, self._slab_dtype).view(shards[0][0].dtype)[()]
-      self._native = native_lookup.LookupContext(self._matcher.kernel_args, *shards, one,
-                                                 self.batch_size)
+      try:
+        self._native = native_lookup.LookupContext(self._matcher.kernel_args, *shards, one,
+                                                   self.batch_size)
+      except Exception as e:  # pylint: disable=broad-except
+        if lookup == 'native':
+          raise
+        logging.warning('native f-gram lookup unavailable (%s); using the callback', e)
+    if self._native is not None:
       self._target, self._lookup_operand = self._native.target, self._native.operand
       return 'native'
     self._lookup_operand = np.int32(device_loop.register_callback(self.step_slab))
@@ -328,15 +343,15 @@ class Decoder:
     start = time.perf_counter()
     ids_BxT = np.empty((b, t), np.int32)
     slab_BxTxE = np.empty((b, t, self.d_model + 1), self._slab_dtype)
-    codes_BxL, slots, shifts_L = self._matcher.kernel_args
+    codes_BxL, index, limit = self._matcher.kernel_args
     if self._fused_args is not None:
       raw_BxTxE = slab_BxTxE.view(self._raw_dtype)
-      hits = _prompt_kernel(tokens_BxT, lengths_B, codes_BxL, slots, shifts_L, ids_BxT,
+      hits = _prompt_kernel(tokens_BxT, lengths_B, codes_BxL, index, limit, ids_BxT,
                             self.store.raw_rows, self.store.num_rows,
                             raw_BxTxE.reshape(b * t, -1), self._raw_one)
       self.store.stats.add(b * t, hits, slab_BxTxE.nbytes, time.perf_counter() - start)
     else:
-      _prompt_kernel(tokens_BxT, lengths_B, codes_BxL, slots, shifts_L, ids_BxT,
+      _prompt_kernel(tokens_BxT, lengths_B, codes_BxL, index, limit, ids_BxT,
                      None, 0, None, 0)
       self.store.gather(ids_BxT.reshape(-1), out=slab_BxTxE.reshape(b * t, -1)[:, :-1])
       slab_BxTxE[..., -1] = ids_BxT >= 0

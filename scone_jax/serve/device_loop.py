@@ -102,6 +102,8 @@ def decode_chunk(graphdef, sampling, lookup: Lookup, target: str, chunk: int, sl
     out_BxC = jax.lax.dynamic_update_slice(out_BxC, nxt_B[:, None], (0, i))
     return i + 1, nxt_B, cache, done | (nxt_B == eos_id), out_BxC
 
+  # The prefill's token may itself be EOS: checked here, not by a separate host dispatch.
+  done_B = done_B | (token_B == eos_id)
   init = (jnp.int32(0), token_B, cache, done_B, jnp.zeros((b, chunk), jnp.int32))
   steps, token_B, cache, done_B, out_BxC = jax.lax.while_loop(cond, body, init)
   return out_BxC, token_B, cache, done_B, emitted + steps
@@ -125,8 +127,9 @@ class ChunkRunner:
   def run(self) -> tuple[np.ndarray, int]:
     """(tokens_BxN of the generation, decode steps run)."""
     token_B, cache = self._first_B, self._cache
-    done_B = token_B == self._eos
-    emitted = jnp.int32(1)
+    # Host numpy arguments: passed with the call, no extra device dispatches.
+    done_B = np.zeros(token_B.shape, bool)
+    emitted = np.int32(1)
     cols = [np.asarray(token_B)[:, None]]
     pending = self._compiled(token_B, cache, done_B, emitted, self._limit, self._eos)
     reach = 1 + self._chunk  # Tokens emitted at most once the dispatched chunks are done.

@@ -9,7 +9,7 @@ compiled work as `Decoder.step_slab` (`IncrementalMatcher.push` + the store gath
 match flag; `sharded_slab_kernel` reads the 'ram' tier's matrix or the 'disk' tier's
 memory-mapped shards) is registered as a typed XLA FFI handler:
 a numba `cfunc` that reads XLA's C call frame directly, so XLA:CPU calls it inline like any
-other op (~1 us for B = 1).
+other op (the same ~2 us kernel as the host path at B = 1).
 
 Contract with XLA (jaxlib/include/xla/ffi/api/c_api.h, API major version 0): the handler
 gets an `XLA_FFI_CallFrame*`; with a metadata extension it only reports its API version;
@@ -18,9 +18,10 @@ host arrays' addresses, see `LookupContext`) and writes one result (slab_BxE in 
 store's dtype). It never fails: tokens come from the model's own argmax/sampling (< V),
 and the matcher yields only rows the store has (checked when the decoder is built).
 
-`available()` says whether this jaxlib runs it (probed once with a tiny call checked
-against numpy); when it does not (another backend, a future C API), the decoder falls
-back to the `io_callback` lookup.
+The decoder's lookup='auto' uses it on the CPU backend and falls back to the
+`io_callback` lookup when registering the target fails (e.g. a jaxlib without the FFI
+API it reads); tests/test_decode.py checks its slabs and tokens against the host path and
+the training forward.
 """
 
 from __future__ import annotations
@@ -56,10 +57,12 @@ _API_MAJOR, _API_MINOR = 0, 1
 
 
 # Context vector (int64), built by `LookupContext`: the addresses and sizes of the host
-# arrays the kernel reads and updates. Then per level i (address, rows) of its hash slots
-# and per store shard j (address, rows) of its raw rows.
-_B, _LEVELS, _CODES, _SHIFTS, _IDS, _LENS, _SHARDS, _CHUNK, _D, _ONE, _HITS = range(11)
-_HEAD = 11
+# arrays the kernel reads and updates (the match index: its [C, 3] uint32 slots and the
+# rows a probe may return, fgrams/index.py). Then per store shard j (address, rows) of its
+# raw rows.
+(_B, _LEVELS, _CODES, _INDEX, _SLOTS, _LIMIT, _IDS, _LENS, _SHARDS, _CHUNK, _D, _ONE,
+ _HITS) = range(13)
+_HEAD = 13
 
 
 @numba.njit(nogil=True, inline='always')
@@ -74,13 +77,13 @@ def _views(address, count, cols, dtype):
 
 
 @numba.njit(nogil=True, cache=True)
-def sharded_slab_kernel(tokens_B, codes_BxL, slots, shifts_L, ids_B, lens_B, shards,
+def sharded_slab_kernel(tokens_B, codes_BxL, index, limit, ids_B, lens_B, shards,
                         chunk_rows, slab_BxE, one):
   """IncrementalMatcher.push, then row r of the store from shard r // chunk_rows (zeros
   for no match) and the match flag into slab_BxE; returns the number of matches. The
   store's rows as one array ('ram': chunk_rows = S + 1) or as its memmapped shards
   ('disk'): one kernel for both tiers."""
-  push_kernel(tokens_B, codes_BxL, slots, shifts_L, ids_B, lens_B)
+  push_kernel(tokens_B, codes_BxL, index, limit, ids_B, lens_B)
   hits = 0
   for b in range(ids_B.size):
     r = ids_B[b]
@@ -115,13 +118,12 @@ def _handle(call_frame, raw):
   ctx_address = numba.carray(_ptr(args[1]), 4, np.int64)[3]
   ctx = numba.carray(_ptr(ctx_address), _HEAD, np.int64)
   b, levels, d = ctx[_B], ctx[_LEVELS], ctx[_D]
-  slots = _views(ctx_address + 8 * _HEAD, levels, 2, np.uint64)
-  shards = _views(ctx_address + 8 * (_HEAD + 2 * levels), ctx[_SHARDS], d, raw)
+  index = numba.carray(_ptr(ctx[_INDEX]), (ctx[_SLOTS], 3), np.uint32)
+  shards = _views(ctx_address + 8 * _HEAD, ctx[_SHARDS], d, raw)
   slab_BxE = numba.carray(_ptr(numba.carray(_ptr(rets[0]), 4, np.int64)[3]), (b, d + 1), raw)
   hits = sharded_slab_kernel(
       numba.carray(_ptr(token_data), b, np.int32),
-      numba.carray(_ptr(ctx[_CODES]), (b, levels), np.int64), slots,
-      numba.carray(_ptr(ctx[_SHIFTS]), levels, np.int64),
+      numba.carray(_ptr(ctx[_CODES]), (b, levels), np.int64), index, ctx[_LIMIT],
       numba.carray(_ptr(ctx[_IDS]), b, np.int32),
       numba.carray(_ptr(ctx[_LENS]), b, np.int32), shards, ctx[_CHUNK], slab_BxE,
       raw(ctx[_ONE]))
@@ -180,23 +182,24 @@ class LookupContext:
 
   def __init__(self, kernel_args: tuple, shards: list[np.ndarray], chunk_rows: int,
                one_raw, batch_size: int):
-    codes_BxL, slots, shifts_L = kernel_args
-    for a in (codes_BxL, shifts_L, *shards, *slots):
+    codes_BxL, index, limit = kernel_args
+    for a in (codes_BxL, index, *shards):
       if not a.flags.c_contiguous:
         raise ValueError('the native lookup needs C-contiguous host arrays')
     self.bits = shards[0].dtype.itemsize * 8
     self._ids_B = np.empty(batch_size, np.int32)
     self._lens_B = np.empty(batch_size, np.int32)
     self.counters = np.zeros(2, np.int64)  # hits, calls
-    self._keep = (codes_BxL, slots, shifts_L, shards)
-    ctx = np.zeros(_HEAD + 2 * len(slots) + 2 * len(shards), np.int64)
-    ctx[[_B, _LEVELS, _SHARDS, _CHUNK, _D]] = (batch_size, len(slots), len(shards),
-                                               chunk_rows, shards[0].shape[1])
+    self._keep = (codes_BxL, index, shards)
+    ctx = np.zeros(_HEAD + 2 * len(shards), np.int64)
+    ctx[[_B, _LEVELS, _SLOTS, _LIMIT, _SHARDS, _CHUNK, _D]] = (
+        batch_size, codes_BxL.shape[1], index.shape[0], limit, len(shards), chunk_rows,
+        shards[0].shape[1])
     ctx[_ONE] = int(one_raw)
-    for i, a in ((_CODES, codes_BxL), (_SHIFTS, shifts_L), (_IDS, self._ids_B),
+    for i, a in ((_CODES, codes_BxL), (_INDEX, index), (_IDS, self._ids_B),
                  (_LENS, self._lens_B), (_HITS, self.counters)):
       ctx[i] = a.ctypes.data
-    for i, a in enumerate(list(slots) + list(shards)):
+    for i, a in enumerate(shards):
       ctx[_HEAD + 2 * i], ctx[_HEAD + 2 * i + 1] = a.ctypes.data, a.shape[0]
     self._ctx = ctx
     # Viewed as uint32 so the addresses survive jax's default 32-bit mode.

@@ -290,8 +290,10 @@ def run_tpu(sweep: spec.Sweep, target: TpuTarget, runner: Runner = shell_runner,
   return outcomes
 
 
-def dry_run(sweep: spec.Sweep, python: str, tpu: TpuTarget | None = None, out=None) -> None:
-  """Prints every command a run would execute, in order, then the accounting table.
+def dry_run(sweep: spec.Sweep, python: str, tpu: TpuTarget | None = None, out=None,
+            af_tokens_per_token: float | None = None) -> None:
+  """Prints every command a run would execute, in order, then the accounting table (A_f's
+  training FLOPs at the worst case and, if given, at a measured A_f tokens per token).
 
   For the TPU backend that is the bootstrap copy, then one ssh command per point: pasted
   into a shell in that order they do what `--backend=tpu` does (without its retries).
@@ -313,4 +315,4 @@ def dry_run(sweep: spec.Sweep, python: str, tpu: TpuTarget | None = None, out=No
       for stage, cmd in _stage_commands(sweep, p, python):
         print(cmd, file=out)
   print(file=out)
-  print(report.markdown_table(spec.accounting_rows(sweep)), file=out)
+  print(report.markdown_table(spec.accounting_rows(sweep, af_tokens_per_token)), file=out)

@@ -10,7 +10,10 @@ Every point is validated against the config schema before anything launches. Fin
 points (complete W/eval.json) are skipped; interrupted ones resume from W/checkpoints.
 `--dry_run` prints every command (for TPU: the bootstrap copy, then one ssh per point) and
 a table of each point's accelerator-resident and offloaded params and training/inference
-FLOPs per token. Exit code is non-zero if any point failed.
+FLOPs per token; A_f's training FLOPs at the worst case (K A_f tokens per main-model token)
+and, with `--af_tokens_per_token=X` (measured: the runs' logged
+batch/fgram_af_tokens_per_token, or benchmarks/bench_train.py --mode=af_rate), at X. Exit
+code is non-zero if any point failed.
 
 A study file (one that defines get_study(), e.g. experiments/sweeps/study.py) runs in two
 phases: each arm's learning rate is chosen on the validation corpora, then every arm runs
@@ -38,6 +41,9 @@ _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file (experiments/sweeps/*.py
                              required=True)
 _BACKEND = flags.DEFINE_enum('backend', 'local', ['local', 'tpu'], 'Where to run points.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print commands and accounting; run nothing.')
+_AF_TOKENS = flags.DEFINE_float(
+    'af_tokens_per_token', None, 'Dry run: measured A_f tokens per main-model token for '
+    'the *_measured accounting columns (default: worst case only).')
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'Local backend: points run at once.')
 _ONLY = flags.DEFINE_string('only', '', 'Run only points whose run name matches this regex.')
 _REPORT = flags.DEFINE_bool('report', False, 'Write the report (CSV, REPORT.md, plots) after.')
@@ -66,7 +72,7 @@ def main(argv):
   print(f'sweep {sweep.name}: {len(sweep.points)} point(s) under {sweep.dir}')
   tpu = _tpu_target() if _BACKEND.value == 'tpu' else None
   if _DRY_RUN.value:
-    backends.dry_run(sweep, _PYTHON.value, tpu)
+    backends.dry_run(sweep, _PYTHON.value, tpu, af_tokens_per_token=_AF_TOKENS.value)
     return
   if tpu is None:
     outcomes = backends.run_local(sweep, _PYTHON.value, _PARALLEL.value)

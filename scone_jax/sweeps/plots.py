@@ -113,18 +113,20 @@ def draw_plots(runs: Sequence[Any], arms: Sequence[analysis.Arm],
       _trend_plot(add(name, f'{tag}: perplexity vs A_f depth; {_BARS}'), captions[name],
                   'A_f layers', d_series, lambda a: a.af_layers, baseline, corpus,
                   logx=False)
-    if baseline is not None and scone:
+    others = [a for a in scone if a is not baseline]
+    if baseline is not None and others:
       from scone_jax.sweeps import stats
       name = f'paired_diff-{_slug(corpus)}'
       diffs = [stats.paired(a.values(corpus, 'perplexity'),
-                            baseline.values(corpus, 'perplexity'))[0] for a in scone]
-      fig, ax = plt.subplots(figsize=(6.5, 0.5 + 0.4 * len(scone)))
+                            baseline.values(corpus, 'perplexity'))[0] for a in others]
+      fig, ax = plt.subplots(figsize=(6.5, 0.7 + 0.4 * len(others)))
       mean, lo, hi = _yerr(diffs)
-      ax.errorbar(mean, np.arange(len(scone)), xerr=[lo, hi], fmt='o', capsize=3)
+      ax.errorbar(mean, np.arange(len(others)), xerr=[lo, hi], fmt='o', capsize=3)
       ax.axvline(0.0, color='k', linewidth=1)
-      ax.set_yticks(np.arange(len(scone)), [a.name for a in scone], fontsize=7)
-      add(name, f'{tag}: SCONE minus baseline perplexity, paired per seed; {_BARS}')
-      ax.set(title=captions[name], xlabel='perplexity difference (negative = SCONE better)')
+      ax.set_yticks(np.arange(len(others)), [a.name for a in others], fontsize=7)
+      add(name, f'{tag}: arm minus {baseline.name} perplexity, paired per seed; {_BARS}')
+      ax.set(title=captions[name],
+             xlabel=f'perplexity difference (negative = better than {baseline.name})')
       ax.title.set_fontsize(8)
       ax.grid(alpha=0.3)
       _save_png(fig, paths[name])

@@ -286,7 +286,10 @@ def write_point_json(sweep: Sweep, point: Point) -> None:
       'launch_overrides': point.launch_overrides, 'config': json.loads(point.cfg.to_json())})
 
 
-def accounting_rows(sweep: Sweep) -> list[dict[str, Any]]:
-  """Per point: accelerator-resident and offloaded params, train/inference FLOPs/token."""
+def accounting_rows(sweep: Sweep,
+                    af_tokens_per_token: float | None = None) -> list[dict[str, Any]]:
+  """Per point: accelerator-resident and offloaded params, train/inference FLOPs/token
+  (A_f at the worst case, and at a measured A_f tokens per main-model token if given)."""
   from scone_jax import report  # Deferred: loading a sweep needs no accounting.
-  return [{'run': p.name, **report.accounting(p.cfg)} for p in sweep.points]
+  return [{'run': p.name, **report.accounting(p.cfg, af_tokens_per_token)}
+          for p in sweep.points]

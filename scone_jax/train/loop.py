@@ -255,15 +255,14 @@ def _train_steps(run: _Run, step_fn, state: step_lib.TrainState, step: int,
   local_batch = next(data_it)
   inputs, stats = batches.split_stats(local_batch)
   global_batch = batches.to_global_arrays(inputs, mesh)
-  compile_start = time.perf_counter()
-  train_step = step_lib.jit_train_step(step_fn, state, global_batch, mesh)
-  logging.info('train step compiled in %.1f s', time.perf_counter() - compile_start)
+  train_step = step_lib.CompiledSteps(step_fn, mesh)  # One compile per A_f row bucket.
   peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, tc.peak_tflops)
   tokens_per_step = tc.batch_size * tc.seq_len
   every = cfg.checkpoint.every_steps
 
   pending = None  # (step, device metrics, host batch stats) not yet read.
   interval_start, interval_step = time.perf_counter(), step
+  compile_mark = 0.0  # train_step.compile_seconds at interval_start: compiles are not steps.
 
   def finish(pending):
     s, metrics_dev, batch_stats = pending
@@ -300,16 +299,20 @@ def _train_steps(run: _Run, step_fn, state: step_lib.TrainState, step: int,
           ckpt.save(step, state, data_it)
         if log:
           now = time.perf_counter()
-          seconds = (now - interval_start) / max(step - interval_step, 1)
+          compiling = train_step.compile_seconds - compile_mark
+          seconds = (now - interval_start - compiling) / max(step - interval_step, 1)
           n = jax.device_count()
           scalars.update(step_seconds=seconds, tokens_per_second=tokens_per_step / seconds,
                          mfu=metrics_lib.mfu(flops.useful(stats), seconds, n, peak),
-                         mfu_static=metrics_lib.mfu(flops.static(), seconds, n, peak))
+                         mfu_af_rows=metrics_lib.mfu(flops.af_rows(stats), seconds, n, peak),
+                         mfu_worst_case=metrics_lib.mfu(flops.worst_case(), seconds, n, peak),
+                         compiled_steps=train_step.num_compiled)
           writer.write(s, scalars)
           logging.info('step %d: loss %.4f grad_norm %.3f lr %.2e %.0f tok/s', s,
                        scalars['loss'], scalars['grad_norm'], scalars['lr'],
                        scalars['tokens_per_second'])
           interval_start, interval_step = now, step
+          compile_mark = train_step.compile_seconds
         if evaluate:
           result.eval = run.evaluate(step, state)
           interval_start = time.perf_counter()  # Eval time is not step time.

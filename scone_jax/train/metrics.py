@@ -2,8 +2,8 @@
 
 MFU = achieved model FLOP/s / peak FLOP/s of the devices used. Model FLOPs come from the
 written formula in `scone_jax.model.flops` (not from XLA's count, which includes
-rematerialisation and padding); A_f's work is counted per DISTINCT f-gram actually run in
-the step, not per matched position. The peak is the dense bf16 tensor-core/MXU number per
+rematerialisation and padding); A_f's work is counted on the tokens of the step's DISTINCT
+f-grams, not per matched position (see `StepFlops`). The peak is the dense bf16 tensor-core/MXU number per
 device from the vendors' data sheets (`PEAK_FLOPS`, keyed by `jax.Device.device_kind`),
 overridable with `config.train.peak_tflops` (required for anything not in the table; MFU
 is omitted when the peak is unknown, e.g. on CPU).
@@ -58,26 +58,36 @@ def peak_flops_per_device(device_kind: str, override_tflops: float = 0.0) -> flo
 class StepFlops:
   """Model FLOPs of one train step from `scone_jax.model.flops` (forward + backward).
 
-  `useful(stats)` counts A_f once per DISTINCT f-gram the step's batch actually holds
-  (batch stat `fgram_unique`, per process, so times the process count): the MFU we log.
-  `static()` counts A_f on every capacity row U it runs on, used or not (and once per
-  accumulation microbatch): the hardware's work, logged as `mfu_static`.
+  A_f's share, three ways, each from the step's batch stats (per process, so times the
+  process count):
+  * `useful(stats)`: A_f on the tokens of the batch's distinct f-grams (stat fgram_tokens),
+    the model's work: the MFU we log.
+  * `af_rows(stats)`: A_f on every packed row slot it ran (stat fgram_af_tokens, bucket
+    padding and packing waste included): the hardware's work, logged as `mfu_af_rows`.
+  * `worst_case()`: A_f at K tokens per main-model token (every position a distinct
+    K-gram), the static bound, logged as `mfu_worst_case`.
+  A_f runs once per optimizer step whatever train.grad_accum_steps is.
   """
 
   def __init__(self, cfg: Config, vocab_size: int, num_processes: int = 1):
     per_token = flops_lib.flops_per_token(cfg, vocab_size)
-    tokens = cfg.train.batch_size * cfg.train.seq_len
-    self.backbone = per_token.train_backbone * tokens
-    self.per_fgram = per_token.train_fgram_per_fgram
-    self.static_fgrams = per_token.fgrams_per_token * tokens * cfg.train.grad_accum_steps
+    self.tokens = cfg.train.batch_size * cfg.train.seq_len
+    self.backbone = per_token.train_backbone * self.tokens
+    self.per_af_token = per_token.train_fgram_per_af_token
+    self.worst_af_tokens = per_token.af_tokens_per_token * self.tokens
     self.num_processes = num_processes
 
-  def useful(self, batch_stats: Mapping[str, float]) -> float:
-    distinct = batch_stats.get('fgram_unique', 0.0) * self.num_processes
-    return self.backbone + self.per_fgram * distinct
+  def _with_af(self, af_tokens: float) -> float:
+    return self.backbone + self.per_af_token * af_tokens
 
-  def static(self) -> float:
-    return self.backbone + self.per_fgram * self.static_fgrams
+  def useful(self, batch_stats: Mapping[str, float]) -> float:
+    return self._with_af(batch_stats.get('fgram_tokens', 0.0) * self.num_processes)
+
+  def af_rows(self, batch_stats: Mapping[str, float]) -> float:
+    return self._with_af(batch_stats.get('fgram_af_tokens', 0.0) * self.num_processes)
+
+  def worst_case(self) -> float:
+    return self._with_af(self.worst_af_tokens)
 
 
 def mfu(model_flops_per_step: float, step_seconds: float, num_devices: int,

@@ -1,7 +1,8 @@
 """The loss and the one jitted, sharded, donated train step.
 
 Dimension letters: B batch (sequences), T sequence length, V vocabulary, A gradient
-accumulation microbatches, U distinct f-grams in a batch, K longest f-gram.
+accumulation microbatches, R x W the batch's distinct f-grams packed into A_f rows,
+N = R * W, D d_model.
 
 The model is split once (`nnx.split`) into a static graphdef and pytrees of arrays, and the
 step is a plain `jax.jit` over those pytrees: cheaper per call than `nnx.jit`
@@ -10,6 +11,7 @@ step is a plain `jax.jit` over those pytrees: cheaper per call than `nnx.jit`
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 from absl import logging
@@ -42,8 +44,8 @@ class TrainState:
 
 
 def is_per_row(key: str) -> bool:
-  """Batch arrays named `*_BxT` have one row per sequence; the others (`fgram_tokens_UxK`,
-  `fgram_lens_U`) are shared by the whole batch."""
+  """Batch arrays named `*_BxT` have one row per sequence; the others (the packed f-gram
+  rows `fgram_*_RxW`) are shared by the whole batch."""
   return key.endswith('_BxT')
 
 
@@ -82,19 +84,24 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
   With grad_accum_steps = A > 1 the batch's per-row arrays are viewed as [A, B/A, ...] and
   the gradients of the A microbatches are summed in a `lax.scan` before the one update, so
-  the result equals the full-batch gradient (up to float summation order). Shared arrays
-  (the batch's distinct f-grams) go to every microbatch whole, so A_f runs on all U rows per
-  microbatch: correct, A times A_f's work.
+  the result equals the full-batch gradient (up to float summation order). A_f runs ONCE
+  per step over the whole batch's distinct f-grams: its forward is taken with `jax.vjp`,
+  each microbatch's backward yields the cotangent of A_f's outputs e_NxD (accumulated in
+  float32), and one A_f backward at the end turns their sum into A_f's gradients.
   """
-  def loss_sums(params, other, batch):
+  def loss_sums(params, other, batch, fgram_e_NxD=None):
     model = nnx.merge(graphdef, params, other)
-    logits_BxTxV = model(batch)
+    logits_BxTxV = model(batch, fgram_e_NxD)
     loss_sum, weight_sum = cross_entropy_sums(
         logits_BxTxV, batch['targets_BxT'], batch['weights_BxT'])
     _, _, new_other = nnx.split(model, nnx.Param, ...)
     return loss_sum, (weight_sum, new_other)
 
   grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+  micro_grad_fn = jax.value_and_grad(loss_sums, argnums=(0, 3), has_aux=True)
+
+  def fgram_forward(params, other, batch):
+    return nnx.merge(graphdef, params, other).fgram_embeddings(batch)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     if grad_accum_steps == 1:
@@ -103,17 +110,36 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       rows = {k: v.reshape(grad_accum_steps, v.shape[0] // grad_accum_steps, *v.shape[1:])
               for k, v in batch.items() if is_per_row(k)}
       shared = {k: v for k, v in batch.items() if not is_per_row(k)}
+      scone = 'fgram_slot_BxT' in batch
+      if scone:
+        e_NxD, fgram_vjp = jax.vjp(lambda p: fgram_forward(p, state.other, shared),
+                                   state.params)
+      else:
+        e_NxD = None
 
       def micro(carry, rows_micro):
-        grads_acc, loss_acc, weight_acc, other = carry
-        (loss_sum, (weight_sum, other)), grads = grad_fn(
-            state.params, other, {**rows_micro, **shared})
+        grads_acc, e_cot_acc, loss_acc, weight_acc, other = carry
+        batch_micro = {**rows_micro, **shared}
+        if scone:
+          (loss_sum, (weight_sum, other)), (grads, e_cot) = micro_grad_fn(
+              state.params, other, batch_micro, e_NxD)
+          e_cot_acc = e_cot_acc + e_cot.astype(jnp.float32)
+        else:
+          (loss_sum, (weight_sum, other)), grads = grad_fn(state.params, other, batch_micro)
         grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-        return (grads_acc, loss_acc + loss_sum, weight_acc + weight_sum, other), None
+        return (grads_acc, e_cot_acc, loss_acc + loss_sum, weight_acc + weight_sum,
+                other), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), state.other)
-      (grads, loss_sum, weight_sum, other), _ = jax.lax.scan(micro, init, rows)
+      e_cot0 = jnp.zeros(e_NxD.shape, jnp.float32) if scone else jnp.zeros((), jnp.float32)
+      init = (zeros, e_cot0, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+              state.other)
+      (grads, e_cot, loss_sum, weight_sum, other), _ = jax.lax.scan(micro, init, rows)
+      if scone:
+        # The backbone microbatches saw e_NxD as an input, so their grads miss A_f's part
+        # (A_f params and the shared token table's A_f path): one backward adds it.
+        (fgram_grads,) = fgram_vjp(e_cot.astype(e_NxD.dtype))
+        grads = jax.tree.map(jnp.add, grads, fgram_grads)
     # Guard against an all-padding batch (weight 0): loss and grads become 0, not NaN.
     denom = jnp.maximum(weight_sum, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
@@ -149,6 +175,40 @@ def jit_train_step(step_fn, state: TrainState, batch: Batch, mesh: jax.sharding.
     compiled = jitted.lower(state, abstract_batch).compile()
   log_memory_analysis(compiled)
   return compiled
+
+
+class CompiledSteps:
+  """The train step AOT-compiled once per batch SHAPE, on first use.
+
+  SCONE batches come in a few shapes (the A_f row buckets, batches/tagging.py); a batch in
+  a bucket not seen before compiles the step once more (logged and counted in
+  `num_compiled`), it never changes what the model computes. Baseline batches have one
+  shape.
+  """
+
+  def __init__(self, step_fn, mesh: jax.sharding.Mesh):
+    self._step_fn = step_fn
+    self._mesh = mesh
+    self._compiled: dict[tuple, Any] = {}
+    self.compile_seconds = 0.0
+
+  @property
+  def num_compiled(self) -> int:
+    return len(self._compiled)
+
+  def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    key = tuple(sorted((k, tuple(np.shape(v))) for k, v in batch.items()))
+    compiled = self._compiled.get(key)
+    if compiled is None:
+      start = time.perf_counter()
+      compiled = jit_train_step(self._step_fn, state, batch, self._mesh)
+      seconds = time.perf_counter() - start
+      self.compile_seconds += seconds
+      self._compiled[key] = compiled
+      rows = dict(key).get('fgram_tokens_RxW')
+      logging.info('train step compiled in %.1f s for batch shape #%d%s', seconds,
+                   len(self._compiled), f' (A_f rows {rows[0]} x {rows[1]})' if rows else '')
+    return compiled(state, batch)
 
 
 def log_memory_analysis(compiled) -> dict[str, int]:
