@@ -41,7 +41,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _WORD = re.compile(rb'[A-Za-z_]+|\d+|[^\sA-Za-z_\d]')
 

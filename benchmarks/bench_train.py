@@ -46,7 +46,7 @@ from scone_jax import batches
 from scone_jax import config as config_lib
 from scone_jax.fgrams import mine_fgrams
 from scone_jax.model import flops as flops_lib
-from scone_jax.train import mesh as mesh_lib
+from scone_jax import mesh as mesh_lib
 from scone_jax.train import metrics as metrics_lib
 from scone_jax.train import optimizer as optimizer_lib
 from scone_jax.train import step as step_lib

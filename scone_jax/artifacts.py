@@ -8,6 +8,13 @@ sha256 of each data file; `read_manifest(..., verify=True)` recomputes them, exc
 file whose size, mtime and inode are those recorded when it last passed (`.verified.json`
 beside the manifest, git's stat-cache idea): a resumed run does not re-read a multi-GB
 token file on every restart. `verify='full'` always recomputes.
+
+An artifact may live in an object store (gs://): it is then built in a local temp dir and
+published by uploading its files with `manifest.json` LAST, after removing any old
+manifest, so the manifest is the completion marker a reader requires (there is no
+rename). There `verify=True` hashes files up to `REMOTE_VERIFY_BYTES` and checks the
+sizes of larger ones (a multi-GB token file is not downloaded to every host at every
+open; GCS checks crc32c on upload and download); `verify='full'` hashes everything.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from typing import Any, Iterator
 
 from absl import logging
 
+from scone_jax import paths
+
 MANIFEST = 'manifest.json'
 FORMAT_VERSION = 1
 # Stat cache of files that passed their sha256 check (see the module docstring).
@@ -32,6 +41,8 @@ VERIFIED = '.verified.json'
 # A file modified less than this long before it was checked is not cached: a same-size
 # change within the file system's mtime granularity would keep its mtime ("racy git").
 _RACY_SECONDS = 2.0
+# verify=True on an object store hashes files up to this size (see the module docstring).
+REMOTE_VERIFY_BYTES = 64 << 20
 # Temporary names carry their writer ("<pid>@<host>") so that the next start can tell the
 # leftovers of a killed stage (clean_stale_temps removes them) from a live writer's.
 _OWNER = f'{os.getpid()}@{socket.gethostname()}'
@@ -47,7 +58,7 @@ class ArtifactError(RuntimeError):
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
   h = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with paths.path(path).open('rb') as f:
     while block := f.read(chunk):
       h.update(block)
   return h.hexdigest()
@@ -74,6 +85,9 @@ def _read_verified(directory: str) -> dict[str, Any]:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
+  if paths.is_remote(path):  # One PUT: the object appears whole or not at all.
+    paths.write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+    return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f'.tmp-{_OWNER}-', dir=directory)
@@ -89,7 +103,13 @@ def atomic_dir(final_path: str, overwrite: bool = True) -> Iterator[str]:
   """Yields a temp dir next to `final_path`; renames it into place on success.
 
   On an exception the temp dir is removed and any existing artifact is left untouched.
+  For an object-store `final_path` the temp dir is local and published by upload, the
+  manifest last (see the module docstring).
   """
+  if paths.is_remote(final_path):
+    with _remote_atomic_dir(final_path, overwrite) as tmp:
+      yield tmp
+    return
   final_path = os.path.abspath(final_path)
   parent = os.path.dirname(final_path)
   os.makedirs(parent, exist_ok=True)
@@ -113,6 +133,35 @@ def atomic_dir(final_path: str, overwrite: bool = True) -> Iterator[str]:
     os.replace(tmp, final_path)
 
 
+@contextlib.contextmanager
+def _remote_atomic_dir(final_path: str, overwrite: bool) -> Iterator[str]:
+  if not overwrite and paths.exists(paths.join(final_path, MANIFEST)):
+    raise ArtifactError(f'{final_path} already exists; remove it or pick another path')
+  tmp = tempfile.mkdtemp(prefix='scone_jax-upload-')
+  try:
+    yield tmp
+    publish(tmp, final_path)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(local_dir: str, final_path: str) -> None:
+  """Uploads `local_dir` to `final_path` (an object-store prefix), manifest last.
+
+  The old manifest goes first, so while the upload runs readers see an incomplete
+  artifact (and say so), never a mix of old and new files passing as complete.
+  """
+  paths.remove(paths.join(final_path, MANIFEST))
+  paths.rmtree(final_path)
+  names = sorted(paths.walk_files(local_dir))
+  for name in [n for n in names if n != MANIFEST] + [n for n in names if n == MANIFEST]:
+    if name == VERIFIED:
+      continue
+    with open(os.path.join(local_dir, name), 'rb') as src, \
+        paths.path(paths.join(final_path, name)).open('wb') as dst:
+      shutil.copyfileobj(src, dst, 1 << 24)
+
+
 def write_manifest(directory: str, kind: str, meta: dict[str, Any],
                    files: list[str] | None = None) -> dict[str, Any]:
   """Writes `manifest.json` with sha256 of `files` (relative to directory)."""
@@ -123,11 +172,11 @@ def write_manifest(directory: str, kind: str, meta: dict[str, Any],
       'kind': kind,
       'format_version': FORMAT_VERSION,
       'created': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
-      'files': {f: {'sha256': sha256_file(os.path.join(directory, f)),
-                    'bytes': os.path.getsize(os.path.join(directory, f))} for f in files},
+      'files': {f: {'sha256': sha256_file(paths.join(directory, f)),
+                    'bytes': paths.getsize(paths.join(directory, f))} for f in files},
       **meta,
   }
-  write_json_atomic(os.path.join(directory, MANIFEST), manifest)
+  write_json_atomic(paths.join(directory, MANIFEST), manifest)
   return manifest
 
 
@@ -144,19 +193,37 @@ def read_manifest(directory: str, kind: str, verify: bool | str = True,
   """
   if verify not in (False, True, 'full'):
     raise ValueError(f"verify={verify!r} must be False, True or 'full'")
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.isdir(directory):
+  remote = paths.is_remote(directory)
+  path = paths.join(directory, MANIFEST)
+  if not remote and not os.path.isdir(directory):
     raise ArtifactError(f'{directory} does not exist (expected a {kind} artifact directory)')
-  if not os.path.exists(path):
+  if not paths.exists(path):
+    if remote and not paths.isdir(directory):
+      raise ArtifactError(f'{directory} does not exist (expected a {kind} artifact '
+                          'directory)')
     raise ArtifactError(f'{directory} has no {MANIFEST}: it is incomplete or not a {kind}; '
                         'rebuild it')
   try:
-    with open(path) as f:
-      manifest = json.load(f)
+    manifest = json.loads(paths.read_text(path))
   except json.JSONDecodeError as e:
     raise ArtifactError(f'{path} is corrupted ({e}); rebuild the {kind}') from e
   if manifest.get('kind') != kind:
     raise ArtifactError(f'{directory} holds a {manifest.get("kind")!r}, not a {kind!r}')
+  if remote:
+    _check_remote_files(directory, kind, manifest, verify)
+  else:
+    _check_local_files(directory, kind, manifest, verify)
+  for key, want in (expect or {}).items():
+    have = manifest.get(key)
+    if have != want:
+      raise ArtifactError(
+          f'{kind} at {directory} was built with {key}={have!r} but this run has {want!r}; '
+          f'rebuild the {kind} for these inputs (or point to the matching one)')
+  return manifest
+
+
+def _check_local_files(directory: str, kind: str, manifest: dict[str, Any],
+                       verify: bool | str) -> None:
   verified = _read_verified(directory) if verify is True else {}
   passed = {}
   for name, info in manifest.get('files', {}).items():
@@ -182,13 +249,23 @@ def read_manifest(directory: str, kind: str, verify: bool | str = True,
       write_json_atomic(os.path.join(directory, VERIFIED), {**verified, **passed})
     except OSError:
       pass  # A read-only artifact is simply checked in full next time.
-  for key, want in (expect or {}).items():
-    have = manifest.get(key)
-    if have != want:
-      raise ArtifactError(
-          f'{kind} at {directory} was built with {key}={have!r} but this run has {want!r}; '
-          f'rebuild the {kind} for these inputs (or point to the matching one)')
-  return manifest
+
+
+def _check_remote_files(directory: str, kind: str, manifest: dict[str, Any],
+                        verify: bool | str) -> None:
+  for name, info in manifest.get('files', {}).items():
+    fpath = paths.join(directory, name)
+    try:
+      size = paths.getsize(fpath)
+    except (OSError, FileNotFoundError) as e:
+      raise ArtifactError(f'{kind} at {directory} is missing file {name}; rebuild it') from e
+    if size != info['bytes']:
+      raise ArtifactError(f'{kind} file {fpath} has {size} bytes, manifest says '
+                          f'{info["bytes"]}: truncated or modified; rebuild it')
+    if verify == 'full' or (verify and size <= REMOTE_VERIFY_BYTES):
+      if sha256_file(fpath) != info['sha256']:
+        raise ArtifactError(f'{kind} file {fpath} fails its sha256 checksum: corrupted; '
+                            'rebuild it')
 
 
 def _temp_is_stale(name: str, path: str) -> bool:

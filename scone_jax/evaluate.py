@@ -2,9 +2,12 @@
 
   python -m scone_jax.evaluate --workdir=W [--eval_batches=N]
 
-reads W/config.json (with `--eval_batches` overriding train.eval_batches: 0 = every
-batch of every held-out set, the default), restores the latest checkpoint in W/checkpoints and writes W/eval.json
-(atomically). The train loop calls the same `Evaluator` at `train.eval_every` and at the end.
+reopens the run through `scone_jax.run.RunDir` (W/config.json, W/run.json, the model's
+weights from the latest checkpoint in W/checkpoints, the recorded eval token shards), with
+`--eval_batches` overriding train.eval_batches (0 = every batch of every held-out set, the
+default), and writes W/eval.json (atomically). It never reads the raw corpus, so it works
+after the corpus is deleted or W is copied elsewhere. The train loop calls the same
+`Evaluator` at `train.eval_every` and at the end.
 
 Bits per byte = mean token NLL (nats) x (corpus tokens / corpus UTF-8 bytes) / ln 2. Every
 corpus token is a prediction target exactly once (documents get a BOS prepended), so when
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any, Mapping
 
 import jax
@@ -25,12 +27,11 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
-from scone_jax import artifacts, batches, compat, logs
+from scone_jax import artifacts, batches, compat, logs, paths
 from scone_jax import config as config_lib
-from scone_jax.train import checkpoint as checkpoint_lib
-from scone_jax.train import mesh as mesh_lib
-from scone_jax.train import rundata
-from scone_jax.train import step as step_lib
+from scone_jax import mesh as mesh_lib
+from scone_jax import run as run_lib
+from scone_jax.model.loss import cross_entropy_sums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,9 @@ class Evaluator:
   """Runs the model's weighted loss over each eval corpus; one jitted step for all."""
 
   def __init__(self, cfg: config_lib.Config, graphdef: nnx.GraphDef,
-               mesh: jax.sharding.Mesh, data: rundata.RunData):
+               mesh: jax.sharding.Mesh, data: Any):
+    """`data` has `eval_shards` ({name: TokenShards}), `table` (FgramTable or None) and
+    `tokenizer` (for its bos_id): the trainer's RunData or an `EvalData`."""
     self._cfg = cfg
     self._mesh = mesh
     self._data = data
@@ -54,7 +57,7 @@ class Evaluator:
 
     def loss_sums(params, other, batch):
       logits_BxTxV = nnx.merge(graphdef, params, other)(batch)
-      return step_lib.cross_entropy_sums(logits_BxTxV, batch['targets_BxT'],
+      return cross_entropy_sums(logits_BxTxV, batch['targets_BxT'],
                                          batch['weights_BxT'])
     self._loss_sums = jax.jit(loss_sums, out_shardings=self._replicated)
 
@@ -97,8 +100,16 @@ def write_eval(workdir: str, step: int, results: Mapping[str, CorpusEval]) -> di
   """Writes W/eval.json (process 0, atomically) and returns the record."""
   record = eval_record(step, results)
   if jax.process_index() == 0:
-    artifacts.write_json_atomic(os.path.join(workdir, 'eval.json'), record)
+    artifacts.write_json_atomic(paths.join(workdir, run_lib.EVAL_FILE), record)
   return record
+
+
+@dataclasses.dataclass
+class EvalData:
+  """What `Evaluator` reads, reopened from a run directory."""
+  tokenizer: Any
+  eval_shards: dict[str, Any]
+  table: Any | None
 
 
 def format_eval(record: Mapping[str, Any]) -> list[str]:
@@ -113,41 +124,28 @@ def format_eval(record: Mapping[str, Any]) -> list[str]:
   return lines
 
 
-def read_config(workdir: str) -> config_lib.Config:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} does not exist: --workdir must be a training run '
-                            '(python -m scone_jax.train ... --workdir=W writes it)')
-  with open(path) as f:
-    return config_lib.from_json(f.read())
-
-
 def evaluate(workdir: str, step: int | None = None,
              eval_batches: int | None = None) -> dict[str, Any]:
-  """Restores W's checkpoint (latest, or `step`) and writes W/eval.json; returns it.
+  """Restores W's weights (latest checkpoint, or `step`), writes W/eval.json; returns it.
 
   Args:
-    workdir: the training run.
+    workdir: the training run (local or gs://).
     step: the checkpoint step (None = the latest).
     eval_batches: overrides the run's train.eval_batches (0 = the whole held-out sets).
   """
-  cfg = read_config(workdir)
+  run_dir = run_lib.RunDir(workdir)
+  cfg = run_dir.config()
   if eval_batches is not None:
     cfg = config_lib.replace(cfg, **{'train.eval_batches': eval_batches})
   mesh_lib.maybe_initialize_distributed(cfg.distributed)
-  data = rundata.open_run_data(cfg, workdir, build_missing=False)
+  step = run_dir.latest_step() if step is None else step  # Fails fast without checkpoints.
+  data = EvalData(tokenizer=run_dir.tokenizer(), eval_shards=run_dir.eval_shards(),
+                  table=run_dir.table() if cfg.is_scone else None)
   mesh = mesh_lib.make_mesh(cfg.mesh, cfg.train.batch_size)
-  ckpt = checkpoint_lib.Checkpointer(rundata.checkpoint_dir(workdir), cfg.checkpoint)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'{rundata.checkpoint_dir(workdir)} holds no checkpoint; train '
-                            'first (python -m scone_jax.train --workdir=...)')
-  graphdef, state, _ = step_lib.create_train_state(
-      cfg, mesh, data.vocab_size, cfg.fgram.max_len)
-  state = ckpt.restore(step, state)
-  ckpt.close()
-  results = Evaluator(cfg, graphdef, mesh, data)(state.params, state.other)
-  return write_eval(workdir, step, results)
+  lm, step = run_dir.restore_model(cfg, mesh, step)
+  graphdef, params, other = nnx.split(lm, nnx.Param, ...)
+  results = Evaluator(cfg, graphdef, mesh, data)(params, other)
+  return write_eval(run_dir.path, step, results)
 
 
 def main(argv):

@@ -13,12 +13,11 @@ and offloaded parameters and FLOPs per token instead of generating.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 from absl import app, flags
 
-from scone_jax import artifacts, logs
+from scone_jax import artifacts, logs, paths
 from scone_jax import config as config_lib
 from scone_jax.config import Config
 from scone_jax.export import EXPORT_DIR
@@ -39,8 +38,8 @@ def open_store(cfg: Config, workdir: str, run: restore.Run) -> EmbeddingStore | 
   """The run's exported store, checked against its checkpoint, table and tokenizer."""
   if run.table is None:
     return None
-  path = os.path.join(workdir, EXPORT_DIR)
-  if not os.path.exists(os.path.join(path, artifacts.MANIFEST)):
+  path = paths.join(paths.resolve(workdir), EXPORT_DIR)
+  if not paths.exists(paths.join(path, artifacts.MANIFEST)):
     raise artifacts.ArtifactError(
         f'{path} holds no exported f-gram store; run `python -m scone_jax.export '
         f'--workdir={workdir}` first')
@@ -95,7 +94,7 @@ def main(argv):
     # XLA's cost analysis counts a scanned layer body once: unroll so it counts every layer.
     cfg = config_lib.replace(cfg, **{'model.layer_loop': 'unrolled'})
     run, decoder = build_decoder(cfg, f.workdir)
-    print(account(cfg, decoder, run.tokenizer.vocab_size,
+    print(account(cfg, decoder, run.vocab_size,
                   measured_af_tokens_per_token(f.workdir)).table())
     return
   result = generate(cfg, f.workdir, f.prompt, f.seed)

@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from scone_jax import artifacts, logs
+from scone_jax import artifacts, logs, paths
 from scone_jax import config as config_lib
 from scone_jax.config import Config
 from scone_jax.corpus import CorpusError, FileCorpus, embedded, readers
@@ -60,7 +60,7 @@ class _Corpora:
 
 
 def artifacts_dir(cfg: Config, workdir: str) -> str:
-  return os.path.abspath(cfg.data.artifacts_dir or os.path.join(workdir, 'prepare'))
+  return paths.resolve(cfg.data.artifacts_dir or paths.join(workdir, 'prepare'))
 
 
 def _corpora(cfg: Config, art_dir: str, build: bool) -> _Corpora:
@@ -112,7 +112,7 @@ def _valid_corpora(data: config_lib.DataConfig,
 def _tokenizer_input(cfg: Config, train: FileCorpus) -> str:
   tc = cfg.tokenizer
   if tc.model_file:
-    if not os.path.isfile(tc.model_file):
+    if not paths.isfile(tc.model_file):
       raise artifacts.ArtifactError(f'config.tokenizer.model_file={tc.model_file} does not '
                                     'exist; fix the path or leave it empty to train one')
     if tc.kind == 'huggingface':  # The special-token roles change what BOS/EOS are.

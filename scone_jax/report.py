@@ -25,12 +25,12 @@ import io
 import json
 import math
 import os
-import tempfile
 from typing import Any, Sequence
 
 import numpy as np
 
 from scone_jax import config as config_lib
+from scone_jax import paths as paths_lib
 
 SEED_KEY = 'train.seed'
 
@@ -99,34 +99,32 @@ def accounting(cfg: config_lib.Config,
 
 def _read_json(path: str) -> Any:
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(paths_lib.read_text(path))
   except (OSError, json.JSONDecodeError):
     return None
 
 
 def _read_curve(path: str) -> list[tuple[int, float]]:
   curve = []
-  if not os.path.exists(path):
+  if not paths_lib.exists(path):
     return curve
-  with open(path) as f:
-    for line in f:
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        continue  # A run killed mid-write leaves a partial last line.
-      if isinstance(rec, dict) and 'step' in rec and 'loss' in rec:
-        curve.append((int(rec['step']), float(rec['loss'])))
+  for line in paths_lib.read_text(path).splitlines():
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # A run killed mid-write leaves a partial last line.
+    if isinstance(rec, dict) and 'step' in rec and 'loss' in rec:
+      curve.append((int(rec['step']), float(rec['loss'])))
   return curve
 
 
 def collect(sweep_dir: str) -> list[Run]:
   """Every run under sweep_dir that has a point.json, sorted by name."""
-  if not os.path.isdir(sweep_dir):
+  if not paths_lib.isdir(sweep_dir):
     raise FileNotFoundError(f'{sweep_dir} does not exist: run the sweep first '
                             '(python -m scone_jax.sweeps --sweep=FILE --root=ROOT)')
   runs = []
-  for name in sorted(os.listdir(sweep_dir)):
+  for name in sorted(p.name for p in paths_lib.path(sweep_dir).iterdir()):
     workdir = os.path.join(sweep_dir, name)
     point = _read_json(os.path.join(workdir, 'point.json'))
     if not isinstance(point, dict) or 'config' not in point:
@@ -193,10 +191,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-  fd, tmp = tempfile.mkstemp(prefix='.tmp-', dir=os.path.dirname(os.path.abspath(path)))
-  with os.fdopen(fd, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)
+  paths_lib.write_bytes(path, data)  # temp + rename locally; one PUT in a bucket.
 
 
 def write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
@@ -293,8 +288,7 @@ def main(argv):
   from absl import flags
   name = os.path.splitext(os.path.basename(flags.FLAGS.sweep))[0]
   paths = write_report(os.path.join(flags.FLAGS.root, name))
-  with open(paths['markdown']) as f:
-    print(f.read())
+  print(paths_lib.read_text(paths['markdown']))
   for key, path in paths.items():
     print(f'{key}: {path}')
 

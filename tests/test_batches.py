@@ -408,8 +408,7 @@ os.environ['JAX_PLATFORMS'] = 'cpu'
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
 import jax
 import numpy as np
-sys.path.insert(0, {tests_dir!r})
-import test_batches as tb
+import test_batches as tb  # tests/ is on PYTHONPATH (see the launcher below).
 from scone_jax import batches
 process_id, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 jax.config.update('jax_cpu_collectives_implementation', 'gloo')
@@ -439,10 +438,10 @@ def test_two_processes_build_the_one_process_batch(tmp_path):
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
   script = tmp_path / 'worker.py'
-  script.write_text(_WORKER.format(tests_dir=os.path.dirname(os.path.abspath(__file__))))
+  script.write_text(_WORKER.format())
   out = tmp_path / 'global.npz'
-  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))))
+  tests_dir = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(tests_dir), tests_dir]))
   env.pop('XLA_FLAGS', None)
   procs = [subprocess.Popen([sys.executable, str(script), str(p), str(port), str(out)],
                             env=env) for p in range(2)]

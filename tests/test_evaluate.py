@@ -39,7 +39,7 @@ def _numpy_eval_loss(cfg, workdir, artifacts):
   import jax
   from flax import nnx
   from scone_jax.train import checkpoint as checkpoint_lib
-  from scone_jax.train import mesh as mesh_lib
+  from scone_jax import mesh as mesh_lib
   from scone_jax.train import step as step_lib
   mesh = mesh_lib.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
   graphdef, state, _ = step_lib.create_train_state(cfg, mesh, cfg.tokenizer.vocab_size,
@@ -98,27 +98,25 @@ def test_evaluate_errors_are_clear(tmp_path, tmp_path_factory):
     evaluate_lib.evaluate(str(run))
 
 
-def test_evaluate_refuses_a_table_from_another_tokenizer(tmp_path, tmp_path_factory):
+def test_evaluate_refuses_a_table_that_is_not_the_runs(tmp_path, tmp_path_factory):
+  """W/run.json pins the table's fingerprint: a re-mined table at the recorded place is
+  refused, naming it, and eval.json stays as it was."""
   from scone_jax import prepare
   base = str(tmp_path_factory.getbasetemp())
   cfg, workdir = th.reference_run(base)
-  corpus, artifacts = th.shared_dirs(base)
-  # Artifacts whose f-gram table was mined with another tokenizer (vocab 300).
-  mixed = str(tmp_path / 'mixed_artifacts')
-  shutil.copytree(artifacts, mixed)
+  corpus, _ = th.shared_dirs(base)
+  # A table mined with another tokenizer (vocab 300).
   other = th.micro_config(corpus, str(tmp_path / 'other'), **{'tokenizer.vocab_size': 300})
   prepare.prepare(other, str(tmp_path))
-  shutil.rmtree(os.path.join(mixed, 'fgrams'))
-  shutil.copytree(str(tmp_path / 'other' / 'fgrams'), os.path.join(mixed, 'fgrams'))
   run = str(tmp_path / 'run')
   shutil.copytree(workdir, run)
-  config = json.load(open(os.path.join(run, 'config.json')))
-  config['data']['artifacts_dir'] = mixed
-  json.dump(config, open(os.path.join(run, 'config.json'), 'w'))
+  record = json.load(open(os.path.join(run, 'run.json')))
+  record['fgram_table']['location'] = str(tmp_path / 'other' / 'fgrams')
+  json.dump(record, open(os.path.join(run, 'run.json'), 'w'))
   before = open(os.path.join(run, 'eval.json')).read()
-  with pytest.raises(ArtifactError, match='tokenizer_fingerprint') as error:
+  with pytest.raises(ArtifactError, match='fingerprint') as error:
     evaluate_lib.evaluate(run)
-  assert 'fgrams' in str(error.value)
+  assert 'fgrams' in str(error.value) and 'trained with' in str(error.value)
   assert open(os.path.join(run, 'eval.json')).read() == before
 
 

@@ -18,7 +18,7 @@ from scone_jax import config as config_lib
 from scone_jax.config import ConfigError, MeshConfig
 from scone_jax.fgrams import FgramTable
 from scone_jax.tokenizer import TokenShards
-from scone_jax.train import mesh as mesh_lib
+from scone_jax import mesh as mesh_lib
 from scone_jax.train import metrics as metrics_lib
 from scone_jax.train import step as step_lib
 

@@ -186,9 +186,12 @@ def test_embedded_tiny_preset(tmp_path):
 
 
 def _tiny():
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'experiments'))
-  import tiny  # pylint: disable=g-import-not-at-top
-  return tiny.get_config()
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'experiments', 'tiny.py')
+  spec = importlib.util.spec_from_file_location('tiny_experiment', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def test_bad_utf8_is_counted_in_the_shards_manifest(setup):

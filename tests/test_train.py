@@ -22,7 +22,7 @@ from scone_jax.config import ConfigError
 from scone_jax.fgrams import mine_fgrams
 from scone_jax.model import SconeLM
 from scone_jax.train import loop
-from scone_jax.train import mesh as mesh_lib
+from scone_jax import mesh as mesh_lib
 from scone_jax.train import metrics as metrics_lib
 from scone_jax.train import optimizer as optimizer_lib
 from scone_jax.train import step as step_lib

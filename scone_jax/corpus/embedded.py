@@ -28,7 +28,7 @@ from typing import Iterator
 
 from absl import logging
 
-from scone_jax import artifacts
+from scone_jax import artifacts, paths
 from scone_jax.corpus import readers
 
 KIND = 'embedded_corpus'
@@ -153,7 +153,7 @@ def build_embedded(directory: str, eval_fraction: float, root: str | None = None
     raise ValueError(f'data.embedded_valid_fraction={valid_fraction} must be in [0, '
                      f'1 - data.embedded_eval_fraction={1.0 - eval_fraction:g}): train keeps '
                      'the rest of the modules')
-  directory = os.path.abspath(directory)
+  directory = paths.resolve(directory)
   root = root or stdlib_dir()
   files = stdlib_files(root, max_files)
   if not files:
@@ -166,7 +166,7 @@ def build_embedded(directory: str, eval_fraction: float, root: str | None = None
                                        expect={'fingerprint': fp})
     return EmbeddedCorpus(directory, fp, manifest['sizes'])
   except artifacts.ArtifactError as e:
-    if os.path.exists(directory):
+    if paths.exists(directory):
       logging.info('rebuilding the embedded corpus: %s', e)
   sizes = {s: dict(documents=0, modules=0, chars=0, bytes=0) for s in splits}
   skipped = []
@@ -214,4 +214,4 @@ def open_embedded(directory: str, eval_fraction: float, root: str | None = None,
   """Opens a built embedded corpus; ArtifactError if missing or built for other inputs."""
   fp = fingerprint_of(stdlib_files(root, max_files), eval_fraction, valid_fraction)
   manifest = artifacts.read_manifest(directory, KIND, verify=False, expect={'fingerprint': fp})
-  return EmbeddedCorpus(os.path.abspath(directory), fp, manifest['sizes'])
+  return EmbeddedCorpus(paths.resolve(directory), fp, manifest['sizes'])

@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 from absl import logging
 
-from scone_jax import artifacts
+from scone_jax import artifacts, paths as paths_lib
 
 FORMATS = ('lines', 'blank_lines', 'jsonl', 'parquet', 'arrayrecord', 'arrayrecord_tokens')
 _NAME_RE = re.compile(r'^[A-Za-z0-9_.-]+$')
@@ -59,7 +59,7 @@ def expand_globs(spec: str, key: str) -> list[str]:
   for pattern in (p.strip() for p in spec.split(',')):
     if not pattern:
       continue
-    matches = sorted(m for m in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(m))
+    matches = paths_lib.glob(pattern)
     if not matches:
       if glob.has_magic(pattern):
         raise CorpusError(f'{key}: glob {pattern!r} matches no files; fix the pattern or '
@@ -125,7 +125,7 @@ class FileCorpus:
     if on_bad_utf8 not in ('replace', 'error'):
       raise CorpusError(f"data.on_bad_utf8={on_bad_utf8!r} must be 'replace' or 'error'")
     for p in paths:
-      if not os.path.isfile(p):
+      if not paths_lib.isfile(p):
         raise CorpusError(f'corpus {name!r}: file {p} does not exist; fix the path or glob')
     self.paths = list(paths)
     self.format = fmt
@@ -140,8 +140,7 @@ class FileCorpus:
   def fingerprint(self) -> str:
     if self._fingerprint:
       return self._fingerprint
-    files = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns)
-             for p in self.paths]
+    files = [_file_identity(p) for p in self.paths]
     return artifacts.fingerprint('file_corpus', self.format, self.text_field,
                                  self.on_bad_utf8, files)
 
@@ -150,9 +149,9 @@ class FileCorpus:
     """Size of the input files: an upper bound on the corpus's UTF-8 text bytes."""
     if self.format == 'parquet':  # Compressed columns: read the uncompressed size.
       from scone_jax.corpus import columnar  # pylint: disable=g-import-not-at-top
-      return sum(max(columnar.parquet_uncompressed_bytes(p), os.path.getsize(p))
+      return sum(max(columnar.parquet_uncompressed_bytes(p), paths_lib.getsize(p))
                  for p in self.paths)
-    return sum(os.path.getsize(p) for p in self.paths)
+    return sum(paths_lib.getsize(p) for p in self.paths)
 
   def __iter__(self) -> Iterator[Document]:
     self.stats = ReadStats()
@@ -178,7 +177,7 @@ class FileCorpus:
                       self.stats.first_bad_utf8)
 
   def _decoded_lines(self, path: str) -> Iterator[tuple[int, str]]:
-    with open(path, 'rb') as f:
+    with paths_lib.path(path).open('rb') as f:
       for lineno, raw in enumerate(f, 1):
         raw = raw.rstrip(b'\r\n')
         try:
@@ -245,6 +244,15 @@ class FileCorpus:
         if self.source_field and isinstance(record.get(self.source_field), str):
           where = record[self.source_field]
         yield Document(text, where)
+
+
+def _file_identity(path: str) -> tuple[str, int, int]:
+  """(location, size, mtime) of a corpus file: what its fingerprint changes with."""
+  if paths_lib.is_remote(path):
+    st = paths_lib.path(path).stat()
+    return path, int(st.length), int(st.mtime)
+  st = os.stat(path)
+  return os.path.abspath(path), st.st_size, st.st_mtime_ns
 
 
 def files_corpus(globs: str, key: str, fmt: str, text_field: str, on_bad_utf8: str,

@@ -11,7 +11,6 @@ W's latest checkpoint, loads the prepared f-gram table and tokenizer, and writes
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import jax
@@ -20,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from scone_jax import compat
+from scone_jax import compat, paths
 from scone_jax.config import Config, ExportConfig
 from scone_jax.export.writer import write_store
 from scone_jax.model import SconeLM, model_shardings
@@ -99,7 +98,7 @@ def export_store(cfg: Config, workdir: str, progress: bool = True) -> str:
   # format), so a module-level import would be circular.
   from scone_jax.serve import restore  # pylint: disable=g-import-not-at-top
   run = restore.load_run(cfg, workdir, with_table=True)
-  out = os.path.join(workdir, EXPORT_DIR)
+  out = paths.join(paths.resolve(workdir), EXPORT_DIR)
   meta = store_meta(run.step, run.table.fingerprint, run.tokenizer.fingerprint)
   logging.info('export: A_f over %d f-grams of step %d -> %s', len(run.table), run.step, out)
   return export_embeddings(run.lm, run.table, out, cfg.export, meta, run.mesh, progress)

@@ -20,6 +20,9 @@ Work happens in `<out>.partial/` with one done-marker per shard in `<out>.partia
 (outside the store so the store stays a clean zarr3 array). A rerun after a kill skips
 finished shards; the partial directory is renamed to `<out>` only after every shard and
 the manifest are on disk, so a reader never sees a half-written store as complete.
+In an object store (gs://, no rename) the shards are written in place under `<out>`
+after its old manifest is removed, and the manifest, written last, is the completion
+marker `EmbeddingStore.open` requires.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import numpy as np
 import tensorstore as ts
 import tqdm
 
-from scone_jax import artifacts
+from scone_jax import artifacts, paths
 
 STORE_KIND = 'fgram_embedding_store'
 DTYPES = {'bfloat16': np.dtype(ml_dtypes.bfloat16), 'float16': np.dtype(np.float16),
@@ -48,7 +51,7 @@ def zarr3_spec(path: str, num_rows: int | None = None, d_model: int | None = Non
                inner_rows: int | None = None) -> dict[str, Any]:
   """The tensorstore spec of the store at `path`; with shapes given, the create spec."""
   spec: dict[str, Any] = {'driver': 'zarr3',
-                          'kvstore': {'driver': 'file', 'path': os.path.abspath(path)}}
+                          'kvstore': paths.kvstore(path)}
   if num_rows is None:
     return spec
   raw = [{'name': 'bytes', 'configuration': {'endian': 'little'}}]
@@ -82,8 +85,7 @@ def shard_file(i: int) -> str:
 
 def _plan_matches(path: str, plan: dict[str, Any]) -> bool:
   try:
-    with open(path) as f:
-      return json.load(f) == plan
+    return json.loads(paths.read_text(path)) == plan
   except (OSError, json.JSONDecodeError):
     return False
 
@@ -124,15 +126,18 @@ def write_store(out_dir: str, num_rows: int, d_model: int, dtype: str, chunk_row
   while chunk_rows % inner_rows:  # sharding_indexed needs inner chunks to tile a shard.
     inner_rows -= 1
   np_dtype = DTYPES[dtype]
-  out_dir = os.path.abspath(out_dir)
-  partial, done_dir = out_dir + '.partial', out_dir + '.partial.done'
+  out_dir = paths.resolve(out_dir)
+  remote = paths.is_remote(out_dir)
+  partial, done_dir = (out_dir if remote else out_dir + '.partial'), out_dir + '.partial.done'
   plan = {'num_rows': num_rows, 'd_model': d_model, 'dtype': dtype,
           'chunk_rows': chunk_rows, 'inner_rows': inner_rows, 'meta': meta}
-  plan_path = os.path.join(done_dir, 'plan.json')
-  if not (os.path.isdir(partial) and _plan_matches(plan_path, plan)):
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.rmtree(done_dir, ignore_errors=True)
-    os.makedirs(done_dir)
+  plan_path = paths.join(done_dir, 'plan.json')
+  if not (paths.exists(paths.join(partial, 'zarr.json')) and _plan_matches(plan_path, plan)):
+    if remote:  # Unpublish first: the manifest is the completion marker.
+      paths.remove(paths.join(out_dir, artifacts.MANIFEST))
+    paths.rmtree(partial)
+    paths.rmtree(done_dir)
+    paths.makedirs(done_dir)
     ts.open(zarr3_spec(partial, num_rows, d_model, dtype, chunk_rows, inner_rows),
             create=True, delete_existing=True).result()
     artifacts.write_json_atomic(plan_path, plan)
@@ -145,11 +150,10 @@ def write_store(out_dir: str, num_rows: int, d_model: int, dtype: str, chunk_row
   shard_crc = [0] * num_shards
   todo = []
   for i in range(num_shards):
-    marker = os.path.join(done_dir, f'{i}.json')
+    marker = paths.join(done_dir, f'{i}.json')
     done = None
-    if os.path.exists(marker) and os.path.exists(os.path.join(partial, shard_file(i))):
-      with open(marker) as f:
-        done = json.load(f)
+    if paths.exists(marker) and paths.exists(paths.join(partial, shard_file(i))):
+      done = json.loads(paths.read_text(marker))
     if done and 'crc32c' in done:
       shard_sha[i], shard_crc[i] = done['sha256'], done['crc32c']
     else:
@@ -169,7 +173,7 @@ def write_store(out_dir: str, num_rows: int, d_model: int, dtype: str, chunk_row
     shard_crc[i] = crc32c(rows_RxD)
     # The marker is written after the shard is durably in place: a kill in between only
     # costs recomputing this one shard.
-    artifacts.write_json_atomic(os.path.join(done_dir, f'{i}.json'),
+    artifacts.write_json_atomic(paths.join(done_dir, f'{i}.json'),
                                 {'sha256': shard_sha[i], 'crc32c': shard_crc[i]})
     bar.update(stop - start)
   bar.close()
@@ -179,13 +183,14 @@ def write_store(out_dir: str, num_rows: int, d_model: int, dtype: str, chunk_row
       'num_rows': num_rows, 'd_model': d_model, 'dtype': dtype, 'chunk_rows': chunk_rows,
       'inner_rows': inner_rows, 'shard_sha256': shard_sha, 'shard_crc32c': shard_crc,
       **meta}, files=files)
-  if os.path.exists(out_dir):
+  # In an object store the shards were written in place and the manifest published them.
+  if not remote and os.path.exists(out_dir):
     old = out_dir + '.old'
     shutil.rmtree(old, ignore_errors=True)
     os.replace(out_dir, old)
     os.replace(partial, out_dir)
     shutil.rmtree(old, ignore_errors=True)
-  else:
+  elif not remote:
     os.replace(partial, out_dir)
-  shutil.rmtree(done_dir, ignore_errors=True)
+  paths.rmtree(done_dir)
   return out_dir

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
 from typing import Any
 
 import numpy as np
 
-from scone_jax import artifacts
+from scone_jax import artifacts, paths
 from scone_jax.fgrams import index as index_lib
 
 KIND = 'fgram_table'
@@ -282,8 +283,7 @@ class FgramTable:
         return cls._load_old(directory, manifest)
       num, k = manifest['size'], manifest['max_len']
       keys, counts, lengths, slots = (
-          np.asarray(np.load(os.path.join(directory, name), mmap_mode='r',
-                             allow_pickle=False)) for name in _FILES)
+          _load_npy(directory, name) for name in _FILES)
       for array, dtype, shape in ((keys, np.uint64, (num,)), (counts, np.int64, (num,)),
                                   (lengths, np.uint8, (num,)),
                                   (slots, np.uint32, (manifest['index_slots'], 3))):
@@ -299,7 +299,14 @@ class FgramTable:
   @classmethod
   def _load_old(cls, directory: str, manifest: dict[str, Any]) -> FgramTable:
     """A table saved before the memory-mapped layout: read and indexed (O(S))."""
-    arrays = [np.load(os.path.join(directory, name), allow_pickle=False)
-              for name in _OLD_FILES]
+    arrays = [_load_npy(directory, name) for name in _OLD_FILES]
     return cls(*arrays, max_len=manifest['max_len'], min_count=manifest['min_count'],
                meta=manifest.get('meta'))
+
+
+def _load_npy(directory: str, name: str) -> np.ndarray:
+  """A saved array: memory-mapped on local disk, read whole from an object store."""
+  path = paths.join(directory, name)
+  if paths.is_remote(path):
+    return np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False)
+  return np.asarray(np.load(path, mmap_mode='r', allow_pickle=False))

@@ -40,7 +40,7 @@ import numpy as np
 import tensorstore as ts
 import tqdm
 
-from scone_jax import artifacts
+from scone_jax import artifacts, paths
 from scone_jax.export.writer import DTYPES, STORE_KIND, crc32c, shard_file, zarr3_spec
 
 Tier = Literal['ram', 'disk']
@@ -164,13 +164,14 @@ class EmbeddingStore:
     if shard_checks not in ('first_touch', 'open', 'off'):
       raise ValueError(f"shard_checks {shard_checks!r} must be 'first_touch', 'open' or "
                        "'off'")
-    if not os.path.isdir(path):
+    if not paths.isdir(path):
       raise artifacts.ArtifactError(
           f'no embedding store at {path}; run `python -m scone_jax.export --workdir=W` '
           'first')
     manifest = artifacts.read_manifest(path, STORE_KIND, verify=verify, expect=expect)
     _check_metadata(path, manifest)
-    layout = _raw_layout(path, manifest)
+    # Raw shard files are memory-mapped or read directly only on local disk.
+    layout = None if paths.is_remote(path) else _raw_layout(path, manifest)
     if tier == 'ram':
       workers = load_workers or min(8, os.cpu_count() or 1)
       table = (_load_ram(path, manifest, layout, shard_checks != 'off', progress, workers)
@@ -180,6 +181,10 @@ class EmbeddingStore:
     if disk_reader not in ('auto', 'memmap', 'tensorstore'):
       raise ValueError(f"disk_reader {disk_reader!r} must be 'auto', 'memmap' or "
                        "'tensorstore'")
+    if disk_reader == 'memmap' and paths.is_remote(path):
+      raise artifacts.ArtifactError(
+          f"embedding store {path} is in an object store; disk_reader='memmap' needs a "
+          "local copy: use disk_reader='tensorstore' (or 'auto') or copy the store")
     if disk_reader != 'tensorstore' and layout is not None:
       store = cls(path, tier, manifest, None, None, _map_shards(layout, manifest),
                   shard_checks)
@@ -364,8 +369,7 @@ def _map_shards(layout: list[_Shard], manifest: dict[str, Any]
 def _check_metadata(path: str, manifest: dict[str, Any]) -> None:
   """The zarr3 metadata must agree with the manifest (shape and dtype)."""
   try:
-    with open(os.path.join(path, 'zarr.json')) as f:
-      meta = json.load(f)
+    meta = json.loads(paths.read_text(paths.join(path, 'zarr.json')))
   except (OSError, json.JSONDecodeError) as e:
     raise artifacts.ArtifactError(f'{path}/zarr.json is missing or corrupted ({e}); '
                                   're-run `python -m scone_jax.export`') from e

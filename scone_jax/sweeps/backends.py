@@ -11,31 +11,48 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Callable
 
+from scone_jax import paths
 from scone_jax.sweeps import spec
 
 Runner = Callable[[str, str], int]
 
 
+def _local_log(log_path: str) -> str:
+  """Where the log is appended: log_path itself, or for a gs:// path a local mirror that
+  is uploaded whole after each command (object stores have no append)."""
+  if not paths.is_remote(log_path):
+    return log_path
+  return os.path.join(tempfile.gettempdir(), 'scone_jax-sweep-logs',
+                      re.sub(r'[^A-Za-z0-9_.-]', '_', log_path))
+
+
 def shell_runner(cmd: str, log_path: str) -> int:
-  """Runs `cmd` through bash, appending stdout+stderr to log_path."""
-  os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-  with open(log_path, 'a') as log:
+  """Runs `cmd` through bash, appending stdout+stderr to log_path (local or gs://)."""
+  local = _local_log(log_path)
+  os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+  with open(local, 'a') as log:
     log.write(f'\n$ {cmd}\n')
     log.flush()
-    return subprocess.run(cmd, shell=True, executable='/bin/bash', stdout=log,
-                          stderr=subprocess.STDOUT, check=False).returncode
+    rc = subprocess.run(cmd, shell=True, executable='/bin/bash', stdout=log,
+                        stderr=subprocess.STDOUT, check=False).returncode
+  if local != log_path:
+    with open(local, 'rb') as f:
+      paths.write_bytes(log_path, f.read())
+  return rc
 
 
 def _tail(path: str, lines: int = 8) -> str:
   try:
-    with open(path, errors='replace') as f:
+    with open(_local_log(path), errors='replace') as f:
       return ''.join(f.readlines()[-lines:])
   except OSError:
     return ''
@@ -52,8 +69,8 @@ class Outcome:
 def _last_step(point: spec.Point) -> str:
   """'step 120/300 loss 5.123' from the last line of W/metrics.jsonl ('' if none yet)."""
   try:
-    with open(os.path.join(point.workdir, 'metrics.jsonl'), 'rb') as f:
-      f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+    with paths.path(paths.join(point.workdir, 'metrics.jsonl')).open('rb') as f:
+      f.seek(max(0, paths.getsize(paths.join(point.workdir, 'metrics.jsonl')) - 4096))
       lines = f.read().decode(errors='replace').splitlines()
   except OSError:
     return ''

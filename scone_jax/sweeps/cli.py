@@ -31,6 +31,7 @@ import sys
 
 from absl import flags
 
+from scone_jax import paths as paths_lib
 from scone_jax import report as report_lib
 from scone_jax.sweeps import backends
 from scone_jax.sweeps import spec
@@ -102,15 +103,11 @@ def _finish(name: str, sweep_dir: str, outcomes: list) -> None:
   failed = [o for o in outcomes if o.status == 'failed']
   print(f'{len(outcomes) - len(failed)}/{len(outcomes)} point(s) ok'
         + (f'; FAILED: {", ".join(o.name for o in failed)}' if failed else ''))
-  if _REPORT.value:
-    if '://' in sweep_dir:
-      print(f'report: copy {sweep_dir} to a local ROOT/{name} (gcloud storage rsync '
-            f'-r) and run python -m scone_jax.report --sweep={_SWEEP.value} --root=ROOT')
-    else:
-      paths = report_lib.write_report(sweep_dir)
-      print(open(paths['markdown']).read())
-      for key, path in paths.items():
-        print(f'{key}: {path}')
+  if _REPORT.value:  # ROOT may be a bucket: the report is written next to the runs.
+    report_paths = report_lib.write_report(sweep_dir)
+    print(paths_lib.read_text(report_paths['markdown']))
+    for key, path in report_paths.items():
+      print(f'{key}: {path}')
   if failed:
     sys.exit(1)
 

@@ -21,7 +21,7 @@ import sys
 import types
 from typing import Any
 
-from scone_jax import artifacts
+from scone_jax import artifacts, paths
 from scone_jax import config as config_lib
 
 # Sections and keys that decide what `prepare` builds (tokenizer, token shards, f-gram
@@ -263,10 +263,8 @@ def read_eval(workdir: str, steps: int) -> dict[str, Any] | None:
   The train loop may also write eval.json at `train.eval_every`: those intermediate
   results do not make a point finished.
   """
-  path = os.path.join(workdir, 'eval.json')
   try:
-    with open(path) as f:
-      result = json.load(f)
+    result = json.loads(paths.read_text(paths.join(workdir, 'eval.json')))
   except (OSError, json.JSONDecodeError):
     return None
   if not isinstance(result, dict) or not result.get('corpora'):
@@ -281,8 +279,8 @@ def is_finished(point: Point) -> bool:
 
 def write_point_json(sweep: Sweep, point: Point) -> None:
   """Records how the point was launched (the report reads it back)."""
-  os.makedirs(point.workdir, exist_ok=True)
-  artifacts.write_json_atomic(os.path.join(point.workdir, 'point.json'), {
+  paths.makedirs(point.workdir)
+  artifacts.write_json_atomic(paths.join(point.workdir, 'point.json'), {
       'sweep': sweep.name, 'sweep_file': sweep.path, 'base_config': sweep.base_config,
       'name': point.name, 'overrides': point.overrides,
       'launch_overrides': point.launch_overrides, 'config': json.loads(point.cfg.to_json())})

@@ -8,11 +8,14 @@ Layout of a shards directory (see ARCHITECTURE.md):
                 max_token_id (checked against the vocabulary on open, so no batch can
                 carry an id past the embedding table)
 Documents are stored without BOS/EOS; documents that encode to no token are dropped.
+Local shards are memory-mapped; shards in an object store are read by byte range through
+a per-process block cache (`paths.RangeArray`): a host reads only the documents it uses.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import time
 from typing import Callable, Iterable, Iterator
@@ -21,7 +24,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from scone_jax import artifacts
+from scone_jax import artifacts, paths
 from scone_jax.corpus import Document
 from scone_jax.tokenizer.spm import Tokenizer
 
@@ -63,13 +66,19 @@ class TokenShards:
     manifest = artifacts.read_manifest(directory, KIND, verify=verify, expect=expect)
     dtype = np.dtype(manifest['dtype'])
     num_tokens, num_docs = manifest['num_tokens'], manifest['num_docs']
-    tokens_path = os.path.join(directory, TOKENS_FILE)
-    if os.path.getsize(tokens_path) != num_tokens * dtype.itemsize:
+    tokens_path = paths.join(directory, TOKENS_FILE)
+    size = paths.getsize(tokens_path)
+    if size != num_tokens * dtype.itemsize:
       raise artifacts.ArtifactError(
-          f'{tokens_path} has {os.path.getsize(tokens_path)} bytes, expected {num_tokens} '
+          f'{tokens_path} has {size} bytes, expected {num_tokens} '
           f'{dtype} tokens: truncated or modified; rebuild the token shards')
-    tokens = np.memmap(tokens_path, dtype=dtype, mode='r', shape=(num_tokens,))
-    offsets = np.load(os.path.join(directory, OFFSETS_FILE), allow_pickle=False)
+    offsets_path = paths.join(directory, OFFSETS_FILE)
+    if paths.is_remote(directory):
+      tokens = paths.RangeArray(tokens_path, dtype, num_tokens)
+      offsets = np.load(io.BytesIO(paths.read_bytes(offsets_path)), allow_pickle=False)
+    else:
+      tokens = np.memmap(tokens_path, dtype=dtype, mode='r', shape=(num_tokens,))
+      offsets = np.load(offsets_path, allow_pickle=False)
     if (offsets.dtype != np.int64 or offsets.shape != (num_docs + 1,) or offsets[0] != 0 or
         offsets[-1] != num_tokens or np.any(np.diff(offsets) <= 0)):
       raise artifacts.ArtifactError(

@@ -18,7 +18,7 @@ import numpy as np
 import sentencepiece as spm
 from absl import logging
 
-from scone_jax import artifacts
+from scone_jax import artifacts, paths
 from scone_jax.config import TokenizerConfig
 from scone_jax.corpus import CorpusError, Document
 from scone_jax.tokenizer import hf
@@ -53,13 +53,12 @@ class Tokenizer:
   def load(cls, dir_or_model_path: str) -> Tokenizer:
     """Loads `<dir>/spm.model` or a .model file."""
     path = dir_or_model_path
-    if os.path.isdir(path):
-      path = os.path.join(path, MODEL_FILE)
-    if not os.path.isfile(path):
+    if paths.isdir(path):
+      path = paths.join(path, MODEL_FILE)
+    if not paths.isfile(path):
       raise artifacts.ArtifactError(f'no sentencepiece model at {path}; run prepare or fix '
                                     'config.tokenizer.model_file')
-    with open(path, 'rb') as f:
-      proto = f.read()
+    proto = paths.read_bytes(path)
     try:
       return cls(proto, path)
     except RuntimeError as e:  # sentencepiece's parse error.
@@ -210,9 +209,8 @@ def install_tokenizer(model_file: str, cfg: TokenizerConfig, directory: str,
         f'tokenizer.model_file={model_file} has vocab_size {tok.vocab_size} but '
         f'config.tokenizer.vocab_size={cfg.vocab_size}; set '
         f'--config.tokenizer.vocab_size={tok.vocab_size}')
-  with open(tok.path, 'rb') as f:
-    data = f.read()
-  _write(directory, data, {'source': os.path.abspath(model_file), **(meta or {})})
+  _write(directory, paths.read_bytes(tok.path),
+         {'source': paths.resolve(model_file), **(meta or {})})
   return Tokenizer.load(directory)
 
 

@@ -28,6 +28,7 @@ import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 
+from scone_jax import paths
 from scone_jax.config import CheckpointConfig
 
 
@@ -72,7 +73,7 @@ class Checkpointer:
   def __init__(self, directory: str, ckpt_cfg: CheckpointConfig, writer: bool = False):
     if ckpt_cfg.keep < 1:
       raise ValueError(f'config.checkpoint.keep={ckpt_cfg.keep} must be >= 1')
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.resolve(directory)  # gs:// URLs go to orbax as they are.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=ckpt_cfg.keep, create=True,
         enable_async_checkpointing=ckpt_cfg.async_save, cleanup_tmp_directories=writer)

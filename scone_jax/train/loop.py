@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -24,12 +23,13 @@ from absl import logging
 import jax
 import numpy as np
 
-from scone_jax import artifacts, batches, compat, runlock
+from scone_jax import artifacts, batches, compat, paths, runlock
 from scone_jax import config as config_lib
 from scone_jax import evaluate as evaluate_lib
+from scone_jax import run as run_lib
 from scone_jax.config import Config, ConfigError
 from scone_jax.train import checkpoint as checkpoint_lib
-from scone_jax.train import mesh as mesh_lib
+from scone_jax import mesh as mesh_lib
 from scone_jax.train import metrics as metrics_lib
 from scone_jax.train import optimizer as optimizer_lib
 from scone_jax.train import rundata
@@ -50,11 +50,10 @@ class TrainResult:
 
 
 def _read_run_config(workdir: str) -> dict[str, Any] | None:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = paths.join(workdir, run_lib.CONFIG_FILE)
+  if not paths.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(paths.read_text(path))
 
 
 def check_run_config(cfg: Config, workdir: str,
@@ -78,7 +77,8 @@ def write_run_config(cfg: Config, workdir: str,
   disallowed change)."""
   check_run_config(cfg, workdir, allow_config_change)
   if jax.process_index() == 0:
-    artifacts.write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(cfg.to_json()))
+    artifacts.write_json_atomic(paths.join(workdir, run_lib.CONFIG_FILE),
+                                json.loads(cfg.to_json()))
 
 
 class _Preemption:
@@ -143,9 +143,9 @@ def train(cfg: Config, workdir: str,
   mesh_lib.maybe_initialize_distributed(cfg.distributed)
   config_lib.validate_runtime(cfg, jax.device_count(), jax.process_count(),
                               jax.default_backend())
-  workdir = os.path.abspath(workdir)
+  workdir = run_lib.RunDir(workdir).path  # Local: absolute; gs://: as given.
   check_run_config(cfg, workdir, allow_config_change)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   lock = _acquire_run_lock(workdir)
   try:
     if lock is not None:
@@ -160,6 +160,12 @@ def _acquire_run_lock(workdir: str) -> runlock.RunLock | None:
   """Process 0 takes W's lock; every process raises RunLockedError if it could not (the
   others would otherwise wait at the next barrier for a process 0 that has stopped)."""
   lock, error = None, None
+  if paths.is_remote(workdir):
+    # The lock is an exclusively created local file; an object store has no such create
+    # here, so one writer per bucket run directory is the launcher's job (sweeps run a
+    # point once).
+    logging.warning('run lock: %s is in an object store; no lock is taken', workdir)
+    return None
   if jax.process_index() == 0:
     lock = runlock.RunLock(workdir)
     try:
@@ -179,15 +185,22 @@ def _acquire_run_lock(workdir: str) -> runlock.RunLock | None:
 
 def _train_locked(cfg: Config, workdir: str,
                   allow_config_change: tuple[str, ...]) -> TrainResult:
+  run_dir = run_lib.RunDir(workdir)
   write_run_config(cfg, workdir, allow_config_change)
   data = rundata.open_run_data(cfg, workdir)
   mesh = mesh_lib.make_mesh(cfg.mesh, cfg.train.batch_size)
   vocab_size = _vocab_size(cfg, data)
+  if jax.process_index() == 0:
+    # Before the first step: evaluate/export/generate reopen the run from this record.
+    run_dir.record(vocab_size=vocab_size, fgram_max_len=cfg.fgram.max_len,
+                   tokenizer=data.tokenizer, train_shards=data.train_shards,
+                   eval_shards=data.eval_shards, table=data.table, table_dir=data.table_dir,
+                   checkpoint_steps=run_dir.checkpoint_steps())
   graphdef, state, tx = step_lib.create_train_state(cfg, mesh, vocab_size, cfg.fgram.max_len)
   data_it = batches.make_train_iterator(
       cfg, data.train_shards, data.table, jax.process_index(), jax.process_count(),
       bos_id=data.tokenizer.bos_id)
-  ckpt = checkpoint_lib.Checkpointer(rundata.checkpoint_dir(workdir), cfg.checkpoint,
+  ckpt = checkpoint_lib.Checkpointer(run_dir.checkpoint_dir, cfg.checkpoint,
                                     writer=True)
   resumed_from, state = ckpt.restore_latest(state, data_it)
   step = int(resumed_from or 0)
@@ -204,6 +217,8 @@ def _train_locked(cfg: Config, workdir: str,
   finally:
     ckpt.close()
     run.writer.close()
+    if jax.process_index() == 0:
+      run_dir.record_checkpoints(run_dir.checkpoint_steps())
   return result
 
 

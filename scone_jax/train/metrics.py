@@ -14,10 +14,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
+import time
 from typing import Any, Mapping
 
 import jax
 
+from scone_jax import paths
 from scone_jax.config import Config
 from scone_jax.model import flops as flops_lib
 
@@ -93,6 +97,9 @@ def mfu(model_flops_per_step: float, step_seconds: float, num_devices: int,
   return model_flops_per_step / step_seconds / (peak_per_device * num_devices)
 
 
+METRICS_FILE = 'metrics.jsonl'
+
+
 class MetricsWriter:
   """Appends one JSON object per logged step to W/metrics.jsonl and the same scalars to
   TensorBoard under W/tb. Only process 0 writes; on other processes every call is a no-op.
@@ -100,19 +107,34 @@ class MetricsWriter:
   The JSONL file is opened in append mode so a resumed run continues the same file; a run
   resumed from a checkpoint older than the last logged step logs those steps again (the
   later line for a step wins).
+
+  A workdir in an object store (no append) is mirrored: both files are written to a
+  local staging directory and uploaded whole (one PUT each, so never half-written) at
+  most every `upload_seconds` and at flush/close; a killed run loses at most that much
+  log, which the resumed run logs again from its checkpoint.
   """
 
-  def __init__(self, workdir: str, enabled: bool | None = None, tensorboard: bool = True):
+  def __init__(self, workdir: str, enabled: bool | None = None, tensorboard: bool = True,
+               upload_seconds: float = 30.0):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._jsonl = None
     self._tb = None
+    self._remote = None  # The object-store workdir the staging directory mirrors.
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    local = workdir
+    if paths.is_remote(workdir):
+      self._remote, self._upload_seconds, self._uploaded = workdir, upload_seconds, 0.0
+      self._staging = local = tempfile.mkdtemp(prefix='scone_jax-metrics-')
+      jsonl = paths.join(workdir, METRICS_FILE)
+      if paths.exists(jsonl):  # A resumed run continues the file.
+        with open(os.path.join(local, METRICS_FILE), 'wb') as f:
+          f.write(paths.read_bytes(jsonl))
+    os.makedirs(local, exist_ok=True)
+    self._jsonl = open(os.path.join(local, METRICS_FILE), 'a')
     if tensorboard:
       import tensorboardX  # Imported lazily: only the writing process pays for it.
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tb'))
+      self._tb = tensorboardX.SummaryWriter(os.path.join(local, 'tb'))
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -124,29 +146,41 @@ class MetricsWriter:
       for k, v in clean.items():
         if math.isfinite(v):
           self._tb.add_scalar(k, v, step)
+    if self._remote and time.monotonic() - self._uploaded >= self._upload_seconds:
+      self.flush()
 
   def flush(self) -> None:
     if self._tb is not None:
       self._tb.flush()
+    if self._remote and self._jsonl is not None:
+      self._upload()
+
+  def _upload(self) -> None:
+    for name in sorted(paths.walk_files(self._staging)):
+      with open(os.path.join(self._staging, name), 'rb') as f:
+        paths.write_bytes(paths.join(self._remote, name), f.read())
+    self._uploaded = time.monotonic()
 
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()
-      self._jsonl = None
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    if self._remote and self._jsonl is not None:
+      self._upload()
+      shutil.rmtree(self._staging, ignore_errors=True)
+    self._jsonl = None
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """The logged records merged per step (train and eval scalars of a step are separate
   lines; a resumed run may log a step again, the later value wins), sorted by step."""
-  path = os.path.join(workdir, 'metrics.jsonl')
+  path = paths.join(workdir, METRICS_FILE)
   by_step: dict[int, dict[str, Any]] = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        if line.strip():
-          record = json.loads(line)
-          by_step.setdefault(record['step'], {}).update(record)
+  if paths.exists(path):
+    for line in paths.read_text(path).splitlines():
+      if line.strip():
+        record = json.loads(line)
+        by_step.setdefault(record['step'], {}).update(record)
   return [by_step[s] for s in sorted(by_step)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 from absl import logging
@@ -19,6 +18,7 @@ class RunData:
   train_shards: Any  # TokenShards
   eval_shards: dict[str, Any]  # corpus name -> TokenShards
   table: Any | None  # FgramTable (None for the baseline)
+  table_dir: str | None = None  # Where the table is (recorded in W/run.json).
 
   @property
   def vocab_size(self) -> int:
@@ -41,8 +41,5 @@ def open_run_data(cfg: Config, workdir: str, build_missing: bool = True) -> RunD
   logging.info('run data: %s', prepared)
   return RunData(tokenizer=prepared.tokenizer, train_shards=prepared.train_shards,
                  eval_shards=dict(prepared.eval_shards),
-                 table=prepared.table if cfg.is_scone else None)
-
-
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(workdir, 'checkpoints')
+                 table=prepared.table if cfg.is_scone else None,
+                 table_dir=prepared.fgram_dir if cfg.is_scone else None)
