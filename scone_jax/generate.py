@@ -73,7 +73,8 @@ def generate(cfg: Config, workdir: str, prompts: list[str], seed: int = 0) -> Ge
   ids = [np.asarray(x, np.int32) for x in tok.encode(prompts)]
   batch = ids + [ids[-1]] * (batch_size - len(ids))
   s = cfg.serve
-  gen = decoder.generate(batch, s.max_new_tokens, Sampling(s.temperature, s.top_k, s.top_p),
+  gen = decoder.generate(batch, s.max_new_tokens, Sampling(s.temperature, s.top_k, s.top_p,
+                                                          vocab_size=tok.vocab_size),
                          seed=seed, eos_id=tok.eos_id)
   return GenerateResult(
       # Decoding prompt + continuation together keeps the tokenizer's spacing right.

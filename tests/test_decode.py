@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -349,3 +350,15 @@ def test_embedding_rule_is_the_stores_at_every_position_above_capacity(scone, ta
                      stores['float32'].gather(np.maximum(ids, 0).ravel()).reshape(tokens.shape),
                      tokens)
   np.testing.assert_allclose(x_train, x_serve, rtol=1e-5, atol=1e-6)
+
+
+def test_sampling_never_picks_ids_past_the_tokenizer_vocab():
+  # A model trained with model.vocab_size above the tokenizer's has logits for ids no text
+  # maps to; here they are the largest, and neither greedy nor sampling may return them.
+  logits_BxV = jnp.asarray([[0.0, 1.0, 0.5, 9.0, 8.0]] * 4)
+  key = jax.random.key(0)
+  assert np.asarray(sample(logits_BxV, key, Sampling(vocab_size=3))).tolist() == [1] * 4
+  assert np.asarray(sample(logits_BxV, key, Sampling())).tolist() == [3] * 4
+  drawn = {int(t) for i in range(20) for t in np.asarray(
+      sample(logits_BxV, jax.random.key(i), Sampling(temperature=5.0, vocab_size=3)))}
+  assert drawn and drawn <= {0, 1, 2}

@@ -63,8 +63,13 @@ class Sampling:
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0
+  # Ids the tokenizer can decode: a model trained with model.vocab_size above the
+  # tokenizer's has logits for ids no text maps to; they are never sampled. 0 = all.
+  vocab_size: int = 0
 
   def __post_init__(self):
+    if self.vocab_size < 0:
+      raise ValueError(f'vocab_size={self.vocab_size} must be >= 0 (0 = every logit)')
     if self.temperature < 0:
       raise ValueError(f'temperature={self.temperature} must be >= 0 (0 = greedy)')
     if self.top_k < 0:
@@ -75,6 +80,9 @@ class Sampling:
 
 def sample(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
   """Next token per row under `sampling`; int32 [B]."""
+  if 0 < sampling.vocab_size < logits_BxV.shape[-1]:
+    ids_V = jnp.arange(logits_BxV.shape[-1])
+    logits_BxV = jnp.where(ids_V < sampling.vocab_size, logits_BxV, -jnp.inf)
   if sampling.temperature == 0.0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   logits_BxV = logits_BxV.astype(jnp.float32) / sampling.temperature
