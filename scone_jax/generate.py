@@ -20,7 +20,7 @@ from absl import app, flags
 from scone_jax import artifacts, logs, paths
 from scone_jax import config as config_lib
 from scone_jax.config import Config
-from scone_jax.export import EXPORT_DIR
+from scone_jax.export import EXPORT_DIR, store_meta
 from scone_jax.serve import restore
 from scone_jax.serve.accounting import account, measured_af_tokens_per_token
 from scone_jax.serve.decode import Decoder, Sampling
@@ -43,9 +43,9 @@ def open_store(cfg: Config, workdir: str, run: restore.Run) -> EmbeddingStore | 
     raise artifacts.ArtifactError(
         f'{path} holds no exported f-gram store; run `python -m scone_jax.export '
         f'--workdir={workdir}` first')
-  return EmbeddingStore.open(path, cfg.serve.store_tier, expect={
-      'checkpoint_step': run.step, 'table_fingerprint': run.table.fingerprint,
-      'tokenizer_fingerprint': run.tokenizer.fingerprint}, progress=True)
+  return EmbeddingStore.open(path, cfg.serve.store_tier, expect=store_meta(
+      run.step, run.table.fingerprint, run.tokenizer.fingerprint, run.weights_fingerprint),
+      progress=True)
 
 
 def build_decoder(cfg: Config, workdir: str,

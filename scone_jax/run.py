@@ -23,11 +23,13 @@ mesh; train/, evaluate, export/ and serve/ all build on it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 import orbax.checkpoint as ocp
 
@@ -229,3 +231,25 @@ class RunDir:
       manager.close()
     state = restored['state']
     return nnx.merge(graphdef, state['params'], state['other']), step
+
+
+def weights_fingerprint(lm) -> str:
+  """sha256 over the model's parameters (name, dtype, shape, bytes), in name order.
+
+  An exported store records the fingerprint of the weights it was computed from, and
+  serving refuses a store whose fingerprint differs from the restored checkpoint's: the
+  same table and step of another run (another seed, another lr) would otherwise serve
+  rows A_f never produced for this backbone. Every process computes the same value
+  (arrays sharded across hosts are gathered first).
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  h = hashlib.sha256()
+  leaves = jax.tree_util.tree_leaves_with_path(nnx.state(lm, nnx.Param))
+  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    value = leaf
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+      value = multihost_utils.process_allgather(value, tiled=True)
+    value = np.ascontiguousarray(np.asarray(value))
+    h.update(f'{jax.tree_util.keystr(path)}|{value.dtype}|{value.shape}|'.encode())
+    h.update(value.view(np.uint8).reshape(-1).data)
+  return h.hexdigest()

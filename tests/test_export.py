@@ -28,14 +28,18 @@ def _table(num=37):
   return table.slice(num)
 
 
-@pytest.fixture(scope='module')
-def lm():
+def _model(seed: int) -> SconeLM:
   cfg = config.replace(config.from_configdict(config.base_config()), **{
       'model.num_layers': 1, 'model.d_model': 16, 'model.num_heads': 2,
       'model.max_seq_len': 16, 'train.seq_len': 16, 'fgram_model.num_layers': 1,
       'fgram.max_len': K, 'fgram_model.init': 'random'})
   return SconeLM(cfg.model, cfg.fgram_model, fgram_max_len=K, vocab_size=V,
-                 rngs=nnx.Rngs(0))
+                 rngs=nnx.Rngs(seed))
+
+
+@pytest.fixture(scope='module')
+def lm():
+  return _model(0)
 
 
 def test_rows_equal_af_outputs_on_an_8_device_mesh(lm, tmp_path):
@@ -43,7 +47,7 @@ def test_rows_equal_af_outputs_on_an_8_device_mesh(lm, tmp_path):
   mesh = compat.make_mesh((8, 1, 1))
   path = export_embeddings(lm, table, str(tmp_path / 'export'),
                            ExportConfig(dtype='float32', batch_size=12, chunk_rows=10),
-                           store_meta(5, table.fingerprint, 'tok'), mesh=mesh,
+                           store_meta(5, table.fingerprint, 'tok', 'w'), mesh=mesh,
                            progress=False)
   want_SxD = np.asarray(lm.fgram_model(table.tokens_SxK, table.lengths))
   store = EmbeddingStore.open(path, 'ram', verify=True, expect={
@@ -82,3 +86,21 @@ def test_baseline_has_nothing_to_export(tmp_path):
                  rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='baseline'):
     export_embeddings(base, _table(), str(tmp_path / 'x'), ExportConfig(), {})
+
+
+def test_store_of_another_runs_weights_is_refused(lm, tmp_path):
+  # Same table, same step, same tokenizer, another seed: only the weights fingerprint
+  # tells the stores apart, and serving (generate.open_store's expect) must refuse it.
+  from scone_jax import run as run_lib  # pylint: disable=g-import-not-at-top
+  other = _model(1)
+  fp, fp_other = run_lib.weights_fingerprint(lm), run_lib.weights_fingerprint(other)
+  assert fp == run_lib.weights_fingerprint(lm) and fp != fp_other
+  table = _table(12)
+  path = export_embeddings(lm, table, str(tmp_path / 'export'),
+                           ExportConfig(dtype='float32', batch_size=8, chunk_rows=8),
+                           store_meta(5, table.fingerprint, 'tok', fp),
+                           mesh=compat.make_mesh((1, 1, 1)), progress=False)
+  EmbeddingStore.open(path, 'ram', expect=store_meta(5, table.fingerprint, 'tok', fp))
+  with pytest.raises(artifacts.ArtifactError, match='weights_fingerprint'):
+    EmbeddingStore.open(path, 'ram',
+                        expect=store_meta(5, table.fingerprint, 'tok', fp_other))

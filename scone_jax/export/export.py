@@ -99,14 +99,17 @@ def export_store(cfg: Config, workdir: str, progress: bool = True) -> str:
   from scone_jax.serve import restore  # pylint: disable=g-import-not-at-top
   run = restore.load_run(cfg, workdir, with_table=True)
   out = paths.join(paths.resolve(workdir), EXPORT_DIR)
-  meta = store_meta(run.step, run.table.fingerprint, run.tokenizer.fingerprint)
+  meta = store_meta(run.step, run.table.fingerprint, run.tokenizer.fingerprint,
+                    run.weights_fingerprint)
   logging.info('export: A_f over %d f-grams of step %d -> %s', len(run.table), run.step, out)
   return export_embeddings(run.lm, run.table, out, cfg.export, meta, run.mesh, progress)
 
 
-def store_meta(step: int, table_fingerprint: str,
-               tokenizer_fingerprint: str) -> dict[str, Any]:
+def store_meta(step: int, table_fingerprint: str, tokenizer_fingerprint: str,
+               weights_fingerprint: str) -> dict[str, Any]:
   """What the store depends on: the manifest fields `EmbeddingStore.open(..., expect=...)`
-  checks so a store is never served with another checkpoint, table or tokenizer."""
+  checks so a store is never served with another checkpoint, table, tokenizer or run's
+  weights (`run.weights_fingerprint`)."""
   return {'checkpoint_step': int(step), 'table_fingerprint': table_fingerprint,
-          'tokenizer_fingerprint': tokenizer_fingerprint}
+          'tokenizer_fingerprint': tokenizer_fingerprint,
+          'weights_fingerprint': weights_fingerprint}

@@ -8,6 +8,7 @@ export and generation never import the train package or build optimizer state.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -29,6 +30,12 @@ class Run:
   table: Any | None  # FgramTable, sliced to fgram.use_size; None for a baseline
   mesh: jax.sharding.Mesh
   vocab_size: int  # What the model was trained with (>= the tokenizer's).
+
+  @functools.cached_property
+  def weights_fingerprint(self) -> str:
+    """sha256 of the restored parameters (what an exported store records and serving
+    checks); computed on first use, it reads every parameter once."""
+    return run_lib.weights_fingerprint(self.lm)
 
 
 def read_config(workdir: str) -> Config:
