@@ -224,7 +224,10 @@ def test_study_dry_run_cli(tmp_path):
   out = subprocess.run([sys.executable, '-m', 'scone_jax.sweeps',
                         '--sweep=experiments/sweeps/study.py', f'--root={tmp_path}',
                         '--dry_run'], cwd=REPO, capture_output=True, text=True, check=True)
-  assert out.stdout.count('-m scone_jax.train ') == 6 * 3
+  # Dry run: every arm's lr-grid commands (the seeds follow at the chosen lr).
+  grid = spec.load_sweep_module(os.path.join(REPO, 'experiments/sweeps/study.py')).get_study()
+  assert out.stdout.count('-m scone_jax.train ') == (
+      len(grid['arms']) * len(grid['learning_rates']))
   assert "at each arm's chosen lr" in out.stdout
   assert not os.listdir(tmp_path)
   bad = subprocess.run([sys.executable, '-m', 'scone_jax.sweeps',
