@@ -140,14 +140,20 @@ class RunDir:
     loc = ref['location']
     return loc if (paths.is_remote(loc) or os.path.isabs(loc)) else self.join(loc)
 
+  def _check_fingerprint(self, what: str, ref: dict[str, str], have: str, want: str,
+                         fix: str, same: bool) -> None:
+    """Raises ArtifactError naming the artifact, both fingerprints and the fix unless `same`."""
+    if not same:
+      raise artifacts.ArtifactError(
+          f'{what} at {self._location(ref)} has fingerprint {have}, but run {self.path} was '
+          f'trained with {want}: {fix}')
+
   def tokenizer(self) -> Tokenizer:
     ref = self.info()['tokenizer']
     tok = Tokenizer.load(self._location(ref))
-    if tok.fingerprint != ref['fingerprint']:
-      raise artifacts.ArtifactError(
-          f'tokenizer at {self._location(ref)} has fingerprint {tok.fingerprint[:16]}, but '
-          f'run {self.path} was trained with {ref["fingerprint"][:16]}: it was rebuilt or '
-          'replaced; restore the run\'s tokenizer')
+    self._check_fingerprint('tokenizer', ref, tok.fingerprint[:16], ref['fingerprint'][:16],
+                            'it was rebuilt or replaced; restore the run\'s tokenizer',
+                            same=tok.fingerprint == ref['fingerprint'])
     return tok
 
   def table(self, use_size: int = 0) -> FgramTable | None:
@@ -156,11 +162,9 @@ class RunDir:
     if ref is None:
       return None
     table = FgramTable.load(self._location(ref))
-    if table.fingerprint != ref['fingerprint']:
-      raise artifacts.ArtifactError(
-          f'f-gram table at {self._location(ref)} has fingerprint {table.fingerprint}, but '
-          f'run {self.path} was trained with {ref["fingerprint"]}: it was re-mined; restore '
-          'the run\'s table')
+    self._check_fingerprint('f-gram table', ref, table.fingerprint, ref['fingerprint'],
+                            'it was re-mined; restore the run\'s table',
+                            same=table.fingerprint == ref['fingerprint'])
     if use_size and len(table) > use_size:
       table = table.slice(use_size)
     return table
