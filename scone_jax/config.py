@@ -179,6 +179,23 @@ class FgramModelConfig:
   # at the token embeddings' scale. The gain is part of A_f, so export stores what the
   # backbone saw. Measured in STUDY.md ("A_f output scale").
   output_scale: Literal['none', 'scalar', 'channel', 'rmsnorm_gain'] = 'none'
+  # What computes the f-gram side of the input embedding (beyond the paper: STUDY.md,
+  # "Competing input-embedding arms"). 'network' = A_f (the paper; num_layers >= 1 turns it
+  # on); 'table' = a directly trained [S, d] table on the same f-gram keys; 'hashed' =
+  # Over-Encoding-style hashed n-gram tables (orders 2..hash_max_n, hash_buckets rows each).
+  # 'table' and 'hashed' have no A_f: num_layers stays 0 and `enabled` says the side is on.
+  kind: Literal['network', 'table', 'hashed'] = 'network'
+  # How the f-gram embedding e joins T(x_i) where a position has one: 'replace' (the
+  # paper's rule) x = e; 'add' x = T(x_i) + e; 'gate' x = T(x_i) + sigmoid(g) * (e - T(x_i))
+  # with a learned per-channel g.
+  combine: Literal['replace', 'add', 'gate'] = 'replace'
+  hash_max_n: int = 3
+  hash_buckets: int = 0
+
+  @property
+  def enabled(self) -> bool:
+    """Whether the run has an f-gram side at all (False = the plain baseline)."""
+    return self.num_layers > 0 or self.kind != 'network'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +257,10 @@ class DistributedConfig:
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
   dtype: Literal['bfloat16', 'float16', 'float32'] = 'bfloat16'
+  # Store rows quantised after A_f: 'none' keeps `dtype`; 'int8' = int8 rows with a float32
+  # scale per row; 'fp8' = float8_e4m3fn rows with a scale per row. Decode dequantises on
+  # device after the gather.
+  quant: Literal['none', 'int8', 'fp8'] = 'none'
   batch_size: int = 4096  # f-grams per A_f batch.
   chunk_rows: int = 65536  # zarr3 shard rows; also the resume granularity.
 
@@ -275,7 +296,7 @@ class Config:
 
   @property
   def is_scone(self) -> bool:
-    return self.fgram_model.num_layers > 0
+    return self.fgram_model.enabled
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -436,6 +457,13 @@ def validate(cfg: Config) -> Config:
     raise ConfigError("config.fgram_model.output_scale='rmsnorm_gain' normalises A_f's output "
                       "itself; set config.fgram_model.final_norm='none' (or choose "
                       "output_scale='scalar'/'channel' to scale the normed output)")
+  # Transitional: the beyond-the-paper arms land one by one (issue 14).
+  fm = cfg.fgram_model
+  for value, what in ((fm.kind != 'network', f"fgram_model.kind={fm.kind!r}"),
+                      (fm.combine != 'replace', f"fgram_model.combine={fm.combine!r}"),
+                      (cfg.export.quant != 'none', f"export.quant={cfg.export.quant!r}")):
+    if value:
+      raise ConfigError(f'config.{what} is not built yet; use the default')
   if cfg.data.embedded_eval_fraction + cfg.data.embedded_valid_fraction >= 1:
     raise ConfigError(f'config.data.embedded_valid_fraction={cfg.data.embedded_valid_fraction}'
                       f' + data.embedded_eval_fraction={cfg.data.embedded_eval_fraction} must '
