@@ -112,11 +112,13 @@ def dequantize(q_xW, d_model: int):
 
 
 def dequant_xla_flops_per_row(d_model: int, quant: str) -> int:
-  """What XLA:CPU's cost analysis counts for `dequantize` per row. The arithmetic is D
-  multiplies; XLA also counts the D converts to float32 (int8: 1 op each; fp8: 9, as
-  XLA:CPU converts float8 in software, integer ops on its bits) and 20 integer ops that
-  assemble the float32 scale from its 4 bytes (the 8 -> 32-bit bitcast lowers to convert,
-  shift and an or-reduce). tests/test_quant.py checks the decode step's count is the
-  unquantised step's plus this times B."""
+  """What XLA:CPU's cost analysis counts for `dequantize` per row inside the decode step
+  (over the unquantised store's step). The arithmetic is D multiplies; XLA also counts
+  the D converts to float32 (int8: 1 op each; fp8: 9, as XLA:CPU converts float8 in
+  software, integer ops on its bits) and 20 integer ops that assemble the float32 scale
+  from its 4 bytes (the 8 -> 32-bit bitcast lowers to convert, shift and an or-reduce).
+  tests/test_quant.py checks the decode step's count is the unquantised step's plus this
+  times B. (fp8 alone in a jit counts 5 D + 32: XLA fuses its software convert
+  differently there; int8 counts 2 D + 20 either way.)"""
   converts = {'int8': 1, 'fp8': 9}[quant]
   return (converts + 1) * d_model + 20
