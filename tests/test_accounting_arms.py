@@ -27,8 +27,8 @@ KV = 2 * L * T * D * 4  # float32 cache per sequence.
 
 def _cfg(**overrides):
   base = {'model.num_layers': L, 'model.d_model': D, 'model.num_heads': 2,
-          'model.vocab_size': V, 'tokenizer.vocab_size': V, 'model.max_seq_len': T, 'train.seq_len': T,
-          'fgram.max_len': K, 'fgram.size': S}
+          'model.vocab_size': V, 'tokenizer.vocab_size': V, 'model.max_seq_len': T,
+          'train.seq_len': T, 'fgram.max_len': K, 'fgram.size': S}
   return config.replace(config.from_configdict(config.base_config()), **base, **overrides)
 
 

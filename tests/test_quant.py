@@ -149,7 +149,8 @@ def test_quantised_serving_logits(quantised, table, kind):  # noqa: F811
                                               ('int8', 'device', 'callback'),
                                               ('int8', 'host', 'auto'),
                                               ('int8-disk', 'device', 'auto')])
-def test_quantised_generation_on_every_lookup_path(quantised, table, kind, loop, lookup):  # noqa: F811
+def test_quantised_generation_on_every_lookup_path(quantised, table, kind, loop,  # noqa: F811
+                                                   lookup):
   lm, stores = quantised
   prompts = [np.array(p) for p in PROMPTS[:3]]
   dec = Decoder(lm, stores[kind], table, batch_size=B, bos_id=BOS, loop=loop, lookup=lookup,

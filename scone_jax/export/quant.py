@@ -97,7 +97,8 @@ def dequantize_np(q_RxW: np.ndarray) -> np.ndarray:
 def dequantize(q_xW, d_model: int):
   """On the device: [..., D + 4] int8/fp8 rows -> [..., D] float32 (other dtypes pass
   through unchanged). Cost per row: D converts and D multiplies, plus assembling the scale
-  from its 4 bytes (`dequant_xla_flops_per_row`). The dtype is static, so the choice happens at trace time."""
+  from its 4 bytes (`dequant_xla_flops_per_row`). The dtype is static, so the choice
+  happens at trace time."""
   import jax  # pylint: disable=g-import-not-at-top  (keeps the writer free of JAX)
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   if quant_of(q_xW.dtype) == 'none':
