@@ -258,8 +258,9 @@ class DistributedConfig:
 class ExportConfig:
   dtype: Literal['bfloat16', 'float16', 'float32'] = 'bfloat16'
   # Store rows quantised after A_f: 'none' keeps `dtype`; 'int8' = int8 rows with a float32
-  # scale per row; 'fp8' = float8_e4m3fn rows with a scale per row. Decode dequantises on
-  # device after the gather.
+  # scale per row; 'fp8' = float8_e4m3fn rows with a scale per row (`dtype` is then unused:
+  # rows are quantised from A_f's float32 output). Decode dequantises on device after the
+  # gather (scone_jax/export/quant.py states the round-trip error bounds).
   quant: Literal['none', 'int8', 'fp8'] = 'none'
   batch_size: int = 4096  # f-grams per A_f batch.
   chunk_rows: int = 65536  # zarr3 shard rows; also the resume granularity.
@@ -457,13 +458,10 @@ def validate(cfg: Config) -> Config:
     raise ConfigError("config.fgram_model.output_scale='rmsnorm_gain' normalises A_f's output "
                       "itself; set config.fgram_model.final_norm='none' (or choose "
                       "output_scale='scalar'/'channel' to scale the normed output)")
-  # Transitional: the beyond-the-paper arms land one by one (issue 14).
-  fm = cfg.fgram_model
-  for value, what in ((fm.kind != 'network', f"fgram_model.kind={fm.kind!r}"),
-                      (fm.combine != 'replace', f"fgram_model.combine={fm.combine!r}"),
-                      (cfg.export.quant != 'none', f"export.quant={cfg.export.quant!r}")):
-    if value:
-      raise ConfigError(f'config.{what} is not built yet; use the default')
+  if cfg.export.quant != 'none' and not cfg.fgram_model.enabled:
+    raise ConfigError(f'config.export.quant={cfg.export.quant!r} quantises the exported '
+                      'f-gram store, but this run has no f-gram side (fgram_model.num_layers'
+                      "=0, kind='network'); leave config.export.quant='none'")
   if cfg.data.embedded_eval_fraction + cfg.data.embedded_valid_fraction >= 1:
     raise ConfigError(f'config.data.embedded_valid_fraction={cfg.data.embedded_valid_fraction}'
                       f' + data.embedded_eval_fraction={cfg.data.embedded_eval_fraction} must '
@@ -579,6 +577,13 @@ def validate_runtime(cfg: Config, num_devices: int, num_processes: int,
   if cfg.fgram.miner == 'beam' and importlib.util.find_spec('apache_beam') is None:
     raise ConfigError("config.fgram.miner='beam' needs apache-beam: pip install -r "
                       "requirements-beam.txt, or use config.fgram.miner='local'")
+  # Transitional: the beyond-the-paper arms land one by one (issue 14). Refused at train
+  # time only, so sweep dry runs can already account for them from the config.
+  fm = cfg.fgram_model
+  for value, what in ((fm.kind != 'network', f"fgram_model.kind={fm.kind!r}"),
+                      (fm.combine != 'replace', f"fgram_model.combine={fm.combine!r}")):
+    if value:
+      raise ConfigError(f'config.{what} is not built yet; use the default')
   shape = resolve_mesh(cfg.mesh, num_devices)
   check_batch_on_mesh(cfg.train.batch_size, shape)
   if cfg.train.batch_size % num_processes:

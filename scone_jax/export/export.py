@@ -41,7 +41,7 @@ def export_embeddings(lm: SconeLM, table: Any, out_dir: str, export_cfg: ExportC
     lm: a SCONE model (lm.fgram_model is A_f).
     table: the f-gram table (its `tokens_SxK`, `lengths`, `len`).
     out_dir: the store directory (normally W/export).
-    export_cfg: dtype, batch_size and chunk_rows.
+    export_cfg: dtype, quant, batch_size and chunk_rows.
     meta: manifest fields (checkpoint step, fingerprints).
     mesh: where A_f runs (default: all devices on the data axis).
     progress: show a progress bar.
@@ -89,7 +89,8 @@ def export_embeddings(lm: SconeLM, table: Any, out_dir: str, export_cfg: ExportC
   # Under the mesh, the model's logical-axis constraints apply while `embed` traces.
   with compat.set_mesh(mesh):
     return write_store(out_dir, num_rows, d_model, export_cfg.dtype,
-                       export_cfg.chunk_rows, compute_rows, meta, progress=progress)
+                       export_cfg.chunk_rows, compute_rows, meta, progress=progress,
+                       quant=export_cfg.quant)
 
 
 def export_store(cfg: Config, workdir: str, progress: bool = True) -> str:

@@ -1,7 +1,8 @@
 """KV-cache decoding fed with INPUT EMBEDDINGS, f-gram lookups done on the host.
 
 Dimension letters: B batch (sequences), T padded prompt length, S cache length,
-D d_model, E = D + 1 (a decode slab row: the f-gram row, then the match flag), V vocab,
+D d_model, W the stored row width (D; D + 4 for a quantised store, export/quant.py),
+E = W + 1 (a decode slab row: the f-gram row, then the match flag), V vocab,
 K longest f-gram.
 
 One jitted prefill and one jitted decode step serve the baseline and SCONE: each takes
@@ -47,6 +48,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from scone_jax.export import quant
 from scone_jax.fgrams import IncrementalMatcher
 from scone_jax.fgrams.match import push_kernel
 from scone_jax.model import Backbone, KVCache, SconeLM
@@ -101,10 +103,17 @@ def sample(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Arr
   return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
-def _inputs(backbone: Backbone, tokens_BxT: jax.Array, slab_BxTxD: jax.Array,
+def _inputs(backbone: Backbone, tokens_BxT: jax.Array, slab_BxTxW: jax.Array,
             mask_BxT: jax.Array) -> jax.Array:
-  """The SCONE replace rule with precomputed f-gram rows: slab where mask, else T(token)."""
+  """The SCONE replace rule with precomputed f-gram rows: slab where mask, else T(token).
+
+  slab_BxTxW holds the store's rows as gathered: W = D, or D + 4 for a quantised store,
+  dequantised here on the device (its int8/fp8 dtype says so at trace time; D converts
+  and D multiplies per position, the step's only extra over the baseline's:
+  quant.dequant_xla_flops_per_row).
+  """
   x_BxTxD = backbone.embed(tokens_BxT)
+  slab_BxTxD = quant.dequantize(slab_BxTxW, x_BxTxD.shape[-1])
   return jnp.where(mask_BxT[..., None], slab_BxTxD.astype(x_BxTxD.dtype), x_BxTxD)
 
 
@@ -246,7 +255,9 @@ class Decoder:
     self.graphdef, self.state = nnx.split(backbone)
     slab_dtype = store.dtype if store is not None else self.dtype
     self._slab_dtype = np.dtype(slab_dtype)
-    self._no_match_BxE = jnp.zeros((batch_size, cfg.d_model + 1), slab_dtype)
+    # Stored columns of a row: D, or D + 4 for a quantised store (values, then scale).
+    self._row_width = store.row_width if store is not None else cfg.d_model
+    self._no_match_BxE = jnp.zeros((batch_size, self._row_width + 1), slab_dtype)
     self._init_cache = jax.jit(functools.partial(backbone.init_cache, batch_size,
                                                  self.cache_len))
     self._prefill, self._decode = _PREFILL, _DECODE
@@ -350,7 +361,7 @@ class Decoder:
     b, t = tokens_BxT.shape
     start = time.perf_counter()
     ids_BxT = np.empty((b, t), np.int32)
-    slab_BxTxE = np.empty((b, t, self.d_model + 1), self._slab_dtype)
+    slab_BxTxE = np.empty((b, t, self._row_width + 1), self._slab_dtype)
     codes_BxL, index, limit = self._matcher.kernel_args
     if self._fused_args is not None:
       raw_BxTxE = slab_BxTxE.view(self._raw_dtype)
@@ -370,7 +381,7 @@ class Decoder:
     matcher and gathers the f-gram rows -> slab_BxE (last column the match flag)."""
     if self.store is None:
       return self._no_match_BxE
-    slab_BxE = np.empty((self.batch_size, self.d_model + 1), self._slab_dtype)
+    slab_BxE = np.empty((self.batch_size, self._row_width + 1), self._slab_dtype)
     if self._fused_args is None:
       ids_B, lens_B = self._matcher.push(token_B)
       self.store.gather(ids_B, out=slab_BxE[:, :-1])
@@ -388,7 +399,7 @@ class Decoder:
                         self._raw_one)
     if hits < 0:
       raise ValueError(f'token ids must be in [0, 2**31); got {token_B[-1 - hits]}')
-    self.store.stats.add(self.batch_size, hits, self.batch_size * self.d_model *
+    self.store.stats.add(self.batch_size, hits, self.batch_size * self._row_width *
                          self._slab_dtype.itemsize, time.perf_counter() - start)
     # Handed to the jitted step as numpy: its dispatch copies the small slab on the fast
     # path, whereas a separate jax.device_put first costs ~45 us more per step (CPU).
@@ -489,7 +500,8 @@ class Decoder:
     if counters is not None:  # The native lookup counts in place of store.gather.
       hits, calls = self._native.counters - counters
       self.store.stats.add(int(calls) * self.batch_size, int(hits), int(calls) *
-                           self.batch_size * self.d_model * self._slab_dtype.itemsize, 0.0)
+                           self.batch_size * self._row_width * self._slab_dtype.itemsize,
+                           0.0)
     return Generation(tokens=_cut_at_eos(tokens_BxN[:num_prompts], eos_id),
                       prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
                       decode_steps=steps, batch_size=self.batch_size,

@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
+from scone_jax.export import quant
 from scone_jax.model import KVCache
 
 Lookup = Literal['none', 'native', 'callback']
@@ -94,7 +95,8 @@ def decode_chunk(graphdef, sampling, lookup: Lookup, target: str, chunk: int, sl
     if lookup == 'none':
       x_Bx1xD = backbone.embed(tok_B[:, None])
     else:
-      slab_BxE = _lookup_slab(lookup, target, operand, tok_B, d, slab_dtype)
+      slab_BxE = _lookup_slab(lookup, target, operand, tok_B,
+                              quant.row_width(d, slab_dtype), slab_dtype)
       x_Bx1xD = _inputs(backbone, tok_B[:, None], slab_BxE[:, None, :-1],
                         slab_BxE[:, -1:] > 0)
     logits_Bx1xV, cache = backbone.decode(x_Bx1xD, cache)
