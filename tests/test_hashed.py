@@ -16,7 +16,7 @@ from scone_jax.export import export_hashed, hashed_meta, store_meta
 from scone_jax.model import SconeLM
 from scone_jax.model import hashed
 from scone_jax.serve import EmbeddingStore
-from scone_jax.serve.decode import Decoder
+from scone_jax.serve.decode import Decoder, Sampling
 from scone_jax.serve.hashed import HashedLookup
 
 import train_helpers as th
@@ -175,6 +175,13 @@ def test_decode_step_flops_are_baseline_plus_one_add_per_channel(tmp_path):
   f_base = compat.cost_flops(Decoder(lm, batch_size=B, loop='host').compiled_decode_step())
   assert f_base > 0
   assert f_hashed - f_base == B * D, (f_hashed, f_base)
+  # The device loop's baseline body embeds with T alone (no select), so there the hashed
+  # body adds the B * D adds plus the B * D select SCONE's loop also pays, and the flag test.
+  loop_h = compat.cost_flops(Decoder(lm, batch_size=B, chunk_steps=4, hashed=HashedLookup(
+      store, B, 'float32'))._chunk_program(Sampling()))  # pylint: disable=protected-access
+  loop_b = compat.cost_flops(Decoder(lm, batch_size=B, chunk_steps=4)._chunk_program(
+      Sampling()))  # pylint: disable=protected-access
+  assert 2 * B * D <= loop_h - loop_b <= 2 * B * D + 2 * B, (loop_h, loop_b)
   with pytest.raises(ValueError, match="lookup='callback'"):
     Decoder(lm, batch_size=B, hashed=HashedLookup(store, B, 'float32'), lookup='native')
 
