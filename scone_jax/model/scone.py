@@ -7,7 +7,8 @@ Baseline (fgram_model.num_layers == 0) and SCONE share every code path except
 `input_embeddings`: x = T(inputs); for SCONE, each DISTINCT f-gram of the batch is run
 through A_f once (packed rows, `fgram_embeddings` -> e_NxD) and gathered back by slot (the
 flat index of the f-gram's last token), REPLACING the token embedding where a position has
-an f-gram (no add, no gate; docs/METHOD.md).
+an f-gram (no add, no gate; docs/METHOD.md). fgram_model.kind='hashed' has no A_f: `.hashed`
+(model/hashed.py) ADDS the hashed n-gram rows ending at each position to T(x_i).
 """
 
 from __future__ import annotations

@@ -71,6 +71,9 @@ def decode_chunk(graphdef, sampling, lookup: Lookup, target: str, chunk: int, sl
                  key, combine: str = 'replace'):
   """Up to `chunk` decode steps on the device.
 
+  combine (static): how the slab joins T(token), as in decode._inputs ('add' for
+  fgram_model.kind='hashed').
+
   Args (traced): token_B the last emitted token per row; done_B rows that emitted EOS;
   emitted the tokens emitted per row so far (the prefill's counts as 1); limit
   max_new_tokens; eos_id (-1: none); key the generation's key (step n samples with
