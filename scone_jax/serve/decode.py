@@ -6,8 +6,9 @@ K longest f-gram.
 
 One jitted prefill and one jitted decode step serve the baseline and SCONE: each takes
 token ids plus a host-made slab of f-gram embeddings and a mask, and computes
-x = where(mask, slab, T(token)) on the device; the baseline passes a mask that is all
-False. Only the backbone's parameters go to the accelerator: A_f was folded into the
+x = where(mask, slab, T(token)) on the device (`model.combine.combine` with the store's
+rule: where(mask, T(token) + slab, T(token)) for combine 'add' / 'gate', D more adds per
+token); the baseline passes a mask that is all False. Only the backbone's parameters go to the accelerator: A_f was folded into the
 exported store, so a SCONE step costs what the baseline's does (tests assert XLA's FLOP
 counts agree).
 
@@ -50,6 +51,7 @@ from flax import nnx
 from scone_jax.fgrams import IncrementalMatcher
 from scone_jax.fgrams.match import push_kernel
 from scone_jax.model import Backbone, KVCache, SconeLM
+from scone_jax.model import combine as combine_lib
 from scone_jax.serve import device_loop, native_lookup
 from scone_jax.serve.store import EmbeddingStore, gather_kernel
 
@@ -102,30 +104,32 @@ def sample(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Arr
 
 
 def _inputs(backbone: Backbone, tokens_BxT: jax.Array, slab_BxTxD: jax.Array,
-            mask_BxT: jax.Array) -> jax.Array:
-  """The SCONE replace rule with precomputed f-gram rows: slab where mask, else T(token)."""
-  x_BxTxD = backbone.embed(tokens_BxT)
-  return jnp.where(mask_BxT[..., None], slab_BxTxD.astype(x_BxTxD.dtype), x_BxTxD)
+            mask_BxT: jax.Array, rule: str = 'replace') -> jax.Array:
+  """The combine rule with precomputed f-gram rows (`rule`: the store's,
+  `combine.stored_rule`): where mask, slab (replace) or T(token) + slab (add)."""
+  return combine_lib.combine(backbone.embed(tokens_BxT), slab_BxTxD, mask_BxT, rule)
 
 
 def _prefill(graphdef, sampling: Sampling, all_logits: bool, state, tokens_BxT, slab_BxTxE,
-             lengths_B, cache: KVCache, key):
+             lengths_B, cache: KVCache, key, rule: str = 'replace'):
   """slab_BxTxE: the prompts' f-gram rows with the match flag last (None: baseline)."""
   backbone = nnx.merge(graphdef, state)
   if slab_BxTxE is None:
     x_BxTxD = backbone.embed(tokens_BxT)
   else:
-    x_BxTxD = _inputs(backbone, tokens_BxT, slab_BxTxE[..., :-1], slab_BxTxE[..., -1] > 0)
+    x_BxTxD = _inputs(backbone, tokens_BxT, slab_BxTxE[..., :-1], slab_BxTxE[..., -1] > 0,
+                      rule)
   logits_BxTxV, cache = backbone.prefill(x_BxTxD, lengths_B, cache)
   last_BxV = jnp.take_along_axis(logits_BxTxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
   return (logits_BxTxV if all_logits else last_BxV), sample(last_BxV, key, sampling), cache
 
 
 def _decode(graphdef, sampling: Sampling, state, token_B, slab_BxE, cache: KVCache, key,
-            step):
+            step, rule: str = 'replace'):
   backbone = nnx.merge(graphdef, state)
   mask_B = slab_BxE[:, -1] > 0
-  x_Bx1xD = _inputs(backbone, token_B[:, None], slab_BxE[:, None, :-1], mask_B[:, None])
+  x_Bx1xD = _inputs(backbone, token_B[:, None], slab_BxE[:, None, :-1], mask_B[:, None],
+                    rule)
   logits_Bx1xV, cache = backbone.decode(x_Bx1xD, cache)
   next_B = sample(logits_Bx1xV[:, 0], jax.random.fold_in(key, step), sampling)
   return logits_Bx1xV[:, 0], next_B, cache
@@ -173,8 +177,10 @@ def _prompt_kernel(tokens_BxT, lengths_B, codes_BxL, index, limit, ids_BxT, rows
 
 
 # Module level, so decoders of one model shape share compilations.
-_PREFILL = jax.jit(_prefill, static_argnums=(0, 1, 2), donate_argnames=('cache',))
-_DECODE = jax.jit(_decode, static_argnums=(0, 1), donate_argnames=('cache',))
+_PREFILL = jax.jit(_prefill, static_argnums=(0, 1, 2), static_argnames=('rule',),
+                   donate_argnames=('cache',))
+_DECODE = jax.jit(_decode, static_argnums=(0, 1), static_argnames=('rule',),
+                  donate_argnames=('cache',))
 
 
 @dataclasses.dataclass
@@ -227,7 +233,14 @@ class Decoder:
     if (store is None) != (table is None):
       raise ValueError('pass both the f-gram store and its table (SCONE) or neither '
                        '(baseline)')
+    # The rule the steps apply to store rows (model/combine.py); the store must have been
+    # exported for the model's combine mode (gate's rows hold sigmoid(g) * (e - T)).
+    self.rule = combine_lib.stored_rule(lm.combine) if store is not None else 'replace'
     if store is not None:
+      stored = store.manifest.get('combine', 'replace')
+      if stored != lm.combine:
+        raise ValueError(f'the store was exported for fgram_model.combine={stored!r} but the '
+                         f'model combines with {lm.combine!r}: export this run again')
       if store.d_model != cfg.d_model:
         raise ValueError(f'store rows have d={store.d_model} but the model has d_model='
                          f'{cfg.d_model}: the store was exported from another model')
@@ -414,7 +427,7 @@ class Decoder:
     slab_BxTxE = self._prompt_slab(tokens_BxT, lengths_B)
     _, next_B, cache = self._prefill(self.graphdef, sampling, False, self.state, tokens_BxT,
                                      slab_BxTxE, lengths_B, self._init_cache(),
-                                     jax.random.fold_in(key, 0))
+                                     jax.random.fold_in(key, 0), rule=self.rule)
     out_BxN = np.zeros((self.batch_size, max_new_tokens), np.int32)
     # The sampled tokens stay on the device as the next step's input; the host copy
     # (token_B) only feeds the matcher and the output.
@@ -430,7 +443,8 @@ class Decoder:
         slab_BxE = self.step_slab(token_B)
         lookup += time.perf_counter() - t0
         _, next_B, cache = self._decode(self.graphdef, sampling, self.state, next_B,
-                                        slab_BxE, cache, key, np.int32(n + 1))
+                                        slab_BxE, cache, key, np.int32(n + 1),
+                                        rule=self.rule)
         steps += 1
       else:
         next_B = None
@@ -464,7 +478,7 @@ class Decoder:
       self._chunk_programs[sampling] = device_loop.DECODE_CHUNK.lower(
           *static, self.state, self._lookup_operand, token_B, cache,
           jax.ShapeDtypeStruct((self.batch_size,), bool), scalar, scalar, scalar,
-          jax.random.key(0)).compile()
+          jax.random.key(0), rule=self.rule).compile()
     return self._chunk_programs[sampling]
 
   def _generate_device(self, num_prompts, tokens_BxT, lengths_B, max_new_tokens,
@@ -475,7 +489,7 @@ class Decoder:
     prompt_lookup = time.perf_counter() - start
     _, first_B, cache = self._prefill(self.graphdef, sampling, False, self.state, tokens_BxT,
                                       slab_BxTxE, lengths_B, self._init_cache(),
-                                      jax.random.fold_in(key, 0))
+                                      jax.random.fold_in(key, 0), rule=self.rule)
     first_B.block_until_ready()
     prefill_seconds = time.perf_counter() - start
     counters = None if self._native is None else self._native.counters.copy()
@@ -514,7 +528,7 @@ class Decoder:
     greedy, key = Sampling(), jax.random.key(0)
     logits_BxTxV, _, cache = self._prefill(self.graphdef, greedy, True, self.state,
                                            tokens_BxT, slab_BxTxE, lengths_B,
-                                           self._init_cache(), key)
+                                           self._init_cache(), key, rule=self.rule)
     steps = []
     cont_BxN = np.zeros((self.batch_size, n), np.int32)
     for b, c in enumerate(continuations):
@@ -522,7 +536,7 @@ class Decoder:
     for i in range(max(n - 1, 0)):
       logits_BxV, _, cache = self._decode(self.graphdef, greedy, self.state, cont_BxN[:, i],
                                           self.step_slab(cont_BxN[:, i]), cache, key,
-                                          np.int32(0))
+                                          np.int32(0), rule=self.rule)
       steps.append(np.asarray(logits_BxV))
     logits_BxTxV = np.asarray(logits_BxTxV)
     out = []
@@ -537,7 +551,7 @@ class Decoder:
     token_B = jax.ShapeDtypeStruct((self.batch_size,), jnp.int32)
     return self._decode.lower(self.graphdef, sampling, self.state, token_B,
                               self._no_match_BxE, cache, jax.random.key(0),
-                              np.int32(0)).compile()
+                              np.int32(0), rule=self.rule).compile()
 
 
 def _cut_at_eos(tokens_BxN: np.ndarray, eos_id: int | None) -> list[np.ndarray]:

@@ -20,7 +20,8 @@ the loop, on the host's data, through one of:
               the CPU backend, mostly the thread hand-off).
   'none'      the baseline: the step embeds the token with T only.
 All three run the same step (`decode._inputs` + `Backbone.decode`), so SCONE's per-step
-FLOPs equal the baseline's (tests compare XLA's counts).
+FLOPs equal the baseline's (tests compare XLA's counts), plus D adds per token for the
+combine modes 'add' / 'gate' (`rule`, model/combine.py).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def _lookup_slab(lookup: Lookup, target: str, operand, token_B, d_model: int, dt
 
 def decode_chunk(graphdef, sampling, lookup: Lookup, target: str, chunk: int, slab_dtype,
                  state, operand, token_B, cache: KVCache, done_B, emitted, limit, eos_id,
-                 key):
+                 key, rule: str = 'replace'):
   """Up to `chunk` decode steps on the device.
 
   Args (traced): token_B the last emitted token per row; done_B rows that emitted EOS;
@@ -96,7 +97,7 @@ def decode_chunk(graphdef, sampling, lookup: Lookup, target: str, chunk: int, sl
     else:
       slab_BxE = _lookup_slab(lookup, target, operand, tok_B, d, slab_dtype)
       x_Bx1xD = _inputs(backbone, tok_B[:, None], slab_BxE[:, None, :-1],
-                        slab_BxE[:, -1:] > 0)
+                        slab_BxE[:, -1:] > 0, rule)
     logits_Bx1xV, cache = backbone.decode(x_Bx1xD, cache)
     nxt_B = sample(logits_Bx1xV[:, 0], jax.random.fold_in(key, emitted + i), sampling)
     out_BxC = jax.lax.dynamic_update_slice(out_BxC, nxt_B[:, None], (0, i))
@@ -110,7 +111,7 @@ def decode_chunk(graphdef, sampling, lookup: Lookup, target: str, chunk: int, sl
 
 
 DECODE_CHUNK = jax.jit(decode_chunk, static_argnums=(0, 1, 2, 3, 4, 5),
-                       donate_argnames=('cache',))
+                       static_argnames=('rule',), donate_argnames=('cache',))
 
 
 class ChunkRunner:

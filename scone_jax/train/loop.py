@@ -196,7 +196,8 @@ def _train_locked(cfg: Config, workdir: str,
                    tokenizer=data.tokenizer, train_shards=data.train_shards,
                    eval_shards=data.eval_shards, table=data.table, table_dir=data.table_dir,
                    checkpoint_steps=run_dir.checkpoint_steps())
-  graphdef, state, tx = step_lib.create_train_state(cfg, mesh, vocab_size, cfg.fgram.max_len)
+  graphdef, state, tx = step_lib.create_train_state(cfg, mesh, vocab_size, cfg.fgram.max_len,
+                                                    data.table)
   data_it = batches.make_train_iterator(
       cfg, data.train_shards, data.table, jax.process_index(), jax.process_count(),
       bos_id=data.tokenizer.bos_id)
