@@ -21,6 +21,12 @@ term is known at export and the step never sees g: gate costs the decode step wh
 does. Extra elementwise FLOPs per decoded token over the baseline's step:
 `extra_decode_flops_per_token` (0 for replace, D adds for add and gate), which the
 tests check against XLA's count.
+
+Starting points: replace and gate start at the baseline's function whenever e starts at
+T(x_i) (A_f's identity init; kind='table' rows initialised to T(last token)). add starts
+there only when e starts at 0: kind='table' initialises its rows to 0 for add, but A_f's
+identity init gives x = 2 T(x_i) at matched positions at step 0 (stated, not changed:
+the A_f arm keeps one init for every combine mode).
 """
 
 from __future__ import annotations
