@@ -232,3 +232,36 @@ def test_store_of_another_combine_is_refused(table, tmp_path):
                            {'checkpoint_step': 0}, mesh=ONE_DEVICE, progress=False)
   with pytest.raises(ValueError, match="exported for fgram_model.combine='gate'"):
     Decoder(make('add'), EmbeddingStore.open(path, 'ram'), table, batch_size=B)
+
+
+@pytest.mark.slow
+def test_table_gate_run_end_to_end(tmp_path_factory):
+  """train() -> W/run.json -> RunDir restore -> export_store -> generate, kind='table'."""
+  import train_helpers as th  # pylint: disable=g-import-not-at-top
+  from scone_jax import generate, run as run_lib
+  from scone_jax.export.export import export_store
+  from scone_jax.serve import restore
+  from scone_jax.train import loop
+  corpus, artifacts = th.shared_dirs(str(tmp_path_factory.getbasetemp()))
+  cfg = th.micro_config(corpus, artifacts, **{
+      'fgram_model.kind': 'table', 'fgram_model.num_layers': 0,
+      'fgram_model.combine': 'gate', 'fgram.use_size': 300, 'train.steps': 2})
+  workdir = str(tmp_path_factory.mktemp('table_run'))
+  loop.train(cfg, workdir)
+  info = run_lib.RunDir(workdir).info()
+  serve_cfg = restore.run_config(workdir, {'export.dtype': 'float32',
+                                           'serve.decode_loop': 'host',
+                                           'serve.max_new_tokens': 4})
+  run = restore.load_run(serve_cfg, workdir)
+  assert info['fgram_table_rows'] >= len(run.table) == 300
+  rows = np.asarray(run.lm.fgram_model.rows[...])
+  assert rows.shape == (fgram_table.padded_rows(300), cfg.model.d_model)
+  path = export_store(serve_cfg, workdir, progress=False)
+  store = EmbeddingStore.open(path, 'ram')
+  # numpy reference of the gate folded into the store: sigmoid(g) * (row - T(last)).
+  g = np.asarray(run.lm.combine_gate[...])
+  t_last = np.asarray(run.lm.backbone.token_embed.table[...])[
+      fgram_table.last_tokens(run.table)]
+  want = (rows[:300] - t_last) / (1 + np.exp(-g))
+  np.testing.assert_allclose(store.gather(np.arange(300)), want, rtol=1e-5, atol=1e-6)
+  assert len(generate.generate(serve_cfg, workdir, ['the of and']).texts) == 1
