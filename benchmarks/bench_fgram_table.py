@@ -72,8 +72,8 @@ def memory(cfg: config_lib.Config) -> None:
   for where, s, d, c in rows:
     rows_p = fgram_table.padded_rows(s)
     p, st = _state_bytes(rows_p, d, c)
-    print(f'{where:<30} {f"{s:,} ({rows_p:,})":>30} {d:>5} {p / 1e9:>10.4g} {(p + st) / 1e9:>10.4g} '
-          f'{(p + st) / (af_p + af_s):>11.3g}')
+    print(f'{where:<30} {f"{s:,} ({rows_p:,})":>30} {d:>5} {p / 1e9:>10.4g} '
+          f'{(p + st) / 1e9:>10.4g} {(p + st) / (af_p + af_s):>11.3g}')
   for layers in (12, 36):
     n, c = _olmo_af(layers)
     p, st = _state_bytes(n, 1, c)

@@ -61,7 +61,7 @@ class ParamCounts:
   @property
   def fgram_total(self) -> int:
     """The f-gram side's own trainable parameters: A_f's (it also reads the shared token
-    table), or kind='table''s rows, plus the combine gate."""
+    table), or the rows of kind='table', plus the combine gate."""
     return (self.fgram_non_embedding + self.fgram_position_table + self.fgram_table +
             self.combine_gate)
 

@@ -8,9 +8,9 @@ One jitted prefill and one jitted decode step serve the baseline and SCONE: each
 token ids plus a host-made slab of f-gram embeddings and a mask, and computes
 x = where(mask, slab, T(token)) on the device (`model.combine.combine` with the store's
 rule: where(mask, T(token) + slab, T(token)) for combine 'add' / 'gate', D more adds per
-token); the baseline passes a mask that is all False. Only the backbone's parameters go to the accelerator: A_f was folded into the
-exported store, so a SCONE step costs what the baseline's does (tests assert XLA's FLOP
-counts agree).
+token); the baseline passes a mask that is all False. Only the backbone's parameters go
+to the accelerator: A_f was folded into the exported store, so a SCONE step costs what the
+baseline's does (tests assert XLA's FLOP counts agree).
 
 Per decode step the host (1) pushes each sequence's new token into an
 `IncrementalMatcher`, which returns the longest f-gram ending there, (2) gathers those
