@@ -10,6 +10,8 @@ a row of a directly trained table for kind='table') and is gathered back by slot
 flat index of the f-gram's last token), then joined with the token embedding where a
 position has an f-gram by `model.combine.combine` (`fgram_model.combine`: the paper's
 'replace' by default, or 'add' / 'gate'), the same function every decode step applies.
+fgram_model.kind='hashed' has no `.fgram_model`: `.hashed` (model/hashed.py) ADDS the
+hashed n-gram rows ending at each position to T(x_i).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from scone_jax.model.backbone import Backbone
 from scone_jax.model.fgram_model import FgramModel
 from scone_jax.model.fgram_table import FgramTableEmbed
 from scone_jax.model.sharding import constrain, param
+from scone_jax.model.hashed import HashedNgramEmbed
 
 SCONE_KEYS = ('fgram_slot_BxT', 'fgram_tokens_RxW', 'fgram_positions_RxW',
               'fgram_segment_ids_RxW', 'fgram_row_ids_RxW')
@@ -62,6 +65,10 @@ class SconeLM(nnx.Module):
                                         jnp.dtype(model_cfg.param_dtype)), ('embed',))
                          if self.fgram_model is not None and self.combine == 'gate'
                          else None)
+    # Created after the backbone and from zeros (no randomness): the backbone's init is
+    # the baseline's, and the sum of n-gram rows starts at 0 (model/hashed.py).
+    self.hashed = (HashedNgramEmbed(model_cfg, fgram_model_cfg)
+                   if fgram_model_cfg.kind == 'hashed' else None)
 
   @property
   def is_scone(self) -> bool:
@@ -103,6 +110,9 @@ class SconeLM(nnx.Module):
     runs A_f once for all microbatches); None computes it here.
     """
     x_BxTxD = self.backbone.embed(_get(batch, 'inputs_BxT'))
+    if self.hashed is not None:  # x = T(x_i) + the hashed n-grams ending at i.
+      e_BxTxD = self.hashed(_get(batch, 'inputs_BxT'), _get(batch, 'positions_BxT'))
+      return constrain(x_BxTxD + e_BxTxD.astype(x_BxTxD.dtype), ('batch', 'length', 'embed'))
     if self.fgram_model is None:
       return x_BxTxD
     slot_BxT = _get(batch, 'fgram_slot_BxT')

@@ -40,6 +40,8 @@ LogicalAxes = Sequence[str | None]
 #   local masked gather plus one reduction. `embed` then stays whole in the table.
 # * length, kv (head dim), fgram_pos, layers: replicated (no sequence or pipeline
 #   parallelism; the stacked `layers` axis is scanned over, so it must stay whole).
+# * ngram_rows -> tensor: the rows of the hashed n-gram tables (kind='hashed') are split
+#   like the vocab; with `embed` on fsdp a table of O * M rows is spread over both axes.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('batch', ('data', 'fsdp')),
     ('length', None),
@@ -51,6 +53,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('fgram_pos', None),
     ('fgram_rows', ('fsdp', 'tensor')),
     ('layers', None),
+    ('ngram_rows', 'tensor'),
 )
 _RULES = dict(LOGICAL_AXIS_RULES)
 

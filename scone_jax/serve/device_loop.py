@@ -21,7 +21,7 @@ the loop, on the host's data, through one of:
   'none'      the baseline: the step embeds the token with T only.
 All three run the same step (`decode._inputs` + `Backbone.decode`), so SCONE's per-step
 FLOPs equal the baseline's (tests compare XLA's counts), plus D adds per token for the
-combine modes 'add' / 'gate' (`rule`, model/combine.py).
+combine modes 'add' / 'gate' (`combine`, model/combine.py).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
+from scone_jax.export import quant
 from scone_jax.model import KVCache
 
 Lookup = Literal['none', 'native', 'callback']
@@ -69,8 +70,11 @@ def _lookup_slab(lookup: Lookup, target: str, operand, token_B, d_model: int, dt
 
 def decode_chunk(graphdef, sampling, lookup: Lookup, target: str, chunk: int, slab_dtype,
                  state, operand, token_B, cache: KVCache, done_B, emitted, limit, eos_id,
-                 key, rule: str = 'replace'):
+                 key, combine: str = 'replace'):
   """Up to `chunk` decode steps on the device.
+
+  combine (static): how the slab joins T(token), as in decode._inputs (the store's rule,
+  model/combine.stored_rule: 'add' for combine add / gate and for kind='hashed').
 
   Args (traced): token_B the last emitted token per row; done_B rows that emitted EOS;
   emitted the tokens emitted per row so far (the prefill's counts as 1); limit
@@ -95,9 +99,10 @@ def decode_chunk(graphdef, sampling, lookup: Lookup, target: str, chunk: int, sl
     if lookup == 'none':
       x_Bx1xD = backbone.embed(tok_B[:, None])
     else:
-      slab_BxE = _lookup_slab(lookup, target, operand, tok_B, d, slab_dtype)
+      slab_BxE = _lookup_slab(lookup, target, operand, tok_B,
+                              quant.row_width(d, slab_dtype), slab_dtype)
       x_Bx1xD = _inputs(backbone, tok_B[:, None], slab_BxE[:, None, :-1],
-                        slab_BxE[:, -1:] > 0, rule)
+                        slab_BxE[:, -1:] > 0, combine)
     logits_Bx1xV, cache = backbone.decode(x_Bx1xD, cache)
     nxt_B = sample(logits_Bx1xV[:, 0], jax.random.fold_in(key, emitted + i), sampling)
     out_BxC = jax.lax.dynamic_update_slice(out_BxC, nxt_B[:, None], (0, i))
@@ -111,7 +116,7 @@ def decode_chunk(graphdef, sampling, lookup: Lookup, target: str, chunk: int, sl
 
 
 DECODE_CHUNK = jax.jit(decode_chunk, static_argnums=(0, 1, 2, 3, 4, 5),
-                       static_argnames=('rule',), donate_argnames=('cache',))
+                       static_argnames=('combine',), donate_argnames=('cache',))
 
 
 class ChunkRunner:
