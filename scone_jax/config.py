@@ -187,7 +187,9 @@ class FgramModelConfig:
   kind: Literal['network', 'table', 'hashed'] = 'network'
   # How the f-gram embedding e joins T(x_i) where a position has one: 'replace' (the
   # paper's rule) x = e; 'add' x = T(x_i) + e; 'gate' x = T(x_i) + sigmoid(g) * (e - T(x_i))
-  # with a learned per-channel g.
+  # with a learned per-channel g (init 0). The rule, what the export store holds for each
+  # mode and the decode step's extra FLOPs (D adds per token for add and gate):
+  # scone_jax/model/combine.py. kind='table' rows start at T(last token) (0 for 'add').
   combine: Literal['replace', 'add', 'gate'] = 'replace'
   # kind='hashed' (scone_jax/model/hashed.py): n-gram orders 2..hash_max_n, each hashed into
   # hash_buckets rows of its own table; needs combine='add' (Over-Encoding adds) and no A_f.
@@ -496,6 +498,7 @@ def validate(cfg: Config) -> Config:
       raise ConfigError(f"config.export.quant={cfg.export.quant!r} is for f-gram stores; "
                         "kind='hashed' sums its orders' rows on the host in float32 before "
                         "the decode step, so leave config.export.quant='none'")
+  _check_fgram_side(cfg.fgram_model)
   if cfg.data.embedded_eval_fraction + cfg.data.embedded_valid_fraction >= 1:
     raise ConfigError(f'config.data.embedded_valid_fraction={cfg.data.embedded_valid_fraction}'
                       f' + data.embedded_eval_fraction={cfg.data.embedded_eval_fraction} must '
@@ -547,6 +550,24 @@ def validate(cfg: Config) -> Config:
       raise ConfigError(f'config.distributed.process_id={dist.process_id} must be in '
                         f'[0, num_processes={dist.num_processes})')
   return cfg
+
+
+def _check_fgram_side(fm: FgramModelConfig) -> None:
+  """fgram_model.kind / combine against the A_f options."""
+  if fm.kind == 'table':
+    if fm.num_layers:
+      raise ConfigError(f"config.fgram_model.kind='table' learns the f-gram rows directly and "
+                        f'has no A_f, but config.fgram_model.num_layers={fm.num_layers}; set '
+                        "it to 0 (or use kind='network' for A_f)")
+    for key, default in (('final_norm', 'none'), ('output_scale', 'none')):
+      if getattr(fm, key) != default:
+        raise ConfigError(f'config.fgram_model.{key}={getattr(fm, key)!r} shapes A_f\'s '
+                          f"output; kind='table' has no A_f: leave it {default!r}")
+  if fm.combine != 'replace' and not fm.enabled:
+    raise ConfigError(f'config.fgram_model.combine={fm.combine!r} joins an f-gram embedding '
+                      'to the token embedding, but this run has none (fgram_model.'
+                      "num_layers=0, kind='network': the baseline); set num_layers >= 1, "
+                      "or kind='table', or leave combine='replace'")
 
 
 def check_data_source(cfg: Config) -> None:

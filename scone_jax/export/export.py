@@ -1,4 +1,5 @@
-"""Export: run A_f over every f-gram of the table and write the [S, d] store.
+"""Export: run A_f over every f-gram of the table (kind='table': read the trained rows)
+and write the [S, d] store.
 
 Dimension letters: S f-grams in the table, N f-grams per A_f batch, K longest f-gram,
 D d_model.
@@ -22,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from scone_jax import compat, paths
 from scone_jax.config import Config, ExportConfig
 from scone_jax.export.writer import write_store
-from scone_jax.model import SconeLM, model_shardings
+from scone_jax.model import SconeLM, fgram_table, model_shardings
 from scone_jax.model.hashed import hash_fingerprint
 
 EXPORT_DIR = 'export'
@@ -31,7 +32,9 @@ EXPORT_DIR = 'export'
 def export_embeddings(lm: SconeLM, table: Any, out_dir: str, export_cfg: ExportConfig,
                       meta: dict[str, Any], mesh: jax.sharding.Mesh | None = None,
                       progress: bool = True) -> str:
-  """Writes A_f(f-gram r) for every row r of `table` to a zarr3 store at `out_dir`.
+  """Writes f-gram r's store row for every row r of `table` to a zarr3 store at `out_dir`:
+  A_f(f-gram r), or the trained table's row r (kind='table'), as `combine.store_rows`
+  prepares it for the run's combine mode (recorded in the manifest as `combine`).
 
   Batches of `export_cfg.batch_size` f-grams are split over the mesh's batch axes
   (data x fsdp); one shard (`export_cfg.chunk_rows` rows) is on the host at a time and
@@ -39,7 +42,7 @@ def export_embeddings(lm: SconeLM, table: Any, out_dir: str, export_cfg: ExportC
   after a kill resumes at the first unfinished shard.
 
   Args:
-    lm: a SCONE model (lm.fgram_model is A_f).
+    lm: a SCONE model (lm.fgram_model is A_f or the f-gram table).
     table: the f-gram table (its `tokens_SxK`, `lengths`, `len`).
     out_dir: the store directory (normally W/export).
     export_cfg: dtype, quant, batch_size and chunk_rows.
@@ -52,7 +55,7 @@ def export_embeddings(lm: SconeLM, table: Any, out_dir: str, export_cfg: ExportC
   """
   if lm.fgram_model is None:
     raise ValueError('this run is a baseline (config.fgram_model.num_layers=0): it has no '
-                     'A_f and nothing to export; generate without a store')
+                     'f-gram side and nothing to export; generate without a store')
   if export_cfg.batch_size < 1:
     raise ValueError(f'config.export.batch_size={export_cfg.batch_size} must be >= 1')
   if mesh is None:
@@ -60,31 +63,39 @@ def export_embeddings(lm: SconeLM, table: Any, out_dir: str, export_cfg: ExportC
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   # Every device gets the same number of f-grams per batch.
   batch = -(-export_cfg.batch_size // shards) * shards
-  tokens_SxK = np.asarray(table.tokens_SxK, np.int32)
-  lens_S = np.asarray(table.lengths, np.int32)
   num_rows, d_model = len(table), lm.backbone.cfg.d_model
+  k = int(table.max_len)
+  # kind='table' reads rows by id: no token matrix (S x K) is built for it.
+  tokens_SxK = (np.asarray(table.tokens_SxK, np.int32) if lm.kind != 'table'
+                else np.zeros((num_rows, k), np.int32))
+  lens_S = np.asarray(table.lengths, np.int32)
+  last_S = fgram_table.last_tokens(table)
+  # What the store holds per combine mode (model/combine.py); the decode step applies
+  # `combine.stored_rule` to it.
+  meta = {**meta, 'combine': lm.combine, 'fgram_kind': lm.kind}
 
-  graphdef, state = nnx.split(lm.fgram_model)
+  graphdef, state = nnx.split(lm)
   with compat.set_mesh(mesh):
     state = jax.device_put(state, model_shardings(state, mesh))
   rows_sh = NamedSharding(mesh, P(('data', 'fsdp')))
 
   @jax.jit
-  def embed(state, tokens_NxK, lens_N):
-    e_NxD = nnx.merge(graphdef, state)(tokens_NxK, lens_N)
+  def embed(state, tokens_NxK, lens_N, ids_N, last_N):
+    e_NxD = nnx.merge(graphdef, state).export_rows(tokens_NxK, lens_N, ids_N, last_N)
     return jax.lax.with_sharding_constraint(e_NxD.astype(jnp.float32), rows_sh)
 
   def compute_rows(start: int, stop: int) -> np.ndarray:
     pending = []
     for lo in range(start, stop, batch):
       hi = min(lo + batch, stop)
-      tokens_NxK = np.zeros((batch, tokens_SxK.shape[1]), np.int32)
-      lens_N = np.zeros(batch, np.int32)
+      tokens_NxK = np.zeros((batch, k), np.int32)
+      lens_N, ids_N, last_N = (np.zeros(batch, np.int32) for _ in range(3))
       tokens_NxK[:hi - lo], lens_N[:hi - lo] = tokens_SxK[lo:hi], lens_S[lo:hi]
+      ids_N[:hi - lo], last_N[:hi - lo] = np.arange(lo, hi), last_S[lo:hi]
       # Dispatch every batch of the shard before reading any back (async dispatch keeps
       # the device busy while the host copies the previous results).
-      pending.append((hi - lo, embed(state, jax.device_put(tokens_NxK, rows_sh),
-                                     jax.device_put(lens_N, rows_sh))))
+      pending.append((hi - lo, embed(state, *(jax.device_put(a, rows_sh) for a in (
+          tokens_NxK, lens_N, ids_N, last_N)))))
     return np.concatenate([np.asarray(e_NxD)[:n] for n, e_NxD in pending], axis=0)
 
   # Under the mesh, the model's logical-axis constraints apply while `embed` traces.

@@ -7,10 +7,11 @@ K longest f-gram.
 
 One jitted prefill and one jitted decode step serve the baseline and SCONE: each takes
 token ids plus a host-made slab of f-gram embeddings and a mask, and computes
-x = where(mask, slab, T(token)) on the device; the baseline passes a mask that is all
-False. Only the backbone's parameters go to the accelerator: A_f was folded into the
-exported store, so a SCONE step costs what the baseline's does (tests assert XLA's FLOP
-counts agree).
+x = where(mask, slab, T(token)) on the device (`model.combine.combine` with the store's
+rule: where(mask, T(token) + slab, T(token)) for combine 'add' / 'gate', D more adds per
+token); the baseline passes a mask that is all False. Only the backbone's parameters go
+to the accelerator: A_f was folded into the exported store, so a SCONE step costs what the
+baseline's does (tests assert XLA's FLOP counts agree).
 
 Per decode step the host (1) pushes each sequence's new token into an
 `IncrementalMatcher`, which returns the longest f-gram ending there, (2) gathers those
@@ -52,6 +53,7 @@ from scone_jax.export import quant
 from scone_jax.fgrams import IncrementalMatcher
 from scone_jax.fgrams.match import push_kernel
 from scone_jax.model import Backbone, KVCache, SconeLM
+from scone_jax.model import combine as combine_lib
 from scone_jax.serve import device_loop, native_lookup
 from scone_jax.serve.hashed import HashedLookup
 from scone_jax.serve.store import EmbeddingStore, gather_kernel
@@ -106,20 +108,19 @@ def sample(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Arr
 
 def _inputs(backbone: Backbone, tokens_BxT: jax.Array, slab_BxTxW: jax.Array,
             mask_BxT: jax.Array, combine: str = 'replace') -> jax.Array:
-  """The SCONE replace rule with precomputed f-gram rows: slab where mask, else T(token).
+  """The combine rule (model/combine.py) with precomputed f-gram rows: `combine` is the
+  store's rule (`combine.stored_rule`): where mask, slab ('replace') or T(token) + slab
+  ('add': combine add / gate, and kind='hashed', serve/hashed.py; D adds per token more
+  than 'replace'), else T(token).
 
   slab_BxTxW holds the store's rows as gathered: W = D, or D + 4 for a quantised store,
   dequantised here on the device (its int8/fp8 dtype says so at trace time; D converts
   and D multiplies per position, the step's only extra over the baseline's:
   quant.dequant_xla_flops_per_row).
-  combine='add' (kind='hashed', serve/hashed.py): T(token) + slab where mask, else
-  T(token): D adds per token more than 'replace'.
   """
   x_BxTxD = backbone.embed(tokens_BxT)
   slab_BxTxD = quant.dequantize(slab_BxTxW, x_BxTxD.shape[-1])
-  if combine == 'add':
-    return jnp.where(mask_BxT[..., None], x_BxTxD + slab_BxTxD.astype(x_BxTxD.dtype), x_BxTxD)
-  return jnp.where(mask_BxT[..., None], slab_BxTxD.astype(x_BxTxD.dtype), x_BxTxD)
+  return combine_lib.combine(x_BxTxD, slab_BxTxD, mask_BxT, combine)
 
 
 def _prefill(graphdef, sampling: Sampling, all_logits: bool, state, tokens_BxT, slab_BxTxE,
@@ -255,7 +256,15 @@ class Decoder:
     if (store is None) != (table is None):
       raise ValueError('pass both the f-gram store and its table (SCONE) or neither '
                        '(baseline)')
+    # The rule the steps apply to store rows (model/combine.py); the store must have been
+    # exported for the model's combine mode (gate's rows hold sigmoid(g) * (e - T)).
     if store is not None:
+      self._combine = combine_lib.stored_rule(lm.combine)
+    if store is not None:
+      stored = store.manifest.get('combine', 'replace')
+      if stored != lm.combine:
+        raise ValueError(f'the store was exported for fgram_model.combine={stored!r} but the '
+                         f'model combines with {lm.combine!r}: export this run again')
       if store.d_model != cfg.d_model:
         raise ValueError(f'store rows have d={store.d_model} but the model has d_model='
                          f'{cfg.d_model}: the store was exported from another model')

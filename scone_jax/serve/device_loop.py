@@ -20,7 +20,8 @@ the loop, on the host's data, through one of:
               the CPU backend, mostly the thread hand-off).
   'none'      the baseline: the step embeds the token with T only.
 All three run the same step (`decode._inputs` + `Backbone.decode`), so SCONE's per-step
-FLOPs equal the baseline's (tests compare XLA's counts).
+FLOPs equal the baseline's (tests compare XLA's counts), plus D adds per token for the
+combine modes 'add' / 'gate' (`combine`, model/combine.py).
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ def decode_chunk(graphdef, sampling, lookup: Lookup, target: str, chunk: int, sl
                  key, combine: str = 'replace'):
   """Up to `chunk` decode steps on the device.
 
-  combine (static): how the slab joins T(token), as in decode._inputs ('add' for
-  fgram_model.kind='hashed').
+  combine (static): how the slab joins T(token), as in decode._inputs (the store's rule,
+  model/combine.stored_rule: 'add' for combine add / gate and for kind='hashed').
 
   Args (traced): token_B the last emitted token per row; done_B rows that emitted EOS;
   emitted the tokens emitted per row so far (the prefill's counts as 1); limit

@@ -198,7 +198,8 @@ def _train_locked(cfg: Config, workdir: str,
                    checkpoint_steps=run_dir.checkpoint_steps())
     if cfg.fgram_model.kind == 'hashed':
       _report_hash_collisions(cfg, workdir, data)
-  graphdef, state, tx = step_lib.create_train_state(cfg, mesh, vocab_size, cfg.fgram.max_len)
+  graphdef, state, tx = step_lib.create_train_state(cfg, mesh, vocab_size, cfg.fgram.max_len,
+                                                    data.table)
   data_it = batches.make_train_iterator(
       cfg, data.train_shards, data.table, jax.process_index(), jax.process_count(),
       bos_id=data.tokenizer.bos_id)
