@@ -632,14 +632,6 @@ def validate_runtime(cfg: Config, num_devices: int, num_processes: int,
   if cfg.fgram.miner == 'beam' and importlib.util.find_spec('apache_beam') is None:
     raise ConfigError("config.fgram.miner='beam' needs apache-beam: pip install -r "
                       "requirements-beam.txt, or use config.fgram.miner='local'")
-  # Transitional: the beyond-the-paper arms land one by one (issue 14). Refused at train
-  # time only, so sweep dry runs can already account for them from the config.
-  fm = cfg.fgram_model
-  for value, what in ((fm.kind not in ('network', 'hashed'), f"fgram_model.kind={fm.kind!r}"),
-                      (fm.combine != 'replace' and fm.kind != 'hashed',
-                       f"fgram_model.combine={fm.combine!r}")):
-    if value:
-      raise ConfigError(f'config.{what} is not built yet; use the default')
   shape = resolve_mesh(cfg.mesh, num_devices)
   check_batch_on_mesh(cfg.train.batch_size, shape)
   if cfg.train.batch_size % num_processes:
