@@ -39,7 +39,7 @@ def export_embeddings(lm: SconeLM, table: Any, out_dir: str, export_cfg: ExportC
 
   Args:
     lm: a SCONE model (lm.fgram_model is A_f).
-    table: the f-gram table (its `tokens_SxK`, `lengths`, `len`).
+    table: the f-gram table (its `tokens_of`, `max_len`, `lengths`, `len`).
     out_dir: the store directory (normally W/export).
     export_cfg: dtype, batch_size and chunk_rows.
     meta: manifest fields (checkpoint step, fingerprints).
@@ -59,7 +59,6 @@ def export_embeddings(lm: SconeLM, table: Any, out_dir: str, export_cfg: ExportC
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   # Every device gets the same number of f-grams per batch.
   batch = -(-export_cfg.batch_size // shards) * shards
-  tokens_SxK = np.asarray(table.tokens_SxK, np.int32)
   lens_S = np.asarray(table.lengths, np.int32)
   num_rows, d_model = len(table), lm.backbone.cfg.d_model
 
@@ -77,9 +76,10 @@ def export_embeddings(lm: SconeLM, table: Any, out_dir: str, export_cfg: ExportC
     pending = []
     for lo in range(start, stop, batch):
       hi = min(lo + batch, stop)
-      tokens_NxK = np.zeros((batch, tokens_SxK.shape[1]), np.int32)
+      tokens_NxK = np.zeros((batch, table.max_len), np.int32)
       lens_N = np.zeros(batch, np.int32)
-      tokens_NxK[:hi - lo], lens_N[:hi - lo] = tokens_SxK[lo:hi], lens_S[lo:hi]
+      # Per batch (tokens_of), so S x K is never materialised at 100M+ rows.
+      tokens_NxK[:hi - lo], lens_N[:hi - lo] = table.tokens_of(np.arange(lo, hi)), lens_S[lo:hi]
       # Dispatch every batch of the shard before reading any back (async dispatch keeps
       # the device busy while the host copies the previous results).
       pending.append((hi - lo, embed(state, jax.device_put(tokens_NxK, rows_sh),
