@@ -70,32 +70,6 @@ _MAX_BUCKETS = 4096
 _BUCKET_POSITIONS = 1 << 19  # Corpus positions per bucket (more buckets: below).
 
 
-def rank_fgrams(tokens_MxK: np.ndarray, lengths_M: np.ndarray, counts_M: np.ndarray,
-                size: int) -> np.ndarray:
-  """Indices of the top `size` grams in rank order (count desc, length asc, tokens asc).
-
-  The ranking of the Beam miner; the local one gets the same order from one stable sort
-  (its candidates come in (length, tokens) order), so their tables are identical.
-
-  Args:
-    tokens_MxK: M candidate grams, left-aligned, 0-padded to K columns.
-    lengths_M: their lengths.
-    counts_M: their counts.
-    size: how many to keep.
-  """
-  if counts_M.size > size:
-    # Only grams at or above the size-th largest count can make the cut.
-    cutoff = np.partition(counts_M, counts_M.size - size)[counts_M.size - size]
-    candidates = np.flatnonzero(counts_M >= cutoff)
-  else:
-    candidates = np.arange(counts_M.size)
-  sub_tokens = tokens_MxK[candidates]
-  # lexsort's LAST key is the primary one; padding zeros never decide (length does first).
-  order = np.lexsort([sub_tokens[:, j] for j in range(sub_tokens.shape[1] - 1, -1, -1)] +
-                     [lengths_M[candidates], -counts_M[candidates]])
-  return candidates[order[:size]]
-
-
 def check_args(max_len: int, size: int, min_count: int) -> None:
   for name, value, minimum in (('max_len', max_len, 2), ('size', size, 1),
                                ('min_count', min_count, 1)):
@@ -342,7 +316,7 @@ def mine_fgrams(docs: Iterable[np.ndarray] | Any, max_len: int = 5, size: int = 
                      'in docs; lower min_count or mine a larger corpus')
   tokens_MxK, lengths_M, counts_M = _materialise(levels, max_len, size)
   # The candidates come by length, then in key order = token order (module docstring):
-  # a stable sort by count alone gives rank_fgrams' order, without its lexsort.
+  # a stable sort by count alone gives the documented order, without a lexsort.
   top = np.argsort(-counts_M, kind='stable')[:size]
   return FgramTable(tokens_MxK[top], counts_M[top], lengths_M[top], max_len=max_len,
                     min_count=min_count)
