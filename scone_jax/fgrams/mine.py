@@ -401,6 +401,7 @@ def _mine_levels(corpus: _Corpus, max_len: int, min_count: int, budget: int, wor
   # thread so the threads stay busy, each small enough (~_BUCKET_POSITIONS candidates)
   # that its counting table stays in cache.
   num_buckets = int(np.clip(num // _BUCKET_POSITIONS, 4 * workers, _MAX_BUCKETS))
+  scratch = {}  # The mergers' buffers, reused scan after scan (spill.RunMerger).
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     frequent, token_counts = _frequent_tokens(corpus, spans, pool, workers, min_count,
                                               budget)
@@ -412,7 +413,8 @@ def _mine_levels(corpus: _Corpus, max_len: int, min_count: int, budget: int, wor
         bounds = _bucket_bounds(token_counts * frequent if n == 2 else levels[-1][1],
                                 num_buckets)
       merger = spill.RunMerger(budget // 2, tmp, min_count, tag=f'n{n}',
-                               keep_runs=want_index, pool=pool, bounds=bounds)
+                               keep_runs=want_index, pool=pool, bounds=bounds,
+                               scratch=scratch)
       bar = tqdm.tqdm(total=num, unit='tok', unit_scale=True, desc=f'f-grams n={n}',
                       disable=not progress, leave=False)
       scan = functools.partial(_scan_chunk, corpus, n, ids, frequent, want_index, bounds)

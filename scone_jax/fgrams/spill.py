@@ -124,11 +124,15 @@ class RunMerger:
       counting; with them the runs' keys are saved and looked up.
     pool: optional executor that counts the buckets in parallel.
     bounds: ascending uint64 [P-1] key bounds of the P buckets (default: one bucket).
+    scratch: optional dict that keeps the buffers for the next merger (the miner's next
+      scan): first touches of fresh memory cost ~10x a copy into touched memory here.
   """
 
   def __init__(self, budget_bytes: int, tmp_dir: str, min_count: int, tag: str,
-               keep_runs: bool = False, pool=None, bounds: np.ndarray | None = None):
+               keep_runs: bool = False, pool=None, bounds: np.ndarray | None = None,
+               scratch: dict | None = None):
     self._pool = pool
+    self._scratch = {} if scratch is None else scratch
     self._capacity = max(int(budget_bytes) // BYTES_PER_ENTRY, 1)
     self._tmp_dir = tmp_dir
     self._min_count = min_count
@@ -147,6 +151,7 @@ class RunMerger:
     self._run_at: list[tuple[int, int, int]] = []  # After spills: (file, start, stop).
     self._run_paths: list[str] = []  # Pending runs' keys, one file per spill.
     self._kept_of_entry = None  # Without spills: kept id of every added entry.
+    self._inverse_buffer = None  # _kept_of_entry's buffer, for the scratch.
     self._kept_hash = None  # With spills: kept key -> kept id.
 
   @property
@@ -170,8 +175,8 @@ class RunMerger:
     if self._fill + keys_U.size > self._keys_E.size:
       # Untouched pages of np.empty cost no memory: allocate the budget's worth at once.
       size = max(self._capacity, self._fill + keys_U.size)
-      self._keys_E = _grown(self._keys_E, self._fill, size)
-      self._counts_E = _grown(self._counts_E, self._fill, size)
+      self._keys_E = self._grown('keys', self._keys_E, self._fill, size)
+      self._counts_E = self._grown('counts', self._counts_E, self._fill, size)
     self._keys_E[self._fill:self._fill + keys_U.size] = keys_U
     self._counts_E[self._fill:self._fill + keys_U.size] = counts_U
     self._starts.append(self._fill)
@@ -222,8 +227,10 @@ class RunMerger:
       del maps
     else:
       begin_PxC, end_PxC = self._ranges()
-      inverse_E = np.empty(self._fill if self._keep_runs else 0,
-                           np.int32 if self._fill < 1 << 31 else np.int64)
+      inverse_E = np.zeros(0, np.int32 if self._fill < 1 << 31 else np.int64)
+      if self._keep_runs:
+        self._inverse_buffer = self._grown('inverse', inverse_E, 0, self._fill)
+        inverse_E = self._inverse_buffer[:self._fill]
       kept = self._map(lambda b: self._finish_bucket(begin_PxC[b], end_PxC[b],
                                                      inverse_E), range(self.num_buckets))
     keys = np.concatenate([np.zeros(0, np.uint64)] + [k for k, _, _ in kept])
@@ -242,7 +249,8 @@ class RunMerger:
         _remap_ranges(inverse_E, begin_PxC[b], end_PxC[b], new_of_distinct)
       self._map(remap, range(self.num_buckets))
       self._kept_of_entry = inverse_E
-    self._keys_E = self._counts_E = None  # The buffer's memory goes back now.
+    self._scratch.update(keys=self._keys_E, counts=self._counts_E)  # For the next one.
+    self._keys_E = self._counts_E = None
     for keys_path, counts_path, _ in self._spilled:
       os.remove(keys_path)
       os.remove(counts_path)
@@ -293,10 +301,15 @@ class RunMerger:
     for path in self._run_paths:
       os.remove(path)
     self._run_paths = []
-    self._kept_of_entry = self._kept_hash = None
+    if self._inverse_buffer is not None:
+      self._scratch['inverse'] = self._inverse_buffer
+    self._kept_of_entry = self._kept_hash = self._inverse_buffer = None
 
-
-def _grown(array: np.ndarray, fill: int, size: int) -> np.ndarray:
-  out = np.empty(size, array.dtype)
-  out[:fill] = array[:fill]
-  return out
+  def _grown(self, name: str, array: np.ndarray, fill: int, size: int) -> np.ndarray:
+    """`array` with room for `size` entries (its first `fill` kept): the scratch buffer
+    of that name if it is large enough and of the same dtype, else a new one."""
+    out = self._scratch.pop(name, None)
+    if out is None or out.size < size or out.dtype != array.dtype:
+      out = np.empty(size, array.dtype)
+    out[:fill] = array[:fill]
+    return out
