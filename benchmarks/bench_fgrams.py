@@ -4,7 +4,9 @@ Usage:
   .venv/bin/python benchmarks/bench_fgrams.py            # 5M-token mining + matching
   .venv/bin/python benchmarks/bench_fgrams.py --big      # also 50M tokens under 1 GiB
   .venv/bin/python benchmarks/bench_fgrams.py --scaling  # per-token cost 1M..50M vs np.sort,
-                                                         # and Beam with 1 vs 2 workers
+                                                         # and Beam with 1 vs 2 workers at
+                                                         # S = 100k and 1k (worker peak RSS)
+  (--scaling --no-beam / --no-mining: one half of it)
 
 --scaling: the np.sort bound of a run is the time np.sort takes on as many random uint64
 keys as the miner counted (its candidate n-gram positions over all scans, measured by
