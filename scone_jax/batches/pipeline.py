@@ -82,7 +82,7 @@ class BatchDataset(grain.MapDataset):
 
 def _scone_table(cfg: config_lib.Config, table):
   """The table to tag with, or None for the baseline; applies fgram.use_size."""
-  if not cfg.is_scone:
+  if not cfg.fgram_model.uses_fgram_table:  # Baseline, or kind='hashed' (hashes on device).
     return None
   if table is None:
     raise ValueError('config.fgram_model.num_layers > 0 (SCONE) needs an FgramTable: pass '

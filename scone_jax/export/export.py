@@ -23,6 +23,7 @@ from scone_jax import compat, paths
 from scone_jax.config import Config, ExportConfig
 from scone_jax.export.writer import write_store
 from scone_jax.model import SconeLM, model_shardings
+from scone_jax.model.hashed import hash_fingerprint
 
 EXPORT_DIR = 'export'
 
@@ -41,7 +42,7 @@ def export_embeddings(lm: SconeLM, table: Any, out_dir: str, export_cfg: ExportC
     lm: a SCONE model (lm.fgram_model is A_f).
     table: the f-gram table (its `tokens_of`, `max_len`, `lengths`, `len`).
     out_dir: the store directory (normally W/export).
-    export_cfg: dtype, batch_size and chunk_rows.
+    export_cfg: dtype, quant, batch_size and chunk_rows.
     meta: manifest fields (checkpoint step, fingerprints).
     mesh: where A_f runs (default: all devices on the data axis).
     progress: show a progress bar.
@@ -89,7 +90,36 @@ def export_embeddings(lm: SconeLM, table: Any, out_dir: str, export_cfg: ExportC
   # Under the mesh, the model's logical-axis constraints apply while `embed` traces.
   with compat.set_mesh(mesh):
     return write_store(out_dir, num_rows, d_model, export_cfg.dtype,
-                       export_cfg.chunk_rows, compute_rows, meta, progress=progress)
+                       export_cfg.chunk_rows, compute_rows, meta, progress=progress,
+                       quant=export_cfg.quant)
+
+
+def export_hashed(lm: SconeLM, out_dir: str, export_cfg: ExportConfig,
+                  meta: dict[str, Any], progress: bool = True) -> str:
+  """kind='hashed': writes the n-gram tables, times their fixed scale s, as the store
+  [O * M, d] (order n's rows at [(n - 2) * M, (n - 1) * M), model/hashed.py).
+
+  The rows are s * E (float32 product, as the training forward computes it before
+  summing), so the host only sums gathered rows. One shard's slice of the table is
+  copied to the host at a time.
+  """
+  if lm.hashed is None:
+    raise ValueError("this run has no hashed n-gram tables (config.fgram_model.kind is not "
+                     "'hashed')")
+  table = lm.hashed.table[...]
+  scale = np.float32(lm.hashed.scale)
+
+  def compute_rows(start: int, stop: int) -> np.ndarray:
+    return np.asarray(table[start:stop], np.float32) * scale
+
+  return write_store(out_dir, table.shape[0], table.shape[1], export_cfg.dtype,
+                     export_cfg.chunk_rows, compute_rows, meta, progress=progress)
+
+
+def hashed_meta(cfg: Config) -> dict[str, Any]:
+  """The manifest fields that say how a hashed store's rows are addressed."""
+  fm = cfg.fgram_model
+  return {'hash_max_n': fm.hash_max_n, 'hash_buckets': fm.hash_buckets}
 
 
 def export_store(cfg: Config, workdir: str, progress: bool = True) -> str:
@@ -99,6 +129,14 @@ def export_store(cfg: Config, workdir: str, progress: bool = True) -> str:
   from scone_jax.serve import restore  # pylint: disable=g-import-not-at-top
   run = restore.load_run(cfg, workdir, with_table=True)
   out = paths.join(paths.resolve(workdir), EXPORT_DIR)
+  if cfg.fgram_model.kind == 'hashed':
+    fm = cfg.fgram_model
+    meta = {**store_meta(run.step, hash_fingerprint(fm.hash_max_n, fm.hash_buckets),
+                         run.tokenizer.fingerprint, run.weights_fingerprint),
+            **hashed_meta(cfg)}
+    logging.info('export: hashed n-gram tables (%d orders x %d rows) of step %d -> %s',
+                 fm.hash_max_n - 1, fm.hash_buckets, run.step, out)
+    return export_hashed(run.lm, out, cfg.export, meta, progress)
   meta = store_meta(run.step, run.table.fingerprint, run.tokenizer.fingerprint,
                     run.weights_fingerprint)
   logging.info('export: A_f over %d f-grams of step %d -> %s', len(run.table), run.step, out)

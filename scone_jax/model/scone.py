@@ -7,7 +7,8 @@ Baseline (fgram_model.num_layers == 0) and SCONE share every code path except
 `input_embeddings`: x = T(inputs); for SCONE, each DISTINCT f-gram of the batch is run
 through A_f once (packed rows, `fgram_embeddings` -> e_NxD) and gathered back by slot (the
 flat index of the f-gram's last token), REPLACING the token embedding where a position has
-an f-gram (no add, no gate; docs/METHOD.md).
+an f-gram (no add, no gate; docs/METHOD.md). fgram_model.kind='hashed' has no A_f: `.hashed`
+(model/hashed.py) ADDS the hashed n-gram rows ending at each position to T(x_i).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from flax import nnx
 from scone_jax.config import FgramModelConfig, ModelConfig
 from scone_jax.model.backbone import Backbone
 from scone_jax.model.fgram_model import FgramModel
+from scone_jax.model.hashed import HashedNgramEmbed
 from scone_jax.model.sharding import constrain
 
 SCONE_KEYS = ('fgram_slot_BxT', 'fgram_tokens_RxW', 'fgram_positions_RxW',
@@ -43,6 +45,10 @@ class SconeLM(nnx.Module):
     self.fgram_model = FgramModel(
         model_cfg, fgram_model_cfg, fgram_max_len, self.backbone.token_embed,
         rngs) if fgram_model_cfg.num_layers > 0 else None
+    # Created after the backbone and from zeros (no randomness): the backbone's init is
+    # the baseline's, and the sum of n-gram rows starts at 0 (model/hashed.py).
+    self.hashed = (HashedNgramEmbed(model_cfg, fgram_model_cfg)
+                   if fgram_model_cfg.kind == 'hashed' else None)
 
   @property
   def is_scone(self) -> bool:
@@ -63,6 +69,9 @@ class SconeLM(nnx.Module):
     runs A_f once for all microbatches); None computes it here.
     """
     x_BxTxD = self.backbone.embed(_get(batch, 'inputs_BxT'))
+    if self.hashed is not None:  # x = T(x_i) + the hashed n-grams ending at i.
+      e_BxTxD = self.hashed(_get(batch, 'inputs_BxT'), _get(batch, 'positions_BxT'))
+      return constrain(x_BxTxD + e_BxTxD.astype(x_BxTxD.dtype), ('batch', 'length', 'embed'))
     if self.fgram_model is None:
       return x_BxTxD
     slot_BxT = _get(batch, 'fgram_slot_BxT')

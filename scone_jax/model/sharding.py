@@ -36,6 +36,8 @@ LogicalAxes = Sequence[str | None]
 #   the output softmax are split Megatron-style; these matmuls then need one reduction each.
 # * length, kv (head dim), fgram_pos, layers: replicated (no sequence or pipeline
 #   parallelism; the stacked `layers` axis is scanned over, so it must stay whole).
+# * ngram_rows -> tensor: the rows of the hashed n-gram tables (kind='hashed') are split
+#   like the vocab; with `embed` on fsdp a table of O * M rows is spread over both axes.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('batch', ('data', 'fsdp')),
     ('length', None),
@@ -46,6 +48,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('vocab', 'tensor'),
     ('fgram_pos', None),
     ('layers', None),
+    ('ngram_rows', 'tensor'),
 )
 _RULES = dict(LOGICAL_AXIS_RULES)
 

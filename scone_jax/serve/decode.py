@@ -1,7 +1,8 @@
 """KV-cache decoding fed with INPUT EMBEDDINGS, f-gram lookups done on the host.
 
 Dimension letters: B batch (sequences), T padded prompt length, S cache length,
-D d_model, E = D + 1 (a decode slab row: the f-gram row, then the match flag), V vocab,
+D d_model, W the stored row width (D; D + 4 for a quantised store, export/quant.py),
+E = W + 1 (a decode slab row: the f-gram row, then the match flag), V vocab,
 K longest f-gram.
 
 One jitted prefill and one jitted decode step serve the baseline and SCONE: each takes
@@ -47,10 +48,12 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from scone_jax.export import quant
 from scone_jax.fgrams import IncrementalMatcher
 from scone_jax.fgrams.match import push_kernel
 from scone_jax.model import Backbone, KVCache, SconeLM
 from scone_jax.serve import device_loop, native_lookup
+from scone_jax.serve.hashed import HashedLookup
 from scone_jax.serve.store import EmbeddingStore, gather_kernel
 
 Loop = Literal['device', 'host']
@@ -101,31 +104,44 @@ def sample(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Arr
   return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
-def _inputs(backbone: Backbone, tokens_BxT: jax.Array, slab_BxTxD: jax.Array,
-            mask_BxT: jax.Array) -> jax.Array:
-  """The SCONE replace rule with precomputed f-gram rows: slab where mask, else T(token)."""
+def _inputs(backbone: Backbone, tokens_BxT: jax.Array, slab_BxTxW: jax.Array,
+            mask_BxT: jax.Array, combine: str = 'replace') -> jax.Array:
+  """The SCONE replace rule with precomputed f-gram rows: slab where mask, else T(token).
+
+  slab_BxTxW holds the store's rows as gathered: W = D, or D + 4 for a quantised store,
+  dequantised here on the device (its int8/fp8 dtype says so at trace time; D converts
+  and D multiplies per position, the step's only extra over the baseline's:
+  quant.dequant_xla_flops_per_row).
+  combine='add' (kind='hashed', serve/hashed.py): T(token) + slab where mask, else
+  T(token): D adds per token more than 'replace'.
+  """
   x_BxTxD = backbone.embed(tokens_BxT)
+  slab_BxTxD = quant.dequantize(slab_BxTxW, x_BxTxD.shape[-1])
+  if combine == 'add':
+    return jnp.where(mask_BxT[..., None], x_BxTxD + slab_BxTxD.astype(x_BxTxD.dtype), x_BxTxD)
   return jnp.where(mask_BxT[..., None], slab_BxTxD.astype(x_BxTxD.dtype), x_BxTxD)
 
 
 def _prefill(graphdef, sampling: Sampling, all_logits: bool, state, tokens_BxT, slab_BxTxE,
-             lengths_B, cache: KVCache, key):
+             lengths_B, cache: KVCache, key, combine: str = 'replace'):
   """slab_BxTxE: the prompts' f-gram rows with the match flag last (None: baseline)."""
   backbone = nnx.merge(graphdef, state)
   if slab_BxTxE is None:
     x_BxTxD = backbone.embed(tokens_BxT)
   else:
-    x_BxTxD = _inputs(backbone, tokens_BxT, slab_BxTxE[..., :-1], slab_BxTxE[..., -1] > 0)
+    x_BxTxD = _inputs(backbone, tokens_BxT, slab_BxTxE[..., :-1], slab_BxTxE[..., -1] > 0,
+                      combine)
   logits_BxTxV, cache = backbone.prefill(x_BxTxD, lengths_B, cache)
   last_BxV = jnp.take_along_axis(logits_BxTxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
   return (logits_BxTxV if all_logits else last_BxV), sample(last_BxV, key, sampling), cache
 
 
 def _decode(graphdef, sampling: Sampling, state, token_B, slab_BxE, cache: KVCache, key,
-            step):
+            step, combine: str = 'replace'):
   backbone = nnx.merge(graphdef, state)
   mask_B = slab_BxE[:, -1] > 0
-  x_Bx1xD = _inputs(backbone, token_B[:, None], slab_BxE[:, None, :-1], mask_B[:, None])
+  x_Bx1xD = _inputs(backbone, token_B[:, None], slab_BxE[:, None, :-1], mask_B[:, None],
+                    combine)
   logits_Bx1xV, cache = backbone.decode(x_Bx1xD, cache)
   next_B = sample(logits_Bx1xV[:, 0], jax.random.fold_in(key, step), sampling)
   return logits_Bx1xV[:, 0], next_B, cache
@@ -173,8 +189,10 @@ def _prompt_kernel(tokens_BxT, lengths_B, codes_BxL, index, limit, ids_BxT, rows
 
 
 # Module level, so decoders of one model shape share compilations.
-_PREFILL = jax.jit(_prefill, static_argnums=(0, 1, 2), donate_argnames=('cache',))
-_DECODE = jax.jit(_decode, static_argnums=(0, 1), donate_argnames=('cache',))
+_PREFILL = jax.jit(_prefill, static_argnums=(0, 1, 2), static_argnames=('combine',),
+                   donate_argnames=('cache',))
+_DECODE = jax.jit(_decode, static_argnums=(0, 1), static_argnames=('combine',),
+                  donate_argnames=('cache',))
 
 
 @dataclasses.dataclass
@@ -217,13 +235,23 @@ class Decoder:
       backend and 'ram' tier only), 'callback' (host callback), or 'auto' (native where
       it applies).
     chunk_steps: decode steps per device call (the streaming granularity).
+    hashed: kind='hashed' runs: the store path through `HashedLookup` (serve/hashed.py),
+      given instead of store and table; the step adds its slab (combine='add').
   """
 
   def __init__(self, lm: SconeLM, store: EmbeddingStore | None = None, table: Any = None,
                *, batch_size: int = 1, bos_id: int = 1, cache_len: int | None = None,
-               loop: Loop = 'device', lookup: LookupMode = 'auto', chunk_steps: int = 64):
+               loop: Loop = 'device', lookup: LookupMode = 'auto', chunk_steps: int = 64,
+               hashed: HashedLookup | None = None):
     backbone = lm.backbone
     cfg = backbone.cfg
+    self._hashed, self._combine = hashed, 'replace' if hashed is None else 'add'
+    if hashed is not None and (store is not None or table is not None):
+      raise ValueError('a hashed n-gram decoder takes hashed= only (its store is inside)')
+    if hashed is not None and (hashed.d_model != cfg.d_model or
+                               hashed.batch_size != batch_size):
+      raise ValueError(f'hashed lookup has d={hashed.d_model}, batch {hashed.batch_size}; '
+                       f'the decoder d_model={cfg.d_model}, batch_size={batch_size}')
     if (store is None) != (table is None):
       raise ValueError('pass both the f-gram store and its table (SCONE) or neither '
                        '(baseline)')
@@ -240,13 +268,17 @@ class Decoder:
     if self.cache_len > cfg.max_seq_len:
       raise ValueError(f'cache_len={self.cache_len} exceeds the context (config.model.'
                        f'max_seq_len={cfg.max_seq_len})')
-    self.store, self.table = store, table
+    # A hashed run's store is `self.store` too (accounting, stats); its lookup is hashed's.
+    self.store, self.table = (store if hashed is None else hashed.store), table
     self.batch_size, self.bos_id = batch_size, bos_id
     self.d_model, self.dtype = cfg.d_model, jnp.dtype(cfg.dtype)
     self.graphdef, self.state = nnx.split(backbone)
-    slab_dtype = store.dtype if store is not None else self.dtype
+    slab_dtype = (store.dtype if store is not None else
+                  hashed.slab_dtype if hashed is not None else self.dtype)
     self._slab_dtype = np.dtype(slab_dtype)
-    self._no_match_BxE = jnp.zeros((batch_size, cfg.d_model + 1), slab_dtype)
+    # Stored columns of a row: D, or D + 4 for a quantised store (values, then scale).
+    self._row_width = store.row_width if store is not None else cfg.d_model
+    self._no_match_BxE = jnp.zeros((batch_size, self._row_width + 1), slab_dtype)
     self._init_cache = jax.jit(functools.partial(backbone.init_cache, batch_size,
                                                  self.cache_len))
     self._prefill, self._decode = _PREFILL, _DECODE
@@ -285,6 +317,12 @@ class Decoder:
       raise ValueError(f"lookup={lookup!r} must be 'auto', 'native' or 'callback'")
     self._target, self._native = '', None
     self._lookup_operand = np.int32(0)
+    if self._hashed is not None:  # Hashing + gather run in numpy: the host callback.
+      if lookup == 'native':
+        raise ValueError("lookup='native' serves f-gram stores only; a hashed n-gram run "
+                         "uses lookup='callback' (or 'auto')")
+      self._lookup_operand = np.int32(device_loop.register_callback(self.step_slab))
+      return 'callback'
     if self.store is None:
       return 'none'
     shards = native_lookup.store_shards(self.store)
@@ -345,12 +383,14 @@ class Decoder:
     segment per row) and, for the 'ram' tier, gathers the rows and match flags into the
     slab; the 'disk' tier gathers with one `store.gather`. One transfer follows.
     """
+    if self._hashed is not None:
+      return jax.device_put(self._hashed.prompt_slab(tokens_BxT, lengths_B))
     if self.store is None:
       return None
     b, t = tokens_BxT.shape
     start = time.perf_counter()
     ids_BxT = np.empty((b, t), np.int32)
-    slab_BxTxE = np.empty((b, t, self.d_model + 1), self._slab_dtype)
+    slab_BxTxE = np.empty((b, t, self._row_width + 1), self._slab_dtype)
     codes_BxL, index, limit = self._matcher.kernel_args
     if self._fused_args is not None:
       raw_BxTxE = slab_BxTxE.view(self._raw_dtype)
@@ -368,9 +408,11 @@ class Decoder:
   def step_slab(self, token_B: np.ndarray) -> jax.Array | np.ndarray:
     """The host's lookup for one decode step: pushes one new token per row into the
     matcher and gathers the f-gram rows -> slab_BxE (last column the match flag)."""
+    if self._hashed is not None:
+      return self._hashed.step_slab(token_B)
     if self.store is None:
       return self._no_match_BxE
-    slab_BxE = np.empty((self.batch_size, self.d_model + 1), self._slab_dtype)
+    slab_BxE = np.empty((self.batch_size, self._row_width + 1), self._slab_dtype)
     if self._fused_args is None:
       ids_B, lens_B = self._matcher.push(token_B)
       self.store.gather(ids_B, out=slab_BxE[:, :-1])
@@ -388,7 +430,7 @@ class Decoder:
                         self._raw_one)
     if hits < 0:
       raise ValueError(f'token ids must be in [0, 2**31); got {token_B[-1 - hits]}')
-    self.store.stats.add(self.batch_size, hits, self.batch_size * self.d_model *
+    self.store.stats.add(self.batch_size, hits, self.batch_size * self._row_width *
                          self._slab_dtype.itemsize, time.perf_counter() - start)
     # Handed to the jitted step as numpy: its dispatch copies the small slab on the fast
     # path, whereas a separate jax.device_put first costs ~45 us more per step (CPU).
@@ -414,7 +456,7 @@ class Decoder:
     slab_BxTxE = self._prompt_slab(tokens_BxT, lengths_B)
     _, next_B, cache = self._prefill(self.graphdef, sampling, False, self.state, tokens_BxT,
                                      slab_BxTxE, lengths_B, self._init_cache(),
-                                     jax.random.fold_in(key, 0))
+                                     jax.random.fold_in(key, 0), combine=self._combine)
     out_BxN = np.zeros((self.batch_size, max_new_tokens), np.int32)
     # The sampled tokens stay on the device as the next step's input; the host copy
     # (token_B) only feeds the matcher and the output.
@@ -430,7 +472,8 @@ class Decoder:
         slab_BxE = self.step_slab(token_B)
         lookup += time.perf_counter() - t0
         _, next_B, cache = self._decode(self.graphdef, sampling, self.state, next_B,
-                                        slab_BxE, cache, key, np.int32(n + 1))
+                                        slab_BxE, cache, key, np.int32(n + 1),
+                                        combine=self._combine)
         steps += 1
       else:
         next_B = None
@@ -464,7 +507,7 @@ class Decoder:
       self._chunk_programs[sampling] = device_loop.DECODE_CHUNK.lower(
           *static, self.state, self._lookup_operand, token_B, cache,
           jax.ShapeDtypeStruct((self.batch_size,), bool), scalar, scalar, scalar,
-          jax.random.key(0)).compile()
+          jax.random.key(0), combine=self._combine).compile()
     return self._chunk_programs[sampling]
 
   def _generate_device(self, num_prompts, tokens_BxT, lengths_B, max_new_tokens,
@@ -475,7 +518,7 @@ class Decoder:
     prompt_lookup = time.perf_counter() - start
     _, first_B, cache = self._prefill(self.graphdef, sampling, False, self.state, tokens_BxT,
                                       slab_BxTxE, lengths_B, self._init_cache(),
-                                      jax.random.fold_in(key, 0))
+                                      jax.random.fold_in(key, 0), combine=self._combine)
     first_B.block_until_ready()
     prefill_seconds = time.perf_counter() - start
     counters = None if self._native is None else self._native.counters.copy()
@@ -489,7 +532,8 @@ class Decoder:
     if counters is not None:  # The native lookup counts in place of store.gather.
       hits, calls = self._native.counters - counters
       self.store.stats.add(int(calls) * self.batch_size, int(hits), int(calls) *
-                           self.batch_size * self.d_model * self._slab_dtype.itemsize, 0.0)
+                           self.batch_size * self._row_width * self._slab_dtype.itemsize,
+                           0.0)
     return Generation(tokens=_cut_at_eos(tokens_BxN[:num_prompts], eos_id),
                       prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
                       decode_steps=steps, batch_size=self.batch_size,
@@ -514,7 +558,7 @@ class Decoder:
     greedy, key = Sampling(), jax.random.key(0)
     logits_BxTxV, _, cache = self._prefill(self.graphdef, greedy, True, self.state,
                                            tokens_BxT, slab_BxTxE, lengths_B,
-                                           self._init_cache(), key)
+                                           self._init_cache(), key, combine=self._combine)
     steps = []
     cont_BxN = np.zeros((self.batch_size, n), np.int32)
     for b, c in enumerate(continuations):
@@ -522,7 +566,7 @@ class Decoder:
     for i in range(max(n - 1, 0)):
       logits_BxV, _, cache = self._decode(self.graphdef, greedy, self.state, cont_BxN[:, i],
                                           self.step_slab(cont_BxN[:, i]), cache, key,
-                                          np.int32(0))
+                                          np.int32(0), combine=self._combine)
       steps.append(np.asarray(logits_BxV))
     logits_BxTxV = np.asarray(logits_BxTxV)
     out = []
@@ -537,7 +581,7 @@ class Decoder:
     token_B = jax.ShapeDtypeStruct((self.batch_size,), jnp.int32)
     return self._decode.lower(self.graphdef, sampling, self.state, token_B,
                               self._no_match_BxE, cache, jax.random.key(0),
-                              np.int32(0)).compile()
+                              np.int32(0), combine=self._combine).compile()
 
 
 def _cut_at_eos(tokens_BxN: np.ndarray, eos_id: int | None) -> list[np.ndarray]:

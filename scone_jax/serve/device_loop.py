@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
+from scone_jax.export import quant
 from scone_jax.model import KVCache
 
 Lookup = Literal['none', 'native', 'callback']
@@ -68,8 +69,11 @@ def _lookup_slab(lookup: Lookup, target: str, operand, token_B, d_model: int, dt
 
 def decode_chunk(graphdef, sampling, lookup: Lookup, target: str, chunk: int, slab_dtype,
                  state, operand, token_B, cache: KVCache, done_B, emitted, limit, eos_id,
-                 key):
+                 key, combine: str = 'replace'):
   """Up to `chunk` decode steps on the device.
+
+  combine (static): how the slab joins T(token), as in decode._inputs ('add' for
+  fgram_model.kind='hashed').
 
   Args (traced): token_B the last emitted token per row; done_B rows that emitted EOS;
   emitted the tokens emitted per row so far (the prefill's counts as 1); limit
@@ -94,9 +98,10 @@ def decode_chunk(graphdef, sampling, lookup: Lookup, target: str, chunk: int, sl
     if lookup == 'none':
       x_Bx1xD = backbone.embed(tok_B[:, None])
     else:
-      slab_BxE = _lookup_slab(lookup, target, operand, tok_B, d, slab_dtype)
+      slab_BxE = _lookup_slab(lookup, target, operand, tok_B,
+                              quant.row_width(d, slab_dtype), slab_dtype)
       x_Bx1xD = _inputs(backbone, tok_B[:, None], slab_BxE[:, None, :-1],
-                        slab_BxE[:, -1:] > 0)
+                        slab_BxE[:, -1:] > 0, combine)
     logits_Bx1xV, cache = backbone.decode(x_Bx1xD, cache)
     nxt_B = sample(logits_Bx1xV[:, 0], jax.random.fold_in(key, emitted + i), sampling)
     out_BxC = jax.lax.dynamic_update_slice(out_BxC, nxt_B[:, None], (0, i))
@@ -110,7 +115,7 @@ def decode_chunk(graphdef, sampling, lookup: Lookup, target: str, chunk: int, sl
 
 
 DECODE_CHUNK = jax.jit(decode_chunk, static_argnums=(0, 1, 2, 3, 4, 5),
-                       donate_argnames=('cache',))
+                       static_argnames=('combine',), donate_argnames=('cache',))
 
 
 class ChunkRunner:
