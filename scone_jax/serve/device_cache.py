@@ -206,7 +206,10 @@ class DeviceCache:
     self.index = MatchIndex(table)
     self.rows = min(rows, self.index.row_S.size)
     self.counters = np.zeros(2, np.int64)
-    rows_CxD = store.gather(np.arange(self.rows, dtype=np.int64))
+    # Raw bits (uint16 for bf16/fp16): XLA:CPU would convert a bf16 operand of the gather
+    # to f32 as a whole, C x D work on every step; integers gather as they are.
+    self.raw = np.dtype(f'u{store.dtype.itemsize}')
+    rows_CxD = store.gather(np.arange(self.rows, dtype=np.int64)).view(self.raw)
     self.target = ''
     if native:
       shards, chunk_rows = native_lookup.store_shards(store)
@@ -234,17 +237,17 @@ class DeviceCache:
     """The callback miss path: rows_BxD of the store for ids_B >= 0, zeros elsewhere."""
     ids_B = np.asarray(ids_B, np.int64)
     self.counters += (int((ids_B >= 0).sum()), 1)
-    return self.store.gather(ids_B)  # -1: a zero row.
+    return self.store.gather(ids_B).view(self.raw)  # -1: a zero row.
 
 
 def lookup(operand, target: str, token_B, codes_BxL, d_model: int, dtype):
   """Inside the loop: (slab_BxE for token_B, codes_BxL after the push)."""
   from scone_jax.serve import device_loop  # pylint: disable=g-import-not-at-top
   row_B, codes_BxL = push(operand['a'], operand['b'], operand['row'], codes_BxL, token_B)
-  rows_CxD = operand['rows']
+  rows_CxD = operand['rows']  # Raw bits of the store's dtype.
   c = rows_CxD.shape[0]
   miss_B = row_B >= c
-  shape = jax.ShapeDtypeStruct((token_B.shape[0], d_model), dtype)
+  shape = jax.ShapeDtypeStruct((token_B.shape[0], d_model), rows_CxD.dtype)
 
   def from_host(ids_B):
     if target:
@@ -253,7 +256,7 @@ def lookup(operand, target: str, token_B, codes_BxL, d_model: int, dtype):
                           ids_B, ordered=False)
 
   host_BxD = jax.lax.cond(jnp.any(miss_B), from_host,
-                          lambda ids_B: jnp.zeros(shape.shape, dtype),
+                          lambda ids_B: jnp.zeros(shape.shape, shape.dtype),
                           jnp.where(miss_B, row_B, -1))
   if c:
     cached_BxD = jnp.where((row_B >= 0)[:, None], rows_CxD[jnp.clip(row_B, 0, c - 1)], 0)
@@ -261,4 +264,5 @@ def lookup(operand, target: str, token_B, codes_BxL, d_model: int, dtype):
   else:
     rows_BxD = host_BxD
   flag_Bx1 = (row_B >= 0)[:, None].astype(dtype)
+  rows_BxD = jax.lax.bitcast_convert_type(rows_BxD, jnp.dtype(dtype))
   return jnp.concatenate([rows_BxD, flag_Bx1], axis=1), codes_BxL
