@@ -231,6 +231,10 @@ def write_report(sweep_dir: str) -> dict[str, str]:
   for corpus in tests:
     md += [f'## Test corpus `{corpus}` ({analysis.coverage(runs, corpus)})', '',
            markdown_table(analysis.summary_rows(arms, corpus)), '']
+    if len(arms) >= 3:
+      md += [f'Ranking on `{corpus}` by mean test loss (paired per-seed loss differences '
+             'against the first arm and the baseline, 95% t-intervals):', '',
+             markdown_table(analysis.ranking_rows(arms, baseline, corpus)), '']
     rows = analysis.paired_rows(arms, baseline, corpus)
     if rows:
       md += [f'Paired difference, SCONE arm minus baseline `{baseline.name}` (per seed, '

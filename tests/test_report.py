@@ -132,6 +132,26 @@ def test_paired_differences_and_verdicts(sweep):
     assert ('beyond the seed spread' in line) == ('interval excludes 0' in line)
 
 
+def test_ranking_per_corpus_says_which_places_the_seeds_separate(written):
+  sweep, paths = written
+  runs = report.collect(sweep.dir)
+  arms, baseline = analysis.arms_of(runs, None)
+  a = analysis.ranking_rows(arms, baseline, 'a')
+  assert [r['arm'] for r in a] == ['use_size=1000', 'use_size=100', 'num_layers=0']
+  assert [r['side'] for r in a] == ['A_f', 'A_f', 'none']
+  # On a every paired difference is constant over seeds: all places are separated.
+  assert [r['tied with #1'] for r in a] == ['-', 'no', 'no']
+  assert a[1]['d_loss vs #1 [95% CI]'].startswith('+0.0900 [')
+  assert a[2]['d_loss vs baseline [95% CI]'] == '-'
+  # On b, S=100's seed noise (+-0.3) puts it within the spread of S=1000.
+  b = analysis.ranking_rows(arms, baseline, 'b')
+  assert [r['tied with #1'] for r in b] == ['-', 'yes', 'no']
+  lines = [l for l in analysis.verdicts(arms, baseline, runs) if 'ranking' in l]
+  assert len(lines) == 2 and 'within the seed spread of use_size=100' in lines[1]
+  assert 'beyond the seed spread (each paired interval excludes 0)' in lines[0]
+  assert 'Ranking on `a`' in open(paths['markdown']).read()
+
+
 def test_never_averages_across_corpora_without_the_label(written):
   sweep, paths = written
   md = open(paths['markdown']).read()

@@ -52,6 +52,18 @@ class Arm:
     return self.cfg.fgram_model.num_layers
 
   @property
+  def side(self) -> str:
+    """What computes the arm's input embeddings beyond T: 'none' (baseline), 'A_f',
+    'table' or 'hashed', with the combine rule when it is not the paper's 'replace'."""
+    fm = self.cfg.fgram_model
+    if not self.is_scone:
+      return 'none'
+    if fm.kind == 'hashed':
+      return f'hashed n<={fm.hash_max_n}, m={fm.hash_buckets}'
+    name = 'A_f' if fm.kind == 'network' else fm.kind
+    return name if fm.combine == 'replace' else f'{name}, {fm.combine}'
+
+  @property
   def finished(self) -> list[Any]:
     return [r for r in self.runs if r.finished]
 
@@ -205,6 +217,14 @@ def verdicts(arms: Sequence[Arm], baseline: Arm | None, runs: Sequence[Any]) -> 
           f'perplexity {s.mean:.3f} vs {b.mean:.3f}; paired difference over '
           f'{len(seeds)} seed(s): perplexity {fmt_interval(dp)}, loss {fmt_interval(d, 4)} '
           f'nats: SCONE is {_spread_phrase(d, "better", "worse")}.')
+    ranked = ranking_rows(arms, baseline, corpus)
+    if len(ranked) >= 3:
+      tied = [r['arm'] for r in ranked[1:] if r['tied with #1'] == 'yes']
+      lines.append(f'[{corpus}, {cov}] ranking by mean loss: ' + ' < '.join(
+          r['arm'] for r in ranked) + f'; #1 {ranked[0]["arm"]} is ' + (
+              f'within the seed spread of {", ".join(tied)}' if tied else
+              'separated from every other arm beyond the seed spread (each paired interval '
+              'excludes 0)') + '.')
     for axis in ('S', 'A_f depth'):
       for members in series(arms, axis):
         lines.append(_trend_line(corpus, cov, axis, members))
@@ -250,7 +270,8 @@ def summary_rows(arms: Sequence[Arm], corpus: str) -> list[dict[str, Any]]:
   """Per arm: S, A_f layers, lr, seeds, and mean / std / 95% CI of each metric."""
   rows = []
   for a in arms:
-    row: dict[str, Any] = {'arm': a.name, 'S': a.num_fgrams, 'A_f layers': a.af_layers,
+    row: dict[str, Any] = {'arm': a.name, 'side': a.side, 'S': a.num_fgrams,
+                           'A_f layers': a.af_layers,
                            'lr': a.lr if a.lr is not None else a.cfg.train.learning_rate,
                            'seeds': f'{len(a.values(corpus, "loss"))}/{len(a.runs)}'}
     for metric in METRICS:
@@ -263,6 +284,35 @@ def summary_rows(arms: Sequence[Arm], corpus: str) -> list[dict[str, Any]]:
       row[f'{short.split()[0]} std'] = s.std
       row[f'{short} 95% CI'] = ('-' if s.n < 2 else
                                 f'[{s.lo:.4g}, {s.hi:.4g}]')
+    rows.append(row)
+  return rows
+
+
+def ranking_rows(arms: Sequence[Arm], baseline: Arm | None,
+                 corpus: str) -> list[dict[str, Any]]:
+  """Arms ranked by mean test loss on `corpus`, each against the top-ranked arm and the
+  baseline by the paired per-seed difference of the loss.
+
+  The rank is by mean only; 'tied with #1' says whether the paired interval against the
+  first arm includes zero, so a reader sees which places the seeds actually separate.
+  """
+  done = [a for a in arms if a.values(corpus, 'loss')]
+  done.sort(key=lambda a: (a.summary(corpus, 'loss').mean, a.name))
+  rows = []
+  for i, a in enumerate(done):
+    row: dict[str, Any] = {'rank': i + 1, 'arm': a.name, 'side': a.side,
+                           'ppl (geo) [95% CI]': fmt_interval(a.ppl_summary(corpus))}
+    if i == 0:
+      row['d_loss vs #1 [95% CI]'], row['tied with #1'] = '-', '-'
+    else:
+      d, _ = stats.paired(a.values(corpus, 'loss'), done[0].values(corpus, 'loss'))
+      row['d_loss vs #1 [95% CI]'] = fmt_interval(d, 4)
+      row['tied with #1'] = ('no' if d.excludes_zero else 'yes') if d.n >= 2 else 'n<2'
+    if baseline is not None and a is not baseline:
+      d, _ = stats.paired(a.values(corpus, 'loss'), baseline.values(corpus, 'loss'))
+      row['d_loss vs baseline [95% CI]'] = fmt_interval(d, 4)
+    else:
+      row['d_loss vs baseline [95% CI]'] = '-'
     rows.append(row)
   return rows
 
