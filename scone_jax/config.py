@@ -187,8 +187,12 @@ class FgramModelConfig:
   kind: Literal['network', 'table', 'hashed'] = 'network'
   # How the f-gram embedding e joins T(x_i) where a position has one: 'replace' (the
   # paper's rule) x = e; 'add' x = T(x_i) + e; 'gate' x = T(x_i) + sigmoid(g) * (e - T(x_i))
-  # with a learned per-channel g.
+  # with a learned per-channel g (init 0). The rule, what the export store holds for each
+  # mode and the decode step's extra FLOPs (D adds per token for add and gate):
+  # scone_jax/model/combine.py. kind='table' rows start at T(last token) (0 for 'add').
   combine: Literal['replace', 'add', 'gate'] = 'replace'
+  # kind='hashed' (scone_jax/model/hashed.py): n-gram orders 2..hash_max_n, each hashed into
+  # hash_buckets rows of its own table; needs combine='add' (Over-Encoding adds) and no A_f.
   hash_max_n: int = 3
   hash_buckets: int = 0
 
@@ -196,6 +200,12 @@ class FgramModelConfig:
   def enabled(self) -> bool:
     """Whether the run has an f-gram side at all (False = the plain baseline)."""
     return self.num_layers > 0 or self.kind != 'network'
+
+  @property
+  def uses_fgram_table(self) -> bool:
+    """Whether batches, eval and serving need the mined f-gram table (kind='hashed' hashes
+    raw n-grams and needs none)."""
+    return self.enabled and self.kind != 'hashed'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,8 +268,9 @@ class DistributedConfig:
 class ExportConfig:
   dtype: Literal['bfloat16', 'float16', 'float32'] = 'bfloat16'
   # Store rows quantised after A_f: 'none' keeps `dtype`; 'int8' = int8 rows with a float32
-  # scale per row; 'fp8' = float8_e4m3fn rows with a scale per row. Decode dequantises on
-  # device after the gather.
+  # scale per row; 'fp8' = float8_e4m3fn rows with a scale per row (`dtype` is then unused:
+  # rows are quantised from A_f's float32 output). Decode dequantises on device after the
+  # gather (scone_jax/export/quant.py states the round-trip error bounds).
   quant: Literal['none', 'int8', 'fp8'] = 'none'
   batch_size: int = 4096  # f-grams per A_f batch.
   chunk_rows: int = 65536  # zarr3 shard rows; also the resume granularity.
@@ -434,6 +445,26 @@ _VALUE_RULES = (
 )
 
 
+def _validate_hashed(fm: FgramModelConfig) -> None:
+  """The rules of fgram_model.kind='hashed' (scone_jax/model/hashed.py)."""
+  if fm.num_layers != 0:
+    raise ConfigError(f"config.fgram_model.kind='hashed' has no A_f: set "
+                      f'config.fgram_model.num_layers=0 (got {fm.num_layers})')
+  if fm.combine != 'add':
+    raise ConfigError(f"config.fgram_model.kind='hashed' adds its n-gram embeddings to "
+                      f"T(x_i) (Over-Encoding): set config.fgram_model.combine='add' (got "
+                      f'{fm.combine!r})')
+  if fm.hash_max_n < 2:
+    raise ConfigError(f'config.fgram_model.hash_max_n={fm.hash_max_n} must be >= 2 (orders '
+                      '2..hash_max_n are hashed)')
+  if fm.hash_buckets < 1:
+    raise ConfigError(f'config.fgram_model.hash_buckets={fm.hash_buckets} must be >= 1 '
+                      '(rows per n-gram order, the m of Over-Encoding)')
+  if (fm.hash_max_n - 1) * fm.hash_buckets >= 2**31:
+    raise ConfigError(f'config.fgram_model.hash_buckets={fm.hash_buckets} x '
+                      f'{fm.hash_max_n - 1} orders must be < 2**31 rows (int32 row ids)')
+
+
 def validate(cfg: Config) -> Config:
   """Checks every value and cross-field rule; returns cfg with family defaults resolved.
 
@@ -462,13 +493,17 @@ def validate(cfg: Config) -> Config:
     raise ConfigError("config.fgram_model.output_scale='rmsnorm_gain' normalises A_f's output "
                       "itself; set config.fgram_model.final_norm='none' (or choose "
                       "output_scale='scalar'/'channel' to scale the normed output)")
-  # Transitional: the beyond-the-paper arms land one by one (issue 14).
-  fm = cfg.fgram_model
-  for value, what in ((fm.kind != 'network', f"fgram_model.kind={fm.kind!r}"),
-                      (fm.combine != 'replace', f"fgram_model.combine={fm.combine!r}"),
-                      (cfg.export.quant != 'none', f"export.quant={cfg.export.quant!r}")):
-    if value:
-      raise ConfigError(f'config.{what} is not built yet; use the default')
+  if cfg.export.quant != 'none' and not cfg.fgram_model.enabled:
+    raise ConfigError(f'config.export.quant={cfg.export.quant!r} quantises the exported '
+                      'f-gram store, but this run has no f-gram side (fgram_model.num_layers'
+                      "=0, kind='network'); leave config.export.quant='none'")
+  if cfg.fgram_model.kind == 'hashed':
+    _validate_hashed(cfg.fgram_model)
+    if cfg.export.quant != 'none':
+      raise ConfigError(f"config.export.quant={cfg.export.quant!r} is for f-gram stores; "
+                        "kind='hashed' sums its orders' rows on the host in float32 before "
+                        "the decode step, so leave config.export.quant='none'")
+  _check_fgram_side(cfg.fgram_model)
   if cfg.data.embedded_eval_fraction + cfg.data.embedded_valid_fraction >= 1:
     raise ConfigError(f'config.data.embedded_valid_fraction={cfg.data.embedded_valid_fraction}'
                       f' + data.embedded_eval_fraction={cfg.data.embedded_eval_fraction} must '
@@ -520,6 +555,24 @@ def validate(cfg: Config) -> Config:
       raise ConfigError(f'config.distributed.process_id={dist.process_id} must be in '
                         f'[0, num_processes={dist.num_processes})')
   return cfg
+
+
+def _check_fgram_side(fm: FgramModelConfig) -> None:
+  """fgram_model.kind / combine against the A_f options."""
+  if fm.kind == 'table':
+    if fm.num_layers:
+      raise ConfigError(f"config.fgram_model.kind='table' learns the f-gram rows directly and "
+                        f'has no A_f, but config.fgram_model.num_layers={fm.num_layers}; set '
+                        "it to 0 (or use kind='network' for A_f)")
+    for key, default in (('final_norm', 'none'), ('output_scale', 'none')):
+      if getattr(fm, key) != default:
+        raise ConfigError(f'config.fgram_model.{key}={getattr(fm, key)!r} shapes A_f\'s '
+                          f"output; kind='table' has no A_f: leave it {default!r}")
+  if fm.combine != 'replace' and not fm.enabled:
+    raise ConfigError(f'config.fgram_model.combine={fm.combine!r} joins an f-gram embedding '
+                      'to the token embedding, but this run has none (fgram_model.'
+                      "num_layers=0, kind='network': the baseline); set num_layers >= 1, "
+                      "or kind='table', or leave combine='replace'")
 
 
 def check_data_source(cfg: Config) -> None:
@@ -584,6 +637,14 @@ def validate_runtime(cfg: Config, num_devices: int, num_processes: int,
   if cfg.fgram.miner == 'beam' and importlib.util.find_spec('apache_beam') is None:
     raise ConfigError("config.fgram.miner='beam' needs apache-beam: pip install -r "
                       "requirements-beam.txt, or use config.fgram.miner='local'")
+  # Transitional: the beyond-the-paper arms land one by one (issue 14). Refused at train
+  # time only, so sweep dry runs can already account for them from the config.
+  fm = cfg.fgram_model
+  for value, what in ((fm.kind not in ('network', 'hashed'), f"fgram_model.kind={fm.kind!r}"),
+                      (fm.combine != 'replace' and fm.kind != 'hashed',
+                       f"fgram_model.combine={fm.combine!r}")):
+    if value:
+      raise ConfigError(f'config.{what} is not built yet; use the default')
   shape = resolve_mesh(cfg.mesh, num_devices)
   check_batch_on_mesh(cfg.train.batch_size, shape)
   if cfg.train.batch_size % num_processes:

@@ -140,7 +140,7 @@ def evaluate(workdir: str, step: int | None = None,
   mesh_lib.maybe_initialize_distributed(cfg.distributed)
   step = run_dir.latest_step() if step is None else step  # Fails fast without checkpoints.
   data = EvalData(tokenizer=run_dir.tokenizer(), eval_shards=run_dir.eval_shards(),
-                  table=run_dir.table() if cfg.is_scone else None)
+                  table=run_dir.table() if cfg.fgram_model.uses_fgram_table else None)
   mesh = mesh_lib.make_mesh(cfg.mesh, cfg.train.batch_size)
   lm, step = run_dir.restore_model(cfg, mesh, step)
   graphdef, params, other = nnx.split(lm, nnx.Param, ...)

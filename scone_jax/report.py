@@ -69,13 +69,14 @@ def accounting(cfg: config_lib.Config,
   `af_tokens_per_token` (a measured "A_f tokens per main-model token", the logged
   batch/fgram_af_tokens_per_token) is given, at that figure (*_measured columns).
   """
-  from scone_jax.model import flops  # Deferred: reading results needs no JAX.
+  from scone_jax.model import arm_accounting, flops  # Deferred: reading results needs no JAX.
   params = flops.param_counts(cfg)
   per_token = flops.flops_per_token(cfg)
   seq = cfg.train.seq_len
   row = {
       'accel_params': params.backbone_total,
-      'offloaded_params': params.offloaded,
+      # S d for A_f and a trained table, (n - 1) m d for hashed tables.
+      'offloaded_params': arm_accounting.host_rows(cfg) * cfg.model.d_model,
       'af_params': params.fgram_total,
       'train_flops_backbone': per_token.train_backbone,
       'train_flops_af': per_token.train_fgram,

@@ -37,7 +37,7 @@ from scone_jax import artifacts, compat, paths
 from scone_jax import config as config_lib
 from scone_jax.config import Config
 from scone_jax.fgrams import FgramTable
-from scone_jax.model import SconeLM, model_shardings
+from scone_jax.model import SconeLM, fgram_table, model_shardings
 from scone_jax.tokenizer import TokenShards, Tokenizer
 
 CONFIG_FILE = 'config.json'
@@ -97,6 +97,8 @@ class RunDir:
         'eval_shards': {name: self._ref(s.directory, s.fingerprint)
                         for name, s in sorted(eval_shards.items())},
         'fgram_table': (None if table is None else self._ref(table_dir, table.fingerprint)),
+        # Rows of the table before fgram.use_size (what sizes a kind='table' model).
+        'fgram_table_rows': 0 if table is None else len(table),
         'checkpoint_steps': list(checkpoint_steps or []),
     }
     artifacts.write_json_atomic(self.join(RUN_FILE), record)
@@ -205,9 +207,14 @@ class RunDir:
     info = self.info()
     step = self.latest_step() if step is None else int(step)
 
+    num_fgrams = (fgram_table.num_rows_used(info.get('fgram_table_rows', 0),
+                                            cfg.fgram.use_size)
+                  if cfg.fgram_model.kind == 'table' else 0)
+
     def make_model():
       return SconeLM(cfg.model, cfg.fgram_model, fgram_max_len=info['fgram_max_len'],
-                     vocab_size=info['vocab_size'], rngs=nnx.Rngs(cfg.train.seed))
+                     vocab_size=info['vocab_size'], rngs=nnx.Rngs(cfg.train.seed),
+                     num_fgrams=num_fgrams)
 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     with compat.set_mesh(mesh):

@@ -84,7 +84,15 @@ def parse_number(cell):
 
 
 def parse_table(out):
-  lines = [l for l in out.splitlines() if l.startswith('| ')]
+  """The dry run's first table (the per-arm table follows it after a blank line)."""
+  all_lines = out.splitlines()
+  start = next(i for i, l in enumerate(all_lines) if l.startswith('| '))
+  lines = []
+  for l in all_lines[start:]:
+    if not l.startswith('|'):
+      break
+    if l.startswith('| '):
+      lines.append(l)
   header = [c.strip() for c in lines[0].strip('|').split('|')]
   assert header[0] == 'run', out
   return [dict(zip(header, (c.strip() for c in l.strip('|').split('|')))) for l in lines[1:]]

@@ -17,6 +17,8 @@ those f-grams, not B*T rows padded to K:
   trainer). So training, eval and serving apply the same embedding rule at every position.
 * `fgram_slot_BxT` is the flat index (row * W + column) of the f-gram's LAST token in the
   packed rows, where A_f's output is the f-gram's embedding; -1 = use the token embedding.
+* `fgram_row_ids_RxW` holds, at that same column, the f-gram's row in the table (-1
+  elsewhere): what fgram_model.kind='table' looks its embedding up by.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numpy as np
 STATS_PREFIX = 'stats/'
 ROW_GRANULE = 8  # Buckets are multiples of 8 rows (shardable over up to 8 local devices).
 FGRAM_KEYS = ('fgram_slot_BxT', 'fgram_tokens_RxW', 'fgram_positions_RxW',
-              'fgram_segment_ids_RxW')
+              'fgram_segment_ids_RxW', 'fgram_row_ids_RxW')
 
 
 class Matcher(Protocol):
@@ -169,6 +171,8 @@ def tag_fgrams(batch: dict[str, np.ndarray], table: Matcher, capacity: int = 0,
   # Items in one row start at distinct columns, so col + 1 is a unique segment id.
   segments_N[flat] = np.broadcast_to((col_G + 1)[:, None], flat_GxK.shape)[valid_GxK]
   last_G = row_G * width + col_G + lens_G - 1
+  row_ids_N = np.full(rows * width, -1, np.int32)
+  row_ids_N[last_G] = ids_G
 
   slot_BxT = np.full(ids_BxT.shape, -1, np.int32)
   slot_BxT[matched_BxT] = last_G[inverse.reshape(-1)]
@@ -180,6 +184,7 @@ def tag_fgrams(batch: dict[str, np.ndarray], table: Matcher, capacity: int = 0,
   out['fgram_tokens_RxW'] = tokens_N.reshape(rows, width)
   out['fgram_positions_RxW'] = positions_N.reshape(rows, width)
   out['fgram_segment_ids_RxW'] = segments_N.reshape(rows, width)
+  out['fgram_row_ids_RxW'] = row_ids_N.reshape(rows, width)
   stats = {
       'fgram_matched_frac': num_matched / num_real,
       'fgram_unique': num_unique,
@@ -207,6 +212,7 @@ def pad_fgram_rows(batch: dict[str, Any], rows: int) -> dict[str, Any]:
   out = dict(batch)
   for key in FGRAM_KEYS[1:]:
     value = batch[key]
-    out[key] = np.concatenate([value, np.zeros((rows - have,) + value.shape[1:],
-                                               value.dtype)])
+    fill = -1 if key == 'fgram_row_ids_RxW' else 0  # No table row, like other padding.
+    out[key] = np.concatenate([value, np.full((rows - have,) + value.shape[1:], fill,
+                                              value.dtype)])
   return out

@@ -1,4 +1,5 @@
-"""Export: run A_f over every f-gram of the table and write the [S, d] store.
+"""Export: run A_f over every f-gram of the table (kind='table': read the trained rows)
+and write the [S, d] store.
 
 Dimension letters: S f-grams in the table, N f-grams per A_f batch, K longest f-gram,
 D d_model.
@@ -22,7 +23,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from scone_jax import compat, paths
 from scone_jax.config import Config, ExportConfig
 from scone_jax.export.writer import write_store
-from scone_jax.model import SconeLM, model_shardings
+from scone_jax.model import SconeLM, fgram_table, model_shardings
+from scone_jax.model.hashed import hash_fingerprint
 
 EXPORT_DIR = 'export'
 
@@ -30,7 +32,9 @@ EXPORT_DIR = 'export'
 def export_embeddings(lm: SconeLM, table: Any, out_dir: str, export_cfg: ExportConfig,
                       meta: dict[str, Any], mesh: jax.sharding.Mesh | None = None,
                       progress: bool = True) -> str:
-  """Writes A_f(f-gram r) for every row r of `table` to a zarr3 store at `out_dir`.
+  """Writes f-gram r's store row for every row r of `table` to a zarr3 store at `out_dir`:
+  A_f(f-gram r), or the trained table's row r (kind='table'), as `combine.store_rows`
+  prepares it for the run's combine mode (recorded in the manifest as `combine`).
 
   Batches of `export_cfg.batch_size` f-grams are split over the mesh's batch axes
   (data x fsdp); one shard (`export_cfg.chunk_rows` rows) is on the host at a time and
@@ -38,10 +42,10 @@ def export_embeddings(lm: SconeLM, table: Any, out_dir: str, export_cfg: ExportC
   after a kill resumes at the first unfinished shard.
 
   Args:
-    lm: a SCONE model (lm.fgram_model is A_f).
+    lm: a SCONE model (lm.fgram_model is A_f or the f-gram table).
     table: the f-gram table (its `tokens_SxK`, `lengths`, `len`).
     out_dir: the store directory (normally W/export).
-    export_cfg: dtype, batch_size and chunk_rows.
+    export_cfg: dtype, quant, batch_size and chunk_rows.
     meta: manifest fields (checkpoint step, fingerprints).
     mesh: where A_f runs (default: all devices on the data axis).
     progress: show a progress bar.
@@ -51,7 +55,7 @@ def export_embeddings(lm: SconeLM, table: Any, out_dir: str, export_cfg: ExportC
   """
   if lm.fgram_model is None:
     raise ValueError('this run is a baseline (config.fgram_model.num_layers=0): it has no '
-                     'A_f and nothing to export; generate without a store')
+                     'f-gram side and nothing to export; generate without a store')
   if export_cfg.batch_size < 1:
     raise ValueError(f'config.export.batch_size={export_cfg.batch_size} must be >= 1')
   if mesh is None:
@@ -59,37 +63,74 @@ def export_embeddings(lm: SconeLM, table: Any, out_dir: str, export_cfg: ExportC
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   # Every device gets the same number of f-grams per batch.
   batch = -(-export_cfg.batch_size // shards) * shards
-  tokens_SxK = np.asarray(table.tokens_SxK, np.int32)
-  lens_S = np.asarray(table.lengths, np.int32)
   num_rows, d_model = len(table), lm.backbone.cfg.d_model
+  k = int(table.max_len)
+  # kind='table' reads rows by id: no token matrix (S x K) is built for it.
+  tokens_SxK = (np.asarray(table.tokens_SxK, np.int32) if lm.kind != 'table'
+                else np.zeros((num_rows, k), np.int32))
+  lens_S = np.asarray(table.lengths, np.int32)
+  last_S = fgram_table.last_tokens(table)
+  # What the store holds per combine mode (model/combine.py); the decode step applies
+  # `combine.stored_rule` to it.
+  meta = {**meta, 'combine': lm.combine, 'fgram_kind': lm.kind}
 
-  graphdef, state = nnx.split(lm.fgram_model)
+  graphdef, state = nnx.split(lm)
   with compat.set_mesh(mesh):
     state = jax.device_put(state, model_shardings(state, mesh))
   rows_sh = NamedSharding(mesh, P(('data', 'fsdp')))
 
   @jax.jit
-  def embed(state, tokens_NxK, lens_N):
-    e_NxD = nnx.merge(graphdef, state)(tokens_NxK, lens_N)
+  def embed(state, tokens_NxK, lens_N, ids_N, last_N):
+    e_NxD = nnx.merge(graphdef, state).export_rows(tokens_NxK, lens_N, ids_N, last_N)
     return jax.lax.with_sharding_constraint(e_NxD.astype(jnp.float32), rows_sh)
 
   def compute_rows(start: int, stop: int) -> np.ndarray:
     pending = []
     for lo in range(start, stop, batch):
       hi = min(lo + batch, stop)
-      tokens_NxK = np.zeros((batch, tokens_SxK.shape[1]), np.int32)
-      lens_N = np.zeros(batch, np.int32)
+      tokens_NxK = np.zeros((batch, k), np.int32)
+      lens_N, ids_N, last_N = (np.zeros(batch, np.int32) for _ in range(3))
       tokens_NxK[:hi - lo], lens_N[:hi - lo] = tokens_SxK[lo:hi], lens_S[lo:hi]
+      ids_N[:hi - lo], last_N[:hi - lo] = np.arange(lo, hi), last_S[lo:hi]
       # Dispatch every batch of the shard before reading any back (async dispatch keeps
       # the device busy while the host copies the previous results).
-      pending.append((hi - lo, embed(state, jax.device_put(tokens_NxK, rows_sh),
-                                     jax.device_put(lens_N, rows_sh))))
+      pending.append((hi - lo, embed(state, *(jax.device_put(a, rows_sh) for a in (
+          tokens_NxK, lens_N, ids_N, last_N)))))
     return np.concatenate([np.asarray(e_NxD)[:n] for n, e_NxD in pending], axis=0)
 
   # Under the mesh, the model's logical-axis constraints apply while `embed` traces.
   with compat.set_mesh(mesh):
     return write_store(out_dir, num_rows, d_model, export_cfg.dtype,
-                       export_cfg.chunk_rows, compute_rows, meta, progress=progress)
+                       export_cfg.chunk_rows, compute_rows, meta, progress=progress,
+                       quant=export_cfg.quant)
+
+
+def export_hashed(lm: SconeLM, out_dir: str, export_cfg: ExportConfig,
+                  meta: dict[str, Any], progress: bool = True) -> str:
+  """kind='hashed': writes the n-gram tables, times their fixed scale s, as the store
+  [O * M, d] (order n's rows at [(n - 2) * M, (n - 1) * M), model/hashed.py).
+
+  The rows are s * E (float32 product, as the training forward computes it before
+  summing), so the host only sums gathered rows. One shard's slice of the table is
+  copied to the host at a time.
+  """
+  if lm.hashed is None:
+    raise ValueError("this run has no hashed n-gram tables (config.fgram_model.kind is not "
+                     "'hashed')")
+  table = lm.hashed.table[...]
+  scale = np.float32(lm.hashed.scale)
+
+  def compute_rows(start: int, stop: int) -> np.ndarray:
+    return np.asarray(table[start:stop], np.float32) * scale
+
+  return write_store(out_dir, table.shape[0], table.shape[1], export_cfg.dtype,
+                     export_cfg.chunk_rows, compute_rows, meta, progress=progress)
+
+
+def hashed_meta(cfg: Config) -> dict[str, Any]:
+  """The manifest fields that say how a hashed store's rows are addressed."""
+  fm = cfg.fgram_model
+  return {'hash_max_n': fm.hash_max_n, 'hash_buckets': fm.hash_buckets}
 
 
 def export_store(cfg: Config, workdir: str, progress: bool = True) -> str:
@@ -99,6 +140,14 @@ def export_store(cfg: Config, workdir: str, progress: bool = True) -> str:
   from scone_jax.serve import restore  # pylint: disable=g-import-not-at-top
   run = restore.load_run(cfg, workdir, with_table=True)
   out = paths.join(paths.resolve(workdir), EXPORT_DIR)
+  if cfg.fgram_model.kind == 'hashed':
+    fm = cfg.fgram_model
+    meta = {**store_meta(run.step, hash_fingerprint(fm.hash_max_n, fm.hash_buckets),
+                         run.tokenizer.fingerprint, run.weights_fingerprint),
+            **hashed_meta(cfg)}
+    logging.info('export: hashed n-gram tables (%d orders x %d rows) of step %d -> %s',
+                 fm.hash_max_n - 1, fm.hash_buckets, run.step, out)
+    return export_hashed(run.lm, out, cfg.export, meta, progress)
   meta = store_meta(run.step, run.table.fingerprint, run.tokenizer.fingerprint,
                     run.weights_fingerprint)
   logging.info('export: A_f over %d f-grams of step %d -> %s', len(run.table), run.step, out)

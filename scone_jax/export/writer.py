@@ -4,8 +4,12 @@ Layout of a finished store directory (a plain zarr3 array at the root, so any za
 reader opens it without this project):
 
   <out>/zarr.json        zarr3 array metadata: shape [S, d], sharding_indexed codec
+                         (a quantised store, export.quant 'int8' | 'fp8': [S, d + 4] of
+                         int8 | float8_e4m3fn, each row's float32 scale in its last 4
+                         bytes; export/quant.py)
   <out>/c/<i>/0          shard i: rows [i * chunk_rows, (i + 1) * chunk_rows)
-  <out>/manifest.json    written last: kind, S, d, dtype, per-shard crc32c and sha256 of
+  <out>/manifest.json    written last: kind, S, d, dtype (stored), quant, row_width (the
+                         stored columns: d, or d + 4 quantised), per-shard crc32c and sha256 of
                          the row bytes, per-file sizes and sha256, plus the caller's
                          metadata
 
@@ -40,10 +44,20 @@ import tensorstore as ts
 import tqdm
 
 from scone_jax import artifacts, paths
+from scone_jax.export import quant as quant_lib
 
 STORE_KIND = 'fgram_embedding_store'
+# export.dtype choices (unquantised rows).
 DTYPES = {'bfloat16': np.dtype(ml_dtypes.bfloat16), 'float16': np.dtype(np.float16),
           'float32': np.dtype(np.float32)}
+# Every dtype a store may hold: the export dtypes and the quantised ones.
+STORE_DTYPES = {**DTYPES, **quant_lib.NP_DTYPES}
+
+
+def row_width(manifest: dict[str, Any]) -> int:
+  """Stored columns per row (d, or d + 4 for a quantised store; stores written before
+  quantisation have no row_width and hold d)."""
+  return int(manifest.get('row_width', manifest['d_model']))
 
 
 def zarr3_spec(path: str, num_rows: int | None = None, d_model: int | None = None,
@@ -92,7 +106,8 @@ def _plan_matches(path: str, plan: dict[str, Any]) -> bool:
 
 def write_store(out_dir: str, num_rows: int, d_model: int, dtype: str, chunk_rows: int,
                 compute_rows: Callable[[int, int], np.ndarray], meta: dict[str, Any],
-                inner_rows: int = 64, progress: bool = True) -> str:
+                inner_rows: int = 64, progress: bool = True,
+                quant: quant_lib.Quant = 'none') -> str:
   """Writes rows [0, num_rows) produced by `compute_rows` as a zarr3 store at `out_dir`.
 
   Streams: only one shard (chunk_rows x d) is in host memory at a time. Resumes a
@@ -104,18 +119,23 @@ def write_store(out_dir: str, num_rows: int, d_model: int, dtype: str, chunk_row
     out_dir: the final store directory.
     num_rows: S, the number of rows.
     d_model: d, the row width.
-    dtype: 'bfloat16' | 'float16' | 'float32' (rows are cast on the host).
+    dtype: 'bfloat16' | 'float16' | 'float32' (rows are cast on the host; unused when
+      quantised).
     chunk_rows: rows per zarr3 shard (also the resume granularity).
     compute_rows: (start, stop) -> [stop - start, d] array of rows start..stop-1.
     meta: extra manifest fields (e.g. checkpoint step and fingerprints).
     inner_rows: rows per inner chunk of a shard (the unit of a disk-tier read).
     progress: show a progress bar.
+    quant: 'none', or 'int8' | 'fp8': rows quantised on the host with a float32 scale
+      per row (export/quant.py), stored as [S, d + 4].
 
   Returns:
     out_dir.
   """
   if dtype not in DTYPES:
     raise ValueError(f'export dtype {dtype!r} is not one of {sorted(DTYPES)}')
+  if quant not in quant_lib.QUANTS:
+    raise ValueError(f'export quant {quant!r} is not one of {list(quant_lib.QUANTS)}')
   if num_rows < 1 or d_model < 1:
     raise ValueError(f'cannot export an empty [{num_rows}, {d_model}] matrix: the f-gram '
                      'table (or fgram.use_size) has no rows')
@@ -126,10 +146,12 @@ def write_store(out_dir: str, num_rows: int, d_model: int, dtype: str, chunk_row
   while chunk_rows % inner_rows:  # sharding_indexed needs inner chunks to tile a shard.
     inner_rows -= 1
   np_dtype = DTYPES[dtype]
+  stored = quant_lib.STORAGE_DTYPE.get(quant, dtype)  # The zarr3 data type.
+  width = d_model + (quant_lib.SCALE_BYTES if quant != 'none' else 0)
   out_dir = paths.resolve(out_dir)
   remote = paths.is_remote(out_dir)
   partial, done_dir = (out_dir if remote else out_dir + '.partial'), out_dir + '.partial.done'
-  plan = {'num_rows': num_rows, 'd_model': d_model, 'dtype': dtype,
+  plan = {'num_rows': num_rows, 'd_model': d_model, 'dtype': stored, 'quant': quant,
           'chunk_rows': chunk_rows, 'inner_rows': inner_rows, 'meta': meta}
   plan_path = paths.join(done_dir, 'plan.json')
   if not (paths.exists(paths.join(partial, 'zarr.json')) and _plan_matches(plan_path, plan)):
@@ -138,7 +160,7 @@ def write_store(out_dir: str, num_rows: int, d_model: int, dtype: str, chunk_row
     paths.rmtree(partial)
     paths.rmtree(done_dir)
     paths.makedirs(done_dir)
-    ts.open(zarr3_spec(partial, num_rows, d_model, dtype, chunk_rows, inner_rows),
+    ts.open(zarr3_spec(partial, num_rows, width, stored, chunk_rows, inner_rows),
             create=True, delete_existing=True).result()
     artifacts.write_json_atomic(plan_path, plan)
   # Zero rows are stored too, so every shard holds all its inner chunks in order and the
@@ -167,7 +189,8 @@ def write_store(out_dir: str, num_rows: int, d_model: int, dtype: str, chunk_row
     if rows_RxD.shape != (stop - start, d_model):
       raise ValueError(f'compute_rows({start}, {stop}) returned shape {rows_RxD.shape}, '
                        f'expected {(stop - start, d_model)}')
-    rows_RxD = np.ascontiguousarray(rows_RxD.astype(np_dtype))
+    rows_RxD = np.ascontiguousarray(rows_RxD.astype(np_dtype) if quant == 'none' else
+                                    quant_lib.quantize(rows_RxD, quant))
     array[start:stop].write(rows_RxD).result()
     shard_sha[i] = hashlib.sha256(rows_RxD.view(np.uint8).data).hexdigest()
     shard_crc[i] = crc32c(rows_RxD)
@@ -180,7 +203,8 @@ def write_store(out_dir: str, num_rows: int, d_model: int, dtype: str, chunk_row
 
   files = ['zarr.json'] + [shard_file(i) for i in range(num_shards)]
   artifacts.write_manifest(partial, STORE_KIND, {
-      'num_rows': num_rows, 'd_model': d_model, 'dtype': dtype, 'chunk_rows': chunk_rows,
+      'num_rows': num_rows, 'd_model': d_model, 'dtype': stored, 'quant': quant,
+      'row_width': width, 'chunk_rows': chunk_rows,
       'inner_rows': inner_rows, 'shard_sha256': shard_sha, 'shard_crc32c': shard_crc,
       **meta}, files=files)
   # In an object store the shards were written in place and the manifest published them.

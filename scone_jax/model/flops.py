@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from scone_jax.config import Config, ModelConfig
+from scone_jax.model import fgram_table
 
 _NORM_PARAMS = {'layernorm': 2, 'rmsnorm': 1, 'nonparametric': 0}
 
@@ -46,6 +47,10 @@ class ParamCounts:
   fgram_non_embedding: int  # L_f blocks + A_f's final norm (0 for the baseline).
   fgram_position_table: int  # K d (0 for the baseline).
   offloaded: int  # S d: the exported f-gram table, in host RAM / on disk at inference.
+  # kind='table': the trained [P, d] rows (P = S rounded up, model/fgram_table.py), on the
+  # accelerator during training only (exported to `offloaded` like A_f's outputs).
+  fgram_table: int = 0
+  combine_gate: int = 0  # d for combine='gate' (training only: export folds it in).
 
   @property
   def backbone_total(self) -> int:
@@ -55,8 +60,10 @@ class ParamCounts:
 
   @property
   def fgram_total(self) -> int:
-    """A_f's own parameters (it also reads the shared token table)."""
-    return self.fgram_non_embedding + self.fgram_position_table
+    """The f-gram side's own trainable parameters: A_f's (it also reads the shared token
+    table), or the rows of kind='table', plus the combine gate."""
+    return (self.fgram_non_embedding + self.fgram_position_table + self.fgram_table +
+            self.combine_gate)
 
   @property
   def train_total(self) -> int:
@@ -74,7 +81,10 @@ def param_counts(cfg: Config, vocab_size: int | None = None) -> ParamCounts:
   m = cfg.model
   v, d = _vocab(cfg, vocab_size), m.d_model
   final_norm = _NORM_PARAMS[m.norm] * d
-  scone = cfg.fgram_model.num_layers > 0
+  fm = cfg.fgram_model
+  scone = fm.kind == 'network' and fm.num_layers > 0  # A_f
+  keyed = scone or fm.kind == 'table'  # An [S, d] store on A_f's keys.
+  num_fgrams = cfg.fgram.use_size or cfg.fgram.size
   af_norm = final_norm if cfg.fgram_model.final_norm == 'same' else 0
   return ParamCounts(
       backbone_non_embedding=m.num_layers * _block_params(m) + final_norm,
@@ -84,7 +94,9 @@ def param_counts(cfg: Config, vocab_size: int | None = None) -> ParamCounts:
       fgram_non_embedding=(cfg.fgram_model.num_layers * _block_params(m) + af_norm
                            if scone else 0),
       fgram_position_table=cfg.fgram.max_len * d if scone else 0,
-      offloaded=(cfg.fgram.use_size or cfg.fgram.size) * d if scone else 0)
+      offloaded=num_fgrams * d if keyed else 0,
+      fgram_table=fgram_table.padded_rows(num_fgrams) * d if fm.kind == 'table' else 0,
+      combine_gate=d if keyed and fm.combine == 'gate' else 0)
 
 
 @dataclasses.dataclass(frozen=True)

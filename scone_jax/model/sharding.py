@@ -34,8 +34,14 @@ LogicalAxes = Sequence[str | None]
 #   batch already uses fsdp, so `embed` falls back to replicated there (first use wins).
 # * mlp / heads / vocab -> tensor: the wide dimensions of the MLP, attention heads and
 #   the output softmax are split Megatron-style; these matmuls then need one reduction each.
+# * fgram_rows -> (fsdp, tensor): the rows of the [S, d] f-gram table of kind='table', the
+#   largest parameter of that arm, are split over every model-sharding axis (its AdamW
+#   moments follow), so the table's memory scales down with fsdp * tensor; a lookup is a
+#   local masked gather plus one reduction. `embed` then stays whole in the table.
 # * length, kv (head dim), fgram_pos, layers: replicated (no sequence or pipeline
 #   parallelism; the stacked `layers` axis is scanned over, so it must stay whole).
+# * ngram_rows -> tensor: the rows of the hashed n-gram tables (kind='hashed') are split
+#   like the vocab; with `embed` on fsdp a table of O * M rows is spread over both axes.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('batch', ('data', 'fsdp')),
     ('length', None),
@@ -45,7 +51,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('kv', None),
     ('vocab', 'tensor'),
     ('fgram_pos', None),
+    ('fgram_rows', ('fsdp', 'tensor')),
     ('layers', None),
+    ('ngram_rows', 'tensor'),
 )
 _RULES = dict(LOGICAL_AXIS_RULES)
 

@@ -30,7 +30,9 @@ class Accounting:
   accelerator_params: int  # Counted from the decoder's arrays (the backbone only).
   accelerator_bytes: int
   analytical_accelerator_params: int  # flops.param_counts(cfg).backbone_total
-  fgram_model_params: int  # A_f: needed to train and export, never at inference.
+  # A_f (or the rows of kind='table'), plus the combine gate: needed to train and export, never
+  # at inference.
+  fgram_model_params: int
   offloaded_params: int  # S x d, 0 for a baseline.
   offloaded_bytes: int  # In the store's dtype.
   store_tier: str  # 'ram' | 'disk' | 'none'
@@ -48,7 +50,8 @@ class Accounting:
         ('accelerator params (backbone)', f'{self.accelerator_params:,}',
          f'{self.accelerator_bytes / 2**20:,.1f} MiB'),
         ('  analytical (flops.param_counts)', f'{self.analytical_accelerator_params:,}', ''),
-        ('A_f params (train/export only)', f'{self.fgram_model_params:,}', ''),
+        ('f-gram side params (A_f / table + gate; train/export only)',
+         f'{self.fgram_model_params:,}', ''),
         (f'offloaded f-gram table ({self.store_tier})', f'{self.offloaded_params:,}',
          f'{self.offloaded_bytes / 2**20:,.1f} MiB'),
         ('inference FLOPs/token (analytical)', f'{self.analytical_flops_per_token:.4g}', ''),

@@ -1,15 +1,17 @@
 """KV-cache decoding fed with INPUT EMBEDDINGS, f-gram lookups done on the host.
 
 Dimension letters: B batch (sequences), T padded prompt length, S cache length,
-D d_model, E = D + 1 (a decode slab row: the f-gram row, then the match flag), V vocab,
+D d_model, W the stored row width (D; D + 4 for a quantised store, export/quant.py),
+E = W + 1 (a decode slab row: the f-gram row, then the match flag), V vocab,
 K longest f-gram.
 
 One jitted prefill and one jitted decode step serve the baseline and SCONE: each takes
 token ids plus a host-made slab of f-gram embeddings and a mask, and computes
-x = where(mask, slab, T(token)) on the device; the baseline passes a mask that is all
-False. Only the backbone's parameters go to the accelerator: A_f was folded into the
-exported store, so a SCONE step costs what the baseline's does (tests assert XLA's FLOP
-counts agree).
+x = where(mask, slab, T(token)) on the device (`model.combine.combine` with the store's
+rule: where(mask, T(token) + slab, T(token)) for combine 'add' / 'gate', D more adds per
+token); the baseline passes a mask that is all False. Only the backbone's parameters go
+to the accelerator: A_f was folded into the exported store, so a SCONE step costs what the
+baseline's does (tests assert XLA's FLOP counts agree).
 
 Per decode step the host (1) pushes each sequence's new token into an
 `IncrementalMatcher`, which returns the longest f-gram ending there, (2) gathers those
@@ -47,10 +49,13 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from scone_jax.export import quant
 from scone_jax.fgrams import IncrementalMatcher
 from scone_jax.fgrams.match import push_kernel
 from scone_jax.model import Backbone, KVCache, SconeLM
+from scone_jax.model import combine as combine_lib
 from scone_jax.serve import device_loop, native_lookup
+from scone_jax.serve.hashed import HashedLookup
 from scone_jax.serve.store import EmbeddingStore, gather_kernel
 
 Loop = Literal['device', 'host']
@@ -101,31 +106,43 @@ def sample(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Arr
   return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
-def _inputs(backbone: Backbone, tokens_BxT: jax.Array, slab_BxTxD: jax.Array,
-            mask_BxT: jax.Array) -> jax.Array:
-  """The SCONE replace rule with precomputed f-gram rows: slab where mask, else T(token)."""
+def _inputs(backbone: Backbone, tokens_BxT: jax.Array, slab_BxTxW: jax.Array,
+            mask_BxT: jax.Array, combine: str = 'replace') -> jax.Array:
+  """The combine rule (model/combine.py) with precomputed f-gram rows: `combine` is the
+  store's rule (`combine.stored_rule`): where mask, slab ('replace') or T(token) + slab
+  ('add': combine add / gate, and kind='hashed', serve/hashed.py; D adds per token more
+  than 'replace'), else T(token).
+
+  slab_BxTxW holds the store's rows as gathered: W = D, or D + 4 for a quantised store,
+  dequantised here on the device (its int8/fp8 dtype says so at trace time; D converts
+  and D multiplies per position, the step's only extra over the baseline's:
+  quant.dequant_xla_flops_per_row).
+  """
   x_BxTxD = backbone.embed(tokens_BxT)
-  return jnp.where(mask_BxT[..., None], slab_BxTxD.astype(x_BxTxD.dtype), x_BxTxD)
+  slab_BxTxD = quant.dequantize(slab_BxTxW, x_BxTxD.shape[-1])
+  return combine_lib.combine(x_BxTxD, slab_BxTxD, mask_BxT, combine)
 
 
 def _prefill(graphdef, sampling: Sampling, all_logits: bool, state, tokens_BxT, slab_BxTxE,
-             lengths_B, cache: KVCache, key):
+             lengths_B, cache: KVCache, key, combine: str = 'replace'):
   """slab_BxTxE: the prompts' f-gram rows with the match flag last (None: baseline)."""
   backbone = nnx.merge(graphdef, state)
   if slab_BxTxE is None:
     x_BxTxD = backbone.embed(tokens_BxT)
   else:
-    x_BxTxD = _inputs(backbone, tokens_BxT, slab_BxTxE[..., :-1], slab_BxTxE[..., -1] > 0)
+    x_BxTxD = _inputs(backbone, tokens_BxT, slab_BxTxE[..., :-1], slab_BxTxE[..., -1] > 0,
+                      combine)
   logits_BxTxV, cache = backbone.prefill(x_BxTxD, lengths_B, cache)
   last_BxV = jnp.take_along_axis(logits_BxTxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
   return (logits_BxTxV if all_logits else last_BxV), sample(last_BxV, key, sampling), cache
 
 
 def _decode(graphdef, sampling: Sampling, state, token_B, slab_BxE, cache: KVCache, key,
-            step):
+            step, combine: str = 'replace'):
   backbone = nnx.merge(graphdef, state)
   mask_B = slab_BxE[:, -1] > 0
-  x_Bx1xD = _inputs(backbone, token_B[:, None], slab_BxE[:, None, :-1], mask_B[:, None])
+  x_Bx1xD = _inputs(backbone, token_B[:, None], slab_BxE[:, None, :-1], mask_B[:, None],
+                    combine)
   logits_Bx1xV, cache = backbone.decode(x_Bx1xD, cache)
   next_B = sample(logits_Bx1xV[:, 0], jax.random.fold_in(key, step), sampling)
   return logits_Bx1xV[:, 0], next_B, cache
@@ -173,8 +190,10 @@ def _prompt_kernel(tokens_BxT, lengths_B, codes_BxL, index, limit, ids_BxT, rows
 
 
 # Module level, so decoders of one model shape share compilations.
-_PREFILL = jax.jit(_prefill, static_argnums=(0, 1, 2), donate_argnames=('cache',))
-_DECODE = jax.jit(_decode, static_argnums=(0, 1), donate_argnames=('cache',))
+_PREFILL = jax.jit(_prefill, static_argnums=(0, 1, 2), static_argnames=('combine',),
+                   donate_argnames=('cache',))
+_DECODE = jax.jit(_decode, static_argnums=(0, 1), static_argnames=('combine',),
+                  donate_argnames=('cache',))
 
 
 @dataclasses.dataclass
@@ -224,18 +243,35 @@ class Decoder:
     cache_rows: C for lookup='cache' (C x d_model x the store's itemsize bytes on the
       device, plus 12 bytes per table row for the match index).
     chunk_steps: decode steps per device call (the streaming granularity).
+    hashed: kind='hashed' runs: the store path through `HashedLookup` (serve/hashed.py),
+      given instead of store and table; the step adds its slab (combine='add').
   """
 
   def __init__(self, lm: SconeLM, store: EmbeddingStore | None = None, table: Any = None,
                *, batch_size: int = 1, bos_id: int = 1, cache_len: int | None = None,
                loop: Loop = 'device', lookup: LookupMode = 'auto', chunk_steps: int = 64,
-               cache_rows: int = 0):
+               hashed: HashedLookup | None = None, cache_rows: int = 0):
     backbone = lm.backbone
     cfg = backbone.cfg
+    self._hashed, self._combine = hashed, 'replace' if hashed is None else 'add'
+    if hashed is not None and (store is not None or table is not None):
+      raise ValueError('a hashed n-gram decoder takes hashed= only (its store is inside)')
+    if hashed is not None and (hashed.d_model != cfg.d_model or
+                               hashed.batch_size != batch_size):
+      raise ValueError(f'hashed lookup has d={hashed.d_model}, batch {hashed.batch_size}; '
+                       f'the decoder d_model={cfg.d_model}, batch_size={batch_size}')
     if (store is None) != (table is None):
       raise ValueError('pass both the f-gram store and its table (SCONE) or neither '
                        '(baseline)')
+    # The rule the steps apply to store rows (model/combine.py); the store must have been
+    # exported for the model's combine mode (gate's rows hold sigmoid(g) * (e - T)).
     if store is not None:
+      self._combine = combine_lib.stored_rule(lm.combine)
+    if store is not None:
+      stored = store.manifest.get('combine', 'replace')
+      if stored != lm.combine:
+        raise ValueError(f'the store was exported for fgram_model.combine={stored!r} but the '
+                         f'model combines with {lm.combine!r}: export this run again')
       if store.d_model != cfg.d_model:
         raise ValueError(f'store rows have d={store.d_model} but the model has d_model='
                          f'{cfg.d_model}: the store was exported from another model')
@@ -248,13 +284,17 @@ class Decoder:
     if self.cache_len > cfg.max_seq_len:
       raise ValueError(f'cache_len={self.cache_len} exceeds the context (config.model.'
                        f'max_seq_len={cfg.max_seq_len})')
-    self.store, self.table = store, table
+    # A hashed run's store is `self.store` too (accounting, stats); its lookup is hashed's.
+    self.store, self.table = (store if hashed is None else hashed.store), table
     self.batch_size, self.bos_id = batch_size, bos_id
     self.d_model, self.dtype = cfg.d_model, jnp.dtype(cfg.dtype)
     self.graphdef, self.state = nnx.split(backbone)
-    slab_dtype = store.dtype if store is not None else self.dtype
+    slab_dtype = (store.dtype if store is not None else
+                  hashed.slab_dtype if hashed is not None else self.dtype)
     self._slab_dtype = np.dtype(slab_dtype)
-    self._no_match_BxE = jnp.zeros((batch_size, cfg.d_model + 1), slab_dtype)
+    # Stored columns of a row: D, or D + 4 for a quantised store (values, then scale).
+    self._row_width = store.row_width if store is not None else cfg.d_model
+    self._no_match_BxE = jnp.zeros((batch_size, self._row_width + 1), slab_dtype)
     self._init_cache = jax.jit(functools.partial(backbone.init_cache, batch_size,
                                                  self.cache_len))
     self._prefill, self._decode = _PREFILL, _DECODE
@@ -296,6 +336,12 @@ class Decoder:
       raise ValueError(f"lookup={lookup!r} must be 'auto', 'native', 'callback' or 'cache'")
     self._target, self._native = '', None
     self._lookup_operand = np.int32(0)
+    if self._hashed is not None:  # Hashing + gather run in numpy: the host callback.
+      if lookup in ('native', 'cache'):
+        raise ValueError(f"lookup='{lookup}' serves f-gram stores only; a hashed n-gram "
+                         "run uses lookup='callback' (or 'auto')")
+      self._lookup_operand = np.int32(device_loop.register_callback(self.step_slab))
+      return 'callback'
     if self.store is None:
       return 'none'
     shards = native_lookup.store_shards(self.store)
@@ -363,12 +409,14 @@ class Decoder:
     segment per row) and, for the 'ram' tier, gathers the rows and match flags into the
     slab; the 'disk' tier gathers with one `store.gather`. One transfer follows.
     """
+    if self._hashed is not None:
+      return jax.device_put(self._hashed.prompt_slab(tokens_BxT, lengths_B))
     if self.store is None:
       return None
     b, t = tokens_BxT.shape
     start = time.perf_counter()
     ids_BxT = np.empty((b, t), np.int32)
-    slab_BxTxE = np.empty((b, t, self.d_model + 1), self._slab_dtype)
+    slab_BxTxE = np.empty((b, t, self._row_width + 1), self._slab_dtype)
     codes_BxL, index, limit = self._matcher.kernel_args
     if self._fused_args is not None:
       raw_BxTxE = slab_BxTxE.view(self._raw_dtype)
@@ -386,9 +434,11 @@ class Decoder:
   def step_slab(self, token_B: np.ndarray) -> jax.Array | np.ndarray:
     """The host's lookup for one decode step: pushes one new token per row into the
     matcher and gathers the f-gram rows -> slab_BxE (last column the match flag)."""
+    if self._hashed is not None:
+      return self._hashed.step_slab(token_B)
     if self.store is None:
       return self._no_match_BxE
-    slab_BxE = np.empty((self.batch_size, self.d_model + 1), self._slab_dtype)
+    slab_BxE = np.empty((self.batch_size, self._row_width + 1), self._slab_dtype)
     if self._fused_args is None:
       ids_B, lens_B = self._matcher.push(token_B)
       self.store.gather(ids_B, out=slab_BxE[:, :-1])
@@ -406,7 +456,7 @@ class Decoder:
                         self._raw_one)
     if hits < 0:
       raise ValueError(f'token ids must be in [0, 2**31); got {token_B[-1 - hits]}')
-    self.store.stats.add(self.batch_size, hits, self.batch_size * self.d_model *
+    self.store.stats.add(self.batch_size, hits, self.batch_size * self._row_width *
                          self._slab_dtype.itemsize, time.perf_counter() - start)
     # Handed to the jitted step as numpy: its dispatch copies the small slab on the fast
     # path, whereas a separate jax.device_put first costs ~45 us more per step (CPU).
@@ -432,7 +482,7 @@ class Decoder:
     slab_BxTxE = self._prompt_slab(tokens_BxT, lengths_B)
     _, next_B, cache = self._prefill(self.graphdef, sampling, False, self.state, tokens_BxT,
                                      slab_BxTxE, lengths_B, self._init_cache(),
-                                     jax.random.fold_in(key, 0))
+                                     jax.random.fold_in(key, 0), combine=self._combine)
     out_BxN = np.zeros((self.batch_size, max_new_tokens), np.int32)
     # The sampled tokens stay on the device as the next step's input; the host copy
     # (token_B) only feeds the matcher and the output.
@@ -448,7 +498,8 @@ class Decoder:
         slab_BxE = self.step_slab(token_B)
         lookup += time.perf_counter() - t0
         _, next_B, cache = self._decode(self.graphdef, sampling, self.state, next_B,
-                                        slab_BxE, cache, key, np.int32(n + 1))
+                                        slab_BxE, cache, key, np.int32(n + 1),
+                                        combine=self._combine)
         steps += 1
       else:
         next_B = None
@@ -485,7 +536,7 @@ class Decoder:
       self._chunk_programs[sampling] = device_loop.DECODE_CHUNK.lower(
           *static, self.state, self._lookup_operand, token_B, cache,
           jax.ShapeDtypeStruct((self.batch_size,), bool), scalar, scalar, scalar,
-          jax.random.key(0)).compile()
+          jax.random.key(0), combine=self._combine).compile()
     return self._chunk_programs[sampling]
 
   def _generate_device(self, num_prompts, tokens_BxT, lengths_B, max_new_tokens,
@@ -496,7 +547,7 @@ class Decoder:
     prompt_lookup = time.perf_counter() - start
     _, first_B, cache = self._prefill(self.graphdef, sampling, False, self.state, tokens_BxT,
                                       slab_BxTxE, lengths_B, self._init_cache(),
-                                      jax.random.fold_in(key, 0))
+                                      jax.random.fold_in(key, 0), combine=self._combine)
     first_B.block_until_ready()
     prefill_seconds = time.perf_counter() - start
     counters = None if self._native is None else self._native.counters.copy()
@@ -515,7 +566,8 @@ class Decoder:
     if counters is not None:  # The native lookup counts in place of store.gather.
       hits, calls = self._native.counters - counters
       self.store.stats.add(int(calls) * self.batch_size, int(hits), int(calls) *
-                           self.batch_size * self.d_model * self._slab_dtype.itemsize, 0.0)
+                           self.batch_size * self._row_width * self._slab_dtype.itemsize,
+                           0.0)
     return Generation(tokens=_cut_at_eos(tokens_BxN[:num_prompts], eos_id),
                       prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
                       decode_steps=steps, batch_size=self.batch_size,
@@ -550,7 +602,7 @@ class Decoder:
     greedy, key = Sampling(), jax.random.key(0)
     logits_BxTxV, _, cache = self._prefill(self.graphdef, greedy, True, self.state,
                                            tokens_BxT, slab_BxTxE, lengths_B,
-                                           self._init_cache(), key)
+                                           self._init_cache(), key, combine=self._combine)
     steps = []
     cont_BxN = np.zeros((self.batch_size, n), np.int32)
     for b, c in enumerate(continuations):
@@ -558,7 +610,7 @@ class Decoder:
     for i in range(max(n - 1, 0)):
       logits_BxV, _, cache = self._decode(self.graphdef, greedy, self.state, cont_BxN[:, i],
                                           self.step_slab(cont_BxN[:, i]), cache, key,
-                                          np.int32(0))
+                                          np.int32(0), combine=self._combine)
       steps.append(np.asarray(logits_BxV))
     logits_BxTxV = np.asarray(logits_BxTxV)
     out = []
@@ -573,7 +625,7 @@ class Decoder:
     token_B = jax.ShapeDtypeStruct((self.batch_size,), jnp.int32)
     return self._decode.lower(self.graphdef, sampling, self.state, token_B,
                               self._no_match_BxE, cache, jax.random.key(0),
-                              np.int32(0)).compile()
+                              np.int32(0), combine=self._combine).compile()
 
 
 def _cut_at_eos(tokens_BxN: np.ndarray, eos_id: int | None) -> list[np.ndarray]:

@@ -206,7 +206,9 @@ class DeviceCache:
   def __init__(self, store, table, rows: int, batch_size: int, native: bool):
     if rows < 0:
       raise ValueError(f'cache rows={rows} must be >= 0 (config.serve.cache_rows)')
-    self.store, self.batch_size, self.d = store, batch_size, store.d_model
+    # d: the stored columns of a row (d_model, or d_model + 4 for a quantised store,
+    # dequantised by the step after the gather like the other lookups' slabs).
+    self.store, self.batch_size, self.d = store, batch_size, store.row_width
     self.index = MatchIndex(table)
     self.rows = min(rows, self.index.row_S.size)
     self.counters = np.zeros(2, np.int64)

@@ -23,7 +23,8 @@ the loop, on the host's data, through one of:
               then (token_B, matcher state codes_BxL).
   'none'      the baseline: the step embeds the token with T only.
 All three run the same step (`decode._inputs` + `Backbone.decode`), so SCONE's per-step
-FLOPs equal the baseline's (tests compare XLA's counts).
+FLOPs equal the baseline's (tests compare XLA's counts), plus D adds per token for the
+combine modes 'add' / 'gate' (`combine`, model/combine.py).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
+from scone_jax.export import quant
 from scone_jax.model import KVCache
 
 Lookup = Literal['none', 'native', 'callback', 'cache']
@@ -71,8 +73,11 @@ def _lookup_slab(lookup: Lookup, target: str, operand, token_B, d_model: int, dt
 
 def decode_chunk(graphdef, sampling, lookup: Lookup, target: str, chunk: int, slab_dtype,
                  state, operand, token_B, cache: KVCache, done_B, emitted, limit, eos_id,
-                 key):
+                 key, combine: str = 'replace'):
   """Up to `chunk` decode steps on the device.
+
+  combine (static): how the slab joins T(token), as in decode._inputs (the store's rule,
+  model/combine.stored_rule: 'add' for combine add / gate and for kind='hashed').
 
   Args (traced): token_B the last emitted token per row ('cache': the pair (token_B,
   codes_BxL), see serve/device_cache.py); done_B rows that emitted EOS;
@@ -98,14 +103,15 @@ def decode_chunk(graphdef, sampling, lookup: Lookup, target: str, chunk: int, sl
       x_Bx1xD = backbone.embed(tok_B[:, None])
     elif lookup == 'cache':
       from scone_jax.serve import device_cache  # pylint: disable=g-import-not-at-top
-      slab_BxE, codes_BxL = device_cache.lookup(operand, target, tok_B, codes_BxL, d,
-                                                slab_dtype)
+      slab_BxE, codes_BxL = device_cache.lookup(operand, target, tok_B, codes_BxL,
+                                                quant.row_width(d, slab_dtype), slab_dtype)
       x_Bx1xD = _inputs(backbone, tok_B[:, None], slab_BxE[:, None, :-1],
-                        slab_BxE[:, -1:] > 0)
+                        slab_BxE[:, -1:] > 0, combine)
     else:
-      slab_BxE = _lookup_slab(lookup, target, operand, tok_B, d, slab_dtype)
+      slab_BxE = _lookup_slab(lookup, target, operand, tok_B,
+                              quant.row_width(d, slab_dtype), slab_dtype)
       x_Bx1xD = _inputs(backbone, tok_B[:, None], slab_BxE[:, None, :-1],
-                        slab_BxE[:, -1:] > 0)
+                        slab_BxE[:, -1:] > 0, combine)
     logits_Bx1xV, cache = backbone.decode(x_Bx1xD, cache)
     nxt_B = sample(logits_Bx1xV[:, 0], jax.random.fold_in(key, emitted + i), sampling)
     out_BxC = jax.lax.dynamic_update_slice(out_BxC, nxt_B[:, None], (0, i))
@@ -123,7 +129,7 @@ def decode_chunk(graphdef, sampling, lookup: Lookup, target: str, chunk: int, sl
 
 
 DECODE_CHUNK = jax.jit(decode_chunk, static_argnums=(0, 1, 2, 3, 4, 5),
-                       donate_argnames=('cache',))
+                       static_argnames=('combine',), donate_argnames=('cache',))
 
 
 class ChunkRunner:

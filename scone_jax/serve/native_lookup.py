@@ -1,6 +1,7 @@
 """The per-step f-gram lookup as an XLA FFI call on the CPU backend (no Python, no GIL).
 
-Dimension letters: B batch, L = K - 1 matcher levels, D d_model, E = D + 1.
+Dimension letters: B batch, L = K - 1 matcher levels, D the store's row width (d_model,
+or d_model + 4 for a quantised store), E = D + 1.
 
 A device decode loop needs, every step, the f-gram row of the token it just sampled. On
 the CPU backend a JAX host callback (`io_callback`) costs ~200 us per call on our 2-core
@@ -98,7 +99,8 @@ def sharded_slab_kernel(tokens_B, codes_BxL, index, limit, ids_B, lens_B, shards
 
 @numba.njit(nogil=True, cache=True)
 def _handle(call_frame, raw):
-  """The FFI handler's body for a store of `raw` rows (np.uint16 or np.uint32 bits)."""
+  """The FFI handler's body for a store of `raw` rows (np.uint8, np.uint16 or np.uint32
+  bits)."""
   frame = numba.carray(call_frame, 16, np.int64)
   ext = frame[1]
   if ext != 0:
@@ -133,8 +135,13 @@ def _handle(call_frame, raw):
   return 0
 
 
-# One C entry point per row width; module level and cached, so a process pays numba's
-# compilation once per machine, not per run.
+# One C entry point per element width (u8: quantised stores); module level and cached,
+# so a process pays numba's compilation once per machine, not per run.
+@numba.cfunc(types.intp(types.voidptr), nopython=True, cache=True)
+def _handler_u8(call_frame):
+  return _handle(call_frame, np.uint8)
+
+
 @numba.cfunc(types.intp(types.voidptr), nopython=True, cache=True)
 def _handler_u16(call_frame):
   return _handle(call_frame, np.uint16)
@@ -152,7 +159,7 @@ _PyCapsule_New.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
 
 @functools.lru_cache(maxsize=None)
 def _register(bits: int) -> str:
-  handler = {16: _handler_u16, 32: _handler_u32}[bits]
+  handler = {8: _handler_u8, 16: _handler_u16, 32: _handler_u32}[bits]
   name = _TARGET.format(bits=bits)
   jax.ffi.register_ffi_target(name, _PyCapsule_New(handler.address, None, None),
                               platform='cpu')
@@ -209,7 +216,8 @@ class LookupContext:
 
 def slab_call(ctx_operand: jax.Array, target: str, token_B: jax.Array, d_model: int,
               dtype) -> jax.Array:
-  """Inside jit: the [B, D + 1] slab (f-gram rows, then the match flag) for token_B."""
+  """Inside jit: the [B, W + 1] slab (f-gram rows, then the match flag) for token_B;
+  `d_model` is W, the stored row width (D + 4 for a quantised store)."""
   out = jax.ShapeDtypeStruct((token_B.shape[0], d_model + 1), dtype)
   return jax.ffi.ffi_call(target, out, has_side_effect=True)(token_B.astype(jnp.int32),
                                                               ctx_operand)

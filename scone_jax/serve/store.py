@@ -17,6 +17,11 @@ Two tiers (docs/METHOD.md, section 4, has the measured costs behind the choice):
           shard_checks='open'). Reader 'tensorstore' reads rows through tensorstore with
           a bounded cache_pool (any valid zarr3 layout).
 
+A quantised store (export.quant 'int8' | 'fp8') holds [S, d + 4] int8 | float8_e4m3fn rows,
+each ending in its float32 scale's bytes (export/quant.py): both tiers, the checksums and
+every gather treat a row as its W = `row_width` stored columns; the decode step
+dequantises on the device.
+
 The accelerator never sees the store: the decoder gathers on the host and transfers a
 small [B, d] slab per step (indexing a pinned_host array inside jit fails or runs slow
 host compute; docs/METHOD.md, section 4). BENCHMARKS.md has the measured load, gather
@@ -41,7 +46,8 @@ import tensorstore as ts
 import tqdm
 
 from scone_jax import artifacts, paths
-from scone_jax.export.writer import DTYPES, STORE_KIND, crc32c, shard_file, zarr3_spec
+from scone_jax.export.writer import (STORE_DTYPES, STORE_KIND, crc32c, row_width,
+                                     shard_file, zarr3_spec)
 
 Tier = Literal['ram', 'disk']
 DiskReader = Literal['auto', 'memmap', 'tensorstore']
@@ -87,8 +93,9 @@ class _Shard:
 class EmbeddingStore:
   """Read-only access to an exported f-gram embedding store.
 
-  Use `EmbeddingStore.open(path, tier, expect)`; `gather(rows_N)` returns [N, d] rows in
-  the store's dtype with zeros where a row is -1.
+  Use `EmbeddingStore.open(path, tier, expect)`; `gather(rows_N)` returns [N, W] rows in
+  the store's dtype with zeros where a row is -1 (W = `row_width`: d, or d + 4 for a
+  quantised store, whose rows end in their scale).
   """
 
   def __init__(self, path: str, tier: Tier, manifest: dict[str, Any],
@@ -101,14 +108,16 @@ class EmbeddingStore:
     self.manifest = manifest
     self.num_rows = int(manifest['num_rows'])
     self.d_model = int(manifest['d_model'])
-    self.dtype = DTYPES[manifest['dtype']]
+    self.dtype = STORE_DTYPES[manifest['dtype']]
+    self.quant = manifest.get('quant', 'none')
+    self.row_width = row_width(manifest)
     self.stats = GatherStats()
     self._table = table
     self._raw_rows = (None if table is None
                       else table.view(np.dtype(f'u{self.dtype.itemsize}')))
     # Whole rows as uint64 words where they divide evenly: the gather copies 8 bytes a
     # step (2-4x np.take's speed on large batches) into a new [N, d] array.
-    row_bytes = self.d_model * self.dtype.itemsize
+    row_bytes = self.row_width * self.dtype.itemsize
     self._words = (table.view(np.uint64) if table is not None and row_bytes % 8 == 0
                    else None)
     self._array = array
@@ -121,15 +130,16 @@ class EmbeddingStore:
 
   @property
   def raw_rows(self) -> np.ndarray | None:
-    """Tier 'ram': the [S + 1, d] matrix (row S all zeros, for id -1) viewed as unsigned
+    """Tier 'ram': the [S + 1, W] matrix (row S all zeros, for id -1) viewed as unsigned
     ints of the dtype's width, the form `gather_kernel` copies (numba has no bfloat16);
     None for tier 'disk'."""
     return self._raw_rows
 
   @property
   def nbytes(self) -> int:
-    """Bytes of the [S, d] matrix (what the tier holds in RAM or on disk)."""
-    return self.num_rows * self.d_model * self.dtype.itemsize
+    """Bytes of the [S, W] matrix (what the tier holds in RAM or on disk; a quantised
+    store's scales included)."""
+    return self.num_rows * self.row_width * self.dtype.itemsize
 
   @classmethod
   def open(cls, path: str, tier: Tier = 'ram', expect: dict[str, Any] | None = None,
@@ -204,7 +214,7 @@ class EmbeddingStore:
   def gather(self, rows_N: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Rows of the matrix for ids `rows_N` (int, -1 = no f-gram -> a zero row).
 
-    `out`, optional: an [N, d] array of the store's dtype (a strided view is fine, e.g.
+    `out`, optional: an [N, W] array of the store's dtype (a strided view is fine, e.g.
     the first d columns of a decode slab) to write into instead of a new array.
     """
     start = time.perf_counter()
@@ -212,18 +222,18 @@ class EmbeddingStore:
     if rows_N.ndim != 1 or rows_N.dtype.kind not in 'iu':
       raise ValueError(f'gather expects a 1-D integer array of row ids, got '
                        f'{rows_N.dtype}{list(rows_N.shape)}')
-    if out is not None and (out.shape != (rows_N.size, self.d_model) or
+    if out is not None and (out.shape != (rows_N.size, self.row_width) or
                             out.dtype != self.dtype):
-      raise ValueError(f'gather out= must be {self.dtype}[{rows_N.size}, {self.d_model}], '
+      raise ValueError(f'gather out= must be {self.dtype}[{rows_N.size}, {self.row_width}], '
                        f'got {out.dtype}{list(out.shape)}')
     if self._words is not None and out is None:
       # dtype instances, not classes: resolving ml_dtypes' bfloat16 class per call costs
       # more than gathering 16 rows.
-      out = np.empty((rows_N.size, self.d_model), self.dtype)
+      out = np.empty((rows_N.size, self.row_width), self.dtype)
       hits = gather_kernel(self._words, rows_N, self.num_rows, out.view(_U64))
     else:
       if out is None:
-        out = np.empty((rows_N.size, self.d_model), self.dtype)
+        out = np.empty((rows_N.size, self.row_width), self.dtype)
       if self._raw_rows is not None:
         hits = gather_kernel(self._raw_rows, rows_N, self.num_rows,
                              out.view(self._raw_rows.dtype))
@@ -243,7 +253,7 @@ class EmbeddingStore:
       return
     rows_N = np.asarray(rows_N)
     rows_N = rows_N[(rows_N >= 0) & (rows_N < self.num_rows)]
-    row_bytes = self.d_model * self.dtype.itemsize
+    row_bytes = self.row_width * self.dtype.itemsize
     shard_N, offset_N = np.divmod(rows_N, self._chunk_rows)
     for shard, offset in zip(shard_N.tolist(), offset_N.tolist()):
       lo = offset * row_bytes // _PAGE * _PAGE
@@ -275,7 +285,7 @@ class EmbeddingStore:
       self.prefetch(rows_H)  # The batch's cold pages are read in parallel.
     if touched.size == 1:
       return np.take(self._shards[int(touched[0])], offset_H, axis=0)
-    out_HxD = np.empty((rows_H.size, self.d_model), self.dtype)
+    out_HxD = np.empty((rows_H.size, self.row_width), self.dtype)
     for shard in touched:
       sel_H = shard_H == shard
       out_HxD[sel_H] = np.take(self._shards[int(shard)], offset_H[sel_H], axis=0)
@@ -331,10 +341,10 @@ def _raw_layout(path: str, manifest: dict[str, Any]) -> list[_Shard] | None:
       conf.get('index_location', 'end') != 'end' or
       [c['name'] for c in conf['index_codecs']] != ['bytes', 'crc32c']):
     return None
-  num_rows, d_model, chunk_rows = (manifest['num_rows'], manifest['d_model'],
-                                   manifest['chunk_rows'])
+  num_rows, width, chunk_rows = (manifest['num_rows'], row_width(manifest),
+                                 manifest['chunk_rows'])
   inner_rows = conf['chunk_shape'][0]
-  inner_bytes = inner_rows * d_model * DTYPES[manifest['dtype']].itemsize
+  inner_bytes = inner_rows * width * STORE_DTYPES[manifest['dtype']].itemsize
   shards = []
   for i, start in enumerate(range(0, num_rows, chunk_rows)):
     rows = min(chunk_rows, num_rows - start)
@@ -354,15 +364,15 @@ def _raw_layout(path: str, manifest: dict[str, Any]) -> list[_Shard] | None:
 
 def _map_shards(layout: list[_Shard], manifest: dict[str, Any]
                 ) -> list[tuple[np.ndarray, mmap.mmap]]:
-  """Per shard: a read-only [rows, d] view of its mapped rows, and the mapping."""
-  dtype, d_model = DTYPES[manifest['dtype']], manifest['d_model']
+  """Per shard: a read-only [rows, W] view of its mapped rows, and the mapping."""
+  dtype, width = STORE_DTYPES[manifest['dtype']], row_width(manifest)
   shards = []
   for shard in layout:
     with open(shard.file, 'rb') as f:
       mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     mapped.madvise(mmap.MADV_RANDOM)  # A row is 128 B-8 KB: no readahead of neighbours.
-    rows = np.frombuffer(mapped, dtype, count=shard.rows * d_model)
-    shards.append((rows.reshape(shard.rows, d_model), mapped))
+    rows = np.frombuffer(mapped, dtype, count=shard.rows * width)
+    shards.append((rows.reshape(shard.rows, width), mapped))
   return shards
 
 
@@ -373,15 +383,16 @@ def _check_metadata(path: str, manifest: dict[str, Any]) -> None:
   except (OSError, json.JSONDecodeError) as e:
     raise artifacts.ArtifactError(f'{path}/zarr.json is missing or corrupted ({e}); '
                                   're-run `python -m scone_jax.export`') from e
-  want_shape = [manifest['num_rows'], manifest['d_model']]
+  want_shape = [manifest['num_rows'], row_width(manifest)]
   if meta.get('shape') != want_shape or meta.get('data_type') != manifest['dtype']:
     raise artifacts.ArtifactError(
         f'embedding store {path}: zarr.json says shape {meta.get("shape")} dtype '
         f'{meta.get("data_type")!r}, the manifest says {want_shape} {manifest["dtype"]!r}; '
         'the store was modified after export: re-run `python -m scone_jax.export`')
-  if manifest['dtype'] not in DTYPES:
+  if manifest['dtype'] not in STORE_DTYPES:
     raise artifacts.ArtifactError(f'embedding store {path} has unsupported dtype '
-                                  f'{manifest["dtype"]!r}; expected one of {sorted(DTYPES)}')
+                                  f'{manifest["dtype"]!r}; expected one of '
+                                  f'{sorted(STORE_DTYPES)}')
 
 
 def host_buffer(nbytes: int) -> memoryview:
@@ -398,12 +409,12 @@ def _load_ram(path: str, manifest: dict[str, Any], layout: list[_Shard], check: 
               progress: bool, workers: int) -> np.ndarray:
   """Reads every shard's rows straight into one [S + 1, d] array (last row zero), on
   `workers` threads, checking each shard's crc32c as it lands."""
-  num_rows, d_model = manifest['num_rows'], manifest['d_model']
-  dtype = DTYPES[manifest['dtype']]
-  row_bytes = d_model * dtype.itemsize
+  num_rows, width = manifest['num_rows'], row_width(manifest)
+  dtype = STORE_DTYPES[manifest['dtype']]
+  row_bytes = width * dtype.itemsize
   buf = host_buffer((num_rows + 1) * row_bytes)
-  table_SxD = np.frombuffer(buf, dtype, count=(num_rows + 1) * d_model).reshape(
-      num_rows + 1, d_model)
+  table_SxD = np.frombuffer(buf, dtype, count=(num_rows + 1) * width).reshape(
+      num_rows + 1, width)
   view = memoryview(buf)
 
   def load(shard: _Shard) -> int:
@@ -434,10 +445,10 @@ def _load_ram(path: str, manifest: dict[str, Any], layout: list[_Shard], check: 
 def _load_ram_tensorstore(path: str, manifest: dict[str, Any], check: bool,
                           progress: bool) -> np.ndarray:
   """_load_ram for a layout only tensorstore reads (compressed or sparse shards)."""
-  num_rows, d_model, chunk_rows = (manifest['num_rows'], manifest['d_model'],
+  num_rows, width, chunk_rows = (manifest['num_rows'], row_width(manifest),
                                    manifest['chunk_rows'])
   array = ts.open(zarr3_spec(path), read=True).result()
-  table_SxD = np.zeros((num_rows + 1, d_model), DTYPES[manifest['dtype']])
+  table_SxD = np.zeros((num_rows + 1, width), STORE_DTYPES[manifest['dtype']])
   for i, start in enumerate(tqdm.trange(0, num_rows, chunk_rows, desc='load store',
                                         unit='shard', disable=not progress)):
     stop = min(start + chunk_rows, num_rows)

@@ -316,3 +316,8 @@ def dry_run(sweep: spec.Sweep, python: str, tpu: TpuTarget | None = None, out=No
         print(cmd, file=out)
   print(file=out)
   print(report.markdown_table(spec.accounting_rows(sweep, af_tokens_per_token)), file=out)
+  print(file=out)
+  print('Per arm: accelerator params/memory in training (params + grads + AdamW, no '
+        'activations) and at inference (+ KV cache per sequence), the offloaded host store, '
+        'FLOPs per token (scone_jax/model/arm_accounting.py)', file=out)
+  print(report.markdown_table(spec.arm_rows(sweep)), file=out)

@@ -293,3 +293,10 @@ def accounting_rows(sweep: Sweep,
   from scone_jax import report  # Deferred: loading a sweep needs no accounting.
   return [{'run': p.name, **report.accounting(p.cfg, af_tokens_per_token)}
           for p in sweep.points]
+
+
+def arm_rows(sweep: Sweep) -> list[dict[str, Any]]:
+  """Per point: the arm's accelerator memory and params in training and at inference,
+  its offloaded host store and FLOPs/token (scone_jax.model.arm_accounting)."""
+  from scone_jax.model import arm_accounting  # Deferred: loading a sweep needs no JAX.
+  return [{'run': p.name, **arm_accounting.table_row(p.cfg)} for p in sweep.points]

@@ -7,7 +7,8 @@ returning a dict:
   learning_rates:  the lr grid every arm is tuned over
   seeds:           the comparison seeds (>= 3 for intervals worth reading)
   tune_seeds:      seeds of the tuning grid (default: the first comparison seed)
-  baseline:        the baseline arm's name (default: the arm with num_layers == 0)
+  baseline:        the baseline arm's name (default: the arm with num_layers == 0 and
+                   no other f-gram kind)
 
 Running it (`python -m scone_jax.sweeps --sweep=FILE`) has two phases in one sweep dir:
 1. tune: every arm x lr x tune seed; each arm's lr is the grid value with the lowest loss
@@ -81,7 +82,8 @@ def load_study(path: str) -> Study:
       raise spec.SweepError(f'{path}: arm {arm!r} sets {sorted(fixed)}; the study chooses '
                             'the learning rate and the seeds, remove them from the arm')
   baseline = d.get('baseline') or next(
-      (a for a, o in arms.items() if o.get('fgram_model.num_layers') == 0), '')
+      (a for a, o in arms.items() if o.get('fgram_model.num_layers') == 0
+       and o.get('fgram_model.kind', 'network') == 'network'), '')
   if baseline not in arms:
     raise spec.SweepError(f'{path}: no baseline arm; name it with "baseline": ARM or give '
                           "one arm {'fgram_model.num_layers': 0}")

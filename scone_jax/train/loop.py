@@ -196,7 +196,10 @@ def _train_locked(cfg: Config, workdir: str,
                    tokenizer=data.tokenizer, train_shards=data.train_shards,
                    eval_shards=data.eval_shards, table=data.table, table_dir=data.table_dir,
                    checkpoint_steps=run_dir.checkpoint_steps())
-  graphdef, state, tx = step_lib.create_train_state(cfg, mesh, vocab_size, cfg.fgram.max_len)
+    if cfg.fgram_model.kind == 'hashed':
+      _report_hash_collisions(cfg, workdir, data)
+  graphdef, state, tx = step_lib.create_train_state(cfg, mesh, vocab_size, cfg.fgram.max_len,
+                                                    data.table)
   data_it = batches.make_train_iterator(
       cfg, data.train_shards, data.table, jax.process_index(), jax.process_count(),
       bos_id=data.tokenizer.bos_id)
@@ -220,6 +223,25 @@ def _train_locked(cfg: Config, workdir: str,
     if jax.process_index() == 0:
       run_dir.record_checkpoints(run_dir.checkpoint_steps())
   return result
+
+
+HASH_COLLISIONS_FILE = 'hash_collisions.json'
+
+
+def _report_hash_collisions(cfg: Config, workdir: str, data: rundata.RunData) -> None:
+  """kind='hashed': logs and writes W/hash_collisions.json (per order: distinct n-grams of
+  the training tokens, buckets used, share of occurrences in a shared bucket) once."""
+  from scone_jax.model import hashed  # pylint: disable=g-import-not-at-top
+  path = paths.join(workdir, HASH_COLLISIONS_FILE)
+  if paths.exists(path):
+    stats = json.loads(paths.read_text(path))
+  else:
+    fm = cfg.fgram_model
+    stats = hashed.collision_stats(data.train_shards, fm.hash_max_n, fm.hash_buckets,
+                                   data.tokenizer.bos_id)
+    artifacts.write_json_atomic(path, stats)
+  for line in hashed.format_collision_stats(stats):
+    logging.info('%s', line)
 
 
 @dataclasses.dataclass

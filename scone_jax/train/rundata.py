@@ -41,5 +41,5 @@ def open_run_data(cfg: Config, workdir: str, build_missing: bool = True) -> RunD
   logging.info('run data: %s', prepared)
   return RunData(tokenizer=prepared.tokenizer, train_shards=prepared.train_shards,
                  eval_shards=dict(prepared.eval_shards),
-                 table=prepared.table if cfg.is_scone else None,
-                 table_dir=prepared.fgram_dir if cfg.is_scone else None)
+                 table=prepared.table if cfg.fgram_model.uses_fgram_table else None,
+                 table_dir=prepared.fgram_dir if cfg.fgram_model.uses_fgram_table else None)

@@ -24,7 +24,7 @@ from flax import nnx
 
 from scone_jax import compat
 from scone_jax.config import Config
-from scone_jax.model import SconeLM, create_sharded
+from scone_jax.model import SconeLM, create_sharded, fgram_table
 from scone_jax.model.loss import cross_entropy_sums
 from scone_jax import mesh as mesh_lib
 from scone_jax.train import optimizer as optimizer_lib
@@ -228,19 +228,31 @@ def log_memory_analysis(compiled) -> dict[str, int]:
 
 
 def create_train_state(cfg: Config, mesh: jax.sharding.Mesh, vocab_size: int,
-                       fgram_max_len: int
+                       fgram_max_len: int, table: Any = None
                        ) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation]:
   """SconeLM params born sharded (`model.create_sharded`), then the optimizer state.
 
   Params are float32 by default (cfg.model.param_dtype); the model computes in
   cfg.model.dtype and returns float32 logits. The init RNG is `train.seed`: the same seed
-  gives the same initial params on any mesh.
+  gives the same initial params on any mesh. `table` (the run's FgramTable, before
+  fgram.use_size) sizes and initialises fgram_model.kind='table' (model/fgram_table.py).
   """
+  num_fgrams = 0
+  if cfg.fgram_model.kind == 'table':
+    if table is None:
+      raise ValueError("fgram_model.kind='table' needs the run's f-gram table: pass "
+                       'create_train_state(..., table=FgramTable)')
+    num_fgrams = fgram_table.num_rows_used(len(table), cfg.fgram.use_size)
+
   def make_model():
     return SconeLM(cfg.model, cfg.fgram_model, fgram_max_len=fgram_max_len,
-                   vocab_size=vocab_size, rngs=nnx.Rngs(cfg.train.seed))
+                   vocab_size=vocab_size, rngs=nnx.Rngs(cfg.train.seed),
+                   num_fgrams=num_fgrams)
 
   model = create_sharded(make_model, mesh)
+  if num_fgrams:
+    fgram_table.init_rows_from_tokens(model, fgram_table.last_tokens(table)[:num_fgrams],
+                                      mesh)
   graphdef, params, other = split_model(model)
   tx = optimizer_lib.make_optimizer(cfg.train)
   return graphdef, init_state(params, other, tx, mesh), tx

@@ -1,0 +1,129 @@
+"""Per-arm accounting (scone_jax/model/arm_accounting.py) against hand-computed formulas,
+and the paper-scale comparison sweep's dry run."""
+
+import io
+import os
+
+import pytest
+
+from scone_jax import config, report
+from scone_jax.model import arm_accounting, flops
+from scone_jax.sweeps import backends, spec
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+L, D, F, V, T, K, S = 2, 32, 128, 64, 16, 3, 100
+
+# GPT-2 block: 4 d^2 + 2 d f matmuls, 5 d + f biases, two LayerNorms of 2 d.
+BLOCK = 4 * D * D + 2 * D * F + 5 * D + F + 2 * 2 * D  # 12,704
+# L blocks, final LayerNorm, tied V x d table, learned T x d positions.
+BACKBONE = L * BLOCK + 2 * D + V * D + T * D  # 28,032
+AF = BLOCK + K * D  # One A_f layer (final_norm 'none') and its K x d position table.
+N = L * (4 * D * D + 2 * D * F)  # Backbone matmul weights.
+TRAIN_BACKBONE = 6 * (N + D * V) + 12 * L * D * T
+AF_PER_TOKEN = K * (6 * (4 * D * D + 2 * D * F) + 12 * 1 * D * 2 * K)  # Worst case: K per token.
+INFER = 2 * (N + D * V) + 4 * L * D * T
+KV = 2 * L * T * D * 4  # float32 cache per sequence.
+
+
+def _cfg(**overrides):
+  base = {'model.num_layers': L, 'model.d_model': D, 'model.num_heads': 2,
+          'model.vocab_size': V, 'tokenizer.vocab_size': V, 'model.max_seq_len': T,
+          'train.seq_len': T, 'fgram.max_len': K, 'fgram.size': S}
+  return config.replace(config.from_configdict(config.base_config()), **base, **overrides)
+
+
+NET = {'fgram_model.num_layers': 1}
+# arm overrides -> (side params, gate, host rows, bytes/row, train FLOPs, elementwise/token)
+ARMS = {
+    'baseline': ({}, 0, 0, 0, 0, TRAIN_BACKBONE, 0),
+    'replace': (NET, AF, 0, S, 2 * D, TRAIN_BACKBONE + AF_PER_TOKEN, 0),
+    'add': ({**NET, 'fgram_model.combine': 'add'}, AF, 0, S, 2 * D,
+            TRAIN_BACKBONE + AF_PER_TOKEN, D),
+    'gate': ({**NET, 'fgram_model.combine': 'gate'}, AF, D, S, 2 * D,
+             TRAIN_BACKBONE + AF_PER_TOKEN, 3 * D),
+    'int8': ({**NET, 'export.quant': 'int8'}, AF, 0, S, D + 4,
+             TRAIN_BACKBONE + AF_PER_TOKEN, D),
+    'fp8-f32': ({**NET, 'export.quant': 'fp8', 'export.dtype': 'float32'}, AF, 0, S, D + 4,
+                TRAIN_BACKBONE + AF_PER_TOKEN, D),
+    'f32': ({**NET, 'export.dtype': 'float32'}, AF, 0, S, 4 * D,
+            TRAIN_BACKBONE + AF_PER_TOKEN, 0),
+    'table': ({'fgram_model.kind': 'table'}, S * D, 0, S, 2 * D, TRAIN_BACKBONE, 0),
+    'table-int8': ({'fgram_model.kind': 'table', 'export.quant': 'int8'}, S * D, 0, S,
+                   D + 4, TRAIN_BACKBONE, D),
+    'hashed': ({'fgram_model.kind': 'hashed', 'fgram_model.hash_max_n': 3,
+                'fgram_model.hash_buckets': 40, 'fgram_model.combine': 'add'}, 2 * 40 * D, 0,
+               80, 2 * D, TRAIN_BACKBONE, D),
+    'hashed-4': ({'fgram_model.kind': 'hashed', 'fgram_model.hash_max_n': 4,
+                  'fgram_model.hash_buckets': 10, 'fgram_model.combine': 'add'},
+                 3 * 10 * D, 0, 30, 2 * D, TRAIN_BACKBONE, D),
+}
+
+
+@pytest.mark.parametrize('arm', sorted(ARMS))
+def test_arm_accounting_matches_hand_formulas(arm):
+  overrides, side, gate, rows, row_bytes, train_flops, extra = ARMS[arm]
+  cfg = _cfg(**overrides)
+  assert flops.param_counts(cfg).backbone_total == BACKBONE  # The hand count is right.
+  a = arm_accounting.account(cfg)
+  assert (a.backbone_params, a.side_params, a.gate_params) == (BACKBONE, side, gate)
+  assert a.train_accel_params == BACKBONE + side + gate
+  # float32 params: the parameter, its gradient, AdamW's mu and nu.
+  assert a.train_accel_bytes == 16 * (BACKBONE + side + gate)
+  assert a.infer_accel_params == BACKBONE + gate
+  assert a.infer_accel_bytes == 4 * (BACKBONE + gate)
+  assert a.kv_bytes_per_seq == KV
+  assert (a.host_rows, a.host_bytes_per_row, a.host_bytes) == (rows, row_bytes,
+                                                                rows * row_bytes)
+  assert a.train_flops_per_token == train_flops
+  assert a.elementwise_flops_per_token == extra
+  assert a.infer_flops_per_token == INFER + extra
+
+
+def test_bf16_params_halve_the_accelerator_bytes():
+  a = arm_accounting.account(_cfg(**{'model.param_dtype': 'bfloat16',
+                                     'model.dtype': 'bfloat16', **NET}))
+  assert a.train_accel_bytes == 8 * (BACKBONE + AF)
+  assert a.infer_accel_bytes == 2 * BACKBONE and a.kv_bytes_per_seq == KV // 2
+
+
+def test_hashed_without_buckets_is_a_clear_error():
+  with pytest.raises(ValueError, match='hash_buckets'):
+    arm_accounting.account(_cfg(**{'fgram_model.kind': 'hashed',
+                                    'fgram_model.combine': 'add'}))
+
+
+def test_report_offloaded_params_follow_the_arm():
+  assert report.accounting(_cfg(**{'fgram_model.kind': 'table'}))['offloaded_params'] == S * D
+  hashed = _cfg(**{'fgram_model.kind': 'hashed', 'fgram_model.hash_buckets': 40,
+                   'fgram_model.combine': 'add'})
+  assert report.accounting(hashed)['offloaded_params'] == 2 * 40 * D
+
+
+def test_compare_paper_dry_run_prints_every_arm(tmp_path):
+  sweep = spec.load_sweep(os.path.join(REPO, 'experiments', 'sweeps', 'compare_paper.py'),
+                          str(tmp_path))
+  out = io.StringIO()
+  backends.dry_run(sweep, 'python', out=out)
+  text = out.getvalue()
+  assert not os.listdir(tmp_path)
+  rows = {(r['kind'], r['combine'], r['quant']): r for r in spec.arm_rows(sweep)}
+  assert set(rows) == {('baseline', '-', '-'), ('network', 'replace', 'none'),
+                       ('network', 'add', 'none'), ('network', 'gate', 'none'),
+                       ('network', 'replace', 'int8'), ('network', 'replace', 'fp8'),
+                       ('table', 'replace', 'none'), ('hashed', 'add', 'none')}
+  base = rows[('baseline', '-', '-')]
+  assert base['infer_accel_params'] == pytest.approx(1014e6, rel=0.01)  # OLMo-1B.
+  d, rows_10m = 2048, 10_000_000
+  for key, r in rows.items():
+    if key[0] == 'baseline':
+      continue
+    assert r['host_rows'] == rows_10m  # Every arm offloads 10M rows at inference.
+    gate = d if key[1] == 'gate' else 0
+    assert r['infer_accel_params'] == base['infer_accel_params'] + gate
+    assert r['host_B_per_row'] == (d + 4 if key[2] in ('int8', 'fp8') else 2 * d)
+  for kind in ('table', 'hashed'):
+    r = rows[(kind, 'replace' if kind == 'table' else 'add', 'none')]
+    assert r['train_accel_params'] == base['train_accel_params'] + rows_10m * d
+    assert r['train_flops_tok'] == base['train_flops_tok']
+  assert rows[('network', 'replace', 'none')]['train_flops_tok'] > base['train_flops_tok']
+  assert 'Per arm:' in text and text.count('| hashed | add | none |') == 1
