@@ -286,8 +286,12 @@ class ServeConfig:
   batch_size: int = 1
   # Generation loop: on-device while loop (default) or one jitted step per token.
   decode_loop: Literal['device', 'host'] = 'device'
-  # SCONE's per-step lookup in the device loop (serve/device_loop.py).
-  lookup: Literal['auto', 'native', 'callback'] = 'auto'
+  # SCONE's per-step lookup in the device loop (serve/device_loop.py); 'cache': match on
+  # the device, the cache_rows most frequent f-grams' rows resident there (cache_rows x
+  # d_model x the store's itemsize bytes, plus 12 bytes per table row for the match
+  # index), the host asked only for misses (serve/device_cache.py).
+  lookup: Literal['auto', 'native', 'callback', 'cache'] = 'auto'
+  cache_rows: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -437,6 +441,7 @@ _VALUE_RULES = (
     ('serve.top_k', lambda v: v >= 0, 'must be >= 0 (0 = off)'),
     ('serve.top_p', lambda v: 0 < v <= 1, 'must be in (0, 1] (1 = off)'),
     ('serve.batch_size', lambda v: v >= 1, 'must be >= 1'),
+    ('serve.cache_rows', lambda v: v >= 0, 'must be >= 0 (rows of the device cache)'),
 )
 
 
