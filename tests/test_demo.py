@@ -45,7 +45,8 @@ def test_verdict_scone_wins_and_falls_with_s():
   lines = demo.verdict_lines(runs)
   assert 'best SCONE arm use_size=1000' in lines[0]
   assert 'SCONE is better beyond the seed spread' in lines[0]
-  assert 'perplexity vs S: mean perplexity is non-increasing' in lines[1]
+  assert 'ranking by mean loss: use_size=1000 < use_size=500' in lines[1]
+  assert 'perplexity vs S: mean perplexity is non-increasing' in lines[2]
   assert demo.best_scone_run(runs).name == 'S1000-seed0'
 
 
@@ -54,7 +55,7 @@ def test_verdict_reports_when_the_data_disagrees():
   runs = runs_from({0: [30.0, 30.0, 30.0], 100: [29.0, 33.0, 27.0], 1000: [31.5, 31.5, 31.6]})
   lines = demo.verdict_lines(runs)
   assert 'within the seed spread' in lines[0] and 'beyond' not in lines[0]
-  assert 'NOT non-increasing' in lines[1]
+  assert 'ranking by mean loss' in lines[1] and 'NOT non-increasing' in lines[2]
 
 
 def test_best_arm_is_chosen_on_validation():
