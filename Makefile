@@ -1,5 +1,6 @@
 # The two commands: `make demo` (the main job on the embedded corpus) and `make test`;
-# `make study` is the evidence run behind the README's claims (tuned lrs, 3 seeds, intervals).
+# `make study` is the evidence run behind the README's claims (tuned lrs, 3 seeds, intervals);
+# `make compare` runs the beyond-the-paper arms (add, gate, table, hashed) the same way.
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ DEMO_WORKDIR ?= runs/demo
 STUDY_ROOT ?= runs
 PYTEST_ARGS ?=
 
-.PHONY: demo study test test-all bench venv clean
+.PHONY: demo study compare test test-all bench venv clean
 
 # (Re)install only when a requirements file changed.
 $(STAMP): requirements.txt requirements-dev.txt requirements-beam.txt pyproject.toml
@@ -25,6 +26,10 @@ demo: $(STAMP)
 
 study: $(STAMP)
 	$(PY) -m scone_jax.sweeps --sweep=experiments/sweeps/study.py --root=$(STUDY_ROOT) \
+	    --parallel=2 --report
+
+compare: $(STAMP)
+	$(PY) -m scone_jax.sweeps --sweep=experiments/sweeps/compare.py --root=$(STUDY_ROOT) \
 	    --parallel=2 --report
 
 test: $(STAMP)

@@ -12,12 +12,19 @@ For each preset, prints:
 2. XLA FLOPs of the compiled device-loop chunk, SCONE / baseline.
 3. Decode tokens/s at batch 1, 16, 64 of: the hand-written minimal loop (a plain
    `fori_loop` greedy decode with a KV cache, nothing else), the project's baseline
-   (`Decoder`, on-device loop), SCONE ram and disk with each lookup, and the host loops
-   (one jitted step per token, the decoder before the device loop). Ratios: baseline /
+   (`Decoder`, on-device loop), SCONE ram and disk with each lookup, the device cache
+   (lookup='cache': match on the device, the `--cache_rows` most frequent f-grams' rows
+   there, the host only for misses; 'cache:all' caches every row, so it never calls the
+   host), and the host loops (one jitted step per token, the decoder before the device
+   loop). Ratios: baseline /
    minimal, and each SCONE variant / the on-device baseline, all measured in one run,
    variants interleaved so background load hits all alike.
 4. Prefill tokens/s (prompt tokens incl. BOS per second: host match + gather + transfer +
    one prefill step, blocked) for the baseline and SCONE ram.
+5. The device cache's hit rates: per matched position (row < C) and per decode step of B
+   rows (no row misses: no host call), on the synthetic stream and on real text
+   (`--hit_corpus`: a table mined from the corpus's train split, positions of its eval
+   split), for several C.
 
 The store and f-gram table are synthetic (random rows, every distinct 2..K-gram of a Zipf
 token stream, so the table is prefix/suffix-closed like a mined one) and the weights are
@@ -59,6 +66,13 @@ flags.DEFINE_integer('new_tokens', 0, 'Tokens generated per row (default 64 CPU 
 flags.DEFINE_integer('prompt_len', 32, 'Prompt tokens per row.')
 flags.DEFINE_integer('repeats', 5, 'Timed runs per variant (the best counts).')
 flags.DEFINE_bool('host_loops', True, 'Also time the host loops (one jitted step per token).')
+flags.DEFINE_bool('callback', True, "Also time lookup='callback' (ram:callback).")
+flags.DEFINE_integer('cache_rows', 65536, "C of the lookup='cache' variants.")
+flags.DEFINE_bool('disk_cache', True, "Also time lookup='cache' on the disk tier.")
+flags.DEFINE_list('hit_corpus', [], 'Real text for the cache hit rates: embedded (the '
+                  'stdlib-docstring corpus) or NAME=PATH (blank-line separated text).')
+flags.DEFINE_string('hit_workdir', '/tmp/bench_decode_hits', 'Prepared artifacts of '
+                    '--hit_corpus (tokenizer, shards, table of the tiny preset).')
 FLAGS = flags.FLAGS
 K = 5
 
@@ -168,6 +182,7 @@ def rates(variants: dict, b: int, new_tokens: int, stream: np.ndarray, repeats: 
   decode_cpu = {name: 0.0 for name in variants}
   prefill = {name: 0.0 for name in variants}
   prompt_host = {name: np.inf for name in variants}
+  calls = {name: [0, 0, 0] for name in variants}  # host calls, host rows, steps
   for name, v in variants.items():
     if isinstance(v, Decoder):
       v.generate(prompts, new_tokens)  # Compile.
@@ -178,11 +193,14 @@ def rates(variants: dict, b: int, new_tokens: int, stream: np.ndarray, repeats: 
         tokens, wall, cpu = g.decode_steps * b, g.decode_seconds, g.decode_cpu_seconds
         prefill[name] = max(prefill[name], b * (FLAGS.prompt_len + 1) / g.prefill_seconds)
         prompt_host[name] = min(prompt_host[name], g.prompt_lookup_seconds)
+        calls[name] = [x + y for x, y in zip(calls[name], (g.host_calls, g.host_rows,
+                                                           g.decode_steps))]
       else:
         tokens, (wall, cpu) = (new_tokens - 1) * b, v()
       decode[name] = max(decode[name], tokens / wall)
       decode_cpu[name] = max(decode_cpu[name], tokens / max(cpu, 1e-9))
-  return decode, decode_cpu, prefill, prompt_host
+  calls = {n: (c / max(s, 1), r / max(s * b, 1)) for n, (c, r, s) in calls.items()}
+  return decode, decode_cpu, prefill, prompt_host, calls
 
 
 def _row(b: int, names: list[str], rate: dict[str, float]) -> str:
@@ -191,6 +209,55 @@ def _row(b: int, names: list[str], rate: dict[str, float]) -> str:
     ref = rate['minimal'] if n == 'baseline' else rate['baseline']
     cells.append(f'{rate[n]:>9.0f}' + ('' if n == 'minimal' else f' ({rate[n] / ref:.3f})'))
   return f'{b:>4} ' + ' '.join(f'{c:>16}' for c in cells)
+
+
+def hit_rates(table, docs, sizes, batches, steps: int = 4000, seed: int = 0):
+  """lookup='cache' hit rates for the cache sizes: (matched share of positions, then per
+  size: share of matched positions served by the cache, and per B the share of decode
+  steps of B independent rows with no miss). Positions are matched per document."""
+  ids = np.concatenate([table.match(np.asarray(doc, np.int64)[None])[0][0] for doc in docs])
+  matched = ids >= 0
+  rng = np.random.default_rng(seed)
+  out = []
+  for c in sizes:
+    miss = ids >= c
+    row_hit = 1 - miss.sum() / max(matched.sum(), 1)
+    step_hit = [1 - miss[rng.integers(0, ids.size, (steps, b))].any(axis=1).mean()
+                for b in batches]
+    out.append((c, row_hit, step_hit))
+  return matched.mean(), ids.size, out
+
+
+def print_hit_rates(what: str, table, docs, batches) -> None:
+  sizes = sorted({min(s, len(table)) for s in (1024, 8192, 65536, FLAGS.cache_rows)})
+  share, n, rows = hit_rates(table, docs, sizes, batches)
+  print(f'\nlookup=cache hit rates on {what} ({n:,} positions, {share:.3f} matched; '
+        f'table {len(table):,} rows): C, matched positions from the cache, decode steps '
+        'with no host call at B = ' + ', '.join(map(str, batches)))
+  for c, row_hit, step_hit in rows:
+    print(f'{c:>9,} ({100 * c / len(table):5.1f}% of rows)  {row_hit:.3f}  ' +
+          '  '.join(f'{h:.3f}' for h in step_hit))
+
+
+def real_hit_rates() -> None:
+  """Hit rates on real text: the tiny preset's tokenizer and table (vocab 1024, S 50K,
+  K 5) prepared from each corpus's train split, positions of its eval split."""
+  from scone_jax import prepare as prepare_lib  # pylint: disable=g-import-not-at-top
+  cfg = load_preset('tiny')
+  batches = [int(b) for b in FLAGS.batches]
+  for corpus in FLAGS.hit_corpus:
+    name, _, spec = corpus.partition('=')
+    data = {'data.source': 'embedded'} if not spec else {
+        'data.source': 'files', 'data.train_files': spec, 'data.format': 'blank_lines'}
+    pcfg = config_lib.replace(cfg, **data, **{
+        'fgram_model.num_layers': 1,
+        'data.artifacts_dir': os.path.join(FLAGS.hit_workdir, f'prepare_{name}')})
+    prepared = prepare_lib.prepare(pcfg, os.path.join(FLAGS.hit_workdir, 'unused'))
+    shards = next(iter(prepared.eval_shards.values()), prepared.train_shards)
+    docs = [np.concatenate([[prepared.tokenizer.bos_id], shards.doc(i)])
+            for i in range(min(len(shards), 2000))]
+    print_hit_rates(f'{name} ({"eval" if prepared.eval_shards else "train"} split)',
+                    prepared.table, docs, batches)
 
 
 def write_synthetic_store(store_dir: str, rows: int, d: int) -> None:
@@ -228,6 +295,8 @@ def bench_preset(preset: str, root: str) -> None:
                              FLAGS.lookup_steps)
         print(f'{name:<14} {b:>4} {1e3 * sec:>9.4f} {1e3 * sec / b:>9.4f}')
 
+  print_hit_rates('synthetic Zipf stream', table, [stream], batches)
+
   on_gpu = jax.devices()[0].platform != 'cpu'
   new_tokens = FLAGS.new_tokens or (256 if on_gpu else 64)
   new_tokens = min(new_tokens, cfg.model.max_seq_len - FLAGS.prompt_len - 1)
@@ -235,33 +304,50 @@ def bench_preset(preset: str, root: str) -> None:
     base = compat.cost_flops(Decoder(lm, batch_size=b)._chunk_program(Sampling()))  # pylint: disable=protected-access
     scone = compat.cost_flops(
         Decoder(lm, ram, table, batch_size=b)._chunk_program(Sampling()))  # pylint: disable=protected-access
+    cached = compat.cost_flops(Decoder(lm, ram, table, batch_size=b, lookup='cache',
+                                       cache_rows=FLAGS.cache_rows)._chunk_program(Sampling()))  # pylint: disable=protected-access
     print(f'XLA FLOPs of the device-loop chunk B={b}: baseline {base:.4g}, SCONE {scone:.4g}, '
-          f'ratio {scone / base:.4f}')
+          f'ratio {scone / base:.4f}; lookup=cache {cached:.4g}, ratio {cached / base:.4f}')
 
   print(f'\ndecode tokens/s ({new_tokens} new tokens after {FLAGS.prompt_len}-token prompts; '
         f'ratios: baseline / minimal, SCONE / baseline)')
-  names = ['minimal', 'baseline', 'ram', 'ram:callback', 'disk']
+  c = FLAGS.cache_rows
+  names = ['minimal', 'baseline', 'ram'] + (['ram:callback'] if FLAGS.callback else []) + [
+      'disk', 'cache'] + (['disk:cache'] if FLAGS.disk_cache else []) + ['cache:all']
   if FLAGS.host_loops:
     names += ['baseline:host', 'ram:host', 'disk:host']
   header = f'{"B":>4} ' + ' '.join(f'{n:>16}' for n in names)
   print(header)
-  prefill_rows, cpu_rows = [], []
+  prefill_rows, cpu_rows, cache_notes = [], [], []
   for b in batches:
     variants = {
         'minimal': minimal_loop(lm, b, FLAGS.prompt_len, new_tokens - 1),
         'baseline': Decoder(lm, batch_size=b),
         'ram': Decoder(lm, ram, table, batch_size=b),
         'ram:callback': Decoder(lm, ram, table, batch_size=b, lookup='callback'),
-        'disk': Decoder(lm, disk, table, batch_size=b)}
+        'disk': Decoder(lm, disk, table, batch_size=b),
+        'cache': Decoder(lm, ram, table, batch_size=b, lookup='cache', cache_rows=c),
+        'disk:cache': Decoder(lm, disk, table, batch_size=b, lookup='cache', cache_rows=c),
+        'cache:all': Decoder(lm, ram, table, batch_size=b, lookup='cache',
+                             cache_rows=len(table))}
+    for name in set(variants) - set(names):
+      del variants[name]
     if FLAGS.host_loops:
       variants.update({'baseline:host': Decoder(lm, batch_size=b, loop='host'),
                        'ram:host': Decoder(lm, ram, table, batch_size=b, loop='host'),
                        'disk:host': Decoder(lm, disk, table, batch_size=b, loop='host')})
-    dec, dec_cpu, pre, host = rates(variants, b, new_tokens, stream, FLAGS.repeats)
+    dec, dec_cpu, pre, host, calls = rates(variants, b, new_tokens, stream, FLAGS.repeats)
     print(_row(b, names, dec), flush=True)
+    cache_notes.append(f'{b:>4} ' + '  '.join(
+        f'{n}: {calls[n][0]:.3f} host calls/step, {calls[n][1]:.3f} host rows/token'
+        for n in names if 'cache' in n))
     cpu_rows.append(_row(b, names, dec_cpu))
     prefill_rows.append((b, pre['baseline'], pre['ram'], pre['disk'], host['ram'],
                          host['disk']))
+  print(f'\nlookup=cache (C = {c:,} rows: {c * d * ram.dtype.itemsize / 2**20:.0f} MiB of '
+        f'rows + {12 * len(table) / 2**20:.0f} MiB match index on the device), the timed '
+        'generations\' host share:')
+  print('\n'.join(cache_notes))
   print('\ndecode tokens per CPU second of this process (the same runs; robust to other '
         'jobs on a shared machine)')
   print(header)
@@ -283,6 +369,8 @@ def main(argv):
     root = tmp.name
   for preset in FLAGS.presets:
     bench_preset(preset, root)
+  if FLAGS.hit_corpus:
+    real_hit_rates()
   os.system('uptime')
   if tmp is not None:
     tmp.cleanup()

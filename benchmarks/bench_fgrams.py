@@ -4,7 +4,9 @@ Usage:
   .venv/bin/python benchmarks/bench_fgrams.py            # 5M-token mining + matching
   .venv/bin/python benchmarks/bench_fgrams.py --big      # also 50M tokens under 1 GiB
   .venv/bin/python benchmarks/bench_fgrams.py --scaling  # per-token cost 1M..50M vs np.sort,
-                                                         # and Beam with 1 vs 2 workers
+                                                         # and Beam with 1 vs 2 workers at
+                                                         # S = 100k and 1k (worker peak RSS)
+  (--scaling --no-beam / --no-mining: one half of it)
 
 --scaling: the np.sort bound of a run is the time np.sort takes on as many random uint64
 keys as the miner counted (its candidate n-gram positions over all scans, measured by
@@ -140,7 +142,8 @@ def _job(spec: dict) -> dict:
     table = mine_fgrams_beam(docs, max_len=5, size=spec['size'], min_count=spec['min_count'],
                              pipeline_options=options)
     out.update(seconds=time.perf_counter() - start, rows=len(table),
-               fingerprint=table.fingerprint, peak_rss_mb=_peak_rss_mb())
+               fingerprint=table.fingerprint, peak_rss_mb=_peak_rss_mb(),
+               worker_peak_rss_mb=table.meta['beam_worker_peak_rss_mb'])
     return out
   if kind == 'mine_keys':  # Mining with its counted keys recorded, then the sort bound.
     from scone_jax.fgrams import mine as mine_lib  # pylint: disable=g-import-not-at-top
@@ -241,6 +244,10 @@ def main():
   parser.add_argument('--scaling', action='store_true',
                       help='only the per-token scaling vs np.sort and Beam 1 vs 2 workers')
   parser.add_argument('--beam_tokens', type=int, default=300_000)
+  parser.add_argument('--no-mining', dest='mining', action='store_false',
+                      help='--scaling without the mining rows')
+  parser.add_argument('--no-beam', dest='beam', action='store_false',
+                      help='--scaling without the Beam rows')
   parser.add_argument('--job', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.job:
@@ -304,24 +311,33 @@ def scaling(args) -> None:
           '%.1f %.1f %.1f' % os.getloadavg())
     print(f'\n{"mine_fgrams K=5 S=1M min_count=5, 2 workers":<46} {"s":>6} {"ns/token":>9} '
           f'{"keys counted":>13} {"np.sort s":>10} {"sort/mine":>10} {"RSS MB":>7}')
-    for tokens in (1_000_000, 5_000_000, 20_000_000, 50_000_000):
+    for tokens in (1_000_000, 5_000_000, 20_000_000, 50_000_000) if args.mining else ():
       r = run(dict(dir=tmp, kind='mine_keys', tokens=tokens, size=1_000_000, min_count=5,
                    budget_mb=1024), 1)
       print(f'{format(r["tokens"], ",") + " tokens":<46} {r["seconds"]:>6.2f} '
             f'{r["seconds"] / r["tokens"] * 1e9:>9.1f} {r["keys"]:>13,} '
             f'{r["sort_seconds"]:>10.2f} {r["sort_seconds"] / r["seconds"]:>10.2f} '
             f'{r["peak_rss_mb"]:>7,.0f}')
-    common = dict(dir=tmp, tokens=args.beam_tokens, size=100_000, min_count=5)
-    local = run(dict(common, kind='mine', budget_mb=1024, workers=2), 1)
-    beams = [run(dict(common, kind='beam', workers=w), 1) for w in (1, 2)]
-    print(f'\n{"Beam DirectRunner multi_processing, " + format(local["tokens"], ",") + " tokens":<46} '
-          f'{"s":>7} {"tok/s":>9} {"x 1 worker":>11} {"same table":>11} {"RSS MB":>7}')
-    for name, r in (('local mine_fgrams (2 threads)', local), ('Beam, 1 worker', beams[0]),
-                    ('Beam, 2 workers', beams[1])):
-      print(f'{name:<46} {r["seconds"]:>7.1f} {r["tokens"] / r["seconds"]:>9,.0f} '
-            f'{beams[0]["seconds"] / r["seconds"]:>11.2f} '
-            f'{str(r["fingerprint"] == local["fingerprint"]):>11} {r["peak_rss_mb"]:>7,.0f}')
-    print('(RSS: the launcher process; multi-process workers are separate processes)')
+    if not args.beam:
+      return
+    print(f'\n{"Beam DirectRunner multi_processing, " + format(args.beam_tokens, ",") + " tokens":<46} '
+          f'{"s":>7} {"tok/s":>9} {"x 1 worker":>11} {"same table":>11} {"rows":>8} '
+          f'{"launcher RSS MB":>16} {"worker peak RSS MB":>19}')
+    for size in (100_000, 1_000):
+      common = dict(dir=tmp, tokens=args.beam_tokens, size=size, min_count=5)
+      local = run(dict(common, kind='mine', budget_mb=1024, workers=2), 1)
+      local['worker_peak_rss_mb'] = float('nan')
+      beams = [run(dict(common, kind='beam', workers=w), 1) for w in (1, 2)]
+      first = beams[0]  # "x 1 worker": against the 1-worker run of the same S.
+      for name, r in ((f'local mine_fgrams (2 threads), S={size:,}', local),
+                      (f'Beam, 1 worker, S={size:,}', beams[0]),
+                      (f'Beam, 2 workers, S={size:,}', beams[1])):
+        print(f'{name:<46} {r["seconds"]:>7.1f} {r["tokens"] / r["seconds"]:>9,.0f} '
+              f'{first["seconds"] / r["seconds"]:>11.2f} '
+              f'{str(r["fingerprint"] == local["fingerprint"]):>11} {r["rows"]:>8,} '
+              f'{r["peak_rss_mb"]:>16,.0f} {r["worker_peak_rss_mb"]:>19,.0f}')
+    print('(worker peak RSS: the largest VmHWM any Beam worker process reported; the '
+          'launcher is a separate process)')
 
 
 if __name__ == '__main__':

@@ -286,8 +286,12 @@ class ServeConfig:
   batch_size: int = 1
   # Generation loop: on-device while loop (default) or one jitted step per token.
   decode_loop: Literal['device', 'host'] = 'device'
-  # SCONE's per-step lookup in the device loop (serve/device_loop.py).
-  lookup: Literal['auto', 'native', 'callback'] = 'auto'
+  # SCONE's per-step lookup in the device loop (serve/device_loop.py); 'cache': match on
+  # the device, the cache_rows most frequent f-grams' rows resident there (cache_rows x
+  # d_model x the store's itemsize bytes, plus 12 bytes per table row for the match
+  # index), the host asked only for misses (serve/device_cache.py).
+  lookup: Literal['auto', 'native', 'callback', 'cache'] = 'auto'
+  cache_rows: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -437,6 +441,7 @@ _VALUE_RULES = (
     ('serve.top_k', lambda v: v >= 0, 'must be >= 0 (0 = off)'),
     ('serve.top_p', lambda v: 0 < v <= 1, 'must be in (0, 1] (1 = off)'),
     ('serve.batch_size', lambda v: v >= 1, 'must be >= 1'),
+    ('serve.cache_rows', lambda v: v >= 0, 'must be >= 0 (rows of the device cache)'),
 )
 
 
@@ -632,14 +637,6 @@ def validate_runtime(cfg: Config, num_devices: int, num_processes: int,
   if cfg.fgram.miner == 'beam' and importlib.util.find_spec('apache_beam') is None:
     raise ConfigError("config.fgram.miner='beam' needs apache-beam: pip install -r "
                       "requirements-beam.txt, or use config.fgram.miner='local'")
-  # Transitional: the beyond-the-paper arms land one by one (issue 14). Refused at train
-  # time only, so sweep dry runs can already account for them from the config.
-  fm = cfg.fgram_model
-  for value, what in ((fm.kind not in ('network', 'hashed'), f"fgram_model.kind={fm.kind!r}"),
-                      (fm.combine != 'replace' and fm.kind != 'hashed',
-                       f"fgram_model.combine={fm.combine!r}")):
-    if value:
-      raise ConfigError(f'config.{what} is not built yet; use the default')
   shape = resolve_mesh(cfg.mesh, num_devices)
   check_batch_on_mesh(cfg.train.batch_size, shape)
   if cfg.train.batch_size % num_processes:

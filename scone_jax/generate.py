@@ -2,7 +2,7 @@
 
   python -m scone_jax.generate --workdir=W --prompt="def main(" [--max_new_tokens=64
       --temperature=0.8 --top_k=40 --top_p=0.95 --batch_size=1 --store_tier=ram|disk
-      --decode_loop=device|host --lookup=auto|native|callback --seed=0] [--accounting_only]
+      --decode_loop=device|host --lookup=auto|native|callback|cache --cache_rows=C --seed=0] [--accounting_only]
 
 Restores W's latest checkpoint. SCONE runs read the store written by
 `python -m scone_jax.export --workdir=W`; baseline runs need none. Unset flags take
@@ -69,7 +69,8 @@ def build_decoder(cfg: Config, workdir: str,
     hashed, store = HashedLookup(store, batch_size, cfg.model.dtype), None
   return run, Decoder(run.lm, store, run.table, batch_size=batch_size,
                       bos_id=run.tokenizer.bos_id, loop=cfg.serve.decode_loop,
-                      lookup=cfg.serve.lookup, hashed=hashed)
+                      lookup=cfg.serve.lookup, hashed=hashed,
+                      cache_rows=cfg.serve.cache_rows)
 
 
 def generate(cfg: Config, workdir: str, prompts: list[str], seed: int = 0) -> GenerateResult:
@@ -102,7 +103,7 @@ def main(argv):
   logs.quiet_third_party_logs()
   f = flags.FLAGS
   names = ('max_new_tokens', 'temperature', 'top_k', 'top_p', 'batch_size', 'store_tier',
-           'decode_loop', 'lookup')
+           'decode_loop', 'lookup', 'cache_rows')
   overrides = {f'serve.{n}': getattr(f, n) for n in names if getattr(f, n) is not None}
   cfg = restore.run_config(f.workdir, overrides)
   if f.accounting_only:
@@ -132,8 +133,10 @@ def define_flags() -> None:
   flags.DEFINE_enum('store_tier', None, ['ram', 'disk'], 'Where the f-gram table is read.')
   flags.DEFINE_enum('decode_loop', None, ['device', 'host'],
                     'On-device generation loop or one jitted step per token.')
-  flags.DEFINE_enum('lookup', None, ['auto', 'native', 'callback'],
-                    "SCONE's lookup inside the device loop (auto: native on CPU + ram).")
+  flags.DEFINE_enum('lookup', None, ['auto', 'native', 'callback', 'cache'],
+                    "SCONE's lookup inside the device loop (auto: native on CPU + ram; "
+                    'cache: device match + cache_rows hot rows on the device).')
+  flags.DEFINE_integer('cache_rows', None, "Rows of lookup='cache''s device cache.")
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
   flags.DEFINE_bool('accounting_only', False,
                     'Print parameter/FLOP accounting of the decode step and exit.')

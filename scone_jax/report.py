@@ -51,8 +51,9 @@ class Run:
 
   @property
   def num_fgrams(self) -> int:
-    """S as trained: 0 for the baseline, else the used slice of the table."""
-    if not self.cfg.is_scone:
+    """S as trained: 0 for the baseline and for arms that use no f-gram table (hashed),
+    else the used slice of the table."""
+    if not self.cfg.is_scone or not self.cfg.fgram_model.uses_fgram_table:
       return 0
     return self.cfg.fgram.use_size or self.cfg.fgram.size
 

@@ -51,11 +51,11 @@ ARMS = {
     'table-int8': ({'fgram_model.kind': 'table', 'export.quant': 'int8'}, S * D, 0, S,
                    D + 4, TRAIN_BACKBONE, D),
     'hashed': ({'fgram_model.kind': 'hashed', 'fgram_model.hash_max_n': 3,
-                'fgram_model.hash_buckets': 40}, 2 * 40 * D, 0, 80, 2 * D, TRAIN_BACKBONE,
-               D),
-    'hashed-gate': ({'fgram_model.kind': 'hashed', 'fgram_model.hash_max_n': 4,
-                     'fgram_model.hash_buckets': 10, 'fgram_model.combine': 'gate'},
-                    3 * 10 * D, D, 30, 2 * D, TRAIN_BACKBONE, 3 * D),
+                'fgram_model.hash_buckets': 40, 'fgram_model.combine': 'add'}, 2 * 40 * D, 0,
+               80, 2 * D, TRAIN_BACKBONE, D),
+    'hashed-4': ({'fgram_model.kind': 'hashed', 'fgram_model.hash_max_n': 4,
+                  'fgram_model.hash_buckets': 10, 'fgram_model.combine': 'add'},
+                 3 * 10 * D, 0, 30, 2 * D, TRAIN_BACKBONE, D),
 }
 
 
@@ -88,12 +88,14 @@ def test_bf16_params_halve_the_accelerator_bytes():
 
 def test_hashed_without_buckets_is_a_clear_error():
   with pytest.raises(ValueError, match='hash_buckets'):
-    arm_accounting.account(_cfg(**{'fgram_model.kind': 'hashed'}))
+    arm_accounting.account(_cfg(**{'fgram_model.kind': 'hashed',
+                                    'fgram_model.combine': 'add'}))
 
 
 def test_report_offloaded_params_follow_the_arm():
   assert report.accounting(_cfg(**{'fgram_model.kind': 'table'}))['offloaded_params'] == S * D
-  hashed = _cfg(**{'fgram_model.kind': 'hashed', 'fgram_model.hash_buckets': 40})
+  hashed = _cfg(**{'fgram_model.kind': 'hashed', 'fgram_model.hash_buckets': 40,
+                   'fgram_model.combine': 'add'})
   assert report.accounting(hashed)['offloaded_params'] == 2 * 40 * D
 
 

@@ -46,6 +46,9 @@ class FakeTable:
   def __len__(self):
     return len(self._grams)
 
+  def tokens_of(self, rows):
+    return self.tokens_SxK[rows]
+
   def slice(self, size):
     return FakeTable(self._grams[:size])
 

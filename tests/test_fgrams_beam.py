@@ -17,15 +17,35 @@ def small_corpus():
   return docs + [rng.integers(0, 4, rng.integers(0, 20)) for _ in range(30)]
 
 
-def test_beam_equals_local(tmp_path):
+def test_beam_equals_local(tmp_path, monkeypatch):
+  """Equal tables, the cut at row S splitting a (count, length, first token) group; the
+  workers write shards, the manifest comes last: without it (or with a shard changed) the
+  sharded table is refused."""
+  from scone_jax import artifacts  # pylint: disable=g-import-not-at-top
   docs = small_corpus()
-  local = mine_fgrams(docs, max_len=4, size=150, min_count=2, progress=False)
-  from_docs = mine_fgrams_beam(docs, max_len=4, size=150, min_count=2)
+  monkeypatch.setattr(beam_lib, '_ROWS_PER_SHARD', 16)
+  local = mine_fgrams(docs, max_len=4, size=145, min_count=2, progress=False)
+  more = mine_fgrams(docs, max_len=4, size=146, min_count=2, progress=False)
+  assert (more.counts[144], more.lengths[144], more.tokens_SxK[144, 0]) == (
+      more.counts[145], more.lengths[145], more.tokens_SxK[145, 0])
+  from_docs = mine_fgrams_beam(docs, max_len=4, size=145, min_count=2,
+                               output_dir=str(tmp_path / 'out'))
   assert from_docs.grams() == local.grams()
   assert from_docs.fingerprint == local.fingerprint
+  assert from_docs.meta['beam_worker_peak_rss_mb'] > 0
+  table_dir = tmp_path / 'out' / 'table'
+  assert len(list(table_dir.glob('keys-*.npy'))) == 10  # 145 rows, 16 a shard.
+  assert beam_lib.load_table_shards(str(table_dir)).fingerprint == local.fingerprint
+  shard = table_dir / 'counts-00001.npy'
+  shard.write_bytes(shard.read_bytes()[:-8] + b'\0' * 8)
+  with pytest.raises(artifacts.ArtifactError, match='counts-00001'):
+    beam_lib.load_table_shards(str(table_dir), verify='full')
+  (table_dir / 'manifest.json').unlink()
+  with pytest.raises(artifacts.ArtifactError, match='incomplete'):
+    beam_lib.load_table_shards(str(table_dir))
   path = tmp_path / 'docs.txt'
   path.write_text(''.join(' '.join(map(str, d.tolist())) + '\n' for d in docs))
-  from_files = mine_fgrams_beam(str(path), max_len=4, size=150, min_count=2)
+  from_files = mine_fgrams_beam(str(path), max_len=4, size=145, min_count=2)
   assert from_files.fingerprint == local.fingerprint
 
 
@@ -52,6 +72,22 @@ def test_token_shards_equal_local(tmp_path, monkeypatch, mode):
   got = mine_fgrams_beam(shards, max_len=5, size=400, min_count=3,
                          pipeline_options=options)
   assert got.fingerprint == local.fingerprint and len(got) == 400
+
+
+def test_every_kept_gram_equals_local():
+  """S above the number of kept grams: cutoff 0, every gram is a row."""
+  docs = small_corpus()
+  local = mine_fgrams(docs, max_len=4, size=10**6, min_count=2, progress=False)
+  assert len(local) < 10**6
+  got = mine_fgrams_beam(docs, max_len=4, size=10**6, min_count=2)
+  assert got.fingerprint == local.fingerprint
+
+
+def test_group_starts_and_plan():
+  plan = beam_lib._plan({9: 2, 7: 3, 5: 10}, 8, 4)
+  assert plan == dict(cutoff=5, rows=8, first_row={9: 0, 7: 2, 5: 5}, rows_per_shard=4)
+  starts = dict(beam_lib._group_starts((5, {(3, 1): 2, (2, 9): 1, (2, 4): 2}), plan))
+  assert starts == {(5, 2, 4): 5, (5, 2, 9): 7}  # (3, 1) would start at row 8 >= S.
 
 
 def test_histogram_cutoff():

@@ -220,28 +220,101 @@ def test_count_distinct_equals_unique(part_keys, keys):
     np.testing.assert_array_equal(got_sums, want_sums)
 
 
-@pytest.mark.parametrize('budget_bytes', [1 << 30, 200])  # In memory; spilling every run.
-def test_run_merger_kept_ids_equal_dict(tmp_path, budget_bytes):
+# In memory; spilling every run; one bucket or key ranges (an empty one among them).
+@pytest.mark.parametrize('budget_bytes', [1 << 30, 200])
+@pytest.mark.parametrize('bounds', [[], [90, 100, 101, 250], [0, 5, 399]])
+def test_run_merger_kept_ids_equal_dict(tmp_path, budget_bytes, bounds):
   rng = np.random.default_rng(0)
+  bounds = np.array(bounds, np.uint64)
   runs = []
-  for size in (50, 0, 300, 120):  # Unsorted distinct keys per run, as count_distinct gives.
+  for size in (50, 0, 300, 120):  # Unsorted distinct keys per run, as a chunk gives.
     keys = rng.permutation(np.unique(rng.integers(0, 400, size)).astype(np.uint64))
-    runs.append((keys, rng.integers(1, 4, keys.size)))
-  merger = spill.RunMerger(budget_bytes, str(tmp_path), min_count=5, tag='t', keep_runs=True)
+    keys, counts, ends, _ = spill.partition_run(keys, rng.integers(1, 4, keys.size), bounds)
+    runs.append((keys, counts, ends))
+  merger = spill.RunMerger(budget_bytes, str(tmp_path), min_count=5, tag='t', keep_runs=True,
+                           bounds=bounds)
   for run in runs:
     merger.add(*run)
   keys, counts = merger.finish()
   total = collections.Counter()
-  for run_keys, run_counts in runs:
+  for run_keys, run_counts, _ in runs:
     total.update(dict(zip(run_keys.tolist(), run_counts.tolist())))
   want = sorted((k, c) for k, c in total.items() if c >= 5)
   assert keys.tolist() == [k for k, _ in want] and counts.tolist() == [c for _, c in want]
   assert bool(os.listdir(tmp_path)) == (budget_bytes == 200)  # Spilled runs' keys.
   row = {k: i for i, (k, _) in enumerate(want)}
-  for i, (run_keys, _) in enumerate(runs):
+  for i, (run_keys, _, _) in enumerate(runs):
     assert merger.kept_ids(i).tolist() == [row.get(k, -1) for k in run_keys.tolist()]
   merger.close()
   assert os.listdir(tmp_path) == []
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(keys=st.lists(st.integers(0, 2**63 - 1) | st.integers(0, 30), max_size=200,
+                                unique=True),
+                  bounds=st.lists(st.integers(0, 2**63 - 1) | st.integers(0, 30), max_size=9,
+                                  unique=True))
+def test_scan_kernel_grouping_equals_numpy(keys, bounds):
+  keys = np.array(keys, np.uint64)
+  counts = np.arange(keys.size, dtype=np.int64) + 1
+  bounds = np.sort(np.array(bounds, np.uint64))
+  want = spill.partition_run(keys, counts, bounds)
+  got = spill.group_by_bucket(keys, counts, bounds, np.zeros(0, np.int32))
+  for w, g in zip(want, got):
+    np.testing.assert_array_equal(g, w)
+  # Every key lies in its bucket's key range.
+  starts = np.concatenate([[0], want[2][:-1]])
+  for b, (lo, hi) in enumerate(zip(starts, want[2])):
+    assert all((b == 0 or k >= bounds[b - 1]) and (b == bounds.size or k < bounds[b])
+               for k in want[0][lo:hi])
+
+
+@pytest.mark.parametrize('budget_mb', [1024, 0.002])  # In memory; spilling.
+def test_many_key_range_buckets_give_the_same_table(tmp_path, budget_mb):
+  """Hundreds of buckets (some empty, some one prefix) == one bucket == the reference."""
+  from scone_jax.fgrams import mine  # pylint: disable=g-import-not-at-top
+  docs = text_corpus()
+  kwargs = dict(max_len=5, size=2500, min_count=2, progress=False, chunk_tokens=4096,
+                memory_budget_mb=budget_mb, tmp_dir=str(tmp_path))
+  with mock.patch.object(mine, '_bucket_bounds', lambda *_: np.zeros(0, np.uint64)):
+    one = mine_fgrams(docs, **kwargs)
+  seen = []
+  original = mine._bucket_bounds
+
+  def many(weights, num_buckets):
+    seen.append(original(weights, num_buckets).size + 1)
+    return original(weights, num_buckets)
+  with mock.patch.object(mine, '_BUCKET_POSITIONS', 16 if budget_mb > 1 else 128), mock.patch.object(
+      mine, '_bucket_bounds', many):
+    got = mine_fgrams(docs, **kwargs)
+  assert min(seen) > 20 and max(seen) > 200  # n=2: one bucket per byte value at most.
+  assert got.fingerprint == one.fingerprint
+  assert_matches_reference(got, docs, 5, 2500, 2)
+  assert os.listdir(tmp_path) == []
+
+
+def test_large_vocabulary_buckets_from_a_sample():
+  """Token ids too large to count densely: scan 2's buckets come from sampled quantiles."""
+  from scone_jax.fgrams import mine  # pylint: disable=g-import-not-at-top
+  docs = [d.astype(np.int64) * 7_000_001 for d in text_corpus()]  # Ids up to ~1.8e9.
+  sampled = []
+  original = mine._sampled_bounds
+  with mock.patch.object(mine, '_BUCKET_POSITIONS', 128), mock.patch.object(
+      mine, '_sampled_bounds', lambda *a: sampled.append(original(*a)) or sampled[-1]):
+    table = mine_fgrams(docs, max_len=4, size=1500, min_count=2, progress=False)
+  assert len(sampled) == 1 and sampled[0].size > 20
+  assert_matches_reference(table, docs, 4, 1500, 2)
+
+
+def test_bucket_bounds_split_the_weight():
+  from scone_jax.fgrams import mine  # pylint: disable=g-import-not-at-top
+  weights = np.array([0, 5, 1, 1, 1, 1, 0, 1, 100, 0])
+  bounds = mine._bucket_bounds(weights, 4)
+  np.testing.assert_array_equal(bounds >> np.uint64(31), [8])  # 10 vs 100: one cut.
+  np.testing.assert_array_equal(mine._bucket_bounds(np.ones(8, np.int64), 4) >> np.uint64(31),
+                                [2, 4, 6])
+  assert mine._bucket_bounds(np.zeros(5, np.int64), 4).size == 0
+  assert mine._bucket_bounds(np.ones(8, np.int64), 1).size == 0
 
 
 def test_partitioned_counting_gives_the_same_table():
@@ -268,7 +341,8 @@ def test_positions_beyond_2_to_the_32(tmp_path):
   corpus = mine._as_corpus(types.SimpleNamespace(tokens=tokens, offsets=np.array(
       [0, doc_start, num], np.int64)), str(tmp_path), 1 << 20)
   a, b = tail, tail + 4000
-  index_P, (keys_U, counts_U) = mine._scan_chunk(corpus, 2, None, None, True, (a, b))
+  index_P, (keys_U, counts_U, _) = mine._scan_chunk(corpus, 2, None, None, True,
+                                                   np.zeros(0, np.uint64), (a, b))
   want = collections.Counter(
       (int(x), int(y)) for p, (x, y) in enumerate(zip(tokens[a:b], tokens[a + 1:b + 1]),
                                                   start=a) if p + 1 != doc_start)

@@ -100,3 +100,22 @@ def test_load_rejects_wrong_arrays(tmp_path):
   np.save(tmp_path / 't' / 'lengths.npy', np.asarray(table.lengths, np.int32))
   with pytest.raises(artifacts.ArtifactError, match='unreadable|truncated'):
     FgramTable.load(str(tmp_path / 't'), verify=False)
+
+
+def test_tagging_reads_only_matched_rows_of_a_loaded_table(tmp_path):
+  """tag_fgrams on a mapped table reads rows by `tokens_of`: S x K is never built, and
+  the packed rows equal those of the table with its token matrix in memory."""
+  from scone_jax.batches.tagging import tag_fgrams  # pylint: disable=g-import-not-at-top
+  table = text_table()
+  table.save(str(tmp_path / 't'))
+  loaded = FgramTable.load(str(tmp_path / 't'), verify=False)
+  text = np.frombuffer(open(os.__file__, 'rb').read()[:4096], np.uint8)
+  tokens_BxT = (text.astype(np.int32) * 7 + 100_000).reshape(4, 1024)
+  batch = dict(inputs_BxT=tokens_BxT, segment_ids_BxT=np.ones((4, 1024), np.int32))
+  want = tag_fgrams(batch, table)
+  assert table._tokens is not None  # pylint: disable=protected-access
+  got = tag_fgrams(batch, loaded)
+  assert loaded._tokens is None  # pylint: disable=protected-access
+  assert want['stats/fgram_unique'] > 10
+  for key, value in want.items():
+    np.testing.assert_array_equal(got[key], value)

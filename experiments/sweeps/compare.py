@@ -1,6 +1,7 @@
 """The competing ways to scale input embeddings, in one study (CPU scale, embedded corpus).
 
-  python -m scone_jax.sweeps --sweep=experiments/sweeps/compare.py --root=runs --parallel=2 --report
+  make compare   # = python -m scone_jax.sweeps --sweep=experiments/sweeps/compare.py \
+                 #       --root=runs --parallel=2 --report
 
 Arms, all on the study backbone (experiments/demo.py:study: 600 steps of the same batches,
 so every arm sees the SAME training tokens: the comparison is at matched tokens, not matched

@@ -36,8 +36,11 @@ FGRAM_KEYS = ('fgram_slot_BxT', 'fgram_tokens_RxW', 'fgram_positions_RxW',
 
 class Matcher(Protocol):
   """What tagging needs from `scone_jax.fgrams.FgramTable`."""
-  tokens_SxK: np.ndarray
+  max_len: int
   lengths: np.ndarray
+
+  def tokens_of(self, rows_R: np.ndarray) -> np.ndarray:
+    ...
 
   def match(self, tokens_BxT: np.ndarray,
             segment_ids_BxT: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -127,7 +130,7 @@ def tag_fgrams(batch: dict[str, np.ndarray], table: Matcher, capacity: int = 0,
 
   Args:
     batch: a packed batch (inputs_BxT, segment_ids_BxT, ...); not modified.
-    table: the f-gram table (its `match`, `tokens_SxK`, `lengths`).
+    table: the f-gram table (its `match`, `tokens_of`, `max_len`, `lengths`).
     capacity: the smallest row bucket (config.fgram_model.capacity; 0 = 8 rows). A batch
       needing more rows gets a larger bucket (stat fgram_above_capacity = 1), never a
       fallback to token embeddings.
@@ -151,8 +154,7 @@ def tag_fgrams(batch: dict[str, np.ndarray], table: Matcher, capacity: int = 0,
                      f'{segment_ids_BxT.shape}')
   matched_BxT = (ids_BxT >= 0) & (segment_ids_BxT > 0)  # Padding never uses A_f.
   ids_G, inverse = np.unique(ids_BxT[matched_BxT], return_inverse=True)
-  tokens_SxK = table.tokens_SxK
-  k = tokens_SxK.shape[1]
+  k = int(table.max_len)  # Only the G matched rows' tokens are read: S x K never is.
   width = pack_width(k)
   lens_G = np.asarray(table.lengths)[ids_G].astype(np.int64)
   row_G, col_G, needed = pack_lengths(lens_G, width)
@@ -166,7 +168,7 @@ def tag_fgrams(batch: dict[str, np.ndarray], table: Matcher, capacity: int = 0,
   tokens_N = np.zeros(rows * width, np.int32)
   positions_N = np.zeros(rows * width, np.int32)
   segments_N = np.zeros(rows * width, np.int32)
-  tokens_N[flat] = tokens_SxK[ids_G][valid_GxK]
+  tokens_N[flat] = table.tokens_of(ids_G)[valid_GxK]
   positions_N[flat] = np.broadcast_to(j_K, flat_GxK.shape)[valid_GxK]
   # Items in one row start at distinct columns, so col + 1 is a unique segment id.
   segments_N[flat] = np.broadcast_to((col_G + 1)[:, None], flat_GxK.shape)[valid_GxK]

@@ -43,7 +43,7 @@ def export_embeddings(lm: SconeLM, table: Any, out_dir: str, export_cfg: ExportC
 
   Args:
     lm: a SCONE model (lm.fgram_model is A_f or the f-gram table).
-    table: the f-gram table (its `tokens_SxK`, `lengths`, `len`).
+    table: the f-gram table (its `tokens_of`, `max_len`, `lengths`, `len`).
     out_dir: the store directory (normally W/export).
     export_cfg: dtype, quant, batch_size and chunk_rows.
     meta: manifest fields (checkpoint step, fingerprints).
@@ -65,9 +65,6 @@ def export_embeddings(lm: SconeLM, table: Any, out_dir: str, export_cfg: ExportC
   batch = -(-export_cfg.batch_size // shards) * shards
   num_rows, d_model = len(table), lm.backbone.cfg.d_model
   k = int(table.max_len)
-  # kind='table' reads rows by id: no token matrix (S x K) is built for it.
-  tokens_SxK = (np.asarray(table.tokens_SxK, np.int32) if lm.kind != 'table'
-                else np.zeros((num_rows, k), np.int32))
   lens_S = np.asarray(table.lengths, np.int32)
   last_S = fgram_table.last_tokens(table)
   # What the store holds per combine mode (model/combine.py); the decode step applies
@@ -90,7 +87,10 @@ def export_embeddings(lm: SconeLM, table: Any, out_dir: str, export_cfg: ExportC
       hi = min(lo + batch, stop)
       tokens_NxK = np.zeros((batch, k), np.int32)
       lens_N, ids_N, last_N = (np.zeros(batch, np.int32) for _ in range(3))
-      tokens_NxK[:hi - lo], lens_N[:hi - lo] = tokens_SxK[lo:hi], lens_S[lo:hi]
+      if lm.kind != 'table':  # kind='table' reads rows by id: it needs no tokens.
+        # Per batch (tokens_of), so S x K is never materialised at 100M+ rows.
+        tokens_NxK[:hi - lo] = table.tokens_of(np.arange(lo, hi))
+      lens_N[:hi - lo] = lens_S[lo:hi]
       ids_N[:hi - lo], last_N[:hi - lo] = np.arange(lo, hi), last_S[lo:hi]
       # Dispatch every batch of the shard before reading any back (async dispatch keeps
       # the device busy while the host copies the previous results).

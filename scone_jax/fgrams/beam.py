@@ -13,10 +13,19 @@ S or with the corpus (only with a bundle's partial counts and one key's group):
             by their (n-1)-suffix. (A gram's prefix and suffix count at least as often,
             so the join never drops a gram that reached min_count; it keeps the table
             closed under prefixes and suffixes by construction, as mine.py does.)
-  top S     a histogram of the kept grams' counts (one small dict: distinct count
-            values), from which the cutoff count c (the S-th largest) follows; only grams
-            with count >= c are written, and the launcher makes the exact cut among them
-            with the documented tie-break (`mine.rank_fgrams`).
+  top S     on the workers: a histogram of the kept grams' counts (one small dict of
+            distinct count values) gives the cutoff count c (the S-th largest) and, per
+            count, the first row of its grams. Grams with count >= c are grouped by
+            (count, length, first token); a per-count histogram of those groups gives
+            each group's first row, and one worker sorts one group by its tokens: every
+            gram gets its row in the documented order (mine.py) and rows >= S are cut.
+            No step holds more than one such group, one count's histogram or one shard.
+  write     each gram's key needs its prefix's row: a CoGroupByKey of the ranked grams
+            on their prefix; rows are grouped into shards of `_ROWS_PER_SHARD` and each
+            worker writes its shards (keys, counts, lengths .npy: the table layout of
+            table.py, cut by rows) to a temp name and renames them; the launcher checks
+            that every shard is there and writes the manifest last (`SHARDS_KIND`), so a
+            half-written table is never read as complete. `load_table_shards` opens it.
 
 Counting every n-gram before the join shuffles more keys than the local miner, which
 prunes before it counts; combiner lifting keeps the shuffle to distinct grams per bundle.
@@ -26,8 +35,10 @@ Runs unchanged on any Beam runner. On Dataflow (token shards and output in a buc
                    pipeline_options=PipelineOptions(['--project=P', '--region=R',
                        '--temp_location=gs://B/tmp', '--max_num_workers=32',
                        '--setup_file=./setup.py']), output_dir='gs://B/tmp/fgrams')
-(the launcher then reads the gs:// outputs; token-shard ranges are read through
-FileSystems-compatible paths once the shards live in the bucket). Tests run it on the
+(the table shards land in gs://B/tmp/fgrams/table, which `load_table_shards` reads;
+token-shard ranges are read through FileSystems-compatible paths once the shards live in
+the bucket). Each worker reports its peak RSS (VmHWM) as the Beam distribution metric
+fgrams/worker_peak_rss_kb; the largest lands in the table's meta. Tests run it on the
 DirectRunner in multi-process mode (direct_num_workers=2,
 direct_running_mode='multi_processing').
 """
@@ -35,17 +46,26 @@ direct_running_mode='multi_processing').
 from __future__ import annotations
 
 import collections
+import hashlib
+import io
 import json
 import os
+import resource
 import tempfile
+import time
 from typing import Any, Iterable
 
 import numpy as np
 
+from scone_jax import artifacts, paths
+from scone_jax.fgrams import index as index_lib
 from scone_jax.fgrams import mine
 from scone_jax.fgrams.table import FgramTable
 
 _DOCS_PER_RANGE = 4096
+_ROWS_PER_SHARD = 1 << 20  # A shard writer holds this many rows (~40 MB as tuples).
+SHARDS_KIND = 'fgram_table_shards'
+_SHARD_ARRAYS = (('keys', np.uint64), ('counts', np.int64), ('lengths', np.uint8))
 
 
 def _parse_line(line: str) -> tuple[int, ...]:
@@ -99,6 +119,155 @@ def _cutoff(hist: dict, size: int) -> int:
   return 0
 
 
+def _peak_rss_kb() -> int:
+  """This process's peak RSS (VmHWM; ru_maxrss would carry a forking parent's peak)."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _note_rss() -> None:
+  from apache_beam.metrics import Metrics  # pylint: disable=g-import-not-at-top
+  Metrics.distribution('fgrams', 'worker_peak_rss_kb').update(_peak_rss_kb())
+
+
+def _plan(hist: dict, size: int, rows_per_shard: int) -> dict:
+  """From the count histogram: the cutoff, the table's rows, the first row of each count
+  >= the cutoff (rows rank by count first) and the shard size."""
+  cutoff = _cutoff(hist, size)
+  first_row, above = {}, 0
+  for count in sorted((c for c in hist if c >= cutoff), reverse=True):
+    first_row[count] = above
+    above += hist[count]
+  return dict(cutoff=cutoff, rows=min(size, above), first_row=first_row,
+              rows_per_shard=rows_per_shard)
+
+
+def _group_starts(count_hist, plan: dict):
+  """(count, {(length, first token): n}) -> ((count, length, first token), first row):
+  within one count, grams rank by length, then tokens (mine.py)."""
+  count, hist = count_hist
+  row = plan['first_row'][count]
+  for length, first in sorted(hist):
+    if row >= plan['rows']:
+      return  # Every later group is cut.
+    yield (count, length, first), row
+    row += hist[(length, first)]
+
+
+def _rank_group(keyed, plan: dict):
+  """One (count, length, first token) group, sorted by tokens -> (gram, row, count) for
+  the rows < S."""
+  (count, _, _), groups = keyed
+  _note_rss()
+  if not groups['start']:
+    return  # The whole group lies beyond row S.
+  row = groups['start'][0]
+  for gram in sorted(groups['grams']):
+    if row >= plan['rows']:
+      return
+    yield gram, row, count
+    row += 1
+
+
+def _table_row(ranked) -> tuple[int, int, int, int]:
+  """(row, key, count, length) of a bigram: its key needs no prefix row (index.py)."""
+  gram, row, count = ranked
+  return row, ((index_lib.TOKEN_CODE + gram[0]) << index_lib.TOKEN_BITS) | gram[-1], count, 2
+
+
+def _keyed_rows(keyed):
+  """CoGroupByKey on a prefix -> (row, key, count, length) of each ranked extension."""
+  prefix, groups = keyed
+  _note_rss()
+  if not groups['ext']:
+    return
+  if len(groups['row']) != 1:
+    raise ValueError(f'f-gram prefix {prefix} is not a row of the table: a ranked table is '
+                     'prefix-closed (mine.py), so the pipeline lost or duplicated a gram')
+  code = groups['row'][0]
+  for gram, row, count in groups['ext']:
+    yield row, (code << index_lib.TOKEN_BITS) | gram[-1], count, len(gram)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  np.save(buffer, array, allow_pickle=False)
+  return buffer.getvalue()
+
+
+def _write_shard(keyed, table_dir: str, plan: dict) -> dict:
+  """Writes one shard's rows (temp name, then rename); returns its manifest entry."""
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+  shard, rows = keyed
+  rows = sorted(rows)
+  lo = shard * plan['rows_per_shard']
+  hi = min(lo + plan['rows_per_shard'], plan['rows'])
+  if [r[0] for r in rows] != list(range(lo, hi)):
+    raise ValueError(f'table shard {shard} got rows {rows[0][0]}..{rows[-1][0]} '
+                     f'({len(rows)}), expected {lo}..{hi - 1}: a row was lost or duplicated')
+  files = {}
+  for column, (name, dtype) in enumerate(_SHARD_ARRAYS, start=1):
+    data = _npy_bytes(np.array([r[column] for r in rows], dtype))
+    final = FileSystems.join(table_dir, f'{name}-{shard:05d}.npy')
+    tmp = final + f'.tmp-{os.getpid()}-{time.monotonic_ns()}'
+    with FileSystems.create(tmp) as f:
+      f.write(data)
+    FileSystems.rename([tmp], [final])  # A retried bundle writes the same bytes.
+    files[os.path.basename(final)] = {'sha256': hashlib.sha256(data).hexdigest(),
+                                      'bytes': len(data)}
+  _note_rss()
+  return dict(shard=shard, lo=lo, hi=hi, files=files, peak_rss_kb=_peak_rss_kb())
+
+
+def load_table_shards(table_dir: str, verify: bool | str = True) -> FgramTable:
+  """The FgramTable of a sharded table written by `mine_fgrams_beam`.
+
+  The manifest is written last, so a table without one (or missing a shard) is refused.
+  The shards are concatenated and indexed here (O(S)); `FgramTable.save` then gives the
+  memory-mapped single-host layout.
+  """
+  manifest = artifacts.read_manifest(table_dir, SHARDS_KIND, verify=verify)
+  columns = {name: [] for name, _ in _SHARD_ARRAYS}
+  for shard in range(manifest['num_shards']):
+    for name, dtype in _SHARD_ARRAYS:
+      array = np.load(io.BytesIO(paths.read_bytes(paths.join(
+          table_dir, f'{name}-{shard:05d}.npy'))), allow_pickle=False)
+      if array.dtype != dtype:
+        raise artifacts.ArtifactError(f'{table_dir} shard {shard} {name} is {array.dtype}, '
+                                      f'expected {np.dtype(dtype)}; rebuild the table')
+      columns[name].append(array)
+  keys, counts, lengths = (np.concatenate(columns[name]) for name, _ in _SHARD_ARRAYS)
+  if keys.size != manifest['size']:
+    raise artifacts.ArtifactError(f'{table_dir} shards hold {keys.size} rows, the manifest '
+                                  f'says {manifest["size"]}; rebuild the table')
+  return FgramTable.from_keys(keys, counts, lengths, manifest['max_len'],
+                              manifest['min_count'], manifest.get('meta'))
+
+
+def _write_shards_manifest(table_dir: str, shards: list[dict], plan: dict, max_len: int,
+                           min_count: int, meta: dict) -> None:
+  """The sharded table's manifest, written last once every shard is present."""
+  shards = sorted(shards, key=lambda e: e['shard'])
+  want = -(-plan['rows'] // plan['rows_per_shard'])
+  if [e['shard'] for e in shards] != list(range(want)):
+    raise ValueError(f'the pipeline wrote shards {[e["shard"] for e in shards]}, expected '
+                     f'0..{want - 1}')
+  manifest = {'kind': SHARDS_KIND, 'format_version': artifacts.FORMAT_VERSION,
+              'created': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+              'files': {name: info for e in shards for name, info in e['files'].items()},
+              'size': plan['rows'], 'num_shards': want, 'rows_per_shard': plan['rows_per_shard'],
+              'max_len': max_len, 'min_count': min_count, 'cutoff_count': plan['cutoff'],
+              'meta': meta}
+  paths.write_bytes(paths.join(table_dir, artifacts.MANIFEST),
+                    json.dumps(manifest, indent=1).encode())
+
+
 def _read_json_lines(pattern: str) -> list[Any]:
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
   rows = []
@@ -132,52 +301,88 @@ def mine_fgrams_beam(docs_or_paths: Iterable[np.ndarray] | str | list[str] | Any
   mine.check_args(max_len, size, min_count)
   with tempfile.TemporaryDirectory(prefix='scone_fgrams_beam_') as local_tmp:
     out = output_dir or local_tmp
+    table_dir = paths.join(out, 'table')
     options = pipeline_options or PipelineOptions([])  # Not sys.argv.
-    with beam.Pipeline(runner=runner, options=options) as pipeline:
-      docs = _read_docs(beam, pipeline, docs_or_paths)
-      (docs | 'Bigrams' >> beam.Map(lambda d: max(len(d) - 1, 0))
-       | 'Total' >> beam.CombineGlobally(sum) | 'TotalJson' >> beam.Map(json.dumps)
-       | 'WriteTotal' >> beam.io.WriteToText(os.path.join(out, 'total')))
-      kept_all, kept = [], None
-      for n in range(2, max_len + 1):
-        counted = (docs | f'Grams{n}' >> beam.FlatMap(_ngrams, n)
-                   | f'Count{n}' >> beam.CombinePerKey(sum)
-                   | f'Frequent{n}' >> beam.Filter(lambda gc: gc[1] >= min_count))
-        if kept is not None:
-          shorter = kept | f'KeptKeys{n}' >> beam.Map(lambda gc: (gc[0], None))
-          for side, cut in (('Prefix', lambda g: g[:-1]), ('Suffix', lambda g: g[1:])):
-            counted = (
-                {'grams': counted | f'By{side}{n}' >> beam.Map(
-                    lambda gc, cut=cut: (cut(gc[0]), gc)),
-                 'kept': shorter}
-                | f'Join{side}{n}' >> beam.CoGroupByKey()
-                | f'Apriori{side}{n}' >> beam.FlatMap(_joined))
-        kept = counted
-        kept_all.append(kept)
-      every = kept_all | 'AllKept' >> beam.Flatten()
-      cutoff = (every | 'Counts' >> beam.Map(lambda gc: gc[1])
-                | 'Histogram' >> beam.CombineGlobally(_histogram_fn()())
-                | 'Cutoff' >> beam.Map(_cutoff, size))
-      (every | 'AboveCutoff' >> beam.Filter(lambda gc, c: gc[1] >= c,
-                                            beam.pvalue.AsSingleton(cutoff))
-       | 'Json' >> beam.Map(lambda gc: json.dumps([list(gc[0]), gc[1]]))
-       | 'Write' >> beam.io.WriteToText(os.path.join(out, 'kept')))
+    pipeline = beam.Pipeline(runner=runner, options=options)
+    docs = _read_docs(beam, pipeline, docs_or_paths)
+    (docs | 'Bigrams' >> beam.Map(lambda d: max(len(d) - 1, 0))
+     | 'Total' >> beam.CombineGlobally(sum) | 'TotalJson' >> beam.Map(json.dumps)
+     | 'WriteTotal' >> beam.io.WriteToText(os.path.join(out, 'total')))
+    kept_all, kept = [], None
+    for n in range(2, max_len + 1):
+      counted = (docs | f'Grams{n}' >> beam.FlatMap(_ngrams, n)
+                 | f'Count{n}' >> beam.CombinePerKey(sum)
+                 | f'Frequent{n}' >> beam.Filter(lambda gc: gc[1] >= min_count))
+      if kept is not None:
+        shorter = kept | f'KeptKeys{n}' >> beam.Map(lambda gc: (gc[0], None))
+        for side, cut in (('Prefix', lambda g: g[:-1]), ('Suffix', lambda g: g[1:])):
+          counted = (
+              {'grams': counted | f'By{side}{n}' >> beam.Map(
+                  lambda gc, cut=cut: (cut(gc[0]), gc)),
+               'kept': shorter}
+              | f'Join{side}{n}' >> beam.CoGroupByKey()
+              | f'Apriori{side}{n}' >> beam.FlatMap(_joined))
+      kept = counted
+      kept_all.append(kept)
+    every = kept_all | 'AllKept' >> beam.Flatten()
+    plan = (every | 'Counts' >> beam.Map(lambda gc: gc[1])
+            | 'Histogram' >> beam.CombineGlobally(_histogram_fn()())
+            | 'Plan' >> beam.Map(_plan, size, _ROWS_PER_SHARD))
+    (plan | 'PlanJson' >> beam.Map(json.dumps)
+     | 'WritePlan' >> beam.io.WriteToText(os.path.join(out, 'plan')))
+    plan_si = beam.pvalue.AsSingleton(plan)
+    selected = every | 'AboveCutoff' >> beam.Filter(lambda gc, p: gc[1] >= p['cutoff'],
+                                                    plan_si)
+    # Ranking on the workers: one (count, length, first token) group per key.
+    groups = selected | 'ByGroup' >> beam.Map(lambda gc: ((gc[1], len(gc[0]), gc[0][0]),
+                                                          gc[0]))
+    starts = (selected | 'GroupOfCount' >> beam.Map(lambda gc: (gc[1], (len(gc[0]),
+                                                                         gc[0][0])))
+              | 'GroupHistogram' >> beam.CombinePerKey(_histogram_fn()())
+              | 'GroupStarts' >> beam.FlatMap(_group_starts, plan_si))
+    ranked = ({'grams': groups, 'start': starts} | 'JoinStarts' >> beam.CoGroupByKey()
+              | 'Rank' >> beam.FlatMap(_rank_group, plan_si))
+    # Keys: a bigram's from its tokens, a longer gram's from its prefix's row.
+    bigram_rows = (ranked | 'Bigram' >> beam.Filter(lambda r: len(r[0]) == 2)
+                   | 'BigramRows' >> beam.Map(_table_row))
+    longer_rows = (
+        {'row': ranked | 'Prefixes' >> beam.Filter(lambda r: len(r[0]) < max_len)
+                | 'RowOf' >> beam.Map(lambda r: (r[0], r[1])),
+         'ext': ranked | 'Longer' >> beam.Filter(lambda r: len(r[0]) > 2)
+                | 'ByPrefix' >> beam.Map(lambda r: (r[0][:-1], r))}
+        | 'JoinPrefixRows' >> beam.CoGroupByKey() | 'Keys' >> beam.FlatMap(_keyed_rows))
+    ((bigram_rows, longer_rows) | 'Rows' >> beam.Flatten()
+     | 'ByShard' >> beam.Map(lambda r, p: (r[0] // p['rows_per_shard'], r), plan_si)
+     | 'Shards' >> beam.GroupByKey()
+     | 'WriteShard' >> beam.Map(_write_shard, table_dir, plan_si)
+     | 'ShardJson' >> beam.Map(json.dumps)
+     | 'WriteShardList' >> beam.io.WriteToText(os.path.join(out, 'shards')))
+    result = pipeline.run()
+    result.wait_until_finish()
     total = sum(_read_json_lines(os.path.join(out, 'total*')))
-    kept_rows = _read_json_lines(os.path.join(out, 'kept*'))
-  if total == 0:
-    raise ValueError('docs contain no n-gram of 2+ tokens (empty corpus, or only '
-                     'documents of 0-1 tokens); pass tokenized documents')
-  if not kept_rows:
-    raise ValueError(f'no n-gram of 2..{max_len} tokens occurs min_count={min_count} times '
-                     'in docs; lower min_count or mine a larger corpus')
-  tokens_MxK = np.zeros((len(kept_rows), max_len), np.int32)
-  for i, (gram, _) in enumerate(kept_rows):
-    tokens_MxK[i, :len(gram)] = gram
-  lengths_M = np.array([len(g) for g, _ in kept_rows], np.int32)
-  counts_M = np.array([c for _, c in kept_rows], np.int64)
-  top = mine.rank_fgrams(tokens_MxK, lengths_M, counts_M, size)
-  return FgramTable(tokens_MxK[top], counts_M[top], lengths_M[top], max_len=max_len,
-                    min_count=min_count)
+    if total == 0:
+      raise ValueError('docs contain no n-gram of 2+ tokens (empty corpus, or only '
+                       'documents of 0-1 tokens); pass tokenized documents')
+    plan = _read_json_lines(os.path.join(out, 'plan*'))[0]
+    if plan['rows'] == 0:
+      raise ValueError(f'no n-gram of 2..{max_len} tokens occurs min_count={min_count} '
+                       'times in docs; lower min_count or mine a larger corpus')
+    meta = {'beam_worker_peak_rss_mb': _worker_peak_rss_kb(result) / 1024}
+    _write_shards_manifest(table_dir, _read_json_lines(os.path.join(out, 'shards*')), plan,
+                           max_len, min_count, meta)
+    return load_table_shards(table_dir)
+
+
+def _worker_peak_rss_kb(result) -> float:
+  """The largest peak RSS any worker reported (fgrams/worker_peak_rss_kb), 0 if none."""
+  from apache_beam.metrics.metric import MetricsFilter  # pylint: disable=g-import-not-at-top
+  peak = 0
+  found = result.metrics().query(MetricsFilter().with_name('worker_peak_rss_kb'))
+  for metric in found['distributions']:
+    for value in (metric.committed, metric.attempted):
+      if value is not None and value.count:
+        peak = max(peak, value.max)
+  return peak
 
 
 def _histogram_fn():

@@ -23,7 +23,9 @@ first token). Kept n-grams get ids in ascending key order, which is also the
 lexicographic order of their tokens (by induction over n), so ranking needs one stable
 sort by count. Counting turns each chunk's keys into a (key, count) run (`_scan_kernel`:
 one compiled pass with a keyhash counting table) and records, per start position, the
-index of its key in the run; runs spill to disk beyond the budget and are merged by key range (`spill.py`). Once
+index of its key in the run. Runs come grouped into key-range buckets (prefix ranges of
+about equal weight), each bucket counted on its own on all threads, so there is no serial
+merge; beyond the budget each bucket's sums spill to disk (`spill.py`). Once
 scan n's kept keys are known, each chunk's run entries are resolved to kept ids (by the
 final merge's own inverse, or after spills by hash lookups of the run keys: far fewer
 than positions), turning the per-position indices into ids of the kept n-gram starting
@@ -62,32 +64,10 @@ _CHUNK_BYTES_PER_TOKEN = 160
 # leave the caches (1 MiB L2 per core here). 5M tokens of text, K=5, one core: 0.47 s at
 # 2**17..2**18 positions per chunk, 0.8 s at 2**19, 1.2 s at 2**20..2**21.
 _MAX_CHUNK_TOKENS = 1 << 18
-
-
-def rank_fgrams(tokens_MxK: np.ndarray, lengths_M: np.ndarray, counts_M: np.ndarray,
-                size: int) -> np.ndarray:
-  """Indices of the top `size` grams in rank order (count desc, length asc, tokens asc).
-
-  The ranking of the Beam miner; the local one gets the same order from one stable sort
-  (its candidates come in (length, tokens) order), so their tables are identical.
-
-  Args:
-    tokens_MxK: M candidate grams, left-aligned, 0-padded to K columns.
-    lengths_M: their lengths.
-    counts_M: their counts.
-    size: how many to keep.
-  """
-  if counts_M.size > size:
-    # Only grams at or above the size-th largest count can make the cut.
-    cutoff = np.partition(counts_M, counts_M.size - size)[counts_M.size - size]
-    candidates = np.flatnonzero(counts_M >= cutoff)
-  else:
-    candidates = np.arange(counts_M.size)
-  sub_tokens = tokens_MxK[candidates]
-  # lexsort's LAST key is the primary one; padding zeros never decide (length does first).
-  order = np.lexsort([sub_tokens[:, j] for j in range(sub_tokens.shape[1] - 1, -1, -1)] +
-                     [lengths_M[candidates], -counts_M[candidates]])
-  return candidates[order[:size]]
+# Key-range buckets per scan (spill.py). Every chunk's run carries one end offset per
+# bucket, so this bounds that bookkeeping (4096 x 8 bytes a chunk).
+_MAX_BUCKETS = 4096
+_BUCKET_POSITIONS = 1 << 19  # Corpus positions per bucket (more buckets: below).
 
 
 def check_args(max_len: int, size: int, min_count: int) -> None:
@@ -216,8 +196,11 @@ def _read_tokens(corpus: _Corpus, a: int, e: int) -> np.ndarray:
 
 
 def _scan_chunk(corpus: _Corpus, n: int, ids: _IdStore | None, frequent: np.ndarray | None,
-                want_index: bool, span: tuple[int, int]):
+                want_index: bool, bounds: np.ndarray, span: tuple[int, int]):
   """Counts the candidate n-grams starting at [a, b): returns (index_P or None, run).
+
+  run = (keys, counts, bucket ends): the chunk's distinct keys grouped into the merger's
+  key-range buckets (`bounds`, see spill.py), and index_P indexes that grouped order.
 
   P = positions a..b-1. Candidates have a kept (n-1)-prefix at p and (n-1)-suffix at p+1
   (Apriori), read from `ids` (kept (n-1)-gram ids, -1 where none); for n = 2 the kept
@@ -241,19 +224,21 @@ def _scan_chunk(corpus: _Corpus, n: int, ids: _IdStore | None, frequent: np.ndar
     cand_P = np.zeros(0, bool)  # Computed from prev_Q by the kernel.
     last_P = _read_tokens(corpus, a + n - 1, b + n - 1)
   index_dtype = np.int32 if b - a < 1 << 31 else np.int64
-  keys_U, counts_U, index_P = _scan_kernel(prev_Q, last_P, cand_P, table_bits(b - a),
-                                           want_index, np.zeros(0, index_dtype))
-  # Runs stay unsorted: the merger sorts only the kept keys (or a spill).
-  return (index_P if want_index else None), (keys_U, counts_U)
+  keys_U, counts_U, ends, index_P = _scan_kernel(prev_Q, last_P, cand_P, table_bits(b - a),
+                                                 want_index, np.zeros(0, index_dtype),
+                                                 bounds)
+  # Runs stay unsorted within a bucket: the merger sorts only the kept keys.
+  return (index_P if want_index else None), (keys_U, counts_U, ends)
 
 
 @numba.njit(nogil=True, cache=True)
-def _scan_kernel(prev_Q, last_P, cand_P, bits, want_index, like):
+def _scan_kernel(prev_Q, last_P, cand_P, bits, want_index, like, bounds):
   """One pass over a chunk's P positions: counts the keys prev_Q[p] * 2**31 + last_P[p] of
   the candidate positions -- cand_P[p], or where cand_P is empty, prev_Q[p] >= 0 and
-  prev_Q[p + 1] >= 0 (kept prefix and suffix ids) -- and returns (keys_U in first-seen
-  order, counts_U, index_P: each position's index in keys_U, -1 for non-candidates; empty
-  unless want_index). The keyhash counting table, without materialising the candidates."""
+  prev_Q[p + 1] >= 0 (kept prefix and suffix ids) -- and returns (keys_U grouped by
+  bucket of `bounds`, first-seen order within one, counts_U, the buckets' ends, index_P:
+  each position's index in keys_U, -1 for non-candidates; empty unless want_index). The
+  keyhash counting table, without materialising the candidates."""
   num = last_P.size
   from_ids = cand_P.size == 0
   index_of_slot, keys_U, counts_U, shift = new_count_table(num, bits, like)
@@ -268,7 +253,14 @@ def _scan_kernel(prev_Q, last_P, cand_P, bits, want_index, like):
       j = -1
     if want_index:
       index_P[p] = j
-  return keys_U[:u].copy(), counts_U[:u].copy(), index_P
+  if bounds.size == 0:
+    return keys_U[:u].copy(), counts_U[:u].copy(), np.full(1, u, np.int64), index_P
+  keys_U, counts_U, ends, new_of_old = spill.group_by_bucket(keys_U[:u], counts_U[:u],
+                                                             bounds, like)
+  for p in range(index_P.size):  # Grouping moved the entries: index the new order.
+    if index_P[p] >= 0:
+      index_P[p] = new_of_old[index_P[p]]
+  return keys_U, counts_U, ends, index_P
 
 
 def _resolve_chunk(ids: _IdStore, merger: spill.RunMerger,
@@ -324,7 +316,7 @@ def mine_fgrams(docs: Iterable[np.ndarray] | Any, max_len: int = 5, size: int = 
                      'in docs; lower min_count or mine a larger corpus')
   tokens_MxK, lengths_M, counts_M = _materialise(levels, max_len, size)
   # The candidates come by length, then in key order = token order (module docstring):
-  # a stable sort by count alone gives rank_fgrams' order, without its lexsort.
+  # a stable sort by count alone gives the documented order, without a lexsort.
   top = np.argsort(-counts_M, kind='stable')[:size]
   return FgramTable(tokens_MxK[top], counts_M[top], lengths_M[top], max_len=max_len,
                     min_count=min_count)
@@ -350,11 +342,12 @@ def _check_and_count(corpus: _Corpus, limit: int,
 
 
 def _frequent_tokens(corpus: _Corpus, spans, pool, workers: int, min_count: int,
-                     budget: int) -> np.ndarray | None:
-  """Validates every token; bool [V] of tokens occurring >= min_count times.
+                     budget: int) -> tuple[np.ndarray | None, np.ndarray]:
+  """Validates every token; (bool [V] of tokens occurring >= min_count times, int64 [V]
+  their counts).
 
-  None when the vocabulary is too large for a dense count within the budget (then scan 2
-  simply counts every bigram).
+  (None, empty) when the vocabulary is too large for a dense count within the budget
+  (then scan 2 simply counts every bigram).
   """
   limit = max(budget // 256, 1 << 16)  # A few dense [V] int64 counts in flight.
   total = np.zeros(0, np.int64)
@@ -367,7 +360,33 @@ def _frequent_tokens(corpus: _Corpus, spans, pool, workers: int, min_count: int,
       if counts.size > total.size:
         total = np.pad(total, (0, counts.size - total.size))
       total[:counts.size] += counts
-  return total >= min_count if dense else None
+  return (total >= min_count, total) if dense else (None, np.zeros(0, np.int64))
+
+
+def _bucket_bounds(weights_V: np.ndarray, num_buckets: int) -> np.ndarray:
+  """Key bounds (uint64, ascending) of up to num_buckets key ranges of about equal weight.
+
+  weights_V[v] is how often prefix v starts a candidate (an upper bound on its run
+  entries), so the buckets get about equal work; keys are prefix * 2**31 + last token,
+  so a bound on prefixes is a bound on keys. A heavy prefix alone in its bucket is fine:
+  there are many buckets per thread.
+  """
+  cum = np.cumsum(weights_V)
+  if num_buckets < 2 or cum.size == 0 or cum[-1] == 0:
+    return np.zeros(0, np.uint64)
+  targets = cum[-1] * np.arange(1, num_buckets) // num_buckets
+  prefixes = np.unique(np.searchsorted(cum, targets, 'right'))
+  prefixes = prefixes[(prefixes > 0) & (prefixes < cum.size)]
+  return prefixes.astype(np.uint64) << _SHIFT
+
+
+def _sampled_bounds(corpus: _Corpus, num_buckets: int) -> np.ndarray:
+  """_bucket_bounds for first tokens where the vocabulary is too large to count densely:
+  quantiles of an even sample of ~2**20 corpus tokens."""
+  step = max(corpus.num_tokens // (1 << 20), 1)
+  sample = np.sort(np.asarray(corpus.tokens[::step]).astype(np.int64))
+  prefixes = np.unique(sample[(np.arange(1, num_buckets) * sample.size) // num_buckets])
+  return prefixes[prefixes > 0].astype(np.uint64) << _SHIFT
 
 
 def _mine_levels(corpus: _Corpus, max_len: int, min_count: int, budget: int, workers: int,
@@ -375,18 +394,30 @@ def _mine_levels(corpus: _Corpus, max_len: int, min_count: int, budget: int, wor
   """Runs scans n = 2..K; returns [(kept keys ascending, counts)] for n = 2..K."""
   num = corpus.num_tokens
   spans = [(a, min(a + chunk_tokens, num)) for a in range(0, num, chunk_tokens)]
-  in_memory = num * 8 <= budget // 4
+  in_memory = num * (4 if num < TOKEN_LIMIT else 8) <= budget // 4  # _IdStore's dtype.
   levels = []
   ids = _IdStore(num, in_memory, os.path.join(tmp, 'ids.bin')) if max_len > 2 else None
+  # Runs are grouped into key-range buckets counted in parallel (spill.py): many per
+  # thread so the threads stay busy, each small enough (~_BUCKET_POSITIONS candidates)
+  # that its counting table stays in cache.
+  num_buckets = int(np.clip(num // _BUCKET_POSITIONS, 4 * workers, _MAX_BUCKETS))
+  scratch = {}  # The mergers' buffers, reused scan after scan (spill.RunMerger).
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    frequent = _frequent_tokens(corpus, spans, pool, workers, min_count, budget)
+    frequent, token_counts = _frequent_tokens(corpus, spans, pool, workers, min_count,
+                                              budget)
     for n in range(2, max_len + 1):
       want_index = n < max_len  # Scan n+1 reads the kept n-gram ids.
+      if n == 2 and frequent is None:
+        bounds = _sampled_bounds(corpus, num_buckets)
+      else:  # Prefixes: the (frequent) first tokens, or the kept (n-1)-grams' ids.
+        bounds = _bucket_bounds(token_counts * frequent if n == 2 else levels[-1][1],
+                                num_buckets)
       merger = spill.RunMerger(budget // 2, tmp, min_count, tag=f'n{n}',
-                               keep_runs=want_index, pool=pool)
+                               keep_runs=want_index, pool=pool, bounds=bounds,
+                               scratch=scratch)
       bar = tqdm.tqdm(total=num, unit='tok', unit_scale=True, desc=f'f-grams n={n}',
                       disable=not progress, leave=False)
-      scan = functools.partial(_scan_chunk, corpus, n, ids, frequent, want_index)
+      scan = functools.partial(_scan_chunk, corpus, n, ids, frequent, want_index, bounds)
       # Results come in chunk order. Writing chunk i's indices over the (n-1)-gram ids is
       # safe: chunks up to i are done reading, later ones read from position b_i on.
       for (a, b), (index, run) in zip(spans, _ordered(pool, scan, spans, workers)):

@@ -59,7 +59,7 @@ from scone_jax.serve.hashed import HashedLookup
 from scone_jax.serve.store import EmbeddingStore, gather_kernel
 
 Loop = Literal['device', 'host']
-LookupMode = Literal['auto', 'native', 'callback']
+LookupMode = Literal['auto', 'native', 'callback', 'cache']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +211,10 @@ class Generation:
   # other jobs, the work done, not the time spent waiting for a core.
   decode_cpu_seconds: float = 0.0
   prompt_lookup_seconds: float = 0.0  # host match + gather of the prompts (in prefill)
+  # lookup='cache': the timed steps' host calls (steps with a cache miss) and rows served
+  # by the host.
+  host_calls: int = 0
+  host_rows: int = 0
 
   @property
   def tokens_per_second(self) -> float:
@@ -234,7 +238,10 @@ class Decoder:
       or 'host' (one jitted step per token from Python).
     lookup: SCONE's per-step lookup inside the device loop: 'native' (XLA FFI call, CPU
       backend and 'ram' tier only), 'callback' (host callback), or 'auto' (native where
-      it applies).
+      it applies), or 'cache' (match on the device, `cache_rows` hottest rows resident
+      there, the host only for misses: serve/device_cache.py).
+    cache_rows: C for lookup='cache' (C x d_model x the store's itemsize bytes on the
+      device, plus 12 bytes per table row for the match index).
     chunk_steps: decode steps per device call (the streaming granularity).
     hashed: kind='hashed' runs: the store path through `HashedLookup` (serve/hashed.py),
       given instead of store and table; the step adds its slab (combine='add').
@@ -243,7 +250,7 @@ class Decoder:
   def __init__(self, lm: SconeLM, store: EmbeddingStore | None = None, table: Any = None,
                *, batch_size: int = 1, bos_id: int = 1, cache_len: int | None = None,
                loop: Loop = 'device', lookup: LookupMode = 'auto', chunk_steps: int = 64,
-               hashed: HashedLookup | None = None):
+               hashed: HashedLookup | None = None, cache_rows: int = 0):
     backbone = lm.backbone
     cfg = backbone.cfg
     self._hashed, self._combine = hashed, 'replace' if hashed is None else 'add'
@@ -310,7 +317,10 @@ class Decoder:
     if chunk_steps < 1:
       raise ValueError(f'chunk_steps={chunk_steps} must be >= 1')
     self.loop, self.chunk_steps = loop, chunk_steps
-    self.lookup = self._resolve_lookup(lookup)
+    self._cache = None
+    if lookup == 'cache' and loop != 'device':
+      raise ValueError("lookup='cache' runs inside the device loop; use loop='device'")
+    self.lookup = self._resolve_lookup(lookup, cache_rows)
     if self.lookup != 'none' and loop == 'device':
       devices = {d for leaf in jax.tree.leaves(self.state) for d in leaf.devices()}
       if len(devices) > 1:
@@ -320,21 +330,28 @@ class Decoder:
         self.state = jax.device_put(self.state, jax.devices()[0])
     self._chunk_programs = {}
 
-  def _resolve_lookup(self, lookup: LookupMode) -> str:
+  def _resolve_lookup(self, lookup: LookupMode, cache_rows: int) -> str:
     """The device loop's lookup mode, and its operand (native context / callback handle)."""
-    if lookup not in ('auto', 'native', 'callback'):
-      raise ValueError(f"lookup={lookup!r} must be 'auto', 'native' or 'callback'")
+    if lookup not in ('auto', 'native', 'callback', 'cache'):
+      raise ValueError(f"lookup={lookup!r} must be 'auto', 'native', 'callback' or 'cache'")
     self._target, self._native = '', None
     self._lookup_operand = np.int32(0)
     if self._hashed is not None:  # Hashing + gather run in numpy: the host callback.
-      if lookup == 'native':
-        raise ValueError("lookup='native' serves f-gram stores only; a hashed n-gram run "
-                         "uses lookup='callback' (or 'auto')")
+      if lookup in ('native', 'cache'):
+        raise ValueError(f"lookup='{lookup}' serves f-gram stores only; a hashed n-gram "
+                         "run uses lookup='callback' (or 'auto')")
       self._lookup_operand = np.int32(device_loop.register_callback(self.step_slab))
       return 'callback'
     if self.store is None:
       return 'none'
     shards = native_lookup.store_shards(self.store)
+    if lookup == 'cache':
+      from scone_jax.serve import device_cache  # pylint: disable=g-import-not-at-top
+      self._cache = device_cache.DeviceCache(
+          self.store, self.table, cache_rows, self.batch_size,
+          native=shards is not None and jax.default_backend() == 'cpu')
+      self._target, self._lookup_operand = self._cache.target, self._cache.operand
+      return 'cache'
     if lookup == 'native' and (shards is None or jax.default_backend() != 'cpu'):
       raise ValueError("lookup='native' needs the CPU backend and a store in memory or "
                        "memory-mapped (tier 'ram', or 'disk' with the memmap reader); use "
@@ -512,6 +529,9 @@ class Decoder:
                 self._slab_dtype)
       cache = jax.eval_shape(self._init_cache)
       token_B = jax.ShapeDtypeStruct((self.batch_size,), jnp.int32)
+      if self.lookup == 'cache':  # The loop carries the matcher state too.
+        token_B = (token_B, jax.ShapeDtypeStruct((self.batch_size, self.max_fgram_len - 1),
+                                                 jnp.int32))
       scalar = jax.ShapeDtypeStruct((), jnp.int32)
       self._chunk_programs[sampling] = device_loop.DECODE_CHUNK.lower(
           *static, self.state, self._lookup_operand, token_B, cache,
@@ -531,11 +551,16 @@ class Decoder:
     first_B.block_until_ready()
     prefill_seconds = time.perf_counter() - start
     counters = None if self._native is None else self._native.counters.copy()
+    token_state = None
+    if self._cache is not None:
+      # The prompt kernel left the host matcher primed: its state starts the device's.
+      token_state = (first_B, jnp.asarray(self._matcher.kernel_args[0].astype(np.int32)))
+      cache_counters = self._cache.counters.copy()
     start, cpu_start = time.perf_counter(), time.process_time()
     run = functools.partial(program, self.state, self._lookup_operand)
     tokens_BxN, steps = device_loop.ChunkRunner(
         lambda *a: run(*a, key), first_B, cache, eos_id, max_new_tokens,
-        self.chunk_steps).run()
+        self.chunk_steps, token_state).run()
     decode_seconds = time.perf_counter() - start
     decode_cpu_seconds = time.process_time() - cpu_start
     if counters is not None:  # The native lookup counts in place of store.gather.
@@ -547,7 +572,17 @@ class Decoder:
                       prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
                       decode_steps=steps, batch_size=self.batch_size,
                       decode_cpu_seconds=decode_cpu_seconds,
-                      prompt_lookup_seconds=prompt_lookup)
+                      prompt_lookup_seconds=prompt_lookup,
+                      **self._cache_counts(cache_counters if self._cache else None))
+
+  def _cache_counts(self, before) -> dict:
+    """lookup='cache': the host's share of a generation, into Generation and store.stats."""
+    if before is None:
+      return {}
+    rows, calls = (int(x) for x in self._cache.counters - before)
+    if self._cache.target:  # The callback's store.gather counts itself.
+      self.store.stats.add(rows, rows, rows * self.d_model * self._slab_dtype.itemsize, 0.0)
+    return {'host_calls': calls, 'host_rows': rows}
 
   def teacher_forced_logits(self, prompts: Sequence[np.ndarray],
                             continuations: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -18,6 +18,9 @@ the loop, on the host's data, through one of:
   'callback'  `jax.experimental.io_callback` into `Decoder.step_slab` (any backend, any
               tier). Costs a device -> host -> device round trip per step (~200 us on
               the CPU backend, mostly the thread hand-off).
+  'cache'     the match on the device, the hottest rows resident there, the host asked
+              only for cache misses (serve/device_cache.py); the loop's token state is
+              then (token_B, matcher state codes_BxL).
   'none'      the baseline: the step embeds the token with T only.
 All three run the same step (`decode._inputs` + `Backbone.decode`), so SCONE's per-step
 FLOPs equal the baseline's (tests compare XLA's counts), plus D adds per token for the
@@ -39,7 +42,7 @@ from jax.experimental import io_callback
 from scone_jax.export import quant
 from scone_jax.model import KVCache
 
-Lookup = Literal['none', 'native', 'callback']
+Lookup = Literal['none', 'native', 'callback', 'cache']
 
 # io_callback targets by handle: the handle is a traced operand, so every decoder of one
 # shape shares one compilation (a Python callable captured in the trace would not).
@@ -76,7 +79,8 @@ def decode_chunk(graphdef, sampling, lookup: Lookup, target: str, chunk: int, sl
   combine (static): how the slab joins T(token), as in decode._inputs (the store's rule,
   model/combine.stored_rule: 'add' for combine add / gate and for kind='hashed').
 
-  Args (traced): token_B the last emitted token per row; done_B rows that emitted EOS;
+  Args (traced): token_B the last emitted token per row ('cache': the pair (token_B,
+  codes_BxL), see serve/device_cache.py); done_B rows that emitted EOS;
   emitted the tokens emitted per row so far (the prefill's counts as 1); limit
   max_new_tokens; eos_id (-1: none); key the generation's key (step n samples with
   fold_in(key, n), as the host loop does).
@@ -87,17 +91,22 @@ def decode_chunk(graphdef, sampling, lookup: Lookup, target: str, chunk: int, sl
   """
   from scone_jax.serve.decode import _inputs, sample  # pylint: disable=g-import-not-at-top
   backbone = nnx.merge(graphdef, state)
-  b = token_B.shape[0]
   d = backbone.cfg.d_model
 
   def cond(carry):
-    i, _, _, done, _ = carry
+    i, _, _, _, done, _ = carry
     return (i < chunk) & (emitted + i < limit) & ~jnp.all(done)
 
   def body(carry):
-    i, tok_B, cache, done, out_BxC = carry
+    i, tok_B, codes_BxL, cache, done, out_BxC = carry
     if lookup == 'none':
       x_Bx1xD = backbone.embed(tok_B[:, None])
+    elif lookup == 'cache':
+      from scone_jax.serve import device_cache  # pylint: disable=g-import-not-at-top
+      slab_BxE, codes_BxL = device_cache.lookup(operand, target, tok_B, codes_BxL,
+                                                quant.row_width(d, slab_dtype), slab_dtype)
+      x_Bx1xD = _inputs(backbone, tok_B[:, None], slab_BxE[:, None, :-1],
+                        slab_BxE[:, -1:] > 0, combine)
     else:
       slab_BxE = _lookup_slab(lookup, target, operand, tok_B,
                               quant.row_width(d, slab_dtype), slab_dtype)
@@ -106,12 +115,16 @@ def decode_chunk(graphdef, sampling, lookup: Lookup, target: str, chunk: int, sl
     logits_Bx1xV, cache = backbone.decode(x_Bx1xD, cache)
     nxt_B = sample(logits_Bx1xV[:, 0], jax.random.fold_in(key, emitted + i), sampling)
     out_BxC = jax.lax.dynamic_update_slice(out_BxC, nxt_B[:, None], (0, i))
-    return i + 1, nxt_B, cache, done | (nxt_B == eos_id), out_BxC
+    return i + 1, nxt_B, codes_BxL, cache, done | (nxt_B == eos_id), out_BxC
 
+  token_B, codes_BxL = token_B if lookup == 'cache' else (token_B, jnp.zeros((), jnp.int32))
+  b = token_B.shape[0]
   # The prefill's token may itself be EOS: checked here, not by a separate host dispatch.
   done_B = done_B | (token_B == eos_id)
-  init = (jnp.int32(0), token_B, cache, done_B, jnp.zeros((b, chunk), jnp.int32))
-  steps, token_B, cache, done_B, out_BxC = jax.lax.while_loop(cond, body, init)
+  init = (jnp.int32(0), token_B, codes_BxL, cache, done_B, jnp.zeros((b, chunk), jnp.int32))
+  steps, token_B, codes_BxL, cache, done_B, out_BxC = jax.lax.while_loop(cond, body, init)
+  if lookup == 'cache':
+    token_B = (token_B, codes_BxL)
   return out_BxC, token_B, cache, done_B, emitted + steps
 
 
@@ -124,19 +137,22 @@ class ChunkRunner:
   the next one runs; `run` returns the [B, n] tokens (n = emitted, the prefill's first)."""
 
   def __init__(self, compiled, first_B: jax.Array, cache: KVCache, eos_id: int | None,
-               max_new_tokens: int, chunk: int):
+               max_new_tokens: int, chunk: int, token_state=None):
+    """token_state: the loop's first token state if not first_B ('cache': (first_B,
+    codes_BxL))."""
     self._compiled, self._chunk = compiled, chunk
+    self._token_state = first_B if token_state is None else token_state
     self._eos = np.int32(-1 if eos_id is None else eos_id)
     self._limit = np.int32(max_new_tokens)
     self._first_B, self._cache = first_B, cache
 
   def run(self) -> tuple[np.ndarray, int]:
     """(tokens_BxN of the generation, decode steps run)."""
-    token_B, cache = self._first_B, self._cache
+    token_B, cache = self._token_state, self._cache
     # Host numpy arguments: passed with the call, no extra device dispatches.
-    done_B = np.zeros(token_B.shape, bool)
+    done_B = np.zeros(self._first_B.shape, bool)
     emitted = np.int32(1)
-    cols = [np.asarray(token_B)[:, None]]
+    cols = [np.asarray(self._first_B)[:, None]]
     pending = self._compiled(token_B, cache, done_B, emitted, self._limit, self._eos)
     reach = 1 + self._chunk  # Tokens emitted at most once the dispatched chunks are done.
     while pending is not None:

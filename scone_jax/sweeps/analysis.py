@@ -166,12 +166,14 @@ def series(arms: Sequence[Arm], axis: str) -> list[list[Arm]]:
   return found
 
 
-def fmt_interval(s: stats.Summary, digits: int = 3) -> str:
+def fmt_interval(s: stats.Summary, digits: int = 3, signed: bool = True) -> str:
+  """'mean [lo, hi]'; signed=True (differences) prints the signs."""
   if s.n == 0:
     return '-'
   if s.n < 2:
     return f'{s.mean:.{digits}f} (1 seed, no interval)'
-  return f'{s.mean:+.{digits}f} [{s.lo:+.{digits}f}, {s.hi:+.{digits}f}]'
+  f = '+' if signed else ''
+  return f'{s.mean:{f}.{digits}f} [{s.lo:{f}.{digits}f}, {s.hi:{f}.{digits}f}]'
 
 
 def _spread_phrase(d: stats.Summary, better: str, worse: str) -> str:
@@ -301,7 +303,8 @@ def ranking_rows(arms: Sequence[Arm], baseline: Arm | None,
   rows = []
   for i, a in enumerate(done):
     row: dict[str, Any] = {'rank': i + 1, 'arm': a.name, 'side': a.side,
-                           'ppl (geo) [95% CI]': fmt_interval(a.ppl_summary(corpus))}
+                           'ppl (geo) [95% CI]': fmt_interval(a.ppl_summary(corpus), 1,
+                                                              signed=False)}
     if i == 0:
       row['d_loss vs #1 [95% CI]'], row['tied with #1'] = '-', '-'
     else:
@@ -327,7 +330,7 @@ def exposure_rows(arms: Sequence[Arm]) -> list[dict[str, Any]]:
   """
   rows = []
   for a in arms:
-    if not a.is_scone:
+    if not a.is_scone or not a.cfg.fgram_model.uses_fgram_table:
       continue
     adir = a.cfg.data.artifacts_dir
     try:

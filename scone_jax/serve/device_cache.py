@@ -1,0 +1,274 @@
+"""lookup='cache': the f-gram match on the device, the hottest rows resident there, the host
+asked only for the rows the cache misses, and not at all on a step where every row hits.
+
+Dimension letters: B batch, L = K - 1 matcher levels, S table rows, C cached rows,
+D d_model, E = D + 1 (slab row: f-gram row, then the match flag).
+
+The per-step lookup of the other modes (serve/device_loop.py) is a host call on every
+step, on the critical path between two device steps. Here the device does what it can:
+  * Match. The table's match index (fgrams/index.py: an f-gram of n tokens is the pair
+    (row of its (n-1)-token prefix, its last token), n = 2: (first token, last token))
+    goes to the device as three int32 arrays sorted by that pair (`MatchIndex`: 12 bytes
+    per row), and the loop carries the matcher's state (`IncrementalMatcher`: the rows of
+    the 1..K-1-grams ending at the previous token, level 0 the token itself). A step runs
+    the host matcher's chain (level n: the pair (level n-2 state, new token); the first
+    miss ends it) as L binary searches over the sorted pairs, all levels at once. Same
+    pairs, same chain: the same row as the host matcher, bit for bit.
+  * Cache. Table rows are in rank order (count desc), so the C most frequent f-grams are
+    rows [0, C): they sit on the device as rows_CxD in the store's dtype (C x D x itemsize
+    bytes of accelerator memory) and are gathered there.
+  * Misses. A row >= C comes from the host store through one call for the batch (ids of
+    the other rows -1): an XLA FFI call into a compiled gather on the CPU backend
+    ('native', the 'ram' tier or the memmapped 'disk' tier), else a host callback. It
+    sits inside `lax.cond`, so a step whose rows all hit the cache (or match nothing)
+    makes no host call at all.
+The host matcher is not advanced during the loop (the next generation primes it again).
+Accelerator memory: 12 S bytes for the match index plus C D itemsize for the rows
+(`DeviceCache.device_bytes`); the FLOPs of a step stay the backbone's (comparisons of
+L log2 S binary-search steps per row; tests compare XLA's counts with the baseline's).
+Measured (BENCHMARKS.md): on the CPU backend it is slower than lookup='native', whose host
+call costs ~2 us, while the binary searches run as a loop of small XLA:CPU ops; and on text
+a top-C cache misses on almost every step at B >= 16 (long-tailed f-grams), so it saves
+host rows and transfer, not the per-step host sync. It is meant for accelerators.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numba
+import numpy as np
+from jax.experimental import io_callback
+from numba import types
+
+from scone_jax.fgrams import index as index_lib
+from scone_jax.serve import native_lookup
+# The FFI call-frame helpers of the per-step native lookup (one reading of XLA's C API).
+from scone_jax.serve.native_lookup import _EXECUTE, _METADATA_EXTENSION, _ptr, _views  # pylint: disable=g-importing-member
+
+_TARGET = 'scone_jax_fgram_gather_u{bits}'
+# Context vector (int64) of the miss gather: then (address, rows) per store shard.
+_B, _D, _SHARDS, _CHUNK, _COUNTERS = range(5)
+_HEAD = 5
+
+
+class MatchIndex:
+  """The table's match pairs for the device: a_S (prefix row, or -1 - first token for a
+  bigram), b_S (last token) and row_S, sorted by (a, b); only rows < the table's limit."""
+
+  def __init__(self, table):
+    _, limit = table.index
+    keys = np.asarray(table.keys)[:limit]
+    if limit >= 1 << 31:
+      raise ValueError(f'the device match index holds rows < 2**31; this table has {limit}')
+    code = (keys >> np.uint64(index_lib.TOKEN_BITS)).astype(np.int64)
+    b = (keys & np.uint64((1 << index_lib.TOKEN_BITS) - 1)).astype(np.int64)
+    # Bigram codes are TOKEN_CODE + first token: stored as -1 - token, below every row.
+    a = np.where(code >= index_lib.TOKEN_CODE, -1 - (code - index_lib.TOKEN_CODE), code)
+    order = np.lexsort((b, a))
+    self.a_S = a[order].astype(np.int32)
+    self.b_S = b[order].astype(np.int32)
+    self.row_S = order.astype(np.int32)  # keys_S is in row order: position = row.
+    self.levels = table.max_len - 1
+
+  @property
+  def nbytes(self) -> int:
+    return self.a_S.nbytes + self.b_S.nbytes + self.row_S.nbytes
+
+
+def find(a_S, b_S, row_S, qa_N, qb_N):
+  """Inside jit: the row of each query pair (qa_N, qb_N) in the sorted pairs, -1 if
+  absent (a lower-bound binary search, ceil(log2(S + 1)) steps)."""
+  s = a_S.shape[0]
+  if s == 0:
+    return jnp.full(qa_N.shape, -1, jnp.int32)
+  lo = jnp.zeros(qa_N.shape, jnp.int32)
+  hi = jnp.full(qa_N.shape, s, jnp.int32)
+
+  def body(_, bounds):
+    lo, hi = bounds
+    mid = (lo + hi) // 2
+    am, bm = a_S[mid], b_S[mid]
+    less = (am < qa_N) | ((am == qa_N) & (bm < qb_N))
+    open_ = lo < hi
+    return jnp.where(open_ & less, mid + 1, lo), jnp.where(open_ & ~less, mid, hi)
+
+  lo, _ = jax.lax.fori_loop(0, int(s).bit_length(), body, (lo, hi))
+  at = jnp.minimum(lo, s - 1)
+  found = (lo < s) & (a_S[at] == qa_N) & (b_S[at] == qb_N)
+  return jnp.where(found, row_S[at], -1)
+
+
+def push(a_S, b_S, row_S, codes_BxL, token_B):
+  """Inside jit: `IncrementalMatcher.push` on the device. codes_BxL: the rows of the
+  1..K-1-grams ending at the previous token (level 0 the token), -1 none. Returns
+  (row_B of the longest f-gram ending at token_B, -1 none; codes_BxL after the push)."""
+  b, levels = codes_BxL.shape
+  # Level n - 2 of the state with the new token is the key of the n-gram (n = 2..K).
+  qa_BxL = jnp.where(jnp.arange(levels) == 0, -1 - codes_BxL, codes_BxL)
+  qb_BxL = jnp.broadcast_to(token_B[:, None], (b, levels))
+  rows_BxL = find(a_S, b_S, row_S, qa_BxL.reshape(-1), qb_BxL.reshape(-1)).reshape(b, levels)
+  # The host chain stops at the first level whose state is -1 or whose key is absent.
+  alive_BxL = jnp.cumprod(((codes_BxL >= 0) & (rows_BxL >= 0)).astype(jnp.int32),
+                         axis=1).astype(bool)
+  rows_BxL = jnp.where(alive_BxL, rows_BxL, -1)
+  longest = jnp.sum(alive_BxL, axis=1)  # Levels matched: the f-gram has longest + 1 tokens.
+  row_B = jnp.where(longest > 0,
+                    jnp.take_along_axis(rows_BxL, jnp.maximum(longest - 1, 0)[:, None],
+                                        axis=1)[:, 0], -1)
+  codes_BxL = jnp.concatenate([token_B[:, None].astype(jnp.int32), rows_BxL[:, :-1]], axis=1)
+  return row_B, codes_BxL
+
+
+# -- the host side of a miss ------------------------------------------------------------
+
+@numba.njit(nogil=True, cache=True)
+def gather_rows_kernel(ids_B, shards, chunk_rows, rows_BxD):
+  """Row r of the store (shard r // chunk_rows) where ids_B >= 0, zeros elsewhere;
+  returns the number of rows read."""
+  n = 0
+  for b in range(ids_B.size):
+    r = ids_B[b]
+    if r < 0:
+      rows_BxD[b, :] = 0
+    else:
+      rows_BxD[b, :] = shards[r // chunk_rows][r % chunk_rows, :]
+      n += 1
+  return n
+
+
+@numba.njit(nogil=True, cache=True)
+def _handle(call_frame, raw):
+  """FFI handler (see native_lookup._handle for the frame layout): ids_B int32 and the
+  context vector in, rows_BxD out."""
+  frame = numba.carray(call_frame, 16, np.int64)
+  ext = frame[1]
+  if ext != 0:
+    if numba.carray(_ptr(ext), 4, np.int32)[2] == _METADATA_EXTENSION:
+      meta_address = numba.carray(_ptr(ext), 4, np.int64)[3]
+      meta = numba.carray(_ptr(meta_address), 12, np.int32)
+      meta[6], meta[7], meta[8] = native_lookup._API_MAJOR, native_lookup._API_MINOR, 0  # pylint: disable=protected-access
+      numba.carray(_ptr(meta_address), 6, np.int64)[5] = 0
+      return 0
+  if (frame[4] & 0xFFFFFFFF) != _EXECUTE:
+    return 0
+  args = numba.carray(_ptr(frame[9]), 2, np.int64)
+  rets = numba.carray(_ptr(frame[14]), 1, np.int64)
+  ids_data = numba.carray(_ptr(args[0]), 4, np.int64)[3]
+  ctx_address = numba.carray(_ptr(args[1]), 4, np.int64)[3]
+  ctx = numba.carray(_ptr(ctx_address), _HEAD, np.int64)
+  b, d = ctx[_B], ctx[_D]
+  shards = _views(ctx_address + 8 * _HEAD, ctx[_SHARDS], d, raw)
+  rows_BxD = numba.carray(_ptr(numba.carray(_ptr(rets[0]), 4, np.int64)[3]), (b, d), raw)
+  n = gather_rows_kernel(numba.carray(_ptr(ids_data), b, np.int32), shards, ctx[_CHUNK],
+                         rows_BxD)
+  counters = numba.carray(_ptr(ctx[_COUNTERS]), 2, np.int64)
+  counters[0] += n
+  counters[1] += 1
+  return 0
+
+
+@numba.cfunc(types.intp(types.voidptr), nopython=True, cache=True)
+def _handler_u16(call_frame):
+  return _handle(call_frame, np.uint16)
+
+
+@numba.cfunc(types.intp(types.voidptr), nopython=True, cache=True)
+def _handler_u32(call_frame):
+  return _handle(call_frame, np.uint32)
+
+
+@functools.lru_cache(maxsize=None)
+def _register(bits: int) -> str:
+  handler = {16: _handler_u16, 32: _handler_u32}[bits]
+  name = _TARGET.format(bits=bits)
+  jax.ffi.register_ffi_target(
+      name, native_lookup._PyCapsule_New(handler.address, None, None), platform='cpu')  # pylint: disable=protected-access
+  return name
+
+
+class DeviceCache:
+  """One decoder's device match index, cached rows and miss path.
+
+  Args:
+    store, table: the decoder's (rows of the store = rows of the table).
+    rows: C, the most frequent f-grams kept on the device (capped at the table's size).
+    batch_size: B.
+    native: miss gather through the FFI call (CPU backend, store in memory or memmapped);
+      False: through a host callback.
+  `operand` is the pytree the loop reads; `counters` = (rows served by the host, host
+  calls), updated by the native gather and the callback alike.
+  """
+
+  def __init__(self, store, table, rows: int, batch_size: int, native: bool):
+    if rows < 0:
+      raise ValueError(f'cache rows={rows} must be >= 0 (config.serve.cache_rows)')
+    # d: the stored columns of a row (d_model, or d_model + 4 for a quantised store,
+    # dequantised by the step after the gather like the other lookups' slabs).
+    self.store, self.batch_size, self.d = store, batch_size, store.row_width
+    self.index = MatchIndex(table)
+    self.rows = min(rows, self.index.row_S.size)
+    self.counters = np.zeros(2, np.int64)
+    # Raw bits (uint16 for bf16/fp16): XLA:CPU would convert a bf16 operand of the gather
+    # to f32 as a whole, C x D work on every step; integers gather as they are.
+    self.raw = np.dtype(f'u{store.dtype.itemsize}')
+    rows_CxD = store.gather(np.arange(self.rows, dtype=np.int64)).view(self.raw)
+    self.target = ''
+    if native:
+      shards, chunk_rows = native_lookup.store_shards(store)
+      ctx = np.zeros(_HEAD + 2 * len(shards), np.int64)
+      ctx[[_B, _D, _SHARDS, _CHUNK]] = batch_size, self.d, len(shards), chunk_rows
+      ctx[_COUNTERS] = self.counters.ctypes.data
+      for i, a in enumerate(shards):
+        ctx[_HEAD + 2 * i], ctx[_HEAD + 2 * i + 1] = a.ctypes.data, a.shape[0]
+      self._keep = (shards, ctx)
+      self.target = _register(shards[0].dtype.itemsize * 8)
+      host = jnp.asarray(ctx.view(np.uint32))
+    else:
+      from scone_jax.serve import device_loop  # pylint: disable=g-import-not-at-top
+      host = jnp.int32(device_loop.register_callback(self.host_rows))
+    self.operand = {'a': jnp.asarray(self.index.a_S), 'b': jnp.asarray(self.index.b_S),
+                    'row': jnp.asarray(self.index.row_S), 'rows': jnp.asarray(rows_CxD),
+                    'host': host}
+
+  @property
+  def device_bytes(self) -> int:
+    """Accelerator memory: the match index plus the cached rows."""
+    return self.index.nbytes + self.rows * self.d * self.store.dtype.itemsize
+
+  def host_rows(self, ids_B: np.ndarray) -> np.ndarray:
+    """The callback miss path: rows_BxD of the store for ids_B >= 0, zeros elsewhere."""
+    ids_B = np.asarray(ids_B, np.int64)
+    self.counters += (int((ids_B >= 0).sum()), 1)
+    return self.store.gather(ids_B).view(self.raw)  # -1: a zero row.
+
+
+def lookup(operand, target: str, token_B, codes_BxL, d_model: int, dtype):
+  """Inside the loop: (slab_BxE for token_B, codes_BxL after the push)."""
+  from scone_jax.serve import device_loop  # pylint: disable=g-import-not-at-top
+  row_B, codes_BxL = push(operand['a'], operand['b'], operand['row'], codes_BxL, token_B)
+  rows_CxD = operand['rows']  # Raw bits of the store's dtype.
+  c = rows_CxD.shape[0]
+  miss_B = row_B >= c
+  shape = jax.ShapeDtypeStruct((token_B.shape[0], d_model), rows_CxD.dtype)
+
+  def from_host(ids_B):
+    if target:
+      return jax.ffi.ffi_call(target, shape, has_side_effect=True)(ids_B, operand['host'])
+    return io_callback(device_loop._host_slab, shape, operand['host'],  # pylint: disable=protected-access
+                          ids_B, ordered=False)
+
+  host_BxD = jax.lax.cond(jnp.any(miss_B), from_host,
+                          lambda ids_B: jnp.zeros(shape.shape, shape.dtype),
+                          jnp.where(miss_B, row_B, -1))
+  if c:
+    cached_BxD = jnp.where((row_B >= 0)[:, None], rows_CxD[jnp.clip(row_B, 0, c - 1)], 0)
+    rows_BxD = jnp.where(miss_B[:, None], host_BxD, cached_BxD)  # No match: zeros.
+  else:
+    rows_BxD = host_BxD
+  flag_Bx1 = (row_B >= 0)[:, None].astype(dtype)
+  rows_BxD = jax.lax.bitcast_convert_type(rows_BxD, jnp.dtype(dtype))
+  return jnp.concatenate([rows_BxD, flag_Bx1], axis=1), codes_BxL
