@@ -61,9 +61,9 @@ class ParamCounts:
   @property
   def fgram_total(self) -> int:
     """The f-gram side's own trainable parameters: A_f's (it also reads the shared token
-    table), or the rows of kind='table', plus the combine gate."""
-    return (self.fgram_non_embedding + self.fgram_position_table + self.fgram_table +
-            self.combine_gate)
+    table), or the rows of kind='table'. The combine gate is counted apart
+    (`combine_gate`; model/arm_accounting.py adds it)."""
+    return (self.fgram_non_embedding + self.fgram_position_table + self.fgram_table)
 
   @property
   def train_total(self) -> int:

@@ -30,8 +30,7 @@ class Accounting:
   accelerator_params: int  # Counted from the decoder's arrays (the backbone only).
   accelerator_bytes: int
   analytical_accelerator_params: int  # flops.param_counts(cfg).backbone_total
-  # A_f (or the rows of kind='table'), plus the combine gate: needed to train and export, never
-  # at inference.
+  # A_f (or the rows of kind='table'): needed to train and export, never at inference.
   fgram_model_params: int
   offloaded_params: int  # S x d, 0 for a baseline.
   offloaded_bytes: int  # In the store's dtype.
@@ -50,7 +49,7 @@ class Accounting:
         ('accelerator params (backbone)', f'{self.accelerator_params:,}',
          f'{self.accelerator_bytes / 2**20:,.1f} MiB'),
         ('  analytical (flops.param_counts)', f'{self.analytical_accelerator_params:,}', ''),
-        ('f-gram side params (A_f / table + gate; train/export only)',
+        ('f-gram side params (A_f / table; train/export only)',
          f'{self.fgram_model_params:,}', ''),
         (f'offloaded f-gram table ({self.store_tier})', f'{self.offloaded_params:,}',
          f'{self.offloaded_bytes / 2**20:,.1f} MiB'),
