@@ -116,7 +116,7 @@ def account(cfg: Config, vocab_size: int | None = None) -> ArmAccounting:
   if not fm.enabled:
     side = 0
   elif fm.kind == 'network':
-    side = counts.fgram_total - counts.combine_gate  # The gate is counted on its own.
+    side = counts.fgram_total  # The combine gate is counted on its own (gate below).
   else:  # 'table' and 'hashed' train their offloaded rows themselves.
     side = rows * d
   gate = d if fm.enabled and fm.combine == 'gate' else 0
