@@ -40,7 +40,7 @@ ARMS = {
     'add': ({**NET, 'fgram_model.combine': 'add'}, AF, 0, S, 2 * D,
             TRAIN_BACKBONE + AF_PER_TOKEN, D),
     'gate': ({**NET, 'fgram_model.combine': 'gate'}, AF, D, S, 2 * D,
-             TRAIN_BACKBONE + AF_PER_TOKEN, 3 * D),
+             TRAIN_BACKBONE + AF_PER_TOKEN, D),
     'int8': ({**NET, 'export.quant': 'int8'}, AF, 0, S, D + 4,
              TRAIN_BACKBONE + AF_PER_TOKEN, D),
     'fp8-f32': ({**NET, 'export.quant': 'fp8', 'export.dtype': 'float32'}, AF, 0, S, D + 4,
@@ -69,8 +69,8 @@ def test_arm_accounting_matches_hand_formulas(arm):
   assert a.train_accel_params == BACKBONE + side + gate
   # float32 params: the parameter, its gradient, AdamW's mu and nu.
   assert a.train_accel_bytes == 16 * (BACKBONE + side + gate)
-  assert a.infer_accel_params == BACKBONE + gate
-  assert a.infer_accel_bytes == 4 * (BACKBONE + gate)
+  assert a.infer_accel_params == BACKBONE  # The gate is folded into the store.
+  assert a.infer_accel_bytes == 4 * BACKBONE
   assert a.kv_bytes_per_seq == KV
   assert (a.host_rows, a.host_bytes_per_row, a.host_bytes) == (rows, row_bytes,
                                                                 rows * row_bytes)
@@ -118,8 +118,8 @@ def test_compare_paper_dry_run_prints_every_arm(tmp_path):
     if key[0] == 'baseline':
       continue
     assert r['host_rows'] == rows_10m  # Every arm offloads 10M rows at inference.
-    gate = d if key[1] == 'gate' else 0
-    assert r['infer_accel_params'] == base['infer_accel_params'] + gate
+    # Every arm, the gate included (folded into the store), keeps the backbone's params.
+    assert r['infer_accel_params'] == base['infer_accel_params']
     assert r['host_B_per_row'] == (d + 4 if key[2] in ('int8', 'fp8') else 2 * d)
   for kind in ('table', 'hashed'):
     r = rows[(kind, 'replace' if kind == 'table' else 'add', 'none')]

@@ -15,10 +15,11 @@ The f-gram side, per kind (`fgram_model.kind`):
            (n - 1) m rows are offloaded at inference (the host sums a position's n - 1
            rows before the transfer, so the device sees one row as for SCONE).
 Combine rule (`fgram_model.combine`), elementwise work per token in the decode step:
-  replace  0 (a select); add: D (x = T(x_i) + e); gate: 3 D (subtract, multiply, add;
-  sigmoid(g) of the learned D-vector g is a per-step constant) and D more parameters on
-  the accelerator at training and inference. Hashed embeddings are added to T(x_i)
-  (Over-Encoding) unless the rule is 'gate': D per token.
+  replace  0 (a select); add: D (x = T(x_i) + e); gate: D as well: x = T(x_i) +
+  sigmoid(g) (e - T(x_i)) where T(x_i) is the f-gram's own last token, so export folds
+  sigmoid(g) (e - T(last)) into the stored row (model/combine.py) and the step adds it; the
+  learned D-vector g is trained on the accelerator and never needed at inference. Hashed
+  embeddings are added to T(x_i) (Over-Encoding): D per token.
 Quantised store (`export.quant` int8 | fp8): host bytes per row d + 4 (the float32
 scale) instead of d x export.dtype bytes; the decode step dequantises with D multiplies
 per token (export/quant.py states what XLA counts on CPU).
@@ -27,7 +28,7 @@ Training memory counts parameters, their gradients and AdamW's two moments, all 
 model.param_dtype (optax keeps the moments in the parameters' dtype): 4 x param bytes per
 trained parameter. Activations are not estimated here: the train step logs XLA's own
 memory analysis of the compiled step ("train step memory per device") at start-up.
-Inference accelerator memory is the backbone's parameters (and the gate) in param_dtype,
+Inference accelerator memory is the backbone's parameters in param_dtype,
 plus the KV cache: 2 L max_seq_len d x model.dtype bytes per sequence.
 FLOPs per token follow `flops.flops_per_token` (matmuls; A_f at the worst case of K A_f
 tokens per token); inference adds the elementwise extras above, which matmul-only
@@ -57,10 +58,10 @@ class ArmAccounting:
   quant: str
   backbone_params: int
   side_params: int  # Trained f-gram side: A_f, the [S, d] table, or the hashed tables.
-  gate_params: int  # D for combine='gate', else 0.
+  gate_params: int  # D for combine='gate' (trained; folded into the store), else 0.
   train_accel_params: int  # backbone + side + gate
   train_accel_bytes: int  # TRAIN_COPIES x params x param bytes (no activations)
-  infer_accel_params: int  # backbone + gate
+  infer_accel_params: int  # backbone only (the gate is folded into the store)
   infer_accel_bytes: int  # params x param bytes
   kv_bytes_per_seq: int  # 2 L max_seq_len d x compute bytes
   host_rows: int  # offloaded rows at inference (0 for the baseline)
@@ -100,7 +101,7 @@ def elementwise_flops_per_token(cfg: Config) -> float:
   combine = fm.combine
   if fm.kind == 'hashed' and combine == 'replace':
     combine = 'add'  # Over-Encoding adds the hashed n-gram embeddings to T(x_i).
-  extra = {'replace': 0, 'add': d, 'gate': 3 * d}[combine]
+  extra = {'replace': 0, 'add': d, 'gate': d}[combine]
   if cfg.export.quant != 'none':
     extra += d  # Dequantisation: one multiply by the row's scale per value.
   return float(extra)
@@ -122,7 +123,7 @@ def account(cfg: Config, vocab_size: int | None = None) -> ArmAccounting:
   gate = d if fm.enabled and fm.combine == 'gate' else 0
   param_bytes = _BYTES[m.param_dtype]
   train_params = counts.backbone_total + side + gate
-  infer_params = counts.backbone_total + gate
+  infer_params = counts.backbone_total
   row_bytes = host_bytes_per_row(cfg) if rows else 0
   train_flops = per_token.train_total if fm.kind == 'network' else per_token.train_backbone
   extra = elementwise_flops_per_token(cfg)
