@@ -9,7 +9,7 @@
 
 The paper's final comparison (OE-12.8M: 54.4 average vs 54.9 for 1B + 10M f-grams) as one
 sweep, one point per arm, every arm with 10M offloaded rows of d = 2048 at inference so
-the accelerator holds the same OLMo-1B backbone (plus a D-vector for the gate):
+the accelerator holds the same OLMo-1B backbone (the gate is folded into the store):
   baseline             OLMo-1B alone
   network / replace    SCONE, A_f 0.6B (12 layers), the paper's rule
   network / add, gate  the other combine rules (fgram_model.combine)
