@@ -148,13 +148,16 @@ def test_quantised_serving_logits(quantised, table, kind):  # noqa: F811
 @pytest.mark.parametrize('kind,loop,lookup', [('int8', 'device', 'native'),
                                               ('int8', 'device', 'callback'),
                                               ('int8', 'host', 'auto'),
-                                              ('int8-disk', 'device', 'auto')])
+                                              ('int8-disk', 'device', 'auto'),
+                                              ('int8', 'device', 'cache')])
 def test_quantised_generation_on_every_lookup_path(quantised, table, kind, loop,  # noqa: F811
                                                    lookup):
   lm, stores = quantised
   prompts = [np.array(p) for p in PROMPTS[:3]]
+  # 'cache' keeps 2 rows on the device, so the quantised misses go through its native gather.
+  extra = {'cache_rows': 2} if lookup == 'cache' else {}
   dec = Decoder(lm, stores[kind], table, batch_size=B, bos_id=BOS, loop=loop, lookup=lookup,
-                chunk_steps=4)
+                chunk_steps=4, **extra)
   assert dec.lookup == ('native' if lookup == 'auto' else lookup)
   ref = Decoder(lm, stores[f'ref-{kind[:4]}'], table, batch_size=B, bos_id=BOS, loop='host')
   got = dec.generate(prompts, max_new_tokens=6).tokens

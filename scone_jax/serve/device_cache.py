@@ -47,7 +47,7 @@ from numba import types
 from scone_jax.fgrams import index as index_lib
 from scone_jax.serve import native_lookup
 # The FFI call-frame helpers of the per-step native lookup (one reading of XLA's C API).
-from scone_jax.serve.native_lookup import _EXECUTE, _METADATA_EXTENSION, _ptr, _views  # pylint: disable=g-importing-member
+from scone_jax.serve.native_lookup import _ptr, _views  # pylint: disable=g-importing-member
 
 _TARGET = 'scone_jax_fgram_gather_u{bits}'
 # Context vector (int64) of the miss gather: then (address, rows) per store shard.
@@ -142,33 +142,27 @@ def gather_rows_kernel(ids_B, shards, chunk_rows, rows_BxD):
 
 @numba.njit(nogil=True, cache=True)
 def _handle(call_frame, raw):
-  """FFI handler (see native_lookup._handle for the frame layout): ids_B int32 and the
-  context vector in, rows_BxD out."""
-  frame = numba.carray(call_frame, 16, np.int64)
-  ext = frame[1]
-  if ext != 0:
-    if numba.carray(_ptr(ext), 4, np.int32)[2] == _METADATA_EXTENSION:
-      meta_address = numba.carray(_ptr(ext), 4, np.int64)[3]
-      meta = numba.carray(_ptr(meta_address), 12, np.int32)
-      meta[6], meta[7], meta[8] = native_lookup._API_MAJOR, native_lookup._API_MINOR, 0  # pylint: disable=protected-access
-      numba.carray(_ptr(meta_address), 6, np.int64)[5] = 0
-      return 0
-  if (frame[4] & 0xFFFFFFFF) != _EXECUTE:
+  """FFI handler (the frame read by native_lookup.ffi_frame): ids_B int32 and the context
+  vector in, rows_BxD out."""
+  execute, ids_data, ctx_address, out_data = native_lookup.ffi_frame(call_frame)
+  if not execute:
     return 0
-  args = numba.carray(_ptr(frame[9]), 2, np.int64)
-  rets = numba.carray(_ptr(frame[14]), 1, np.int64)
-  ids_data = numba.carray(_ptr(args[0]), 4, np.int64)[3]
-  ctx_address = numba.carray(_ptr(args[1]), 4, np.int64)[3]
   ctx = numba.carray(_ptr(ctx_address), _HEAD, np.int64)
   b, d = ctx[_B], ctx[_D]
   shards = _views(ctx_address + 8 * _HEAD, ctx[_SHARDS], d, raw)
-  rows_BxD = numba.carray(_ptr(numba.carray(_ptr(rets[0]), 4, np.int64)[3]), (b, d), raw)
+  rows_BxD = numba.carray(_ptr(out_data), (b, d), raw)
   n = gather_rows_kernel(numba.carray(_ptr(ids_data), b, np.int32), shards, ctx[_CHUNK],
                          rows_BxD)
   counters = numba.carray(_ptr(ctx[_COUNTERS]), 2, np.int64)
   counters[0] += n
   counters[1] += 1
   return 0
+
+
+# One C entry point per element width (u8: quantised stores), as in native_lookup.
+@numba.cfunc(types.intp(types.voidptr), nopython=True, cache=True)
+def _handler_u8(call_frame):
+  return _handle(call_frame, np.uint8)
 
 
 @numba.cfunc(types.intp(types.voidptr), nopython=True, cache=True)
@@ -183,11 +177,8 @@ def _handler_u32(call_frame):
 
 @functools.lru_cache(maxsize=None)
 def _register(bits: int) -> str:
-  handler = {16: _handler_u16, 32: _handler_u32}[bits]
-  name = _TARGET.format(bits=bits)
-  jax.ffi.register_ffi_target(
-      name, native_lookup._PyCapsule_New(handler.address, None, None), platform='cpu')  # pylint: disable=protected-access
-  return name
+  handler = {8: _handler_u8, 16: _handler_u16, 32: _handler_u32}[bits]
+  return native_lookup.register_target(_TARGET.format(bits=bits), handler)
 
 
 class DeviceCache:

@@ -98,9 +98,10 @@ def sharded_slab_kernel(tokens_B, codes_BxL, index, limit, ids_B, lens_B, shards
 
 
 @numba.njit(nogil=True, cache=True)
-def _handle(call_frame, raw):
-  """The FFI handler's body for a store of `raw` rows (np.uint8, np.uint16 or np.uint32
-  bits)."""
+def ffi_frame(call_frame):
+  """Reads XLA's FFI call frame: answers the metadata stage (API version, no traits, no
+  state) and returns (execute, data address of args[0], args[1], rets[0]); execute is
+  False for any other stage, and the handler then returns 0 at once."""
   frame = numba.carray(call_frame, 16, np.int64)
   ext = frame[1]
   if ext != 0:
@@ -109,20 +110,30 @@ def _handle(call_frame, raw):
       meta = numba.carray(_ptr(meta_address), 12, np.int32)
       meta[6], meta[7], meta[8] = _API_MAJOR, _API_MINOR, 0  # api_version, traits
       numba.carray(_ptr(meta_address), 6, np.int64)[5] = 0  # state_type_id: none
-      return 0
+      return False, 0, 0, 0
   if (frame[4] & 0xFFFFFFFF) != _EXECUTE:
-    return 0
+    return False, 0, 0, 0
   # XLA_FFI_Args at byte 40: (struct_size, ext, size, types, args); Rets at byte 80.
   args = numba.carray(_ptr(frame[9]), 2, np.int64)
   rets = numba.carray(_ptr(frame[14]), 1, np.int64)
   # XLA_FFI_Buffer: (struct_size, ext, dtype, data, rank, dims): data is word 3.
-  token_data = numba.carray(_ptr(args[0]), 4, np.int64)[3]
-  ctx_address = numba.carray(_ptr(args[1]), 4, np.int64)[3]
+  return (True, numba.carray(_ptr(args[0]), 4, np.int64)[3],
+          numba.carray(_ptr(args[1]), 4, np.int64)[3],
+          numba.carray(_ptr(rets[0]), 4, np.int64)[3])
+
+
+@numba.njit(nogil=True, cache=True)
+def _handle(call_frame, raw):
+  """The FFI handler's body for a store of `raw` rows (np.uint8, np.uint16 or np.uint32
+  bits)."""
+  execute, token_data, ctx_address, out_data = ffi_frame(call_frame)
+  if not execute:
+    return 0
   ctx = numba.carray(_ptr(ctx_address), _HEAD, np.int64)
   b, levels, d = ctx[_B], ctx[_LEVELS], ctx[_D]
   index = numba.carray(_ptr(ctx[_INDEX]), (ctx[_SLOTS], 3), np.uint32)
   shards = _views(ctx_address + 8 * _HEAD, ctx[_SHARDS], d, raw)
-  slab_BxE = numba.carray(_ptr(numba.carray(_ptr(rets[0]), 4, np.int64)[3]), (b, d + 1), raw)
+  slab_BxE = numba.carray(_ptr(out_data), (b, d + 1), raw)
   hits = sharded_slab_kernel(
       numba.carray(_ptr(token_data), b, np.int32),
       numba.carray(_ptr(ctx[_CODES]), (b, levels), np.int64), index, ctx[_LIMIT],
@@ -157,13 +168,17 @@ _PyCapsule_New.restype = ctypes.py_object
 _PyCapsule_New.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
 
 
-@functools.lru_cache(maxsize=None)
-def _register(bits: int) -> str:
-  handler = {8: _handler_u8, 16: _handler_u16, 32: _handler_u32}[bits]
-  name = _TARGET.format(bits=bits)
+def register_target(name: str, handler) -> str:
+  """Registers a numba cfunc FFI handler as the CPU custom-call target `name`."""
   jax.ffi.register_ffi_target(name, _PyCapsule_New(handler.address, None, None),
                               platform='cpu')
   return name
+
+
+@functools.lru_cache(maxsize=None)
+def _register(bits: int) -> str:
+  handler = {8: _handler_u8, 16: _handler_u16, 32: _handler_u32}[bits]
+  return register_target(_TARGET.format(bits=bits), handler)
 
 
 def store_shards(store) -> tuple[list[np.ndarray], int] | None:
