@@ -19,20 +19,16 @@ from scone_jax import compat, config
 from scone_jax.batches.tagging import tag_fgrams
 from scone_jax.config import ConfigError, ExportConfig
 from scone_jax.export import export_embeddings
-from scone_jax.fgrams import mine_fgrams
 from scone_jax.model import SconeLM, combine as combine_lib, flops
 from scone_jax.model import fgram_table
 from scone_jax.serve import EmbeddingStore
 from scone_jax.serve.decode import Decoder
 from scone_jax.train import optimizer as optimizer_lib
 from scone_jax.train import step as step_lib
+from tests.test_decode import (B, BOS, CONTS, K, ONE_DEVICE, PHRASES, PROMPTS, V,  # noqa: F401
+                               table)  # the fixture
 
-V, K, BOS, B, T, D = 48, 4, 1, 5, 24, 32
-ONE_DEVICE = compat.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-PHRASES = [[5, 6, 7, 8], [9, 10, 11], [12, 13], [20, 21, 22, 23], [30, 31]]
-PROMPTS = [[5, 6, 7], [7, 8, 9, 10], [6, 7, 8, 44, 12], [13], [45, 46, 47, 45]]
-CONTS = [[8, 9, 10, 11, 12], [11, 40, 12, 13, 5], [13, 5, 6, 7, 8], [12, 13, 20, 21, 22],
-         [44, 30, 31, 9, 10]]
+T, D = 24, 32
 # Every mode and kind runs fast; the two remaining pairs are slow (the same code paths).
 ARMS = [('network', 'add'), ('table', 'replace'), ('table', 'gate'),
         pytest.param('network', 'gate', marks=pytest.mark.slow),
@@ -47,18 +43,6 @@ def _cfg(kind='network', combine='replace', layers=1):
       'fgram.max_len': K, 'fgram_model.kind': kind, 'fgram_model.combine': combine,
       'fgram_model.num_layers': layers if kind == 'network' else 0,
       'fgram_model.init': 'random'})
-
-
-@pytest.fixture(scope='module')
-def table():
-  rng = np.random.default_rng(0)
-  docs = []
-  for _ in range(60):
-    parts = [PHRASES[i] + [int(rng.integers(40, V))] for i in rng.integers(0, 5, 6)]
-    docs.append(np.array(sum(parts, []), np.int32))
-  t = mine_fgrams(docs, max_len=K, size=40, min_count=3, progress=False)
-  assert len(t) > 10 and t.lengths.max() == K
-  return t
 
 
 def _batch(table, seqs, t=T):
