@@ -14,7 +14,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from scone_jax import compat
-from scone_jax import config as config_lib
+from scone_jax import config_runtime
 from scone_jax.config import DistributedConfig, MeshConfig
 
 # The batch dimension of every input array is split over these mesh axes.
@@ -23,7 +23,7 @@ BATCH_AXES = ('data', 'fsdp')
 
 def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
   """Resolves `data=-1` and checks that the axes multiply to the device count."""
-  return config_lib.resolve_mesh(mesh_cfg, num_devices)
+  return config_runtime.resolve_mesh(mesh_cfg, num_devices)
 
 
 def check_mesh(mesh_cfg: MeshConfig, num_devices: int,
@@ -32,7 +32,7 @@ def check_mesh(mesh_cfg: MeshConfig, num_devices: int,
   (each batch shard must get whole sequences). Cheap: call it before any work."""
   shape = mesh_shape(mesh_cfg, num_devices)
   if global_batch is not None:
-    config_lib.check_batch_on_mesh(global_batch, shape)
+    config_runtime.check_batch_on_mesh(global_batch, shape)
   return shape
 
 

@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 from scone_jax import artifacts, logs, paths
 from scone_jax import config as config_lib
+from scone_jax import config_runtime
 from scone_jax.config import Config
 from scone_jax.corpus import CorpusError, FileCorpus, embedded, readers
 from scone_jax.fgrams import FgramTable, mine_fgrams
@@ -161,7 +162,7 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
     cfg: the resolved config (data, tokenizer and fgram sections are used).
     workdir: the run directory; artifacts go to cfg.data.artifacts_dir or workdir/prepare.
   """
-  config_lib.check_data_source(cfg)  # Before anything is written.
+  config_runtime.check_data_source(cfg)  # Before anything is written.
   art = artifacts_dir(cfg, workdir)
   artifacts.clean_stale_temps(art)  # Left by a killed prepare (ours only; see there).
   timings: dict[str, float] = {}

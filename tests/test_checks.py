@@ -21,6 +21,7 @@ import train_helpers as th
 from train_helpers import compile_cache  # noqa: F401  (autouse fixture)
 from scone_jax import artifacts, runlock
 from scone_jax import config as config_lib
+from scone_jax import config_runtime
 from scone_jax import prepare as prepare_lib
 from scone_jax.config import ConfigError
 from scone_jax.tokenizer import shards as shards_lib
@@ -135,18 +136,18 @@ def test_resume_rules_live_beside_the_schema():
   run_values = json.loads(run.to_json())
   more_steps = config_lib.replace(run, **{'train.steps': 400})
   with pytest.raises(ConfigError, match=r'train\.steps: 200 in the run, 400 now'):
-    config_lib.check_resume(run_values, more_steps, 'W')
+    config_runtime.check_resume(run_values, more_steps, 'W')
   # An explicit override, by key or by section, allows it and reports it.
-  assert config_lib.check_resume(run_values, more_steps, 'W', ('train.steps',)) == [
+  assert config_runtime.check_resume(run_values, more_steps, 'W', ('train.steps',)) == [
       'train.steps']
-  assert config_lib.check_resume(run_values, more_steps, 'W', ('train',)) == ['train.steps']
+  assert config_runtime.check_resume(run_values, more_steps, 'W', ('train',)) == ['train.steps']
   # Logging, checkpointing, mesh and serving keys may always change.
   relaxed = config_lib.replace(run, **{'train.log_every': 5, 'checkpoint.keep': 9,
                                        'mesh.fsdp': 2, 'serve.temperature': 0.7})
-  assert config_lib.check_resume(run_values, relaxed, 'W') == [
+  assert config_runtime.check_resume(run_values, relaxed, 'W') == [
       'checkpoint.keep', 'mesh.fsdp', 'serve.temperature', 'train.log_every']
   with pytest.raises(ConfigError, match='allow_config_change=train.stepz: no such'):
-    config_lib.check_resume(run_values, more_steps, 'W', ('train.stepz',))
+    config_runtime.check_resume(run_values, more_steps, 'W', ('train.stepz',))
 
 
 def test_cli_rejects_a_bad_value_and_prints_the_config(tmp_path):

@@ -18,6 +18,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 import train_helpers as th
 from scone_jax import artifacts
 from scone_jax import config as config_lib
+from scone_jax import config_runtime
 from scone_jax import prepare as prepare_lib
 from scone_jax.corpus import CorpusError, Document, FileCorpus
 from scone_jax.corpus import columnar
@@ -284,15 +285,15 @@ def test_paper_presets_refuse_embedded_corpus(spec, tmp_path):
                '--config.tokenizer.model_file=', '--config.data.allow_embedded=True'):
     assert hint in str(error.value)
   assert not os.listdir(tmp_path)  # Refused before anything was written.
-  config_lib.check_data_source(config_lib.replace(cfg, **{'data.allow_embedded': True}))
-  config_lib.check_data_source(config_lib.replace(
+  config_runtime.check_data_source(config_lib.replace(cfg, **{'data.allow_embedded': True}))
+  config_runtime.check_data_source(config_lib.replace(
       cfg, **{'data.source': 'files', 'data.train_files': 'x.txt'}))
 
 
 @pytest.mark.parametrize('spec', ['experiments/tiny.py', 'experiments/demo.py',
                                   'experiments/gpt2.py:25m', 'experiments/gpt2.py:125m'])
 def test_small_presets_keep_the_embedded_corpus(spec):
-  config_lib.check_data_source(_preset(spec))
+  config_runtime.check_data_source(_preset(spec))
 
 
 def test_train_cli_refuses_embedded_corpus(tmp_path):

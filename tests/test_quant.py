@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from scone_jax import artifacts, compat, config
+from scone_jax import artifacts, compat, config, config_runtime
 from scone_jax.config import ExportConfig
 from scone_jax.export import export_embeddings, quant
 from scone_jax.export.writer import write_store
@@ -201,4 +201,4 @@ def test_config_rules():
     config.replace(base, **{'export.quant': 'int8', 'fgram_model.num_layers': 0})
   cfg = config.replace(base, **{'export.quant': 'fp8', 'fgram_model.num_layers': 1})
   assert cfg.export.quant == 'fp8'
-  config.validate_runtime(cfg, 8, 1)  # Quantised export trains like any SCONE run.
+  config_runtime.validate_runtime(cfg, 8, 1)  # Quantised export trains like any SCONE run.

@@ -25,6 +25,7 @@ import numpy as np
 
 from scone_jax import artifacts, batches, compat, paths, runlock
 from scone_jax import config as config_lib
+from scone_jax import config_runtime
 from scone_jax import evaluate as evaluate_lib
 from scone_jax import run as run_lib
 from scone_jax.config import Config, ConfigError
@@ -59,13 +60,13 @@ def _read_run_config(workdir: str) -> dict[str, Any] | None:
 def check_run_config(cfg: Config, workdir: str,
                      allow_config_change: tuple[str, ...] = ()) -> None:
   """An existing run in `workdir` must have `cfg`'s config except for the keys that may
-  change on resume (config.RESUMABLE_KEYS) and those in `allow_config_change`.
+  change on resume (config_runtime.RESUMABLE_KEYS) and those in `allow_config_change`.
 
   Raises ConfigError naming every other differing key; reads only.
   """
   old = _read_run_config(workdir)
   if old is not None:
-    changed = config_lib.check_resume(old, cfg, workdir, tuple(allow_config_change))
+    changed = config_runtime.check_resume(old, cfg, workdir, tuple(allow_config_change))
     if changed:
       logging.warning('resuming %s with changed config keys: %s', workdir,
                       ', '.join(changed))
@@ -129,7 +130,7 @@ def train(cfg: Config, workdir: str,
 
   Every check runs before anything is written: the config's values (config.validate, at
   the config boundary), the mesh against the devices and processes, and an existing run's
-  config (only keys in config.RESUMABLE_KEYS or `allow_config_change` may differ). Then
+  config (only keys in config_runtime.RESUMABLE_KEYS or `allow_config_change` may differ). Then
   process 0 takes the run directory's lock (one writer per run) and removes temporary
   files a killed stage left.
 
@@ -139,9 +140,9 @@ def train(cfg: Config, workdir: str,
     TrainingDivergedError: NaN/Inf loss or gradient norm (names the step).
     CheckpointSaveError: a checkpoint could not be saved (e.g. disk full).
   """
-  config_lib.check_data_source(cfg)  # Before the workdir is created.
+  config_runtime.check_data_source(cfg)  # Before the workdir is created.
   mesh_lib.maybe_initialize_distributed(cfg.distributed)
-  config_lib.validate_runtime(cfg, jax.device_count(), jax.process_count(),
+  config_runtime.validate_runtime(cfg, jax.device_count(), jax.process_count(),
                               jax.default_backend())
   workdir = run_lib.RunDir(workdir).path  # Local: absolute; gs://: as given.
   check_run_config(cfg, workdir, allow_config_change)
