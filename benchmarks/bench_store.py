@@ -69,11 +69,12 @@ def _best(fn, repeats: int) -> float:
   return best
 
 
-def bench_tables(sizes: list[int], root: str) -> None:
+def bench_tables(sizes: list[int], root: str) -> list[dict]:
   print(f'\n== f-gram table: open time and bytes per f-gram (K=5, vocab 2**17; {_load()})')
   print(f'{"S":>12} {"index build s":>14} {"save s":>8} {"open s":>10} '
         f'{"open+sha256 1st":>16} {"reopen (stat cache)":>20} {"B/f-gram":>9} '
         f'{"open/build":>11} {"probe ns":>9}')
+  out = []
   for num in sizes:
     start = time.perf_counter()
     table = synthetic_table(num)
@@ -98,8 +99,11 @@ def bench_tables(sizes: list[int], root: str) -> None:
     probe = _best(lambda: _probe_all(slots, limit, queries), 3) / queries.size * 1e9
     print(f'{num:>12,} {build:>14.2f} {save:>8.2f} {opened:>10.5f} {first:>16.2f} '
           f'{reopen:>20.4f} {files / num:>9.1f} {opened / build:>11.1e} {probe:>9.0f}')
+    out.append(dict(rows=num, build_s=build, save_s=save, open_s=opened, first_open_s=first,
+                    reopen_s=reopen, bytes_per_fgram=files / num, probe_ns=probe))
     del table, slots, queries
     shutil.rmtree(path)
+  return out
 
 
 def _evict(paths: list[str]) -> None:
@@ -134,12 +138,12 @@ def _raw_read(files: list[str], nbytes: int, shard_bytes: int) -> None:
         pos += got
 
 
-def bench_ram(sizes: list[int], d_model: int, root: str) -> None:
+def bench_ram(sizes: list[int], d_model: int, root: str) -> tuple[list[dict], list[dict]]:
   print(f'\n== RAM tier: load vs raw read of its shards, gather vs np.take (d={d_model} '
         f'bf16, shards of 65,536 rows; {_load()})')
   print(f'{"S":>12} {"GB":>6} {"cache":>6} {"raw read GB/s":>14} {"load GB/s":>10} '
         f'{"load/raw":>9} {"load, no checks":>16} {"/raw":>6}')
-  gathers = []
+  gathers, loads = [], []
   for num in sizes:
     path = os.path.join(root, f'store{num}')
     files = _write_store(path, num, d_model)
@@ -162,6 +166,9 @@ def bench_ram(sizes: list[int], d_model: int, root: str) -> None:
       print(f'{num:>12,} {nbytes / 1e9:>6.2f} {cache:>6} {nbytes / r / 1e9:>14.2f} '
             f'{nbytes / l / 1e9:>10.2f} {r / l:>9.2f} {nbytes / o / 1e9:>16.2f} '
             f'{r / o:>6.2f}')
+      loads.append(dict(rows=num, gb=nbytes / 1e9, cache=cache, raw_gbps=nbytes / r / 1e9,
+                        load_gbps=nbytes / l / 1e9, load_over_raw=r / l,
+                        nochecks_over_raw=r / o))
     store = EmbeddingStore.open(path, 'ram')
     table = store._table  # pylint: disable=protected-access
     rng = np.random.default_rng(1)
@@ -170,24 +177,27 @@ def bench_ram(sizes: list[int], d_model: int, root: str) -> None:
       store.gather(rows)
       t_take = _best(lambda: [np.take(table, rows, axis=0) for _ in range(reps)], 5) / reps
       t_ours = _best(lambda: [store.gather(rows) for _ in range(reps)], 5) / reps
-      gathers.append((num, batch, t_take, t_ours))
+      gathers.append(dict(rows=num, batch=batch, take_s=t_take, gather_s=t_ours,
+                          speed=t_take / t_ours))
     del store, table
     gc.collect()
     shutil.rmtree(path)
   print(f'\n{"gather, RAM tier":<22} {"rows":>8} {"np.take us":>11} {"gather us":>10} '
         f'{"gather/np.take speed":>21}')
-  for num, batch, t_take, t_ours in gathers:
-    print(f'{"S = " + format(num, ","):<22} {batch:>8,} {t_take * 1e6:>11.1f} '
-          f'{t_ours * 1e6:>10.1f} {t_take / t_ours:>21.2f}')
+  for g in gathers:
+    print(f'{"S = " + format(g["rows"], ","):<22} {g["batch"]:>8,} {g["take_s"] * 1e6:>11.1f} '
+          f'{g["gather_s"] * 1e6:>10.1f} {g["speed"]:>21.2f}')
+  return loads, gathers
 
 
-def bench_disk(num: int, d_model: int, root: str, steps: int) -> None:
+def bench_disk(num: int, d_model: int, root: str, steps: int) -> list[dict]:
   print(f'\n== disk tier (memmap of the zarr3 shards), S = {num:,} x d {d_model} bf16 '
         f'({num * d_model * 2 / 1e9:.1f} GB); {_load()}')
   path = os.path.join(root, 'disk_store')
   start = time.perf_counter()
   files = _write_store(path, num, d_model)
   print(f'written in {time.perf_counter() - start:.0f} s ({len(files)} shards)')
+  out = []
   rng = np.random.default_rng(2)
   print(f'{"batch":>6} {"cache":>6} {"checks":>12} {"median ms":>10} {"p90 ms":>8} '
         f'{"per row us":>11}')
@@ -210,8 +220,12 @@ def bench_disk(num: int, d_model: int, root: str, steps: int) -> None:
         lat = np.array(lat) * 1e3
         print(f'{batch:>6} {cache:>6} {checks:>12} {np.median(lat):>10.3f} '
               f'{np.percentile(lat, 90):>8.3f} {np.median(lat) * 1e3 / batch:>11.1f}')
+        out.append(dict(batch=batch, cache=cache, checks=checks,
+                        median_ms=float(np.median(lat)),
+                        p90_ms=float(np.percentile(lat, 90))))
       del store
   shutil.rmtree(path)
+  return out
 
 
 def main():
