@@ -54,22 +54,31 @@ DiskReader = Literal['auto', 'memmap', 'tensorstore']
 ShardChecks = Literal['first_touch', 'open', 'off']
 _PAGE = mmap.PAGESIZE
 _U64 = np.dtype(np.uint64)
+_perf_counter = time.perf_counter
+_NDARRAY = np.ndarray
+_empty = np.empty
 
 
-@dataclasses.dataclass
 class GatherStats:
-  """Running totals of `gather` calls: latency and bytes returned."""
-  calls: int = 0
-  rows: int = 0
-  hits: int = 0  # rows that were not -1
-  bytes: int = 0
-  seconds: float = 0.0
+  """Running totals of `gather` calls: rows, hits (rows that were not -1), bytes returned
+  and seconds spent. The counts live in an int64 array that the RAM tier's gather kernel
+  updates in place: five Python attribute updates cost as much as gathering 16 rows. For
+  the same reason a RAM-tier `gather` is not timed (two clock reads cost ~0.15 us of its
+  ~1.4 us); `seconds` sums the disk tier's gathers and the decode loops' lookups."""
+
+  __slots__ = ('counts', 'seconds')
+
+  def __init__(self):
+    self.counts = np.zeros(4, np.int64)  # calls, rows, hits, bytes.
+    self.seconds = 0.0
+
+  calls = property(lambda self: int(self.counts[0]))
+  rows = property(lambda self: int(self.counts[1]))
+  hits = property(lambda self: int(self.counts[2]))
+  bytes = property(lambda self: int(self.counts[3]))
 
   def add(self, rows: int, hits: int, nbytes: int, seconds: float) -> None:
-    self.calls += 1
-    self.rows += rows
-    self.hits += hits
-    self.bytes += nbytes
+    self.counts += (1, rows, hits, nbytes)
     self.seconds += seconds
 
   @property
@@ -79,6 +88,10 @@ class GatherStats:
   @property
   def ms_per_row(self) -> float:
     return 1e3 * self.seconds / max(self.rows, 1)
+
+  def __repr__(self) -> str:
+    return (f'GatherStats(calls={self.calls}, rows={self.rows}, hits={self.hits}, '
+            f'bytes={self.bytes}, seconds={self.seconds:.6f})')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +124,7 @@ class EmbeddingStore:
     self.dtype = STORE_DTYPES[manifest['dtype']]
     self.quant = manifest.get('quant', 'none')
     self.row_width = row_width(manifest)
-    self.stats = GatherStats()
+    self._stats = GatherStats()
     self._table = table
     self._raw_rows = (None if table is None
                       else table.view(np.dtype(f'u{self.dtype.itemsize}')))
@@ -120,6 +133,8 @@ class EmbeddingStore:
     row_bytes = self.row_width * self.dtype.itemsize
     self._words = (table.view(np.uint64) if table is not None and row_bytes % 8 == 0
                    else None)
+    self._word_width = row_bytes // 8
+    self._counts = self._stats.counts  # What the RAM tier's kernel updates.
     self._array = array
     self._shards = [rows for rows, _ in shards] if shards else None
     self._maps = [mapped for _, mapped in shards] if shards else None
@@ -127,6 +142,11 @@ class EmbeddingStore:
     num_shards = -(-self.num_rows // self._chunk_rows)
     self._checked = np.full(num_shards, tier == 'ram' or shard_checks == 'off')
     self._check_lock = threading.Lock()
+
+  @property
+  def stats(self) -> GatherStats:
+    """Totals of this store's gathers (and of the decode loops' lookups into it)."""
+    return self._stats
 
   @property
   def raw_rows(self) -> np.ndarray | None:
@@ -217,34 +237,43 @@ class EmbeddingStore:
     `out`, optional: an [N, W] array of the store's dtype (a strided view is fine, e.g.
     the first d columns of a decode slab) to write into instead of a new array.
     """
-    start = time.perf_counter()
-    rows_N = np.asarray(rows_N)
+    # Lean on purpose: at decode sizes (16 rows, ~1 us) every Python step here costs as
+    # much as the copy itself (BENCHMARKS.md compares this call with np.take).
+    if rows_N.__class__ is not _NDARRAY:
+      rows_N = np.asarray(rows_N)
     if rows_N.ndim != 1 or rows_N.dtype.kind not in 'iu':
       raise ValueError(f'gather expects a 1-D integer array of row ids, got '
                        f'{rows_N.dtype}{list(rows_N.shape)}')
+    words = self._words
+    if out is None and words is not None:
+      # The RAM tier: whole rows as uint64 words, counted by the kernel, not timed (two
+      # clock reads would cost a fifth of the call; GatherStats.seconds).
+      out = _empty((rows_N.size, self._word_width), _U64)
+      hits = counted_gather_kernel(words, rows_N, self.num_rows, out, self._counts)
+      if hits < 0:
+        self._invalid(rows_N, hits)
+      return out.view(self.dtype)
+    start = _perf_counter()
     if out is not None and (out.shape != (rows_N.size, self.row_width) or
                             out.dtype != self.dtype):
-      raise ValueError(f'gather out= must be {self.dtype}[{rows_N.size}, {self.row_width}], '
-                       f'got {out.dtype}{list(out.shape)}')
-    if self._words is not None and out is None:
-      # dtype instances, not classes: resolving ml_dtypes' bfloat16 class per call costs
-      # more than gathering 16 rows.
+      raise ValueError(f'gather out= must be {self.dtype}[{rows_N.size}, '
+                       f'{self.row_width}], got {out.dtype}{list(out.shape)}')
+    if out is None:
       out = np.empty((rows_N.size, self.row_width), self.dtype)
-      hits = gather_kernel(self._words, rows_N, self.num_rows, out.view(_U64))
+    if self._raw_rows is not None:
+      hits = gather_kernel(self._raw_rows, rows_N, self.num_rows,
+                           out.view(self._raw_rows.dtype))
     else:
-      if out is None:
-        out = np.empty((rows_N.size, self.row_width), self.dtype)
-      if self._raw_rows is not None:
-        hits = gather_kernel(self._raw_rows, rows_N, self.num_rows,
-                             out.view(self._raw_rows.dtype))
-      else:
-        hits = self._gather_disk(rows_N, out)
+      hits = self._gather_disk(rows_N, out)
     if hits < 0:
-      raise IndexError(f'row ids must be in [-1, {self.num_rows}); got {rows_N[-1 - hits]} '
-                       f'at index {-1 - hits}: the matcher and the store come from different '
-                       'f-gram tables')
-    self.stats.add(rows_N.size, hits, out.nbytes, time.perf_counter() - start)
+      self._invalid(rows_N, hits)
+    self.stats.add(rows_N.size, hits, out.nbytes, _perf_counter() - start)
     return out
+
+  def _invalid(self, rows_N: np.ndarray, error: int):
+    raise IndexError(f'row ids must be in [-1, {self.num_rows}); got {rows_N[-1 - error]} '
+                     f'at index {-1 - error}: the matcher and the store come from different '
+                     'f-gram tables')
 
   def prefetch(self, rows_N: np.ndarray) -> None:
     """Disk tier: asks the kernel to start reading these rows' pages (no wait); a later
@@ -476,4 +505,17 @@ def gather_kernel(table_RxW, rows_N, num_rows, out_NxW):
       hits += 1
     for j in range(width):
       out_NxW[i, j] = table_RxW[r, j]
+  return hits
+
+
+@numba.njit(nogil=True, cache=True)
+def counted_gather_kernel(table_RxW, rows_N, num_rows, out_NxW, counts_4):
+  """gather_kernel, then adds (1 call, N rows, hits, bytes) to counts_4 (GatherStats)
+  when every id was valid."""
+  hits = gather_kernel(table_RxW, rows_N, num_rows, out_NxW)
+  if hits >= 0:
+    counts_4[0] += 1
+    counts_4[1] += rows_N.size
+    counts_4[2] += hits
+    counts_4[3] += out_NxW.size * out_NxW.itemsize
   return hits
