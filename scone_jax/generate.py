@@ -24,7 +24,8 @@ from scone_jax.export import EXPORT_DIR, hashed_meta, store_meta
 from scone_jax.model.hashed import hash_fingerprint
 from scone_jax.serve import restore
 from scone_jax.serve.accounting import account, measured_af_tokens_per_token
-from scone_jax.serve.decode import Decoder, Sampling
+from scone_jax.serve.decode import Decoder
+from scone_jax.serve.sampling import Sampling
 from scone_jax.serve.hashed import HashedLookup
 from scone_jax.serve.store import EmbeddingStore
 

@@ -15,7 +15,8 @@ from scone_jax.export import export_embeddings
 from scone_jax.fgrams import mine_fgrams
 from scone_jax.model import SconeLM
 from scone_jax.serve import EmbeddingStore
-from scone_jax.serve.decode import Decoder, Sampling, sample
+from scone_jax.serve.decode import Decoder
+from scone_jax.serve.sampling import Sampling, sample
 
 V, K, BOS = 48, 4, 1
 B = 5  # One batch size for every decoder here, so they share compilations.

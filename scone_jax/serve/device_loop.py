@@ -41,6 +41,7 @@ from jax.experimental import io_callback
 
 from scone_jax.export import quant
 from scone_jax.model import KVCache
+from scone_jax.serve.sampling import sample
 
 Lookup = Literal['none', 'native', 'callback', 'cache']
 
@@ -89,7 +90,7 @@ def decode_chunk(graphdef, sampling, lookup: Lookup, target: str, chunk: int, sl
     (tokens_BxC: the new tokens in columns [0, emitted' - emitted), token_B, cache,
     done_B, emitted').
   """
-  from scone_jax.serve.decode import _inputs, sample  # pylint: disable=g-import-not-at-top
+  from scone_jax.serve.decode import _inputs  # pylint: disable=g-import-not-at-top
   backbone = nnx.merge(graphdef, state)
   d = backbone.cfg.d_model
 
