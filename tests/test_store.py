@@ -52,6 +52,34 @@ def test_gather_matches_numpy_reference(tmp_path, dtype, tier, reader):
     store.gather(np.array([S]))
 
 
+def test_ram_gather_every_id_array_kind(tmp_path):
+  """The RAM tier's gather calls its compiled kernel directly for C-ordered int64 ids and
+  through numba's dispatcher for anything else: both give the reference rows and stats."""
+  store = EmbeddingStore.open(_write(tmp_path / 'export', 'bfloat16'), 'ram')
+  want_SxD = _rows(0, S).astype(ml_dtypes.bfloat16)
+  ids = np.array([5, -1, 999, 0, 17, 17, 640, -1], np.int64)
+  readonly = ids.copy()
+  readonly.flags.writeable = False
+  kinds = [ids, ids.astype(np.int32), ids[ids >= 0].astype(np.uint32), ids[::2],
+           np.repeat(ids, 2)[::2], readonly, ids.tolist()]
+  for rows in kinds:
+    rows_N = np.asarray(rows)
+    ref = np.stack([want_SxD[r] if r >= 0 else np.zeros(D, want_SxD.dtype) for r in rows_N])
+    got = store.gather(rows)
+    assert got.dtype == want_SxD.dtype and got.flags.c_contiguous
+    np.testing.assert_array_equal(got.view(np.uint16), ref.view(np.uint16))
+  assert store.stats.calls == len(kinds)
+  assert store.stats.rows == sum(len(k) for k in kinds)
+  assert store.stats.hits == sum(int((np.asarray(k) >= 0).sum()) for k in kinds)
+  for bad in (np.array([3, S], np.int64), np.array([3, -2], np.int64),
+              np.array([3, S], np.int32)):
+    with pytest.raises(IndexError, match='index 1'):
+      store.gather(bad)
+  assert store.stats.calls == len(kinds)  # A refused gather is not counted.
+  with pytest.raises(ValueError, match='1-D integer'):
+    store.gather(np.zeros((2, 2), np.int64))
+
+
 def test_plain_tensorstore_reads_the_store(tmp_path):
   path = _write(tmp_path / 'export', 'bfloat16')
   arr = ts.open({'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': path}}).result()
