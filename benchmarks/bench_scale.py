@@ -4,8 +4,8 @@
   python benchmarks/bench_scale.py --quick                     # every section, small sizes
 
 Every section prints its own table with the baseline measured in the same run (the np.sort
-bound of the keys the miner counts; the 1-worker Beam run; a raw read of the store's own
-shards; np.take on the same matrix). The sections are those of benchmarks/bench_fgrams.py
+bound of the keys the miner counts; the 1-worker Beam run; the launcher's old concatenate +
+index + save after Beam; a raw read of the store's own shards; np.take on the same matrix). The sections are those of benchmarks/bench_fgrams.py
 (`--scaling`) and benchmarks/bench_store.py, called in one process so the numbers share one
 machine state; the end prints every target with its measured value, and what one host of
 this machine's RAM (and of a large RAM / NVMe host) serves per tier, from the measured
@@ -66,6 +66,14 @@ def _targets(results: dict) -> list[tuple[str, str, str, bool | None]]:
     out.append(('Beam worker peak RSS vs S', 'does not grow with S',
                 ' / '.join(f'{m:.0f} MB at {n:,} rows' for m, n in zip(rss, rows)),
                 max(rss) <= 1.2 * min(rss)))
+  assembly = results.get('assembly') or []
+  if assembly:
+    rss = [r['assemble_rss_mb'] for r in assembly]
+    out.append(('launcher after Beam: assemble the parts', 'memory flat in S; same table',
+                ' / '.join(f'{r["assemble_s"]:.1f} s, {r["assemble_rss_mb"]:.0f} MB at '
+                           f'{r["rows"]:,}' for r in assembly) +
+                f' (old: {assembly[-1]["old_s"]:.1f} s, {assembly[-1]["old_rss_mb"]:,.0f} MB)',
+                max(rss) <= 1.2 * min(rss) and all(r['same'] for r in assembly)))
   for r in results.get('table') or []:
     out.append((f'table, S = {r["rows"]:,}', '<= 40 B / f-gram; O(1) open',
                 f'{r["bytes_per_fgram"]:.1f} B; open {r["open_s"] * 1e3:.2f} ms '
@@ -123,16 +131,18 @@ def main():
   parser.add_argument('--beam_tokens', type=int, default=300_000)
   parser.add_argument('--beam_sizes', default='1e5,1e3')
   parser.add_argument('--table_sizes', default='1e6,1e7,1e8')
+  parser.add_argument('--assembly_sizes', default='1e7,1e8')
   parser.add_argument('--ram_sizes', default='1e6,1e7')
   parser.add_argument('--ram_d', type=int, default=256)
   parser.add_argument('--disk_rows', type=float, default=1e8)
   parser.add_argument('--disk_d', type=int, default=64)
   parser.add_argument('--disk_steps', type=int, default=200)
-  parser.add_argument('--only', default='mining,beam,table,ram,disk')
+  parser.add_argument('--only', default='mining,beam,table,assembly,ram,disk')
   args = parser.parse_args()
   if args.quick:
     args.mining_tokens, args.repeats, args.beam_tokens = '2e5,1e6', 1, 50_000
     args.beam_sizes, args.table_sizes, args.ram_sizes = '1e3', '1e5', '2e5'
+    args.assembly_sizes = '1e5,2e5'
     args.disk_rows, args.disk_steps = 2e5, 20
   only = args.only.split(',')
   print(f'bench_scale {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; '
@@ -154,6 +164,8 @@ def main():
                                                     _sizes(args.beam_sizes))
     if 'table' in only:
       results['table'] = bench_store.bench_tables(_sizes(args.table_sizes), root)
+    if 'assembly' in only:
+      results['assembly'] = bench_store.bench_assembly(_sizes(args.assembly_sizes), root)
     if 'ram' in only:
       results['ram'] = bench_store.bench_ram(_sizes(args.ram_sizes), args.ram_d, root)
     if 'disk' in only:

@@ -18,8 +18,11 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -27,6 +30,7 @@ import ml_dtypes
 import numba
 import numpy as np
 
+from scone_jax import artifacts
 from scone_jax.export import writer
 from scone_jax.fgrams import FgramTable
 from scone_jax.fgrams import index as index_lib
@@ -109,6 +113,96 @@ def bench_tables(sizes: list[int], root: str) -> list[dict]:
                     reopen_s=reopen, bytes_per_fgram=files / num, probe_ns=probe))
     del table, slots, queries
     shutil.rmtree(path)
+  return out
+
+
+def _write_beam_parts(table: FgramTable, directory: str, rows_per_shard: int = 1 << 20,
+                      range_slots: int = 1 << 22) -> None:
+  """What mine_fgrams_beam's workers write for `table`: row shards, match-index ranges
+  (index.range_kernel) and the manifest, so the launcher's step can be timed alone."""
+  from scone_jax.fgrams import beam as beam_lib  # pylint: disable=g-import-not-at-top
+  keys, counts, lengths = (np.asarray(a) for a in (table.keys, table.counts, table.lengths))
+  num, num_slots = len(table), index_lib.capacity(len(table))
+  os.makedirs(directory)
+
+  def save(name, array):
+    path = os.path.join(directory, name)
+    np.save(path, array, allow_pickle=False)
+    return {name: {'sha256': artifacts.sha256_file(path), 'bytes': os.path.getsize(path)}}
+
+  shards = []
+  for shard, lo in enumerate(range(0, num, rows_per_shard)):
+    files = {}
+    for name, array in (('keys', keys), ('counts', counts), ('lengths', lengths)):
+      files.update(save(f'{name}-{shard:05d}.npy', array[lo:lo + rows_per_shard]))
+    shards.append(dict(shard=shard, files=files))
+  homes = index_lib.homes(keys, num_slots)
+  part_of = homes // range_slots
+  order = np.argsort(part_of, kind='stable')  # Rows ascending within each range.
+  bounds = np.searchsorted(part_of[order], np.arange(part_of.max() + 2))
+  ranges = []
+  for part in range(bounds.size - 1):
+    rows = order[bounds[part]:bounds[part + 1]]
+    lo = part * range_slots
+    slots = np.full((min(range_slots, num_slots - lo), 3), index_lib.EMPTY, np.uint32)
+    spilled = np.zeros(rows.size, bool)
+    index_lib.range_kernel(keys[rows], rows, homes[rows], lo, slots, spilled)
+    ranges.append(dict(index_range=part, files=save(f'index-{part:05d}.npy', slots),
+                       spills=[[int(r), int(keys[r])] for r in rows[spilled]]))
+  plan = dict(rows=num, rows_per_shard=rows_per_shard, index_slots=num_slots,
+              range_slots=range_slots, cutoff=int(counts[-1]))
+  beam_lib._write_shards_manifest(  # pylint: disable=protected-access
+      directory, shards, ranges, plan, table.max_len, table.min_count, {})
+
+
+def _assemble_job(spec: dict) -> dict:
+  """In a fresh process: the launcher's step after Beam, new (assemble the mapped layout
+  from the workers' parts) or old (concatenate the shards, index them, save)."""
+  from scone_jax.fgrams import beam as beam_lib  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  if spec['how'] == 'assemble':
+    table = beam_lib.load_table_shards(spec['parts'], verify=False, out_dir=spec['out'])
+  else:
+    manifest = artifacts.read_manifest(spec['parts'], beam_lib.SHARDS_KIND, verify=False)
+    columns = [np.concatenate([np.load(os.path.join(spec['parts'], f'{name}-{i:05d}.npy'))
+                               for i in range(manifest['num_shards'])])
+               for name, _ in beam_lib._SHARD_ARRAYS]  # pylint: disable=protected-access
+    table = FgramTable.from_keys(*columns, manifest['max_len'], manifest['min_count'])
+    table.save(spec['out'])
+  seconds = time.perf_counter() - start
+  with open('/proc/self/status') as f:
+    rss = [int(l.split()[1]) / 1024 for l in f if l.startswith('VmHWM:')][0]
+  return dict(seconds=seconds, peak_rss_mb=rss, fingerprint=table.fingerprint)
+
+
+def bench_assembly(sizes: list[int], root: str) -> list[dict]:
+  """The launcher's O(S) step after Beam: assembling the workers' parts vs the old
+  concatenate + index + save, each in a fresh process (its peak RSS is its own)."""
+  print(f'\n== after Beam, on the launcher: assemble the workers\' parts vs concatenate + '
+        f'index + save ({_load()})')
+  print(f'{"S":>12} {"old s":>8} {"old peak RSS MB":>16} {"assemble s":>11} '
+        f'{"peak RSS MB":>12} {"old / assemble":>15} {"same table":>11}')
+  out = []
+  for num in sizes:
+    parts = os.path.join(root, f'parts{num}')
+    _write_beam_parts(synthetic_table(num), parts)
+    gc.collect()
+    got = {}
+    for how in ('old', 'assemble'):
+      spec = dict(how=how, parts=parts, out=os.path.join(root, f'{how}{num}'))
+      proc = subprocess.run([sys.executable, __file__, '--job', json.dumps(spec)],
+                            capture_output=True, text=True, check=True)
+      got[how] = json.loads(proc.stdout.strip().splitlines()[-1])
+      shutil.rmtree(spec['out'])
+    shutil.rmtree(parts)
+    old, new = got['old'], got['assemble']
+    row = dict(rows=num, old_s=old['seconds'], old_rss_mb=old['peak_rss_mb'],
+               assemble_s=new['seconds'], assemble_rss_mb=new['peak_rss_mb'],
+               same=old['fingerprint'] == new['fingerprint'])
+    out.append(row)
+    print(f'{num:>12,} {row["old_s"]:>8.2f} {row["old_rss_mb"]:>16,.0f} '
+          f'{row["assemble_s"]:>11.2f} {row["assemble_rss_mb"]:>12,.0f} '
+          f'{row["old_s"] / row["assemble_s"]:>15.2f} {str(row["same"]):>11}')
   return out
 
 
@@ -245,12 +339,19 @@ def main():
   parser.add_argument('--disk_d', type=int, default=64)
   parser.add_argument('--disk_steps', type=int, default=200)
   parser.add_argument('--dir', default=None, help='scratch directory (default: temp)')
-  parser.add_argument('--only', default='table,ram,disk')
+  parser.add_argument('--assembly_sizes', default='1e7,1e8')
+  parser.add_argument('--only', default='table,assembly,ram,disk')
+  parser.add_argument('--job', help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.job:
+    print(json.dumps(_assemble_job(json.loads(args.job))))
+    return
   only = args.only.split(',')
   with tempfile.TemporaryDirectory(prefix='bench_store_', dir=args.dir) as root:
     if 'table' in only:
       bench_tables([int(float(s)) for s in args.table_sizes.split(',')], root)
+    if 'assembly' in only:
+      bench_assembly([int(float(s)) for s in args.assembly_sizes.split(',')], root)
     if 'ram' in only:
       bench_ram([int(float(s)) for s in args.ram_sizes.split(',')], args.ram_d, root)
     if 'disk' in only:

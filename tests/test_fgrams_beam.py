@@ -1,11 +1,15 @@
 """The Beam miner (DirectRunner, in-process and multi-process) equals the local miner."""
 
+import json
+
 import numpy as np
 import pytest
 
 pytest.importorskip('apache_beam')
 
 from scone_jax.fgrams import beam as beam_lib  # noqa: E402
+from scone_jax.fgrams import FgramTable  # noqa: E402
+from scone_jax.fgrams import index as index_lib  # noqa: E402
 from scone_jax.fgrams import mine_fgrams  # noqa: E402
 from scone_jax.fgrams.beam import mine_fgrams_beam  # noqa: E402
 
@@ -17,6 +21,18 @@ def small_corpus():
   return docs + [rng.integers(0, 4, rng.integers(0, 20)) for _ in range(30)]
 
 
+def _assert_same_matches(table, reference, docs):
+  """Every row found at its own key, and the same longest matches on the corpus (so
+  misses agree too)."""
+  slots, limit = table.index
+  found = [index_lib.find(slots, limit, key) for key in table.keys]
+  assert found == list(range(len(table)))
+  tokens = np.concatenate(docs)[:4000].reshape(1, -1)
+  got, want = table.match(tokens), reference.match(tokens)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_beam_equals_local(tmp_path, monkeypatch):
   """Equal tables, the cut at row S splitting a (count, length, first token) group; the
   workers write shards, the manifest comes last: without it (or with a shard changed) the
@@ -24,6 +40,7 @@ def test_beam_equals_local(tmp_path, monkeypatch):
   from scone_jax import artifacts  # pylint: disable=g-import-not-at-top
   docs = small_corpus()
   monkeypatch.setattr(beam_lib, '_ROWS_PER_SHARD', 16)
+  monkeypatch.setattr(beam_lib, '_INDEX_RANGE_SLOTS', 8)  # 224 slots: 28 ranges, spills.
   local = mine_fgrams(docs, max_len=4, size=145, min_count=2, progress=False)
   more = mine_fgrams(docs, max_len=4, size=146, min_count=2, progress=False)
   assert (more.counts[144], more.lengths[144], more.tokens_SxK[144, 0]) == (
@@ -36,6 +53,25 @@ def test_beam_equals_local(tmp_path, monkeypatch):
   table_dir = tmp_path / 'out' / 'table'
   assert len(list(table_dir.glob('keys-*.npy'))) == 10  # 145 rows, 16 a shard.
   assert beam_lib.load_table_shards(str(table_dir)).fingerprint == local.fingerprint
+  # The workers built the match index by slot range; this host only placed the spills.
+  manifest = json.loads((table_dir / 'manifest.json').read_text())
+  assert len(manifest['index_ranges']) > 10 and manifest['index_spills']
+  assert isinstance(from_docs.index[0].base, np.memmap)  # Mapped, not rebuilt.
+  _assert_same_matches(from_docs, local, docs)
+  out_dir = tmp_path / 'assembled'
+  assert beam_lib.load_table_shards(str(table_dir), out_dir=str(out_dir)).fingerprint == (
+      local.fingerprint)
+  assert FgramTable.load(str(out_dir), verify='full').fingerprint == local.fingerprint
+  # A manifest that lies about the spills: the launcher's count of placed rows refuses it.
+  lying = dict(manifest, index_spills=manifest['index_spills'][1:])
+  (table_dir / 'manifest.json').write_text(json.dumps(lying))
+  with pytest.raises(artifacts.ArtifactError, match='each of the 145 rows once'):
+    beam_lib.load_table_shards(str(table_dir), verify=False)
+  (table_dir / 'manifest.json').write_text(json.dumps(manifest))
+  index_part = table_dir / f'index-{manifest["index_ranges"][0]:05d}.npy'
+  index_part.write_bytes(index_part.read_bytes()[:-4] + b'\0' * 4)
+  with pytest.raises(artifacts.ArtifactError, match=index_part.name):
+    beam_lib.load_table_shards(str(table_dir), verify='full')
   shard = table_dir / 'counts-00001.npy'
   shard.write_bytes(shard.read_bytes()[:-8] + b'\0' * 8)
   with pytest.raises(artifacts.ArtifactError, match='counts-00001'):
@@ -84,8 +120,9 @@ def test_every_kept_gram_equals_local():
 
 
 def test_group_starts_and_plan():
-  plan = beam_lib._plan({9: 2, 7: 3, 5: 10}, 8, 4)
-  assert plan == dict(cutoff=5, rows=8, first_row={9: 0, 7: 2, 5: 5}, rows_per_shard=4)
+  plan = beam_lib._plan({9: 2, 7: 3, 5: 10}, 8, 4, 64)
+  assert plan == dict(cutoff=5, rows=8, first_row={9: 0, 7: 2, 5: 5}, rows_per_shard=4,
+                      index_slots=index_lib.capacity(8), range_slots=64)
   starts = dict(beam_lib._group_starts((5, {(3, 1): 2, (2, 9): 1, (2, 4): 2}), plan))
   assert starts == {(5, 2, 4): 5, (5, 2, 9): 7}  # (3, 1) would start at row 8 >= S.
 

@@ -23,9 +23,16 @@ S or with the corpus (only with a bundle's partial counts and one key's group):
   write     each gram's key needs its prefix's row: a CoGroupByKey of the ranked grams
             on their prefix; rows are grouped into shards of `_ROWS_PER_SHARD` and each
             worker writes its shards (keys, counts, lengths .npy: the table layout of
-            table.py, cut by rows) to a temp name and renames them; the launcher checks
-            that every shard is there and writes the manifest last (`SHARDS_KIND`), so a
-            half-written table is never read as complete. `load_table_shards` opens it.
+            table.py, cut by rows) to a temp name and renames them.
+  index     the match index is built by range of slots: keys are grouped by the range
+            of `_INDEX_RANGE_SLOTS` their home slot falls in, and one worker builds one
+            range (index.range_kernel) and writes it; the few keys that run past a
+            range's end go to the manifest as spills.
+  manifest  the launcher checks that every shard is there and writes the manifest last
+            (`SHARDS_KIND`), so a half-written table is never read as complete.
+            `load_table_shards` assembles the memory-mapped table from the parts: a copy
+            of O(S) bytes, one shard in memory at a time, and the spills placed; nothing
+            is sorted, counted or indexed on the launcher.
 
 Counting every n-gram before the join shuffles more keys than the local miner, which
 prunes before it counts; combiner lifting keeps the shuffle to distinct grams per bundle.
@@ -51,6 +58,7 @@ import io
 import json
 import os
 import resource
+import shutil
 import tempfile
 import time
 from typing import Any, Iterable
@@ -60,10 +68,12 @@ import numpy as np
 from scone_jax import artifacts, paths
 from scone_jax.fgrams import index as index_lib
 from scone_jax.fgrams import mine
+from scone_jax.fgrams import table as table_lib
 from scone_jax.fgrams.table import FgramTable
 
 _DOCS_PER_RANGE = 4096
 _ROWS_PER_SHARD = 1 << 20  # A shard writer holds this many rows (~40 MB as tuples).
+_INDEX_RANGE_SLOTS = 1 << 22  # Match-index slots one worker builds (48 MB, ~2.7M keys).
 SHARDS_KIND = 'fgram_table_shards'
 _SHARD_ARRAYS = (('keys', np.uint64), ('counts', np.int64), ('lengths', np.uint8))
 
@@ -136,16 +146,18 @@ def _note_rss() -> None:
   Metrics.distribution('fgrams', 'worker_peak_rss_kb').update(_peak_rss_kb())
 
 
-def _plan(hist: dict, size: int, rows_per_shard: int) -> dict:
+def _plan(hist: dict, size: int, rows_per_shard: int, range_slots: int) -> dict:
   """From the count histogram: the cutoff, the table's rows, the first row of each count
-  >= the cutoff (rows rank by count first) and the shard size."""
+  >= the cutoff (rows rank by count first), the shard size, and the match index's slots
+  and the slots per worker-built range."""
   cutoff = _cutoff(hist, size)
   first_row, above = {}, 0
   for count in sorted((c for c in hist if c >= cutoff), reverse=True):
     first_row[count] = above
     above += hist[count]
-  return dict(cutoff=cutoff, rows=min(size, above), first_row=first_row,
-              rows_per_shard=rows_per_shard)
+  rows = min(size, above)
+  return dict(cutoff=cutoff, rows=rows, first_row=first_row, rows_per_shard=rows_per_shard,
+              index_slots=index_lib.capacity(rows), range_slots=range_slots)
 
 
 def _group_starts(count_hist, plan: dict):
@@ -213,55 +225,178 @@ def _write_shard(keyed, table_dir: str, plan: dict) -> dict:
                      f'({len(rows)}), expected {lo}..{hi - 1}: a row was lost or duplicated')
   files = {}
   for column, (name, dtype) in enumerate(_SHARD_ARRAYS, start=1):
-    data = _npy_bytes(np.array([r[column] for r in rows], dtype))
-    final = FileSystems.join(table_dir, f'{name}-{shard:05d}.npy')
-    tmp = final + f'.tmp-{os.getpid()}-{time.monotonic_ns()}'
-    with FileSystems.create(tmp) as f:
-      f.write(data)
-    FileSystems.rename([tmp], [final])  # A retried bundle writes the same bytes.
-    files[os.path.basename(final)] = {'sha256': hashlib.sha256(data).hexdigest(),
-                                      'bytes': len(data)}
+    files.update(_write_npy(table_dir, f'{name}-{shard:05d}.npy',
+                            np.array([r[column] for r in rows], dtype)))
   _note_rss()
   return dict(shard=shard, lo=lo, hi=hi, files=files, peak_rss_kb=_peak_rss_kb())
 
 
-def load_table_shards(table_dir: str, verify: bool | str = True) -> FgramTable:
-  """The FgramTable of a sharded table written by `mine_fgrams_beam`.
+def _write_npy(table_dir: str, name: str, array: np.ndarray) -> dict:
+  """Writes one array (temp name, then rename); returns its manifest entry."""
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+  data = _npy_bytes(array)
+  final = FileSystems.join(table_dir, name)
+  tmp = final + f'.tmp-{os.getpid()}-{time.monotonic_ns()}'
+  with FileSystems.create(tmp) as f:
+    f.write(data)
+  FileSystems.rename([tmp], [final])  # A retried bundle writes the same bytes.
+  return {name: {'sha256': hashlib.sha256(data).hexdigest(), 'bytes': len(data)}}
+
+
+def _index_range(row, plan: dict):
+  """(row, key, count, length) -> (index range, (row, key, home slot))."""
+  home = index_lib.home(row[1], plan['index_slots'])
+  return home // plan['range_slots'], (row[0], row[1], home)
+
+
+def _write_index_range(keyed, table_dir: str, plan: dict) -> dict:
+  """Builds one range of the match index (index.range_kernel) and writes it; returns
+  its manifest entry with the keys that spilled past its end, for the launcher."""
+  part, items = keyed
+  rows_N, keys_N, homes_N = (np.array(c, dtype) for c, dtype in zip(
+      zip(*sorted(items)), (np.int64, np.uint64, np.int64)))
+  lo = part * plan['range_slots']
+  slots = np.full((min(plan['range_slots'], plan['index_slots'] - lo), 3), index_lib.EMPTY,
+                  np.uint32)
+  spilled = np.zeros(rows_N.size, bool)
+  duplicate = index_lib.range_kernel(keys_N, rows_N, homes_N, lo, slots, spilled)
+  if duplicate >= 0:
+    raise ValueError(f'rows {rows_N[duplicate]} and another have the same key: the pipeline '
+                     'duplicated an f-gram')
+  files = _write_npy(table_dir, f'index-{part:05d}.npy', slots)
+  _note_rss()
+  return dict(index_range=part, files=files, peak_rss_kb=_peak_rss_kb(),
+              spills=[[int(r), int(k)] for r, k in zip(rows_N[spilled], keys_N[spilled])])
+
+
+def load_table_shards(table_dir: str, verify: bool | str = True,
+                      out_dir: str | None = None) -> FgramTable:
+  """The FgramTable of a sharded table written by `mine_fgrams_beam`, memory-mapped.
 
   The manifest is written last, so a table without one (or missing a shard) is refused.
-  The shards are concatenated and indexed here (O(S)); `FgramTable.save` then gives the
-  memory-mapped single-host layout.
+  This host assembles the memory-mapped layout (table.py) into `out_dir` (default: a temp
+  dir, removed once mapped): it copies the row shards and the match-index ranges the
+  workers built into the layout's files one shard at a time, and places the few keys that
+  spilled past a range's end (index.py). That is O(S) bytes copied, but no O(S) compute
+  and O(one shard) memory: the index is never rebuilt here.
   """
   manifest = artifacts.read_manifest(table_dir, SHARDS_KIND, verify=verify)
-  columns = {name: [] for name, _ in _SHARD_ARRAYS}
-  for shard in range(manifest['num_shards']):
-    for name, dtype in _SHARD_ARRAYS:
-      array = np.load(io.BytesIO(paths.read_bytes(paths.join(
-          table_dir, f'{name}-{shard:05d}.npy'))), allow_pickle=False)
-      if array.dtype != dtype:
-        raise artifacts.ArtifactError(f'{table_dir} shard {shard} {name} is {array.dtype}, '
-                                      f'expected {np.dtype(dtype)}; rebuild the table')
-      columns[name].append(array)
-  keys, counts, lengths = (np.concatenate(columns[name]) for name, _ in _SHARD_ARRAYS)
-  if keys.size != manifest['size']:
-    raise artifacts.ArtifactError(f'{table_dir} shards hold {keys.size} rows, the manifest '
-                                  f'says {manifest["size"]}; rebuild the table')
-  return FgramTable.from_keys(keys, counts, lengths, manifest['max_len'],
-                              manifest['min_count'], manifest.get('meta'))
+  base = None
+  if out_dir is None:
+    base = tempfile.mkdtemp(prefix='scone_fgram_table_')
+    out_dir = os.path.join(base, 'table')
+  try:
+    with artifacts.atomic_dir(out_dir) as tmp:
+      _assemble(table_dir, manifest, tmp)
+    return FgramTable.load(out_dir, verify=False)  # Mapped: the files may go now.
+  finally:
+    if base:
+      shutil.rmtree(base, ignore_errors=True)
 
 
-def _write_shards_manifest(table_dir: str, shards: list[dict], plan: dict, max_len: int,
-                           min_count: int, meta: dict) -> None:
+def _read_part(table_dir: str, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
+  path = paths.join(table_dir, name)
+  array = np.load(io.BytesIO(paths.read_bytes(path)) if paths.is_remote(path) else path,
+                  allow_pickle=False)
+  if array.dtype != dtype or array.shape != shape:
+    raise artifacts.ArtifactError(f'{table_dir}/{name} is {array.dtype}{list(array.shape)}, '
+                                  f'expected {np.dtype(dtype)}{list(shape)}; rebuild the '
+                                  'table')
+  return array
+
+
+_CHUNK_BYTES = 64 << 20  # Reads of an assembled file, for its checks and fingerprint.
+
+
+def _npy_file(path: str, dtype, shape: tuple[int, ...]):
+  """An open .npy file with its header written: the data is appended in order."""
+  f = open(path, 'wb')  # pylint: disable=consider-using-with
+  np.lib.format.write_array_header_1_0(f, {
+      'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)), 'fortran_order': False,
+      'shape': shape})
+  return f
+
+
+def _npy_chunks(path: str, dtype, rows_per_chunk: int):
+  """The array of a C-order .npy file in chunks of rows, read with plain file reads (no
+  mapping: the pages stay out of this process)."""
+  with open(path, 'rb') as f:
+    np.lib.format.read_magic(f)
+    shape, _, _ = np.lib.format.read_array_header_1_0(f)
+    width = int(np.prod(shape[1:], dtype=np.int64))
+    for lo in range(0, shape[0], rows_per_chunk):
+      n = min(rows_per_chunk, shape[0] - lo)
+      yield np.fromfile(f, dtype, n * width).reshape((n,) + tuple(shape[1:]))
+
+
+def _assemble(table_dir: str, manifest: dict, out: str) -> None:
+  """Writes the table layout's files and manifest (table.py) into local dir `out`, one
+  shard or index range in memory at a time."""
+  num, per = manifest['size'], manifest['rows_per_shard']
+  num_slots, per_range = manifest['index_slots'], manifest['index_range_slots']
+  files = [_npy_file(os.path.join(out, f'{name}.npy'), dtype, (num,))
+           for name, dtype in _SHARD_ARRAYS]
+  last_count = None
+  with files[0], files[1], files[2]:
+    for shard in range(manifest['num_shards']):
+      lo, hi = shard * per, min(shard * per + per, num)
+      parts = [_read_part(table_dir, f'{name}-{shard:05d}.npy', dtype, (hi - lo,))
+               for name, dtype in _SHARD_ARRAYS]
+      _, counts, lengths = parts
+      if (np.any(np.diff(counts) > 0) or (last_count is not None and counts[0] > last_count)
+          or np.any(lengths < 2) or np.any(lengths > manifest['max_len'])):
+        raise artifacts.ArtifactError(f'{table_dir} shard {shard}: counts not in rank order '
+                                      f'or lengths outside [2, {manifest["max_len"]}]; '
+                                      'rebuild the table')
+      last_count = int(counts[-1])
+      for f, part in zip(files, parts):
+        part.tofile(f)
+  index_path = os.path.join(out, 'index.npy')
+  built = set(manifest['index_ranges'])
+  with _npy_file(index_path, np.uint32, (num_slots, 3)) as f:
+    for part in range(-(-num_slots // per_range)):
+      lo, hi = part * per_range, min(part * per_range + per_range, num_slots)
+      (_read_part(table_dir, f'index-{part:05d}.npy', np.uint32, (hi - lo, 3))
+       if part in built else np.full((hi - lo, 3), index_lib.EMPTY, np.uint32)).tofile(f)
+  spills = np.array(manifest['index_spills'], np.uint64).reshape(-1, 2)
+  slots = np.load(index_path, mmap_mode='r+')  # Touches only the pages spills land in.
+  duplicate = index_lib.place_kernel(slots, spills[:, 1], spills[:, 0].astype(np.int64))
+  slots.flush()
+  del slots
+  used = sum(int((chunk[:, 2] != index_lib.EMPTY).sum())
+             for chunk in _npy_chunks(index_path, np.uint32, _CHUNK_BYTES // 12))
+  if duplicate >= 0 or used != num:
+    raise artifacts.ArtifactError(f'{table_dir}: the index ranges do not hold each of the '
+                                  f'{num} rows once; rebuild the table')
+  fingerprint = table_lib.fingerprint_of(
+      manifest['max_len'], manifest['min_count'],
+      (chunk.data for name, dtype in (('keys', np.uint64), ('lengths', np.uint8),
+                                      ('counts', np.int64))
+       for chunk in _npy_chunks(os.path.join(out, f'{name}.npy'), dtype,
+                                _CHUNK_BYTES // np.dtype(dtype).itemsize)))
+  table_lib.write_manifest(out, max_len=manifest['max_len'], size=num,
+                           min_count=manifest['min_count'], cutoff_count=last_count or 0,
+                           fingerprint=fingerprint, index_slots=num_slots,
+                           meta=manifest.get('meta') or {})
+
+
+def _write_shards_manifest(table_dir: str, shards: list[dict], ranges: list[dict],
+                           plan: dict, max_len: int, min_count: int, meta: dict) -> None:
   """The sharded table's manifest, written last once every shard is present."""
   shards = sorted(shards, key=lambda e: e['shard'])
   want = -(-plan['rows'] // plan['rows_per_shard'])
   if [e['shard'] for e in shards] != list(range(want)):
     raise ValueError(f'the pipeline wrote shards {[e["shard"] for e in shards]}, expected '
                      f'0..{want - 1}')
+  ranges = sorted(ranges, key=lambda e: e['index_range'])  # Ranges no key homes in: none.
   manifest = {'kind': SHARDS_KIND, 'format_version': artifacts.FORMAT_VERSION,
               'created': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
-              'files': {name: info for e in shards for name, info in e['files'].items()},
+              'files': {name: info for e in shards + ranges
+                        for name, info in e['files'].items()},
               'size': plan['rows'], 'num_shards': want, 'rows_per_shard': plan['rows_per_shard'],
+              'index_slots': plan['index_slots'], 'index_range_slots': plan['range_slots'],
+              'index_ranges': [e['index_range'] for e in ranges],
+              'index_spills': sorted(s for e in ranges for s in e['spills']),
               'max_len': max_len, 'min_count': min_count, 'cutoff_count': plan['cutoff'],
               'meta': meta}
   paths.write_bytes(paths.join(table_dir, artifacts.MANIFEST),
@@ -327,7 +462,7 @@ def mine_fgrams_beam(docs_or_paths: Iterable[np.ndarray] | str | list[str] | Any
     every = kept_all | 'AllKept' >> beam.Flatten()
     plan = (every | 'Counts' >> beam.Map(lambda gc: gc[1])
             | 'Histogram' >> beam.CombineGlobally(_histogram_fn()())
-            | 'Plan' >> beam.Map(_plan, size, _ROWS_PER_SHARD))
+            | 'Plan' >> beam.Map(_plan, size, _ROWS_PER_SHARD, _INDEX_RANGE_SLOTS))
     (plan | 'PlanJson' >> beam.Map(json.dumps)
      | 'WritePlan' >> beam.io.WriteToText(os.path.join(out, 'plan')))
     plan_si = beam.pvalue.AsSingleton(plan)
@@ -351,12 +486,19 @@ def mine_fgrams_beam(docs_or_paths: Iterable[np.ndarray] | str | list[str] | Any
          'ext': ranked | 'Longer' >> beam.Filter(lambda r: len(r[0]) > 2)
                 | 'ByPrefix' >> beam.Map(lambda r: (r[0][:-1], r))}
         | 'JoinPrefixRows' >> beam.CoGroupByKey() | 'Keys' >> beam.FlatMap(_keyed_rows))
-    ((bigram_rows, longer_rows) | 'Rows' >> beam.Flatten()
+    rows = (bigram_rows, longer_rows) | 'Rows' >> beam.Flatten()
+    (rows
      | 'ByShard' >> beam.Map(lambda r, p: (r[0] // p['rows_per_shard'], r), plan_si)
      | 'Shards' >> beam.GroupByKey()
      | 'WriteShard' >> beam.Map(_write_shard, table_dir, plan_si)
      | 'ShardJson' >> beam.Map(json.dumps)
      | 'WriteShardList' >> beam.io.WriteToText(os.path.join(out, 'shards')))
+    (rows
+     | 'ByIndexRange' >> beam.Map(_index_range, plan_si)
+     | 'IndexRanges' >> beam.GroupByKey()
+     | 'WriteIndexRange' >> beam.Map(_write_index_range, table_dir, plan_si)
+     | 'IndexRangeJson' >> beam.Map(json.dumps)
+     | 'WriteIndexRangeList' >> beam.io.WriteToText(os.path.join(out, 'index_ranges')))
     result = pipeline.run()
     result.wait_until_finish()
     total = sum(_read_json_lines(os.path.join(out, 'total*')))
@@ -368,7 +510,8 @@ def mine_fgrams_beam(docs_or_paths: Iterable[np.ndarray] | str | list[str] | Any
       raise ValueError(f'no n-gram of 2..{max_len} tokens occurs min_count={min_count} '
                        'times in docs; lower min_count or mine a larger corpus')
     meta = {'beam_worker_peak_rss_mb': _worker_peak_rss_kb(result) / 1024}
-    _write_shards_manifest(table_dir, _read_json_lines(os.path.join(out, 'shards*')), plan,
+    _write_shards_manifest(table_dir, _read_json_lines(os.path.join(out, 'shards*')),
+                           _read_json_lines(os.path.join(out, 'index_ranges*')), plan,
                            max_len, min_count, meta)
     return load_table_shards(table_dir)
 

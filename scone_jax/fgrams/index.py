@@ -138,6 +138,60 @@ def index_kernel(keys_S, slots_C):
   return -1
 
 
+def home(key: int, num_slots: int) -> int:
+  """The home slot of one key (`_home`, in Python integers)."""
+  return ((((key * _SLOT_MULT) & 0xFFFF_FFFF_FFFF_FFFF) >> 32) * num_slots) >> 32
+
+
+def homes(keys_N: np.ndarray, num_slots: int) -> np.ndarray:
+  """int64 [N] home slot of each key in an index of `num_slots` slots (`_home`, in numpy)."""
+  h = (np.asarray(keys_N, np.uint64) * np.uint64(_SLOT_MULT)) >> np.uint64(32)
+  return ((h * np.uint64(num_slots)) >> np.uint64(32)).astype(np.int64)
+
+
+# An index built in parts (the Beam pipeline: one worker per range of slots, fgrams/beam.py).
+# Every key homed in [lo, lo + R) goes into the range's slots by the same linear probing,
+# without wrapping; a key that finds no free slot before the range's end "spills" and is
+# placed afterwards by `place_kernel`, probing on from its home across the following
+# ranges (and past the end to slot 0) like `_insert`. A probe still finds every key: the
+# slots from its home up to it are all taken (a spill only fills a free slot, so no probe
+# chain gets a gap). Rows go in rank order within a range, so frequent rows still get
+# their home slots; only the layout of spilled keys can differ from `index_kernel`'s.
+@numba.njit(nogil=True, cache=True)
+def range_kernel(keys_N, rows_N, homes_N, lo, slots_Rx3, spilled_N):
+  """Inserts keys (rank order) homed in [lo, lo + R) into slots_Rx3, the index's slots
+  lo..lo + R - 1; marks in spilled_N the keys that ran past the range's end. Returns -1,
+  or i for a key i already present (two rows with one key)."""
+  num = slots_Rx3.shape[0]
+  for i in range(keys_N.size):
+    key = np.uint64(keys_N[i])
+    slot = homes_N[i] - lo
+    placed = False
+    while slot < num:
+      if slots_Rx3[slot, 2] == EMPTY:
+        slots_Rx3[slot, 0] = np.uint32(key & np.uint64(0xFFFF_FFFF))
+        slots_Rx3[slot, 1] = np.uint32(key >> np.uint64(32))
+        slots_Rx3[slot, 2] = np.uint32(rows_N[i])
+        placed = True
+        break
+      if _key_at(slots_Rx3, slot) == key:
+        return i
+      slot += 1
+    if not placed:
+      spilled_N[i] = True
+  return -1
+
+
+@numba.njit(nogil=True, cache=True)
+def place_kernel(slots_Cx3, keys_N, rows_N):
+  """Inserts the spilled keys of `range_kernel` into the assembled index; -1, or the
+  index of a key already present."""
+  for i in range(keys_N.size):
+    if not _insert(slots_Cx3, np.uint64(keys_N[i]), rows_N[i]):
+      return i
+  return -1
+
+
 @numba.njit(nogil=True, cache=True)
 def tokens_kernel(keys_S, lengths_S, rows_R, tokens_RxK):
   """tokens_RxK[i] = tokens of row rows_R[i] (0-padded), by walking its prefix chain."""

@@ -20,7 +20,7 @@ import functools
 import hashlib
 import io
 import os
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from scone_jax.fgrams import index as index_lib
 
 KIND = 'fgram_table'
 LAYOUT = 'trie-index-v2'
-_FILES = ('keys.npy', 'counts.npy', 'lengths.npy', 'index.npy')
+FILES = ('keys.npy', 'counts.npy', 'lengths.npy', 'index.npy')
 _OLD_FILES = ('tokens.npy', 'counts.npy', 'lengths.npy')  # Layout before 2026-11-29.
 _BUILD_ERRORS = {
     1: 'is not prefix-closed: an f-gram of 3+ tokens has its prefix missing (mined tables '
@@ -204,11 +204,10 @@ class FgramTable:
   def fingerprint(self) -> str:
     """sha256 (16 hex digits) of K, min_count and the rows (keys, lengths, counts)."""
     if self._fingerprint is None:
-      h = hashlib.sha256(f'{KIND}:{LAYOUT}:K={self.max_len}:min_count={self.min_count}:'
-                         .encode())
-      for array in (self.keys, self.lengths, self.counts):
-        h.update(np.ascontiguousarray(array, array.dtype.newbyteorder('<')).data)
-      self._fingerprint = h.hexdigest()[:16]
+      self._fingerprint = fingerprint_of(
+          self.max_len, self.min_count,
+          (np.ascontiguousarray(array, array.dtype.newbyteorder('<')).data
+           for array in (self.keys, self.lengths, self.counts)))
     return self._fingerprint
 
   @property
@@ -252,14 +251,15 @@ class FgramTable:
       slots = index_lib.empty_slots(len(self))
       index_lib.index_kernel(np.ascontiguousarray(self.keys), slots)
     with artifacts.atomic_dir(directory) as tmp:
-      for name, array in zip(_FILES, (self.keys, self.counts, self.lengths, slots)):
+      for name, array in zip(FILES, (self.keys, self.counts, self.lengths, slots)):
         np.save(os.path.join(tmp, name), np.asarray(array), allow_pickle=False)
-      artifacts.write_manifest(tmp, KIND, {
-          'layout': LAYOUT, 'max_len': self.max_len, 'size': len(self),
-          'min_count': self.min_count, 'cutoff_count': self.cutoff_count,
-          'fingerprint': self.fingerprint, 'index_slots': int(slots.shape[0]),
-          'tokenizer_fingerprint': self.meta.get('tokenizer_fingerprint'),
-          'meta': self.meta}, files=list(_FILES))
+      self.write_manifest(tmp, int(slots.shape[0]))
+
+  def write_manifest(self, directory: str, index_slots: int) -> None:
+    """The manifest of this table's files (FILES) already written into `directory`."""
+    write_manifest(directory, max_len=self.max_len, size=len(self),
+                   min_count=self.min_count, cutoff_count=self.cutoff_count,
+                   fingerprint=self.fingerprint, index_slots=index_slots, meta=self.meta)
 
   @classmethod
   def load(cls, directory: str, expect_tokenizer: str | None = None,
@@ -283,7 +283,7 @@ class FgramTable:
         return cls._load_old(directory, manifest)
       num, k = manifest['size'], manifest['max_len']
       keys, counts, lengths, slots = (
-          _load_npy(directory, name) for name in _FILES)
+          _load_npy(directory, name) for name in FILES)
       for array, dtype, shape in ((keys, np.uint64, (num,)), (counts, np.int64, (num,)),
                                   (lengths, np.uint8, (num,)),
                                   (slots, np.uint32, (manifest['index_slots'], 3))):
@@ -302,6 +302,26 @@ class FgramTable:
     arrays = [_load_npy(directory, name) for name in _OLD_FILES]
     return cls(*arrays, max_len=manifest['max_len'], min_count=manifest['min_count'],
                meta=manifest.get('meta'))
+
+
+def fingerprint_of(max_len: int, min_count: int, chunks: Iterable[Any]) -> str:
+  """FgramTable.fingerprint from the little-endian bytes of keys, then lengths, then
+  counts, in chunks (so a table on disk can be fingerprinted without mapping it)."""
+  h = hashlib.sha256(f'{KIND}:{LAYOUT}:K={max_len}:min_count={min_count}:'.encode())
+  for chunk in chunks:
+    h.update(chunk)
+  return h.hexdigest()[:16]
+
+
+def write_manifest(directory: str, *, max_len: int, size: int, min_count: int,
+                   cutoff_count: int, fingerprint: str, index_slots: int,
+                   meta: dict[str, Any]) -> None:
+  """The manifest of a table's files (FILES), written last into `directory`."""
+  artifacts.write_manifest(directory, KIND, {
+      'layout': LAYOUT, 'max_len': max_len, 'size': size, 'min_count': min_count,
+      'cutoff_count': cutoff_count, 'fingerprint': fingerprint, 'index_slots': index_slots,
+      'tokenizer_fingerprint': meta.get('tokenizer_fingerprint'), 'meta': meta},
+      files=list(FILES))
 
 
 def _load_npy(directory: str, name: str) -> np.ndarray:
