@@ -117,7 +117,7 @@ def bench_tables(sizes: list[int], root: str) -> list[dict]:
 
 
 def _write_beam_parts(table: FgramTable, directory: str, rows_per_shard: int = 1 << 20,
-                      range_slots: int = 1 << 22) -> None:
+                      range_slots: int = 1 << 20) -> None:
   """What mine_fgrams_beam's workers write for `table`: row shards, match-index ranges
   (index.range_kernel) and the manifest, so the launcher's step can be timed alone."""
   from scone_jax.fgrams import beam as beam_lib  # pylint: disable=g-import-not-at-top

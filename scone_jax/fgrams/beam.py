@@ -73,7 +73,8 @@ from scone_jax.fgrams.table import FgramTable
 
 _DOCS_PER_RANGE = 4096
 _ROWS_PER_SHARD = 1 << 20  # A shard writer holds this many rows (~40 MB as tuples).
-_INDEX_RANGE_SLOTS = 1 << 22  # Match-index slots one worker builds (48 MB, ~2.7M keys).
+_INDEX_RANGE_SLOTS = 1 << 20  # Index slots one worker builds: 12 MB for ~680k keys,
+# about as many as a shard has rows.
 SHARDS_KIND = 'fgram_table_shards'
 _SHARD_ARRAYS = (('keys', np.uint64), ('counts', np.int64), ('lengths', np.uint8))
 
