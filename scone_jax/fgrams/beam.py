@@ -246,7 +246,7 @@ def _write_npy(table_dir: str, name: str, array: np.ndarray) -> dict:
 
 def _index_range(row, plan: dict):
   """(row, key, count, length) -> (index range, (row, key, home slot))."""
-  home = index_lib.home(row[1], plan['index_slots'])
+  home = int(index_lib.home(np.uint64(row[1]), plan['index_slots']))
   return home // plan['range_slots'], (row[0], row[1], home)
 
 
@@ -337,6 +337,9 @@ def _assemble(table_dir: str, manifest: dict, out: str) -> None:
   num_slots, per_range = manifest['index_slots'], manifest['index_range_slots']
   files = [_npy_file(os.path.join(out, f'{name}.npy'), dtype, (num,))
            for name, dtype in _SHARD_ARRAYS]
+  # The fingerprint hashes keys, then lengths, then counts: the keys as they are written,
+  # the other two read back below.
+  fingerprint = table_lib.fingerprint_hasher(manifest['max_len'], manifest['min_count'])
   last_count = None
   with files[0], files[1], files[2]:
     for shard in range(manifest['num_shards']):
@@ -350,34 +353,34 @@ def _assemble(table_dir: str, manifest: dict, out: str) -> None:
                                       f'or lengths outside [2, {manifest["max_len"]}]; '
                                       'rebuild the table')
       last_count = int(counts[-1])
+      fingerprint.update(parts[0].data)
       for f, part in zip(files, parts):
         part.tofile(f)
   index_path = os.path.join(out, 'index.npy')
   built = set(manifest['index_ranges'])
+  used = 0  # Slots holding a row: the ranges' as written, then one per placed spill.
   with _npy_file(index_path, np.uint32, (num_slots, 3)) as f:
     for part in range(-(-num_slots // per_range)):
       lo, hi = part * per_range, min(part * per_range + per_range, num_slots)
-      (_read_part(table_dir, f'index-{part:05d}.npy', np.uint32, (hi - lo, 3))
-       if part in built else np.full((hi - lo, 3), index_lib.EMPTY, np.uint32)).tofile(f)
+      slots = (_read_part(table_dir, f'index-{part:05d}.npy', np.uint32, (hi - lo, 3))
+               if part in built else np.full((hi - lo, 3), index_lib.EMPTY, np.uint32))
+      used += int((slots[:, 2] != index_lib.EMPTY).sum())
+      slots.tofile(f)
   spills = np.array(manifest['index_spills'], np.uint64).reshape(-1, 2)
   slots = np.load(index_path, mmap_mode='r+')  # Touches only the pages spills land in.
   duplicate = index_lib.place_kernel(slots, spills[:, 1], spills[:, 0].astype(np.int64))
   slots.flush()
   del slots
-  used = sum(int((chunk[:, 2] != index_lib.EMPTY).sum())
-             for chunk in _npy_chunks(index_path, np.uint32, _CHUNK_BYTES // 12))
-  if duplicate >= 0 or used != num:
+  if duplicate >= 0 or used + len(spills) != num:
     raise artifacts.ArtifactError(f'{table_dir}: the index ranges do not hold each of the '
                                   f'{num} rows once; rebuild the table')
-  fingerprint = table_lib.fingerprint_of(
-      manifest['max_len'], manifest['min_count'],
-      (chunk.data for name, dtype in (('keys', np.uint64), ('lengths', np.uint8),
-                                      ('counts', np.int64))
-       for chunk in _npy_chunks(os.path.join(out, f'{name}.npy'), dtype,
-                                _CHUNK_BYTES // np.dtype(dtype).itemsize)))
+  for name, dtype in (('lengths', np.uint8), ('counts', np.int64)):
+    for chunk in _npy_chunks(os.path.join(out, f'{name}.npy'), dtype,
+                             _CHUNK_BYTES // np.dtype(dtype).itemsize):
+      fingerprint.update(chunk.data)
   table_lib.write_manifest(out, max_len=manifest['max_len'], size=num,
                            min_count=manifest['min_count'], cutoff_count=last_count or 0,
-                           fingerprint=fingerprint, index_slots=num_slots,
+                           fingerprint=fingerprint.hexdigest()[:16], index_slots=num_slots,
                            meta=manifest.get('meta') or {})
 
 

@@ -138,15 +138,16 @@ def index_kernel(keys_S, slots_C):
   return -1
 
 
-def home(key: int, num_slots: int) -> int:
-  """The home slot of one key (`_home`, in Python integers)."""
-  return ((((key * _SLOT_MULT) & 0xFFFF_FFFF_FFFF_FFFF) >> 32) * num_slots) >> 32
+home = _home  # A key's home slot; also callable from Python (one key at a time).
 
 
-def homes(keys_N: np.ndarray, num_slots: int) -> np.ndarray:
-  """int64 [N] home slot of each key in an index of `num_slots` slots (`_home`, in numpy)."""
-  h = (np.asarray(keys_N, np.uint64) * np.uint64(_SLOT_MULT)) >> np.uint64(32)
-  return ((h * np.uint64(num_slots)) >> np.uint64(32)).astype(np.int64)
+@numba.njit(nogil=True, cache=True)
+def homes(keys_N, num_slots):
+  """int64 [N] home slot of each key in an index of `num_slots` slots."""
+  out_N = np.empty(keys_N.size, np.int64)
+  for i in range(keys_N.size):
+    out_N[i] = _home(keys_N[i], num_slots)
+  return out_N
 
 
 # An index built in parts (the Beam pipeline: one worker per range of slots, fgrams/beam.py).

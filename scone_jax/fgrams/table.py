@@ -20,7 +20,7 @@ import functools
 import hashlib
 import io
 import os
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -204,10 +204,10 @@ class FgramTable:
   def fingerprint(self) -> str:
     """sha256 (16 hex digits) of K, min_count and the rows (keys, lengths, counts)."""
     if self._fingerprint is None:
-      self._fingerprint = fingerprint_of(
-          self.max_len, self.min_count,
-          (np.ascontiguousarray(array, array.dtype.newbyteorder('<')).data
-           for array in (self.keys, self.lengths, self.counts)))
+      h = fingerprint_hasher(self.max_len, self.min_count)
+      for array in (self.keys, self.lengths, self.counts):
+        h.update(np.ascontiguousarray(array, array.dtype.newbyteorder('<')).data)
+      self._fingerprint = h.hexdigest()[:16]
     return self._fingerprint
 
   @property
@@ -253,13 +253,9 @@ class FgramTable:
     with artifacts.atomic_dir(directory) as tmp:
       for name, array in zip(FILES, (self.keys, self.counts, self.lengths, slots)):
         np.save(os.path.join(tmp, name), np.asarray(array), allow_pickle=False)
-      self.write_manifest(tmp, int(slots.shape[0]))
-
-  def write_manifest(self, directory: str, index_slots: int) -> None:
-    """The manifest of this table's files (FILES) already written into `directory`."""
-    write_manifest(directory, max_len=self.max_len, size=len(self),
-                   min_count=self.min_count, cutoff_count=self.cutoff_count,
-                   fingerprint=self.fingerprint, index_slots=index_slots, meta=self.meta)
+      write_manifest(tmp, max_len=self.max_len, size=len(self), min_count=self.min_count,
+                     cutoff_count=self.cutoff_count, fingerprint=self.fingerprint,
+                     index_slots=int(slots.shape[0]), meta=self.meta)
 
   @classmethod
   def load(cls, directory: str, expect_tokenizer: str | None = None,
@@ -304,13 +300,11 @@ class FgramTable:
                meta=manifest.get('meta'))
 
 
-def fingerprint_of(max_len: int, min_count: int, chunks: Iterable[Any]) -> str:
-  """FgramTable.fingerprint from the little-endian bytes of keys, then lengths, then
-  counts, in chunks (so a table on disk can be fingerprinted without mapping it)."""
-  h = hashlib.sha256(f'{KIND}:{LAYOUT}:K={max_len}:min_count={min_count}:'.encode())
-  for chunk in chunks:
-    h.update(chunk)
-  return h.hexdigest()[:16]
+def fingerprint_hasher(max_len: int, min_count: int):
+  """The sha256 behind FgramTable.fingerprint: update it with the little-endian bytes of
+  the keys, then the lengths, then the counts (in any chunks); the fingerprint is
+  `hexdigest()[:16]`."""
+  return hashlib.sha256(f'{KIND}:{LAYOUT}:K={max_len}:min_count={min_count}:'.encode())
 
 
 def write_manifest(directory: str, *, max_len: int, size: int, min_count: int,
