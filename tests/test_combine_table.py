@@ -17,8 +17,7 @@ from flax import nnx
 
 from scone_jax import compat, config
 from scone_jax.batches.tagging import tag_fgrams
-from scone_jax.config import ConfigError, ExportConfig
-from scone_jax.export import export_embeddings
+from scone_jax.config import ConfigError
 from scone_jax.model import SconeLM, combine as combine_lib, flops
 from scone_jax.model import fgram_table
 from scone_jax.serve import EmbeddingStore
@@ -26,7 +25,7 @@ from scone_jax.serve.decode import Decoder
 from scone_jax.train import optimizer as optimizer_lib
 from scone_jax.train import step as step_lib
 from tests.test_decode import (B, BOS, CONTS, K, ONE_DEVICE, PHRASES, PROMPTS, V,  # noqa: F401
-                               table)  # the fixture
+                               bos_rows, export_one_device, table)  # table: the fixture
 
 T, D = 24, 32
 # Every mode and kind runs fast; the two remaining pairs are slow (the same code paths).
@@ -47,15 +46,10 @@ def _cfg(kind='network', combine='replace', layers=1):
 
 def _batch(table, seqs, t=T):
   """A tagged batch of BOS-prepended rows padded to t; every real position is weighted."""
-  inputs = np.zeros((len(seqs), t), np.int32)
-  segments = np.zeros_like(inputs)
-  for b, s in enumerate(seqs):
-    inputs[b, :len(s) + 1] = [BOS] + list(s)
-    segments[b, :len(s) + 1] = 1
-  batch = {'inputs_BxT': inputs, 'segment_ids_BxT': segments,
-           'targets_BxT': np.roll(inputs, -1, axis=1),
-           'weights_BxT': (segments > 0).astype(np.float32),
-           'positions_BxT': np.broadcast_to(np.arange(t, dtype=np.int32), inputs.shape)}
+  batch = bos_rows(seqs, t)
+  inputs = batch['inputs_BxT']
+  batch.update(targets_BxT=np.roll(inputs, -1, axis=1),
+               weights_BxT=(batch['segment_ids_BxT'] > 0).astype(np.float32))
   batch = tag_fgrams(batch, table, capacity=inputs.size)
   return {k: v for k, v in batch.items() if not k.startswith('stats/')}
 
@@ -117,9 +111,7 @@ def test_arm_trains_exports_and_serves_the_training_forward(table, baseline_flop
   if combine == 'gate':  # The gate learned (rank 1: never weight-decayed).
     assert lm.combine_gate[...].shape == (D,)
     assert np.abs(np.asarray(lm.combine_gate[...]) - combine_lib.GATE_INIT).max() > 0
-  path = export_embeddings(lm, table, str(tmp_path / 'export'),
-                           ExportConfig(dtype='float32', batch_size=64, chunk_rows=64),
-                           {'checkpoint_step': 2}, mesh=ONE_DEVICE, progress=False)
+  path = export_one_device(lm, table, tmp_path, step=2, dtype='float32')
   store = EmbeddingStore.open(path, 'ram')
   assert store.manifest['combine'] == combine and store.manifest['fgram_kind'] == kind
   dec = Decoder(lm, store, table, batch_size=B, bos_id=BOS, loop='host')
@@ -211,9 +203,7 @@ def test_store_of_another_combine_is_refused(table, tmp_path):
     return SconeLM(cfg.model, cfg.fgram_model, fgram_max_len=K, vocab_size=V,
                    rngs=nnx.Rngs(0), num_fgrams=len(table))
   lm = make('gate')
-  path = export_embeddings(lm, table, str(tmp_path / 'export'),
-                           ExportConfig(dtype='float32', batch_size=64, chunk_rows=64),
-                           {'checkpoint_step': 0}, mesh=ONE_DEVICE, progress=False)
+  path = export_one_device(lm, table, tmp_path, dtype='float32')
   with pytest.raises(ValueError, match="exported for fgram_model.combine='gate'"):
     Decoder(make('add'), EmbeddingStore.open(path, 'ram'), table, batch_size=B)
 

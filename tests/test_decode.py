@@ -45,16 +45,32 @@ def table():
   return t
 
 
+def export_one_device(lm, table, directory, step: int = 0, **export) -> str:
+  """lm's f-gram rows exported into directory/export in chunks of 64 rows, on one device
+  (sharded export is test_export's business; this keeps setup short)."""
+  return export_embeddings(lm, table, str(directory / 'export'),
+                           ExportConfig(batch_size=64, chunk_rows=64, **export),
+                           {'checkpoint_step': step}, mesh=ONE_DEVICE, progress=False)
+
+
+def bos_rows(seqs, t: int) -> dict[str, np.ndarray]:
+  """BOS-prepended rows padded to t (segment 0): inputs, segment ids and positions."""
+  inputs = np.zeros((len(seqs), t), np.int32)
+  segments = np.zeros_like(inputs)
+  for b, s in enumerate(seqs):
+    inputs[b, :len(s) + 1] = [BOS] + list(s)
+    segments[b, :len(s) + 1] = 1
+  return {'inputs_BxT': inputs, 'segment_ids_BxT': segments,
+          'positions_BxT': np.broadcast_to(np.arange(t, dtype=np.int32), inputs.shape)}
+
+
 @pytest.fixture(scope='module')
 def scone(table, tmp_path_factory):
   cfg = _cfg(1)
   lm = SconeLM(cfg.model, cfg.fgram_model, fgram_max_len=K, vocab_size=V, rngs=nnx.Rngs(0))
   out = {}
   for dtype in ('float32', 'bfloat16'):
-    # One device: sharded export is test_export's business; this keeps setup short.
-    path = export_embeddings(lm, table, str(tmp_path_factory.mktemp(dtype) / 'export'),
-                             ExportConfig(dtype=dtype, batch_size=64, chunk_rows=64),
-                             {'checkpoint_step': 0}, mesh=ONE_DEVICE, progress=False)
+    path = export_one_device(lm, table, tmp_path_factory.mktemp(dtype), dtype=dtype)
     out[dtype] = EmbeddingStore.open(path, 'ram')
     if dtype == 'float32':  # The disk tier takes the decoder's unfused path.
       out['float32-disk'] = EmbeddingStore.open(path, 'disk')
@@ -71,15 +87,9 @@ def _train_forward(lm, table, seqs, t=24):
 
   Rows are padded to `t` (segment 0) so every call reuses one compilation.
   """
-  inputs = np.zeros((len(seqs), t), np.int32)
-  segments = np.zeros_like(inputs)
-  for b, s in enumerate(seqs):
-    inputs[b, :len(s) + 1] = [BOS] + list(s)
-    segments[b, :len(s) + 1] = 1
-  batch = {'inputs_BxT': inputs, 'segment_ids_BxT': segments,
-           'positions_BxT': np.broadcast_to(np.arange(t, dtype=np.int32), inputs.shape)}
+  batch = bos_rows(seqs, t)
   if lm.is_scone:
-    batch = tag_fgrams(batch, table, capacity=inputs.size)
+    batch = tag_fgrams(batch, table, capacity=batch['inputs_BxT'].size)
     batch = {k: v for k, v in batch.items() if not k.startswith('stats/')}
   graphdef, state = nnx.split(lm)
   return np.asarray(_jitted_forward(graphdef)(state, batch)), batch

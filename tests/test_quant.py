@@ -9,14 +9,14 @@ import pytest
 from flax import nnx
 
 from scone_jax import artifacts, compat, config, config_runtime
-from scone_jax.config import ExportConfig
-from scone_jax.export import export_embeddings, quant
+from scone_jax.export import quant
 from scone_jax.export.writer import write_store
 from scone_jax.model import SconeLM
 from scone_jax.serve import EmbeddingStore
 from scone_jax.serve.decode import Decoder
-from tests.test_decode import (B, BOS, CONTS, K, ONE_DEVICE, PROMPTS, V, _cfg,
-                               _reference_greedy, _train_forward, table)  # noqa: F401
+from tests.test_decode import (B, BOS, CONTS, K, PROMPTS, V, _cfg,  # noqa: F401
+                               _reference_greedy, _train_forward, export_one_device,
+                               table)
 
 D = 32  # _cfg's d_model.
 
@@ -113,9 +113,7 @@ def quantised(table, tmp_path_factory):  # noqa: F811
   lm = SconeLM(cfg.model, cfg.fgram_model, fgram_max_len=K, vocab_size=V, rngs=nnx.Rngs(0))
   out = {}
   for kind in ('int8', 'fp8'):
-    path = export_embeddings(lm, table, str(tmp_path_factory.mktemp(kind) / 'export'),
-                             ExportConfig(quant=kind, batch_size=64, chunk_rows=64),
-                             {'checkpoint_step': 0}, mesh=ONE_DEVICE, progress=False)
+    path = export_one_device(lm, table, tmp_path_factory.mktemp(kind), quant=kind)
     out[kind] = EmbeddingStore.open(path, 'ram')
     if kind == 'int8':
       out['int8-disk'] = EmbeddingStore.open(path, 'disk')
