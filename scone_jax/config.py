@@ -111,6 +111,19 @@ class FgramConfig:
   # once at the largest size and slice.
   use_size: int = 0
 
+  # The ONE derivation of S (SCONE.md's table size) from this section. Every module asks
+  # these two; none reads `use_size` itself (tests/test_config.py checks that).
+  @property
+  def requested_rows(self) -> int:
+    """S as the config asks for it: use_size, or the whole mined size when use_size is 0.
+    What a dry run states before any table exists."""
+    return self.use_size or self.size
+
+  def rows_used(self, table_rows: int) -> int:
+    """S in use for a mined table of `table_rows` rows: the first min(requested, mined)
+    rows (a table's top-S' rows are exactly a smaller table)."""
+    return min(int(table_rows), self.requested_rows)
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -191,7 +204,8 @@ class FgramModelConfig:
   # scone_jax/model/combine.py. kind='table' rows start at T(last token) (0 for 'add').
   combine: Literal['replace', 'add', 'gate'] = 'replace'
   # kind='hashed' (scone_jax/model/hashed.py): n-gram orders 2..hash_max_n, each hashed into
-  # hash_buckets rows of its own table; needs combine='add' (Over-Encoding adds) and no A_f.
+  # hash_buckets rows of its own table; combine is derived as 'add' (Over-Encoding adds;
+  # 'gate' is refused) and there is no A_f.
   hash_max_n: int = 3
   hash_buckets: int = 0
 
@@ -205,6 +219,13 @@ class FgramModelConfig:
     """Whether batches, eval and serving need the mined f-gram table (kind='hashed' hashes
     raw n-grams and needs none)."""
     return self.enabled and self.kind != 'hashed'
+
+  @property
+  def stored_rule(self) -> Literal['replace', 'add']:
+    """The rule a decode step applies to a row of the exported store (model/combine.py):
+    'replace' for combine='replace'; 'add' for add, for gate (its gate is folded into the
+    stored row at export) and for kind='hashed' (Over-Encoding adds to T(x_i))."""
+    return 'replace' if self.combine == 'replace' else 'add'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,10 +470,10 @@ def _validate_hashed(fm: FgramModelConfig) -> None:
   if fm.num_layers != 0:
     raise ConfigError(f"config.fgram_model.kind='hashed' has no A_f: set "
                       f'config.fgram_model.num_layers=0 (got {fm.num_layers})')
-  if fm.combine != 'add':
+  if fm.combine != 'add':  # validate() derives 'add' from the default 'replace'.
     raise ConfigError(f"config.fgram_model.kind='hashed' adds its n-gram embeddings to "
-                      f"T(x_i) (Over-Encoding): set config.fgram_model.combine='add' (got "
-                      f'{fm.combine!r})')
+                      f"T(x_i) (Over-Encoding): leave config.fgram_model.combine unset (or "
+                      f"'add'), got {fm.combine!r}")
   if fm.hash_max_n < 2:
     raise ConfigError(f'config.fgram_model.hash_max_n={fm.hash_max_n} must be >= 2 (orders '
                       '2..hash_max_n are hashed)')
@@ -497,6 +518,11 @@ def validate(cfg: Config) -> Config:
                       'f-gram store, but this run has no f-gram side (fgram_model.num_layers'
                       "=0, kind='network'); leave config.export.quant='none'")
   if cfg.fgram_model.kind == 'hashed':
+    if cfg.fgram_model.combine == 'replace':
+      # Derived, like the family defaults: Over-Encoding adds, so a hashed arm never
+      # spells combine='add' (an explicit 'gate' is still refused below).
+      cfg = dataclasses.replace(
+          cfg, fgram_model=dataclasses.replace(cfg.fgram_model, combine='add'))
     _validate_hashed(cfg.fgram_model)
     if cfg.export.quant != 'none':
       raise ConfigError(f"config.export.quant={cfg.export.quant!r} is for f-gram stores; "
@@ -595,12 +621,16 @@ def replace(cfg: Config, **overrides: Any) -> Config:
   values = dataclasses.asdict(cfg)
   # `cfg` holds family defaults already resolved; re-derive them when what they derive
   # from changes (unless the override sets them too).
-  derived = {'model.family': ('mlp_activation', 'norm', 'position'), 'model.d_model': ('mlp_dim',)}
+  derived = {'model.family': ('model.mlp_activation', 'model.norm', 'model.position'),
+             'model.d_model': ('model.mlp_dim',),
+             'fgram_model.kind': ('fgram_model.combine',)}
+  defaults = dataclasses.asdict(Config())
   for key, names in derived.items():
     if key in overrides and overrides[key] != _get_dotted(values, key):
       for name in names:
-        if f'model.{name}' not in overrides:
-          values['model'][name] = type(values['model'][name])()
+        if name not in overrides:
+          section, leaf = name.split('.')
+          values[section][leaf] = defaults[section][leaf]
   for dotted, value in overrides.items():
     node = values
     *parents, leaf = dotted.split('.')
