@@ -33,6 +33,7 @@ from typing import Any, Iterator
 from absl import logging
 
 from scone_jax import paths
+from scone_jax.errors import UserError
 
 MANIFEST = 'manifest.json'
 FORMAT_VERSION = 1
@@ -52,7 +53,7 @@ _TEMP_NAME = re.compile(r'^\.(?:.*\.)?(?:tmp|old)-(?:(?P<pid>\d+)@(?P<host>[^/]+
 UNKNOWN_OWNER_STALE_SECONDS = 24 * 3600.0
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(UserError, RuntimeError):
   """An artifact is missing, incomplete, corrupted, or built from other inputs."""
 
 

@@ -17,9 +17,10 @@ import typing
 from typing import Any, Literal
 
 import ml_collections
+from scone_jax.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config value is invalid; the message names the key and the fix."""
 
 

@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 from scone_jax import artifacts, compat, paths
 from scone_jax import config as config_lib
 from scone_jax.config import Config
+from scone_jax.errors import UserError
 from scone_jax.fgrams import FgramTable
 from scone_jax.model import SconeLM, fgram_table, model_shardings
 from scone_jax.tokenizer import TokenShards, Tokenizer
@@ -47,7 +48,7 @@ EVAL_FILE = 'eval.json'
 RUN_FORMAT_VERSION = 1
 
 
-class RunError(FileNotFoundError):
+class RunError(UserError, FileNotFoundError):
   """The directory is not a (finished) training run, or lacks what the caller needs."""
 
 

@@ -18,13 +18,14 @@ import time
 from typing import Any
 
 from absl import logging
+from scone_jax.errors import UserError
 
 LOCK_FILE = '.lock'
 HEARTBEAT_SECONDS = 60.0
 STALE_SECONDS = 10 * HEARTBEAT_SECONDS
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError, RuntimeError):
   """Another live process holds the run directory's lock."""
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from absl import logging
 
 from scone_jax import artifacts, paths as paths_lib
+from scone_jax.errors import UserError
 
 FORMATS = ('lines', 'blank_lines', 'jsonl', 'parquet', 'arrayrecord', 'arrayrecord_tokens')
 _NAME_RE = re.compile(r'^[A-Za-z0-9_.-]+$')
@@ -26,7 +27,7 @@ _REPLACEMENT_UTF8 = '\ufffd'.encode()
 _SURROGATE_RE = re.compile('[\ud800-\udfff]')
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
   """The corpus input is unusable; the message names the file (and line) and the fix."""
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from scone_jax import artifacts, paths
 from scone_jax import config as config_lib
+from scone_jax.errors import UserError
 
 # Sections and keys that decide what `prepare` builds (tokenizer, token shards, f-gram
 # table). Points that agree on these share one artifacts dir, so mining happens once.
@@ -33,7 +34,7 @@ _PREPARE_IGNORED = ('data.artifacts_dir', 'fgram.use_size', 'fgram.miner',
 _NAME_MAX_CHARS = 100
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
   """A sweep file or one of its points is invalid; the message names it and the fix."""
 
 
