@@ -299,8 +299,21 @@ def test_scone_with_af_frozen_at_identity_trains_exactly_like_the_baseline(monke
   flat = lambda params: {jax.tree_util.keystr(k): np.asarray(v) for k, v in
                          jax.tree_util.tree_flatten_with_path(params)[0]}
   scone_params, base_params = flat(state.params), flat(base_state.params)
+  lr, steps = cfg.train.learning_rate, len(history)
   for key, value in base_params.items():
-    np.testing.assert_allclose(scone_params[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    if key.endswith("['bk']"):
+      # The key bias gets no gradient in exact arithmetic (softmax over keys is invariant
+      # to the per-query constant q . b_k), so AdamW's normalised update turns rounding
+      # noise into steps of up to lr: its digits depend on the CPU's instruction set. Only
+      # the bound holds on every machine.
+      for name, v in (('baseline', value), ('scone', scone_params[key])):
+        assert np.abs(v).max() <= steps * lr, (key, name, np.abs(v).max())
+      continue
+    # Tolerance scaled to the parameter's magnitude: the two runs apply the same updates
+    # in a different order of float32 operations.
+    scale = max(1.0, float(np.abs(value).max()))
+    np.testing.assert_allclose(scone_params[key], value, rtol=1e-5, atol=1e-6 * scale,
+                               err_msg=key)
 
 
 # ---------------------------------------------------------------- loop errors
