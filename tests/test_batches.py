@@ -12,6 +12,7 @@ from scone_jax import batches
 from scone_jax import config as config_lib
 from scone_jax.batches import order as order_lib
 from scone_jax.batches import packing
+import train_helpers as th
 
 BOS = 1
 SEQ_LEN = 16
@@ -408,7 +409,7 @@ def test_real_fgram_table_if_present():
 _WORKER = '''
 import os, sys
 os.environ['JAX_PLATFORMS'] = 'cpu'
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+os.environ['XLA_FLAGS'] = sys.argv[4]
 import jax
 import numpy as np
 import test_batches as tb  # tests/ is on PYTHONPATH (see the launcher below).
@@ -445,9 +446,8 @@ def test_two_processes_build_the_one_process_batch(tmp_path):
   out = tmp_path / 'global.npz'
   tests_dir = os.path.dirname(os.path.abspath(__file__))
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(tests_dir), tests_dir]))
-  env.pop('XLA_FLAGS', None)
-  procs = [subprocess.Popen([sys.executable, str(script), str(p), str(port), str(out)],
-                            env=env) for p in range(2)]
+  procs = [subprocess.Popen([sys.executable, str(script), str(p), str(port), str(out),
+                             th.xla_flags(2)], env=env) for p in range(2)]
   assert [p.wait(timeout=240) for p in procs] == [0, 0]
   got = dict(np.load(out))
   docs = make_docs()

@@ -89,11 +89,19 @@ def micro_config_file(path: str, corpus_dir: str, artifacts_dir: str = '',
   return path
 
 
+def xla_flags(num_devices: int) -> str:
+  """XLA_FLAGS with `num_devices` fake CPU devices, keeping the caller's other flags (e.g.
+  `--xla_cpu_max_isa=AVX2`, with which the suite must pass too)."""
+  kept = [f for f in os.environ.get('XLA_FLAGS', '').split()
+          if not f.startswith('--xla_force_host_platform_device_count')]
+  return ' '.join(kept + [f'--xla_force_host_platform_device_count={num_devices}'])
+
+
 def subprocess_env(num_devices: int) -> dict[str, str]:
   """Environment for a CLI subprocess: CPU with `num_devices` fake devices, repo on path."""
   env = dict(os.environ)
   env['JAX_PLATFORMS'] = 'cpu'
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={num_devices}'
+  env['XLA_FLAGS'] = xla_flags(num_devices)
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env['PYTHONPATH'] = repo + os.pathsep + env.get('PYTHONPATH', '')
   return env

@@ -10,13 +10,23 @@ i exists: at most K-1 probes per token. Both matchers keep, per sequence, the ro
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numba
 import numpy as np
 
 from scone_jax.fgrams import index as index_lib
-from scone_jax.fgrams.table import FgramTable
 
 _TOKEN_LIMIT = 1 << 31
+
+
+class Indexed(Protocol):
+  """What matching needs of a table (fgrams/table.py's FgramTable, which builds its
+  matcher from this module: the table is below the matcher, never the reverse)."""
+  max_len: int
+
+  @property
+  def index(self) -> tuple[np.ndarray, int]: ...
 
 
 def _check_tokens(tokens: np.ndarray, name: str) -> np.ndarray:
@@ -31,7 +41,7 @@ def _check_tokens(tokens: np.ndarray, name: str) -> np.ndarray:
 class Matcher:
   """Batch matching over a table's index; see the module docstring."""
 
-  def __init__(self, table: FgramTable):
+  def __init__(self, table: Indexed):
     self.max_len = table.max_len
     slots, limit = table.index  # Builds (and validates) an in-memory table's index.
     self.index = slots
@@ -121,7 +131,8 @@ class IncrementalMatcher:
   each numpy call would cost microseconds however few its keys.
   """
 
-  def __init__(self, table: FgramTable, batch_size: int):
+  def __init__(self, table, batch_size: int):
+    """`table`: an FgramTable (its `matcher` is reused)."""
     if batch_size < 1:
       raise ValueError(f'batch_size={batch_size} must be >= 1')
     matcher = table.matcher

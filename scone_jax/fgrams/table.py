@@ -26,6 +26,7 @@ import numpy as np
 
 from scone_jax import artifacts, paths
 from scone_jax.fgrams import index as index_lib
+from scone_jax.fgrams import match as match_lib
 
 KIND = 'fgram_table'
 LAYOUT = 'trie-index-v2'
@@ -234,8 +235,7 @@ class FgramTable:
   @functools.cached_property
   def matcher(self):
     """The longest-suffix matcher over this table's index."""
-    from scone_jax.fgrams.match import Matcher  # match.py imports this module.
-    return Matcher(self)
+    return match_lib.Matcher(self)
 
   def match(self, tokens_BxT: np.ndarray,
             segment_ids_BxT: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
