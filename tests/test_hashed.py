@@ -105,7 +105,11 @@ def test_config_rules():
         'fgram_model.hash_buckets': 64}
   cfg = config.replace(base, **ok)
   assert cfg.is_scone and not cfg.fgram_model.uses_fgram_table
-  for bad, match in (({'fgram_model.combine': 'replace'}, "combine='add'"),
+  # combine is derived for hashed arms (Over-Encoding adds): the default is resolved, a
+  # gate refused.
+  derived = config.replace(base, **{**ok, 'fgram_model.combine': 'replace'})
+  assert derived.fgram_model.combine == 'add' and derived.fgram_model.stored_rule == 'add'
+  for bad, match in (({'fgram_model.combine': 'gate'}, "unset \\(or 'add'\\)"),
                      ({'fgram_model.num_layers': 1}, 'num_layers=0'),
                      ({'fgram_model.hash_buckets': 0}, 'hash_buckets=0 must be >= 1'),
                      ({'fgram_model.hash_max_n': 1}, 'hash_max_n=1 must be >= 2'),
