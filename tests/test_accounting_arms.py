@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from scone_jax import config, report
-from scone_jax.model import arm_accounting, flops
+from scone_jax import config
+from scone_jax.model import arm_accounting, fgram_table, flops
 from scone_jax.sweeps import backends, spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,6 +33,7 @@ def _cfg(**overrides):
 
 
 NET = {'fgram_model.num_layers': 1}
+P = fgram_table.padded_rows(S)  # kind='table' trains S rows padded to ROW_MULTIPLE.
 # arm overrides -> (side params, gate, host rows, bytes/row, train FLOPs, elementwise/token)
 ARMS = {
     'baseline': ({}, 0, 0, 0, 0, TRAIN_BACKBONE, 0),
@@ -47,15 +48,17 @@ ARMS = {
                 TRAIN_BACKBONE + AF_PER_TOKEN, D),
     'f32': ({**NET, 'export.dtype': 'float32'}, AF, 0, S, 4 * D,
             TRAIN_BACKBONE + AF_PER_TOKEN, 0),
-    'table': ({'fgram_model.kind': 'table'}, S * D, 0, S, 2 * D, TRAIN_BACKBONE, 0),
-    'table-int8': ({'fgram_model.kind': 'table', 'export.quant': 'int8'}, S * D, 0, S,
+    'table': ({'fgram_model.kind': 'table'}, P * D, 0, S, 2 * D, TRAIN_BACKBONE, 0),
+    'table-gate': ({'fgram_model.kind': 'table', 'fgram_model.combine': 'gate'}, P * D, D,
+                   S, 2 * D, TRAIN_BACKBONE, D),
+    'table-int8': ({'fgram_model.kind': 'table', 'export.quant': 'int8'}, P * D, 0, S,
                    D + 4, TRAIN_BACKBONE, D),
+    # combine='add' is derived for hashed (config.validate): the arms never spell it.
     'hashed': ({'fgram_model.kind': 'hashed', 'fgram_model.hash_max_n': 3,
-                'fgram_model.hash_buckets': 40, 'fgram_model.combine': 'add'}, 2 * 40 * D, 0,
-               80, 2 * D, TRAIN_BACKBONE, D),
+                'fgram_model.hash_buckets': 40}, 2 * 40 * D, 0, 80, 2 * D, TRAIN_BACKBONE, D),
     'hashed-4': ({'fgram_model.kind': 'hashed', 'fgram_model.hash_max_n': 4,
-                  'fgram_model.hash_buckets': 10, 'fgram_model.combine': 'add'},
-                 3 * 10 * D, 0, 30, 2 * D, TRAIN_BACKBONE, D),
+                  'fgram_model.hash_buckets': 10}, 3 * 10 * D, 0, 30, 2 * D, TRAIN_BACKBONE,
+                 D),
 }
 
 
@@ -77,6 +80,12 @@ def test_arm_accounting_matches_hand_formulas(arm):
   assert a.train_flops_per_token == train_flops
   assert a.elementwise_flops_per_token == extra
   assert a.infer_flops_per_token == INFER + extra
+  # S is the mined table's rows in use; hashed arms and the baseline have no mined table.
+  assert a.num_fgrams == (S if cfg.fgram_model.uses_fgram_table else 0)
+  assert a.offloaded_params == rows * D
+  counts = flops.param_counts(cfg)
+  assert (counts.offloaded_rows, counts.offloaded) == (rows, rows * D)
+  assert counts.fgram_total == side
 
 
 def test_bf16_params_halve_the_accelerator_bytes():
@@ -86,17 +95,31 @@ def test_bf16_params_halve_the_accelerator_bytes():
   assert a.infer_accel_bytes == 2 * BACKBONE and a.kv_bytes_per_seq == KV // 2
 
 
-def test_hashed_without_buckets_is_a_clear_error():
-  with pytest.raises(ValueError, match='hash_buckets'):
-    arm_accounting.account(_cfg(**{'fgram_model.kind': 'hashed',
-                                    'fgram_model.combine': 'add'}))
+def test_hashed_without_buckets_is_refused_by_the_config():
+  with pytest.raises(config.ConfigError, match='hash_buckets'):
+    _cfg(**{'fgram_model.kind': 'hashed'})
 
 
-def test_report_offloaded_params_follow_the_arm():
-  assert report.accounting(_cfg(**{'fgram_model.kind': 'table'}))['offloaded_params'] == S * D
-  hashed = _cfg(**{'fgram_model.kind': 'hashed', 'fgram_model.hash_buckets': 40,
-                   'fgram_model.combine': 'add'})
-  assert report.accounting(hashed)['offloaded_params'] == 2 * 40 * D
+def test_run_columns_follow_the_arm():
+  table = arm_accounting.run_columns(arm_accounting.account(_cfg(**{'fgram_model.kind':
+                                                                    'table'})))
+  assert (table['offloaded_params'], table['S'], table['af_params']) == (S * D, S, P * D)
+  hashed = arm_accounting.run_columns(arm_accounting.account(_cfg(**{
+      'fgram_model.kind': 'hashed', 'fgram_model.hash_buckets': 40})))
+  assert (hashed['offloaded_params'], hashed['S'], hashed['af_params']) == (
+      2 * 40 * D, 0, 2 * 40 * D)
+  add = arm_accounting.run_columns(arm_accounting.account(_cfg(**NET,
+                                                               **{'fgram_model.combine': 'add'})))
+  assert add['infer_flops'] == INFER + D  # The decode step's elementwise extra included.
+
+
+def test_a_mined_table_smaller_than_requested_sets_s():
+  """A finished run knows its table's rows: S = cfg.fgram.rows_used(rows)."""
+  cfg = _cfg(**{'fgram_model.kind': 'table'})
+  a = arm_accounting.account(cfg, table_rows=60)
+  assert (a.num_fgrams, a.host_rows) == (60, 60)
+  assert a.side_params == fgram_table.padded_rows(60) * D
+  assert arm_accounting.account(cfg, table_rows=10 * S).num_fgrams == S
 
 
 def test_compare_paper_dry_run_prints_every_arm(tmp_path):
@@ -123,7 +146,8 @@ def test_compare_paper_dry_run_prints_every_arm(tmp_path):
     assert r['host_B_per_row'] == (d + 4 if key[2] in ('int8', 'fp8') else 2 * d)
   for kind in ('table', 'hashed'):
     r = rows[(kind, 'replace' if kind == 'table' else 'add', 'none')]
-    assert r['train_accel_params'] == base['train_accel_params'] + rows_10m * d
+    trained = fgram_table.padded_rows(rows_10m) if kind == 'table' else rows_10m
+    assert r['train_accel_params'] == base['train_accel_params'] + trained * d
     assert r['train_flops_tok'] == base['train_flops_tok']
   assert rows[('network', 'replace', 'none')]['train_flops_tok'] > base['train_flops_tok']
   assert 'Per arm:' in text and text.count('| hashed | add | none |') == 1
