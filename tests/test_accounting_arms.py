@@ -1,14 +1,23 @@
 """Per-arm accounting (scone_jax/model/arm_accounting.py) against hand-computed formulas,
-and the paper-scale comparison sweep's dry run."""
+the paper-scale comparison sweep's dry run, and XLA's count of every arm's decode step."""
 
 import io
 import os
 
 import pytest
+from flax import nnx
 
-from scone_jax import config
-from scone_jax.model import arm_accounting, fgram_table, flops
+import tests.test_decode as dec_fix
+from scone_jax import compat, config
+from scone_jax import export as export_lib
+from scone_jax.export import quant
+from scone_jax.model import SconeLM, arm_accounting, fgram_table, flops, hashed
+from scone_jax.model import combine as combine_lib
+from scone_jax.serve import EmbeddingStore
+from scone_jax.serve.decode import Decoder
+from scone_jax.serve.hashed import HashedLookup
 from scone_jax.sweeps import backends, spec
+from tests.test_decode import table  # noqa: F401  (the mined-table fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 L, D, F, V, T, K, S = 2, 32, 128, 64, 16, 3, 100
@@ -151,3 +160,79 @@ def test_compare_paper_dry_run_prints_every_arm(tmp_path):
     assert r['train_flops_tok'] == base['train_flops_tok']
   assert rows[('network', 'replace', 'none')]['train_flops_tok'] > base['train_flops_tok']
   assert 'Per arm:' in text and text.count('| hashed | add | none |') == 1
+
+
+# ---- decode FLOPs: XLA's count of each arm's compiled step -----------------------------
+# One check for every arm: the baseline's step plus B x what arm_accounting states (the
+# combine rule's extra from combine.extra_decode_flops_per_token; for a quantised store the
+# dequantisation as XLA:CPU counts it, export/quant.py, of which the stated D multiplies are
+# part). tests/test_decode.py's mined table and one-device export serve every keyed arm.
+XLA_D = 32
+XLA_NET = {'fgram_model.num_layers': 1}
+XLA_ARMS = {
+    'network-replace': XLA_NET,
+    'network-add': {**XLA_NET, 'fgram_model.combine': 'add'},
+    'network-gate': {**XLA_NET, 'fgram_model.combine': 'gate'},
+    'table-replace': {'fgram_model.kind': 'table'},
+    'table-gate': {'fgram_model.kind': 'table', 'fgram_model.combine': 'gate'},
+    'network-int8': {**XLA_NET, 'export.quant': 'int8'},
+    'network-fp8': {**XLA_NET, 'export.quant': 'fp8'},
+    'hashed': {'fgram_model.kind': 'hashed', 'fgram_model.hash_max_n': 3,
+               'fgram_model.hash_buckets': 16},
+}
+
+
+def _xla_cfg(**overrides):
+  return config.replace(config.from_configdict(config.base_config()), **{
+      'model.num_layers': 2, 'model.d_model': XLA_D, 'model.num_heads': 2,
+      'model.max_seq_len': 48, 'train.seq_len': 32, 'fgram.max_len': dec_fix.K,
+      **overrides})
+
+
+def _step_flops(decoder) -> float:
+  return compat.cost_flops(decoder.compiled_decode_step())
+
+
+@pytest.fixture(scope='module')
+def baseline_step_flops():
+  cfg = _xla_cfg()
+  lm = SconeLM(cfg.model, cfg.fgram_model, fgram_max_len=dec_fix.K, vocab_size=dec_fix.V,
+               rngs=nnx.Rngs(0))
+  return _step_flops(Decoder(lm, batch_size=dec_fix.B, bos_id=dec_fix.BOS, loop='host'))
+
+
+# table-gate repeats paths the others cover (the table's store, the gate's add): slow only.
+@pytest.mark.parametrize('arm', [pytest.param(a, marks=pytest.mark.slow) if a == 'table-gate'
+                                 else a for a in sorted(XLA_ARMS)])
+def test_decode_step_flops_are_baseline_plus_the_stated_extra(arm, table,  # noqa: F811
+                                                              baseline_step_flops, tmp_path):
+  cfg = _xla_cfg(**XLA_ARMS[arm])
+  fm, b = cfg.fgram_model, dec_fix.B
+  lm = SconeLM(cfg.model, fm, fgram_max_len=dec_fix.K, vocab_size=dec_fix.V,
+               rngs=nnx.Rngs(0), num_fgrams=len(table) if fm.kind == 'table' else 0)
+  if fm.kind == 'hashed':
+    path = str(tmp_path / 'export')
+    export_lib.export_hashed(
+        lm, path, config.ExportConfig(dtype='float32', chunk_rows=8),
+        {**export_lib.store_meta(0, hashed.hash_fingerprint(fm.hash_max_n, fm.hash_buckets),
+                                 'tok', 'w'), **export_lib.hashed_meta(cfg)},
+        progress=False)
+    store = EmbeddingStore.open(path, 'ram')
+    decoder = Decoder(lm, batch_size=b, bos_id=dec_fix.BOS, loop='host',
+                      hashed=HashedLookup(store, b, 'float32'))
+  else:
+    path = dec_fix.export_one_device(lm, table, tmp_path, dtype='float32',
+                                     quant=cfg.export.quant)
+    decoder = Decoder(lm, EmbeddingStore.open(path, 'ram'), table, batch_size=b,
+                      bos_id=dec_fix.BOS, loop='host')
+  a = arm_accounting.account(cfg, vocab_size=dec_fix.V)
+  quantised = cfg.export.quant != 'none'
+  assert a.combine_flops_per_token == combine_lib.extra_decode_flops_per_token(
+      fm.combine, XLA_D)
+  assert a.dequant_flops_per_token == (XLA_D if quantised else 0)
+  dequant_xla = quant.dequant_xla_flops_per_row(XLA_D, cfg.export.quant) if quantised else 0
+  assert dequant_xla >= a.dequant_flops_per_token  # XLA counts the converts too.
+  extra = b * (a.combine_flops_per_token + dequant_xla)
+  assert _step_flops(decoder) == baseline_step_flops + extra, arm
+  # The arms differ: the check is not vacuous for the rules that cost something.
+  assert (extra > 0) == (arm not in ('network-replace', 'table-replace'))
