@@ -14,6 +14,7 @@ from scone_jax.export import quant
 from scone_jax.model import SconeLM, arm_accounting, fgram_table, flops, hashed
 from scone_jax.model import combine as combine_lib
 from scone_jax.serve import EmbeddingStore
+from scone_jax.serve import accounting as serve_accounting
 from scone_jax.serve.decode import Decoder
 from scone_jax.serve.hashed import HashedLookup
 from scone_jax.sweeps import backends, spec
@@ -234,5 +235,15 @@ def test_decode_step_flops_are_baseline_plus_the_stated_extra(arm, table,  # noq
   assert dequant_xla >= a.dequant_flops_per_token  # XLA counts the converts too.
   extra = b * (a.combine_flops_per_token + dequant_xla)
   assert _step_flops(decoder) == baseline_step_flops + extra, arm
+  # generate --accounting_only's figures for this decoder: the same accounting at the
+  # store's S, the backbone alone on the device, XLA's count per token.
+  served = serve_accounting.account(cfg, decoder, dec_fix.V)
+  rows = len(table) if fm.uses_fgram_table else (fm.hash_max_n - 1) * fm.hash_buckets
+  assert served.arm == arm_accounting.account(cfg, dec_fix.V, table_rows=rows)
+  assert served.arm.host_rows == served.offloaded_params // XLA_D == rows
+  assert served.accelerator_params == a.infer_accel_params
+  assert served.xla_flops_per_token * b == baseline_step_flops + extra
+  printed = served.table()
+  assert f'{a.infer_flops_per_token:.4g}' in printed and f'{rows:,}' in printed
   # The arms differ: the check is not vacuous for the rules that cost something.
   assert (extra > 0) == (arm not in ('network-replace', 'table-replace'))
