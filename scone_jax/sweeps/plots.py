@@ -4,7 +4,6 @@ a mean over seeds with its 95% t-interval as the error bar (no bar with < 2 seed
 from __future__ import annotations
 
 import io
-import math
 import os
 import re
 from typing import Any, Sequence
