@@ -100,7 +100,8 @@ def draw_plots(runs: Sequence[Any], arms: Sequence[analysis.Arm],
     cov = analysis.coverage(runs, corpus)
     tag = f'{corpus} ({cov})'
     s_series = analysis.series(arms, 'S')
-    lone = [[a] for a in scone if not any(a in m for m in s_series)]
+    # Arms without a mined table (hashed: S = 0) have no place on a log S axis.
+    lone = [[a] for a in scone if a.num_fgrams and not any(a in m for m in s_series)]
     if s_series or (scone and baseline is not None):
       name = f'ppl_vs_num_fgrams-{_slug(corpus)}'
       _trend_plot(add(name, f'{tag}: perplexity vs number of f-grams S; {_BARS}'),
