@@ -8,9 +8,10 @@ n = fgram_model.hash_max_n and m = fgram_model.hash_buckets.
 The f-gram side, per kind (`fgram_model.kind`):
   network  A_f: its parameters (flops.param_counts) train on the accelerator; export runs
            it over the S f-grams; S rows are offloaded at inference.
-  table    an [S, d] table trained on the accelerator (S d params, with gradients and
-           both AdamW moments: dense, though a step touches few rows); no A_f FLOPs;
-           the same S rows are offloaded at inference.
+  table    an [S, d] table trained on the accelerator (P d params, P = S rounded up to
+           fgram_table.ROW_MULTIPLE as built, with gradients and both AdamW moments:
+           dense, though a step touches few rows); no A_f FLOPs; the S rows are
+           offloaded at inference.
   hashed   (n - 1) tables of m rows (orders 2..n), trained on the accelerator; their
            (n - 1) m rows are offloaded at inference (the host sums a position's n - 1
            rows before the transfer, so the device sees one row as for SCONE).
