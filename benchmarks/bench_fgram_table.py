@@ -92,7 +92,7 @@ def sparsity(cfg: config_lib.Config) -> None:
         f'{"touched after all":>18} {"matched pos":>12} {"grad check":>11}')
   for size in (int(s) for s in _SIZES.value):
     s_cfg = config_lib.replace(cfg, **{'fgram.use_size': min(size, len(table))})
-    num = fgram_table.num_rows_used(len(table), s_cfg.fgram.use_size)
+    num = s_cfg.fgram.rows_used(len(table))
     it = batches.make_train_iterator(s_cfg, prepared.train_shards, table,
                                      bos_id=prepared.tokenizer.bos_id)
     checked = 'n/a'

@@ -316,7 +316,7 @@ def af_rate(presets, steps):
     for corpus in _CORPUS.value:
       cname, _, spec = corpus.partition('=')
       shards, table = corpus_data(cname, spec or cname, cfg)
-      table = table.slice(cfg.fgram.use_size) if cfg.fgram.use_size else table
+      table = table.slice(cfg.fgram.rows_used(len(table)))
       local, _ = _pipeline(cfg, shards, table, steps)
       stats = [batches.split_stats(b)[1] for b in local]
       tokens = cfg.train.batch_size * cfg.train.seq_len

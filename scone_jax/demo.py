@@ -27,8 +27,10 @@ from absl import flags
 from scone_jax import report
 from scone_jax.sweeps import analysis
 from scone_jax.sweeps import backends as sweep_backends
+from scone_jax.sweeps import results
 from scone_jax.sweeps import spec as sweep_spec
 from scone_jax.sweeps import study
+from scone_jax.sweeps import tables
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,13 +46,13 @@ _PROMPTS = flags.DEFINE_multi_string(
     'Prompts for the generation step.')
 
 
-def verdict_lines(runs: Sequence[report.Run]) -> list[str]:
+def verdict_lines(runs: Sequence[results.PointResult]) -> list[str]:
   """What the demo's data says, per test corpus (scone_jax/sweeps/analysis.py)."""
   arms, baseline = analysis.arms_of(runs, None)
   return analysis.verdicts(arms, baseline, runs)
 
 
-def best_scone_run(runs: Sequence[report.Run]) -> report.Run | None:
+def best_scone_run(runs: Sequence[results.PointResult]) -> results.PointResult | None:
   """The best SCONE arm's run with the lowest validation loss (the first test corpus's
   loss when there is no validation corpus)."""
   arms, _ = analysis.arms_of(runs, None)
@@ -59,13 +61,13 @@ def best_scone_run(runs: Sequence[report.Run]) -> report.Run | None:
   if best is None:
     return None
 
-  def score(r: report.Run) -> float:
+  def score(r: results.PointResult) -> float:
     valid = study.validation_loss(r.eval)
     return valid if math.isfinite(valid) else r.eval[tests[0]]['loss']
   return min(best.finished, key=score)
 
 
-def export_and_generate(sweep: sweep_spec.Sweep, run: report.Run, prompts: Sequence[str],
+def export_and_generate(sweep: sweep_spec.Sweep, run: results.PointResult, prompts: Sequence[str],
                         python: str = sys.executable) -> str:
   """Exports the run's f-gram embeddings and generates from prompts; returns the text."""
   point = next(p for p in sweep.points if p.name == run.name)
@@ -95,7 +97,7 @@ def main(argv):
   outcomes = sweep_backends.run_local(sweep, sys.executable, _PARALLEL.value)
   failed = [o.name for o in outcomes if o.status == 'failed']
   paths = report.write_report(sweep.dir)
-  runs = report.collect(sweep.dir)
+  runs = results.collect(sweep.dir)
   best = best_scone_run(runs)
   if best is not None:
     print(f'\nexport + generate from the best SCONE run {best.name}:', flush=True)
@@ -103,7 +105,7 @@ def main(argv):
   arms, _ = analysis.arms_of(runs, None)
   for corpus in analysis.test_corpora(runs):
     print(f'\ntest corpus {corpus} ({analysis.coverage(runs, corpus)}):')
-    print(report.markdown_table(analysis.summary_rows(arms, corpus)))
+    print(tables.markdown_table(analysis.summary_rows(arms, corpus)))
   print()
   for name, path in paths.items():
     print(f'{name}: {path}')

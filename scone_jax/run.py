@@ -33,12 +33,12 @@ import numpy as np
 from flax import nnx
 import orbax.checkpoint as ocp
 
-from scone_jax import artifacts, compat, paths
+from scone_jax import artifacts, compat, metrics_file, paths
 from scone_jax import config as config_lib
 from scone_jax.config import Config
 from scone_jax.errors import UserError
 from scone_jax.fgrams import FgramTable
-from scone_jax.model import SconeLM, fgram_table, model_shardings
+from scone_jax.model import SconeLM, model_shardings
 from scone_jax.tokenizer import TokenShards, Tokenizer
 
 CONFIG_FILE = 'config.json'
@@ -139,6 +139,11 @@ class RunDir:
     """The vocabulary size the model was trained with (may exceed the tokenizer's)."""
     return int(self.info()['vocab_size'])
 
+  def metrics(self) -> list[dict[str, Any]]:
+    """W/metrics.jsonl's complete records in order (scone_jax/metrics_file.py: the one
+    reader; a partial last line is skipped)."""
+    return metrics_file.read(self.path)
+
   def _location(self, ref: dict[str, str]) -> str:
     loc = ref['location']
     return loc if (paths.is_remote(loc) or os.path.isabs(loc)) else self.join(loc)
@@ -208,8 +213,7 @@ class RunDir:
     info = self.info()
     step = self.latest_step() if step is None else int(step)
 
-    num_fgrams = (fgram_table.num_rows_used(info.get('fgram_table_rows', 0),
-                                            cfg.fgram.use_size)
+    num_fgrams = (cfg.fgram.rows_used(info.get('fgram_table_rows', 0))
                   if cfg.fgram_model.kind == 'table' else 0)
 
     def make_model():

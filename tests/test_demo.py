@@ -9,7 +9,7 @@ import pytest
 
 from scone_jax import config as config_lib
 from scone_jax import demo
-from scone_jax import report
+from scone_jax.sweeps import results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +29,7 @@ def fake_run(name, s, seed, ppl, valid=None):
                   'fraction_evaluated': 1.0}
     if valid is not None:
       evals['valid.c'] = {'loss': valid}
-  return report.Run(name, '/nowhere', overrides, cfg, evals, [])
+  return results.PointResult(name, '/nowhere', overrides, cfg, evals, [])
 
 
 def runs_from(table, valid=None):
@@ -88,7 +88,7 @@ def test_micro_demo_end_to_end(tmp_path):
                'paired_diff-stdlib.png', 'training_curves.png'):
     assert (sweep_dir / name).stat().st_size > 0, name
     assert str(sweep_dir / name) in text
-  runs = report.collect(str(sweep_dir))
+  runs = results.collect(str(sweep_dir))
   assert len(runs) == 8 and all(r.finished for r in runs)
   best = demo.best_scone_run(runs)
   assert (sweep_dir / best.name / 'export').is_dir()

@@ -11,7 +11,8 @@ from flax import nnx
 
 from scone_jax import compat
 from scone_jax import config as config_lib
-from scone_jax.model import SconeLM
+from scone_jax.serve.accounting import measured_af_tokens_per_token
+from scone_jax.model import SconeLM, arm_accounting
 from scone_jax.model.flops import flops_per_token, param_counts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -158,6 +159,24 @@ def test_scone_1b_training_flops_at_a_measured_af_rate_match_the_paper():
   assert measured == pytest.approx(5.57e13, rel=0.15)
 
 
+@pytest.mark.parametrize('kind,combine', [('table', 'replace'), ('table', 'gate'),
+                                          ('hashed', 'add'), ('network', 'gate')])
+def test_param_counts_equal_built_model_for_every_side(kind, combine):
+  """The f-gram side (A_f, the padded table, the hashed tables) and the gate are counted
+  as built, and the offloaded store is S rows (table) or (n - 1) m rows (hashed)."""
+  cfg = config_lib.replace(config_lib.from_configdict(tiny('gpt2')), **{
+      'fgram_model.kind': kind, 'fgram_model.combine': combine,
+      'fgram_model.num_layers': 3 if kind == 'network' else 0,
+      'fgram_model.hash_max_n': 3, 'fgram_model.hash_buckets': 7})
+  counts = param_counts(cfg, vocab_size=50, table_rows=80)  # fgram.size = 100
+  rows = {'table': 80, 'network': 80, 'hashed': 2 * 7}[kind]
+  assert (counts.offloaded_rows, counts.offloaded) == (rows, rows * cfg.model.d_model)
+  lm = nnx.eval_shape(lambda: SconeLM(cfg.model, cfg.fgram_model, 4, 50, nnx.Rngs(0),
+                                      num_fgrams=80 if kind == 'table' else 0))
+  size = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(lm, nnx.Param)))
+  assert size == counts.train_total + counts.combine_gate
+
+
 def test_inference_flops_close_to_xla_count():
   """The written formula vs XLA's count of the compiled forward (T tokens, context T)."""
   c = tiny('gpt2')
@@ -186,22 +205,21 @@ def test_inference_flops_close_to_xla_count():
 
 
 def test_dry_run_accounting_labels_worst_case_and_measured():
-  from scone_jax import report
   cfg = load_preset('experiments/olmo.py', '1b,af=2')
-  worst_only = report.accounting(cfg)
+  worst_only = arm_accounting.run_columns(arm_accounting.account(cfg))
   assert worst_only['af_tok_per_tok_worst'] == 5.0
   assert not any(k.endswith('_measured') for k in worst_only)
-  row = report.accounting(cfg, af_tokens_per_token=1.5)
+  row = arm_accounting.run_columns(arm_accounting.account(cfg, measured=1.5))
   assert row['af_tok_per_tok_measured'] == 1.5
   assert row['train_flops_seq_measured'] == pytest.approx(
       flops_per_token(cfg, af_tokens_per_token=1.5).train_total * 2048)
   assert row['train_flops_seq_measured'] < row['train_flops_seq_worst']
-  base = report.accounting(load_preset('experiments/olmo.py', '1b'), 1.5)
+  base = arm_accounting.run_columns(
+      arm_accounting.account(load_preset('experiments/olmo.py', '1b'), measured=1.5))
   assert base['train_flops_af_measured'] == 0 and base['af_tok_per_tok_worst'] == 0
 
 
 def test_measured_af_rate_is_read_from_the_runs_metrics(tmp_path):
-  from scone_jax.serve.accounting import measured_af_tokens_per_token
   assert measured_af_tokens_per_token(str(tmp_path)) is None
   (tmp_path / 'metrics.jsonl').write_text(
       '{"step": 1, "batch/fgram_af_tokens_per_token": 1.0}\n{"step": 2, "loss": 3.0}\n'

@@ -76,7 +76,7 @@ _SUFFIX = {'K': 1e3, 'M': 1e6, 'G': 1e9, 'T': 1e12}
 
 
 def parse_number(cell):
-  """'418.7M' -> 418.7e6 (report._fmt's SI cells)."""
+  """'418.7M' -> 418.7e6 (sweeps/tables.fmt_cell's SI cells)."""
   cell = cell.strip()
   if cell and cell[-1] in _SUFFIX:
     return float(cell[:-1]) * _SUFFIX[cell[-1]]

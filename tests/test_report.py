@@ -13,8 +13,10 @@ import pytest
 
 from scone_jax import report
 from scone_jax.sweeps import analysis
+from scone_jax.sweeps import results
 from scone_jax.sweeps import spec as sweep_spec
 from scone_jax.sweeps import study
+from scone_jax.sweeps import tables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, 'experiments', 'tiny.py')
@@ -92,7 +94,7 @@ def test_csv_has_every_corpus_with_coverage_and_no_cross_corpus_mean(written):
 
 def test_per_corpus_means_and_t_intervals(written):
   sweep, paths = written
-  runs = report.collect(sweep.dir)
+  runs = results.collect(sweep.dir)
   arms, baseline = analysis.arms_of(runs, None)
   assert baseline is not None and not baseline.is_scone
   s1000 = next(a for a in arms if a.num_fgrams == 1000)
@@ -110,7 +112,7 @@ def test_per_corpus_means_and_t_intervals(written):
 
 
 def test_paired_differences_and_verdicts(sweep):
-  runs = report.collect(sweep.dir)
+  runs = results.collect(sweep.dir)
   arms, baseline = analysis.arms_of(runs, None)
   lines = analysis.verdicts(arms, baseline, runs)
   by_corpus = {c: [l for l in lines if l.startswith(f'[{c},')] for c in ('a', 'b')}
@@ -134,7 +136,7 @@ def test_paired_differences_and_verdicts(sweep):
 
 def test_ranking_per_corpus_says_which_places_the_seeds_separate(written):
   sweep, paths = written
-  runs = report.collect(sweep.dir)
+  runs = results.collect(sweep.dir)
   arms, baseline = analysis.arms_of(runs, None)
   a = analysis.ranking_rows(arms, baseline, 'a')
   assert [r['arm'] for r in a] == ['use_size=1000', 'use_size=100', 'num_layers=0']
@@ -155,7 +157,7 @@ def test_ranking_per_corpus_says_which_places_the_seeds_separate(written):
 def test_never_averages_across_corpora_without_the_label(written):
   sweep, paths = written
   md = open(paths['markdown']).read()
-  runs = report.collect(sweep.dir)
+  runs = results.collect(sweep.dir)
   arms, _ = analysis.arms_of(runs, None)
   sections = md.split('\n## ')
   macro = [s for s in sections if s.startswith('Macro-average')]
@@ -164,7 +166,7 @@ def test_never_averages_across_corpora_without_the_label(written):
     if not arm.finished:
       continue
     avg = statistics.mean(arm.ppl_summary(c).mean for c in ('a', 'b'))
-    cell = f'| {report._fmt(avg)} |'
+    cell = f'| {tables.fmt_cell(avg)} |'
     # The cross-corpus number appears in the labelled section and nowhere else.
     assert cell in macro[0]
     assert all(cell not in s for s in sections if not s.startswith('Macro-average'))
@@ -179,7 +181,7 @@ def test_limited_eval_coverage_shows_in_every_output(tmp_path):
   md = open(paths['markdown']).read()
   cov = '1,000 tokens = 25.0% of the set'
   assert f'## Test corpus `a` ({cov})' in md and f'`valid.v` ({cov})' in md
-  runs = report.collect(sweep.dir)
+  runs = results.collect(sweep.dir)
   arms, baseline = analysis.arms_of(runs, None)
   lines = analysis.verdicts(arms, baseline, runs)
   assert lines and all(cov in l for l in lines)
@@ -209,7 +211,7 @@ def test_plots_exist_and_are_pngs(written):
 
 def test_study_report_shows_grid_and_chosen_lrs(tmp_path):
   sweep = make_sweep(tmp_path)
-  runs = report.collect(sweep.dir)
+  runs = results.collect(sweep.dir)
   by_arm = {}
   for r in runs:
     arm = 'base' if not r.cfg.is_scone else f'S={r.num_fgrams}'
@@ -243,4 +245,4 @@ def test_cli_and_missing_dir(sweep, tmp_path):
                        text=True, cwd=REPO, check=True).stdout
   assert '# Sweep fake' in out and 'training_curves:' in out
   with pytest.raises(FileNotFoundError, match='run the sweep first'):
-    report.collect(str(tmp_path / 'nothing'))
+    results.collect(str(tmp_path / 'nothing'))

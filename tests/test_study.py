@@ -212,7 +212,7 @@ def test_shipped_studies_validate(tmp_path, name):
   assert len({p.cfg.data.artifacts_dir for p in tune.points}) == 1  # one prepare.
   if name == 'study':
     arms = {a: p.cfg for a, p in zip([t[0] for t in study.tune_plan(s)], tune.points)}
-    sizes = sorted({c.fgram.use_size for c in arms.values() if c.is_scone})
+    sizes = sorted({c.fgram.requested_rows for c in arms.values() if c.is_scone})
     assert len(sizes) >= 4 and sizes[-1] / sizes[0] >= 16
     assert len({c.fgram_model.num_layers for c in arms.values() if c.is_scone}) >= 2
     assert not arms[s.baseline].is_scone

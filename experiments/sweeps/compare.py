@@ -35,7 +35,7 @@ def get_study():
       'baseline': dict(no_af),
       'A_f replace': dict(s),
       'table': {**s, **no_af, 'fgram_model.kind': 'table'},
-      'hashed': {**no_af, 'fgram_model.kind': 'hashed', 'fgram_model.combine': 'add',
+      'hashed': {**no_af, 'fgram_model.kind': 'hashed',
                  'fgram_model.hash_max_n': 3, 'fgram_model.hash_buckets': NUM_FGRAMS // 2},
       'A_f add': {**s, 'fgram_model.combine': 'add'},
       'A_f gate': {**s, 'fgram_model.combine': 'gate'},

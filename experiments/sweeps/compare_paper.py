@@ -41,6 +41,6 @@ def get_sweep():
       {**net, 'export.quant': 'fp8'},
       {'fgram_model.num_layers': 0, 'fgram_model.kind': 'table', 'fgram.size': ROWS},
       {'fgram_model.num_layers': 0, 'fgram_model.kind': 'hashed',
-       'fgram_model.combine': 'add', 'fgram_model.hash_max_n': HASH_MAX_N,
+       'fgram_model.hash_max_n': HASH_MAX_N,
        'fgram_model.hash_buckets': ROWS // (HASH_MAX_N - 1)},
   ]

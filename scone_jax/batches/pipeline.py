@@ -81,16 +81,14 @@ class BatchDataset(grain.MapDataset):
 
 
 def _scone_table(cfg: config_lib.Config, table):
-  """The table to tag with, or None for the baseline; applies fgram.use_size."""
+  """The table to tag with, or None for the baseline; sliced to cfg.fgram.rows_used."""
   if not cfg.fgram_model.uses_fgram_table:  # Baseline, or kind='hashed' (hashes on device).
     return None
   if table is None:
     raise ValueError("an f-gram side (config.fgram_model.num_layers > 0, or kind='table') "
                      'needs an FgramTable: pass FgramTable.load(<artifacts>/fgrams) as the '
                      'table argument')
-  if cfg.fgram.use_size and len(table) > cfg.fgram.use_size:
-    table = table.slice(cfg.fgram.use_size)
-  return table
+  return table.slice(cfg.fgram.rows_used(len(table)))
 
 
 def _read_options(cfg: config_lib.Config) -> grain.ReadOptions:

@@ -8,9 +8,10 @@ n = fgram_model.hash_max_n and m = fgram_model.hash_buckets.
 The f-gram side, per kind (`fgram_model.kind`):
   network  A_f: its parameters (flops.param_counts) train on the accelerator; export runs
            it over the S f-grams; S rows are offloaded at inference.
-  table    an [S, d] table trained on the accelerator (S d params, with gradients and
-           both AdamW moments: dense, though a step touches few rows); no A_f FLOPs;
-           the same S rows are offloaded at inference.
+  table    an [S, d] table trained on the accelerator (P d params, P = S rounded up to
+           fgram_table.ROW_MULTIPLE as built, with gradients and both AdamW moments:
+           dense, though a step touches few rows); no A_f FLOPs; the S rows are
+           offloaded at inference.
   hashed   (n - 1) tables of m rows (orders 2..n), trained on the accelerator; their
            (n - 1) m rows are offloaded at inference (the host sums a position's n - 1
            rows before the transfer, so the device sees one row as for SCONE).
@@ -20,9 +21,11 @@ Combine rule (`fgram_model.combine`), elementwise work per token in the decode s
   sigmoid(g) (e - T(last)) into the stored row (model/combine.py) and the step adds it; the
   learned D-vector g is trained on the accelerator and never needed at inference. Hashed
   embeddings are added to T(x_i) (Over-Encoding): D per token.
+The combine rule's extra is `combine.extra_decode_flops_per_token` (the one place that
+states it; the XLA-count tests check the compiled step against it).
 Quantised store (`export.quant` int8 | fp8): host bytes per row d + 4 (the float32
 scale) instead of d x export.dtype bytes; the decode step dequantises with D multiplies
-per token (export/quant.py states what XLA counts on CPU).
+per token (export/quant.py states what XLA counts on CPU, converts included).
 
 Training memory counts parameters, their gradients and AdamW's two moments, all in
 model.param_dtype (optax keeps the moments in the parameters' dtype): 4 x param bytes per
@@ -31,17 +34,23 @@ memory analysis of the compiled step ("train step memory per device") at start-u
 Inference accelerator memory is the backbone's parameters in param_dtype,
 plus the KV cache: 2 L max_seq_len d x model.dtype bytes per sequence.
 FLOPs per token follow `flops.flops_per_token` (matmuls; A_f at the worst case of K A_f
-tokens per token); inference adds the elementwise extras above, which matmul-only
-conventions would drop.
+tokens per token, and at a measured rate when one is given); inference adds the
+elementwise extras above, which matmul-only conventions would drop.
+
+`account` is the ONE source of these figures: the sweep dry run, results.csv and REPORT.md
+(scone_jax/report.py), the report's plots and `generate --accounting_only`
+(serve/accounting.py) all print from its `ArmAccounting`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
 from scone_jax.config import Config
+from scone_jax.model import combine as combine_lib
 from scone_jax.model import flops as flops_lib
 
 _BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}
@@ -54,10 +63,16 @@ QUANT_SCALE_BYTES = 4  # export/quant.py: one float32 scale per quantised row.
 class ArmAccounting:
   """One arm's resources (see the module docstring for every formula)."""
   kind: str  # fgram_model.kind, or 'baseline'
-  combine: str  # the rule the decode step applies ('hashed' + 'replace' adds)
+  combine: str  # fgram_model.combine ('add' for hashed, derived by config.validate)
   quant: str
-  backbone_params: int
-  side_params: int  # Trained f-gram side: A_f, the [S, d] table, or the hashed tables.
+  num_fgrams: int  # S: rows of the mined table in use (0: baseline, hashed)
+  fgram_max_len: int  # K
+  af_layers: int  # L_f (0 without A_f)
+  train_tokens: int  # steps x batch x seq_len
+  seq_len: int
+  backbone_params: int  # Accelerator-resident at inference, equal for every arm.
+  # Trained f-gram side: A_f, the [P, d] table or the hashed tables (flops.ParamCounts).
+  side_params: int
   gate_params: int  # D for combine='gate' (trained; folded into the store), else 0.
   train_accel_params: int  # backbone + side + gate
   train_accel_bytes: int  # TRAIN_COPIES x params x param bytes (no activations)
@@ -67,22 +82,28 @@ class ArmAccounting:
   host_rows: int  # offloaded rows at inference (0 for the baseline)
   host_bytes_per_row: int
   host_bytes: int
+  offloaded_params: int  # host_rows x d
+  train_flops_backbone: float  # per main-model token
+  train_flops_af: float  # A_f per main-model token, worst case (0 without A_f)
+  af_tokens_per_token: float  # worst case: K with A_f, else 0
   train_flops_per_token: float  # backbone + A_f worst case (table/hashed: backbone)
-  infer_flops_per_token: float  # backbone matmuls + elementwise_flops_per_token
-  elementwise_flops_per_token: float  # combine rule + dequantisation, decode step
+  infer_flops_backbone: float  # flops.flops_per_token(cfg).inference (context seq_len)
+  combine_flops_per_token: float  # decode step: the combine rule's extra (D or 0)
+  dequant_flops_per_token: float  # decode step: D multiplies for an int8/fp8 store
+  # The same A_f figures at a measured A_f tokens per main-model token (None: none given).
+  af_tokens_per_token_measured: float | None = None
+  train_flops_af_measured: float | None = None
+  train_flops_per_token_measured: float | None = None
 
+  @property
+  def elementwise_flops_per_token(self) -> float:
+    """The decode step's elementwise work over the baseline's, per generated token."""
+    return self.combine_flops_per_token + self.dequant_flops_per_token
 
-def host_rows(cfg: Config) -> int:
-  """Rows of the offloaded store: S for 'network' and 'table', (n - 1) m for 'hashed'."""
-  fm = cfg.fgram_model
-  if not fm.enabled:
-    return 0
-  if fm.kind == 'hashed':
-    if fm.hash_buckets < 1 or fm.hash_max_n < 2:
-      raise ValueError(f"fgram_model.kind='hashed' needs hash_buckets >= 1 and hash_max_n "
-                       f'>= 2, got {fm.hash_buckets} and {fm.hash_max_n}')
-    return (fm.hash_max_n - 1) * fm.hash_buckets
-  return cfg.fgram.use_size or cfg.fgram.size
+  @property
+  def infer_flops_per_token(self) -> float:
+    """Backbone matmuls at context seq_len (an upper bound) + the elementwise extras."""
+    return self.infer_flops_backbone + self.elementwise_flops_per_token
 
 
 def host_bytes_per_row(cfg: Config) -> int:
@@ -93,61 +114,97 @@ def host_bytes_per_row(cfg: Config) -> int:
   return d * _BYTES[cfg.export.dtype]
 
 
-def elementwise_flops_per_token(cfg: Config) -> float:
-  """The decode step's elementwise work over the baseline's, per generated token."""
-  fm, d = cfg.fgram_model, cfg.model.d_model
-  if not fm.enabled:
-    return 0.0
-  combine = fm.combine
-  if fm.kind == 'hashed' and combine == 'replace':
-    combine = 'add'  # Over-Encoding adds the hashed n-gram embeddings to T(x_i).
-  extra = {'replace': 0, 'add': d, 'gate': d}[combine]
-  if cfg.export.quant != 'none':
-    extra += d  # Dequantisation: one multiply by the row's scale per value.
-  return float(extra)
+def account(cfg: Config, vocab_size: int | None = None, measured: float | None = None,
+            table_rows: int | None = None) -> ArmAccounting:
+  """Every parameter, memory and FLOPs figure of the arm `cfg` describes, at its own scale.
 
-
-def account(cfg: Config, vocab_size: int | None = None) -> ArmAccounting:
-  """The arm `cfg` describes (a resolved Config), at its own scale."""
+  Args:
+    cfg: a resolved Config.
+    vocab_size: as in `flops.param_counts`.
+    measured: a measured A_f tokens per main-model token (the mean of a run's logged
+      batch/fgram_af_tokens_per_token, or a dry run's --af_tokens_per_token): fills the
+      *_measured figures.
+    table_rows: the mined table's rows when known (W/run.json `fgram_table_rows`): S is
+      then cfg.fgram.rows_used(table_rows) instead of what the config requests.
+  """
   fm, m = cfg.fgram_model, cfg.model
   d = m.d_model
-  counts = flops_lib.param_counts(cfg, vocab_size)
+  counts = flops_lib.param_counts(cfg, vocab_size, table_rows)
   per_token = flops_lib.flops_per_token(cfg, vocab_size)
-  rows = host_rows(cfg)
-  if not fm.enabled:
-    side = 0
-  elif fm.kind == 'network':
-    side = counts.fgram_total  # The combine gate is counted on its own (gate below).
-  else:  # 'table' and 'hashed' train their offloaded rows themselves.
-    side = rows * d
-  gate = d if fm.enabled and fm.combine == 'gate' else 0
+  on = fm.enabled
+  rows = counts.offloaded_rows
+  side, gate = counts.fgram_total, counts.combine_gate
   param_bytes = _BYTES[m.param_dtype]
   train_params = counts.backbone_total + side + gate
   infer_params = counts.backbone_total
   row_bytes = host_bytes_per_row(cfg) if rows else 0
-  train_flops = per_token.train_total if fm.kind == 'network' else per_token.train_backbone
-  extra = elementwise_flops_per_token(cfg)
-  combine = fm.combine
-  if fm.kind == 'hashed' and combine == 'replace':
-    combine = 'add'  # What the decode step does (see elementwise_flops_per_token).
+  at_rate = (flops_lib.flops_per_token(cfg, vocab_size, measured)
+             if measured is not None else None)
+  tc = cfg.train
   return ArmAccounting(
-      kind=fm.kind if fm.enabled else 'baseline', combine=combine if fm.enabled else '-',
-      quant=cfg.export.quant if fm.enabled else '-',
+      kind=fm.kind if on else 'baseline', combine=fm.combine if on else '-',
+      quant=cfg.export.quant if on else '-',
+      num_fgrams=flops_lib.num_fgrams(cfg, table_rows), fgram_max_len=cfg.fgram.max_len,
+      af_layers=fm.num_layers, train_tokens=tc.steps * tc.batch_size * tc.seq_len,
+      seq_len=tc.seq_len,
       backbone_params=counts.backbone_total, side_params=side, gate_params=gate,
       train_accel_params=train_params,
       train_accel_bytes=TRAIN_COPIES * train_params * param_bytes,
       infer_accel_params=infer_params, infer_accel_bytes=infer_params * param_bytes,
       kv_bytes_per_seq=2 * m.num_layers * m.max_seq_len * d * _BYTES[m.dtype],
       host_rows=rows, host_bytes_per_row=row_bytes, host_bytes=rows * row_bytes,
-      train_flops_per_token=float(train_flops),
-      infer_flops_per_token=float(per_token.inference + extra),
-      elementwise_flops_per_token=extra)
+      offloaded_params=counts.offloaded,
+      train_flops_backbone=per_token.train_backbone,
+      train_flops_af=per_token.train_fgram,
+      af_tokens_per_token=per_token.af_tokens_per_token,
+      train_flops_per_token=per_token.train_total,
+      combine_flops_per_token=float(
+          combine_lib.extra_decode_flops_per_token(fm.combine, d) if on else 0),
+      # Dequantisation: one multiply by the row's scale per value.
+      dequant_flops_per_token=float(d if on and cfg.export.quant != 'none' else 0),
+      af_tokens_per_token_measured=at_rate.af_tokens_per_token if at_rate else None,
+      train_flops_af_measured=at_rate.train_fgram if at_rate else None,
+      train_flops_per_token_measured=at_rate.train_total if at_rate else None,
+      infer_flops_backbone=per_token.inference)
 
 
-def table_row(cfg: Config, vocab_size: int | None = None) -> dict[str, object]:
-  """`account` as the columns of the sweep dry run's per-arm table."""
-  a = account(cfg, vocab_size)
-  return {'kind': a.kind, 'combine': a.combine, 'quant': a.quant,
+def run_columns(a: ArmAccounting) -> dict[str, Any]:
+  """`a` as the per-run accounting columns of results.csv and the dry run's first table.
+
+  accel_params is what sits on the accelerator at inference (equal for SCONE and its
+  backbone); offloaded_params the exported store (S d, or (n - 1) m d for hashed);
+  af_params the trained f-gram side (A_f, or the table / hashed rows). A_f's training cost
+  is per main-model token and per sequence (train.seq_len tokens) at the WORST case
+  (af_tok_per_tok_worst = K: every position a distinct K-gram) and, when `a` has a
+  measured rate, at that rate (*_measured columns). infer_flops includes the decode
+  step's elementwise extras (combine rule, dequantisation).
+  """
+  row = {
+      'accel_params': a.infer_accel_params,
+      'offloaded_params': a.offloaded_params,
+      'af_params': a.side_params,
+      'train_flops_backbone': a.train_flops_backbone,
+      'train_flops_af': a.train_flops_af,
+      'af_tok_per_tok_worst': a.af_tokens_per_token,
+      'train_flops_seq_worst': a.train_flops_per_token * a.seq_len,
+      'infer_flops': a.infer_flops_per_token,
+      # What the paper's tables vary, so a dry run can be checked against them.
+      'af_layers': a.af_layers,
+      'S': a.num_fgrams,
+      'K': a.fgram_max_len,
+      'train_tokens': a.train_tokens,
+  }
+  if a.af_tokens_per_token_measured is not None:
+    row.update(af_tok_per_tok_measured=a.af_tokens_per_token_measured,
+               train_flops_af_measured=a.train_flops_af_measured,
+               train_flops_seq_measured=a.train_flops_per_token_measured * a.seq_len)
+  return row
+
+
+def arm_columns(a: ArmAccounting) -> dict[str, Any]:
+  """`a` as the per-arm resource columns (the dry run's second table, REPORT.md's
+  "Resources per arm")."""
+  return {'kind': a.kind, 'combine': a.combine, 'quant': a.quant, 'S': a.num_fgrams,
           'train_accel_params': a.train_accel_params,
           'train_accel_GiB': _gib(a.train_accel_bytes),
           'infer_accel_params': a.infer_accel_params,

@@ -19,8 +19,9 @@ which `store_rows` computes from e at export:
 At a matched position x_i IS the f-gram's last token, so the gate's whole f-gram-dependent
 term is known at export and the step never sees g: gate costs the decode step what add
 does. Extra elementwise FLOPs per decoded token over the baseline's step:
-`extra_decode_flops_per_token` (0 for replace, D adds for add and gate), which the
-tests check against XLA's count.
+`extra_decode_flops_per_token` (0 for replace, D adds for add and gate): the one
+statement of it, which model/arm_accounting.py adds to every printed inference figure
+and tests/test_accounting_arms.py checks against XLA's count of each arm's step.
 
 Starting points: replace and gate start at the baseline's function whenever e starts at
 T(x_i) (A_f's identity init; kind='table' rows initialised to T(last token)). add starts

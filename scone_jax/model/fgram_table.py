@@ -70,12 +70,6 @@ def last_tokens(table) -> np.ndarray:
   return (np.asarray(table.keys, np.uint64) & np.uint64(2**31 - 1)).astype(np.int32)
 
 
-def num_rows_used(table_len: int, use_size: int) -> int:
-  """S: the rows a run uses of a table of `table_len` rows (config.fgram.use_size, 0 =
-  all; a larger use_size than the mined table keeps the whole table)."""
-  return min(table_len, use_size) if use_size else table_len
-
-
 def init_rows_from_tokens(lm, last_S: np.ndarray, mesh: jax.sharding.Mesh) -> None:
   """Sets `lm`'s table rows to T(last token) (combine 'replace' / 'gate'; see the module
   docstring), in place, inside one jit whose output keeps the rows' sharding."""

@@ -1,7 +1,10 @@
 """Parameter and FLOP accounting from the config alone (MFU, sweep dry runs, accounting CLI).
 
 Symbols: d = d_model, f = mlp_dim, L = backbone layers, L_f = A_f layers, V = vocab,
-T = train.seq_len, K = fgram.max_len, S = f-grams used (fgram.use_size or fgram.size).
+T = train.seq_len, K = fgram.max_len, S = f-grams used: cfg.fgram.rows_used(rows) of a mined
+table of `rows` rows, else cfg.fgram.requested_rows (what a dry run knows); 0 for arms with
+no mined table (the baseline, kind='hashed'). n = fgram_model.hash_max_n,
+m = fgram_model.hash_buckets.
 
 Per block: attention 4 d^2 matmul weights (q, k, v, o) and an MLP of 2 d f (3 d f for
 SwiGLU's gate); GPT-2-family blocks add biases (4 d + f + d); LayerNorm adds 2 d per norm
@@ -46,9 +49,13 @@ class ParamCounts:
   position_table: int  # max_seq_len d for learned positions, else 0.
   fgram_non_embedding: int  # L_f blocks + A_f's final norm (0 for the baseline).
   fgram_position_table: int  # K d (0 for the baseline).
-  offloaded: int  # S d: the exported f-gram table, in host RAM / on disk at inference.
-  # kind='table': the trained [P, d] rows (P = S rounded up, model/fgram_table.py), on the
-  # accelerator during training only (exported to `offloaded` like A_f's outputs).
+  # The exported store's rows (S; (n - 1) m for kind='hashed'; 0 for the baseline), in
+  # host RAM / on disk at inference, and their values (rows x d).
+  offloaded_rows: int
+  offloaded: int
+  # The trained rows of kind='table' ([P, d], P = S rounded up, model/fgram_table.py) or
+  # kind='hashed' ((n - 1) m rows of d), on the accelerator during training only (exported
+  # to the store like A_f's outputs).
   fgram_table: int = 0
   combine_gate: int = 0  # d for combine='gate' (training only: export folds it in).
 
@@ -61,7 +68,7 @@ class ParamCounts:
   @property
   def fgram_total(self) -> int:
     """The f-gram side's own trainable parameters: A_f's (it also reads the shared token
-    table), or the rows of kind='table'. The combine gate is counted apart
+    table), or the rows of kind='table' / 'hashed'. The combine gate is counted apart
     (`combine_gate`; model/arm_accounting.py adds it)."""
     return (self.fgram_non_embedding + self.fgram_position_table + self.fgram_table)
 
@@ -71,20 +78,46 @@ class ParamCounts:
     return self.backbone_total + self.fgram_total
 
 
-def param_counts(cfg: Config, vocab_size: int | None = None) -> ParamCounts:
+def num_fgrams(cfg: Config, table_rows: int | None = None) -> int:
+  """S: the mined table's rows the arm uses; 0 for arms without one (baseline, hashed).
+
+  Args:
+    cfg: a resolved Config.
+    table_rows: the mined table's rows when known (a finished run's W/run.json
+      `fgram_table_rows`); None = what the config asks for.
+  """
+  if not cfg.fgram_model.uses_fgram_table:
+    return 0
+  if table_rows is None:
+    return cfg.fgram.requested_rows
+  return cfg.fgram.rows_used(table_rows)
+
+
+def offloaded_rows(cfg: Config, table_rows: int | None = None) -> int:
+  """Rows of the exported store: S for 'network' and 'table', (n - 1) m for 'hashed'."""
+  fm = cfg.fgram_model
+  if fm.enabled and fm.kind == 'hashed':
+    return (fm.hash_max_n - 1) * fm.hash_buckets
+  return num_fgrams(cfg, table_rows)
+
+
+def param_counts(cfg: Config, vocab_size: int | None = None,
+                 table_rows: int | None = None) -> ParamCounts:
   """Counts of a resolved Config (`config.from_configdict`).
 
   Args:
     cfg: the config.
     vocab_size: the model's vocab; default `model.vocab_size`, else `tokenizer.vocab_size`.
+    table_rows: as in `num_fgrams`.
   """
   m = cfg.model
   v, d = _vocab(cfg, vocab_size), m.d_model
   final_norm = _NORM_PARAMS[m.norm] * d
   fm = cfg.fgram_model
   scone = fm.kind == 'network' and fm.num_layers > 0  # A_f
-  keyed = scone or fm.kind == 'table'  # An [S, d] store on A_f's keys.
-  num_fgrams = cfg.fgram.use_size or cfg.fgram.size
+  rows = offloaded_rows(cfg, table_rows)
+  trained_rows = {'table': fgram_table.padded_rows(rows), 'hashed': rows}.get(
+      fm.kind, 0) if fm.enabled else 0
   af_norm = final_norm if cfg.fgram_model.final_norm == 'same' else 0
   return ParamCounts(
       backbone_non_embedding=m.num_layers * _block_params(m) + final_norm,
@@ -94,9 +127,10 @@ def param_counts(cfg: Config, vocab_size: int | None = None) -> ParamCounts:
       fgram_non_embedding=(cfg.fgram_model.num_layers * _block_params(m) + af_norm
                            if scone else 0),
       fgram_position_table=cfg.fgram.max_len * d if scone else 0,
-      offloaded=num_fgrams * d if keyed else 0,
-      fgram_table=fgram_table.padded_rows(num_fgrams) * d if fm.kind == 'table' else 0,
-      combine_gate=d if keyed and fm.combine == 'gate' else 0)
+      offloaded_rows=rows,
+      offloaded=rows * d,
+      fgram_table=trained_rows * d,
+      combine_gate=d if fm.enabled and fm.combine == 'gate' else 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,110 +2,109 @@
 
 The paper's claim is that SCONE's extra capacity is free at inference: the accelerator
 holds the backbone only, the f-gram embeddings live in host RAM or on disk, and a decode
-step costs the backbone's FLOPs. This module reports those numbers for a decoder, both
-analytically (`scone_jax.model.flops`) and as XLA counts them in the compiled step, next to
-what TRAINING cost per token: A_f at the worst case (K A_f tokens per main-model token) and
-at the run's measured rate (the mean of its logged batch/fgram_af_tokens_per_token).
+step costs the backbone's FLOPs (plus a stated elementwise extra for the add / gate rules,
+hashed tables and quantised stores). `generate --accounting_only` prints those numbers for
+a decoder: the analytical figures from model/arm_accounting.py (the same `ArmAccounting`
+the sweep dry run and the report print), what the decoder's arrays and opened store hold,
+and XLA's count of the compiled step; plus what TRAINING cost per token: A_f at the worst
+case (K A_f tokens per main-model token) and at the run's measured rate (the mean of its
+logged batch/fgram_af_tokens_per_token).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
 
 import jax
 import numpy as np
 
 from scone_jax import compat
+from scone_jax import metrics_file
 from scone_jax.config import Config
-from scone_jax.model import flops as flops_lib
+from scone_jax.model import arm_accounting
+from scone_jax.run import RunDir
 from scone_jax.serve.decode import Decoder
+
+AF_RATE_KEY = 'batch/fgram_af_tokens_per_token'
+
+# Labels of the analytical figures (`figure_rows`); tests/test_accounting.py reads them.
+ACCEL_PARAMS = 'accelerator params, analytical'
+SIDE_PARAMS = 'f-gram side params (A_f / table / hashed; train/export only)'
+HOST_ROWS = 'offloaded store rows, analytical'
+INFER_FLOPS = 'inference FLOPs/token (analytical, elementwise extras included)'
+TRAIN_WORST = 'train FLOPs/token, A_f worst case'
+TRAIN_MEASURED = 'train FLOPs/token, A_f measured'
 
 
 @dataclasses.dataclass(frozen=True)
 class Accounting:
-  """Inference-time resources of one run (baseline runs have no offloaded table)."""
+  """Inference-time resources of one run (baseline runs have no offloaded store)."""
+  arm: arm_accounting.ArmAccounting  # Every analytical figure.
   accelerator_params: int  # Counted from the decoder's arrays (the backbone only).
   accelerator_bytes: int
-  analytical_accelerator_params: int  # flops.param_counts(cfg).backbone_total
-  # A_f (or the rows of kind='table'): needed to train and export, never at inference.
-  fgram_model_params: int
-  offloaded_params: int  # S x d, 0 for a baseline.
+  offloaded_params: int  # The opened store's rows x d (0 for a baseline).
   offloaded_bytes: int  # In the store's dtype.
   store_tier: str  # 'ram' | 'disk' | 'none'
-  analytical_flops_per_token: float  # flops_per_token(cfg).inference (context seq_len)
   xla_flops_per_token: float  # compiled decode step / batch (context = cache length)
   batch_size: int
   cache_len: int
-  train_flops_per_token_worst: float  # Backbone + A_f at K A_f tokens per main-model token.
-  af_tokens_per_token_measured: float | None  # From the run's metrics (None: not logged).
-  train_flops_per_token_measured: float | None
 
   def table(self) -> str:
     """A plain-text table for the CLI."""
-    rows = [
-        ('accelerator params (backbone)', f'{self.accelerator_params:,}',
-         f'{self.accelerator_bytes / 2**20:,.1f} MiB'),
-        ('  analytical (flops.param_counts)', f'{self.analytical_accelerator_params:,}', ''),
-        ('f-gram side params (A_f / table; train/export only)',
-         f'{self.fgram_model_params:,}', ''),
-        (f'offloaded f-gram table ({self.store_tier})', f'{self.offloaded_params:,}',
-         f'{self.offloaded_bytes / 2**20:,.1f} MiB'),
-        ('inference FLOPs/token (analytical)', f'{self.analytical_flops_per_token:.4g}', ''),
-        (f'XLA decode FLOPs/token (B={self.batch_size}, S={self.cache_len})',
-         f'{self.xla_flops_per_token:.4g}', ''),
-        ('train FLOPs/token, A_f worst case', f'{self.train_flops_per_token_worst:.4g}', ''),
-    ]
-    if self.af_tokens_per_token_measured is not None:
-      rows.append(('train FLOPs/token, A_f measured',
-                   f'{self.train_flops_per_token_measured:.4g}',
-                   f'{self.af_tokens_per_token_measured:.3f} A_f tokens per token'))
-    width = max(len(r[0]) for r in rows)
-    return '\n'.join(f'{a:<{width}}  {b:>18}  {c}' for a, b, c in rows)
+    rows = [('accelerator params (decoder arrays)', f'{self.accelerator_params:,}',
+             f'{self.accelerator_bytes / 2**20:,.1f} MiB'),
+            (f'offloaded f-gram store ({self.store_tier})', f'{self.offloaded_params:,}',
+             f'{self.offloaded_bytes / 2**20:,.1f} MiB'),
+            (f'XLA decode FLOPs/token (B={self.batch_size}, context={self.cache_len})',
+             f'{self.xla_flops_per_token:.4g}', '')]
+    return format_rows(figure_rows(self.arm) + rows)
+
+
+def figure_rows(arm: arm_accounting.ArmAccounting) -> list[tuple[str, str, str]]:
+  """The analytical figures `generate --accounting_only` prints, as (label, value, note)."""
+  rows = [
+      (ACCEL_PARAMS, f'{arm.infer_accel_params:,}',
+       f'{arm.infer_accel_bytes / 2**20:,.1f} MiB'),
+      (SIDE_PARAMS, f'{arm.side_params:,}', ''),
+      (HOST_ROWS, f'{arm.host_rows:,}', f'{arm.host_bytes / 2**20:,.1f} MiB'),
+      (INFER_FLOPS, f'{arm.infer_flops_per_token:.4g}',
+       f'{arm.elementwise_flops_per_token:g} elementwise'),
+      (TRAIN_WORST, f'{arm.train_flops_per_token:.4g}', ''),
+  ]
+  if arm.af_tokens_per_token_measured is not None:
+    rows.append((TRAIN_MEASURED, f'{arm.train_flops_per_token_measured:.4g}',
+                 f'{arm.af_tokens_per_token_measured:.3f} A_f tokens per token'))
+  return rows
+
+
+def format_rows(rows: list[tuple[str, str, str]]) -> str:
+  width = max(len(r[0]) for r in rows)
+  return '\n'.join(f'{a:<{width}}  {b:>18}  {c}' for a, b, c in rows)
 
 
 def measured_af_tokens_per_token(workdir: str) -> float | None:
-  """Mean of batch/fgram_af_tokens_per_token over the run's W/metrics.jsonl (None if the
-  run logged none, e.g. a baseline or a run from before it was logged)."""
-  values = []
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          value = json.loads(line).get('batch/fgram_af_tokens_per_token')
-        except json.JSONDecodeError:
-          continue  # A run killed mid-write leaves a partial last line.
-        if value is not None and math.isfinite(value):
-          values.append(value)
-  return sum(values) / len(values) if values else None
+  """Mean of batch/fgram_af_tokens_per_token over the run's W/metrics.jsonl, local or
+  gs:// (None if the run logged none, e.g. a baseline or a run from before it was logged)."""
+  return metrics_file.mean(RunDir(workdir).metrics(), AF_RATE_KEY)
 
 
 def account(cfg: Config, decoder: Decoder, vocab_size: int,
             af_tokens_per_token: float | None = None) -> Accounting:
   """Accounting for `decoder` (built from the run configured by `cfg`); the training rows
   use `af_tokens_per_token` (measured) when given."""
-  worst = flops_lib.flops_per_token(cfg, vocab_size)
-  measured = (flops_lib.flops_per_token(cfg, vocab_size, af_tokens_per_token)
-              if af_tokens_per_token is not None else None)
-  counts = flops_lib.param_counts(cfg, vocab_size)
   leaves = jax.tree.leaves(decoder.state)
   store = decoder.store
-  flops_step = compat.cost_flops(decoder.compiled_decode_step())
+  # A network / table store holds the S rows the run used, so S = rows_used(its rows).
+  arm = arm_accounting.account(cfg, vocab_size, af_tokens_per_token,
+                               table_rows=store.num_rows if store else None)
   return Accounting(
+      arm=arm,
       accelerator_params=int(sum(np.prod(x.shape) for x in leaves)),
       accelerator_bytes=int(sum(x.nbytes for x in leaves)),
-      analytical_accelerator_params=counts.backbone_total,
-      fgram_model_params=counts.fgram_total,
       offloaded_params=store.num_rows * store.d_model if store else 0,
       offloaded_bytes=store.nbytes if store else 0,
       store_tier=store.tier if store else 'none',
-      analytical_flops_per_token=flops_lib.flops_per_token(cfg, vocab_size).inference,
-      xla_flops_per_token=flops_step / decoder.batch_size,
+      xla_flops_per_token=compat.cost_flops(decoder.compiled_decode_step()) /
+      decoder.batch_size,
       batch_size=decoder.batch_size,
-      cache_len=decoder.cache_len,
-      train_flops_per_token_worst=worst.train_total,
-      af_tokens_per_token_measured=af_tokens_per_token,
-      train_flops_per_token_measured=measured.train_total if measured else None)
+      cache_len=decoder.cache_len)

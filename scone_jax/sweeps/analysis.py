@@ -1,7 +1,7 @@
 """What a sweep's results say: arms, per-corpus statistics over seeds, paired differences,
 and verdict lines that claim an effect only when its interval excludes zero.
 
-Reads `report.Run`s (collected from a sweep dir) and, for a study, its study.json (which
+Reads `results.PointResult`s (scone_jax/sweeps/results.py) and, for a study, its study.json (which
 names each arm's comparison runs at the chosen lr). Without a study, runs that differ only
 in their seed form an arm. Test corpora and validation corpora ('valid.*') are kept apart:
 results and verdicts are per TEST corpus; validation corpora only choose (the lr, and
@@ -23,7 +23,7 @@ from scone_jax.sweeps import stats
 from scone_jax.sweeps import study
 
 METRICS = ('loss', 'perplexity', 'bits_per_byte')
-SEED_KEY = 'train.seed'
+SEED_KEY = study.SEED_KEY
 SERIES_AXES = {'S': 'fgram.use_size', 'A_f depth': 'fgram_model.num_layers'}
 
 
@@ -31,7 +31,7 @@ SERIES_AXES = {'S': 'fgram.use_size', 'A_f depth': 'fgram_model.num_layers'}
 class Arm:
   """One compared configuration: its comparison runs (one per seed)."""
   name: str
-  runs: list[Any]  # report.Run
+  runs: list[Any]  # results.PointResult
   overrides: dict[str, Any]  # What defines the arm (seed excluded).
   lr: float | None = None  # The chosen lr (studies).
 
@@ -339,7 +339,7 @@ def exposure_rows(arms: Sequence[Arm]) -> list[dict[str, Any]]:
         split_tokens = int(json.load(f)['num_tokens'])
     except (OSError, ValueError, KeyError):
       continue
-    s = min(a.num_fgrams, len(counts))
+    s = a.cfg.fgram.rows_used(len(counts))
     tc = a.cfg.train
     trained = tc.steps * tc.batch_size * tc.seq_len
     count = int(counts[s - 1])

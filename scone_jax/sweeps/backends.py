@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import os
 import re
 import shlex
@@ -20,8 +19,10 @@ import threading
 import time
 from typing import Callable
 
+from scone_jax import metrics_file
 from scone_jax import paths
 from scone_jax.sweeps import spec
+from scone_jax.sweeps import tables
 
 Runner = Callable[[str, str], int]
 
@@ -67,21 +68,11 @@ class Outcome:
 
 
 def _last_step(point: spec.Point) -> str:
-  """'step 120/300 loss 5.123' from the last line of W/metrics.jsonl ('' if none yet)."""
-  try:
-    with paths.path(paths.join(point.workdir, 'metrics.jsonl')).open('rb') as f:
-      f.seek(max(0, paths.getsize(paths.join(point.workdir, 'metrics.jsonl')) - 4096))
-      lines = f.read().decode(errors='replace').splitlines()
-  except OSError:
+  """'step 120/300 loss 5.123' from the latest loss in W/metrics.jsonl ('' if none yet)."""
+  rec = metrics_file.last(point.workdir, 'loss')
+  if rec is None:
     return ''
-  for line in reversed(lines):
-    try:
-      rec = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if 'loss' in rec:
-      return f'step {rec["step"]}/{point.cfg.train.steps} loss {rec["loss"]:.3f}'
-  return ''
+  return f'step {rec.get("step", "?")}/{point.cfg.train.steps} loss {rec["loss"]:.3f}'
 
 
 class Progress:
@@ -298,7 +289,6 @@ def dry_run(sweep: spec.Sweep, python: str, tpu: TpuTarget | None = None, out=No
   For the TPU backend that is the bootstrap copy, then one ssh command per point: pasted
   into a shell in that order they do what `--backend=tpu` does (without its retries).
   """
-  from scone_jax import report  # Deferred: report imports this package.
   out = out or sys.stdout
   if tpu is not None:
     print('# copy the worker bootstrap to every host (once per sweep)', file=out)
@@ -315,9 +305,9 @@ def dry_run(sweep: spec.Sweep, python: str, tpu: TpuTarget | None = None, out=No
       for stage, cmd in _stage_commands(sweep, p, python):
         print(cmd, file=out)
   print(file=out)
-  print(report.markdown_table(spec.accounting_rows(sweep, af_tokens_per_token)), file=out)
+  print(tables.markdown_table(spec.accounting_rows(sweep, af_tokens_per_token)), file=out)
   print(file=out)
   print('Per arm: accelerator params/memory in training (params + grads + AdamW, no '
         'activations) and at inference (+ KV cache per sequence), the offloaded host store, '
         'FLOPs per token (scone_jax/model/arm_accounting.py)', file=out)
-  print(report.markdown_table(spec.arm_rows(sweep)), file=out)
+  print(tables.markdown_table(spec.arm_rows(sweep)), file=out)

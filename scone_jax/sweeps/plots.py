@@ -4,23 +4,23 @@ a mean over seeds with its 95% t-interval as the error bar (no bar with < 2 seed
 from __future__ import annotations
 
 import io
-import math
 import os
 import re
 from typing import Any, Sequence
 
 import numpy as np
 
+from scone_jax import paths
 from scone_jax.sweeps import analysis
+from scone_jax.sweeps import stats
 
 _BARS = 'bars: 95% t-interval over seeds'
 
 
 def _save_png(fig, path: str) -> None:
-  from scone_jax import report  # Deferred: report imports this module lazily too.
   buf = io.BytesIO()
   fig.savefig(buf, format='png', dpi=110, bbox_inches='tight')
-  report._write_atomic(path, buf.getvalue())
+  paths.write_bytes(path, buf.getvalue())  # temp + rename locally; one PUT in a bucket.
 
 
 def _slug(corpus: str) -> str:
@@ -88,20 +88,20 @@ def draw_plots(runs: Sequence[Any], arms: Sequence[analysis.Arm],
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  from scone_jax import report
-  paths, captions = {}, {}
+  pngs, captions = {}, {}
 
   def add(name: str, caption: str) -> str:
-    paths[name] = os.path.join(out_dir, f'{name}.png')
+    pngs[name] = os.path.join(out_dir, f'{name}.png')
     captions[name] = caption
-    return paths[name]
+    return pngs[name]
 
   scone = [a for a in arms if a.is_scone and a.finished]
   for corpus in analysis.test_corpora(runs):
     cov = analysis.coverage(runs, corpus)
     tag = f'{corpus} ({cov})'
     s_series = analysis.series(arms, 'S')
-    lone = [[a] for a in scone if not any(a in m for m in s_series)]
+    # Arms without a mined table (hashed: S = 0) have no place on a log S axis.
+    lone = [[a] for a in scone if a.num_fgrams and not any(a in m for m in s_series)]
     if s_series or (scone and baseline is not None):
       name = f'ppl_vs_num_fgrams-{_slug(corpus)}'
       _trend_plot(add(name, f'{tag}: perplexity vs number of f-grams S; {_BARS}'),
@@ -115,7 +115,6 @@ def draw_plots(runs: Sequence[Any], arms: Sequence[analysis.Arm],
                   logx=False)
     others = [a for a in scone if a is not baseline]
     if baseline is not None and others:
-      from scone_jax.sweeps import stats
       name = f'paired_diff-{_slug(corpus)}'
       diffs = [stats.paired(a.values(corpus, 'perplexity'),
                             baseline.values(corpus, 'perplexity'))[0] for a in others]
@@ -129,7 +128,7 @@ def draw_plots(runs: Sequence[Any], arms: Sequence[analysis.Arm],
              xlabel=f'perplexity difference (negative = better than {baseline.name})')
       ax.title.set_fontsize(8)
       ax.grid(alpha=0.3)
-      _save_png(fig, paths[name])
+      _save_png(fig, pngs[name])
       plt.close(fig)
     finished = [a for a in arms if a.finished]
     if finished:
@@ -137,7 +136,7 @@ def draw_plots(runs: Sequence[Any], arms: Sequence[analysis.Arm],
       fig, ax = plt.subplots(figsize=(6.5, 4.2))
       for i, a in enumerate(finished):
         mean, lo, hi = _yerr([a.ppl_summary(corpus)])
-        ax.errorbar([report.accounting(a.cfg)['infer_flops']], mean, yerr=[lo, hi],
+        ax.errorbar([inference_flops(a)], mean, yerr=[lo, hi],
                     marker='o' if a.is_scone else 's', capsize=3, linestyle='none',
                     color=f'C{i % 10}', label=a.name)
       _log_x(ax, ())
@@ -147,7 +146,7 @@ def draw_plots(runs: Sequence[Any], arms: Sequence[analysis.Arm],
       ax.title.set_fontsize(8)
       ax.grid(alpha=0.3)
       ax.legend(fontsize=6)
-      _save_png(fig, paths[name])
+      _save_png(fig, pngs[name])
       plt.close(fig)
   curves = [a for a in arms if any(r.curve for r in a.runs)]
   if curves:
@@ -162,9 +161,15 @@ def draw_plots(runs: Sequence[Any], arms: Sequence[analysis.Arm],
     ax.title.set_fontsize(8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
-    _save_png(fig, paths['training_curves'])
+    _save_png(fig, pngs['training_curves'])
     plt.close(fig)
-  return paths, captions
+  return pngs, captions
+
+
+def inference_flops(arm: analysis.Arm) -> float:
+  """The x of the perplexity-vs-inference-FLOPs plot: the arm's decode FLOPs per token,
+  elementwise extras included (model/arm_accounting.py, as the dry run printed it)."""
+  return arm.runs[0].accounting().infer_flops_per_token
 
 
 def mean_curve(curves: Sequence[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:

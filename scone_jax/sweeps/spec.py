@@ -24,6 +24,7 @@ from typing import Any
 from scone_jax import artifacts, paths
 from scone_jax import config as config_lib
 from scone_jax.errors import UserError
+from scone_jax.model import arm_accounting
 
 # Sections and keys that decide what `prepare` builds (tokenizer, token shards, f-gram
 # table). Points that agree on these share one artifacts dir, so mining happens once.
@@ -290,14 +291,17 @@ def write_point_json(sweep: Sweep, point: Point) -> None:
 def accounting_rows(sweep: Sweep,
                     af_tokens_per_token: float | None = None) -> list[dict[str, Any]]:
   """Per point: accelerator-resident and offloaded params, train/inference FLOPs/token
-  (A_f at the worst case, and at a measured A_f tokens per main-model token if given)."""
-  from scone_jax import report  # Deferred: loading a sweep needs no accounting.
-  return [{'run': p.name, **report.accounting(p.cfg, af_tokens_per_token)}
-          for p in sweep.points]
+  (A_f at the worst case, and at a measured A_f tokens per main-model token if given):
+  arm_accounting.run_columns, the columns results.csv has for the finished run."""
+  return [{'run': p.name,
+           **arm_accounting.run_columns(arm_accounting.account(p.cfg,
+                                                               measured=af_tokens_per_token)),
+           'seed': p.cfg.train.seed} for p in sweep.points]
 
 
 def arm_rows(sweep: Sweep) -> list[dict[str, Any]]:
   """Per point: the arm's accelerator memory and params in training and at inference,
-  its offloaded host store and FLOPs/token (scone_jax.model.arm_accounting)."""
-  from scone_jax.model import arm_accounting  # Deferred: loading a sweep needs no JAX.
-  return [{'run': p.name, **arm_accounting.table_row(p.cfg)} for p in sweep.points]
+  its offloaded host store and FLOPs/token (arm_accounting.arm_columns, REPORT.md's
+  per-arm table)."""
+  return [{'run': p.name, **arm_accounting.arm_columns(arm_accounting.account(p.cfg))}
+          for p in sweep.points]

@@ -235,14 +235,15 @@ def create_train_state(cfg: Config, mesh: jax.sharding.Mesh, vocab_size: int,
   Params are float32 by default (cfg.model.param_dtype); the model computes in
   cfg.model.dtype and returns float32 logits. The init RNG is `train.seed`: the same seed
   gives the same initial params on any mesh. `table` (the run's FgramTable, before
-  fgram.use_size) sizes and initialises fgram_model.kind='table' (model/fgram_table.py).
+  slicing) sizes kind='table' to cfg.fgram.rows_used(len(table)) rows and initialises them
+  (model/fgram_table.py).
   """
   num_fgrams = 0
   if cfg.fgram_model.kind == 'table':
     if table is None:
       raise ValueError("fgram_model.kind='table' needs the run's f-gram table: pass "
                        'create_train_state(..., table=FgramTable)')
-    num_fgrams = fgram_table.num_rows_used(len(table), cfg.fgram.use_size)
+    num_fgrams = cfg.fgram.rows_used(len(table))
 
   def make_model():
     return SconeLM(cfg.model, cfg.fgram_model, fgram_max_len=fgram_max_len,
