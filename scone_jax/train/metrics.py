@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import jax
 
-from scone_jax import paths
+from scone_jax import metrics_file, paths
 from scone_jax.config import Config
 from scone_jax.model import flops as flops_lib
 
@@ -97,7 +97,7 @@ def mfu(model_flops_per_step: float, step_seconds: float, num_devices: int,
   return model_flops_per_step / step_seconds / (peak_per_device * num_devices)
 
 
-METRICS_FILE = 'metrics.jsonl'
+METRICS_FILE = metrics_file.METRICS_FILE
 
 
 class MetricsWriter:
@@ -175,12 +175,10 @@ class MetricsWriter:
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """The logged records merged per step (train and eval scalars of a step are separate
-  lines; a resumed run may log a step again, the later value wins), sorted by step."""
-  path = paths.join(workdir, METRICS_FILE)
+  lines; a resumed run may log a step again, the later value wins), sorted by step.
+  Read through the one metrics.jsonl reader (scone_jax/metrics_file.py)."""
   by_step: dict[int, dict[str, Any]] = {}
-  if paths.exists(path):
-    for line in paths.read_text(path).splitlines():
-      if line.strip():
-        record = json.loads(line)
-        by_step.setdefault(record['step'], {}).update(record)
+  for record in metrics_file.read(workdir):
+    if 'step' in record:
+      by_step.setdefault(record['step'], {}).update(record)
   return [by_step[s] for s in sorted(by_step)]
