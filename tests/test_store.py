@@ -149,6 +149,30 @@ def test_resume_skips_done_shards_and_result_is_identical(tmp_path):
   np.testing.assert_array_equal(store.gather(np.arange(S)), _rows(0, S))
 
 
+def test_non_finite_shard_fails_keeps_the_old_store_and_resumes(tmp_path):
+  """A NaN in the third shard fails the write naming its row; the complete store already at
+  out stays byte-identical (the new rows go to the partial write), and a rerun with finite
+  rows resumes after the two good shards."""
+  out = tmp_path / 'export'
+  _write(out, meta={'checkpoint_step': 6})
+  old = {p: p.read_bytes() for p in sorted(out.rglob('*')) if p.is_file()}
+
+  def nan_at_row_600(start, stop):
+    rows = _rows(start, stop)
+    if start <= 600 < stop:
+      rows[600 - start, 3] = np.nan
+    return rows
+
+  with pytest.raises(ValueError, match=r'store row 600 is not finite .* checkpoint step 7'):
+    _write(out, fn=nan_at_row_600)
+  assert {p: p.read_bytes() for p in sorted(out.rglob('*')) if p.is_file()} == old
+  resumed = []
+  _write(out, fn=lambda a, b: resumed.append(a) or _rows(a, b))
+  assert resumed == [512, 768]
+  store = EmbeddingStore.open(str(out), 'ram', verify=True, expect={'checkpoint_step': 7})
+  np.testing.assert_array_equal(store.gather(np.arange(S)), _rows(0, S))
+
+
 def test_partial_from_another_plan_is_discarded(tmp_path):
   out = tmp_path / 'export'
   with pytest.raises(KeyboardInterrupt):

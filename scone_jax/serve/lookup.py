@@ -159,7 +159,7 @@ class CallbackStep:
     return call_host(handle, token_B, out), state
 
 
-class CallbackLookup(Lookup, abc.ABC):
+class CallbackLookup(Lookup):
   """A lookup whose device-loop step is its own `step_slab`, called back on the host."""
 
   _handle: np.int32 | None = None
