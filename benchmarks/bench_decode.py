@@ -124,16 +124,16 @@ def _all_grams(stream: np.ndarray):
 
 def lookup_latency(decoder: Decoder, stream: np.ndarray, steps: int) -> float:
   """Seconds per decode step of the decoder's host lookup (match + gather into the slab,
-  `Decoder.step_slab`) plus the slab's transfer, blocked until it is on the device."""
+  `decoder.lookup.step_slab`) plus the slab's transfer, blocked until it is on the device."""
   b = decoder.batch_size
   starts = np.random.default_rng(b).integers(0, stream.size - steps - 1, b)
   cols = np.stack([stream[s:s + steps] for s in starts], axis=1)  # [steps, B]
   device = jax.devices()[0]
   for t in range(5):  # Warm up caches, the page cache and transfer paths.
-    jax.device_put(decoder.step_slab(cols[t]), device).block_until_ready()
+    jax.device_put(decoder.lookup.step_slab(cols[t]), device).block_until_ready()
   start = time.perf_counter()
   for t in range(steps):
-    jax.device_put(decoder.step_slab(cols[t]), device).block_until_ready()
+    jax.device_put(decoder.lookup.step_slab(cols[t]), device).block_until_ready()
   return (time.perf_counter() - start) / steps
 
 
@@ -301,11 +301,12 @@ def bench_preset(preset: str, root: str) -> None:
   new_tokens = FLAGS.new_tokens or (256 if on_gpu else 64)
   new_tokens = min(new_tokens, cfg.model.max_seq_len - FLAGS.prompt_len - 1)
   for b in batches[:2]:
-    base = compat.cost_flops(Decoder(lm, batch_size=b)._chunk_program(Sampling()))  # pylint: disable=protected-access
+    base = compat.cost_flops(Decoder(lm, batch_size=b).compiled_loop_chunk(Sampling()))
     scone = compat.cost_flops(
-        Decoder(lm, ram, table, batch_size=b)._chunk_program(Sampling()))  # pylint: disable=protected-access
+        Decoder(lm, ram, table, batch_size=b).compiled_loop_chunk(Sampling()))
     cached = compat.cost_flops(Decoder(lm, ram, table, batch_size=b, lookup='cache',
-                                       cache_rows=FLAGS.cache_rows)._chunk_program(Sampling()))  # pylint: disable=protected-access
+                                       cache_rows=FLAGS.cache_rows).compiled_loop_chunk(
+                                           Sampling()))
     print(f'XLA FLOPs of the device-loop chunk B={b}: baseline {base:.4g}, SCONE {scone:.4g}, '
           f'ratio {scone / base:.4f}; lookup=cache {cached:.4g}, ratio {cached / base:.4f}')
 

@@ -28,11 +28,11 @@ from absl import app, flags
 from flax import nnx
 
 from scone_jax import config as config_lib
+from scone_jax import restore
 from scone_jax.batches.tagging import tag_fgrams
 from scone_jax.config import ExportConfig
-from scone_jax.export import export_embeddings
-from scone_jax.export.export import store_meta
-from scone_jax.serve import EmbeddingStore, restore
+from scone_jax.export import export_embeddings, store_meta
+from scone_jax.serve import EmbeddingStore
 from scone_jax.serve.decode import Decoder
 
 flags.DEFINE_string('workdir', None, 'A trained SCONE run (python -m scone_jax.train).',

@@ -17,17 +17,12 @@ import dataclasses
 import numpy as np
 from absl import app, flags
 
-from scone_jax import artifacts, logs, paths
+from scone_jax import logs, restore
 from scone_jax import config as config_lib
 from scone_jax.config import Config
-from scone_jax.export import EXPORT_DIR, hashed_meta, store_meta
-from scone_jax.model.hashed import hash_fingerprint
-from scone_jax.serve import restore
 from scone_jax.serve.accounting import account, measured_af_tokens_per_token
-from scone_jax.serve.decode import Decoder
 from scone_jax.serve.sampling import Sampling
-from scone_jax.serve.hashed import HashedLookup
-from scone_jax.serve.store import EmbeddingStore
+from scone_jax.serve.session import build_decoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,43 +30,6 @@ class GenerateResult:
   texts: list[str]  # Prompt + generated text, one per prompt.
   tokens_per_second: float
   lookup_ms_per_step: float
-
-
-def open_store(cfg: Config, workdir: str, run: restore.Run) -> EmbeddingStore | None:
-  """The run's exported store, checked against its checkpoint, table (kind='hashed': the
-  hash function and sizes) and tokenizer."""
-  hashed = cfg.fgram_model.kind == 'hashed'
-  if run.table is None and not hashed:
-    return None
-  path = paths.join(paths.resolve(workdir), EXPORT_DIR)
-  if not paths.exists(paths.join(path, artifacts.MANIFEST)):
-    raise artifacts.ArtifactError(
-        f'{path} holds no exported f-gram store; run `python -m scone_jax.export '
-        f'--workdir={workdir}` first')
-  if hashed:
-    fm = cfg.fgram_model
-    expect = {**store_meta(run.step, hash_fingerprint(fm.hash_max_n, fm.hash_buckets),
-                           run.tokenizer.fingerprint, run.weights_fingerprint),
-              **hashed_meta(cfg)}
-  else:
-    expect = store_meta(run.step, run.table.fingerprint, run.tokenizer.fingerprint,
-                        run.weights_fingerprint)
-  return EmbeddingStore.open(path, cfg.serve.store_tier, expect=expect, progress=True)
-
-
-def build_decoder(cfg: Config, workdir: str,
-                  batch_size: int | None = None) -> tuple[restore.Run, Decoder]:
-  """Restores W's model and store; a decoder of `batch_size` (default serve.batch_size)."""
-  run = restore.load_run(cfg, workdir, with_table=True)
-  store = open_store(cfg, workdir, run)
-  batch_size = batch_size or cfg.serve.batch_size
-  hashed = None
-  if cfg.fgram_model.kind == 'hashed':
-    hashed, store = HashedLookup(store, batch_size, cfg.model.dtype), None
-  return run, Decoder(run.lm, store, run.table, batch_size=batch_size,
-                      bos_id=run.tokenizer.bos_id, loop=cfg.serve.decode_loop,
-                      lookup=cfg.serve.lookup, hashed=hashed,
-                      cache_rows=cfg.serve.cache_rows)
 
 
 def generate(cfg: Config, workdir: str, prompts: list[str], seed: int = 0) -> GenerateResult:

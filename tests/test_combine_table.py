@@ -214,7 +214,7 @@ def test_table_gate_run_end_to_end(tmp_path_factory):
   import train_helpers as th  # pylint: disable=g-import-not-at-top
   from scone_jax import generate, run as run_lib
   from scone_jax.export.export import export_store
-  from scone_jax.serve import restore
+  from scone_jax import restore
   from scone_jax.train import loop
   corpus, artifacts = th.shared_dirs(str(tmp_path_factory.getbasetemp()))
   cfg = th.micro_config(corpus, artifacts, **{

@@ -156,7 +156,7 @@ def test_greedy_generation_equals_training_path(scone, table, store, loop, looku
   lm, stores = scone
   dec = Decoder(lm, stores[store], table, batch_size=B, bos_id=BOS, loop=loop,
                 lookup=lookup, chunk_steps=chunk)
-  assert dec.lookup == ('native' if lookup == 'auto' else lookup)
+  assert dec.lookup.name == ('native' if lookup == 'auto' else lookup)
   hits_before = stores[store].stats.hits
   prompts = PROMPTS[:3]
   gen = dec.generate([np.array(p) for p in prompts], max_new_tokens=6)
@@ -173,14 +173,14 @@ def test_baseline_generation_is_the_plain_backbone(table, loop, chunk):
   cfg = _cfg(0)
   lm = SconeLM(cfg.model, cfg.fgram_model, fgram_max_len=K, vocab_size=V, rngs=nnx.Rngs(1))
   dec = Decoder(lm, batch_size=B, bos_id=BOS, loop=loop, chunk_steps=chunk)
-  assert dec.lookup == 'none'
+  assert dec.lookup.name == 'none'
   gen = dec.generate([np.array(PROMPTS[0]), np.array(PROMPTS[3])], max_new_tokens=7)
   for p, toks in zip([PROMPTS[0], PROMPTS[3]], gen.tokens):
     assert list(toks) == _reference_greedy(lm, None, p, 7)
 
 
 def _loop_flops(dec):
-  return compat.cost_flops(dec._chunk_program(Sampling()))  # pylint: disable=protected-access
+  return compat.cost_flops(dec.compiled_loop_chunk(Sampling()))
 
 
 def test_device_loop_flops_equal_baseline(scone, table):
@@ -293,7 +293,7 @@ def test_trained_run_export_then_generate(tmp_path):
   import train_helpers as th  # pylint: disable=g-import-not-at-top
   from scone_jax import artifacts, generate
   from scone_jax.export import export_store
-  from scone_jax.serve import restore
+  from scone_jax import restore
   from scone_jax.train import loop
 
   th.write_corpus(str(tmp_path / 'corpus'))

@@ -49,7 +49,7 @@ def test_device_push_equals_host_matcher(table):
                                          (6, False)])
 def test_cache_slab_equals_host_step_slab(scone, table, monkeypatch, rows, native):
   """The loop's slab (device match, cached rows, host rows for misses under lax.cond)
-  equals Decoder.step_slab's (host match + gather) at every step; the host serves
+  equals the host lookup's step_slab (host match + gather) at every step; the host serves
   exactly the matched rows >= cache_rows, on exactly the steps that have one."""
   lm, stores = scone
   if not native:
@@ -57,20 +57,20 @@ def test_cache_slab_equals_host_step_slab(scone, table, monkeypatch, rows, nativ
   store = stores['bfloat16']
   dec = Decoder(lm, store, table, batch_size=B, lookup='cache', cache_rows=rows)
   host = Decoder(lm, store, table, batch_size=B, loop='host')
-  c = dec._cache  # pylint: disable=protected-access
-  step = jax.jit(lambda op, tok, codes: device_cache.lookup(
-      op, dec._target, tok, codes, lm.backbone.cfg.d_model, store.dtype))  # pylint: disable=protected-access
+  c = dec.lookup
+  assert c.native == native
+  step = jax.jit(c.loop_step)
   ids_TxB, _ = table.match(_walk(table, 30, B, seed=5).T)
   codes_BxL = np.full((B, table.max_len - 1), -1, np.int32)
-  before = c.counters.copy()
+  before = c.counters()
   for tok_B in _walk(table, 30, B, seed=5):
-    slab_BxE, codes_BxL = step(c.operand, tok_B, codes_BxL)
-    want_BxE = host.step_slab(tok_B)
+    slab_BxE, codes_BxL = step(c.loop_operand, tok_B, codes_BxL)
+    want_BxE = host.lookup.step_slab(tok_B)
     np.testing.assert_array_equal(np.asarray(slab_BxE).view(np.uint16),
                                   want_BxE.view(np.uint16))
   miss_TxB = ids_TxB.T >= c.rows
   assert (ids_TxB >= 0).sum() > 30
-  assert tuple(c.counters - before) == (miss_TxB.sum(), miss_TxB.any(axis=1).sum())
+  assert tuple(c.counters() - before) == (miss_TxB.sum(), miss_TxB.any(axis=1).sum())
   if rows == 6:
     assert 0 < miss_TxB.any(axis=1).sum() < 30  # Steps with and without a host call.
 
@@ -90,8 +90,8 @@ def test_cache_greedy_equals_training_path(scone, table, monkeypatch, store, row
     monkeypatch.setattr(native_lookup, 'store_shards', lambda s: None)
   dec = Decoder(lm, stores[store], table, batch_size=B, bos_id=BOS, lookup='cache',
                 cache_rows=rows, chunk_steps=4)
-  assert dec.lookup == 'cache' and dec._cache.rows == min(rows, len(table))  # pylint: disable=protected-access
-  assert bool(dec._target) == native  # pylint: disable=protected-access
+  assert dec.lookup.name == 'cache' and dec.lookup.rows == min(rows, len(table))
+  assert dec.lookup.stats()['native_misses'] == native
   prompts = [np.array(p) for p in PROMPTS]
   gen = dec.generate(prompts, max_new_tokens=6)
   ref = Decoder(lm, stores[store], table, batch_size=B, bos_id=BOS).generate(prompts, 6)
@@ -103,7 +103,7 @@ def test_cache_greedy_equals_training_path(scone, table, monkeypatch, store, row
   # The host served the matched rows >= cache_rows of the 5 pushed tokens (the first 5
   # generated), on the steps that had one.
   miss_BxS = np.array([table.match(np.array([[BOS] + p + list(t[:5])]))[0][0, -5:]
-                       for p, t in zip(PROMPTS, gen.tokens)]) >= dec._cache.rows  # pylint: disable=protected-access
+                       for p, t in zip(PROMPTS, gen.tokens)]) >= dec.lookup.rows
   assert (gen.host_rows, gen.host_calls) == (miss_BxS.sum(), miss_BxS.any(axis=0).sum())
 
 
@@ -129,7 +129,7 @@ def test_cache_loop_flops_equal_baseline(scone, table):
   row select), independent of the model's size: 2% of this d-32 test model's step,
   0.1% of the tiny preset's (benchmarks/bench_decode.py prints the ratios)."""
   lm, stores = scone
-  flops = lambda dec: compat.cost_flops(dec._chunk_program(Sampling()))  # pylint: disable=protected-access
+  flops = lambda dec: compat.cost_flops(dec.compiled_loop_chunk(Sampling()))
   f_base = flops(Decoder(lm, batch_size=B))
   f_native = flops(Decoder(lm, stores['bfloat16'], table, batch_size=B))
   f_cache = flops(Decoder(lm, stores['bfloat16'], table, batch_size=B, lookup='cache',

@@ -90,7 +90,7 @@ def test_baseline_has_nothing_to_export(tmp_path):
 
 def test_store_of_another_runs_weights_is_refused(lm, tmp_path):
   # Same table, same step, same tokenizer, another seed: only the weights fingerprint
-  # tells the stores apart, and serving (generate.open_store's expect) must refuse it.
+  # tells the stores apart, and serving (serve.session.open_store's expect) must refuse it.
   from scone_jax import run as run_lib  # pylint: disable=g-import-not-at-top
   other = _model(1)
   fp, fp_other = run_lib.weights_fingerprint(lm), run_lib.weights_fingerprint(other)
@@ -104,3 +104,27 @@ def test_store_of_another_runs_weights_is_refused(lm, tmp_path):
   with pytest.raises(artifacts.ArtifactError, match='weights_fingerprint'):
     EmbeddingStore.open(path, 'ram',
                         expect=store_meta(5, table.fingerprint, 'tok', fp_other))
+
+
+def test_non_finite_rows_fail_the_export_and_keep_the_old_store(lm, tmp_path):
+  """A diverged checkpoint (NaN weights) is never published: the export fails naming the
+  first bad row, its f-gram and the step, and the previous store's files are unchanged."""
+  table = _table(12)
+  out = tmp_path / 'export'
+  mesh = compat.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  cfg = ExportConfig(dtype='float32', batch_size=8, chunk_rows=8)
+  export_embeddings(lm, table, str(out), cfg, store_meta(5, table.fingerprint, 'tok', 'w'),
+                    mesh=mesh, progress=False)
+  before = {p.relative_to(tmp_path): p.read_bytes()
+            for p in sorted(tmp_path.rglob('*')) if p.is_file()}
+  graphdef, state = nnx.split(lm)
+  nan_lm = nnx.merge(graphdef, jax.tree.map(lambda x: x * np.nan, state))
+  with pytest.raises(ValueError, match=r'store row 0 \(f-gram \[4, 4\]\) is not finite .* '
+                                       r'checkpoint step 6'):
+    export_embeddings(nan_lm, table, str(out), cfg,
+                      store_meta(6, table.fingerprint, 'tok', 'w-nan'), mesh=mesh,
+                      progress=False)
+  after = {p.relative_to(tmp_path): p.read_bytes()
+           for p in sorted(tmp_path.rglob('*')) if p.is_file()}
+  assert after == before
+  EmbeddingStore.open(str(out), 'ram', expect=store_meta(5, table.fingerprint, 'tok', 'w'))

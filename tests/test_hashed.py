@@ -174,20 +174,21 @@ def test_decode_step_flops_are_baseline_plus_one_add_per_channel(tmp_path):
   lm = _lm('hashed')
   store = _export(lm, str(tmp_path / 'export'))
   assert store.num_rows == (MAX_N - 1) * M
-  dec = Decoder(lm, batch_size=B, hashed=HashedLookup(store, B, 'float32'), loop='host')
+  dec = Decoder(lm, store, batch_size=B, loop='host')
+  assert isinstance(dec.lookup, HashedLookup) and dec.lookup.rule == 'add'
   f_hashed = compat.cost_flops(dec.compiled_decode_step())
   f_base = compat.cost_flops(Decoder(lm, batch_size=B, loop='host').compiled_decode_step())
   assert f_base > 0
   assert f_hashed - f_base == B * D, (f_hashed, f_base)
   # The device loop's baseline body embeds with T alone (no select), so there the hashed
   # body adds the B * D adds plus the B * D select SCONE's loop also pays, and the flag test.
-  loop_h = compat.cost_flops(Decoder(lm, batch_size=B, chunk_steps=4, hashed=HashedLookup(
-      store, B, 'float32'))._chunk_program(Sampling()))  # pylint: disable=protected-access
-  loop_b = compat.cost_flops(Decoder(lm, batch_size=B, chunk_steps=4)._chunk_program(
-      Sampling()))  # pylint: disable=protected-access
+  loop_h = compat.cost_flops(Decoder(lm, store, batch_size=B,
+                                     chunk_steps=4).compiled_loop_chunk(Sampling()))
+  loop_b = compat.cost_flops(Decoder(lm, batch_size=B, chunk_steps=4).compiled_loop_chunk(
+      Sampling()))
   assert 2 * B * D <= loop_h - loop_b <= 2 * B * D + 2 * B, (loop_h, loop_b)
   with pytest.raises(ValueError, match="lookup='callback'"):
-    Decoder(lm, batch_size=B, hashed=HashedLookup(store, B, 'float32'), lookup='native')
+    Decoder(lm, store, batch_size=B, lookup='native')
 
 
 def _train_forward(lm, seq):
@@ -201,7 +202,7 @@ def _train_forward(lm, seq):
 def test_trained_run_exports_and_decodes_like_the_training_forward(tmp_path_factory):
   from scone_jax import generate
   from scone_jax.export import export_store
-  from scone_jax.serve import restore
+  from scone_jax import restore
   from scone_jax.train import loop
 
   corpus, artifacts = th.shared_dirs(str(tmp_path_factory.getbasetemp()))
@@ -223,7 +224,7 @@ def test_trained_run_exports_and_decodes_like_the_training_forward(tmp_path_fact
   run, dec = generate.build_decoder(
       restore.run_config(workdir, {'serve.batch_size': 2, 'serve.decode_loop': 'host'}),
       workdir)
-  assert dec.lookup == 'callback' and dec.store.num_rows == 2 * 257
+  assert dec.lookup.name == 'callback' and dec.store.num_rows == 2 * 257
   assert np.abs(np.asarray(run.lm.hashed.table[...])).max() > 0  # Training moved rows.
   tok = run.tokenizer
   seqs = [np.asarray(x, np.int32) for x in tok.encode(['the of and to in is that',

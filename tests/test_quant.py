@@ -156,7 +156,7 @@ def test_quantised_generation_on_every_lookup_path(quantised, table, kind, loop,
   extra = {'cache_rows': 2} if lookup == 'cache' else {}
   dec = Decoder(lm, stores[kind], table, batch_size=B, bos_id=BOS, loop=loop, lookup=lookup,
                 chunk_steps=4, **extra)
-  assert dec.lookup == ('native' if lookup == 'auto' else lookup)
+  assert dec.lookup.name == ('native' if lookup == 'auto' else lookup)
   ref = Decoder(lm, stores[f'ref-{kind[:4]}'], table, batch_size=B, bos_id=BOS, loop='host')
   got = dec.generate(prompts, max_new_tokens=6).tokens
   want = ref.generate(prompts, max_new_tokens=6).tokens

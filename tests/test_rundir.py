@@ -26,7 +26,8 @@ def _outputs(workdir: str) -> dict:
   """evaluate, export and greedy generation of the run at `workdir`."""
   from scone_jax import evaluate as evaluate_lib, generate
   from scone_jax.export.export import export_store
-  from scone_jax.serve import EmbeddingStore, restore
+  from scone_jax import restore
+  from scone_jax.serve import EmbeddingStore
   record = evaluate_lib.evaluate(workdir)
   # The host decode loop: main's device loop does not compile on an 8-device CPU mesh yet.
   cfg = restore.run_config(workdir, {'serve.max_new_tokens': 5, 'serve.temperature': 0.0,
@@ -93,7 +94,7 @@ def test_vocab_600_run_with_its_corpus_deleted_and_moved(tmp_path):
   """model.vocab_size=600 over a 512-piece tokenizer: evaluate, export, generate and the
   accounting use the trained size, before and after the corpus goes and W moves."""
   from scone_jax import generate
-  from scone_jax.serve import restore
+  from scone_jax import restore
   from scone_jax.serve.accounting import account
   from scone_jax.train import loop
   corpus = str(tmp_path / 'corpus')
@@ -159,7 +160,7 @@ def _closure(start: str) -> dict[str, str]:
 
 
 def _readers() -> list[str]:
-  mods = ['scone_jax.evaluate', 'scone_jax.generate', 'scone_jax.run']
+  mods = ['scone_jax.evaluate', 'scone_jax.generate', 'scone_jax.restore', 'scone_jax.run']
   for pkg in ('serve', 'export'):
     for f in sorted((REPO / 'scone_jax' / pkg).glob('*.py')):
       mods.append(f'scone_jax.{pkg}' + ('' if f.stem == '__init__' else f'.{f.stem}'))

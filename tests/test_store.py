@@ -9,6 +9,7 @@ import pytest
 import tensorstore as ts
 
 from scone_jax import artifacts
+from scone_jax.export import format as store_format
 from scone_jax.export import writer
 from scone_jax.serve import EmbeddingStore
 
@@ -35,17 +36,17 @@ def test_gather_matches_numpy_reference(tmp_path, dtype, tier, reader):
   store = EmbeddingStore.open(path, tier, expect={'checkpoint_step': 7},
                               disk_reader=reader, verify=True)
   assert store.reader == {'ram': 'numpy'}.get(tier, reader)
-  want_SxD = _rows(0, S).astype(writer.DTYPES[dtype])
+  want_SxD = _rows(0, S).astype(store_format.DTYPES[dtype])
   rows_N = np.array([0, -1, 999, 255, 256, 3, 3, -1, 511, 767, 768])
   got_NxD = store.gather(rows_N)
-  assert got_NxD.dtype == writer.DTYPES[dtype]
+  assert got_NxD.dtype == store_format.DTYPES[dtype]
   ref_NxD = np.stack([want_SxD[r] if r >= 0 else np.zeros(D, want_SxD.dtype)
                       for r in rows_N])
   np.testing.assert_array_equal(got_NxD.astype(np.float32), ref_NxD.astype(np.float32))
   assert store.gather(np.array([-1, -1])).any() == 0
   assert store.gather(np.zeros(0, np.int64)).shape == (0, D)
   assert (store.num_rows, store.d_model) == (S, D)
-  assert store.nbytes == S * D * writer.DTYPES[dtype].itemsize
+  assert store.nbytes == S * D * store_format.DTYPES[dtype].itemsize
   assert store.stats.calls == 3 and store.stats.rows == len(rows_N) + 2
   assert store.stats.hits == 9 and store.stats.bytes > 0
   with pytest.raises(IndexError, match='different f-gram tables'):
@@ -117,7 +118,8 @@ def test_zarr_python_reads_the_store(tmp_path, dtype):
   path = _write(tmp_path / 'export', dtype)
   z = zarr.open_array(path, mode='r')
   assert z.shape == (S, D)
-  np.testing.assert_array_equal(np.asarray(z[:]), _rows(0, S).astype(writer.DTYPES[dtype]))
+  np.testing.assert_array_equal(np.asarray(z[:]),
+                                _rows(0, S).astype(store_format.DTYPES[dtype]))
 
 
 def test_resume_skips_done_shards_and_result_is_identical(tmp_path):
@@ -144,6 +146,30 @@ def test_resume_skips_done_shards_and_result_is_identical(tmp_path):
   assert not (tmp_path / 'export.partial').exists()
   assert not (tmp_path / 'export.partial.done').exists()
   store = EmbeddingStore.open(str(out), 'ram', verify=True)
+  np.testing.assert_array_equal(store.gather(np.arange(S)), _rows(0, S))
+
+
+def test_non_finite_shard_fails_keeps_the_old_store_and_resumes(tmp_path):
+  """A NaN in the third shard fails the write naming its row; the complete store already at
+  out stays byte-identical (the new rows go to the partial write), and a rerun with finite
+  rows resumes after the two good shards."""
+  out = tmp_path / 'export'
+  _write(out, meta={'checkpoint_step': 6})
+  old = {p: p.read_bytes() for p in sorted(out.rglob('*')) if p.is_file()}
+
+  def nan_at_row_600(start, stop):
+    rows = _rows(start, stop)
+    if start <= 600 < stop:
+      rows[600 - start, 3] = np.nan
+    return rows
+
+  with pytest.raises(ValueError, match=r'store row 600 is not finite .* checkpoint step 7'):
+    _write(out, fn=nan_at_row_600)
+  assert {p: p.read_bytes() for p in sorted(out.rglob('*')) if p.is_file()} == old
+  resumed = []
+  _write(out, fn=lambda a, b: resumed.append(a) or _rows(a, b))
+  assert resumed == [512, 768]
+  store = EmbeddingStore.open(str(out), 'ram', verify=True, expect={'checkpoint_step': 7})
   np.testing.assert_array_equal(store.gather(np.arange(S)), _rows(0, S))
 
 
@@ -179,7 +205,7 @@ def test_fingerprint_mismatch_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize('tier', ['ram', 'disk'])
 def test_truncated_store_is_a_clear_error(tmp_path, tier):
   path = _write(tmp_path / 'export')
-  shard = os.path.join(path, writer.shard_file(1))
+  shard = os.path.join(path, store_format.shard_file(1))
   with open(shard, 'r+b') as f:
     f.truncate(os.path.getsize(shard) // 2)
   with pytest.raises(artifacts.ArtifactError, match='truncated'):
@@ -217,7 +243,7 @@ def test_missing_store_tells_how_to_export(tmp_path):
 
 
 def _flip_byte(path, shard, offset):
-  shard = os.path.join(path, writer.shard_file(shard))
+  shard = os.path.join(path, store_format.shard_file(shard))
   with open(shard, 'r+b') as f:
     f.seek(offset)
     byte = f.read(1)[0]

@@ -10,7 +10,7 @@ from ml_collections import config_flags
 from scone_jax import config as config_lib
 from scone_jax import logs
 from scone_jax.export.export import export_store
-from scone_jax.serve import restore
+from scone_jax import restore
 
 flags.DEFINE_string('workdir', None, 'Training run directory.', required=True)
 _CONFIG = config_flags.DEFINE_config_dict('config', config_lib.base_config(),

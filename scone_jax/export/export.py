@@ -20,13 +20,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from scone_jax import compat, paths
+from scone_jax import compat, paths, restore
 from scone_jax.config import Config, ExportConfig
+from scone_jax.export.format import EXPORT_DIR, hashed_meta, store_meta
 from scone_jax.export.writer import write_store
 from scone_jax.model import SconeLM, fgram_table, model_shardings
 from scone_jax.model.hashed import hash_fingerprint
-
-EXPORT_DIR = 'export'
 
 
 def export_embeddings(lm: SconeLM, table: Any, out_dir: str, export_cfg: ExportConfig,
@@ -102,7 +101,7 @@ def export_embeddings(lm: SconeLM, table: Any, out_dir: str, export_cfg: ExportC
   with compat.set_mesh(mesh):
     return write_store(out_dir, num_rows, d_model, export_cfg.dtype,
                        export_cfg.chunk_rows, compute_rows, meta, progress=progress,
-                       quant=export_cfg.quant)
+                       quant=export_cfg.quant, row_name=lambda r: _fgram_name(table, r))
 
 
 def export_hashed(lm: SconeLM, out_dir: str, export_cfg: ExportConfig,
@@ -123,21 +122,21 @@ def export_hashed(lm: SconeLM, out_dir: str, export_cfg: ExportConfig,
   def compute_rows(start: int, stop: int) -> np.ndarray:
     return np.asarray(table[start:stop], np.float32) * scale
 
+  buckets = lm.hashed.buckets
   return write_store(out_dir, table.shape[0], table.shape[1], export_cfg.dtype,
-                     export_cfg.chunk_rows, compute_rows, meta, progress=progress)
+                     export_cfg.chunk_rows, compute_rows, meta, progress=progress,
+                     row_name=lambda r: (f'store row {r} (order {r // buckets + 2}, bucket '
+                                         f'{r % buckets})'))
 
 
-def hashed_meta(cfg: Config) -> dict[str, Any]:
-  """The manifest fields that say how a hashed store's rows are addressed."""
-  fm = cfg.fgram_model
-  return {'hash_max_n': fm.hash_max_n, 'hash_buckets': fm.hash_buckets}
+def _fgram_name(table: Any, row: int) -> str:
+  """How an error names store row `row`: its f-gram's token ids."""
+  tokens = table.tokens_of(np.array([row]))[0][:int(table.lengths[row])]
+  return f'store row {row} (f-gram {tokens.tolist()})'
 
 
 def export_store(cfg: Config, workdir: str, progress: bool = True) -> str:
   """Exports W's latest checkpoint's f-gram embeddings to W/export; returns the path."""
-  # Imported here: scone_jax.serve imports this package (the store reads the writer's
-  # format), so a module-level import would be circular.
-  from scone_jax.serve import restore  # pylint: disable=g-import-not-at-top
   run = restore.load_run(cfg, workdir, with_table=True)
   out = paths.join(paths.resolve(workdir), EXPORT_DIR)
   if cfg.fgram_model.kind == 'hashed':
@@ -152,13 +151,3 @@ def export_store(cfg: Config, workdir: str, progress: bool = True) -> str:
                     run.weights_fingerprint)
   logging.info('export: A_f over %d f-grams of step %d -> %s', len(run.table), run.step, out)
   return export_embeddings(run.lm, run.table, out, cfg.export, meta, run.mesh, progress)
-
-
-def store_meta(step: int, table_fingerprint: str, tokenizer_fingerprint: str,
-               weights_fingerprint: str) -> dict[str, Any]:
-  """What the store depends on: the manifest fields `EmbeddingStore.open(..., expect=...)`
-  checks so a store is never served with another checkpoint, table, tokenizer or run's
-  weights (`run.weights_fingerprint`)."""
-  return {'checkpoint_step': int(step), 'table_fingerprint': table_fingerprint,
-          'tokenizer_fingerprint': tokenizer_fingerprint,
-          'weights_fingerprint': weights_fingerprint}

@@ -1,24 +1,6 @@
 """Streaming, resumable writer of an [S, d] row matrix as a sharded zarr3 store.
 
-Layout of a finished store directory (a plain zarr3 array at the root, so any zarr3
-reader opens it without this project):
-
-  <out>/zarr.json        zarr3 array metadata: shape [S, d], sharding_indexed codec
-                         (a quantised store, export.quant 'int8' | 'fp8': [S, d + 4] of
-                         int8 | float8_e4m3fn, each row's float32 scale in its last 4
-                         bytes; export/quant.py)
-  <out>/c/<i>/0          shard i: rows [i * chunk_rows, (i + 1) * chunk_rows)
-  <out>/manifest.json    written last: kind, S, d, dtype (stored), quant, row_width (the
-                         stored columns: d, or d + 4 quantised), per-shard crc32c and sha256 of
-                         the row bytes, per-file sizes and sha256, plus the caller's
-                         metadata
-
-The per-shard crc32c (Castagnoli, ~10 GB/s with the google-crc32c C extension, 6x sha256)
-is what a reader checks while it loads (ram tier) or when it first touches a shard (disk
-tier): verification costs little next to reading the bytes.
-
-Shards are uncompressed (bytes codec): rows of a trained embedding matrix do not
-compress, and raw inner chunks keep disk-tier row reads cheap.
+The layout of a finished store is in export/format.py.
 
 Work happens in `<out>.partial/` with one done-marker per shard in `<out>.partial.done/`
 (outside the store so the store stays a clean zarr3 array). A rerun after a kill skips
@@ -27,6 +9,10 @@ the manifest are on disk, so a reader never sees a half-written store as complet
 In an object store (gs://, no rename) the shards are written in place under `<out>`
 after its old manifest is removed, and the manifest, written last, is the completion
 marker `EmbeddingStore.open` requires.
+
+Every shard's rows are checked finite before it is written, and nothing at `<out>` is
+touched before the first shard passes: a diverged checkpoint (NaN weights) fails the
+export naming the first bad row and leaves the previous store as it was.
 """
 
 from __future__ import annotations
@@ -37,64 +23,13 @@ import os
 import shutil
 from typing import Any, Callable
 
-import google_crc32c
-import ml_dtypes
 import numpy as np
 import tensorstore as ts
 import tqdm
 
 from scone_jax import artifacts, paths
 from scone_jax.export import quant as quant_lib
-
-STORE_KIND = 'fgram_embedding_store'
-# export.dtype choices (unquantised rows).
-DTYPES = {'bfloat16': np.dtype(ml_dtypes.bfloat16), 'float16': np.dtype(np.float16),
-          'float32': np.dtype(np.float32)}
-# Every dtype a store may hold: the export dtypes and the quantised ones.
-STORE_DTYPES = {**DTYPES, **quant_lib.NP_DTYPES}
-
-
-def row_width(manifest: dict[str, Any]) -> int:
-  """Stored columns per row (d, or d + 4 for a quantised store; stores written before
-  quantisation have no row_width and hold d)."""
-  return int(manifest.get('row_width', manifest['d_model']))
-
-
-def zarr3_spec(path: str, num_rows: int | None = None, d_model: int | None = None,
-               dtype: str | None = None, chunk_rows: int | None = None,
-               inner_rows: int | None = None) -> dict[str, Any]:
-  """The tensorstore spec of the store at `path`; with shapes given, the create spec."""
-  spec: dict[str, Any] = {'driver': 'zarr3',
-                          'kvstore': paths.kvstore(path)}
-  if num_rows is None:
-    return spec
-  raw = [{'name': 'bytes', 'configuration': {'endian': 'little'}}]
-  spec['metadata'] = {
-      'shape': [num_rows, d_model],
-      'data_type': dtype,
-      'chunk_grid': {'name': 'regular',
-                     'configuration': {'chunk_shape': [chunk_rows, d_model]}},
-      'codecs': [{'name': 'sharding_indexed', 'configuration': {
-          'chunk_shape': [inner_rows, d_model],
-          'codecs': raw,
-          'index_codecs': raw + [{'name': 'crc32c'}],
-          'index_location': 'end'}}],
-  }
-  return spec
-
-
-def crc32c(data: np.ndarray) -> int:
-  """crc32c of a C-contiguous array's bytes (without copying them)."""
-  view = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-  if view.flags.writeable:
-    view = view.view()
-    view.flags.writeable = False  # The C extension takes read-only buffers only.
-  return google_crc32c.value(view) if view.size else 0
-
-
-def shard_file(i: int) -> str:
-  """Relative path of shard i (default zarr3 chunk key encoding, '/' separator)."""
-  return f'c/{i}/0'
+from scone_jax.export.format import DTYPES, STORE_KIND, crc32c, shard_file, zarr3_spec
 
 
 def _plan_matches(path: str, plan: dict[str, Any]) -> bool:
@@ -104,10 +39,42 @@ def _plan_matches(path: str, plan: dict[str, Any]) -> bool:
     return False
 
 
+def _check_finite(rows_RxD: np.ndarray, start: int, row_name: Callable[[int], str],
+                  meta: dict[str, Any]) -> None:
+  """Raises naming the first row of rows_RxD (store rows from `start`) that holds a NaN or
+  an Inf: a store is never written with rows the decoder would serve as garbage."""
+  bad_R = ~np.isfinite(np.asarray(rows_RxD, np.float32)).all(axis=1)
+  if bad_R.any():
+    r = start + int(np.argmax(bad_R))
+    step = meta.get('checkpoint_step', 'unknown')
+    raise ValueError(
+        f'{row_name(r)} is not finite (NaN/Inf) in the weights of checkpoint step {step}; '
+        'nothing was published and any previous store is unchanged. Export a checkpoint '
+        'whose training did not diverge (see W/metrics.jsonl)')
+
+
+def _open_partial(resume: bool, out_dir: str, partial: str, done_dir: str, plan_path: str,
+                  plan: dict[str, Any], remote: bool, create_spec: dict[str, Any]):
+  """The array the shards are written into: the partial write being resumed, or a fresh
+  one (discarding a partial write of another plan)."""
+  if not resume:
+    if remote:  # Unpublish first: the manifest is the completion marker.
+      paths.remove(paths.join(out_dir, artifacts.MANIFEST))
+    paths.rmtree(partial)
+    paths.rmtree(done_dir)
+    paths.makedirs(done_dir)
+    ts.open(create_spec, create=True, delete_existing=True).result()
+    artifacts.write_json_atomic(plan_path, plan)
+  # Zero rows are stored too, so every shard holds all its inner chunks in order and the
+  # disk tier can memory-map it (serve/store.py checks the shard index before it does).
+  return ts.open({**zarr3_spec(partial), 'store_data_equal_to_fill_value': True}).result()
+
+
 def write_store(out_dir: str, num_rows: int, d_model: int, dtype: str, chunk_rows: int,
                 compute_rows: Callable[[int, int], np.ndarray], meta: dict[str, Any],
                 inner_rows: int = 64, progress: bool = True,
-                quant: quant_lib.Quant = 'none') -> str:
+                quant: quant_lib.Quant = 'none',
+                row_name: Callable[[int], str] = lambda r: f'store row {r}') -> str:
   """Writes rows [0, num_rows) produced by `compute_rows` as a zarr3 store at `out_dir`.
 
   Streams: only one shard (chunk_rows x d) is in host memory at a time. Resumes a
@@ -128,6 +95,13 @@ def write_store(out_dir: str, num_rows: int, d_model: int, dtype: str, chunk_row
     progress: show a progress bar.
     quant: 'none', or 'int8' | 'fp8': rows quantised on the host with a float32 scale
       per row (export/quant.py), stored as [S, d + 4].
+    row_name: row -> how an error names it (e.g. its f-gram).
+
+  Raises:
+    ValueError: a computed row holds a NaN or an Inf (checked per shard before it is
+      written; nothing at `out_dir` has changed then, except in an object store, where
+      rows are written in place and an earlier shard's good rows may have replaced the
+      old store's).
 
   Returns:
     out_dir.
@@ -154,19 +128,8 @@ def write_store(out_dir: str, num_rows: int, d_model: int, dtype: str, chunk_row
   plan = {'num_rows': num_rows, 'd_model': d_model, 'dtype': stored, 'quant': quant,
           'chunk_rows': chunk_rows, 'inner_rows': inner_rows, 'meta': meta}
   plan_path = paths.join(done_dir, 'plan.json')
-  if not (paths.exists(paths.join(partial, 'zarr.json')) and _plan_matches(plan_path, plan)):
-    if remote:  # Unpublish first: the manifest is the completion marker.
-      paths.remove(paths.join(out_dir, artifacts.MANIFEST))
-    paths.rmtree(partial)
-    paths.rmtree(done_dir)
-    paths.makedirs(done_dir)
-    ts.open(zarr3_spec(partial, num_rows, width, stored, chunk_rows, inner_rows),
-            create=True, delete_existing=True).result()
-    artifacts.write_json_atomic(plan_path, plan)
-  # Zero rows are stored too, so every shard holds all its inner chunks in order and the
-  # disk tier can memory-map it (serve/store.py checks the shard index before it does).
-  array = ts.open({**zarr3_spec(partial), 'store_data_equal_to_fill_value': True}).result()
-
+  resume = (paths.exists(paths.join(partial, 'zarr.json')) and
+            _plan_matches(plan_path, plan))
   num_shards = -(-num_rows // chunk_rows)
   shard_sha = [''] * num_shards
   shard_crc = [0] * num_shards
@@ -174,7 +137,7 @@ def write_store(out_dir: str, num_rows: int, d_model: int, dtype: str, chunk_row
   for i in range(num_shards):
     marker = paths.join(done_dir, f'{i}.json')
     done = None
-    if paths.exists(marker) and paths.exists(paths.join(partial, shard_file(i))):
+    if resume and paths.exists(marker) and paths.exists(paths.join(partial, shard_file(i))):
       done = json.loads(paths.read_text(marker))
     if done and 'crc32c' in done:
       shard_sha[i], shard_crc[i] = done['sha256'], done['crc32c']
@@ -183,12 +146,21 @@ def write_store(out_dir: str, num_rows: int, d_model: int, dtype: str, chunk_row
   done_rows = num_rows - sum(min(chunk_rows, num_rows - i * chunk_rows) for i in todo)
   bar = tqdm.tqdm(total=num_rows, initial=done_rows, unit='row', desc='export',
                   disable=not progress)
+  array = None
   for i in todo:
     start, stop = i * chunk_rows, min((i + 1) * chunk_rows, num_rows)
     rows_RxD = np.asarray(compute_rows(start, stop))
     if rows_RxD.shape != (stop - start, d_model):
       raise ValueError(f'compute_rows({start}, {stop}) returned shape {rows_RxD.shape}, '
                        f'expected {(stop - start, d_model)}')
+    _check_finite(rows_RxD, start, row_name, meta)
+    if array is None:
+      # Only now that the first new rows are known good is anything at out_dir touched
+      # (an object store's old manifest removed), so a run whose rows are not finite
+      # leaves the previous store as it was.
+      array = _open_partial(resume, out_dir, partial, done_dir, plan_path, plan, remote,
+                            zarr3_spec(partial, num_rows, width, stored, chunk_rows,
+                                       inner_rows))
     rows_RxD = np.ascontiguousarray(rows_RxD.astype(np_dtype) if quant == 'none' else
                                     quant_lib.quantize(rows_RxD, quant))
     array[start:stop].write(rows_RxD).result()

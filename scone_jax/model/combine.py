@@ -9,7 +9,7 @@ embedding e (A_f's output, or a table row for kind='table'); elsewhere x = T(x_i
   gate     x = T(x_i) + sigmoid(g) * (e - T(x_i)) (g: a learned per-channel gate, [D])
 
 `combine` applies the rule. The training forward (`SconeLM.input_embeddings`) calls it
-with the run's mode; every decode step (serve/decode.py prefill and step, serve/
+with the run's mode; every decode step (serve/steps.py prefill and step, serve/
 device_loop.py) calls it with `stored_rule(mode)` on the rows of the exported store,
 which `store_rows` computes from e at export:
   replace  store e;                    step: where(mask, row, T(x_i))      (the baseline's

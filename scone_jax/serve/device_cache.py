@@ -2,9 +2,10 @@
 asked only for the rows the cache misses, and not at all on a step where every row hits.
 
 Dimension letters: B batch, L = K - 1 matcher levels, S table rows, C cached rows,
-D d_model, E = D + 1 (slab row: f-gram row, then the match flag).
+W the stored row width (D, or D + 4 quantised), E = W + 1 (slab row: f-gram row, then the
+match flag).
 
-The per-step lookup of the other modes (serve/device_loop.py) is a host call on every
+The per-step lookup of the other modes (serve/lookup.py) is a host call on every
 step, on the critical path between two device steps. Here the device does what it can:
   * Match. The table's match index (fgrams/index.py: an f-gram of n tokens is the pair
     (row of its (n-1)-token prefix, its last token), n = 2: (first token, last token))
@@ -15,7 +16,7 @@ step, on the critical path between two device steps. Here the device does what i
     miss ends it) as L binary searches over the sorted pairs, all levels at once. Same
     pairs, same chain: the same row as the host matcher, bit for bit.
   * Cache. Table rows are in rank order (count desc), so the C most frequent f-grams are
-    rows [0, C): they sit on the device as rows_CxD in the store's dtype (C x D x itemsize
+    rows [0, C): they sit on the device as rows_CxW in the store's dtype (C x W x itemsize
     bytes of accelerator memory) and are gathered there.
   * Misses. A row >= C comes from the host store through one call for the batch (ids of
     the other rows -1): an XLA FFI call into a compiled gather on the CPU backend
@@ -23,8 +24,8 @@ step, on the critical path between two device steps. Here the device does what i
     sits inside `lax.cond`, so a step whose rows all hit the cache (or match nothing)
     makes no host call at all.
 The host matcher is not advanced during the loop (the next generation primes it again).
-Accelerator memory: 12 S bytes for the match index plus C D itemsize for the rows
-(`DeviceCache.device_bytes`); the FLOPs of a step stay the backbone's (comparisons of
+Accelerator memory: 12 S bytes for the match index plus C W itemsize for the rows
+(`DeviceCacheLookup.device_bytes`); the FLOPs of a step stay the backbone's (comparisons of
 L log2 S binary-search steps per row; tests compare XLA's counts with the baseline's).
 Measured (BENCHMARKS.md): on the CPU backend it is slower than lookup='native', whose host
 call costs ~2 us, while the binary searches run as a loop of small XLA:CPU ops; and on text
@@ -34,18 +35,19 @@ host rows and transfer, not the per-step host sync. It is meant for accelerators
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import weakref
 
 import jax
 import jax.numpy as jnp
 import numba
 import numpy as np
-from jax.experimental import io_callback
 from numba import types
 
 from scone_jax.fgrams import index as index_lib
+from scone_jax.serve import lookup as lookup_lib
 from scone_jax.serve import native_lookup
+from scone_jax.serve.host_lookup import HostLookup
 # The FFI call-frame helpers of the per-step native lookup (one reading of XLA's C API).
 from scone_jax.serve.native_lookup import _ptr, _views  # pylint: disable=g-importing-member
 
@@ -181,85 +183,119 @@ def _register(bits: int) -> str:
   return native_lookup.register_target(_TARGET.format(bits=bits), handler)
 
 
-class DeviceCache:
-  """One decoder's device match index, cached rows and miss path.
+@dataclasses.dataclass(frozen=True)
+class CacheStep:
+  """`loop_step` of lookup='cache': (operand, token_B, codes_BxL) -> (slab_BxE for token_B,
+  codes_BxL after the push). target: the miss gather's FFI target ('' = host callback)."""
+  target: str
+  row_width: int
+  dtype: np.dtype
+
+  def __call__(self, operand, token_B, codes_BxL):
+    row_B, codes_BxL = push(operand['a'], operand['b'], operand['row'], codes_BxL, token_B)
+    rows_CxW = operand['rows']  # Raw bits of the store's dtype.
+    c = rows_CxW.shape[0]
+    miss_B = row_B >= c
+    shape = jax.ShapeDtypeStruct((token_B.shape[0], self.row_width), rows_CxW.dtype)
+
+    def from_host(ids_B):
+      if self.target:
+        return jax.ffi.ffi_call(self.target, shape, has_side_effect=True)(ids_B,
+                                                                          operand['host'])
+      return lookup_lib.call_host(operand['host'], ids_B, shape)
+
+    host_BxW = jax.lax.cond(jnp.any(miss_B), from_host,
+                            lambda ids_B: jnp.zeros(shape.shape, shape.dtype),
+                            jnp.where(miss_B, row_B, -1))
+    if c:
+      cached_BxW = jnp.where((row_B >= 0)[:, None], rows_CxW[jnp.clip(row_B, 0, c - 1)], 0)
+      rows_BxW = jnp.where(miss_B[:, None], host_BxW, cached_BxW)  # No match: zeros.
+    else:
+      rows_BxW = host_BxW
+    flag_Bx1 = (row_B >= 0)[:, None].astype(self.dtype)
+    rows_BxW = jax.lax.bitcast_convert_type(rows_BxW, jnp.dtype(self.dtype))
+    return jnp.concatenate([rows_BxW, flag_Bx1], axis=1), codes_BxL
+
+
+class DeviceCacheLookup(HostLookup):
+  """lookup='cache': one decoder's device match index, cached rows and miss path. The
+  prompt and the host steps (host loop, teacher forcing) are `HostLookup`'s; the device
+  loop starts from the matcher state the prompt left.
 
   Args:
-    store, table: the decoder's (rows of the store = rows of the table).
+    store, table, batch_size, rule: as `HostLookup`'s (rows of the store = rows of the
+      table).
     rows: C, the most frequent f-grams kept on the device (capped at the table's size).
-    batch_size: B.
     native: miss gather through the FFI call (CPU backend, store in memory or memmapped);
       False: through a host callback.
-  `operand` is the pytree the loop reads; `counters` = (rows served by the host, host
-  calls), updated by the native gather and the callback alike.
+  Attributes: `rows` (C), `native`, `device_bytes`; `counters()`: (rows served by the
+  host, host calls), counted by the native gather and the callback alike.
   """
 
-  def __init__(self, store, table, rows: int, batch_size: int, native: bool):
+  name = 'cache'
+
+  def __init__(self, store, table, batch_size: int, rule: str, rows: int, native: bool):
     if rows < 0:
       raise ValueError(f'cache rows={rows} must be >= 0 (config.serve.cache_rows)')
-    # d: the stored columns of a row (d_model, or d_model + 4 for a quantised store,
-    # dequantised by the step after the gather like the other lookups' slabs).
-    self.store, self.batch_size, self.d = store, batch_size, store.row_width
+    super().__init__(store, table, batch_size, rule)
     self.index = MatchIndex(table)
     self.rows = min(rows, self.index.row_S.size)
-    self.counters = np.zeros(2, np.int64)
+    self.native = native
+    self._host_counts = np.zeros(2, np.int64)
     # Raw bits (uint16 for bf16/fp16): XLA:CPU would convert a bf16 operand of the gather
-    # to f32 as a whole, C x D work on every step; integers gather as they are.
+    # to f32 as a whole, C x W work on every step; integers gather as they are.
     self.raw = np.dtype(f'u{store.dtype.itemsize}')
-    rows_CxD = store.gather(np.arange(self.rows, dtype=np.int64)).view(self.raw)
-    self.target = ''
+    rows_CxW = store.gather(np.arange(self.rows, dtype=np.int64)).view(self.raw)
+    self._target = ''
     if native:
       shards, chunk_rows = native_lookup.store_shards(store)
       ctx = np.zeros(_HEAD + 2 * len(shards), np.int64)
-      ctx[[_B, _D, _SHARDS, _CHUNK]] = batch_size, self.d, len(shards), chunk_rows
-      ctx[_COUNTERS] = self.counters.ctypes.data
+      ctx[[_B, _D, _SHARDS, _CHUNK]] = batch_size, self.row_width, len(shards), chunk_rows
+      ctx[_COUNTERS] = self._host_counts.ctypes.data
       for i, a in enumerate(shards):
         ctx[_HEAD + 2 * i], ctx[_HEAD + 2 * i + 1] = a.ctypes.data, a.shape[0]
       self._keep = (shards, ctx)
-      self.target = _register(shards[0].dtype.itemsize * 8)
+      self._target = _register(shards[0].dtype.itemsize * 8)
       host = jnp.asarray(ctx.view(np.uint32))
     else:
-      from scone_jax.serve import device_loop  # pylint: disable=g-import-not-at-top
-      host = jnp.int32(device_loop.register_callback(self.host_rows))
-    self.operand = {'a': jnp.asarray(self.index.a_S), 'b': jnp.asarray(self.index.b_S),
-                    'row': jnp.asarray(self.index.row_S), 'rows': jnp.asarray(rows_CxD),
-                    'host': host}
+      host = jnp.int32(lookup_lib.register_callback(self.host_rows))
+    self._operand = {'a': jnp.asarray(self.index.a_S), 'b': jnp.asarray(self.index.b_S),
+                     'row': jnp.asarray(self.index.row_S), 'rows': jnp.asarray(rows_CxW),
+                     'host': host}
 
   @property
   def device_bytes(self) -> int:
     """Accelerator memory: the match index plus the cached rows."""
-    return self.index.nbytes + self.rows * self.d * self.store.dtype.itemsize
+    return self.index.nbytes + self.rows * self.row_width * self.store.dtype.itemsize
 
   def host_rows(self, ids_B: np.ndarray) -> np.ndarray:
-    """The callback miss path: rows_BxD of the store for ids_B >= 0, zeros elsewhere."""
+    """The callback miss path: rows_BxW of the store for ids_B >= 0, zeros elsewhere."""
     ids_B = np.asarray(ids_B, np.int64)
-    self.counters += (int((ids_B >= 0).sum()), 1)
+    self._host_counts += (int((ids_B >= 0).sum()), 1)
     return self.store.gather(ids_B).view(self.raw)  # -1: a zero row.
 
+  @property
+  def loop_step(self):
+    return CacheStep(self._target, self.row_width, self.slab_dtype)
 
-def lookup(operand, target: str, token_B, codes_BxL, d_model: int, dtype):
-  """Inside the loop: (slab_BxE for token_B, codes_BxL after the push)."""
-  from scone_jax.serve import device_loop  # pylint: disable=g-import-not-at-top
-  row_B, codes_BxL = push(operand['a'], operand['b'], operand['row'], codes_BxL, token_B)
-  rows_CxD = operand['rows']  # Raw bits of the store's dtype.
-  c = rows_CxD.shape[0]
-  miss_B = row_B >= c
-  shape = jax.ShapeDtypeStruct((token_B.shape[0], d_model), rows_CxD.dtype)
+  @property
+  def loop_operand(self):
+    return self._operand
 
-  def from_host(ids_B):
-    if target:
-      return jax.ffi.ffi_call(target, shape, has_side_effect=True)(ids_B, operand['host'])
-    return io_callback(device_loop._host_slab, shape, operand['host'],  # pylint: disable=protected-access
-                          ids_B, ordered=False)
+  def loop_state(self, first_B):
+    # The prompt kernel left the host matcher primed: its state starts the device's.
+    return jnp.asarray(self.matcher.kernel_args[0].astype(np.int32))
 
-  host_BxD = jax.lax.cond(jnp.any(miss_B), from_host,
-                          lambda ids_B: jnp.zeros(shape.shape, shape.dtype),
-                          jnp.where(miss_B, row_B, -1))
-  if c:
-    cached_BxD = jnp.where((row_B >= 0)[:, None], rows_CxD[jnp.clip(row_B, 0, c - 1)], 0)
-    rows_BxD = jnp.where(miss_B[:, None], host_BxD, cached_BxD)  # No match: zeros.
-  else:
-    rows_BxD = host_BxD
-  flag_Bx1 = (row_B >= 0)[:, None].astype(dtype)
-  rows_BxD = jax.lax.bitcast_convert_type(rows_BxD, jnp.dtype(dtype))
-  return jnp.concatenate([rows_BxD, flag_Bx1], axis=1), codes_BxL
+  def counters(self) -> np.ndarray:
+    return self._host_counts.copy()
+
+  def settle(self, before: np.ndarray) -> dict[str, int]:
+    rows, calls = (int(x) for x in self._host_counts - before)
+    if self._target:  # The callback's store.gather counts itself.
+      self.store.stats.add(rows, rows, rows * self.row_width * self.slab_dtype.itemsize,
+                           0.0)
+    return {'host_calls': calls, 'host_rows': rows}
+
+  def stats(self) -> dict:
+    return {**super().stats(), 'cache_rows': self.rows, 'native_misses': self.native,
+            'device_bytes': self.device_bytes}

@@ -10,8 +10,9 @@ each row's last hash_max_n tokens (`model.hashed.history_rows_np`, the same hash
 training), gathers the O rows in one `EmbeddingStore.gather`, sums them in float32 in order
 n = 2, 3, ... (as the training forward does) and hands the decode step one [B, E] slab in
 the model's compute dtype. The step adds it: x = T(x_i) + slab where the flag is set
-(decode._inputs with combine='add'): D adds per token over the baseline's step. The prompt
-goes through the same path in one batched host call (`prompt_slab`).
+(serve/steps.py `inputs` with rule 'add'): D adds per token over the baseline's step. The
+prompt goes through the same path in one batched host call (`prompt_slab`); the device loop
+reaches `step_slab` through the host callback (serve/lookup.py).
 """
 
 from __future__ import annotations
@@ -19,10 +20,16 @@ from __future__ import annotations
 import numpy as np
 
 from scone_jax.model.hashed import hash_fingerprint, history_rows_np, prompt_rows_np
+from scone_jax.serve import lookup as lookup_lib
 from scone_jax.serve.store import EmbeddingStore
 
 
-class HashedLookup:
+def is_hashed_store(store: EmbeddingStore) -> bool:
+  """Whether `store` holds hashed n-gram tables (export_hashed) rather than f-gram rows."""
+  return 'hash_max_n' in store.manifest
+
+
+class HashedLookup(lookup_lib.CallbackLookup):
   """Per-row token history + the store: `prompt_slab` primes it, `step_slab` advances it.
 
   Args:
@@ -30,6 +37,8 @@ class HashedLookup:
     batch_size: B.
     slab_dtype: the dtype the decode step adds (the model's compute dtype).
   """
+
+  name = 'callback'
 
   def __init__(self, store: EmbeddingStore, batch_size: int, slab_dtype):
     manifest = store.manifest
@@ -44,9 +53,9 @@ class HashedLookup:
       raise ValueError(f'{store.path} was hashed with another function (table_fingerprint '
                        f"{manifest.get('table_fingerprint')!r}); re-export it with this "
                        'version of scone_jax')
-    self.store, self.batch_size = store, batch_size
+    # Over-Encoding adds the summed rows to T(x_i): the rule 'add' (model/combine.py).
+    super().__init__(store, batch_size, store.d_model, slab_dtype, 'add')
     self.d_model = store.d_model
-    self.slab_dtype = np.dtype(slab_dtype)
     self._history_BxH = np.zeros((batch_size, self.max_n), np.int64)
     self._count_B = np.zeros(batch_size, np.int64)
 

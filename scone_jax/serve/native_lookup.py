@@ -6,7 +6,7 @@ or d_model + 4 for a quantised store), E = D + 1.
 A device decode loop needs, every step, the f-gram row of the token it just sampled. On
 the CPU backend a JAX host callback (`io_callback`) costs ~200 us per call on our 2-core
 machines (a thread hand-off and the GIL), more than a whole tiny-model step. Here the same
-compiled work as `Decoder.step_slab` (`IncrementalMatcher.push` + the store gather + the
+compiled work as `HostLookup.step_slab` (`IncrementalMatcher.push` + the store gather + the
 match flag; `sharded_slab_kernel` reads the 'ram' tier's matrix or the 'disk' tier's
 memory-mapped shards) is registered as a typed XLA FFI handler:
 a numba `cfunc` that reads XLA's C call frame directly, so XLA:CPU calls it inline like any
@@ -19,8 +19,10 @@ host arrays' addresses, see `LookupContext`) and writes one result (slab_BxE in 
 store's dtype). It never fails: tokens come from the model's own argmax/sampling (< V),
 and the matcher yields only rows the store has (checked when the decoder is built).
 
-The decoder's lookup='auto' uses it on the CPU backend and falls back to the
-`io_callback` lookup when registering the target fails (e.g. a jaxlib without the FFI
+`NativeLookup` is the decoder's lookup (serve/lookup.py) that calls it inside the device
+loop; its prompt and host steps are `HostLookup`'s. serve.factory's lookup='auto' uses it
+on the CPU backend and falls back to the `io_callback` lookup when registering the target
+fails (e.g. a jaxlib without the FFI
 API it reads); tests/test_decode.py checks its slabs and tokens against the host path and
 the training forward.
 """
@@ -28,6 +30,7 @@ the training forward.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 
 import jax
@@ -38,6 +41,7 @@ from numba import types
 from numba.core.extending import intrinsic
 
 from scone_jax.fgrams.match import push_kernel
+from scone_jax.serve.host_lookup import HostLookup
 
 _TARGET = 'scone_jax_fgram_slab_u{bits}'
 _METADATA_EXTENSION = 1  # XLA_FFI_Extension_Metadata
@@ -236,3 +240,47 @@ def slab_call(ctx_operand: jax.Array, target: str, token_B: jax.Array, d_model: 
   out = jax.ShapeDtypeStruct((token_B.shape[0], d_model + 1), dtype)
   return jax.ffi.ffi_call(target, out, has_side_effect=True)(token_B.astype(jnp.int32),
                                                               ctx_operand)
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeStep:
+  """`loop_step` of the native lookup: the FFI call `target` (static, so decoders of one
+  shape share a compilation)."""
+  target: str
+  row_width: int
+  dtype: np.dtype
+
+  def __call__(self, ctx_operand, token_B, state):
+    return slab_call(ctx_operand, self.target, token_B, self.row_width, self.dtype), state
+
+
+class NativeLookup(HostLookup):
+  """lookup='native': `HostLookup` whose device-loop step is the FFI call (CPU backend, a
+  store in memory or memory-mapped: `store_shards`)."""
+
+  name = 'native'
+
+  def __init__(self, store, table, batch_size: int, rule: str,
+               shards: tuple[list[np.ndarray], int]):
+    super().__init__(store, table, batch_size, rule)
+    one = np.array(1, self.slab_dtype).view(shards[0][0].dtype)[()]
+    self.context = LookupContext(self.matcher.kernel_args, *shards, one, batch_size)
+
+  @property
+  def loop_step(self):
+    return NativeStep(self.context.target, self.row_width, self.slab_dtype)
+
+  @property
+  def loop_operand(self):
+    return self.context.operand
+
+  def counters(self) -> np.ndarray:
+    return self.context.counters.copy()
+
+  def settle(self, before: np.ndarray) -> dict[str, int]:
+    # The FFI call counts (hits, calls) in place of store.gather's own counters.
+    hits, calls = (int(x) for x in self.context.counters - before)
+    self.store.stats.add(calls * self.batch_size, hits,
+                         calls * self.batch_size * self.row_width * self.slab_dtype.itemsize,
+                         0.0)
+    return {}

@@ -46,7 +46,7 @@ import tensorstore as ts
 import tqdm
 
 from scone_jax import artifacts, paths
-from scone_jax.export.writer import (STORE_DTYPES, STORE_KIND, crc32c, row_width,
+from scone_jax.export.format import (STORE_DTYPES, STORE_KIND, crc32c, row_width,
                                      shard_file, zarr3_spec)
 
 Tier = Literal['ram', 'disk']

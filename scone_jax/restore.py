@@ -21,13 +21,13 @@ from scone_jax.model import SconeLM
 
 
 @dataclasses.dataclass
-class Run:
+class LoadedRun:
   """What export and generation need from a training run directory."""
   cfg: Config
   lm: SconeLM
   step: int
   tokenizer: Any  # scone_jax.tokenizer.Tokenizer
-  table: Any | None  # FgramTable, sliced to fgram.use_size; None for a baseline
+  table: Any | None  # FgramTable, its first cfg.fgram.rows_used rows; None: baseline
   mesh: jax.sharding.Mesh
   vocab_size: int  # What the model was trained with (>= the tokenizer's).
 
@@ -43,7 +43,7 @@ def read_config(workdir: str) -> Config:
   return run_lib.RunDir(workdir).config()
 
 
-def load_run(cfg: Config, workdir: str, with_table: bool = True) -> Run:
+def load_run(cfg: Config, workdir: str, with_table: bool = True) -> LoadedRun:
   """Restores W's latest weights into a SconeLM and opens the tokenizer and table.
 
   Raises:
@@ -54,10 +54,12 @@ def load_run(cfg: Config, workdir: str, with_table: bool = True) -> Run:
   run_dir = run_lib.RunDir(workdir)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   lm, step = run_dir.restore_model(cfg, mesh)
-  table = (run_dir.table(cfg.fgram.use_size)
+  # RunDir.table slices to the rows the config asks for, which is rows_used of the mined
+  # table (min of the two).
+  table = (run_dir.table(cfg.fgram.requested_rows)
            if (with_table and cfg.fgram_model.uses_fgram_table) else None)
-  return Run(cfg=cfg, lm=lm, step=int(step), tokenizer=run_dir.tokenizer(), table=table,
-             mesh=mesh, vocab_size=run_dir.vocab_size)
+  return LoadedRun(cfg=cfg, lm=lm, step=int(step), tokenizer=run_dir.tokenizer(),
+                   table=table, mesh=mesh, vocab_size=run_dir.vocab_size)
 
 
 # Sections a serving command may change; everything else is fixed by the trained run.

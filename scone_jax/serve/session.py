@@ -1,0 +1,43 @@
+"""A run's serving session: its exported store, checked, and a decoder over it."""
+
+from __future__ import annotations
+
+from scone_jax import artifacts, paths, restore
+from scone_jax.config import Config
+from scone_jax.export.format import EXPORT_DIR, hashed_meta, store_meta
+from scone_jax.model.hashed import hash_fingerprint
+from scone_jax.serve.decode import Decoder
+from scone_jax.serve.store import EmbeddingStore
+
+
+def open_store(cfg: Config, workdir: str, run: restore.LoadedRun) -> EmbeddingStore | None:
+  """The run's exported store, checked against its checkpoint, table (kind='hashed': the
+  hash function and sizes) and tokenizer; None for a baseline."""
+  hashed = cfg.fgram_model.kind == 'hashed'
+  if run.table is None and not hashed:
+    return None
+  path = paths.join(paths.resolve(workdir), EXPORT_DIR)
+  if not paths.exists(paths.join(path, artifacts.MANIFEST)):
+    raise artifacts.ArtifactError(
+        f'{path} holds no exported f-gram store; run `python -m scone_jax.export '
+        f'--workdir={workdir}` first')
+  if hashed:
+    fm = cfg.fgram_model
+    expect = {**store_meta(run.step, hash_fingerprint(fm.hash_max_n, fm.hash_buckets),
+                           run.tokenizer.fingerprint, run.weights_fingerprint),
+              **hashed_meta(cfg)}
+  else:
+    expect = store_meta(run.step, run.table.fingerprint, run.tokenizer.fingerprint,
+                        run.weights_fingerprint)
+  return EmbeddingStore.open(path, cfg.serve.store_tier, expect=expect, progress=True)
+
+
+def build_decoder(cfg: Config, workdir: str,
+                  batch_size: int | None = None) -> tuple[restore.LoadedRun, Decoder]:
+  """Restores W's model and store; a decoder of `batch_size` (default serve.batch_size)
+  whose lookup config.serve chooses (`serve.factory.make_lookup`)."""
+  run = restore.load_run(cfg, workdir, with_table=True)
+  store = open_store(cfg, workdir, run)
+  return run, Decoder(run.lm, store, run.table, batch_size=batch_size or cfg.serve.batch_size,
+                      bos_id=run.tokenizer.bos_id, loop=cfg.serve.decode_loop,
+                      lookup=cfg.serve.lookup, cache_rows=cfg.serve.cache_rows)
