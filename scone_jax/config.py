@@ -159,6 +159,19 @@ class ModelConfig:
   layer_loop: Literal['scan', 'unrolled'] = 'scan'
 
 
+COMBINES = ('replace', 'add', 'gate')
+
+
+def stored_rule(combine: str) -> Literal['replace', 'add']:
+  """The rule a decode step applies to a row of the exported store (model/combine.py):
+  'replace' for combine='replace'; 'add' for add, for gate (its gate is folded into the
+  stored row at export) and for kind='hashed' (whose combine is derived as 'add': Over-
+  Encoding adds to T(x_i)). The one derivation; model/combine.py re-exports it."""
+  if combine not in COMBINES:
+    raise ValueError(f'combine={combine!r} is not one of {list(COMBINES)}')
+  return 'replace' if combine == 'replace' else 'add'
+
+
 @dataclasses.dataclass(frozen=True)
 class FgramModelConfig:
   # Depth of A_f. 0 means no SCONE: the plain backbone baseline.
@@ -223,10 +236,8 @@ class FgramModelConfig:
 
   @property
   def stored_rule(self) -> Literal['replace', 'add']:
-    """The rule a decode step applies to a row of the exported store (model/combine.py):
-    'replace' for combine='replace'; 'add' for add, for gate (its gate is folded into the
-    stored row at export) and for kind='hashed' (Over-Encoding adds to T(x_i))."""
-    return 'replace' if self.combine == 'replace' else 'add'
+    """The rule a decode step applies to a row of the exported store (`stored_rule`)."""
+    return stored_rule(self.combine)
 
 
 @dataclasses.dataclass(frozen=True)

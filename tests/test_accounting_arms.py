@@ -219,8 +219,9 @@ def test_decode_step_flops_are_baseline_plus_the_stated_extra(arm, table,  # noq
                                  'tok', 'w'), **export_lib.hashed_meta(cfg)},
         progress=False)
     store = EmbeddingStore.open(path, 'ram')
-    decoder = Decoder(lm, batch_size=b, bos_id=dec_fix.BOS, loop='host',
-                      hashed=HashedLookup(store, b, 'float32'))
+    # The decoder recognises a hashed store from its manifest (serve/factory.py).
+    decoder = Decoder(lm, store, batch_size=b, bos_id=dec_fix.BOS, loop='host')
+    assert isinstance(decoder.lookup, HashedLookup)
   else:
     path = dec_fix.export_one_device(lm, table, tmp_path, dtype='float32',
                                      quant=cfg.export.quant)

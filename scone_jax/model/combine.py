@@ -37,9 +37,9 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from scone_jax.config import COMBINES, stored_rule  # noqa: F401  (the one rule, re-exported)
+
 Combine = Literal['replace', 'add', 'gate']
-StoredRule = Literal['replace', 'add']
-COMBINES = ('replace', 'add', 'gate')
 # The gate's init: g = 0, sigmoid(g) = 1/2, the sigmoid's steepest point, so the gate moves
 # toward either side fastest. At step 0 e = T(x_i) anyway (A_f's identity init, the
 # table's T(last) init), so the gate's value does not change the starting function.
@@ -70,13 +70,6 @@ def combine(x_BxTxD: jax.Array, e_BxTxD: jax.Array, mask_BxT: jax.Array, mode: s
 def gate_weight(gate_D: jax.Array, dtype) -> jax.Array:
   """sigmoid(g) in `dtype` (computed in float32)."""
   return jax.nn.sigmoid(gate_D.astype(jnp.float32)).astype(dtype)
-
-
-def stored_rule(mode: str) -> StoredRule:
-  """The rule a decode step applies to a store row (see the module docstring)."""
-  if mode not in COMBINES:
-    raise ValueError(f'combine={mode!r} is not one of {list(COMBINES)}')
-  return 'replace' if mode == 'replace' else 'add'
 
 
 def store_rows(e_UxD: jax.Array, last_UxD: jax.Array, mode: str,
