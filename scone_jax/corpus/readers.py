@@ -15,29 +15,16 @@ import os
 import re
 from typing import Iterator
 
-import numpy as np
 from absl import logging
 
 from scone_jax import artifacts, paths as paths_lib
-from scone_jax.errors import UserError
+from scone_jax.corpus import columnar
+from scone_jax.corpus.document import CorpusError, Document
 
 FORMATS = ('lines', 'blank_lines', 'jsonl', 'parquet', 'arrayrecord', 'arrayrecord_tokens')
 _NAME_RE = re.compile(r'^[A-Za-z0-9_.-]+$')
 _REPLACEMENT_UTF8 = '\ufffd'.encode()
 _SURROGATE_RE = re.compile('[\ud800-\udfff]')
-
-
-class CorpusError(UserError, ValueError):
-  """The corpus input is unusable; the message names the file (and line) and the fix."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Document:
-  text: str
-  source: str  # "path:line" of the document's first line, for error messages.
-  # Token ids (no BOS/EOS) of an already tokenized document (data.format=
-  # 'arrayrecord_tokens'; text is then ''), else None.
-  ids: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -149,15 +136,12 @@ class FileCorpus:
   def total_file_bytes(self) -> int:
     """Size of the input files: an upper bound on the corpus's UTF-8 text bytes."""
     if self.format == 'parquet':  # Compressed columns: read the uncompressed size.
-      from scone_jax.corpus import columnar  # pylint: disable=g-import-not-at-top
       return sum(max(columnar.parquet_uncompressed_bytes(p), paths_lib.getsize(p))
                  for p in self.paths)
     return sum(paths_lib.getsize(p) for p in self.paths)
 
   def __iter__(self) -> Iterator[Document]:
     self.stats = ReadStats()
-    # Imported here: columnar imports this module (Document, CorpusError).
-    from scone_jax.corpus import columnar  # pylint: disable=g-import-not-at-top
     read = {'lines': self._lines, 'blank_lines': self._blank_lines, 'jsonl': self._jsonl,
             'parquet': lambda p: columnar.parquet_documents(p, self.text_field),
             'arrayrecord': lambda p: columnar.arrayrecord_text_documents(p, self._decode),

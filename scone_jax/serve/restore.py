@@ -54,7 +54,7 @@ def load_run(cfg: Config, workdir: str, with_table: bool = True) -> Run:
   run_dir = run_lib.RunDir(workdir)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   lm, step = run_dir.restore_model(cfg, mesh)
-  table = (run_dir.table(cfg.fgram.use_size)
+  table = (run_dir.table(cfg.fgram)
            if (with_table and cfg.fgram_model.uses_fgram_table) else None)
   return Run(cfg=cfg, lm=lm, step=int(step), tokenizer=run_dir.tokenizer(), table=table,
              mesh=mesh, vocab_size=run_dir.vocab_size)
