@@ -301,7 +301,7 @@ def check_table_rows(cfg: Config, table: FgramTable) -> None:
             f' f-gram seen >= {table.min_count} times is in; the last row was seen '
             f'{table.cutoff_count} times)')
   else:
-    more = 'no min_count gives more (every repeated n-gram is in); use a larger corpus'
+    more = 'no min_count gives more (every n-gram of the corpus is in); use a larger corpus'
   raise ShortTableError(
       f'config.{key}={want:,} but the mined f-gram table has only {len(table):,} rows '
       f'(fgram.min_count={table.min_count}); {more}. Lower config.{key} to at most '
