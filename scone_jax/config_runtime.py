@@ -171,11 +171,11 @@ def check_resume(run_values: dict[str, Any], cfg: Config, run_dir: str,
                        f'{new.get(k, "<missing>")!r} now' for k in refused)
     changeable = [k for k in refused if any(_key_matches(k, p) for p in CHANGEABLE_KEYS)]
     fixed = [k for k in refused if k not in changeable]
-    fixes = ['pass the run\'s values to resume it']
-    if fixed:
-      fixes.append(f'for {", ".join(fixed)} (never changeable in a run: shapes, data or '
-                   'artifacts): train a new run in a new --workdir, optionally from this '
-                   f'run\'s weights with --config.train.init_from_run={run_dir}')
+    fixes = ['pass the run\'s values to resume it',
+             'use a new --workdir (optionally starting from this run\'s weights: '
+             f'--config.train.init_from_run={run_dir})' + (
+                 f', the only way to change {", ".join(fixed)}: they can never change in a '
+                 'run (shapes, data or artifacts)' if fixed else '')]
     if changeable:
       fixes.append(f'pass --allow_config_change={",".join(changeable)} to resume with '
                    f'{"that change" if len(changeable) == 1 else "those changes"}')
