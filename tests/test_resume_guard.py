@@ -6,13 +6,17 @@ NEW run from another run's weights."""
 import hashlib
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 import train_helpers as th
 from train_helpers import compile_cache  # noqa: F401  (autouse fixture)
-from scone_jax import artifacts
+from scone_jax import artifacts, runlock
 from scone_jax import prepare as prepare_lib
 from scone_jax.config import ConfigError
 from scone_jax.train import loop
@@ -113,3 +117,32 @@ def test_init_from_run_starts_a_new_run_from_the_old_weights(finished_run, tmp_p
   with pytest.raises(ConfigError, match=r'init_from_run=.*its parameter .* is .*this run '
                      'needs'):
     loop.train(wide, str(tmp_path / 'wide'))
+
+
+@pytest.mark.slow  # A CLI subprocess: ~2 min on 2 loaded cores.
+def test_preempted_cli_exits_75_with_a_checkpoint_and_no_lock(tmp_path, tmp_path_factory):
+  corpus, art = th.shared_dirs(str(tmp_path_factory.getbasetemp()))
+  config_file = th.micro_config_file(str(tmp_path / 'micro.py'), corpus, art,
+                                     **{'train.steps': 100000,
+                                        'checkpoint.every_steps': 100000})
+  workdir = str(tmp_path / 'W')
+  proc = subprocess.Popen([sys.executable, '-m', 'scone_jax.train', f'--config={config_file}',
+                           f'--workdir={workdir}'], env=th.subprocess_env(8),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  try:
+    deadline = time.time() + 300
+    metrics = os.path.join(workdir, 'metrics.jsonl')
+    while not (os.path.exists(metrics) and os.path.getsize(metrics)):  # Training.
+      assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+      assert time.time() < deadline, 'no training step within 300 s'
+      time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  # EX_TEMPFAIL, not 0: a scheduler can tell "saved, requeue me" from "finished".
+  assert proc.returncode == loop.EXIT_PREEMPTED == 75, stderr.decode()[-3000:]
+  assert [s for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit()]
+  assert not os.path.exists(os.path.join(workdir, runlock.LOCK_FILE))  # Rerun: resumes.
