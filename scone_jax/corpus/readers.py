@@ -4,6 +4,9 @@ ArrayRecord (columnar.py: the record layouts), from globs.
 A corpus is re-iterable: each pass opens the files again and streams them line by line, so
 a corpus larger than RAM works. Every `Document` carries its source ("file:line") so that
 errors further down the pipeline (tokenizer training, sharding) can point at the input.
+Before a text-format file is read, its first 64 KiB must look like its format
+(`check_file_format`): a compressed, columnar or binary file, or JSONL read as 'lines', is
+an error naming the file, what it looks like and the fix.
 """
 
 from __future__ import annotations
