@@ -70,6 +70,14 @@ class DataConfig:
   # source='embedded' unless this is set, since a paper-sized run on the small stdlib
   # corpus is almost always a forgotten data flag (config_runtime.check_data_source).
   allow_embedded: bool = True
+  # source='files' without eval_files is refused at prepare (a run with no held-out test
+  # set reports nothing); True trains without one (eval.json then has no corpora).
+  allow_no_eval: bool = False
+  # Text formats (lines, blank_lines, jsonl): each file's first 64 KiB must look like its
+  # data.format (no compressed/binary/columnar magic bytes, NULs or mostly invalid UTF-8;
+  # for lines/blank_lines, not every line a JSON object). False reads every file as
+  # data.format says (e.g. a corpus of JSON text on purpose). scone_jax/corpus/readers.py.
+  check_format: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +119,10 @@ class FgramConfig:
   # Use only the first `use_size` rows of the mined table (0 = all): sweeps over S mine
   # once at the largest size and slice.
   use_size: int = 0
+  # Mined fewer rows than requested_rows (min_count cut the table short): prepare refuses,
+  # naming the rows and the min_count that gives more, unless this is True; then the run
+  # uses all rows and W/run.json's fgram_table_rows records them (S = rows_used(rows)).
+  allow_short_table: bool = False
 
   # The ONE derivation of S (SCONE.md's table size) from this section. Every module asks
   # these two; none reads `use_size` itself (tests/test_config.py checks that).
@@ -270,6 +282,10 @@ class TrainConfig:
   # Peak dense TFLOP/s of one device for MFU; 0 = look up jax's device_kind in
   # scone_jax/train/metrics.py:PEAK_FLOPS (MFU is not logged when unknown, e.g. CPU).
   peak_tflops: float = 0.0
+  # A NEW run (its workdir holds no checkpoint) starts from the latest params of the run
+  # in this directory instead of its init; every param's shape must match. The optimizer
+  # state, step and data order start fresh. '' = the usual init.
+  init_from_run: str = ''
 
 
 @dataclasses.dataclass(frozen=True)

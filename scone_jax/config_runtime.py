@@ -92,13 +92,23 @@ def validate_runtime(cfg: Config, num_devices: int, num_processes: int,
 # Keys (dotted prefixes) that may differ between a run's config.json and a resumed
 # invocation without an explicit override: they change how often things are logged,
 # evaluated or saved, where the run executes or its artifacts live (prepared stages are
-# keyed by their inputs' fingerprints), or stages after training; never the model, the
-# data, the optimisation or the schedule. Any other key needs `allow` (the train CLI's
-# --allow_config_change), e.g. train.steps, which moves the cosine schedule's end.
+# keyed by their inputs' fingerprints), how a table is mined (never re-mined on resume),
+# checks that only refuse inputs, or stages after training; never the model, the data,
+# the optimisation or the schedule.
 RESUMABLE_KEYS = ('name', 'train.log_every', 'train.eval_every', 'train.eval_batches',
-                  'train.data_prefetch', 'train.peak_tflops', 'checkpoint.', 'distributed.',
-                  'mesh.', 'data.artifacts_dir', 'export.', 'serve.',
-                  'data.allow_embedded')
+                  'train.data_prefetch', 'train.peak_tflops', 'train.init_from_run',
+                  'checkpoint.', 'distributed.', 'mesh.', 'data.artifacts_dir', 'export.',
+                  'serve.', 'data.allow_embedded', 'data.allow_no_eval', 'data.check_format',
+                  'fgram.allow_short_table', 'fgram.miner', 'fgram.memory_budget_mb')
+# Keys that may change on resume only when named in `allow` (the train CLI's
+# --allow_config_change): the length of the run and the optimiser's schedule and
+# hyperparameters. They change the run's math but no shape, no data and no artifact, so
+# the checkpoint restores into the new config. Every other key (model, fgram, fgram_model,
+# tokenizer, data, batch, seq_len, seed, ...) can never change in a run: start a new
+# --workdir, optionally from this run's weights (train.init_from_run).
+CHANGEABLE_KEYS = ('train.steps', 'train.learning_rate', 'train.warmup_steps',
+                   'train.lr_end_ratio', 'train.weight_decay', 'train.b1', 'train.b2',
+                   'train.eps', 'train.grad_clip', 'train.fgram_model_lr_scale')
 
 
 def _key_matches(key: str, pattern: str) -> bool:
@@ -136,6 +146,12 @@ def check_resume(run_values: dict[str, Any], cfg: Config, run_dir: str,
     if not any(_key_matches(k, key) for k in known):
       raise ConfigError(f'--allow_config_change={key}: no such config key or section '
                         '(e.g. train.steps)')
+    if not any(_key_matches(p, key) or _key_matches(key, p) for p in CHANGEABLE_KEYS):
+      raise ConfigError(
+          f'--allow_config_change={key}: {key} can never change in a run (it changes the '
+          'model\'s shapes, its data or its artifacts); only '
+          f'{", ".join(CHANGEABLE_KEYS)} may. Train a new run in a new --workdir, '
+          f'optionally from this run\'s weights: --config.train.init_from_run={run_dir}')
   try:
     # Resolve through the schema so keys added since the run started compare as their
     # defaults (a newer checkout can resume an older run).
@@ -145,13 +161,24 @@ def check_resume(run_values: dict[str, Any], cfg: Config, run_dir: str,
   old, new = flat_dict(run_values), known
   changed = sorted(k for k in set(old) | set(new)
                    if old.get(k, '<missing>') != new.get(k, '<missing>'))
-  refused = [k for k in changed
-             if not any(_key_matches(k, p) for p in RESUMABLE_KEYS + tuple(allow))]
+  # A section in `allow` ('train.') admits only its changeable keys.
+  allowed = [k for k in changed if any(_key_matches(k, p) for p in RESUMABLE_KEYS) or (
+      any(_key_matches(k, p) for p in allow) and any(_key_matches(k, p)
+                                                      for p in CHANGEABLE_KEYS))]
+  refused = [k for k in changed if k not in allowed]
   if refused:
     detail = ', '.join(f'{k}: {old.get(k, "<missing>")!r} in the run, '
                        f'{new.get(k, "<missing>")!r} now' for k in refused)
-    raise ConfigError(
-        f'{run_dir} holds a run with an incompatible config ({detail}). These keys change '
-        'the run\'s math; use a new --workdir, pass the run\'s values to resume it, or '
-        f'pass --allow_config_change={",".join(refused)} to resume with the change')
-  return [k for k in changed if k not in refused]
+    changeable = [k for k in refused if any(_key_matches(k, p) for p in CHANGEABLE_KEYS)]
+    fixed = [k for k in refused if k not in changeable]
+    fixes = ['pass the run\'s values to resume it',
+             'use a new --workdir (optionally starting from this run\'s weights: '
+             f'--config.train.init_from_run={run_dir})' + (
+                 f', the only way to change {", ".join(fixed)}: they can never change in a '
+                 'run (shapes, data or artifacts)' if fixed else '')]
+    if changeable:
+      fixes.append(f'pass --allow_config_change={",".join(changeable)} to resume with '
+                   f'{"that change" if len(changeable) == 1 else "those changes"}')
+    raise ConfigError(f'{run_dir} holds a run with an incompatible config ({detail}); '
+                      + '; or '.join(fixes))
+  return allowed

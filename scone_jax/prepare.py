@@ -7,6 +7,12 @@ Each stage records the fingerprint of its inputs in its manifest and is skipped 
 rerun finds the same one, so sweep points sharing A prepare once; a changed upstream
 artifact (e.g. another tokenizer) changes every downstream input fingerprint and forces a
 rebuild. `load_prepared` opens the artifacts for train/evaluate without building anything.
+
+A workdir that holds a run (W/run.json) is never prepared again: its recorded artifacts are
+reopened and checked against this config's inputs, and a changed corpus, tokenizer or
+table input is a `RunInputsChangedError` before anything is written (a resume must not
+continue under other token ids). A table mined shorter than the S the config asks for is
+a `ShortTableError` unless fgram.allow_short_table.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from ml_collections import config_flags
 from scone_jax import artifacts, logs, paths
 from scone_jax import config as config_lib
 from scone_jax import config_runtime
+from scone_jax import run as run_lib
 from scone_jax.config import Config
+from scone_jax.errors import UserError
 from scone_jax.corpus import CorpusError, FileCorpus, embedded, readers
 from scone_jax.fgrams import FgramTable, mine_fgrams
 from scone_jax.tokenizer import (TokenShards, Tokenizer, install_tokenizer, open_tokenizer,
@@ -33,6 +41,14 @@ from scone_jax.tokenizer import spm as spm_lib
 EMBEDDED_EVAL_NAME = 'stdlib'
 # Bump when a stage's recipe changes in a way its other inputs do not capture.
 PREPARE_VERSION = 1
+
+
+class RunInputsChangedError(UserError, RuntimeError):
+  """The run in the workdir was trained on other inputs than this config names."""
+
+
+class ShortTableError(UserError, ValueError):
+  """The mined f-gram table has fewer rows than the S the config asks for."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,14 +95,40 @@ def _corpora(cfg: Config, art_dir: str, build: bool) -> _Corpora:
   if not data.train_files:
     raise CorpusError("prepare needs config.data.train_files (comma-separated globs) when "
                       "config.data.source='files', e.g. --config.data.train_files='/d/*.txt'")
+  if not data.eval_files and not data.allow_no_eval:
+    raise CorpusError("config.data.eval_files is empty: a run on data.source='files' needs a "
+                      "held-out test set, e.g. --config.data.eval_files='heldout=/d/test.txt'"
+                      ' (files not in data.train_files); to train without one, set '
+                      '--config.data.allow_no_eval=True')
   train = readers.files_corpus(data.train_files, 'data.train_files', data.format,
-                               data.text_field, data.on_bad_utf8, 'train')
-  evals = {name: FileCorpus(paths, data.format, data.text_field, data.on_bad_utf8, name)
+                               data.text_field, data.on_bad_utf8, 'train', data.check_format)
+  evals = {name: FileCorpus(paths, data.format, data.text_field, data.on_bad_utf8, name,
+                            check_format=data.check_format)
            for name, paths in readers.parse_named_globs(data.eval_files).items()}
   if 'train' in evals:  # Stage names and Prepared keys reserve it for the train split.
     raise CorpusError("config.data.eval_files: an eval corpus cannot be named 'train'; name "
                       'it explicitly, e.g. "heldout=/d/train.txt"')
-  return _Corpora(train, {**evals, **_valid_corpora(data, evals)})
+  evals.update(_valid_corpora(data, evals))
+  _check_held_out(train, evals)
+  return _Corpora(train, evals)
+
+
+def _same_file(path: str) -> str:
+  """What identifies a file across spellings: its realpath (URLs as given)."""
+  return path if paths.is_remote(path) else os.path.realpath(path)
+
+
+def _check_held_out(train: FileCorpus, evals: dict[str, FileCorpus]) -> None:
+  """No eval or validation corpus may share a file with the train corpus: its loss would
+  not be held out (test leakage), whatever the spelling (globs, symlinks, ./)."""
+  train_files = {_same_file(p): p for p in train.paths}
+  for name, corpus in evals.items():
+    for p in corpus.paths:
+      if _same_file(p) in train_files:
+        key = 'data.valid_files' if config_lib.is_validation_corpus(name) else 'data.eval_files'
+        raise CorpusError(f'{key}: corpus {name!r} file {p} is also a training file '
+                          f'({train_files[_same_file(p)]} in data.train_files): its loss '
+                          'would not be held out; remove it from one of the two')
 
 
 def _valid_corpora(data: config_lib.DataConfig,
@@ -106,7 +148,8 @@ def _valid_corpora(data: config_lib.DataConfig,
                         f'{test_files[os.path.abspath(shared[0])]!r} of data.eval_files; '
                         'validation and test sets must not share files')
     full = config_lib.VALID_PREFIX + name
-    valid[full] = FileCorpus(paths, data.format, data.text_field, data.on_bad_utf8, full)
+    valid[full] = FileCorpus(paths, data.format, data.text_field, data.on_bad_utf8, full,
+                             check_format=data.check_format)
   return valid
 
 
@@ -163,6 +206,8 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
     workdir: the run directory; artifacts go to cfg.data.artifacts_dir or workdir/prepare.
   """
   config_runtime.check_data_source(cfg)  # Before anything is written.
+  if paths.exists(paths.join(workdir, run_lib.RUN_FILE)):
+    return _prepared_for_run(cfg, workdir)  # Reads only: a run's artifacts are fixed.
   art = artifacts_dir(cfg, workdir)
   artifacts.clean_stale_temps(art)  # Left by a killed prepare (ours only; see there).
   timings: dict[str, float] = {}
@@ -220,6 +265,7 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
 
   table = _reuse(build_fgrams, lambda: _open_fgrams(fgram_dir, tok.fingerprint, fgram_input),
                  'fgrams', timings, skipped)
+  check_table_rows(cfg, table)
   timings['total'] = time.perf_counter() - start
   return _prepared(art, shard_dirs, fgram_dir, tok, shards, table, timings, tuple(skipped))
 
@@ -235,6 +281,81 @@ def _prepared(art: str, shard_dirs: dict[str, str], fgram_dir: str, tok: Tokeniz
       fgram_fingerprint=table.fingerprint, tokenizer=tok, train_shards=shards['train'],
       eval_shards={n: shards[n] for n in evals}, table=table, timings=timings,
       skipped=skipped)
+
+
+def check_table_rows(cfg: Config, table: FgramTable) -> None:
+  """The S the config asks for must exist in the mined table (a run that uses it).
+
+  A table cut short by min_count would otherwise make every larger S the same run under
+  another name (a sweep's S=1000 and S=2000 points training on one 393-row table).
+  """
+  want = cfg.fgram.requested_rows
+  if (not cfg.fgram_model.uses_fgram_table or len(table) >= want
+      or cfg.fgram.allow_short_table):
+    return
+  key = 'fgram.use_size' if want != cfg.fgram.size else 'fgram.size'
+  if table.min_count > 1:
+    # Every f-gram counted >= min_count is in the table already (it is shorter than
+    # fgram.size): only a lower min_count admits more.
+    more = (f'--config.fgram.min_count={table.min_count - 1} or lower would mine more (every'
+            f' f-gram seen >= {table.min_count} times is in; the last row was seen '
+            f'{table.cutoff_count} times)')
+  else:
+    more = 'no min_count gives more (every n-gram of the corpus is in); use a larger corpus'
+  raise ShortTableError(
+      f'config.{key}={want:,} but the mined f-gram table has only {len(table):,} rows '
+      f'(fgram.min_count={table.min_count}); {more}. Lower config.{key} to at most '
+      f'{len(table):,}, or set --config.fgram.allow_short_table=True to train on all '
+      f'{len(table):,} rows (W/run.json then records S = {len(table):,})')
+
+
+def _prepared_for_run(cfg: Config, workdir: str) -> Prepared:
+  """The artifacts the run in `workdir` trained with (W/run.json), reopened, after checking
+  that this config's inputs are the ones they were built from; never rebuilds one."""
+  start = time.perf_counter()
+  run_dir = run_lib.RunDir(workdir)
+  tok = run_dir.tokenizer()
+  tok_dir = os.path.dirname(tok.path)
+  art = os.path.dirname(tok_dir)
+  corpora = _corpora(cfg, art, build=False)
+  train = run_dir.train_shards()
+  evals = run_dir.eval_shards()
+  changed = []
+  tok_manifest = artifacts.read_manifest(tok_dir, spm_lib.KIND, verify=False)
+  if tok_manifest.get('input_fingerprint') != _tokenizer_input(cfg, corpora.train):
+    changed.append('the tokenizer\'s inputs (config.tokenizer, the tokenizer.model_file '
+                   'contents, or the train corpus it was trained on)')
+  names = sorted(corpora.evals)
+  if names != sorted(evals):
+    changed.append(f'the eval corpora (the run has {sorted(evals)}, this config names '
+                   f'{names})')
+  for name, shards in {'train': train, **evals}.items():
+    corpus = corpora.train if name == 'train' else corpora.evals.get(name)
+    if corpus is not None and shards.manifest.get('corpus_fingerprint') != corpus.fingerprint:
+      changed.append(f'corpus {name!r} ({", ".join(corpus.paths[:3])}'
+                     f'{", ..." if len(corpus.paths) > 3 else ""}: the files, their sizes or '
+                     'modification times differ from when the run was prepared)')
+  fgram_dir = os.path.join(art, 'fgrams')  # Tokenizer and table are siblings in A.
+  table = run_dir.table()
+  if table is None:  # A run without an f-gram side: the table is only carried along.
+    table = FgramTable.load(fgram_dir, expect_tokenizer=tok.fingerprint)
+  elif table.meta.get('input_fingerprint') != _fgram_input(cfg, tok.fingerprint,
+                                                           train.fingerprint):
+    changed.append('the f-gram table\'s inputs (config.fgram: max_len, size, min_count)')
+  if changed:
+    raise RunInputsChangedError(
+        f'{run_dir.path} holds a run trained on other inputs than this config names; '
+        f'changed: {"; ".join(changed)}. A run is never rebuilt under new inputs (its '
+        'checkpoints would continue on other token ids). Choose one: restore the inputs the '
+        'run was trained on; or train a new run in a new --workdir; or start a new run from '
+        f'this one\'s latest weights: --workdir=NEW --config.train.init_from_run='
+        f'{run_dir.path}')
+  check_table_rows(cfg, table)
+  shard_dirs = {'train': train.directory, **{n: s.directory for n, s in evals.items()}}
+  shards = {'train': train, **evals}
+  stages = ('tokenizer', *(f'tokens/{n}' for n in shards), 'fgrams')
+  timings = {'total': time.perf_counter() - start}
+  return _prepared(art, shard_dirs, fgram_dir, tok, shards, table, timings, stages)
 
 
 def _open_fgrams(directory: str, tokenizer_fp: str, input_fp: str) -> FgramTable:

@@ -54,9 +54,7 @@ def load_run(cfg: Config, workdir: str, with_table: bool = True) -> LoadedRun:
   run_dir = run_lib.RunDir(workdir)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   lm, step = run_dir.restore_model(cfg, mesh)
-  # RunDir.table slices to the rows the config asks for, which is rows_used of the mined
-  # table (min of the two).
-  table = (run_dir.table(cfg.fgram.requested_rows)
+  table = (run_dir.table(cfg.fgram)
            if (with_table and cfg.fgram_model.uses_fgram_table) else None)
   return LoadedRun(cfg=cfg, lm=lm, step=int(step), tokenizer=run_dir.tokenizer(),
                    table=table, mesh=mesh, vocab_size=run_dir.vocab_size)

@@ -39,7 +39,7 @@ from scone_jax.config import Config
 from scone_jax.errors import UserError
 from scone_jax.fgrams import FgramTable
 from scone_jax.model import SconeLM, model_shardings
-from scone_jax.tokenizer import TokenShards, Tokenizer
+from scone_jax.tokenizer import HFTokenizer, TokenShards, Tokenizer, open_tokenizer
 
 CONFIG_FILE = 'config.json'
 RUN_FILE = 'run.json'
@@ -156,16 +156,19 @@ class RunDir:
           f'{what} at {self._location(ref)} has fingerprint {have}, but run {self.path} was '
           f'trained with {want}: {fix}')
 
-  def tokenizer(self) -> Tokenizer:
+  def tokenizer(self) -> Tokenizer | HFTokenizer:
+    """The run's tokenizer, of whichever kind it was trained with (tokenizer.open_tokenizer
+    reads the kind from the artifact's manifest), checked against W/run.json."""
     ref = self.info()['tokenizer']
-    tok = Tokenizer.load(self._location(ref))
+    tok = open_tokenizer(self._location(ref))
     self._check_fingerprint('tokenizer', ref, tok.fingerprint[:16], ref['fingerprint'][:16],
                             'it was rebuilt or replaced; restore the run\'s tokenizer',
                             same=tok.fingerprint == ref['fingerprint'])
     return tok
 
-  def table(self, use_size: int = 0) -> FgramTable | None:
-    """The f-gram table (sliced to `use_size` when > 0), or None for a baseline run."""
+  def table(self, fgram: config_lib.FgramConfig | None = None) -> FgramTable | None:
+    """The f-gram table, or None for a baseline run; with `fgram`, its first
+    `fgram.rows_used(rows)` rows (the S the run used)."""
     ref = self.info()['fgram_table']
     if ref is None:
       return None
@@ -173,9 +176,15 @@ class RunDir:
     self._check_fingerprint('f-gram table', ref, table.fingerprint, ref['fingerprint'],
                             'it was re-mined; restore the run\'s table',
                             same=table.fingerprint == ref['fingerprint'])
-    if use_size and len(table) > use_size:
-      table = table.slice(use_size)
+    if fgram is not None and fgram.rows_used(len(table)) < len(table):
+      table = table.slice(fgram.rows_used(len(table)))
     return table
+
+  def train_shards(self, verify: bool = True) -> TokenShards:
+    """The token shards the run trained on, checked against the record."""
+    ref = self.info()['train_shards']
+    return TokenShards.open(self._location(ref), verify=verify,
+                            expect={'fingerprint': ref['fingerprint']})
 
   def eval_shards(self, verify: bool = True) -> dict[str, TokenShards]:
     """The held-out token shards the run evaluates on, checked against the record."""

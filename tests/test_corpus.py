@@ -1,8 +1,14 @@
 """Corpus readers (each format, globs, names, bad input) and the embedded stdlib corpus."""
 
+import bz2
+import gzip
 import hashlib
+import io
 import json
+import lzma
 import os
+import random
+import zipfile
 
 import pytest
 
@@ -197,3 +203,87 @@ def test_embedded_skips_tests_and_unparsable(tmp_path):
   assert [d.text for d in built.split('eval')] == [docs[held]]
   manifest = artifacts.read_manifest(built.directory, embedded.KIND)
   assert manifest['unparsable_files'] == ['bad.py']
+
+
+# --- a file must look like its data.format (readers.check_file_format) ------------------
+
+
+def _compressed(kind, data):
+  if kind == 'gzip':
+    return gzip.compress(data)
+  if kind == 'bzip2':
+    return bz2.compress(data)
+  if kind == 'xz':
+    return lzma.compress(data)
+  if kind == 'zip':
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, 'w') as z:
+      z.writestr('train.txt', data)
+    return buf.getvalue()
+  raise ValueError(kind)
+
+
+_TEXT = ('the quick brown fox jumps over the lazy dog\n' * 400).encode()
+
+
+@pytest.mark.parametrize('kind,names', [('gzip', 'gzip-compressed'),
+                                        ('bzip2', 'bzip2-compressed'),
+                                        ('xz', 'xz-compressed'), ('zip', 'zip archive')])
+@pytest.mark.parametrize('fmt', ['lines', 'jsonl'])
+def test_compressed_files_are_named_not_read_as_text(tmp_path, kind, names, fmt):
+  p = _write(tmp_path / 'train.txt', _compressed(kind, _TEXT))
+  with pytest.raises(CorpusError, match=rf'{p}.*starts like .*{names}.*(decompress|extract) '
+                     'it first'):
+    list(FileCorpus([p], fmt))
+
+
+def test_columnar_and_zstd_magic_name_the_format(tmp_path):
+  from scone_jax.corpus import columnar
+  ar = str(tmp_path / 'data.ar')
+  columnar.write_arrayrecord(ar, [b'hello world'] * 3)
+  with pytest.raises(CorpusError, match='ArrayRecord file.*data.format=arrayrecord'):
+    list(FileCorpus([ar], 'lines'))
+  pq = _write(tmp_path / 'x.txt', b'PAR1' + bytes(range(256)) * 4)
+  with pytest.raises(CorpusError, match='Parquet file.*data.format=parquet'):
+    list(FileCorpus([pq], 'blank_lines'))
+  zst = _write(tmp_path / 'y.txt', b'\x28\xb5\x2f\xfd' + b'x' * 100)
+  with pytest.raises(CorpusError, match='zstd-compressed.*unzstd'):
+    list(FileCorpus([zst], 'lines'))
+
+
+def test_binary_and_non_utf8_text_are_refused(tmp_path):
+  nul = _write(tmp_path / 'nul.txt', b'some text\n\x00\x01\x02 binary\n')
+  with pytest.raises(CorpusError, match=f'{nul}.*NUL bytes.*binary data'):
+    list(FileCorpus([nul], 'lines'))
+  rng = random.Random(0)
+  noise = bytes(rng.randrange(128, 256) for _ in range(5000)).replace(b'\n', b' ')
+  bad = _write(tmp_path / 'latin.txt', b'ok line\n' + noise)
+  with pytest.raises(CorpusError, match=r'\d+% of the first 64 KiB is invalid UTF-8.*iconv'):
+    list(FileCorpus([bad], 'lines'))
+  # A few bad bytes in a text file stay what they were: replaced and counted.
+  few = _write(tmp_path / 'few.txt', _TEXT + b'caf\xe9\n')
+  corpus = FileCorpus([few], 'lines')
+  assert len(list(corpus)) == 401 and corpus.stats.bad_utf8_chars == 1
+
+
+def test_jsonl_read_as_lines_is_refused_unless_opted_out(tmp_path):
+  rows = [json.dumps({'text': f'document {i} body', 'id': i}) for i in range(50)]
+  p = _write(tmp_path / 'train.txt', '\n'.join(rows) + '\n')
+  for fmt in ('lines', 'blank_lines'):
+    with pytest.raises(CorpusError, match='is a JSON object.*data.format=jsonl'):
+      list(FileCorpus([p], fmt))
+  assert [d.text for d in FileCorpus([p], 'jsonl')][:1] == ['document 0 body']
+  # JSON text on purpose: check_format=False reads the lines as they are.
+  assert len(list(FileCorpus([p], 'lines', check_format=False))) == 50
+  # One plain line among the JSON ones: a text file that quotes JSON is left alone.
+  mixed = _write(tmp_path / 'mixed.txt', 'a plain line\n' + '\n'.join(rows) + '\n')
+  assert len(list(FileCorpus([mixed], 'lines'))) == 51
+
+
+def test_format_check_reads_only_the_head(tmp_path):
+  # A long text file whose 64 KiB boundary cuts a multi-byte character and a line.
+  body = ('naïve café über ' * 20 + '\n').encode() * 400
+  assert len(body) > 2 * 65536
+  p = _write(tmp_path / 'long.txt', body)
+  corpus = FileCorpus([p], 'lines')
+  assert len(list(corpus)) == 400 and corpus.stats.bad_utf8_chars == 0

@@ -244,3 +244,62 @@ def test_verified_files_are_not_rehashed_until_they_change(tmp_path, monkeypatch
     artifacts.read_manifest(str(d), 'thing')
   # A rewritten manifest (e.g. a rebuild) ignores the cache file.
   assert artifacts.write_manifest(str(d), 'thing', {})['files'].keys() == {'data.bin'}
+
+
+# --- held-out sets must be held out, and the table must have the S asked for ----------
+
+
+def test_eval_file_that_is_a_train_file_is_refused(setup, tmp_path):
+  cfg, workdir, _, _ = setup
+  train = cfg.data.train_files
+  link = tmp_path / 'link.txt'
+  os.symlink(train, link)
+  for spec, key in ((f'held={train}', 'data.eval_files'),
+                    (f'held={link}', 'data.eval_files'),  # Same file, another spelling.
+                    (f'held={os.path.dirname(train)}/./train.txt', 'data.eval_files')):
+    with pytest.raises(prepare_lib.CorpusError, match=rf'{key}: .*also a training file.*'
+                       'not be held out'):
+      prepare_lib.prepare(config_lib.replace(cfg, **{'data.eval_files': spec}), workdir)
+  with pytest.raises(prepare_lib.CorpusError, match=r'data.valid_files: .*also a training'):
+    prepare_lib.prepare(config_lib.replace(cfg, **{'data.valid_files': f'v={link}'}), workdir)
+  assert not os.path.exists(workdir)  # Refused before anything was written.
+
+
+def test_files_run_without_eval_files_needs_the_opt_out(setup):
+  cfg, workdir, _, _ = setup
+  no_eval = config_lib.replace(cfg, **{'data.eval_files': ''})
+  with pytest.raises(prepare_lib.CorpusError,
+                     match=r'data.eval_files is empty.*data.allow_no_eval=True'):
+    prepare_lib.prepare(no_eval, workdir)
+  assert not os.path.exists(workdir)
+  p = prepare_lib.prepare(config_lib.replace(no_eval, **{'data.allow_no_eval': True}), workdir)
+  assert p.eval_shards == {}
+
+
+def test_table_shorter_than_the_requested_size_is_refused(setup):
+  cfg, workdir, _, _ = setup
+  mined = len(prepare_lib.prepare(cfg, workdir).table)
+  big = config_lib.replace(cfg, **{'fgram.size': 5000, 'fgram_model.num_layers': 1})
+  with pytest.raises(prepare_lib.ShortTableError) as e:
+    prepare_lib.prepare(big, workdir)
+  rows = len(fgrams.FgramTable.load(os.path.join(workdir, 'prepare', 'fgrams')))
+  assert rows < 5000 and rows >= mined
+  message = str(e.value)
+  assert f'config.fgram.size=5,000 but the mined f-gram table has only {rows:,} rows' in message
+  # min_count=2 cut it: every f-gram seen >= 2 times is in, so min_count 1 gives more.
+  assert '--config.fgram.min_count=1 or lower would mine more' in message
+  assert '--config.fgram.allow_short_table=True' in message
+  # A sweep point slicing past the table fails the same way, naming its key.
+  sliced = config_lib.replace(big, **{'fgram.use_size': rows + 1})
+  with pytest.raises(prepare_lib.ShortTableError, match=rf'config.fgram.use_size={rows + 1:,}'):
+    prepare_lib.prepare(sliced, workdir)
+  prepare_lib.prepare(config_lib.replace(big, **{'fgram.use_size': rows}), workdir)  # Fits.
+  allowed = prepare_lib.prepare(config_lib.replace(big, **{'fgram.allow_short_table': True}),
+                                workdir)
+  assert big.fgram.rows_used(len(allowed.table)) == rows
+  # min_count=1 admits every n-gram: the message says no min_count helps.
+  one = config_lib.replace(big, **{'fgram.min_count': 1, 'fgram.size': 10**6})
+  with pytest.raises(prepare_lib.ShortTableError, match='no min_count gives more'):
+    prepare_lib.prepare(one, workdir)
+  # The baseline uses no table: its size is not a scaling point.
+  prepare_lib.prepare(config_lib.replace(big, **{'fgram_model.num_layers': 0}), workdir)

@@ -3,12 +3,13 @@
 import hashlib
 import os
 import random
+import re
 
 import numpy as np
 import pytest
 
 from scone_jax import artifacts
-from scone_jax.config import TokenizerConfig
+from scone_jax.config import ConfigError, TokenizerConfig
 from scone_jax.corpus import CorpusError, Document, FileCorpus
 from scone_jax.tokenizer import (TokenShards, Tokenizer, install_tokenizer, open_tokenizer,
                                  split_long, token_dtype, train_tokenizer, write_shards)
@@ -80,8 +81,22 @@ def test_train_chars_samples_deterministically(tmp_path):
 
 def test_too_large_vocab_is_a_clear_error(tmp_path):
   cfg = TokenizerConfig(vocab_size=20000)
-  with pytest.raises(ValueError, match='Lower --config.tokenizer.vocab_size'):
+  with pytest.raises(ValueError, match=r'lower --config.tokenizer.vocab_size to \d+ or less'):
     train_tokenizer(_docs(50), cfg, str(tmp_path / 't'), total_bytes=10**4)
+  assert not os.path.exists(tmp_path / 't')
+
+
+def test_too_small_vocab_says_to_raise_it(tmp_path):
+  # 400 distinct characters (CJK) need more pieces than a 300 vocabulary holds:
+  # sentencepiece's "smaller than required_chars" wants a LARGER vocab, never a smaller one.
+  text = ''.join(chr(0x4E00 + i) for i in range(400))
+  docs = [Document(text, f'd:{i}') for i in range(5)]
+  with pytest.raises(ConfigError, match=r'RAISE --config.tokenizer.vocab_size to (\d+)') as e:
+    train_tokenizer(docs, TokenizerConfig(vocab_size=300), str(tmp_path / 't'),
+                    total_bytes=10**4)
+  needed = int(re.search(r'vocab_size to (\d+)', str(e.value)).group(1))
+  assert needed > 400  # The characters plus the special pieces.
+  assert 'lower' not in str(e.value).split('RAISE')[1].lower()  # One fix, the right one.
   assert not os.path.exists(tmp_path / 't')
 
 

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from scone_jax.corpus.readers import CorpusError, Document
+from scone_jax.corpus.document import CorpusError, Document
 
 PARQUET_BATCH_ROWS = 1024
 ARRAYRECORD_BATCH = 1024

@@ -4,10 +4,14 @@ ArrayRecord (columnar.py: the record layouts), from globs.
 A corpus is re-iterable: each pass opens the files again and streams them line by line, so
 a corpus larger than RAM works. Every `Document` carries its source ("file:line") so that
 errors further down the pipeline (tokenizer training, sharding) can point at the input.
+Before a text-format file is read, its first 64 KiB must look like its format
+(`check_file_format`): a compressed, columnar or binary file, or JSONL read as 'lines', is
+an error naming the file, what it looks like and the fix.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import glob
 import json
@@ -15,29 +19,32 @@ import os
 import re
 from typing import Iterator
 
-import numpy as np
 from absl import logging
 
 from scone_jax import artifacts, paths as paths_lib
-from scone_jax.errors import UserError
+from scone_jax.corpus import columnar
+from scone_jax.corpus.document import CorpusError, Document
 
 FORMATS = ('lines', 'blank_lines', 'jsonl', 'parquet', 'arrayrecord', 'arrayrecord_tokens')
+TEXT_FORMATS = ('lines', 'blank_lines', 'jsonl')
+# What a text reader must never read as text: (first bytes, what the file is, the fix).
+_MAGIC = (
+    (b'\x1f\x8b', 'gzip-compressed data', 'decompress it first (gunzip)'),
+    (b'BZh', 'bzip2-compressed data', 'decompress it first (bunzip2)'),
+    (b'\xfd7zXZ\x00', 'xz-compressed data', 'decompress it first (unxz)'),
+    (b'\x28\xb5\x2f\xfd', 'zstd-compressed data', 'decompress it first (unzstd)'),
+    (b'PK\x03\x04', 'a zip archive', 'extract it first (unzip)'),
+    (b'PAR1', 'a Parquet file', 'set --config.data.format=parquet'),
+    (b'\x83\xafp\xd1\r\x88J?', 'an ArrayRecord file',
+     'set --config.data.format=arrayrecord (or arrayrecord_tokens for token ids)'),
+)
+SNIFF_BYTES = 1 << 16
+# Above this share of U+FFFD per decoded character in the first 64 KiB, a file is not
+# UTF-8 text (random bytes give ~40%; a UTF-8 file with a few bad bytes, far below 1%).
+BAD_UTF8_SHARE = 0.1
 _NAME_RE = re.compile(r'^[A-Za-z0-9_.-]+$')
 _REPLACEMENT_UTF8 = '\ufffd'.encode()
 _SURROGATE_RE = re.compile('[\ud800-\udfff]')
-
-
-class CorpusError(UserError, ValueError):
-  """The corpus input is unusable; the message names the file (and line) and the fix."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Document:
-  text: str
-  source: str  # "path:line" of the document's first line, for error messages.
-  # Token ids (no BOS/EOS) of an already tokenized document (data.format=
-  # 'arrayrecord_tokens'; text is then ''), else None.
-  ids: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -108,7 +115,7 @@ class FileCorpus:
 
   def __init__(self, paths: list[str], fmt: str = 'lines', text_field: str = 'text',
                on_bad_utf8: str = 'replace', name: str = 'train',
-               source_field: str = '', fingerprint: str = ''):
+               source_field: str = '', fingerprint: str = '', check_format: bool = True):
     """Creates the corpus; checks that every file exists.
 
     Args:
@@ -120,6 +127,8 @@ class FileCorpus:
       source_field: optional JSONL key holding the document's original source (used by
         the embedded corpus, whose sources are stdlib files).
       fingerprint: overrides the default fingerprint (paths, sizes, mtimes, options).
+      check_format: refuse a text-format file whose first 64 KiB look like another format
+        (`check_file_format`; config data.check_format).
     """
     if fmt not in FORMATS:
       raise CorpusError(f'data.format={fmt!r} is not one of {list(FORMATS)}')
@@ -135,6 +144,7 @@ class FileCorpus:
     self.name = name
     self.source_field = source_field
     self._fingerprint = fingerprint
+    self.check_format = check_format
     self.stats = ReadStats()
 
   @property
@@ -149,20 +159,19 @@ class FileCorpus:
   def total_file_bytes(self) -> int:
     """Size of the input files: an upper bound on the corpus's UTF-8 text bytes."""
     if self.format == 'parquet':  # Compressed columns: read the uncompressed size.
-      from scone_jax.corpus import columnar  # pylint: disable=g-import-not-at-top
       return sum(max(columnar.parquet_uncompressed_bytes(p), paths_lib.getsize(p))
                  for p in self.paths)
     return sum(paths_lib.getsize(p) for p in self.paths)
 
   def __iter__(self) -> Iterator[Document]:
     self.stats = ReadStats()
-    # Imported here: columnar imports this module (Document, CorpusError).
-    from scone_jax.corpus import columnar  # pylint: disable=g-import-not-at-top
     read = {'lines': self._lines, 'blank_lines': self._blank_lines, 'jsonl': self._jsonl,
             'parquet': lambda p: columnar.parquet_documents(p, self.text_field),
             'arrayrecord': lambda p: columnar.arrayrecord_text_documents(p, self._decode),
             'arrayrecord_tokens': columnar.arrayrecord_token_documents}[self.format]
     for path in self.paths:
+      if self.check_format:
+        check_file_format(path, self.format)
       for doc in read(path):
         self.stats.docs += 1
         yield doc
@@ -247,6 +256,56 @@ class FileCorpus:
         yield Document(text, where)
 
 
+def check_file_format(path: str, fmt: str) -> None:
+  """Raises CorpusError when a text-format file's first 64 KiB are not what `fmt` reads.
+
+  Compressed, archived or columnar files (by their magic bytes), binary data (NUL bytes)
+  and mostly-invalid UTF-8 would otherwise train on U+FFFD and noise, and a JSONL file read
+  as 'lines' / 'blank_lines' would train on JSON syntax. These are errors, not warnings:
+  the run's numbers would be meaningless. A corpus of JSON text on purpose opts out with
+  data.check_format=False. Other formats are checked by their own readers.
+  """
+  if fmt not in TEXT_FORMATS:
+    return
+  with paths_lib.path(path).open('rb') as f:
+    head = f.read(SNIFF_BYTES)
+  where = f'{path} (data.format={fmt!r})'
+  for magic, what, fix in _MAGIC:
+    if head.startswith(magic):
+      raise CorpusError(f'{where}: the file starts like {what}, not UTF-8 text; {fix}')
+  if b'\x00' in head:
+    raise CorpusError(f'{where}: NUL bytes in the first 64 KiB: binary data, not UTF-8 text;'
+                      ' convert it to text, or set data.format to its format '
+                      f'({", ".join(f for f in FORMATS if f not in TEXT_FORMATS)})')
+  # Incremental decode: a character cut at the 64 KiB boundary is not an error.
+  text = codecs.getincrementaldecoder('utf-8')('replace').decode(head, final=False)
+  bad = text.count('\ufffd') - head.count(_REPLACEMENT_UTF8)
+  if text and bad / len(text) > BAD_UTF8_SHARE:
+    raise CorpusError(f'{where}: {bad / len(text):.0%} of the first 64 KiB is invalid UTF-8: '
+                      'compressed, binary or another text encoding; decompress it, or '
+                      'convert it to UTF-8 (iconv -f <encoding> -t utf-8)')
+  if fmt != 'jsonl':
+    lines = head.split(b'\n')
+    if len(head) == SNIFF_BYTES:
+      lines = lines[:-1]  # Cut at the boundary.
+    lines = [line for line in lines if line.strip()]
+    if lines and all(_is_json_object(line) for line in lines):
+      raise CorpusError(f'{where}: every line of the first 64 KiB is a JSON object: this is '
+                        f'JSONL, and data.format={fmt!r} would train on its JSON syntax; set '
+                        '--config.data.format=jsonl (and --config.data.text_field to the '
+                        'text key), or --config.data.check_format=False to train on the JSON '
+                        'text as is')
+
+
+def _is_json_object(line: bytes) -> bool:
+  if not line.lstrip().startswith(b'{'):
+    return False
+  try:
+    return isinstance(json.loads(line), dict)
+  except ValueError:
+    return False
+
+
 def _file_identity(path: str) -> tuple[str, int, int]:
   """(location, size, mtime) of a corpus file: what its fingerprint changes with."""
   if paths_lib.is_remote(path):
@@ -257,6 +316,7 @@ def _file_identity(path: str) -> tuple[str, int, int]:
 
 
 def files_corpus(globs: str, key: str, fmt: str, text_field: str, on_bad_utf8: str,
-                 name: str) -> FileCorpus:
+                 name: str, check_format: bool = True) -> FileCorpus:
   """A FileCorpus from comma-separated globs (the config's data.train_files form)."""
-  return FileCorpus(expand_globs(globs, key), fmt, text_field, on_bad_utf8, name)
+  return FileCorpus(expand_globs(globs, key), fmt, text_field, on_bad_utf8, name,
+                    check_format=check_format)

@@ -3,6 +3,13 @@
 Both take a `runner(cmd, log_path) -> exit code` so tests inject a fake one and no cloud
 call is ever made from a test. A crashing point is reported and the others continue; the
 caller turns the returned failures into a non-zero exit code.
+
+Preemption. A point whose train exits with PREEMPTED (75, EX_TEMPFAIL: the trainer saved
+a checkpoint on SIGTERM) is requeued: the same command reruns and resumes. SIGTERM to the
+local runner itself is forwarded to every running child's process group; the runner waits
+(at most `STOP_WAIT_S`) for them to save and exit, starts nothing more, reports the
+interrupted points as failed ("rerun to resume") and returns: no child outlives it
+holding a run's lock, so an immediate rerun resumes every point.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import dataclasses
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,6 +33,75 @@ from scone_jax.sweeps import spec
 from scone_jax.sweeps import tables
 
 Runner = Callable[[str, str], int]
+# The train CLI's exit status when preempted (scone_jax/train/loop.EXIT_PREEMPTED; named
+# here by the same POSIX constant so the launcher does not import the trainer).
+PREEMPTED = os.EX_TEMPFAIL
+# Times a local point's preempted stage is rerun (each resumes from its checkpoint).
+REQUEUES = 3
+# After forwarding SIGTERM, how long the runner waits for its children to save and exit
+# before it kills them.
+STOP_WAIT_S = 300.0
+
+
+class _Children:
+  """The running children's process groups, and whether the runner was told to stop."""
+
+  def __init__(self):
+    self.lock = threading.Lock()
+    self.procs: set[subprocess.Popen] = set()
+    self.stopping = threading.Event()
+
+  def start(self, cmd: str, log) -> subprocess.Popen | None:
+    """Starts `cmd` in its own session (process group); None once stopping."""
+    with self.lock:
+      if self.stopping.is_set():
+        return None
+      proc = subprocess.Popen(cmd, shell=True, executable='/bin/bash', stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+      self.procs.add(proc)
+      return proc
+
+  def wait(self, proc: subprocess.Popen) -> int:
+    """The child's exit status; when stopping, only once its whole process group has
+    exited: bash may die of the forwarded SIGTERM before the trainer it started saved."""
+    rc = proc.wait()
+    if self.stopping.is_set():
+      deadline = time.time() + STOP_WAIT_S
+      while _group_alive(proc.pid) and time.time() < deadline:
+        time.sleep(0.1)
+      if _group_alive(proc.pid):
+        _signal_group(proc.pid, signal.SIGKILL)
+    with self.lock:
+      self.procs.discard(proc)
+    return rc
+
+  def stop(self, signum, frame) -> None:
+    """The SIGTERM handler: forward to every child's group; start nothing more."""
+    del frame
+    self.stopping.set()
+    with self.lock:
+      for proc in self.procs:
+        _signal_group(proc.pid, signum)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+  try:
+    os.killpg(pgid, signum)
+  except ProcessLookupError:
+    pass
+
+
+def _group_alive(pgid: int) -> bool:
+  try:
+    os.killpg(pgid, 0)
+    return True
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+
+
+_CHILDREN = _Children()
 
 
 def _local_log(log_path: str) -> str:
@@ -37,14 +114,16 @@ def _local_log(log_path: str) -> str:
 
 
 def shell_runner(cmd: str, log_path: str) -> int:
-  """Runs `cmd` through bash, appending stdout+stderr to log_path (local or gs://)."""
+  """Runs `cmd` through bash in its own process group, appending stdout+stderr to
+  log_path (local or gs://). Once the runner is stopping (SIGTERM) it starts nothing and
+  returns PREEMPTED."""
   local = _local_log(log_path)
   os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
   with open(local, 'a') as log:
     log.write(f'\n$ {cmd}\n')
     log.flush()
-    rc = subprocess.run(cmd, shell=True, executable='/bin/bash', stdout=log,
-                        stderr=subprocess.STDOUT, check=False).returncode
+    proc = _CHILDREN.start(cmd, log)
+    rc = PREEMPTED if proc is None else _CHILDREN.wait(proc)
   if local != log_path:
     with open(local, 'rb') as f:
       paths.write_bytes(log_path, f.read())
@@ -134,8 +213,16 @@ def run_local(sweep: spec.Sweep, python: str = sys.executable, parallel: int = 1
   """Runs every unfinished point: prepare once per artifacts dir, then train + evaluate.
 
   Finished points (complete W/eval.json) are skipped; interrupted ones rerun the same
-  command and the trainer resumes from W/checkpoints. Logs go to W/log.txt.
+  command and the trainer resumes from W/checkpoints; a preempted stage (exit PREEMPTED)
+  is requeued up to REQUEUES times. SIGTERM to this process is forwarded to the running
+  children (module docstring). Logs go to W/log.txt.
   """
+  with _forward_sigterm():
+    return _run_local(sweep, python, parallel, runner, out)
+
+
+def _run_local(sweep: spec.Sweep, python: str, parallel: int, runner: Runner,
+               out) -> list[Outcome]:
   out = out or sys.stdout
   progress = Progress(len(sweep.points), out)
   todo, outcomes = [], []
@@ -165,6 +252,18 @@ def run_local(sweep: spec.Sweep, python: str = sys.executable, parallel: int = 1
       if stage == 'evaluate' and spec.is_finished(p):
         continue  # train already evaluated at its end.
       rc = runner(cmd, log)
+      for attempt in range(REQUEUES):
+        if rc != PREEMPTED or _CHILDREN.stopping.is_set():
+          break
+        print(f'  {p.name}: {stage} was preempted (exit {rc}); requeued '
+              f'{attempt + 1}/{REQUEUES}, it resumes from its checkpoint', file=out,
+              flush=True)
+        rc = runner(cmd, log)
+      if rc and _CHILDREN.stopping.is_set():
+        detail = (f'  {stage} interrupted by SIGTERM to the sweep (exit {rc}); rerun the '
+                  f'sweep to resume it; log {log}')
+        progress.event(p.name, 'failed', detail)
+        return Outcome(p.name, 'failed', time.time() - start, detail)
       if rc:
         detail = f'  {stage} exited with {rc}; log {log}:\n{_tail(log)}'
         progress.event(p.name, 'failed', detail)
@@ -193,6 +292,21 @@ def run_local(sweep: spec.Sweep, python: str = sys.executable, parallel: int = 1
   with progress, concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
     outcomes += list(pool.map(run_point, todo))
   return outcomes
+
+
+class _forward_sigterm:  # pylint: disable=invalid-name
+  """Within: SIGTERM goes to the children (`_Children.stop`), from the main thread only."""
+
+  def __enter__(self):
+    _CHILDREN.stopping.clear()
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, _CHILDREN.stop)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 @dataclasses.dataclass(frozen=True)

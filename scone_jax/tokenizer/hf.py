@@ -30,8 +30,8 @@ from typing import Sequence
 import numpy as np
 import tokenizers
 
-from scone_jax import artifacts
-from scone_jax.config import TokenizerConfig
+from scone_jax import artifacts, paths
+from scone_jax.config import ConfigError, TokenizerConfig
 
 FILE = 'tokenizer.json'
 KIND_NAME = 'huggingface'
@@ -72,15 +72,15 @@ class HFTokenizer:
             default: str | None, where: str) -> str:
     if given:
       if given not in vocab:
-        raise ValueError(f'config.tokenizer.{key}={given!r} is not a token of {where}; '
-                         'give a token the file defines, or leave it empty for the default')
+        raise ConfigError(f'config.tokenizer.{key}={given!r} is not a token of {where}; '
+                          'give a token the file defines, or leave it empty for the default')
       return given
     for token in candidates:
       if token in vocab:
         return token
     if default is None:
-      raise ValueError(f'{where} has none of {list(candidates)}; name its end-of-document '
-                       f'token with --config.tokenizer.{key}=<token>')
+      raise ConfigError(f'{where} has none of {list(candidates)}; name its end-of-document '
+                        f'token with --config.tokenizer.{key}=<token>')
     return default
 
   @classmethod
@@ -88,14 +88,12 @@ class HFTokenizer:
            pad_token: str = '') -> HFTokenizer:
     """Loads `<dir>/tokenizer.json` or a tokenizer.json file."""
     path = dir_or_path
-    if os.path.isdir(path):
-      path = os.path.join(path, FILE)
-    if not os.path.isfile(path):
+    if paths.isdir(path):  # Local or a bucket: a run reopens from either.
+      path = paths.join(path, FILE)
+    if not paths.isfile(path):
       raise artifacts.ArtifactError(f'no tokenizer.json at {path}; fix '
                                     'config.tokenizer.model_file')
-    with open(path, 'rb') as f:
-      data = f.read()
-    return cls(data, path, bos_token, eos_token, pad_token)
+    return cls(paths.read_bytes(path), path, bos_token, eos_token, pad_token)
 
   def encode(self, texts: Sequence[str], num_threads: int = 2) -> list[np.ndarray]:
     """Token ids (int32, no BOS/EOS) of each text."""
@@ -128,18 +126,17 @@ def install(model_file: str, cfg: TokenizerConfig, directory: str, kind: str, me
   """
   tok = HFTokenizer.load(model_file, cfg.bos_token, cfg.eos_token, cfg.pad_token)
   if tok.vocab_size != cfg.vocab_size:
-    raise ValueError(
+    raise ConfigError(
         f'tokenizer.model_file={model_file} has vocab_size {tok.vocab_size} (largest id + 1, '
         f'added tokens included) but config.tokenizer.vocab_size={cfg.vocab_size}; set '
         f'--config.tokenizer.vocab_size={tok.vocab_size}')
-  with open(tok.path, 'rb') as f:
-    data = f.read()
+  data = paths.read_bytes(tok.path)
   with artifacts.atomic_dir(directory) as tmp:
     with open(os.path.join(tmp, FILE), 'wb') as f:
       f.write(data)
     artifacts.write_manifest(tmp, kind, {
         'fingerprint': tok.fingerprint, 'vocab_size': tok.vocab_size,
-        'tokenizer_kind': KIND_NAME, 'source': os.path.abspath(model_file),
+        'tokenizer_kind': KIND_NAME, 'source': paths.resolve(model_file),
         **tok.specials(), **meta})
   return open_dir(directory, artifacts.read_manifest(directory, kind, verify=False))
 

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import re
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -19,7 +20,7 @@ import sentencepiece as spm
 from absl import logging
 
 from scone_jax import artifacts, paths
-from scone_jax.config import TokenizerConfig
+from scone_jax.config import ConfigError, TokenizerConfig
 from scone_jax.corpus import CorpusError, Document
 from scone_jax.tokenizer import hf
 
@@ -175,10 +176,10 @@ def train_tokenizer(docs: Iterable[Document], cfg: TokenizerConfig, directory: s
   except RuntimeError as e:
     if failures:
       raise failures[0] from None
-    raise ValueError(
+    raise ConfigError(
         f'sentencepiece could not train a {cfg.model_type} vocabulary of '
         f'{cfg.vocab_size} on {stats.documents} documents ({stats.chars} characters): {e}. '
-        'Lower --config.tokenizer.vocab_size or use a larger corpus') from e
+        f'{_vocab_fix(str(e))}') from e
   if stats.long_docs_split:
     logging.warning('tokenizer training: split %d document(s) longer than '
                     'tokenizer.max_sentence_length=%d bytes at whitespace (first: %s)',
@@ -193,6 +194,32 @@ def train_tokenizer(docs: Iterable[Document], cfg: TokenizerConfig, directory: s
   return Tokenizer.load(directory)
 
 
+_TOO_SMALL_RE = re.compile(r'smaller than required_chars\. (\d+) vs (\d+)')
+_TOO_HIGH_RE = re.compile(r'Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)')
+
+
+def _vocab_fix(message: str) -> str:
+  """The fix for sentencepiece's training error `message`, read from the message itself.
+
+  "smaller than required_chars. V vs N": the corpus has more distinct characters (plus
+  the special pieces) than the vocabulary holds, so the vocabulary must GROW to N.
+  "too high ... <= N": the sample is too small to yield V pieces, so it must shrink.
+  """
+  small = _TOO_SMALL_RE.search(message)
+  if small:
+    return (f'The corpus needs at least {small.group(2)} pieces for its distinct characters '
+            f'and the special pieces: RAISE --config.tokenizer.vocab_size to '
+            f'{small.group(2)} or more')
+  high = _TOO_HIGH_RE.search(message)
+  if high:
+    return (f'The sampled corpus yields at most {high.group(1)} pieces: lower '
+            f'--config.tokenizer.vocab_size to {high.group(1)} or less, or use a larger '
+            'corpus (or a larger --config.tokenizer.train_chars)')
+  return ('Check the vocabulary size against the corpus: lower '
+          '--config.tokenizer.vocab_size for a small corpus, raise it for one with many '
+          'distinct characters')
+
+
 def install_tokenizer(model_file: str, cfg: TokenizerConfig, directory: str,
                       meta: dict | None = None) -> Tokenizer:
   """Copies an existing model into the artifact directory after checking its vocab size.
@@ -205,7 +232,7 @@ def install_tokenizer(model_file: str, cfg: TokenizerConfig, directory: str,
     return hf.install(model_file, cfg, directory, KIND, meta or {})
   tok = Tokenizer.load(model_file)
   if tok.vocab_size != cfg.vocab_size:
-    raise ValueError(
+    raise ConfigError(
         f'tokenizer.model_file={model_file} has vocab_size {tok.vocab_size} but '
         f'config.tokenizer.vocab_size={cfg.vocab_size}; set '
         f'--config.tokenizer.vocab_size={tok.vocab_size}')

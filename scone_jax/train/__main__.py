@@ -51,6 +51,8 @@ def main(argv):
   if result.eval is not None:  # The final eval per corpus, with the fraction it covered.
     for line in evaluate_lib.format_eval(result.eval):
       print(line)
+  if result.status == 'preempted':  # Saved, not finished: a scheduler requeues on 75.
+    sys.exit(loop.EXIT_PREEMPTED)
 
 
 if __name__ == '__main__':

@@ -6,7 +6,16 @@ One call prepares missing artifacts, snapshots the config, builds mesh / model /
 the host never waits on the device except at checkpoint, eval and log steps. Metrics go
 to W/metrics.jsonl and W/tb (process 0); a NaN/Inf loss or gradient norm stops the run
 (`TrainingDivergedError`) without saving it, so the newest checkpoint stays the last good
-one; SIGTERM saves at the next step boundary and returns with status 'preempted'.
+one; SIGTERM saves at the next step boundary and returns with status 'preempted', which
+`python -m scone_jax.train` exits with EXIT_PREEMPTED = 75 (EX_TEMPFAIL: "try again"), so
+a scheduler (or the sweep runner) requeues it and the rerun resumes; a finished run exits 0.
+
+A resume never rebuilds what the run trained on: prepare reopens the artifacts W/run.json
+records and refuses changed inputs (prepare.RunInputsChangedError), and only the keys of
+config_runtime.RESUMABLE_KEYS / CHANGEABLE_KEYS may differ from W/config.json. A NEW run
+may start from another run's weights: `--config.train.init_from_run=OLD_W` restores
+OLD_W's latest params into this run's model (every shape must match; optimizer state,
+step and data order start fresh).
 """
 
 from __future__ import annotations
@@ -14,12 +23,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import threading
 import time
 from typing import Any
 
 from absl import logging
+from flax import nnx
 import jax
 import numpy as np
 
@@ -35,6 +46,10 @@ from scone_jax.train import metrics as metrics_lib
 from scone_jax.train import optimizer as optimizer_lib
 from scone_jax.train import rundata
 from scone_jax.train import step as step_lib
+
+# The train CLI's exit status when preempted (SIGTERM): os.EX_TEMPFAIL, "try again".
+EXIT_PREEMPTED = os.EX_TEMPFAIL
+
 
 class TrainingDivergedError(RuntimeError):
   """The loss or gradient norm became NaN/Inf."""
@@ -187,8 +202,9 @@ def _acquire_run_lock(workdir: str) -> runlock.RunLock | None:
 def _train_locked(cfg: Config, workdir: str,
                   allow_config_change: tuple[str, ...]) -> TrainResult:
   run_dir = run_lib.RunDir(workdir)
-  write_run_config(cfg, workdir, allow_config_change)
+  # Data first: on a resume it refuses changed inputs before config.json is rewritten.
   data = rundata.open_run_data(cfg, workdir)
+  write_run_config(cfg, workdir, allow_config_change)
   mesh = mesh_lib.make_mesh(cfg.mesh, cfg.train.batch_size)
   vocab_size = _vocab_size(cfg, data)
   if jax.process_index() == 0:
@@ -207,6 +223,8 @@ def _train_locked(cfg: Config, workdir: str,
   ckpt = checkpoint_lib.Checkpointer(run_dir.checkpoint_dir, cfg.checkpoint,
                                     writer=True)
   resumed_from, state = ckpt.restore_latest(state, data_it)
+  if resumed_from is None and cfg.train.init_from_run:
+    state = _init_from_run(cfg.train.init_from_run, workdir, state, mesh, data.tokenizer)
   step = int(resumed_from or 0)
   run = _Run(cfg, workdir, mesh, data_it, ckpt, metrics_lib.MetricsWriter(workdir),
              evaluate_lib.Evaluator(cfg, graphdef, mesh, data),
@@ -224,6 +242,46 @@ def _train_locked(cfg: Config, workdir: str,
     if jax.process_index() == 0:
       run_dir.record_checkpoints(run_dir.checkpoint_steps())
   return result
+
+
+def _init_from_run(source: str, workdir: str, state: step_lib.TrainState,
+                   mesh: jax.sharding.Mesh, tokenizer) -> step_lib.TrainState:
+  """`state` with its params replaced by the latest params of the run in `source`.
+
+  Raises ConfigError naming the first parameter whose path or shape differs (another
+  model) or when `source` is this run itself.
+  """
+  source_dir = run_lib.RunDir(source)
+  if source_dir.path == workdir:
+    raise ConfigError(f'config.train.init_from_run={source} is this run\'s own workdir; '
+                      'it names ANOTHER run whose weights start this new one')
+  lm, step = source_dir.restore_model(source_dir.config(), mesh)
+  got = jax.tree_util.tree_flatten_with_path(nnx.state(lm, nnx.Param))[0]
+  want, treedef = jax.tree_util.tree_flatten_with_path(state.params)
+  got_shapes = {jax.tree_util.keystr(k): (v.shape, v.dtype) for k, v in got}
+  for key, leaf in want:
+    name = jax.tree_util.keystr(key)
+    if got_shapes.get(name) != (leaf.shape, leaf.dtype):
+      have = got_shapes.get(name, 'no such parameter')
+      raise ConfigError(
+          f'config.train.init_from_run={source}: its parameter {name} is {have}, this run '
+          f'needs {(leaf.shape, leaf.dtype)}; the model config (model.*, fgram_model.*, '
+          'fgram.max_len, the vocab size, the table rows) must match the source run\'s')
+  if len(got) != len(want):
+    raise ConfigError(f'config.train.init_from_run={source}: it has {len(got)} parameters, '
+                      f'this run {len(want)}; the model configs differ')
+  source_tok = source_dir.info()['tokenizer']['fingerprint']
+  if source_tok != tokenizer.fingerprint:
+    logging.warning('init_from_run: %s was trained with another tokenizer (%s, now %s): its '
+                    'embedding rows belong to other token ids', source, source_tok[:16],
+                    tokenizer.fingerprint[:16])
+  by_name = {jax.tree_util.keystr(k): v for k, v in got}
+  params = jax.tree_util.tree_unflatten(
+      treedef, [jax.device_put(by_name[jax.tree_util.keystr(k)], leaf.sharding)
+                for k, leaf in want])
+  logging.info('init_from_run: params of %s at step %d; optimizer, step and data order '
+               'start fresh', source, step)
+  return dataclasses.replace(state, params=params)
 
 
 HASH_COLLISIONS_FILE = 'hash_collisions.json'

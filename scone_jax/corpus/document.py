@@ -1,0 +1,26 @@
+"""The types every corpus reader shares: `Document` and `CorpusError`.
+
+Their own module so that readers.py (the text formats and the dispatch) and columnar.py
+(Parquet / ArrayRecord) each import it, and readers imports columnar, one way only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from scone_jax.errors import UserError
+
+
+class CorpusError(UserError, ValueError):
+  """The corpus input is unusable; the message names the file (and line) and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+  text: str
+  source: str  # "path:line" of the document's first line, for error messages.
+  # Token ids (no BOS/EOS) of an already tokenized document (data.format=
+  # 'arrayrecord_tokens'; text is then ''), else None.
+  ids: np.ndarray | None = None
