@@ -9,11 +9,16 @@ writes in a background thread); `keep` newest steps are retained. Restore reads 
 shardings of a target state built on the current mesh, so a run can resume on a different
 mesh shape.
 
-Integrity: `restore_latest` falls back to the newest step that restores when the latest is
-truncated or corrupt (warning naming both, and moving the bad step aside so the run can save
-that step again); a failure of an async save (disk full, permissions, ...) is re-raised in
-the training thread by `raise_if_save_failed` at the next step boundary as one
-`CheckpointSaveError`, because orbax's finalize thread only logs it and carries on.
+Integrity: once a save is known committed (`raise_if_save_failed`, at the step boundary
+after an async save finishes, or `wait`/`close`), process 0 records every file's crc32c in
+`<step>/checksums.json` (scone_jax/checkpoint_files.py). `restore_latest` checks them
+first and falls back to the newest step that is intact and restores to finite weights when
+the latest has flipped bytes, is truncated or does not restore (warning naming both, and
+moving the bad step aside so the run can save that step again); a step saved without
+checksums (an older version) is restored with a warning. A failure of an async save (disk
+full, permissions, ...) is re-raised in the training thread by `raise_if_save_failed` at
+the next step boundary as one `CheckpointSaveError`, because orbax's finalize thread only
+logs it and carries on.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 
-from scone_jax import paths
+from scone_jax import checkpoint_files, paths
 from scone_jax.config import CheckpointConfig
 
 
@@ -119,6 +124,8 @@ class Checkpointer:
     self._pending_step = None
     self.manager.reload()
     if self._save_error is None and step in self.manager.all_steps():
+      if jax.process_index() == 0:
+        checkpoint_files.write_checksums(self.directory, step)
       return
     cause = self._save_error
     detail = f'{type(cause).__name__}: {cause}' if cause is not None else (
@@ -156,27 +163,44 @@ class Checkpointer:
     logging.info('checkpoint: restored step %d from %s', step, self.directory)
     return restored['state']
 
+  def _restore_checked(self, step: int, target_state: Any, data_iterator: Any | None
+                       ) -> Any:
+    """`restore`, after the step's checksums and before handing back weights that are not
+    finite; CheckpointCorruptError if either fails."""
+    check = checkpoint_files.check_step(self.directory, step)
+    if check.status == 'unverified':
+      logging.warning('checkpoint step %d in %s is unverified (%s)', step, self.directory,
+                      check.detail)
+    else:
+      checkpoint_files.raise_if_corrupt(self.directory, check)
+    state = self.restore(step, target_state, data_iterator)
+    if not checkpoint_files.all_finite(state):
+      # The loop never saves a diverged state, so NaN/Inf here is damage on disk.
+      checkpoint_files.raise_if_corrupt(self.directory, checkpoint_files.StepCheck(
+          step, 'corrupt', 'its restored values are not finite (NaN/Inf)'))
+    return state
+
   def restore_latest(self, target_state: Any, data_iterator: Any | None = None
                      ) -> tuple[int | None, Any]:
-    """(step, state) of the newest checkpoint that restores; (None, target_state) if
-    there is none.
+    """(step, state) of the newest intact checkpoint; (None, target_state) if there is
+    none.
 
-    A step that fails to restore (truncated or corrupt files) is logged with the step
-    tried next, and moved aside to `<step>.corrupt-<time>` (kept for inspection; orbax
-    ignores the name), so the resumed run can save that step again. If no step restores,
-    the newest one's error is raised: then the cause is not one bad step (e.g. a model of
-    another shape).
+    A step that fails its checksums, does not restore (truncated files) or restores to
+    NaN/Inf is logged with the step tried next, and moved aside to `<step>.corrupt-<time>`
+    (kept for inspection; orbax ignores the name), so the resumed run can save that step
+    again. If no step restores, the newest one's error is raised: then the cause is not
+    one bad step (e.g. a model of another shape).
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
     first_error = None
     for i, step in enumerate(steps):
       try:
-        state = self.restore(step, target_state, data_iterator)
+        state = self._restore_checked(step, target_state, data_iterator)
       except Exception as e:  # pylint: disable=broad-except
         first_error = first_error or e
         following = steps[i + 1] if i + 1 < len(steps) else None
-        logging.warning('checkpoint step %d in %s does not restore (%s: %s); falling back '
-                        'to step %s', step, self.directory, type(e).__name__,
+        logging.warning('checkpoint step %d in %s is corrupt or does not restore (%s: %s); '
+                        'falling back to step %s', step, self.directory, type(e).__name__,
                         (str(e).splitlines() or [''])[0][:300], following)
         continue
       for bad in steps[:i]:
