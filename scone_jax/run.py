@@ -193,17 +193,22 @@ class RunDir:
                      f'(python -m scone_jax.train --workdir={self.path})')
     return steps[-1]
 
-  def check_checkpoint(self, step: int, steps: list[int]) -> None:
+  def _check_checkpoint(self, step: int, steps: list[int]) -> None:
     """Refuses a step whose files fail their checksums (CheckpointCorruptError naming the
     newest intact older step); warns about one saved without checksums."""
     check = checkpoint_files.check_step(self.checkpoint_dir, step)
     if check.status == 'unverified':
       logging.warning('checkpoint step %d in %s is unverified (%s)', step,
                       self.checkpoint_dir, check.detail)
-    elif check.status == 'corrupt':
-      checkpoint_files.raise_if_corrupt(
-          self.checkpoint_dir, check,
-          checkpoint_files.newest_intact(self.checkpoint_dir, [s for s in steps if s < step]))
+    else:
+      self._refuse_if_corrupt(check, steps)
+
+  def _refuse_if_corrupt(self, check: checkpoint_files.StepCheck, steps: list[int]) -> None:
+    """CheckpointCorruptError if `check` says corrupt, naming the newest intact step."""
+    if check.status == 'corrupt':
+      older = [s for s in steps if s < check.step]
+      intact = checkpoint_files.newest_intact(self.checkpoint_dir, older)
+      checkpoint_files.raise_if_corrupt(self.checkpoint_dir, check, intact)
 
   def restore_model(self, cfg: Config, mesh: jax.sharding.Mesh,
                     step: int | None = None) -> tuple[SconeLM, int]:
@@ -224,7 +229,7 @@ class RunDir:
     if step not in steps:
       raise RunError(f'checkpoint step {step} is not in {self.checkpoint_dir} (committed '
                      f'steps: {steps}); pick one of those')
-    self.check_checkpoint(step, steps)
+    self._check_checkpoint(step, steps)
 
     num_fgrams = (cfg.fgram.rows_used(info.get('fgram_table_rows', 0))
                   if cfg.fgram_model.kind == 'table' else 0)
@@ -257,10 +262,14 @@ class RunDir:
           f'checkpoint step {step} in {self.checkpoint_dir} does not fit the model of '
           f'{self.join(CONFIG_FILE)} / {self.join(RUN_FILE)} (vocab_size '
           f'{info["vocab_size"]}): {(str(e).splitlines() or [""])[0][:300]}') from e
+    except Exception as e:  # pylint: disable=broad-except
+      # TensorStore reports undecodable bytes as a bare Exception with a page-long spec.
+      self._refuse_if_corrupt(checkpoint_files.StepCheck(
+          step, 'corrupt', f'it does not restore ({type(e).__name__}: '
+          f'{(str(e).splitlines() or [""])[0][:200]})'), steps)
     if not checkpoint_files.all_finite(state['params']):
-      checkpoint_files.raise_if_corrupt(self.checkpoint_dir, checkpoint_files.StepCheck(
-          step, 'corrupt', 'its weights are not finite (NaN/Inf)'),
-          checkpoint_files.newest_intact(self.checkpoint_dir, [s for s in steps if s < step]))
+      self._refuse_if_corrupt(checkpoint_files.StepCheck(
+          step, 'corrupt', 'its weights are not finite (NaN/Inf)'), steps)
     return nnx.merge(graphdef, state['params'], state['other']), step
 
 
