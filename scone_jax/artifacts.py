@@ -37,6 +37,7 @@ from typing import Any, Iterator
 
 from absl import logging
 import google_crc32c
+import numpy as np
 
 from scone_jax import paths
 from scone_jax.errors import UserError
@@ -54,7 +55,7 @@ REMOTE_VERIFY_BYTES = 64 << 20
 # stat cache or not: 1 GiB is ~0.1 s from the page cache (an S=10M f-gram table is 355 MB;
 # BENCHMARKS.md), while multi-GB token files rely on the stat cache past it.
 OPEN_CRC32C_BYTES = 1 << 30
-_CHUNK = 1 << 22
+_CHUNK = 1 << 24
 # Temporary names carry their writer ("<pid>@<host>") so that the next start can tell the
 # leftovers of a killed stage (clean_stale_temps removes them) from a live writer's.
 _OWNER = f'{os.getpid()}@{socket.gethostname()}'
@@ -69,7 +70,7 @@ class ArtifactError(UserError, RuntimeError):
 
 
 def sha256_file(path: str, chunk: int = _CHUNK) -> str:
-  return file_digests(path, sha256=True, crc32c=False).sha256
+  return file_digests(path, sha256=True, crc32c=False, chunk=chunk).sha256
 
 
 def crc32c_file(path: str) -> int:
@@ -87,15 +88,26 @@ def file_digests(path: str, sha256: bool = True, crc32c: bool = True,
                  chunk: int = _CHUNK) -> Digests:
   """The sha256 and/or crc32c of a file (local or URL), in one read."""
   sha = hashlib.sha256() if sha256 else None
-  crc = google_crc32c.Checksum() if crc32c else None
+  crc = 0
+  for block in _blocks(path, chunk):
+    if sha is not None:
+      sha.update(block)
+    if crc32c:
+      crc = google_crc32c.extend(crc, block)
+  return Digests(sha.hexdigest() if sha is not None else None, crc if crc32c else None)
+
+
+def _blocks(path: str, chunk: int) -> Iterator[Any]:
+  """A file's bytes in read-only blocks: slices of a memory map on local disk (no copies:
+  ~1.5x faster than read() for crc32c), reads from an object store."""
+  if not paths.is_remote(path) and os.path.getsize(path):
+    mapped = np.memmap(path, np.uint8, mode='r')
+    for start in range(0, mapped.size, chunk):
+      yield mapped[start:start + chunk]
+    return
   with paths.path(path).open('rb') as f:
     while block := f.read(chunk):
-      if sha is not None:
-        sha.update(block)
-      if crc is not None:
-        crc.update(block)
-  return Digests(sha.hexdigest() if sha is not None else None,
-                 int.from_bytes(crc.digest(), 'big') if crc is not None else None)
+      yield block
 
 
 def sha256_bytes(data: bytes) -> str:
