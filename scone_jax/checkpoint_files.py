@@ -79,13 +79,21 @@ def write_checksums(directory: str, step: int) -> dict[str, Any]:
   root = step_dir(directory, step)
   files = {}
   for name in sorted(paths.walk_files(root)):
-    if name == CHECKSUMS_FILE or name.rsplit('/', 1)[-1].startswith('.tmp-'):
+    if not _recorded(name):
       continue
     fpath = paths.join(root, name)
     files[name] = {'bytes': paths.getsize(fpath), 'crc32c': artifacts.crc32c_file(fpath)}
   record = {'format_version': _FORMAT_VERSION, 'step': int(step), 'files': files}
   artifacts.write_json_atomic(paths.join(root, CHECKSUMS_FILE), record)
   return record
+
+
+def _recorded(name: str) -> bool:
+  """Whether a file of a step has its checksum recorded: not our own record or its temp,
+  and not orbax's commit markers (their text names the path, so a step copied elsewhere,
+  e.g. into a bucket, gets new ones)."""
+  base = name.rsplit('/', 1)[-1]
+  return name != CHECKSUMS_FILE and base != COMMIT_FILE and not base.startswith('.tmp-')
 
 
 def check_step(directory: str, step: int) -> StepCheck:
@@ -100,6 +108,8 @@ def check_step(directory: str, step: int) -> StepCheck:
     return StepCheck(step, 'corrupt', f'{CHECKSUMS_FILE} is unreadable ({e})')
   bad = []
   for name, info in sorted(files.items()):
+    if not _recorded(name):
+      continue
     fpath = paths.join(root, name)
     if not paths.exists(fpath):
       bad.append(f'{name} is missing')
