@@ -11,7 +11,8 @@ mesh shape.
 
 Integrity: once a save is known committed (`raise_if_save_failed`, at the step boundary
 after an async save finishes, or `wait`/`close`), process 0 records every file's crc32c in
-`<step>/checksums.json` (scone_jax/checkpoint_files.py). `restore_latest` checks them
+`<step>/checksums.json` (scone_jax/checkpoint_files.py), in a background thread joined
+before the next save starts (so orbax's `keep` clean-up never deletes a step being read). `restore_latest` checks them
 first and falls back to the newest step that is intact and restores to finite weights when
 the latest has flipped bytes, is truncated or does not restore (warning naming both, and
 moving the bad step aside so the run can save that step again); a step saved without
@@ -23,6 +24,7 @@ logs it and carries on.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import time
@@ -86,6 +88,9 @@ class Checkpointer:
     self._pending_step: int | None = None  # The async save not yet confirmed finalized.
     self._save_error: BaseException | None = None
     self._record_background_errors()
+    # Process 0 records a committed step's checksums off the training thread.
+    self._hasher = concurrent.futures.ThreadPoolExecutor(1, 'scone_jax-checksums')
+    self._checksums: tuple[int, concurrent.futures.Future] | None = None
 
   def _record_background_errors(self) -> None:
     """Keeps the exception of a failed background save for our message: orbax's finalize
@@ -125,7 +130,8 @@ class Checkpointer:
     self.manager.reload()
     if self._save_error is None and step in self.manager.all_steps():
       if jax.process_index() == 0:
-        checkpoint_files.write_checksums(self.directory, step)
+        self._checksums = (step, self._hasher.submit(
+            checkpoint_files.write_checksums, self.directory, step))
       return
     cause = self._save_error
     detail = f'{type(cause).__name__}: {cause}' if cause is not None else (
@@ -136,10 +142,26 @@ class Checkpointer:
         f'stopped; the newest saved step is {max(previous) if previous else None}. Fix '
         'the cause (e.g. free disk space) and rerun the same command to resume') from cause
 
+  def _finish_checksums(self) -> None:
+    """Waits for the checksums of the last committed step; CheckpointSaveError if they
+    could not be written."""
+    if self._checksums is None:
+      return
+    step, future = self._checksums
+    self._checksums = None
+    try:
+      future.result()
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointSaveError(
+          f'recording the checksums of checkpoint step {step} in {self.directory} failed '
+          f'({type(e).__name__}: {e}). Training stopped; fix the cause (e.g. free disk '
+          'space) and rerun the same command to resume') from e
+
   def save(self, step: int, state: Any, data_iterator: Any | None = None) -> None:
     """Starts saving `state` (and the iterator's position) as `step`; returns once the
     iterator state and a host copy of the arrays are taken (async) or written (sync)."""
     self.raise_if_save_failed(wait=True)
+    self._finish_checksums()
     items = {'state': ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointSave(_JsonStateIterator(data_iterator))
@@ -225,13 +247,16 @@ class Checkpointer:
     self.manager.reload()
 
   def wait(self) -> None:
-    """Blocks until any in-flight async save is committed; raises CheckpointSaveError if
-    it failed."""
+    """Blocks until any in-flight async save is committed and its checksums recorded;
+    raises CheckpointSaveError if either failed."""
     self.raise_if_save_failed(wait=True)
+    self._finish_checksums()
 
   def close(self) -> None:
     try:
       self.raise_if_save_failed(wait=True)
+      self._finish_checksums()
     finally:
       self.manager.wait_until_finished()
       self.manager.close()
+      self._hasher.shutdown()
