@@ -10,7 +10,9 @@ which files a process writes (orbax's ocdbt.process_<i>/ folders, the shared _ME
 grain's per-process JSON) is orbax's and grain's internal layout, which changes between
 versions; all processes already share the checkpoint directory (orbax requires it), and
 hashing after the commit needs no extra barrier (the commit is the barrier). The cost is
-one read of the step by one host, off the devices' critical path (BENCHMARKS.md).
+one read of the step by one host, in a background thread (train/checkpoint.py), at
+crc32c's speed (2-2.5 GB/s from the page cache on a loaded 2-core box; 9.6 GB/s in memory).
+Every restore reads the step once more to check it (its files are then in the page cache).
 
 A step saved before checksums were recorded (no checksums.json) is 'unverified': it is
 accepted, with a warning, so older runs keep working.
