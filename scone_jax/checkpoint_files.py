@@ -130,8 +130,8 @@ def raise_if_corrupt(directory: str, check: StepCheck, intact: int | None = None
   says corrupt; `intact`: the newest intact step, if the caller knows it."""
   if check.status != 'corrupt':
     return
-  older = (f'; step {intact} is the newest intact one: pass it explicitly (--step='
-           f'{intact}), or resume training, which falls back to it' if intact is not None
+  older = (f'; step {intact} is the newest intact one (`python -m scone_jax.evaluate '
+           f'--step={intact}` evaluates it; training resumes from it)' if intact is not None
            else '')
   raise CheckpointCorruptError(
       f'checkpoint step {check.step} in {directory} is corrupt: {check.detail}. Check the '
