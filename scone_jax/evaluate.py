@@ -31,7 +31,12 @@ from scone_jax import artifacts, batches, compat, logs, paths
 from scone_jax import config as config_lib
 from scone_jax import mesh as mesh_lib
 from scone_jax import run as run_lib
+from scone_jax.errors import UserError
 from scone_jax.model.loss import cross_entropy_sums
+
+
+class NonFiniteEvalError(UserError, FloatingPointError):
+  """An evaluation gave a NaN/Inf loss: the weights are not finite (W/eval.json is kept)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +102,19 @@ def eval_record(step: int, results: Mapping[str, CorpusEval]) -> dict[str, Any]:
 
 
 def write_eval(workdir: str, step: int, results: Mapping[str, CorpusEval]) -> dict[str, Any]:
-  """Writes W/eval.json (process 0, atomically) and returns the record."""
+  """Writes W/eval.json (process 0, atomically) and returns the record.
+
+  Raises:
+    NonFiniteEvalError: a corpus's loss is NaN/Inf; W/eval.json is left as it was.
+  """
+  bad = {name: r.loss for name, r in sorted(results.items()) if not math.isfinite(r.loss)}
+  if bad:
+    name, loss = next(iter(bad.items()))
+    raise NonFiniteEvalError(
+        f'evaluating step {step} of {workdir} gave loss {loss} on {name!r}: the weights of '
+        f'checkpoint step {step} are not finite (NaN/Inf), so '
+        f'{paths.join(workdir, run_lib.EVAL_FILE)} was left as it was. Check the run with '
+        f'`python -m scone_jax.verify --workdir={workdir}`')
   record = eval_record(step, results)
   if jax.process_index() == 0:
     artifacts.write_json_atomic(paths.join(workdir, run_lib.EVAL_FILE), record)

@@ -12,8 +12,9 @@ says: paths inside W are stored relative to W, so W/prepare travels with W.
                         tokenizer, f-gram table, train and eval token shards: location
                         and fingerprint; the checkpoint steps at the last save
   W/checkpoints/<step>/ orbax Composite: `state` (TrainState: params, opt_state, ...)
-                        and `data` (iterator); `restore_model` reads state.params and
-                        state.other only
+                        and `data` (iterator), and checksums.json (crc32c of every
+                        file); `restore_model` checks those, then reads state.params and
+                        state.other only, and refuses weights that are not finite
   W/eval.json, W/metrics.jsonl, W/tb/, W/export/
 
 Layering: this module imports config, paths, artifacts, tokenizer, fgrams, model and
@@ -28,12 +29,13 @@ import json
 import os
 from typing import Any
 
+from absl import logging
 import jax
 import numpy as np
 from flax import nnx
 import orbax.checkpoint as ocp
 
-from scone_jax import artifacts, compat, metrics_file, paths
+from scone_jax import artifacts, checkpoint_files, compat, metrics_file, paths
 from scone_jax import config as config_lib
 from scone_jax.config import Config
 from scone_jax.errors import UserError
@@ -195,15 +197,8 @@ class RunDir:
     return out
 
   def checkpoint_steps(self) -> list[int]:
-    """Committed checkpoint steps, oldest first (orbax's listing is the truth)."""
-    if not paths.exists(self.checkpoint_dir):
-      return []
-    manager = ocp.CheckpointManager(
-        self.checkpoint_dir, options=ocp.CheckpointManagerOptions(read_only=True))
-    try:
-      return sorted(int(s) for s in manager.all_steps())
-    finally:
-      manager.close()
+    """Committed checkpoint steps, oldest first (see checkpoint_files.committed_steps)."""
+    return checkpoint_files.committed_steps(self.checkpoint_dir)
 
   def latest_step(self) -> int:
     steps = self.checkpoint_steps()
@@ -212,15 +207,43 @@ class RunDir:
                      f'(python -m scone_jax.train --workdir={self.path})')
     return steps[-1]
 
+  def _check_checkpoint(self, step: int, steps: list[int]) -> None:
+    """Refuses a step whose files fail their checksums (CheckpointCorruptError naming the
+    newest intact older step); warns about one saved without checksums."""
+    check = checkpoint_files.check_step(self.checkpoint_dir, step)
+    if check.status == 'unverified':
+      logging.warning('checkpoint step %d in %s is unverified (%s)', step,
+                      self.checkpoint_dir, check.detail)
+    else:
+      self._refuse_if_corrupt(check, steps)
+
+  def _refuse_if_corrupt(self, check: checkpoint_files.StepCheck, steps: list[int]) -> None:
+    """CheckpointCorruptError if `check` says corrupt, naming the newest intact step."""
+    if check.status == 'corrupt':
+      older = [s for s in steps if s < check.step]
+      intact = checkpoint_files.newest_intact(self.checkpoint_dir, older)
+      checkpoint_files.raise_if_corrupt(self.checkpoint_dir, check, intact)
+
   def restore_model(self, cfg: Config, mesh: jax.sharding.Mesh,
                     step: int | None = None) -> tuple[SconeLM, int]:
     """The model's weights at `step` (default: the latest), sharded on `mesh`.
 
     Reads state.params and state.other of the checkpoint only (no optimizer state is
-    built or read), into a SconeLM of the recorded vocab size and f-gram length.
+    built or read), into a SconeLM of the recorded vocab size and f-gram length, after
+    checking the step's checksums; weights that are not finite are refused.
+
+    Raises:
+      RunError: no such step.
+      CheckpointCorruptError: the step's files fail their checksums, or its weights are
+        NaN/Inf (the message names the newest intact step and `python -m scone_jax.verify`).
     """
     info = self.info()
+    steps = self.checkpoint_steps()
     step = self.latest_step() if step is None else int(step)
+    if step not in steps:
+      raise RunError(f'checkpoint step {step} is not in {self.checkpoint_dir} (committed '
+                     f'steps: {steps}); pick one of those')
+    self._check_checkpoint(step, steps)
 
     num_fgrams = (cfg.fgram.rows_used(info.get('fgram_table_rows', 0))
                   if cfg.fgram_model.kind == 'table' else 0)
@@ -241,20 +264,26 @@ class RunDir:
         'other': jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), other),
     }
-    manager = ocp.CheckpointManager(
-        self.checkpoint_dir, options=ocp.CheckpointManagerOptions(read_only=True))
+    # The step's `state` item alone, without a CheckpointManager (a read-only one logs
+    # "Given directory is read only" on every open).
+    state_dir = paths.join(checkpoint_files.step_dir(self.checkpoint_dir, step), 'state')
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      state = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
           item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True)))
+          partial_restore=True))
     except (ValueError, KeyError) as e:
       raise artifacts.ArtifactError(
           f'checkpoint step {step} in {self.checkpoint_dir} does not fit the model of '
           f'{self.join(CONFIG_FILE)} / {self.join(RUN_FILE)} (vocab_size '
-          f'{info["vocab_size"]}): {e}') from e
-    finally:
-      manager.close()
-    state = restored['state']
+          f'{info["vocab_size"]}): {(str(e).splitlines() or [""])[0][:300]}') from e
+    except Exception as e:  # pylint: disable=broad-except
+      # TensorStore reports undecodable bytes as a bare Exception with a page-long spec.
+      self._refuse_if_corrupt(checkpoint_files.StepCheck(
+          step, 'corrupt', f'it does not restore ({type(e).__name__}: '
+          f'{(str(e).splitlines() or [""])[0][:200]})'), steps)
+    if not checkpoint_files.all_finite(state['params']):
+      self._refuse_if_corrupt(checkpoint_files.StepCheck(
+          step, 'corrupt', 'its weights are not finite (NaN/Inf)'), steps)
     return nnx.merge(graphdef, state['params'], state['other']), step
 
 

@@ -9,15 +9,22 @@ writes in a background thread); `keep` newest steps are retained. Restore reads 
 shardings of a target state built on the current mesh, so a run can resume on a different
 mesh shape.
 
-Integrity: `restore_latest` falls back to the newest step that restores when the latest is
-truncated or corrupt (warning naming both, and moving the bad step aside so the run can save
-that step again); a failure of an async save (disk full, permissions, ...) is re-raised in
-the training thread by `raise_if_save_failed` at the next step boundary as one
-`CheckpointSaveError`, because orbax's finalize thread only logs it and carries on.
+Integrity: once a save is known committed (`raise_if_save_failed`, at the step boundary
+after an async save finishes, or `wait`/`close`), process 0 records every file's crc32c in
+`<step>/checksums.json` (scone_jax/checkpoint_files.py), in a background thread joined
+before the next save starts (so orbax's `keep` clean-up never deletes a step being read). `restore_latest` checks them
+first and falls back to the newest step that is intact and restores to finite weights when
+the latest has flipped bytes, is truncated or does not restore (warning naming both, and
+moving the bad step aside so the run can save that step again); a step saved without
+checksums (an older version) is restored with a warning. A failure of an async save (disk
+full, permissions, ...) is re-raised in the training thread by `raise_if_save_failed` at
+the next step boundary as one `CheckpointSaveError`, because orbax's finalize thread only
+logs it and carries on.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import time
@@ -28,7 +35,7 @@ import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 
-from scone_jax import paths
+from scone_jax import checkpoint_files, paths
 from scone_jax.config import CheckpointConfig
 
 
@@ -81,6 +88,9 @@ class Checkpointer:
     self._pending_step: int | None = None  # The async save not yet confirmed finalized.
     self._save_error: BaseException | None = None
     self._record_background_errors()
+    # Process 0 records a committed step's checksums off the training thread.
+    self._hasher = concurrent.futures.ThreadPoolExecutor(1, 'scone_jax-checksums')
+    self._checksums: tuple[int, concurrent.futures.Future] | None = None
 
   def _record_background_errors(self) -> None:
     """Keeps the exception of a failed background save for our message: orbax's finalize
@@ -119,6 +129,9 @@ class Checkpointer:
     self._pending_step = None
     self.manager.reload()
     if self._save_error is None and step in self.manager.all_steps():
+      if jax.process_index() == 0:
+        self._checksums = (step, self._hasher.submit(
+            checkpoint_files.write_checksums, self.directory, step))
       return
     cause = self._save_error
     detail = f'{type(cause).__name__}: {cause}' if cause is not None else (
@@ -129,10 +142,26 @@ class Checkpointer:
         f'stopped; the newest saved step is {max(previous) if previous else None}. Fix '
         'the cause (e.g. free disk space) and rerun the same command to resume') from cause
 
+  def _finish_checksums(self) -> None:
+    """Waits for the checksums of the last committed step; CheckpointSaveError if they
+    could not be written."""
+    if self._checksums is None:
+      return
+    step, future = self._checksums
+    self._checksums = None
+    try:
+      future.result()
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointSaveError(
+          f'recording the checksums of checkpoint step {step} in {self.directory} failed '
+          f'({type(e).__name__}: {e}). Training stopped; fix the cause (e.g. free disk '
+          'space) and rerun the same command to resume') from e
+
   def save(self, step: int, state: Any, data_iterator: Any | None = None) -> None:
     """Starts saving `state` (and the iterator's position) as `step`; returns once the
     iterator state and a host copy of the arrays are taken (async) or written (sync)."""
     self.raise_if_save_failed(wait=True)
+    self._finish_checksums()
     items = {'state': ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointSave(_JsonStateIterator(data_iterator))
@@ -156,27 +185,44 @@ class Checkpointer:
     logging.info('checkpoint: restored step %d from %s', step, self.directory)
     return restored['state']
 
+  def _restore_checked(self, step: int, target_state: Any, data_iterator: Any | None
+                       ) -> Any:
+    """`restore`, after the step's checksums and before handing back weights that are not
+    finite; CheckpointCorruptError if either fails."""
+    check = checkpoint_files.check_step(self.directory, step)
+    if check.status == 'unverified':
+      logging.warning('checkpoint step %d in %s is unverified (%s)', step, self.directory,
+                      check.detail)
+    else:
+      checkpoint_files.raise_if_corrupt(self.directory, check)
+    state = self.restore(step, target_state, data_iterator)
+    if not checkpoint_files.all_finite(state):
+      # The loop never saves a diverged state, so NaN/Inf here is damage on disk.
+      checkpoint_files.raise_if_corrupt(self.directory, checkpoint_files.StepCheck(
+          step, 'corrupt', 'its restored values are not finite (NaN/Inf)'))
+    return state
+
   def restore_latest(self, target_state: Any, data_iterator: Any | None = None
                      ) -> tuple[int | None, Any]:
-    """(step, state) of the newest checkpoint that restores; (None, target_state) if
-    there is none.
+    """(step, state) of the newest intact checkpoint; (None, target_state) if there is
+    none.
 
-    A step that fails to restore (truncated or corrupt files) is logged with the step
-    tried next, and moved aside to `<step>.corrupt-<time>` (kept for inspection; orbax
-    ignores the name), so the resumed run can save that step again. If no step restores,
-    the newest one's error is raised: then the cause is not one bad step (e.g. a model of
-    another shape).
+    A step that fails its checksums, does not restore (truncated files) or restores to
+    NaN/Inf is logged with the step tried next, and moved aside to `<step>.corrupt-<time>`
+    (kept for inspection; orbax ignores the name), so the resumed run can save that step
+    again. If no step restores, the newest one's error is raised: then the cause is not
+    one bad step (e.g. a model of another shape).
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
     first_error = None
     for i, step in enumerate(steps):
       try:
-        state = self.restore(step, target_state, data_iterator)
+        state = self._restore_checked(step, target_state, data_iterator)
       except Exception as e:  # pylint: disable=broad-except
         first_error = first_error or e
         following = steps[i + 1] if i + 1 < len(steps) else None
-        logging.warning('checkpoint step %d in %s does not restore (%s: %s); falling back '
-                        'to step %s', step, self.directory, type(e).__name__,
+        logging.warning('checkpoint step %d in %s is corrupt or does not restore (%s: %s); '
+                        'falling back to step %s', step, self.directory, type(e).__name__,
                         (str(e).splitlines() or [''])[0][:300], following)
         continue
       for bad in steps[:i]:
@@ -201,13 +247,16 @@ class Checkpointer:
     self.manager.reload()
 
   def wait(self) -> None:
-    """Blocks until any in-flight async save is committed; raises CheckpointSaveError if
-    it failed."""
+    """Blocks until any in-flight async save is committed and its checksums recorded;
+    raises CheckpointSaveError if either failed."""
     self.raise_if_save_failed(wait=True)
+    self._finish_checksums()
 
   def close(self) -> None:
     try:
       self.raise_if_save_failed(wait=True)
+      self._finish_checksums()
     finally:
       self.manager.wait_until_finished()
       self.manager.close()
+      self._hasher.shutdown()
