@@ -310,6 +310,19 @@ def test_stages_after_train_take_only_the_workdir(tmp_path):
   assert '--config.train.seed=2' in sweep_spec.command(sweep, point, 'PY', 'prepare')
 
 
+def test_a_groups_shared_prepare_does_not_judge_one_points_size(tmp_path):
+  # Points that differ only in fgram.use_size share one prepare; it must build the table
+  # whatever the first point asks for, so that only a point whose S exceeds the mined
+  # rows fails (in its own train's prepare check), not the whole group.
+  sweep = sweep_spec.load_sweep(
+      write_sweep(tmp_path, [{'fgram.use_size': 64}, {'fgram.use_size': 32}]), str(tmp_path))
+  assert len({p.cfg.data.artifacts_dir for p in sweep.points}) == 1
+  cmd = shlex.split(sweep_spec.prepare_command(sweep, sweep.points[0], 'PY'))
+  assert '--config.fgram.allow_short_table=true' in cmd
+  assert not any('allow_short_table' in a
+                 for a in shlex.split(sweep_spec.command(sweep, sweep.points[0], 'PY')))
+
+
 # The paper's reported param counts: (d_model, layers) -> millions.
 PAPER_GPT2 = {(1024, 6): 128, (1024, 12): 204, (1536, 12): 419, (1536, 24): 759,
               (1536, 18): 589, (1536, 36): 1099}

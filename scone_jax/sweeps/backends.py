@@ -241,7 +241,7 @@ def _run_local(sweep: spec.Sweep, python: str, parallel: int, runner: Runner,
     spec.write_point_json(sweep, first)
     log = os.path.join(first.workdir, 'log.txt')
     print(f'prepare {adir} (shared by {len(group)} point(s); log {log})', file=out, flush=True)
-    rc = runner(spec.command(sweep, first, python, 'prepare'), log)
+    rc = runner(spec.prepare_command(sweep, first, python), log)
     if rc:
       broken_groups[adir] = f'prepare exited with {rc}; see {log}:\n{_tail(log)}'
 
@@ -413,7 +413,7 @@ def dry_run(sweep: spec.Sweep, python: str, tpu: TpuTarget | None = None, out=No
   else:
     for adir, group in prepare_groups(sweep).items():
       print(f'# prepare {adir} (shared by {len(group)} point(s))', file=out)
-      print(spec.command(sweep, group[0], python, 'prepare'), file=out)
+      print(spec.prepare_command(sweep, group[0], python), file=out)
     for p in sweep.points:
       print(f'# {p.name}', file=out)
       for stage, cmd in _stage_commands(sweep, p, python):

@@ -31,7 +31,8 @@ from scone_jax.model import arm_accounting
 # fgram.use_size only slices the mined table; miner/memory budget change how, not what.
 _PREPARE_SECTIONS = ('data', 'tokenizer', 'fgram')
 _PREPARE_IGNORED = ('data.artifacts_dir', 'fgram.use_size', 'fgram.miner',
-                    'fgram.memory_budget_mb', 'data.allow_embedded')
+                    'fgram.memory_budget_mb', 'data.allow_embedded',
+                    'fgram.allow_short_table')
 _NAME_MAX_CHARS = 100
 
 
@@ -257,6 +258,13 @@ def command(sweep: Sweep, point: Point, python: str, stage: str = 'train',
     for key, value in {**point.launch_overrides, **(extra or {})}.items():
       args.append(f'--config.{key}={format_value(value)}')
   return ' '.join(shlex.quote(a) for a in args)
+
+
+def prepare_command(sweep: Sweep, point: Point, python: str) -> str:
+  """The shared prepare of `point`'s artifacts group. It builds the table for the whole
+  group, so it does not judge one point's S: each point's train checks its own S against
+  the mined rows (prepare.check_table_rows) and only a point asking for more fails."""
+  return command(sweep, point, python, 'prepare', extra={'fgram.allow_short_table': True})
 
 
 def read_eval(workdir: str, steps: int) -> dict[str, Any] | None:
