@@ -3,6 +3,7 @@ given, remat-free chunked cross-entropy (values, gradients, compiled memory), th
 compilation cache and XLA flag presets, and benchmarks/accelerator.py --quick."""
 
 import functools
+import importlib.util
 import json
 import os
 import subprocess
@@ -238,3 +239,36 @@ def test_gpu_xla_flags():
   # A flag this jaxlib lacks is left out.
   without = compat.gpu_xla_flags('', known - {'xla_gpu_enable_latency_hiding_scheduler'})
   assert 'latency_hiding' not in without and without.startswith('--xla_gpu_')
+
+
+def test_accelerator_benchmark_quick_writes_every_section(tmp_path):
+  out = tmp_path / 'accel.json'
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '',
+         'PYTHONPATH': REPO + os.pathsep + os.environ.get('PYTHONPATH', '')}
+  subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'accelerator.py'),
+                  '--device=cpu', '--quick', f'--out={out}',
+                  f'--whl_dir={tmp_path / "no_wheels"}'],
+                 check=True, env=env, timeout=900)
+  results = json.loads(out.read_text())
+  missing = [s for s in accelerator_sections() if s not in results]
+  assert not missing, missing
+  assert all(v == 'present' for v in results['wheels'].values()), results['wheels']
+  cases = {(r['attention'], r['variant']) for r in results['train']}
+  assert cases == {(a, v) for a in ('einsum', 'auto') for v in ('baseline', 'scone')}
+  assert all(r['kernel'] == 'einsum' and r['step_ms'] > 0 for r in results['train'])
+  for r in results['flops_ratio']:
+    # SCONE adds A_f's work: more FLOPs than the baseline, by the analytical model.
+    assert r['flops_ratio'] > 1 and r['time_ratio'] > 0
+  assert 'skipped' not in results['decode'], results['decode']
+  for b in ('1', '4'):
+    assert min(results['decode']['tokens_per_s'][b].values()) > 0
+    # The store lookup adds (almost) no device FLOPs to the decode step.
+    assert abs(results['decode_flops'][b]['ratio'] - 1) < 0.01
+
+
+def accelerator_sections():
+  spec = importlib.util.spec_from_file_location(
+      'accelerator', os.path.join(REPO, 'benchmarks', 'accelerator.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.SECTIONS
