@@ -12,6 +12,7 @@ import re
 from typing import Sequence
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import jaxlib
 
@@ -55,8 +56,9 @@ def attention_backend(requested: str, dtype, seq_len: int, head_dim: int,
                       platform: str | None = None) -> str:
   """The self-attention kernel for `config.model.attention` on this backend.
 
-  'einsum' and 'cudnn' are returned as asked. 'auto' gives 'cudnn' on GPUs for bfloat16 /
-  float16 compute with a head dim cuDNN takes (a multiple of 8, at most 128), 'splash' on
+  'einsum' and 'cudnn' are returned as asked. 'auto' gives 'cudnn' on NVIDIA GPUs for
+  bfloat16 / float16 compute with shapes every cuDNN generation takes (head dim a multiple
+  of 8 up to 128; an even length, which its masked training kernel needs), 'splash' on
   TPUs for sequences of whole 128-token tiles, else 'einsum' (CPU always): 'auto' on CPU
   runs exactly the einsum computation.
 
@@ -65,17 +67,26 @@ def attention_backend(requested: str, dtype, seq_len: int, head_dim: int,
     dtype: the compute dtype of q, k, v.
     seq_len: T, the query (= key) length.
     head_dim: E.
-    platform: jax.default_backend() when None (tests pass one).
+    platform: 'cuda' | 'tpu' | 'cpu' | another; default `_platform()`.
   """
   if requested != 'auto':
     return requested
-  platform = platform or jax.default_backend()
-  if (platform == 'gpu' and jnp.dtype(dtype).name in _CUDNN_DTYPES
-      and head_dim % 8 == 0 and head_dim <= 128):
+  platform = platform or _platform()
+  if (platform == 'cuda' and jnp.dtype(dtype).name in _CUDNN_DTYPES
+      and head_dim % 8 == 0 and head_dim <= 128 and seq_len % 2 == 0):
     return 'cudnn'
   if platform == 'tpu' and seq_len % _SPLASH_BLOCK == 0:
     return 'splash'
   return 'einsum'
+
+
+def _platform() -> str:
+  """jax.default_backend(), with NVIDIA GPUs told apart as 'cuda' (cuDNN exists there
+  only; a ROCm GPU stays 'gpu')."""
+  backend = jax.default_backend()
+  if backend == 'gpu' and 'cuda' in jax.extend.backend.get_backend().platform_version:
+    return 'cuda'
+  return backend
 
 
 def cudnn_attention(q_BxTxHxE: jax.Array, k_BxTxHxE: jax.Array, v_BxTxHxE: jax.Array,

@@ -42,13 +42,15 @@ def _packed_segments(t):
 
 @pytest.mark.parametrize('requested,platform,dtype,t,e,expected', [
     ('auto', 'cpu', 'bfloat16', 256, 64, 'einsum'),
-    ('auto', 'gpu', 'bfloat16', 100, 64, 'cudnn'),
-    ('auto', 'gpu', 'float32', 256, 64, 'einsum'),  # cuDNN has no float32 kernel.
-    ('auto', 'gpu', 'bfloat16', 256, 160, 'einsum'),  # Head dim over cuDNN's 128.
+    ('auto', 'cuda', 'bfloat16', 100, 64, 'cudnn'),
+    ('auto', 'cuda', 'float32', 256, 64, 'einsum'),  # cuDNN has no float32 kernel.
+    ('auto', 'cuda', 'bfloat16', 256, 160, 'einsum'),  # Head dim over 128.
+    ('auto', 'cuda', 'bfloat16', 255, 64, 'einsum'),  # Odd length: no masked kernel.
+    ('auto', 'gpu', 'bfloat16', 256, 64, 'einsum'),  # Not NVIDIA: no cuDNN.
     ('auto', 'tpu', 'float32', 256, 64, 'splash'),
     ('auto', 'tpu', 'bfloat16', 10, 64, 'einsum'),  # Not whole 128-token tiles.
-    ('einsum', 'gpu', 'bfloat16', 256, 64, 'einsum'),
-    ('cudnn', 'gpu', 'bfloat16', 256, 64, 'cudnn'),
+    ('einsum', 'cuda', 'bfloat16', 256, 64, 'einsum'),
+    ('cudnn', 'cuda', 'bfloat16', 256, 64, 'cudnn'),
 ])
 def test_attention_backend_choice(requested, platform, dtype, t, e, expected):
   assert compat.attention_backend(requested, dtype, t, e, platform) == expected
