@@ -9,7 +9,7 @@ DEMO_WORKDIR ?= runs/demo
 STUDY_ROOT ?= runs
 PYTEST_ARGS ?=
 
-.PHONY: demo study compare test test-all bench venv clean
+.PHONY: demo study compare test test-all bench venv clean gpu-wheels
 
 # (Re)install only when a requirements file changed.
 $(STAMP): requirements.txt requirements-dev.txt requirements-beam.txt pyproject.toml
@@ -37,6 +37,18 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The wheels benchmarks/accelerator.py installs on the GPU image (Python 3.12, no network):
+# what requirements.txt needs and that image lacks (grain 0.2.18's own dependencies
+# included). Run where PyPI is reachable; .whl/ is git-ignored and carried to the device.
+GPU_WHEELS := grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 cloudpickle==3.1.3 \
+    ml-collections==1.1.0 tensorboardX==2.6.5 google-crc32c==1.9.0 tqdm==4.70.1
+gpu-wheels:
+	rm -rf .whl/site
+	python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+	    --implementation cp --platform manylinux_2_28_x86_64 \
+	    --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+	    --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -54,8 +54,8 @@ from scone_jax.train import step as step_lib
 _MODE = flags.DEFINE_enum('mode', 'speed', ['speed', 'quality', 'af_rate'],
                           'What to measure.')
 _DEVICE = flags.DEFINE_enum('device', 'cpu', ['cpu', 'gpu'], 'Where to run.')
-_PRESET = flags.DEFINE_list('preset', None, 'Presets: tiny, 25m, 125m (default: tiny,25m '
-                            'on cpu, 125m on gpu).')
+_PRESET = flags.DEFINE_list('preset', None, 'Presets: tiny, 25m, 125m, 0.7b (default: '
+                            'tiny,25m on cpu, 125m on gpu).')
 _STEPS = flags.DEFINE_integer('steps', None, 'Timed steps (speed; default 10 cpu, 30 gpu) '
                               'or training steps (quality; default 300).')
 _BATCH = flags.DEFINE_integer('batch_size', 0, 'Global batch override (0 = preset; 125m '
@@ -75,8 +75,10 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_preset(name: str) -> config_lib.Config:
-  """tiny -> experiments/tiny.py; 25m / 125m -> experiments/gpt2.py:<name>."""
-  file, arg = ('tiny.py', None) if name == 'tiny' else ('gpt2.py', name)
+  """tiny -> experiments/tiny.py; 25m / 125m -> experiments/gpt2.py:<name>; 0.7b / 1b /
+  1.3b / 1.9b -> experiments/olmo.py:<name> (the paper's OLMo sizes)."""
+  file, arg = (('tiny.py', None) if name == 'tiny' else
+               ('olmo.py', name) if name.endswith('b') else ('gpt2.py', name))
   spec = importlib.util.spec_from_file_location(f'preset_{name}',
                                                 os.path.join(_REPO, 'experiments', file))
   module = importlib.util.module_from_spec(spec)

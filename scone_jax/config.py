@@ -159,12 +159,21 @@ class ModelConfig:
   param_dtype: Literal['float32', 'bfloat16'] = 'float32'
   rope_theta: float = 10000.0
   init_std: float = 0.02
-  # Activation memory: 'none' keeps every block's activations for the backward pass;
-  # 'block' recomputes each block in the backward (jax.checkpoint), for large models.
-  remat: Literal['none', 'block'] = 'none'
-  # Backbone training/eval attention: 'einsum' (XLA, any backend) or 'cudnn' (fused flash
-  # attention through jax.nn.dot_product_attention; NVIDIA GPUs, bfloat16 compute only).
-  attention: Literal['einsum', 'cudnn'] = 'einsum'
+  # Activation memory of the block stack in the backward pass: 'none' keeps every block's
+  # activations; 'block' recomputes each block (jax.checkpoint, the least memory); 'dots'
+  # keeps the matmul outputs without a batch dimension (the projections and MLP) and
+  # recomputes the rest, attention included (jax.checkpoint_policies.
+  # dots_with_no_batch_dims_saveable): most of 'block''s saving for less recompute.
+  remat: Literal['none', 'block', 'dots'] = 'none'
+  # Self-attention (training, eval, A_f, prefill): 'auto' picks per backend and shape
+  # (compat.attention_backend: cuDNN flash attention on NVIDIA GPUs in bfloat16, the Pallas
+  # splash kernel on TPU, else exactly 'einsum'); 'einsum' (XLA, any backend); 'cudnn'
+  # (forces cuDNN; NVIDIA GPUs, bfloat16 compute only). Decode steps always use einsum.
+  attention: Literal['auto', 'einsum', 'cudnn'] = 'auto'
+  # Training loss: 0 computes the [B, T, V] float32 logits at once; N > 0 computes logits
+  # and cross-entropy N tokens of the sequence at a time, recomputed in the backward, so
+  # the full logits never exist (model/loss.py). Same loss up to float summation order.
+  loss_chunk: int = 0
   # 'scan' compiles one block for all layers; 'unrolled' compiles each layer (slower to
   # compile) and is what XLA's cost analysis needs to count every layer (it counts a scan
   # body once).
@@ -573,6 +582,9 @@ def validate(cfg: Config) -> Config:
     raise ConfigError(
         f'config.model.position=\'rope\' needs an even head dimension, but '
         f'config.model.d_model/num_heads={model.d_model}/{model.num_heads} is odd')
+  if model.loss_chunk < 0:
+    raise ConfigError(f'config.model.loss_chunk={model.loss_chunk} must be >= 0 (tokens '
+                      'per cross-entropy chunk; 0 = the whole sequence at once)')
   if model.attention == 'cudnn' and model.dtype != 'bfloat16':
     raise ConfigError("config.model.attention='cudnn' needs config.model.dtype='bfloat16' "
                       "(cuDNN flash attention has no float32 kernel); or use 'einsum'")

@@ -44,9 +44,15 @@ def make_mesh(mesh_cfg: MeshConfig, global_batch: int | None = None,
     mesh_cfg: the `mesh` config section.
     global_batch: if given, checked to be divisible by data*fsdp.
     devices: the devices to use (tests pass a subset).
+
+  On GPU/TPU this also turns on the persistent compilation cache
+  (`compat.enable_compilation_cache`), so every entry point that builds a mesh gets it.
   """
   devices = list(jax.devices() if devices is None else devices)
   shape = check_mesh(mesh_cfg, len(devices), global_batch)
+  cache_dir = compat.enable_compilation_cache()
+  if cache_dir:
+    logging.log_first_n(logging.INFO, 'XLA compilation cache: %s', 1, cache_dir)
   return compat.make_mesh(shape, compat.MESH_AXES, devices=devices)
 
 

@@ -322,20 +322,42 @@ def test_gpt2_forward_matches_numpy_reference():
   np.testing.assert_allclose(out, _np_forward(lm, tokens), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.slow
-def test_remat_gives_same_gradients():
+@pytest.mark.parametrize('remat', [pytest.param('block', marks=pytest.mark.slow), 'dots'])
+def test_remat_gives_same_loss_and_gradients(remat):
   batch = row_batch(np.random.default_rng(8).integers(1, V, (2, 8)))
 
-  def grads(cfg):
+  def loss_and_grads(cfg):
     graphdef, params = nnx.split(make_lm(cfg))
     loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(batch) ** 2)
-    return jax.jit(jax.grad(loss))(params), str(jax.make_jaxpr(loss)(params))
+    return jax.jit(jax.value_and_grad(loss))(params), str(jax.make_jaxpr(jax.grad(loss))(params))
 
-  plain, plain_jaxpr = grads(tiny_cfg('olmo', af_layers=0))
-  remat, remat_jaxpr = grads(tiny_cfg('olmo', af_layers=0, remat='block'))
-  assert 'remat' in remat_jaxpr and 'remat' not in plain_jaxpr
-  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+  (plain_loss, plain), plain_jaxpr = loss_and_grads(tiny_cfg('olmo', af_layers=0))
+  (loss, grads), jaxpr = loss_and_grads(tiny_cfg('olmo', af_layers=0, remat=remat))
+  assert 'remat' in jaxpr and 'remat' not in plain_jaxpr
+  np.testing.assert_allclose(float(loss), float(plain_loss), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(grads)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7, rtol=1e-5)
+
+
+def test_auto_attention_is_exactly_einsum_on_cpu():
+  # 'auto' is the default; on CPU it must run the einsum computation bit for bit: the
+  # training forward (packed segments, A_f on packed f-gram rows), A_f per f-gram (export)
+  # and prefill.
+  assert jax.default_backend() == 'cpu'
+  tokens, _, batch, _ = _scone_batch(np.random.default_rng(12))
+  batch.update(row_batch(tokens, [[1] * 4 + [2] * 6, [1] * 7 + [0] * 3]))
+  out = {}
+  for attention in ('auto', 'einsum'):
+    lm = make_lm(tiny_cfg('olmo', af_layers=1, attention=attention))
+    grams = jnp.asarray(tokens[:, :K], jnp.int32)
+    prefill, _ = lm.backbone.prefill(lm.backbone.embed(jnp.asarray(tokens[:, :6])),
+                                     jnp.array([6, 4], jnp.int32),
+                                     lm.backbone.init_cache(2, 16))
+    out[attention] = [np.asarray(lm(batch)),
+                      np.asarray(lm.fgram_model(grams, jnp.array([K, 3], jnp.int32))),
+                      np.asarray(prefill)]
+  for auto, einsum in zip(out['auto'], out['einsum']):
+    np.testing.assert_array_equal(auto, einsum)
 
 
 @pytest.mark.slow

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from scone_jax.config import ModelConfig
-from scone_jax.model.layers import BlockStack, FinalNorm, attend, segment_mask
+from scone_jax.model import loss as loss_lib
+from scone_jax.model.layers import BlockStack, FinalNorm, attend, self_attention
 from scone_jax.model.sharding import constrain, param
 
 
@@ -91,8 +92,8 @@ class Backbone(nnx.Module):
                                    mode='clip').astype(x_BxTxD.dtype)
     return constrain(x_BxTxD, ('batch', 'length', 'embed'))
 
-  def _logits(self, x_BxTxD: jax.Array) -> jax.Array:
-    h_BxTxD = self.final_norm(x_BxTxD)
+  def _project(self, h_BxTxD: jax.Array) -> jax.Array:
+    """Final-normed hidden states -> float32 logits [B, T, V] (tied: the token table)."""
     if self.head is None:
       w_VxD = self.token_embed.table[...].astype(h_BxTxD.dtype)
       logits_BxTxV = jnp.einsum('btd,vd->btv', h_BxTxD, w_VxD,
@@ -102,6 +103,18 @@ class Backbone(nnx.Module):
                                 preferred_element_type=jnp.float32)
     return constrain(logits_BxTxV, ('batch', 'length', 'vocab'))
 
+  def _logits(self, x_BxTxD: jax.Array) -> jax.Array:
+    return self._project(self.final_norm(x_BxTxD))
+
+  def _hidden(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
+              segment_ids_BxT: jax.Array) -> jax.Array:
+    """The last block's output (before the final norm) of the training/eval forward."""
+    attention = self_attention(segment_ids_BxT, self.cfg)
+    x_BxTxD = self._add_positions(x_BxTxD, positions_BxT)
+    x_BxTxD, _ = self.blocks(x_BxTxD, positions_BxT, lambda q, k, v, _: (attention(q, k, v),
+                                                                         None))
+    return x_BxTxD
+
   def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
                segment_ids_BxT: jax.Array) -> jax.Array:
     """Training/eval forward: embeddings -> float32 logits [B, T, V].
@@ -109,11 +122,20 @@ class Backbone(nnx.Module):
     Attention is causal and within segment (segment 0 = padding, never attended), and
     positions restart per document, so a packed row equals its documents run apart.
     """
-    mask_BxTxT = segment_mask(segment_ids_BxT)
-    x_BxTxD = self._add_positions(x_BxTxD, positions_BxT)
-    full = lambda q, k, v, _: (attend(q, k, v, mask_BxTxT, self.cfg.attention), None)
-    x_BxTxD, _ = self.blocks(x_BxTxD, positions_BxT, full)
-    return self._logits(x_BxTxD)
+    return self._logits(self._hidden(x_BxTxD, positions_BxT, segment_ids_BxT))
+
+  def chunked_loss_sums(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
+                        segment_ids_BxT: jax.Array, targets_BxT: jax.Array,
+                        weights_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`loss.cross_entropy_sums` of `__call__`'s logits, computed `model.loss_chunk`
+    positions at a time (`loss.chunked_cross_entropy_sums`): the float32 logits are never
+    held whole, in the forward or the backward."""
+    if self.cfg.loss_chunk < 1:
+      raise ValueError(f'chunked_loss_sums needs config.model.loss_chunk >= 1, got '
+                       f'{self.cfg.loss_chunk}; use cross_entropy_sums(model(...)) for 0')
+    h_BxTxD = self.final_norm(self._hidden(x_BxTxD, positions_BxT, segment_ids_BxT))
+    return loss_lib.chunked_cross_entropy_sums(self._project, h_BxTxD, targets_BxT,
+                                               weights_BxT, self.cfg.loss_chunk)
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache for `batch_size` rows of up to `max_len` tokens (prompt + new)."""
@@ -144,9 +166,9 @@ class Backbone(nnx.Module):
     lengths_B = lengths_B.astype(jnp.int32)
     positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     segment_ids_BxT = (positions_BxT < lengths_B[:, None]).astype(jnp.int32)
-    mask_BxTxT = segment_mask(segment_ids_BxT)
+    attention = self_attention(segment_ids_BxT, self.cfg, one_segment=True)
     x_BxTxD = self._add_positions(x_BxTxD, positions_BxT)
-    keep_kv = lambda q, k, v, _: (attend(q, k, v, mask_BxTxT), (k, v))
+    keep_kv = lambda q, k, v, _: (attention(q, k, v), (k, v))
     x_BxTxD, (k_LxBxTxHxE, v_LxBxTxHxE) = self.blocks(x_BxTxD, positions_BxT, keep_kv)
     at = (0, 0, 0, 0, 0)
     cache = KVCache(

@@ -25,7 +25,7 @@ from flax import nnx
 
 from scone_jax.config import FgramModelConfig, ModelConfig
 from scone_jax.model.backbone import Embed
-from scone_jax.model.layers import BlockStack, FinalNorm, apply_norm, attend, segment_mask
+from scone_jax.model.layers import BlockStack, FinalNorm, apply_norm, self_attention
 from scone_jax.model.sharding import constrain, param
 
 
@@ -66,19 +66,20 @@ class FgramModel(nnx.Module):
       self.out_gain = None
 
   def packed(self, tokens_RxW: jax.Array, positions_RxW: jax.Array,
-             segment_ids_RxW: jax.Array) -> jax.Array:
+             segment_ids_RxW: jax.Array, one_segment: bool = False) -> jax.Array:
     """A_f over rows of PACKED f-grams (batches/tagging.py) -> e_RxWxD.
 
     Each f-gram is one segment of its row (segment ids 1.., 0 = padding) with positions
     0..len-1; attention is causal within the segment, so every f-gram is embedded exactly
     as if it ran alone. e_RxWxD at an f-gram's last token is its embedding (other entries
-    are meaningless but finite).
+    are meaningless but finite). one_segment: each row holds one f-gram then padding
+    (`layers.self_attention`).
     """
     x_RxWxD = self.token_embed(tokens_RxW)
     pos_RxWxD = jnp.take(self.pos_table[...], positions_RxW, axis=0)
     x_RxWxD = constrain(x_RxWxD + pos_RxWxD.astype(x_RxWxD.dtype), ('batch', 'length', 'embed'))
-    mask_RxWxW = segment_mask(segment_ids_RxW)
-    full = lambda q, kk, v, _: (attend(q, kk, v, mask_RxWxW), None)
+    attention = self_attention(segment_ids_RxW, self.blocks.cfg, one_segment)
+    full = lambda q, kk, v, _: (attention(q, kk, v), None)
     h_RxWxD, _ = self.blocks(x_RxWxD, positions_RxW, full)
     # The output rules act per vector, so applying them at every position and reading the
     # last token equals reading first and applying them (what __call__ relies on).
@@ -103,7 +104,8 @@ class FgramModel(nnx.Module):
                        f'fgram_max_len={self.max_len} (config.fgram.max_len)')
     positions_UxK = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (u, k))
     # Causal within the f-gram; padding sits after the last token so it is never seen.
-    h_UxKxD = self.packed(tokens_UxK, positions_UxK, jnp.ones((u, k), jnp.int32))
+    h_UxKxD = self.packed(tokens_UxK, positions_UxK, jnp.ones((u, k), jnp.int32),
+                          one_segment=True)
     last_U = jnp.clip(lens_U.astype(jnp.int32) - 1, 0, k - 1)
     e_UxD = jnp.take_along_axis(h_UxKxD, last_U[:, None, None], axis=1)[:, 0]
     return constrain(e_UxD, ('batch', 'embed'))

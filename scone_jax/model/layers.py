@@ -18,12 +18,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scone_jax import compat
 from scone_jax.config import ModelConfig
-from scone_jax.model.sharding import constrain, param
+from scone_jax.model.sharding import constrain, logical_to_spec, param
 
 # Attention logits of masked keys; finite so a fully masked row cannot make NaNs.
 _MASKED = -1e30
 _NORM_EPS = {'layernorm': 1e-5, 'rmsnorm': 1e-6, 'nonparametric': 1e-5}
+# config.model.remat -> the jax.checkpoint policy of one block ('none': no checkpoint).
+_REMAT_POLICIES = {'block': None,
+                   'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 def norm_params(kind: str, prefix: tuple[int, ...], d: int, dtype,
@@ -82,21 +86,70 @@ def segment_mask(segment_ids_BxT: jax.Array) -> jax.Array:
 
 
 def attend(q_BxTxHxE: jax.Array, k_BxSxHxE: jax.Array, v_BxSxHxE: jax.Array,
-           mask_BxTxS: jax.Array, implementation: str = 'einsum') -> jax.Array:
-  """Softmax attention (float32 logits) under a boolean mask.
+           mask_BxTxS: jax.Array) -> jax.Array:
+  """Softmax attention (float32 logits) under a boolean mask, with XLA einsums.
 
-  implementation: 'einsum' (XLA, materialises [B, H, T, S] logits) or 'cudnn' (fused
-  flash attention on NVIDIA GPUs; the mask becomes an additive bias).
+  Materialises the [B, H, T, S] logits: the decode step (T = 1) and the 'einsum' choice
+  of `self_attention`.
   """
-  if implementation == 'cudnn':
-    return jax.nn.dot_product_attention(q_BxTxHxE, k_BxSxHxE, v_BxSxHxE,
-                                        mask=mask_BxTxS[:, None], implementation='cudnn')
   scale = 1.0 / math.sqrt(q_BxTxHxE.shape[-1])
   logits_BxHxTxS = jnp.einsum('bthe,bshe->bhts', q_BxTxHxE, k_BxSxHxE,
                               preferred_element_type=jnp.float32) * scale
   logits_BxHxTxS = jnp.where(mask_BxTxS[:, None], logits_BxHxTxS, _MASKED)
   probs = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(v_BxSxHxE.dtype)
   return jnp.einsum('bhts,bshe->bthe', probs, v_BxSxHxE)
+
+
+# q, k, v [B, T, H, E] -> out [B, T, H, E].
+SelfAttention = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def self_attention(segment_ids_BxT: jax.Array, cfg: ModelConfig,
+                   one_segment: bool = False) -> SelfAttention:
+  """Causal, within-segment self-attention for these segment ids, with the kernel
+  `cfg.attention` picks on this backend (`compat.attention_backend`).
+
+  Built once per forward, outside the layer scan, so the mask (or lengths) is computed
+  once for all layers. Semantics of every kernel = `segment_mask` on the non-padding
+  queries; padding queries' outputs are finite and unused.
+
+  Args:
+    segment_ids_BxT: 1.. per document, 0 = padding.
+    cfg: the model config (attention, dtype, head dim).
+    one_segment: every row is ONE segment then right padding (prefill, A_f per f-gram):
+      cuDNN then takes per-row lengths instead of a [B, T, T] mask.
+  """
+  t = segment_ids_BxT.shape[1]
+  kernel = compat.attention_backend(cfg.attention, cfg.dtype, t,
+                                    cfg.d_model // cfg.num_heads)
+  if kernel == 'splash':
+    return lambda q, k, v: _splash_on_shards(q, k, v, segment_ids_BxT)
+  if kernel == 'cudnn':
+    valid_BxT = segment_ids_BxT > 0
+    lengths_B = jnp.sum(valid_BxT, axis=1, dtype=jnp.int32) if one_segment else None
+    mask_BxTxT = None if one_segment else segment_mask(segment_ids_BxT)
+
+    def cudnn(q, k, v):
+      out_BxTxHxE = compat.cudnn_attention(q, k, v, lengths_B, mask_BxTxT)
+      # cuDNN leaves padding queries unspecified; zeros keep the keys and values they feed
+      # (later layers, the decode cache) finite.
+      return jnp.where(valid_BxT[:, :, None, None], out_BxTxHxE, 0).astype(q.dtype)
+    return cudnn
+  mask_BxTxT = segment_mask(segment_ids_BxT)
+  return lambda q, k, v: attend(q, k, v, mask_BxTxT)
+
+
+def _splash_on_shards(q_BxTxHxE, k_BxTxHxE, v_BxTxHxE, segment_ids_BxT):
+  """The splash kernel per device shard (XLA cannot partition a Pallas call): batch and
+  heads split as the activations are (`LOGICAL_AXIS_RULES`), sequences whole."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return compat.splash_attention(q_BxTxHxE, k_BxTxHxE, v_BxTxHxE, segment_ids_BxT)
+  qkv = logical_to_spec(('batch', 'length', 'heads', 'kv'), q_BxTxHxE.shape, mesh)
+  seg = logical_to_spec(('batch', 'length'), segment_ids_BxT.shape, mesh)
+  return jax.shard_map(compat.splash_attention, mesh=mesh, in_specs=(qkv, qkv, qkv, seg),
+                       out_specs=qkv, check_vma=False)(
+                           q_BxTxHxE, k_BxTxHxE, v_BxTxHxE, segment_ids_BxT)
 
 
 # attend_fn(q, k, v, layer_carry) -> (out_BxTxHxE, per-layer output stacked by the scan).
@@ -203,8 +256,8 @@ class BlockStack(nnx.Module):
       p, carry = xs
       return self._block(p, x, positions_BxT, attend_fn, carry)
 
-    if self.cfg.remat == 'block':
-      body = jax.checkpoint(body)
+    if self.cfg.remat in _REMAT_POLICIES:
+      body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat])
     return jax.lax.scan(body, x_BxTxD.astype(dtype), (stacked, layer_carries),
                         unroll=self.cfg.layer_loop == 'unrolled')
 

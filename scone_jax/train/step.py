@@ -91,9 +91,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   """
   def loss_sums(params, other, batch, fgram_e_NxD=None):
     model = nnx.merge(graphdef, params, other)
-    logits_BxTxV = model(batch, fgram_e_NxD)
-    loss_sum, weight_sum = cross_entropy_sums(
-        logits_BxTxV, batch['targets_BxT'], batch['weights_BxT'])
+    if model.backbone.cfg.loss_chunk:  # The [B, T, V] logits never exist whole.
+      loss_sum, weight_sum = model.backbone.chunked_loss_sums(
+          model.input_embeddings(batch, fgram_e_NxD), batch['positions_BxT'],
+          batch['segment_ids_BxT'], batch['targets_BxT'], batch['weights_BxT'])
+    else:
+      loss_sum, weight_sum = cross_entropy_sums(
+          model(batch, fgram_e_NxD), batch['targets_BxT'], batch['weights_BxT'])
     _, _, new_other = nnx.split(model, nnx.Param, ...)
     return loss_sum, (weight_sum, new_other)
 
