@@ -292,7 +292,7 @@ def _decode(args, bench_decode, decoder_cls, sampling_cls) -> tuple[dict, dict]:
                           for _ in range(2))
       decode['tokens_per_s'][str(b)] = {**rates, 'ratio': rates['scone'] / rates['baseline']}
       # The chunk the timed generations ran (compiled once per decoder and sampling).
-      cost = {n: compat.cost_flops(d._chunk_program(sampling_cls()))  # pylint: disable=protected-access
+      cost = {n: compat.cost_flops(d.compiled_loop_chunk(sampling_cls()))
               for n, d in decoders.items()}
       flops[str(b)] = {**cost, 'ratio': cost['scone'] / cost['baseline']}
       print(f'B={b:>3}: tokens/s baseline {rates["baseline"]:10.0f}  SCONE '

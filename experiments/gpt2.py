@@ -23,8 +23,9 @@ without it, a sentencepiece model of that size is trained), seq 1024, batch 512,
 warmup and the final lr unstated: we use 2000 steps and 0.1x.
 The paper sizes refuse the embedded stdlib corpus unless --config.data.allow_embedded=True
 (the benchmark sizes 125m and 25m train on it).
-On NVIDIA GPUs add --config.model.attention=cudnn (fused flash attention): measured on one
-H200, bf16, fwd+bwd, 1.46x faster for 125m (B16 x T1024) and 0.7b (B8 x T2048, MFU 27% -> 39%).
+model.attention='auto' (the default) takes cuDNN fused flash attention on NVIDIA GPUs in
+bf16: measured earlier on one H200 with --config.model.attention=cudnn, fwd+bwd, 1.46x faster
+than einsum for 125m (B16 x T1024) and 0.7b (B8 x T2048, MFU 27% -> 39%).
 """
 
 from scone_jax import config as config_lib

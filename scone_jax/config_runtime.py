@@ -99,7 +99,10 @@ RESUMABLE_KEYS = ('name', 'train.log_every', 'train.eval_every', 'train.eval_bat
                   'train.data_prefetch', 'train.peak_tflops', 'train.init_from_run',
                   'checkpoint.', 'distributed.', 'mesh.', 'data.artifacts_dir', 'export.',
                   'serve.', 'data.allow_embedded', 'data.allow_no_eval', 'data.check_format',
-                  'fgram.allow_short_table', 'fgram.miner', 'fgram.memory_budget_mb')
+                  'fgram.allow_short_table', 'fgram.miner', 'fgram.memory_budget_mb',
+                  # How the step is computed, not what (equal up to rounding; tested in
+                  # test_model/test_accel): a resumed run may switch kernels or memory plan.
+                  'model.attention', 'model.remat', 'model.loss_chunk')
 # Keys that may change on resume only when named in `allow` (the train CLI's
 # --allow_config_change): the length of the run and the optimiser's schedule and
 # hyperparameters. They change the run's math but no shape, no data and no artifact, so
