@@ -227,3 +227,33 @@ def test_dry_run_pasted_into_bash_runs_the_sweep(slurm_cluster, tmp_path, fake_p
   subprocess.run(['bash', '-euc', text], check=True, capture_output=True, cwd=tmp_path)
   _wait_for(lambda: all(spec.is_finished(p) for p in sweep.points))
   assert sorted(c.split()[0] for c in _calls(tmp_path)) == ['prepare', 'train', 'train']
+
+
+def _cli(*args, env=None):
+  return subprocess.run([sys.executable, '-m', 'scone_jax.sweeps', *args], cwd=REPO,
+                        capture_output=True, text=True, env=env)
+
+
+def test_cli_report_same_as_local_and_status(slurm_cluster, tmp_path, fake_python):
+  path = write_sweep(tmp_path, [{'train.seed': s} for s in range(4)])
+  common = [f'--sweep={path}', '--set=train.steps=3', f'--python={fake_python}', '--report']
+  local = _cli(*common, f'--root={tmp_path}/local', '--parallel=2')
+  assert local.returncode == 0, local.stderr
+  sl = _cli(*common, f'--root={tmp_path}/slurm', '--backend=slurm', '--slurm.partition=debug')
+  assert sl.returncode == 0, sl.stderr
+  assert '4/4 point(s) ok' in sl.stdout
+  report = (tmp_path / 'slurm' / 'sw' / 'REPORT.md').read_text()
+  assert report == (tmp_path / 'local' / 'sw' / 'REPORT.md').read_text()
+  # The status command reads the sweep's status.json: each point's job and state.
+  st = _cli(f'--sweep={path}', '--set=train.steps=3', f'--root={tmp_path}/slurm', '--status')
+  assert st.returncode == 0, st.stderr
+  rows = [line for line in st.stdout.splitlines() if 'train.seed=' in line]
+  assert len(rows) == 4 and all(re.search(r'\| slurm +\| \d+_\d +\| done', r) for r in rows)
+  assert all('step 3/3' in r for r in rows)
+  st = _cli(f'--sweep={path}', '--set=train.steps=3', f'--root={tmp_path}/local', '--status')
+  assert all(re.search(r'\| local +\| +\| done', r)
+             for r in st.stdout.splitlines() if 'train.seed=' in r)
+  # Bad input from the command line: one line naming the fix, nothing submitted.
+  bad = _cli(*common, f'--root={tmp_path}/bad', '--backend=slurm', '--slurm.partition=gpu')
+  assert bad.returncode != 0 and "partition 'gpu' does not exist" in bad.stderr
+  assert not os.path.exists(tmp_path / 'bad')

@@ -291,16 +291,23 @@ def run_tpu(sweep: spec.Sweep, target: TpuTarget, runner: Runner = shell_runner,
 
 
 def dry_run(sweep: spec.Sweep, python: str, tpu: TpuTarget | None = None, out=None,
-            af_tokens_per_token: float | None = None) -> None:
+            af_tokens_per_token: float | None = None,
+            commands: list[tuple[str, str]] | None = None) -> None:
   """Prints every command a run would execute, in order, then the accounting table (A_f's
   training FLOPs at the worst case and, if given, at a measured A_f tokens per token).
 
   For the TPU backend that is the bootstrap copy, then one ssh command per point: pasted
   into a shell in that order they do what `--backend=tpu` does (without its retries).
+  Other backends pass their own `commands`: (comment, command) pairs, e.g.
+  slurm.dry_run_commands.
   """
   from scone_jax import report  # Deferred: report imports this package.
   out = out or sys.stdout
-  if tpu is not None:
+  if commands is not None:
+    for comment, cmd in commands:
+      print(f'# {comment}', file=out)
+      print(cmd, file=out)
+  elif tpu is not None:
     print('# copy the worker bootstrap to every host (once per sweep)', file=out)
     print(bootstrap_copy_command(tpu), file=out)
     for p in sweep.points:

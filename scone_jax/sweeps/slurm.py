@@ -260,7 +260,8 @@ def submit(script: str, path: str, run: Run = run_command) -> str:
   os.replace(tmp, path)
   proc = run(['sbatch', '--parsable', path])
   if proc.returncode:
-    raise spec.SweepError(f'sbatch {path} failed: {proc.stderr.strip() or proc.stdout}')
+    raise spec.SweepError(f'sbatch {path} failed: {proc.stderr.strip() or proc.stdout}; '
+                          'jobs this run submitted before it keep running (squeue --me)')
   return proc.stdout.strip().split(';')[0]
 
 
