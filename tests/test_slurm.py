@@ -257,3 +257,57 @@ def test_cli_report_same_as_local_and_status(slurm_cluster, tmp_path, fake_pytho
   bad = _cli(*common, f'--root={tmp_path}/bad', '--backend=slurm', '--slurm.partition=gpu')
   assert bad.returncode != 0 and "partition 'gpu' does not exist" in bad.stderr
   assert not os.path.exists(tmp_path / 'bad')
+
+
+def _micro_sweep(tmp_path, root, steps, seeds, **overrides):
+  import train_helpers as th  # The micro corpus and config the train tests use.
+  corpus = os.path.join(str(tmp_path), 'corpus')
+  th.write_corpus(corpus)
+  base = th.micro_config_file(str(tmp_path / 'micro.py'), corpus, **overrides)
+  path = write_sweep(tmp_path, [{'train.seed': s} for s in seeds], base=base, name='real')
+  return spec.load_sweep(path, root, {'train.steps': steps})
+
+
+@pytest.mark.slow
+def test_real_training_bitwise_equal_to_local(slurm_cluster, tmp_path):
+  import train_helpers as th
+  local = _micro_sweep(tmp_path, str(tmp_path / 'local'), 4, range(4))
+  sl = _micro_sweep(tmp_path, str(tmp_path / 'slurm'), 4, range(4))
+  devnull = open(os.devnull, 'w')
+  assert {o.status for o in backends.run_local(local, sys.executable, 2, out=devnull)} == {
+      'done'}
+  result = slurm.run_slurm(sl, {}, sys.executable, POLICY, poll_s=1, out=devnull)
+  assert {o.status for o in result} == {'done'} and len(result) == 4
+  for a, b in zip(local.points, sl.points):
+    ea = json.load(open(os.path.join(a.workdir, 'eval.json')))
+    eb = json.load(open(os.path.join(b.workdir, 'eval.json')))
+    assert ea['corpora'] == eb['corpora']  # Bitwise: the same floats, not close ones.
+    ca, cb = th.checkpoint_arrays(a.workdir, 4), th.checkpoint_arrays(b.workdir, 4)
+    assert ca.keys() == cb.keys()
+    for k in ca:
+      assert ca[k].tobytes() == cb[k].tobytes(), k
+  from scone_jax import report
+  assert (open(report.write_report(local.dir)['markdown']).read()
+          == open(report.write_report(sl.dir)['markdown']).read())
+
+
+@pytest.mark.slow
+def test_real_requeued_point_resumes_from_its_checkpoint(slurm_cluster, tmp_path):
+  """`scontrol requeue` of a running point: it restarts and the trainer resumes."""
+  sweep = _micro_sweep(tmp_path, str(tmp_path / 'runs'), 300, [0],
+                       **{'checkpoint.every_steps': 5})
+  point = sweep.points[0]
+  jobs, _ = slurm.submit_sweep(sweep, {}, sys.executable, POLICY, out=open(os.devnull, 'w'))
+  job = jobs[point.name]
+  _wait_for(lambda: _state(job) and os.path.exists(
+      os.path.join(point.workdir, 'checkpoints', '10')), timeout_s=300)
+  slurm_cluster.run('scontrol', 'requeue', job)
+  infos = slurm.wait_jobs(jobs, poll_s=1, out=open(os.devnull, 'w'))
+  assert [o.status for o in slurm.outcomes(sweep, jobs, infos)] == ['done']
+  assert int(infos[point.name]['restarts']) == 1
+  steps = [json.loads(line)['step'] for line in open(os.path.join(point.workdir,
+                                                                  'metrics.jsonl'))
+           if '"loss"' in line]
+  # The second run starts after a saved step (>= 10), not at 1, and reaches the end.
+  restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+  assert steps[restart] > 10 and steps[-1] == 300 and steps[restart - 1] >= 10

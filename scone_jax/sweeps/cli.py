@@ -39,10 +39,12 @@ from scone_jax.sweeps import slurm
 from scone_jax.sweeps import spec
 from scone_jax.sweeps import status
 from scone_jax.sweeps import study as study_lib
+from scone_jax.sweeps import tpu as tpu_lib
+from scone_jax.sweeps import xpk as xpk_lib
 
 _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file (experiments/sweeps/*.py).',
                              required=True)
-_BACKEND = flags.DEFINE_enum('backend', 'local', ['local', 'tpu', 'slurm'],
+_BACKEND = flags.DEFINE_enum('backend', 'local', ['local', 'tpu', 'slurm', 'xpk'],
                              'Where to run points (docs/LAUNCH.md).')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print commands and accounting; run nothing.')
 _AF_TOKENS = flags.DEFINE_float(
@@ -56,7 +58,8 @@ _SET = flags.DEFINE_multi_string(
     'set', [], 'KEY=VALUE override for every point (part of run names), e.g. '
     '--set=train.steps=3. VALUE is parsed as a Python literal, else kept as a string.')
 _PYTHON = flags.DEFINE_string('python', sys.executable, 'Local backend: the interpreter.')
-_TPU_NAME = flags.DEFINE_string('tpu_name', '', 'TPU backend: TPU VM name.')
+_TPU_NAME = flags.DEFINE_string('tpu_name', '', 'TPU backend: TPU VM name, or several '
+                                'comma-separated (one point per free VM, in parallel).')
 _ZONE = flags.DEFINE_string('zone', '', 'TPU backend: zone.')
 _PROJECT = flags.DEFINE_string('project', '', 'TPU backend: GCP project (default: gcloud).')
 _REPO = flags.DEFINE_string('repo', '', 'TPU backend: git URL or gs:// folder of this repo.')
@@ -86,6 +89,17 @@ _SLURM_FLAGS = [
     flags.DEFINE_integer('slurm.signal_s', 120, 'SLURM: SIGTERM this many seconds before '
                          'the time limit (save, exit 75, requeue).'),
 ]
+_TPU_QUEUED = flags.DEFINE_string(
+    'tpu_queued', '', 'TPU backend: create a queued-resource slice of this accelerator type '
+    '(e.g. v5p-64) per point, run it there, delete it (instead of --tpu_name).')
+_TPU_RUNTIME = flags.DEFINE_string('tpu_runtime_version', '', 'TPU backend with '
+                                   '--tpu_queued: the TPU VM image, e.g. v2-alpha-tpuv5.')
+_TPU_SPOT = flags.DEFINE_bool('tpu_spot', False, 'TPU backend with --tpu_queued: spot.')
+_XPK_CLUSTER = flags.DEFINE_string('xpk.cluster', '', 'xpk: the GKE cluster.')
+_XPK_DEVICE = flags.DEFINE_string('xpk.device_type', '', 'xpk: e.g. v5p-8 or h100-80gb-8.')
+_XPK_IMAGE = flags.DEFINE_string('xpk.docker_image', '', 'xpk: image with this repo and its '
+                                 'requirements (docs/LAUNCH.md).')
+_XPK_COUNT = flags.DEFINE_integer('xpk.count', 1, 'xpk: TPU slices or GPU nodes per point.')
 _SLURM_WAIT = flags.DEFINE_bool('slurm.wait', False, 'SLURM: wait for the jobs (--report '
                                 'waits too); otherwise submit and return.')
 
@@ -103,14 +117,32 @@ def main(argv):
   if _STATUS.value:
     print(report_lib.markdown_table(status.table(sweep, backends._last_step)))
     return
-  tpu = _tpu_target() if _BACKEND.value == 'tpu' else None
+  queued = _queued_slice() if _BACKEND.value == 'tpu' and _TPU_QUEUED.value else None
+  tpu = _tpu_target() if _BACKEND.value == 'tpu' and not queued else None
+  gke = _xpk_target() if _BACKEND.value == 'xpk' else None
   if _DRY_RUN.value:
-    commands = (slurm.dry_run_commands(sweep, _slurm_flags(), _PYTHON.value, _policy())
-                if _BACKEND.value == 'slurm' else None)
-    backends.dry_run(sweep, _PYTHON.value, tpu, af_tokens_per_token=_AF_TOKENS.value,
+    commands = None
+    try:
+      if _BACKEND.value == 'slurm':
+        commands = slurm.dry_run_commands(sweep, _slurm_flags(), _PYTHON.value, _policy())
+      elif queued is not None:
+        commands = tpu_lib.dry_run_commands(queued, sweep)
+      elif tpu is not None:
+        commands = backends.tpu_dry_run_commands(sweep, tpu)
+      elif gke is not None:
+        commands = xpk_lib.dry_run_commands(gke, sweep)
+    except spec.SweepError as e:
+      sys.exit(f'error: {e}')
+    backends.dry_run(sweep, _PYTHON.value, af_tokens_per_token=_AF_TOKENS.value,
                      commands=commands)
     return
-  if _BACKEND.value == 'slurm':
+  if queued is not None or gke is not None:
+    try:
+      outcomes = (tpu_lib.run_queued(sweep, queued, _PARALLEL.value, policy=_policy())
+                  if queued is not None else xpk_lib.run_xpk(sweep, gke))
+    except spec.SweepError as e:
+      sys.exit(f'error: {e}')
+  elif _BACKEND.value == 'slurm':
     try:
       outcomes = slurm.run_slurm(sweep, _slurm_flags(), _PYTHON.value, _policy(),
                                  wait=_REPORT.value or _SLURM_WAIT.value)
@@ -196,10 +228,26 @@ def _finish(name: str, sweep_dir: str, outcomes: list) -> None:
     sys.exit(1)
 
 
-def _tpu_target() -> backends.TpuTarget:
+def _queued_slice() -> tpu_lib.QueuedSlice:
+  missing = [f'--{n}' for n, v in (('zone', _ZONE.value), ('repo', _REPO.value),
+                                   ('tpu_runtime_version', _TPU_RUNTIME.value)) if not v]
+  if missing:
+    sys.exit(f'error: --tpu_queued needs {", ".join(missing)}')
+  return tpu_lib.QueuedSlice(_TPU_QUEUED.value, _TPU_RUNTIME.value, _ZONE.value,
+                             _PROJECT.value, _REPO.value, _REF.value, spot=_TPU_SPOT.value)
+
+
+def _xpk_target() -> xpk_lib.XpkTarget:
+  return xpk_lib.XpkTarget(_XPK_CLUSTER.value, _XPK_DEVICE.value, _XPK_IMAGE.value,
+                           _PROJECT.value, _ZONE.value, _XPK_COUNT.value,
+                           max_restarts=_RETRIES.value)
+
+
+def _tpu_target() -> list[backends.TpuTarget]:
+  """The TPU VMs of --tpu_name (comma-separated: points run in parallel over them)."""
   missing = [f'--{n}' for n, v in (('tpu_name', _TPU_NAME.value), ('zone', _ZONE.value),
                                    ('repo', _REPO.value)) if not v]
   if missing:
     sys.exit(f'error: --backend=tpu needs {", ".join(missing)}')
-  return backends.TpuTarget(_TPU_NAME.value, _ZONE.value, _PROJECT.value, _REPO.value,
-                            _REF.value)
+  return [backends.TpuTarget(name, _ZONE.value, _PROJECT.value, _REPO.value, _REF.value)
+          for name in _TPU_NAME.value.split(',') if name]
