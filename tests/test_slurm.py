@@ -132,6 +132,12 @@ def test_array_skip_and_scancel(slurm_cluster, tmp_path, fake_python, monkeypatc
             and any(c.startswith('train') and names[2] in c for c in _calls(tmp_path)))
   slurm_cluster.run('scancel', jobs[names[2]])
   infos = slurm.wait_jobs(jobs, poll_s=0.3, out=open(os.devnull, 'w'))
+  # Nobody recorded the ends yet: the status command asks scontrol.
+  assert {e['state'] for e in status.read(sweep.dir).values()} == {'submitted'}
+  slurm.refresh(sweep)
+  assert [r['state'] for r in status.table(sweep, backends._last_step)] == [
+      'done', 'done', 'failed', 'done']
+  assert status.read(sweep.dir)[names[2]]['slurm_state'] == 'CANCELLED'
   result = {o.name: o for o in slurm.outcomes(sweep, jobs, infos)}
   assert [result[n].status for n in names] == ['done', 'done', 'failed', 'done']
   assert 'CANCELLED' in result[names[2]].detail
@@ -195,6 +201,12 @@ def test_study_phases_with_dependency(slurm_cluster, tmp_path, fake_python):
   assert {c.split('/')[-1] for c in trains[:4]} == {p.name for p in tune.points}
   compare_dirs = {r for runs in record['compare_runs'].values() for r in runs.values()}
   assert {c.split('/')[-1] for c in trains[4:]} <= compare_dirs
+  # The comparison tasks recorded their points (named after the selection) and job ids.
+  entries = status.read(os.path.join(root, 'st'))
+  seed1 = [record['compare_runs'][arm]['1'] for arm in ('baseline', 'scone')]
+  assert [entries[n]['job_id'] for n in seed1] == [jobs['compare baseline seed 1'],
+                                                   jobs['compare scone seed 1']]
+  assert {entries[n]['state'] for n in seed1} == {'done'}
 
 
 def test_bad_inputs_fail_before_any_submission(slurm_cluster, tmp_path, fake_python,

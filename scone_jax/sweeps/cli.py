@@ -115,6 +115,7 @@ def main(argv):
     sys.exit(f'error: {e}\nnothing was launched.')
   print(f'sweep {sweep.name}: {len(sweep.points)} point(s) under {sweep.dir}')
   if _STATUS.value:
+    slurm.refresh(sweep)  # Jobs nobody waited for: their state now.
     print(report_lib.markdown_table(status.table(sweep, backends._last_step)))
     return
   queued = _queued_slice() if _BACKEND.value == 'tpu' and _TPU_QUEUED.value else None
@@ -190,8 +191,9 @@ def _main_study(study: study_lib.Study, extra: dict) -> None:
   # Validates every tuning point before anything runs.
   tune = study_lib.tune_sweep(study, _ROOT.value, extra)
   if _STATUS.value:
-    print(report_lib.markdown_table(status.table(_study_points(study, tune, extra),
-                                                 backends._last_step)))
+    points = _study_points(study, tune, extra)
+    slurm.refresh(points)
+    print(report_lib.markdown_table(status.table(points, backends._last_step)))
     return
   print(f'study {study.name}: {len(study.arms)} arm(s), lr grid '
         f'{list(study.learning_rates)}, seeds {list(study.seeds)} under {tune.dir}')

@@ -307,6 +307,30 @@ def live_jobs(entries: dict[str, dict[str, Any]], run: Run = run_command) -> dic
           if j in states and states[j]['state'] not in TERMINAL}
 
 
+def refresh(sweep: spec.Sweep, run: Run = run_command) -> None:
+  """Brings status.json's submitted/running SLURM points up to date from scontrol (for
+  `--status` on a sweep nobody waited for); a no-op where scontrol is not installed."""
+  entries = {n: e for n, e in status.read(sweep.dir).items()
+             if e.get('backend') == 'slurm' and e.get('state') in ('submitted', 'running')}
+  if not entries or not shutil.which('scontrol'):
+    return
+  states: dict[str, dict[str, str]] = {}
+  for array in {_array_id(e['job_id']) for e in entries.values()}:
+    states.update(job_states(array, run))
+  points = {p.name: p for p in sweep.points}
+  updates = {}
+  for name, e in entries.items():
+    info = states.get(e['job_id'], {'state': 'GONE', 'restarts': '0'})
+    if info['state'] in TERMINAL or info['state'] == 'GONE':
+      done = name in points and spec.is_finished(points[name])
+      state = 'done' if done else 'failed'
+    else:
+      state = 'running' if info['state'] == 'RUNNING' else 'submitted'
+    updates[name] = {'state': state, 'slurm_state': info['state'],
+                     'restarts': int(info['restarts'])}
+  status.update(sweep.dir, updates)
+
+
 def _submit_arrays(sweep: spec.Sweep, options: dict[str, SlurmOptions],
                    todo: list[spec.Point], python: str, policy: status.RetryPolicy,
                    run: Run, out) -> dict[str, tuple[str, str]]:
@@ -574,6 +598,15 @@ def _task_main(argv: list[str]) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   spec.write_point_json(compare, point)
+  job = (f'{os.environ["SLURM_ARRAY_JOB_ID"]}_{os.environ["SLURM_ARRAY_TASK_ID"]}'
+         if 'SLURM_ARRAY_JOB_ID' in os.environ else os.environ.get('SLURM_JOB_ID', ''))
+  previous = status.read(compare.dir).get(point.name, {})
+  if not spec.is_finished(point):  # A tuning run reused as is keeps its own entry.
+    status.update(compare.dir, {point.name: {
+        'backend': 'slurm', 'job_id': job, 'state': 'running',
+        'attempts': previous.get('attempts', 0) + 1,
+        'log': os.path.join(script_dir(compare.dir), 'logs',
+                            f'{study.name}-compare-{job}.txt')}})
   print(point_body(compare, point, args.python, args.nodes))
   return 0
 

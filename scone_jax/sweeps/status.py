@@ -15,11 +15,14 @@ preemption: the trainer saved and stopped on SIGTERM, so a retry loses nothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import os
 import threading
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from scone_jax import artifacts, paths
 from scone_jax.sweeps import spec
@@ -69,14 +72,29 @@ def update(sweep_dir: str, entries: dict[str, dict[str, Any]]) -> dict[str, dict
     state = fields.get('state')
     if state is not None and state not in STATES:
       raise ValueError(f'point {name}: state {state!r} is not one of {STATES}')
-  with _lock:
+  paths.makedirs(sweep_dir)
+  with _lock, _file_lock(sweep_dir):
     points = read(sweep_dir)
     now = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
     for name, fields in entries.items():
       points[name] = {**points.get(name, {}), **fields, 'updated': now}
-    paths.makedirs(sweep_dir)
     artifacts.write_json_atomic(path(sweep_dir), {'points': points})
   return points
+
+
+@contextlib.contextmanager
+def _file_lock(sweep_dir: str) -> Iterator[None]:
+  """Processes sharing a local sweep dir (SLURM tasks) update the file one at a time, so
+  none loses another's entry; on gs:// each writer's points are its own (no lock)."""
+  if paths.is_remote(sweep_dir):
+    yield
+    return
+  with open(os.path.join(sweep_dir, STATUS_JSON + '.lock'), 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def record_outcomes(sweep_dir: str, backend: str, outcomes: Iterable[Any]) -> None:
