@@ -186,8 +186,8 @@ def _main_study(study: study_lib.Study, extra: dict) -> None:
   """The two-phase study (local or SLURM: selection reads the runs' eval.json)."""
   if _BACKEND.value not in ('local', 'slurm') or _ONLY.value:
     sys.exit('error: a study runs on the local or slurm backend and always runs all its '
-             'points (lr selection needs every tuning run); drop --only or use '
-             '--backend=local or slurm.')
+             'points (lr selection needs every tuning run); drop --backend/--only (or use '
+             '--backend=slurm).')
   # Validates every tuning point before anything runs.
   tune = study_lib.tune_sweep(study, _ROOT.value, extra)
   if _STATUS.value:
