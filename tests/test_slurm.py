@@ -10,7 +10,6 @@ the real trainer on the micro config and compares with --backend=local bit for b
 import json
 import os
 import re
-import shlex
 import stat
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import time
 
 import pytest
 
-from scone_jax.sweeps import backends, slurm, spec, status
+from scone_jax.sweeps import backends, slurm, slurm_study, spec, status
 from scone_jax.sweeps import study as study_lib
 from slurm_fixture import slurm_cluster  # noqa: F401  (a pytest fixture)
 
@@ -181,14 +180,14 @@ def test_study_phases_with_dependency(slurm_cluster, tmp_path, fake_python):
                   "'scone': {}}, 'learning_rates': [1e-3, 3e-3], 'seeds': [0, 1]}\n")
   study = study_lib.load_study(str(path))
   root, extra = str(tmp_path / 'runs'), {'train.steps': 3}
-  jobs = slurm.submit_study(study, root, extra, {}, fake_python, POLICY,
+  jobs = slurm_study.submit_study(study, root, extra, {}, fake_python, POLICY,
                             out=open(os.devnull, 'w'))
   tune_arrays = {j.split('_')[0] for k, j in jobs.items() if not k.startswith('compare')}
   compare_job = jobs['compare scone seed 1']
   detail = slurm_cluster.run('scontrol', 'show', 'job', '-o', compare_job.split('_')[0])
   assert f'Dependency=afterany:{tune_arrays.pop()}' in detail
   infos = slurm.wait_jobs(jobs, poll_s=0.3, out=open(os.devnull, 'w'))
-  result = slurm.study_outcomes(study, root, extra, jobs, infos)
+  result = slurm_study.study_outcomes(study, root, extra, jobs, infos)
   assert {o.status for o in result} == {'done'}
   # 4 tuning runs + the seed-1 run of each arm (seed 0 at the chosen lr is a tuning run).
   assert len(result) == 6 and len({o.name for o in result}) == 6

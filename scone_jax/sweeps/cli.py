@@ -36,6 +36,7 @@ from scone_jax import paths as paths_lib
 from scone_jax import report as report_lib
 from scone_jax.sweeps import backends
 from scone_jax.sweeps import slurm
+from scone_jax.sweeps import slurm_study
 from scone_jax.sweeps import spec
 from scone_jax.sweeps import status
 from scone_jax.sweeps import study as study_lib
@@ -202,7 +203,7 @@ def _main_study(study: study_lib.Study, extra: dict) -> None:
     return
   if _BACKEND.value == 'slurm':
     try:
-      jobs = slurm.submit_study(study, _ROOT.value, extra, _slurm_flags(), _PYTHON.value,
+      jobs = slurm_study.submit_study(study, _ROOT.value, extra, _slurm_flags(), _PYTHON.value,
                                 _policy())
     except spec.SweepError as e:
       sys.exit(f'error: {e}')
@@ -210,7 +211,8 @@ def _main_study(study: study_lib.Study, extra: dict) -> None:
       print('submitted both phases; write the report with --report once the jobs end')
       return
     infos = slurm.wait_jobs(jobs)
-    _finish(study.name, tune.dir, slurm.study_outcomes(study, _ROOT.value, extra, jobs, infos))
+    _finish(study.name, tune.dir,
+            slurm_study.study_outcomes(study, _ROOT.value, extra, jobs, infos))
     return
   _, outcomes = study_lib.run_study(study, _ROOT.value, _PYTHON.value, _PARALLEL.value,
                                     extra)

@@ -1,6 +1,7 @@
 """The SLURM backend: a sweep's points as one sbatch job array, a study as two.
 
-Plain `sbatch`, not submitit: job arrays, `--dependency=afterok`, `--requeue` and
+Studies (tuning array, then comparison array) are in slurm_study.py. Plain `sbatch`, not
+submitit: job arrays, `--dependency=afterok`, `--requeue` and
 `--signal` are first-class sbatch options, the generated batch script is a file a user can
 read, edit and resubmit by hand, states come from `scontrol show job -o` (no sacct, which
 needs slurmdbd), and there is no extra dependency to pin on every cluster.
@@ -22,11 +23,8 @@ Every point's job id, attempts and state go to the sweep's status.json (status.p
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -34,9 +32,8 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from scone_jax import artifacts, paths
+from scone_jax import paths
 from scone_jax.sweeps import backends, spec, status
-from scone_jax.sweeps import study as study_lib
 
 Run = Callable[[Sequence[str]], subprocess.CompletedProcess]
 
@@ -291,7 +288,8 @@ def job_states(job_id: str, run: Run = run_command) -> dict[str, dict[str, str]]
   return out
 
 
-def _array_id(job: str) -> str:
+def array_id(job: str) -> str:
+  """'123_4' -> '123' (the array a task belongs to; a plain job id is its own)."""
   return job.split('_')[0]
 
 
@@ -301,7 +299,7 @@ def live_jobs(entries: dict[str, dict[str, Any]], run: Run = run_command) -> dic
   jobs = {n: e['job_id'] for n, e in entries.items()
           if e.get('backend') == 'slurm' and e.get('job_id')}
   states: dict[str, dict[str, str]] = {}
-  for array in {_array_id(j) for j in jobs.values()}:
+  for array in {array_id(j) for j in jobs.values()}:
     states.update(job_states(array, run))
   return {n: j for n, j in jobs.items()
           if j in states and states[j]['state'] not in TERMINAL}
@@ -315,7 +313,7 @@ def refresh(sweep: spec.Sweep, run: Run = run_command) -> None:
   if not entries or not shutil.which('scontrol'):
     return
   states: dict[str, dict[str, str]] = {}
-  for array in {_array_id(e['job_id']) for e in entries.values()}:
+  for array in {array_id(e['job_id']) for e in entries.values()}:
     states.update(job_states(array, run))
   points = {p.name: p for p in sweep.points}
   updates = {}
@@ -406,7 +404,7 @@ def wait_jobs(jobs: dict[str, str], run: Run = run_command, poll_s: float = 10.0
   last: dict[str, dict[str, str]] = {}
   while True:
     states: dict[str, dict[str, str]] = {}
-    for array in sorted({_array_id(j) for j in jobs.values()}):
+    for array in sorted({array_id(j) for j in jobs.values()}):
       states.update(job_states(array, run))
     pending = 0
     for key, job in jobs.items():
@@ -481,135 +479,3 @@ def dry_run_commands(sweep: spec.Sweep, flag_options: dict[str, Any], python: st
     out.append((f'{len(group)} point(s): {", ".join(p.name for p in group)}',
                 f"sbatch {dependency} <<'SCONE_EOF'\n{script}SCONE_EOF"))
   return out
-
-
-def _selection(study: study_lib.Study, tune: spec.Sweep) -> study_lib.Selection:
-  """Every arm with a finished tuning run gets its lr (an arm without one is left out)."""
-  records = study_lib.finished_records(tune)
-  ok = []
-  for arm in study.arms:
-    try:
-      study_lib.select_lrs(study, tune, records, [arm])
-      ok.append(arm)
-    except spec.SweepError:
-      continue
-  return study_lib.select_lrs(study, tune, records, ok)
-
-
-def compare_point(study: study_lib.Study, root: str, extra: dict[str, Any],
-                  index: int) -> tuple[spec.Sweep, spec.Point]:
-  """Phase 2's point `index` (arm-major over the seeds) at its arm's chosen lr; writes
-  study.json first (every task writes the same record, atomically)."""
-  tune = study_lib.tune_sweep(study, root, extra)
-  selection = _selection(study, tune)
-  arm = list(study.arms)[index // len(study.seeds)]
-  seed = study.seeds[index % len(study.seeds)]
-  if arm not in selection.chosen:
-    raise spec.SweepError(f'arm {arm!r}: no tuning run finished with a validation loss; '
-                          'its comparison seeds cannot run (see the tuning runs\' logs)')
-  compare = study_lib.compare_sweep(study, root, selection.chosen, extra)
-  record = study_lib.selection_record(study, selection, compare, extra)
-  artifacts.write_json_atomic(paths.join(compare.dir, study_lib.STUDY_JSON), record)
-  plan = study_lib.compare_plan(study, selection.chosen)
-  point = compare.points[plan.index((arm, selection.chosen[arm], seed))]
-  return compare, point
-
-
-def _compare_body(study: study_lib.Study, root: str, extra: dict[str, Any], python: str,
-                  nodes: int, index: int) -> str:
-  """A phase-2 task: asks this module for its point's stages, then runs them."""
-  argv = [python, '-m', 'scone_jax.sweeps.slurm', f'--study={study.path}', f'--root={root}',
-          f'--extra={json.dumps(extra, sort_keys=True)}', f'--python={python}',
-          f'--nodes={nodes}', f'--index={index}']
-  return (f'body=$({" ".join(shlex.quote(a) for a in argv)}) || return\n'
-          'eval "$body"')
-
-
-def submit_study(study: study_lib.Study, root: str, extra: dict[str, Any],
-                 flag_options: dict[str, Any], python: str, policy: status.RetryPolicy,
-                 run: Run = run_command, out=None) -> dict[str, str]:
-  """Phase 1 (tuning) as an array, phase 2 (every arm x seed at its chosen lr) as a
-  second array that starts after the first ends (afterany: an arm whose tuning finished
-  is compared even if another arm's failed). Returns key -> job id: tuning point names,
-  and 'compare ARM seed S' for phase-2 tasks (their run names depend on the selection).
-  """
-  out = out or sys.stdout
-  tune = study_lib.tune_sweep(study, root, extra)
-  tune_jobs, _ = submit_sweep(tune, flag_options, python, policy, run, out)
-  options = point_options(tune, flag_options)
-  arm_opts = {arm: options[p.name] for (arm, _, _), p in
-              zip(study_lib.tune_plan(study), tune.points)}
-  dependency = ('afterany:' + ':'.join(sorted({_array_id(j) for j in tune_jobs.values()}))
-                if tune_jobs else '')
-  sdir = script_dir(tune.dir)
-  logs = os.path.join(sdir, 'logs')
-  keys = [(arm, seed) for arm in study.arms for seed in study.seeds]
-  by_opts: dict[SlurmOptions, list[int]] = {}
-  for i, (arm, _) in enumerate(keys):
-    by_opts.setdefault(arm_opts[arm], []).append(i)
-  jobs = dict(tune_jobs)
-  for k, (opts, indices) in enumerate(by_opts.items()):
-    bodies = [_compare_body(study, root, extra, python, opts.nodes, i) for i in indices]
-    array = submit(batch_script(f'{study.name}-compare', opts, bodies, python,
-                                policy.retries, logs, dependency),
-                   os.path.join(sdir, f'compare-{k}.sh'), run)
-    print(f'compare phase, {len(indices)} point(s): job {array} (after {dependency})',
-          file=out)
-    for j, i in enumerate(indices):
-      jobs[f'compare {keys[i][0]} seed {keys[i][1]}'] = (
-          f'{array}_{j}' if len(indices) > 1 else array)
-  return jobs
-
-
-def study_outcomes(study: study_lib.Study, root: str, extra: dict[str, Any],
-                   jobs: dict[str, str], infos: dict[str, dict[str, str]]
-                   ) -> list[backends.Outcome]:
-  """After both phases: every tuning and comparison point's outcome (each run once)."""
-  tune = study_lib.tune_sweep(study, root, extra)
-  result = outcomes(tune, jobs, infos)
-  selection = _selection(study, tune)
-  compare = study_lib.compare_sweep(study, root, selection.chosen, extra)
-  plan = study_lib.compare_plan(study, selection.chosen)
-  seen = {o.name for o in result}
-  compare_jobs = {p.name: jobs[f'compare {arm} seed {seed}']
-                  for (arm, _, seed), p in zip(plan, compare.points) if p.name not in seen}
-  compare_infos = {p.name: infos[f'compare {arm} seed {seed}']
-                   for (arm, _, seed), p in zip(plan, compare.points) if p.name in compare_jobs}
-  result += outcomes(compare, compare_jobs, compare_infos)
-  missing = [a for a in study.arms if a not in selection.chosen]
-  result += [backends.Outcome(f'compare {a} seed {s}', 'failed', detail='  no tuning run '
-                              'of this arm finished') for a in missing for s in study.seeds]
-  return result
-
-
-def _task_main(argv: list[str]) -> int:
-  """`python -m scone_jax.sweeps.slurm --study=... --index=I`: prints the bash running
-  phase-2 point I (run by the compare array's task I; see _compare_body)."""
-  parser = argparse.ArgumentParser(description=_task_main.__doc__)
-  for name in ('study', 'root', 'extra', 'python'):
-    parser.add_argument(f'--{name}', required=True)
-  parser.add_argument('--nodes', type=int, required=True)
-  parser.add_argument('--index', type=int, required=True)
-  args = parser.parse_args(argv)
-  try:
-    study = study_lib.load_study(args.study)
-    compare, point = compare_point(study, args.root, json.loads(args.extra), args.index)
-  except spec.SweepError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  spec.write_point_json(compare, point)
-  job = (f'{os.environ["SLURM_ARRAY_JOB_ID"]}_{os.environ["SLURM_ARRAY_TASK_ID"]}'
-         if 'SLURM_ARRAY_JOB_ID' in os.environ else os.environ.get('SLURM_JOB_ID', ''))
-  previous = status.read(compare.dir).get(point.name, {})
-  if not spec.is_finished(point):  # A tuning run reused as is keeps its own entry.
-    status.update(compare.dir, {point.name: {
-        'backend': 'slurm', 'job_id': job, 'state': 'running',
-        'attempts': previous.get('attempts', 0) + 1,
-        'log': os.path.join(script_dir(compare.dir), 'logs',
-                            f'{study.name}-compare-{job}.txt')}})
-  print(point_body(compare, point, args.python, args.nodes))
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(_task_main(sys.argv[1:]))
