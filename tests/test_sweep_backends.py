@@ -255,6 +255,19 @@ def test_slurm_job_states_parse_pending_ranges():
   gone = slurm.job_states('5', lambda a: subprocess.CompletedProcess(
       a, 1, '', 'slurm_load_jobs error: Invalid job id specified'))
   assert gone == {}
+  # A busy controller is not "every job ended": the wait retries, then gives up loudly.
+  replies = iter([subprocess.CompletedProcess([], 1, '', 'Socket timed out'),
+                  subprocess.CompletedProcess([], 0, lines.replace('PENDING', 'COMPLETED')
+                                              .replace('RUNNING', 'COMPLETED'), '')])
+  infos = slurm.wait_jobs({'a': '7_1', 'b': '7_3'}, lambda argv: next(replies), poll_s=0,
+                          out=open(os.devnull, 'w'))
+  assert {k: v['state'] for k, v in infos.items()} == {'a': 'COMPLETED', 'b': 'COMPLETED'}
+  def down(argv):
+    return subprocess.CompletedProcess(argv, 1, '', 'Unable to contact slurm controller')
+
+  with pytest.raises(slurm.SlurmUnreachable, match='Unable to contact'):
+    slurm.wait_jobs({'a': '7_1'}, down, poll_s=0, out=open(os.devnull, 'w'),
+                    unreachable_polls=3)
 
 
 def test_default_dry_run_lists_local_stages(tmp_path):

@@ -271,11 +271,25 @@ def _expand(task_ids: str) -> list[str]:
   return out
 
 
+class SlurmUnreachable(spec.SweepError):
+  """scontrol failed for another reason than an unknown job (controller busy or down)."""
+
+
 def job_states(job_id: str, run: Run = run_command) -> dict[str, dict[str, str]]:
-  """'123' or '123_4' -> {'123_4': {'state', 'exit', 'restarts'}, ...} ({} if purged)."""
+  """'123' or '123_4' -> {'123_4': {'state', 'exit', 'restarts'}, ...} ({} if purged).
+
+  Raises:
+    SlurmUnreachable: scontrol failed otherwise (a wait retries rather than concluding
+      that every job is gone).
+  """
   proc = run(['scontrol', 'show', 'job', '-o', job_id])
+  if proc.returncode:
+    if 'invalid job id' in (proc.stderr + proc.stdout).lower():
+      return {}
+    raise SlurmUnreachable(f'scontrol show job {job_id} failed: '
+                           f'{(proc.stderr or proc.stdout).strip() or proc.returncode}')
   out = {}
-  for line in proc.stdout.splitlines() if proc.returncode == 0 else []:
+  for line in proc.stdout.splitlines():
     fields = dict(kv.split('=', 1) for kv in line.split() if '=' in kv)
     info = {'state': fields.get('JobState', 'UNKNOWN'), 'exit': fields.get('ExitCode', ''),
             'restarts': fields.get('Restarts', '0')}
@@ -307,14 +321,19 @@ def live_jobs(entries: dict[str, dict[str, Any]], run: Run = run_command) -> dic
 
 def refresh(sweep: spec.Sweep, run: Run = run_command) -> None:
   """Brings status.json's submitted/running SLURM points up to date from scontrol (for
-  `--status` on a sweep nobody waited for); a no-op where scontrol is not installed."""
+  `--status` on a sweep nobody waited for); a no-op where scontrol is not installed or
+  the controller does not answer (the recorded states are shown then)."""
   entries = {n: e for n, e in status.read(sweep.dir).items()
              if e.get('backend') == 'slurm' and e.get('state') in ('submitted', 'running')}
   if not entries or not shutil.which('scontrol'):
     return
   states: dict[str, dict[str, str]] = {}
-  for array in {array_id(e['job_id']) for e in entries.values()}:
-    states.update(job_states(array, run))
+  try:
+    for array in {array_id(e['job_id']) for e in entries.values()}:
+      states.update(job_states(array, run))
+  except SlurmUnreachable as e:
+    print(f'warning: {e}; showing the last recorded states', file=sys.stderr)
+    return
   points = {p.name: p for p in sweep.points}
   updates = {}
   for name, e in entries.items():
@@ -395,17 +414,28 @@ def submit_sweep(sweep: spec.Sweep, flag_options: dict[str, Any], python: str,
 
 
 def wait_jobs(jobs: dict[str, str], run: Run = run_command, poll_s: float = 10.0,
-              out=None) -> dict[str, dict[str, str]]:
+              out=None, unreachable_polls: int = 30) -> dict[str, dict[str, str]]:
   """Polls scontrol until every job (key -> job id) ends; key -> its last job info.
 
-  A job scontrol no longer knows (purged after MinJobAge) has ended: state 'GONE'.
+  A job scontrol no longer knows (purged after MinJobAge) has ended: state 'GONE'. An
+  unreachable controller is retried for `unreachable_polls` polls in a row, then raised.
   """
   out = out or sys.stdout
   last: dict[str, dict[str, str]] = {}
+  failures = 0
   while True:
     states: dict[str, dict[str, str]] = {}
-    for array in sorted({array_id(j) for j in jobs.values()}):
-      states.update(job_states(array, run))
+    try:
+      for array in sorted({array_id(j) for j in jobs.values()}):
+        states.update(job_states(array, run))
+    except SlurmUnreachable as e:
+      failures += 1
+      if failures >= unreachable_polls:
+        raise
+      print(f'  {e}; retrying in {poll_s:.0f}s', file=out, flush=True)
+      time.sleep(poll_s)
+      continue
+    failures = 0
     pending = 0
     for key, job in jobs.items():
       info = states.get(job, {'state': 'GONE', 'exit': '', 'restarts': '0'})
