@@ -191,8 +191,8 @@ def point_body(sweep: spec.Sweep, point: spec.Point, python: str, nodes: int) ->
       lines.append(f'finished {w} {steps} || run_stage {shlex.quote(cmd)} || return')
     else:
       lines.append(f'run_stage {shlex.quote(cmd)} || return')
-  lines.append(f'finished {w} {steps} || {{ echo "finished without writing {point.workdir}'
-               '/eval.json"; return 1; }')
+  missing = shlex.quote(f'finished without writing {point.workdir}/eval.json')
+  lines.append(f'finished {w} {steps} || {{ echo {missing}; return 1; }}')
   return '\n'.join(lines)
 
 
@@ -207,10 +207,10 @@ run_stage() {  # In the background, so a SIGTERM to this shell reaches the stage
   trap - TERM
   return $rc
 }
-finished() { PYTHON -c FINISHED_CHECK "$1" "$2"; }
+finished() { @PYTHON@ -c @FINISHED_CHECK@ "$1" "$2"; }
 finish() {  # Exit 75: preempted, the checkpoint is saved; requeue to resume from it.
-  if [ "$1" -eq 75 ] && [ "${SLURM_RESTART_COUNT:-0}" -lt RETRIES ]; then
-    echo "preempted (exit 75): requeue $((${SLURM_RESTART_COUNT:-0} + 1))/RETRIES"
+  if [ "$1" -eq 75 ] && [ "${SLURM_RESTART_COUNT:-0}" -lt @RETRIES@ ]; then
+    echo "preempted (exit 75): requeue $((${SLURM_RESTART_COUNT:-0} + 1))/@RETRIES@"
     scontrol requeue "$SLURM_JOB_ID"
   fi
   exit "$1"
@@ -231,9 +231,9 @@ def batch_script(job_name: str, opts: SlurmOptions, bodies: list[str], python: s
     head.append(f'#SBATCH --output={log_dir}/%x-%j.txt')
   if dependency:
     head += [f'#SBATCH --dependency={dependency}', '#SBATCH --kill-on-invalid-dep=yes']
-  prelude = (_PRELUDE.replace('PYTHON', shlex.quote(python))
-             .replace('FINISHED_CHECK', shlex.quote(_FINISHED_CHECK))
-             .replace('RETRIES', str(retries)))
+  prelude = (_PRELUDE.replace('@RETRIES@', str(retries))
+             .replace('@FINISHED_CHECK@', shlex.quote(_FINISHED_CHECK))
+             .replace('@PYTHON@', shlex.quote(python)))
   parts = ['\n'.join(head + opts.sbatch_lines()), prelude]
   if opts.setup:
     parts.append(opts.setup)

@@ -81,6 +81,7 @@ def submit_study(study: study_lib.Study, root: str, extra: dict[str, Any],
   dependency = 'afterany:' + ':'.join(arrays) if arrays else ''
   sdir = slurm.script_dir(tune.dir)
   logs = os.path.join(sdir, 'logs')
+  os.makedirs(logs, exist_ok=True)  # Phase 1 may have had nothing to submit.
   keys = [(arm, seed) for arm in study.arms for seed in study.seeds]
   by_opts: dict[slurm.SlurmOptions, list[int]] = {}
   for i, (arm, _) in enumerate(keys):
