@@ -261,9 +261,8 @@ def test_cli_report_same_as_local_and_status(slurm_cluster, tmp_path, fake_pytho
   rows = [line for line in st.stdout.splitlines() if 'train.seed=' in line]
   assert len(rows) == 4 and all(re.search(r'\| slurm +\| \d+_\d +\| done', r) for r in rows)
   assert all('step 3/3' in r for r in rows)
-  st = _cli(f'--sweep={path}', '--set=train.steps=3', f'--root={tmp_path}/local', '--status')
-  assert all(re.search(r'\| local +\| +\| done', r)
-             for r in st.stdout.splitlines() if 'train.seed=' in r)
+  local_status = status.read(str(tmp_path / 'local' / 'sw'))
+  assert [(e['backend'], e['state']) for e in local_status.values()] == [('local', 'done')] * 4
   # Bad input from the command line: one line naming the fix, nothing submitted.
   bad = _cli(*common, f'--root={tmp_path}/bad', '--backend=slurm', '--slurm.partition=gpu')
   assert bad.returncode != 0 and "partition 'gpu' does not exist" in bad.stderr
