@@ -9,7 +9,7 @@ DEMO_WORKDIR ?= runs/demo
 STUDY_ROOT ?= runs
 PYTEST_ARGS ?=
 
-.PHONY: demo study compare test test-all bench venv clean gpu-wheels
+.PHONY: demo study compare test test-all bench venv clean gpu-wheels slurm-packages
 
 # (Re)install only when a requirements file changed.
 $(STAMP): requirements.txt requirements-dev.txt requirements-beam.txt pyproject.toml
@@ -32,10 +32,15 @@ compare: $(STAMP)
 	$(PY) -m scone_jax.sweeps --sweep=experiments/sweeps/compare.py --root=$(STUDY_ROOT) \
 	    --parallel=2 --report
 
-test: $(STAMP)
+# The SLURM tests start a real single-node SLURM: install its packages when root + apt
+# allow (a no-op once installed); otherwise those tests skip and say why.
+slurm-packages:
+	@.ci/install-slurm.sh
+
+test: $(STAMP) slurm-packages
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-all: $(STAMP)
+test-all: $(STAMP) slurm-packages
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The wheels benchmarks/accelerator.py installs on the GPU image (Python 3.12, no network):

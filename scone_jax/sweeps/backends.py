@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
+import queue
 import re
 import shlex
 import signal
@@ -25,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 from scone_jax import metrics_file
 from scone_jax import paths
@@ -363,61 +364,88 @@ def bootstrap_copy_command(target: TpuTarget) -> str:
   return target.gcloud('scp', BOOTSTRAP_SCRIPT, f'{target.tpu_name}:tpu_bootstrap.sh')
 
 
-def run_tpu(sweep: spec.Sweep, target: TpuTarget, runner: Runner = shell_runner,
-            retries: int = 3, log_dir: str = 'runs/tpu_logs', out=None,
+def run_tpu(sweep: spec.Sweep, target: TpuTarget | Sequence[TpuTarget],
+            runner: Runner = shell_runner, retries: int = 3,
+            log_dir: str = 'runs/tpu_logs', out=None,
             retry_wait_s: float = 60.0) -> list[Outcome]:
-  """Runs the points one after another on the pod, retrying preempted (failed) ones."""
+  """Runs the points on one TPU pod, or in parallel over several (one point per free
+  target), retrying preempted (failed) ones on whichever target frees up next."""
   out = out or sys.stdout
+  targets = [target] if isinstance(target, TpuTarget) else list(target)
   os.makedirs(log_dir, exist_ok=True)
-  copy = bootstrap_copy_command(target)
-  setup_log = os.path.join(log_dir, f'{sweep.name}-setup.txt')
-  if runner(copy, setup_log):
-    detail = f'copying tpu_bootstrap.sh to {target.tpu_name} failed; see {setup_log}'
+  free: queue.Queue[TpuTarget] = queue.Queue()
+  for t in targets:
+    setup_log = os.path.join(log_dir, f'{sweep.name}-setup-{t.tpu_name}.txt')
+    if runner(bootstrap_copy_command(t), setup_log):
+      print(f'copying tpu_bootstrap.sh to {t.tpu_name} failed; not using it (see '
+            f'{setup_log})', file=out, flush=True)
+    else:
+      free.put(t)
+  if free.empty():
+    detail = (f'copying tpu_bootstrap.sh to {", ".join(t.tpu_name for t in targets)} '
+              f'failed; see {log_dir}')
     return [Outcome(p.name, 'failed', detail=detail) for p in sweep.points]
   progress = Progress(len(sweep.points), out)
-  outcomes = []
-  for p in sweep.points:
+
+  def run_point(p: spec.Point) -> Outcome:
     log = os.path.join(log_dir, f'{sweep.name}-{p.name}.txt')
     progress.event(p.name, 'started')
     start, rc = time.time(), 1
     for attempt in range(retries + 1):
-      rc = runner(tpu_command(sweep, p, target), log)
+      t = free.get()
+      try:
+        rc = runner(tpu_command(sweep, p, t), log)
+      finally:
+        free.put(t)
       if rc == 0:
         break
       if attempt < retries:
-        print(f'  {p.name}: exit {rc} (preempted?), retry {attempt + 1}/{retries} '
-              f'in {retry_wait_s:.0f}s; it resumes from its checkpoints', file=out, flush=True)
+        print(f'  {p.name}: exit {rc} on {t.tpu_name} (preempted?), retry {attempt + 1}/'
+              f'{retries} in {retry_wait_s:.0f}s; it resumes from its checkpoints',
+              file=out, flush=True)
         time.sleep(retry_wait_s)
     status = 'done' if rc == 0 else 'failed'
     detail = '' if rc == 0 else f'  exit {rc} after {retries} retries; log {log}'
     progress.event(p.name, status, detail)
-    outcomes.append(Outcome(p.name, status, time.time() - start, detail))
-  return outcomes
+    return Outcome(p.name, status, time.time() - start, detail)
+
+  with progress, concurrent.futures.ThreadPoolExecutor(max_workers=free.qsize()) as pool:
+    return list(pool.map(run_point, sweep.points))
 
 
-def dry_run(sweep: spec.Sweep, python: str, tpu: TpuTarget | None = None, out=None,
-            af_tokens_per_token: float | None = None) -> None:
+def tpu_dry_run_commands(sweep: spec.Sweep,
+                         targets: Sequence[TpuTarget]) -> list[tuple[str, str]]:
+  """(comment, command): the bootstrap copy to each target, then one ssh per point, the
+  points dealt round-robin over the targets (paste each target's lines into its own
+  shell to run them in parallel, as `--backend=tpu` does, without its retries)."""
+  out = [(f'copy the worker bootstrap to every host of {t.tpu_name} (once per sweep)',
+          bootstrap_copy_command(t)) for t in targets]
+  for i, p in enumerate(sweep.points):
+    t = targets[i % len(targets)]
+    out.append((f'{p.name} (on {t.tpu_name})', tpu_command(sweep, p, t)))
+  return out
+
+
+def dry_run(sweep: spec.Sweep, python: str, out=None,
+            af_tokens_per_token: float | None = None,
+            commands: list[tuple[str, str]] | None = None) -> None:
   """Prints every command a run would execute, in order, then the accounting table (A_f's
   training FLOPs at the worst case and, if given, at a measured A_f tokens per token).
 
-  For the TPU backend that is the bootstrap copy, then one ssh command per point: pasted
-  into a shell in that order they do what `--backend=tpu` does (without its retries).
+  `commands` are a remote backend's (comment, command) pairs (tpu_dry_run_commands,
+  slurm.dry_run_commands, ...); default: the local backend's prepare, train, evaluate.
   """
   out = out or sys.stdout
-  if tpu is not None:
-    print('# copy the worker bootstrap to every host (once per sweep)', file=out)
-    print(bootstrap_copy_command(tpu), file=out)
+  if commands is None:
+    commands = [(f'prepare {adir} (shared by {len(group)} point(s))',
+                 spec.prepare_command(sweep, group[0], python))
+                for adir, group in prepare_groups(sweep).items()]
     for p in sweep.points:
-      print(f'# {p.name}', file=out)
-      print(tpu_command(sweep, p, tpu), file=out)
-  else:
-    for adir, group in prepare_groups(sweep).items():
-      print(f'# prepare {adir} (shared by {len(group)} point(s))', file=out)
-      print(spec.prepare_command(sweep, group[0], python), file=out)
-    for p in sweep.points:
-      print(f'# {p.name}', file=out)
-      for stage, cmd in _stage_commands(sweep, p, python):
-        print(cmd, file=out)
+      commands += [(f'{p.name}: {stage}', cmd)
+                   for stage, cmd in _stage_commands(sweep, p, python)]
+  for comment, cmd in commands:
+    print(f'# {comment}', file=out)
+    print(cmd, file=out)
   print(file=out)
   print(tables.markdown_table(spec.accounting_rows(sweep, af_tokens_per_token)), file=out)
   print(file=out)

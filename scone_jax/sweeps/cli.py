@@ -26,6 +26,7 @@ spec/backends).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -34,12 +35,18 @@ from absl import flags
 from scone_jax import paths as paths_lib
 from scone_jax import report as report_lib
 from scone_jax.sweeps import backends
+from scone_jax.sweeps import slurm
+from scone_jax.sweeps import slurm_study
 from scone_jax.sweeps import spec
+from scone_jax.sweeps import status
 from scone_jax.sweeps import study as study_lib
+from scone_jax.sweeps import tpu as tpu_lib
+from scone_jax.sweeps import xpk as xpk_lib
 
 _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file (experiments/sweeps/*.py).',
                              required=True)
-_BACKEND = flags.DEFINE_enum('backend', 'local', ['local', 'tpu'], 'Where to run points.')
+_BACKEND = flags.DEFINE_enum('backend', 'local', ['local', 'tpu', 'slurm', 'xpk'],
+                             'Where to run points (docs/LAUNCH.md).')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print commands and accounting; run nothing.')
 _AF_TOKENS = flags.DEFINE_float(
     'af_tokens_per_token', None, 'Dry run: measured A_f tokens per main-model token for '
@@ -52,12 +59,50 @@ _SET = flags.DEFINE_multi_string(
     'set', [], 'KEY=VALUE override for every point (part of run names), e.g. '
     '--set=train.steps=3. VALUE is parsed as a Python literal, else kept as a string.')
 _PYTHON = flags.DEFINE_string('python', sys.executable, 'Local backend: the interpreter.')
-_TPU_NAME = flags.DEFINE_string('tpu_name', '', 'TPU backend: TPU VM name.')
+_TPU_NAME = flags.DEFINE_string('tpu_name', '', 'TPU backend: TPU VM name, or several '
+                                'comma-separated (one point per free VM, in parallel).')
 _ZONE = flags.DEFINE_string('zone', '', 'TPU backend: zone.')
 _PROJECT = flags.DEFINE_string('project', '', 'TPU backend: GCP project (default: gcloud).')
 _REPO = flags.DEFINE_string('repo', '', 'TPU backend: git URL or gs:// folder of this repo.')
 _REF = flags.DEFINE_string('ref', 'main', 'TPU backend: git ref the workers check out.')
-_RETRIES = flags.DEFINE_integer('retries', 3, 'TPU backend: retries of a failed point.')
+_RETRIES = flags.DEFINE_integer('retries', 3, 'TPU backend: retries of a failed point; '
+                                'SLURM: requeues of a preempted (exit 75) point.')
+_STATUS = flags.DEFINE_bool('status', False, "Print each point's backend, job, state, "
+                            'attempts and last step (from ROOT/SWEEP/status.json); run nothing.')
+# --slurm.*: a point's job resources. Only flags given on the command line are passed on,
+# so they override the sweep file's SLURM dict / slurm_resources() and leave the rest.
+_SLURM_FLAGS = [
+    flags.DEFINE_string('slurm.partition', '', 'SLURM: partition (default: the default).'),
+    flags.DEFINE_integer('slurm.nodes', 1, 'SLURM: nodes per point (> 1: srun + '
+                         'distributed.mode=auto; needs a gs:// root or --slurm.shared_fs).'),
+    flags.DEFINE_integer('slurm.gpus_per_node', 0, 'SLURM: GPUs per node.'),
+    flags.DEFINE_integer('slurm.cpus_per_task', 0, 'SLURM: CPUs per task.'),
+    flags.DEFINE_string('slurm.mem', '', 'SLURM: memory per node, e.g. 64G.'),
+    flags.DEFINE_string('slurm.time', '', 'SLURM: time limit per job, e.g. 04:00:00.'),
+    flags.DEFINE_string('slurm.account', '', 'SLURM: account to charge.'),
+    flags.DEFINE_multi_string('slurm.extra', [], "SLURM: extra sbatch option (repeat), "
+                              "e.g. --slurm.extra=--qos=high."),
+    flags.DEFINE_string('slurm.setup', '', 'SLURM: shell lines before each point, e.g. '
+                        '"module load cuda".'),
+    flags.DEFINE_integer('slurm.max_parallel', 0, 'SLURM: array tasks at once (0: any).'),
+    flags.DEFINE_bool('slurm.shared_fs', False, 'SLURM: the local --root is on a filesystem '
+                      'every node mounts.'),
+    flags.DEFINE_integer('slurm.signal_s', 120, 'SLURM: SIGTERM this many seconds before '
+                         'the time limit (save, exit 75, requeue).'),
+]
+_TPU_QUEUED = flags.DEFINE_string(
+    'tpu_queued', '', 'TPU backend: create a queued-resource slice of this accelerator type '
+    '(e.g. v5p-64) per point, run it there, delete it (instead of --tpu_name).')
+_TPU_RUNTIME = flags.DEFINE_string('tpu_runtime_version', '', 'TPU backend with '
+                                   '--tpu_queued: the TPU VM image, e.g. v2-alpha-tpuv5.')
+_TPU_SPOT = flags.DEFINE_bool('tpu_spot', False, 'TPU backend with --tpu_queued: spot.')
+_XPK_CLUSTER = flags.DEFINE_string('xpk.cluster', '', 'xpk: the GKE cluster.')
+_XPK_DEVICE = flags.DEFINE_string('xpk.device_type', '', 'xpk: e.g. v5p-8 or h100-80gb-8.')
+_XPK_IMAGE = flags.DEFINE_string('xpk.docker_image', '', 'xpk: image with this repo and its '
+                                 'requirements (docs/LAUNCH.md).')
+_XPK_COUNT = flags.DEFINE_integer('xpk.count', 1, 'xpk: TPU slices or GPU nodes per point.')
+_SLURM_WAIT = flags.DEFINE_bool('slurm.wait', False, 'SLURM: wait for the jobs (--report '
+                                'waits too); otherwise submit and return.')
 
 
 def main(argv):
@@ -70,29 +115,104 @@ def main(argv):
   except spec.SweepError as e:
     sys.exit(f'error: {e}\nnothing was launched.')
   print(f'sweep {sweep.name}: {len(sweep.points)} point(s) under {sweep.dir}')
-  tpu = _tpu_target() if _BACKEND.value == 'tpu' else None
-  if _DRY_RUN.value:
-    backends.dry_run(sweep, _PYTHON.value, tpu, af_tokens_per_token=_AF_TOKENS.value)
+  if _STATUS.value:
+    slurm.refresh(sweep)  # Jobs nobody waited for: their state now.
+    print(report_lib.markdown_table(status.table(sweep, backends._last_step)))
     return
-  if tpu is None:
+  queued = _queued_slice() if _BACKEND.value == 'tpu' and _TPU_QUEUED.value else None
+  tpu = _tpu_target() if _BACKEND.value == 'tpu' and not queued else None
+  gke = _xpk_target() if _BACKEND.value == 'xpk' else None
+  if _DRY_RUN.value:
+    commands = None
+    try:
+      if _BACKEND.value == 'slurm':
+        commands = slurm.dry_run_commands(sweep, _slurm_flags(), _PYTHON.value, _policy())
+      elif queued is not None:
+        commands = tpu_lib.dry_run_commands(queued, sweep)
+      elif tpu is not None:
+        commands = backends.tpu_dry_run_commands(sweep, tpu)
+      elif gke is not None:
+        commands = xpk_lib.dry_run_commands(gke, sweep)
+    except spec.SweepError as e:
+      sys.exit(f'error: {e}')
+    backends.dry_run(sweep, _PYTHON.value, af_tokens_per_token=_AF_TOKENS.value,
+                     commands=commands)
+    return
+  if queued is not None or gke is not None:
+    try:
+      outcomes = (tpu_lib.run_queued(sweep, queued, _PARALLEL.value, policy=_policy())
+                  if queued is not None else xpk_lib.run_xpk(sweep, gke))
+    except spec.SweepError as e:
+      sys.exit(f'error: {e}')
+  elif _BACKEND.value == 'slurm':
+    try:
+      outcomes = slurm.run_slurm(sweep, _slurm_flags(), _PYTHON.value, _policy(),
+                                 wait=_REPORT.value or _SLURM_WAIT.value)
+    except spec.SweepError as e:
+      sys.exit(f'error: {e}')
+    if not (_REPORT.value or _SLURM_WAIT.value):
+      print(f'submitted; follow with --status (same --sweep/--root/--set), and write the '
+            'report with --report once the jobs end (it skips finished points)')
+      return
+  elif tpu is None:
     outcomes = backends.run_local(sweep, _PYTHON.value, _PARALLEL.value)
   else:
     outcomes = backends.run_tpu(sweep, tpu, retries=_RETRIES.value,
                                 log_dir=os.path.join('runs', 'tpu_logs'))
+  if _BACKEND.value != 'slurm':  # slurm records its own (with job ids) as it goes.
+    status.record_outcomes(sweep.dir, _BACKEND.value, outcomes)
   _finish(sweep.name, sweep.dir, outcomes)
 
 
+def _study_points(study: study_lib.Study, tune: spec.Sweep, extra: dict) -> spec.Sweep:
+  """The tuning points, plus the comparison points once study.json holds a selection."""
+  record = study_lib.read_study_json(tune.dir) or {}
+  chosen = record.get('selection', {}).get('chosen', {})
+  compare = study_lib.compare_sweep(study, _ROOT.value, chosen, extra).points if chosen else []
+  names = {p.name for p in tune.points}
+  return dataclasses.replace(tune, points=tune.points + [p for p in compare
+                                                          if p.name not in names])
+
+
+def _slurm_flags() -> dict:
+  """The --slurm.* flags given on the command line, as SlurmOptions fields."""
+  return {f.name.split('.', 1)[1]: f.value for f in _SLURM_FLAGS if f.present}
+
+
+def _policy() -> status.RetryPolicy:
+  return status.RetryPolicy(retries=_RETRIES.value)
+
+
 def _main_study(study: study_lib.Study, extra: dict) -> None:
-  """The two-phase study (local backend only: selection reads the runs' eval.json)."""
-  if _BACKEND.value != 'local' or _ONLY.value:
-    sys.exit('error: a study runs on the local backend and always runs all its points '
-             '(lr selection needs every tuning run); drop --backend/--only.')
+  """The two-phase study (local or SLURM: selection reads the runs' eval.json)."""
+  if _BACKEND.value not in ('local', 'slurm') or _ONLY.value:
+    sys.exit('error: a study runs on the local or slurm backend and always runs all its '
+             'points (lr selection needs every tuning run); drop --backend/--only (or use '
+             '--backend=slurm).')
   # Validates every tuning point before anything runs.
   tune = study_lib.tune_sweep(study, _ROOT.value, extra)
+  if _STATUS.value:
+    points = _study_points(study, tune, extra)
+    slurm.refresh(points)
+    print(report_lib.markdown_table(status.table(points, backends._last_step)))
+    return
   print(f'study {study.name}: {len(study.arms)} arm(s), lr grid '
         f'{list(study.learning_rates)}, seeds {list(study.seeds)} under {tune.dir}')
   if _DRY_RUN.value:
     study_lib.dry_run(study, _ROOT.value, _PYTHON.value, extra)
+    return
+  if _BACKEND.value == 'slurm':
+    try:
+      jobs = slurm_study.submit_study(study, _ROOT.value, extra, _slurm_flags(), _PYTHON.value,
+                                _policy())
+    except spec.SweepError as e:
+      sys.exit(f'error: {e}')
+    if not (_REPORT.value or _SLURM_WAIT.value):
+      print('submitted both phases; write the report with --report once the jobs end')
+      return
+    infos = slurm.wait_jobs(jobs)
+    _finish(study.name, tune.dir,
+            slurm_study.study_outcomes(study, _ROOT.value, extra, jobs, infos))
     return
   _, outcomes = study_lib.run_study(study, _ROOT.value, _PYTHON.value, _PARALLEL.value,
                                     extra)
@@ -112,10 +232,26 @@ def _finish(name: str, sweep_dir: str, outcomes: list) -> None:
     sys.exit(1)
 
 
-def _tpu_target() -> backends.TpuTarget:
+def _queued_slice() -> tpu_lib.QueuedSlice:
+  missing = [f'--{n}' for n, v in (('zone', _ZONE.value), ('repo', _REPO.value),
+                                   ('tpu_runtime_version', _TPU_RUNTIME.value)) if not v]
+  if missing:
+    sys.exit(f'error: --tpu_queued needs {", ".join(missing)}')
+  return tpu_lib.QueuedSlice(_TPU_QUEUED.value, _TPU_RUNTIME.value, _ZONE.value,
+                             _PROJECT.value, _REPO.value, _REF.value, spot=_TPU_SPOT.value)
+
+
+def _xpk_target() -> xpk_lib.XpkTarget:
+  return xpk_lib.XpkTarget(_XPK_CLUSTER.value, _XPK_DEVICE.value, _XPK_IMAGE.value,
+                           _PROJECT.value, _ZONE.value, _XPK_COUNT.value,
+                           max_restarts=_RETRIES.value)
+
+
+def _tpu_target() -> list[backends.TpuTarget]:
+  """The TPU VMs of --tpu_name (comma-separated: points run in parallel over them)."""
   missing = [f'--{n}' for n, v in (('tpu_name', _TPU_NAME.value), ('zone', _ZONE.value),
                                    ('repo', _REPO.value)) if not v]
   if missing:
     sys.exit(f'error: --backend=tpu needs {", ".join(missing)}')
-  return backends.TpuTarget(_TPU_NAME.value, _ZONE.value, _PROJECT.value, _REPO.value,
-                            _REF.value)
+  return [backends.TpuTarget(name, _ZONE.value, _PROJECT.value, _REPO.value, _REF.value)
+          for name in _TPU_NAME.value.split(',') if name]
