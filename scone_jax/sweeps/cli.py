@@ -41,6 +41,7 @@ from scone_jax.sweeps import spec
 from scone_jax.sweeps import status
 from scone_jax.sweeps import study as study_lib
 from scone_jax.sweeps import tpu as tpu_lib
+from scone_jax.sweeps import tables
 from scone_jax.sweeps import xpk as xpk_lib
 
 _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file (experiments/sweeps/*.py).',
@@ -117,7 +118,7 @@ def main(argv):
   print(f'sweep {sweep.name}: {len(sweep.points)} point(s) under {sweep.dir}')
   if _STATUS.value:
     slurm.refresh(sweep)  # Jobs nobody waited for: their state now.
-    print(report_lib.markdown_table(status.table(sweep, backends._last_step)))
+    print(tables.markdown_table(status.table(sweep, backends._last_step)))
     return
   queued = _queued_slice() if _BACKEND.value == 'tpu' and _TPU_QUEUED.value else None
   tpu = _tpu_target() if _BACKEND.value == 'tpu' and not queued else None
@@ -194,7 +195,7 @@ def _main_study(study: study_lib.Study, extra: dict) -> None:
   if _STATUS.value:
     points = _study_points(study, tune, extra)
     slurm.refresh(points)
-    print(report_lib.markdown_table(status.table(points, backends._last_step)))
+    print(tables.markdown_table(status.table(points, backends._last_step)))
     return
   print(f'study {study.name}: {len(study.arms)} arm(s), lr grid '
         f'{list(study.learning_rates)}, seeds {list(study.seeds)} under {tune.dir}')
