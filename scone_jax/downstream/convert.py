@@ -143,8 +143,8 @@ def _lettered(row: Row, where: str, task: str) -> tuple[str, tuple[str, ...], in
   question = _field(row, 'question', where, task)
   if isinstance(question, dict):  # The original JSONL: choices nested in the question.
     stem = _field(question, 'stem', where, task)
-    labels = [c['label'] for c in question['choices']]
-    texts = [c['text'] for c in question['choices']]
+    choices = _field(question, 'choices', where, task)
+    labels, texts = [c['label'] for c in choices], [c['text'] for c in choices]
   else:  # Hugging Face: question is the stem, choices {label: [...], text: [...]}.
     stem, choices = question, _field(row, 'choices', where, task)
     labels, texts = list(choices['label']), list(choices['text'])

@@ -72,8 +72,7 @@ def mean_stderr(values: np.ndarray) -> tuple[float, float]:
   return float(values.mean()), float(values.std(ddof=1) / math.sqrt(values.size))
 
 
-def summarize(docs: list[ChoiceScores], num_choices_C: list[int] | None = None
-              ) -> dict[str, dict[str, float]]:
+def summarize(docs: list[ChoiceScores]) -> dict[str, dict[str, float]]:
   """{variant: {'value', 'stderr'}} over documents (PMI only where scored), plus
   'chance': the mean over documents of 1 / number of choices."""
   out = {}
@@ -82,6 +81,6 @@ def summarize(docs: list[ChoiceScores], num_choices_C: list[int] | None = None
       continue
     value, stderr = mean_stderr(np.array([correct(d, variant) for d in docs], np.float64))
     out[variant] = {'value': value, 'stderr': stderr}
-  num_choices = num_choices_C or [len(d.ll_C) for d in docs]
-  out['chance'] = {'value': float(np.mean([1.0 / n for n in num_choices])), 'stderr': 0.0}
+  out['chance'] = {'value': float(np.mean([1.0 / len(d.ll_C) for d in docs])),
+                   'stderr': 0.0}
   return out
