@@ -11,6 +11,7 @@ import pytest
 
 import train_helpers as th
 from scone_jax import config as config_lib
+from scone_jax import evaluate as evaluate_lib
 from scone_jax import mesh as mesh_lib
 from scone_jax import paths
 from scone_jax import run as run_lib
@@ -142,3 +143,44 @@ def test_bad_inputs_fail_before_scoring(run_dir, tmp_path):
                        text=True, env=env, check=False)
   assert out.returncode == 2, out.stderr[-2000:]
   assert 'piqa.jsonl:1: 1 choice(s)' in out.stderr.strip().splitlines()[-1]
+
+
+def _scorer(cfg, workdir, path='train'):
+  run_dir, cfg, tok = runner.open_run(workdir, path)
+  scorer, _ = runner.make_scorer(run_dir, cfg, tok, path)
+  return scorer, tok
+
+
+def test_rolling_log_likelihood_equals_evaluates_nll(run_dir):
+  """Whole documents scored with evaluate.py's chunking give its held-out loss."""
+  cfg, workdir = run_dir
+  want = evaluate_lib.evaluate(workdir, eval_batches=0)['corpora']['heldout']
+  scorer, tok = _scorer(cfg, workdir)
+  shards = run_lib.RunDir(workdir).eval_shards()['heldout']
+  ll = scoring.rolling_loglikelihoods(scorer, list(shards), tok.bos_id,
+                                       cfg.train.seq_len)
+  assert want['fraction_evaluated'] == 1.0
+  assert -sum(ll) / shards.num_tokens == pytest.approx(want['loss'], rel=1e-5)
+
+
+def test_lm_eval_adapter_equals_the_native_runner(run_dir, tmp_path):
+  pytest.importorskip('lm_eval')
+  from scone_jax.downstream import lmeval
+  cfg, workdir = run_dir
+  task_dir = _task_dir(cfg, tmp_path / 'tasks')
+  native = runner.run(workdir, ['arc_easy', 'piqa'], task_dir, 'train')
+  scorer, tok = _scorer(cfg, workdir)
+  lm = lmeval.SconeHarnessLM(scorer, tok, cfg.train.seq_len)
+  got = lmeval.evaluate_tasks(lm, task_dir, ['arc_easy', 'piqa'], str(tmp_path / 'yaml'))
+  for task in ('arc_easy', 'piqa'):
+    variants = native['paths']['train']['tasks'][task]['variants']
+    assert got[task]['acc'] == pytest.approx(variants['acc_raw']['value'], abs=1e-12)
+    assert got[task]['acc_norm'] == pytest.approx(variants['acc_per_char']['value'],
+                                                  abs=1e-12)
+    assert got[task]['acc_stderr'] == pytest.approx(variants['acc_raw']['stderr'], rel=1e-9)
+  texts = ['the of and to in is that', 'w1 ' * 40]
+  rolling = lm.loglikelihood_rolling([type('R', (), {'args': (t,)})() for t in texts])
+  want = scoring.rolling_loglikelihoods(scorer, [np.asarray(x) for x in tok.encode(texts)],
+                                        tok.bos_id, cfg.train.seq_len)
+  assert rolling == want and len(scoring.rolling_seqs(tok.encode(texts)[1], 1,
+                                                      cfg.train.seq_len)) >= 2

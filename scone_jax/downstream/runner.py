@@ -55,11 +55,11 @@ class Encoded:
 def split_encode(tokenizer, pairs: Sequence[tuple[str, str]]
                  ) -> list[tuple[np.ndarray, np.ndarray]]:
   """(context tokens, continuation tokens) per (context, continuation), as lm-eval splits
-  them: trailing spaces of the context move to the continuation, the whole string is
+  them: trailing whitespace of the context moves to the continuation, the whole string is
   encoded, and the continuation is what follows the context's own encoding."""
   ctxs, wholes = [], []
   for ctx, cont in pairs:
-    n = len(ctx) - len(ctx.rstrip(' '))
+    n = len(ctx) - len(ctx.rstrip())
     if n:
       ctx, cont = ctx[:-n], ctx[-n:] + cont
     ctxs.append(ctx)
@@ -91,25 +91,11 @@ def encode(tokenizer, reqs: Sequence[presets.Request], window: int, with_uncond:
   owner = [d for d, r in enumerate(reqs) for _ in r.continuations]
   owner += owner if with_uncond else []
   seqs, truncated = [], 0
-  bos = np.array([tokenizer.bos_id], np.int32)
   for i, (ctx, cont) in enumerate(split_encode(tokenizer, pairs)):
-    doc = reqs[owner[i]].doc
-    where = f'{source}: document {doc.id!r}'
-    if not cont.size:
-      raise TaskFileError(f'{where}: a choice encodes to no tokens; fix the choice text')
-    room = window - cont.size  # Context tokens that fit: inputs = BOS + ctx + cont - 1.
-    if room < 0:
-      raise TaskFileError(f'{where}: a continuation of {cont.size} tokens does not fit the '
-                          f'model\'s window of {window} (config.model.max_seq_len) with '
-                          'BOS; shorten the choice or drop the document')
-    if ctx.size > room:
-      if not truncate:
-        raise TaskFileError(f'{where}: context + continuation = {ctx.size + cont.size} '
-                            f'tokens exceed the model\'s window of {window}; shorten it, '
-                            'or allow left truncation (drop --notruncate)')
-      ctx = ctx[ctx.size - room:]
-      truncated += 1
-    seqs.append(scoring.Seq(np.concatenate([bos, ctx, cont]), int(cont.size)))
+    seq, cut = scoring.make_seq(tokenizer.bos_id, ctx, cont, window, truncate,
+                                f'{source}: document {reqs[owner[i]].doc.id!r}')
+    seqs.append(seq)
+    truncated += cut
   return Encoded(seqs, cond, uncond, truncated)
 
 
@@ -218,22 +204,24 @@ def open_store(cfg, workdir: str, step: int, table, tokenizer, lm) -> EmbeddingS
   return EmbeddingStore.open(path, cfg.serve.store_tier, expect=expect)
 
 
-def run(workdir: str, tasks: Sequence[str], task_dir: str, path: str = 'train',
-        preset: str = 'olmo', rows_per_batch: int = 0, truncate: bool = True,
-        step: int | None = None, log=print) -> dict[str, Any]:
-  """Scores `tasks` with W's model through `path`; writes and returns W/downstream.json."""
+def open_run(workdir: str, path: str) -> tuple[run_lib.RunDir, Any, Any]:
+  """(RunDir, its config, its tokenizer) after checking `path` suits the run."""
   if path not in PATHS:
     raise TaskFileError(f'unknown path {path!r}; use one of {list(PATHS)}')
-  presets.get(preset)
   run_dir = run_lib.RunDir(workdir)
   cfg = run_dir.config()
   if path == 'store' and not cfg.fgram_model.uses_fgram_table:
     raise TaskFileError(
         'path=store scores through an exported f-gram store: this run is a baseline or '
         "kind='hashed' (scored through the training forward only); use --path=train")
-  tokenizer = run_dir.tokenizer()
-  window = cfg.model.max_seq_len
-  inputs = prepare_tasks(task_dir, tasks, preset, tokenizer, window, truncate)
+  return run_dir, cfg, run_dir.tokenizer()
+
+
+def make_scorer(run_dir: run_lib.RunDir, cfg, tokenizer, path: str,
+                rows_per_batch: int = 0, step: int | None = None
+                ) -> tuple[scoring.Scorer, int]:
+  """Restores the run's weights (latest checkpoint, or `step`) and opens its table (and
+  for path=store its export); returns the scorer and the step."""
   mesh_lib.maybe_initialize_distributed(cfg.distributed)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   lm, step = run_dir.restore_model(cfg, mesh, step)
@@ -246,10 +234,22 @@ def run(workdir: str, tasks: Sequence[str], task_dir: str, path: str = 'train',
   if rows % dp:
     raise TaskFileError(f'--rows_per_batch={rows} must be a multiple of the mesh\'s '
                         f'{dp} data-parallel devices')
-  scorer = scoring.Scorer(lm, mesh, window=window, rows_per_batch=rows, table=table,
-                          store=store, stored_rule=cfg.fgram_model.stored_rule,
+  scorer = scoring.Scorer(lm, mesh, window=cfg.model.max_seq_len, rows_per_batch=rows,
+                          table=table, store=store, stored_rule=cfg.fgram_model.stored_rule,
                           capacity=cfg.fgram_model.capacity,
                           bucket_growth=cfg.fgram_model.bucket_growth)
+  return scorer, step
+
+
+def run(workdir: str, tasks: Sequence[str], task_dir: str, path: str = 'train',
+        preset: str = 'olmo', rows_per_batch: int = 0, truncate: bool = True,
+        step: int | None = None, log=print) -> dict[str, Any]:
+  """Scores `tasks` with W's model through `path`; writes and returns W/downstream.json."""
+  presets.get(preset)
+  run_dir, cfg, tokenizer = open_run(workdir, path)
+  window = cfg.model.max_seq_len
+  inputs = prepare_tasks(task_dir, tasks, preset, tokenizer, window, truncate)
+  scorer, step = make_scorer(run_dir, cfg, tokenizer, path, rows_per_batch, step)
   record = read_results(run_dir.path)
   entry = record['paths'].setdefault(path, {'tasks': {}})
   if entry.get('step') != step:

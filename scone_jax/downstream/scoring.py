@@ -37,6 +37,7 @@ from flax import nnx
 
 from scone_jax import batches, compat
 from scone_jax.batches import tagging
+from scone_jax.downstream.tasks import TaskFileError
 from scone_jax.export import quant
 from scone_jax.model import combine as combine_lib
 
@@ -48,6 +49,45 @@ class Seq:
   """One scored sequence: tokens = [BOS] + context + continuation (int32)."""
   tokens: np.ndarray
   num_continuation: int
+
+
+def make_seq(bos_id: int, ctx_enc: np.ndarray, cont_enc: np.ndarray, window: int,
+             truncate: bool = True, where: str = '') -> tuple[Seq, bool]:
+  """[BOS] + context + continuation, its context's oldest tokens cut (truncate=True) so
+  its inputs (all but the last token) fit the window; returns (seq, whether cut).
+
+  Raises:
+    TaskFileError: an empty continuation, one that cannot fit the window even alone, or
+      (truncate=False) a context that does not fit; `where` names the request.
+  """
+  ctx_enc = np.asarray(ctx_enc, np.int32)
+  cont_enc = np.asarray(cont_enc, np.int32)
+  if not cont_enc.size:
+    raise TaskFileError(f'{where}: a choice encodes to no tokens; fix the choice text')
+  room = window - cont_enc.size  # Context tokens that fit: inputs = BOS + ctx + cont - 1.
+  if room < 0:
+    raise TaskFileError(f'{where}: a continuation of {cont_enc.size} tokens does not fit '
+                        f'the model\'s window of {window} (config.model.max_seq_len) with '
+                        'BOS; shorten the choice or drop the document')
+  cut = ctx_enc.size > room
+  if cut:
+    if not truncate:
+      raise TaskFileError(f'{where}: context + continuation = '
+                          f'{ctx_enc.size + cont_enc.size} tokens exceed the model\'s window '
+                          f'of {window}; shorten it, or allow left truncation (drop '
+                          '--notruncate)')
+    ctx_enc = ctx_enc[ctx_enc.size - room:]
+  tokens = np.concatenate([np.array([bos_id], np.int32), ctx_enc, cont_enc])
+  return Seq(tokens, int(cont_enc.size)), bool(cut)
+
+
+def rolling_seqs(tokens: np.ndarray, bos_id: int, seq_len: int) -> list[Seq]:
+  """A document scored whole as evaluate.py scores it: [BOS] + tokens cut into chunks of
+  seq_len targets (batches/packing.py's examples), each chunk its own sequence whose
+  every target counts; the chunks' log-likelihoods sum to the document's."""
+  with_bos = np.concatenate([np.array([bos_id], np.int32), np.asarray(tokens, np.int32)])
+  return [Seq(with_bos[s:s + seq_len + 1], int(min(seq_len, with_bos.size - 1 - s)))
+          for s in range(0, with_bos.size - 1, seq_len)]
 
 
 def row_lengths(window: int) -> list[int]:
@@ -227,6 +267,19 @@ class Scorer:
         for seg, n in enumerate(members):
           ll_N[n], greedy_N[n] = sums[r, seg], greedy[r, seg]
     return ll_N, greedy_N
+
+
+def rolling_loglikelihoods(scorer: Scorer, docs: Sequence[np.ndarray], bos_id: int,
+                           seq_len: int) -> list[float]:
+  """Each document's summed log-likelihood (nats) with evaluate.py's chunking
+  (`rolling_seqs`)."""
+  seqs, owner = [], []
+  for d, tokens in enumerate(docs):
+    chunk = rolling_seqs(tokens, bos_id, seq_len)
+    seqs += chunk
+    owner += [d] * len(chunk)
+  ll_N, _ = scorer(seqs)
+  return np.bincount(np.array(owner, np.int64), weights=ll_N, minlength=len(docs)).tolist()
 
 
 def flops_per_token(scorer: Scorer, t: int) -> float:
