@@ -116,15 +116,14 @@ def evaluate_tasks(lm: SconeHarnessLM, task_dir: str, names: Sequence[str],
       f.write(task_yaml(name, os.path.abspath(data_file)))
   out = evaluator.simple_evaluate(
       model=lm, tasks=[TASK_PREFIX + n for n in names],
-      task_manager=TaskManager(include_path=yaml_dir), log_samples=False,
-      bootstrap_iters=0)
+      task_manager=TaskManager(include_path=yaml_dir), log_samples=False)
   results = {}
   for name in names:
     r = out['results'][TASK_PREFIX + name]
-    results[name] = {k.split(',')[0] + ('_stderr' if '_stderr' in k else ''): float(v)
-                     for k, v in r.items() if k.startswith(('acc,', 'acc_norm,',
-                                                            'acc_stderr,',
-                                                            'acc_norm_stderr,'))}
+    # Keys look like 'acc,none' / 'acc_stderr,none' (metric, filter).
+    results[name] = {k.split(',')[0]: float(v) for k, v in r.items()
+                     if k.split(',')[0] in ('acc', 'acc_norm', 'acc_stderr',
+                                            'acc_norm_stderr')}
   return results
 
 
