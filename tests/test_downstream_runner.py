@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import train_helpers as th
+from gcs_emulator import gcs  # noqa: F401  (the fixture)
 from scone_jax import config as config_lib
 from scone_jax import evaluate as evaluate_lib
 from scone_jax import mesh as mesh_lib
@@ -184,3 +185,24 @@ def test_lm_eval_adapter_equals_the_native_runner(run_dir, tmp_path):
                                         tok.bos_id, cfg.train.seq_len)
   assert rolling == want and len(scoring.rolling_seqs(tok.encode(texts)[1], 1,
                                                       cfg.train.seq_len)) >= 2
+
+
+def test_a_run_in_a_bucket_scores_the_same(run_dir, gcs, tmp_path):
+  """Workdir (checkpoints, export) and task files in gs://: same results, written there."""
+  cfg, workdir = run_dir
+  task_dir = _task_dir(cfg, tmp_path / 'tasks')
+  local = runner.run(workdir, ['piqa'], task_dir, 'store')['paths']['store']['tasks']
+  remote = f'{gcs}/downstream/run'
+  for name in paths.walk_files(workdir):
+    if name != runner.RESULTS_FILE:
+      with open(os.path.join(workdir, name), 'rb') as f:
+        paths.write_bytes(paths.join(remote, name), f.read())
+  # On GCS orbax marks a finished step with commit_success.txt (test_gcs.py says why).
+  for step in os.listdir(os.path.join(workdir, 'checkpoints')):
+    paths.write_bytes(f'{remote}/checkpoints/{step}/commit_success.txt', b'copied')
+  remote_tasks = f'{gcs}/downstream/tasks'
+  paths.write_bytes(f'{remote_tasks}/piqa.jsonl',
+                    open(os.path.join(task_dir, 'piqa.jsonl'), 'rb').read())
+  got = runner.run(remote, ['piqa'], remote_tasks, 'store')
+  assert got['paths']['store']['tasks']['piqa']['variants'] == local['piqa']['variants']
+  assert json.loads(paths.read_text(f'{remote}/{runner.RESULTS_FILE}')) == got

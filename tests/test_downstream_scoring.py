@@ -45,6 +45,20 @@ def lm():
                  rngs=nnx.Rngs(0))
 
 
+@pytest.fixture(scope='module')
+def scorer(lm, table):
+  """Scorers shared by the tests (each compiles its shapes once): by (rows, store)."""
+  made = {}
+
+  def get(rows, store=None):
+    key = (rows, id(store))
+    if key not in made:
+      made[key] = scoring.Scorer(lm, ONE_DEVICE, window=WINDOW, rows_per_batch=rows,
+                                 table=table, store=store, stored_rule='replace')
+    return made[key]
+  return get
+
+
 def _seq(context, continuation):
   return scoring.Seq(np.array([BOS] + list(context) + list(continuation), np.int32),
                      len(continuation))
@@ -62,24 +76,30 @@ assert len(SEQS[-1].tokens) - 1 == WINDOW
 
 
 def reference(lm, table, seqs, fgrams=True):
-  """(ll, greedy) of each sequence run ALONE in a row of its own length: the model's
-  forward (tag_fgrams + lm(batch); fgrams=False: the backbone on token embeddings) and a
-  float64 numpy log-softmax."""
+  """(ll, greedy) of each sequence ALONE in a row (one row each, padded to the window):
+  the model's forward (tag_fgrams + lm(batch); fgrams=False: the backbone on token
+  embeddings) and a float64 numpy log-softmax."""
+  inputs = np.zeros((len(seqs), WINDOW), np.int32)
+  segments = np.zeros_like(inputs)
+  for b, s in enumerate(seqs):
+    inputs[b, :len(s.tokens) - 1] = s.tokens[:-1]
+    segments[b, :len(s.tokens) - 1] = 1
+  batch = {'inputs_BxT': inputs, 'segment_ids_BxT': segments,
+           'positions_BxT': np.broadcast_to(np.arange(WINDOW, dtype=np.int32),
+                                            inputs.shape).copy()}
   graphdef, state = nnx.split(lm)
+  if fgrams:
+    batch = {k: v for k, v in tag_fgrams(batch, table).items() if not k.startswith('stats/')}
+    forward = lambda st, bt: nnx.merge(graphdef, st)(bt)
+  else:
+    def forward(st, bt):
+      model = nnx.merge(graphdef, st)
+      return model.backbone(model.backbone.embed(bt['inputs_BxT']), bt['positions_BxT'],
+                            bt['segment_ids_BxT'])
+  logits_BxTxV = np.asarray(jax.jit(forward)(state, batch), np.float64)
   ll, greedy = [], []
-  for s in seqs:
-    inputs = s.tokens[None, :-1]
-    batch = {'inputs_BxT': inputs, 'segment_ids_BxT': np.ones_like(inputs),
-             'positions_BxT': np.arange(inputs.shape[1], dtype=np.int32)[None]}
-    model = nnx.merge(graphdef, state)
-    if fgrams:
-      batch = {k: v for k, v in tag_fgrams(batch, table).items()
-               if not k.startswith('stats/')}
-      logits = np.asarray(model(batch), np.float64)[0]
-    else:
-      x = model.backbone.embed(inputs)
-      logits = np.asarray(model.backbone(x, batch['positions_BxT'],
-                                         batch['segment_ids_BxT']), np.float64)[0]
+  for b, s in enumerate(seqs):
+    logits = logits_BxTxV[b]
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     cont = slice(len(s.tokens) - 1 - s.num_continuation, len(s.tokens) - 1)
@@ -114,10 +134,9 @@ def test_plan_packs_sorted_sequences_into_few_shapes():
     scoring.plan([_seq([5] * 70, [6])], 64, 2)
 
 
-def test_train_path_equals_unpacked_plain_forward(lm, table):
+def test_train_path_equals_unpacked_plain_forward(lm, table, scorer):
   want_ll, want_greedy = reference(lm, table, SEQS)
-  scorer = scoring.Scorer(lm, ONE_DEVICE, window=WINDOW, rows_per_batch=4, table=table)
-  ll, greedy = scorer(SEQS)
+  ll, greedy = scorer(4)(SEQS)
   _close(ll, want_ll)
   np.testing.assert_array_equal(greedy, want_greedy)
   # The comparison can fail: without f-grams the same backbone scores differently.
@@ -125,36 +144,31 @@ def test_train_path_equals_unpacked_plain_forward(lm, table):
   assert np.abs(no_fgrams - want_ll).max() > 1e-2
 
 
-def test_greedy_flag_sees_a_continuation_the_model_predicts(lm, table):
-  """A continuation built from the model's own argmax is greedy; changing one token of it
-  is not."""
-  ctx = [5, 6, 7]
+def test_greedy_flag_sees_a_continuation_the_model_predicts(lm, table, scorer):
+  """A continuation of the model's own argmax tokens is greedy; one token changed is not."""
+  ctx, cont = [5, 6, 7], []
   graphdef, state = nnx.split(lm)
-  cont = []
+  forward = jax.jit(lambda st, bt: nnx.merge(graphdef, st)(bt))
   for _ in range(3):
-    s = _seq(ctx + cont, [0])
-    inputs = s.tokens[None, :-1]
-    batch = {'inputs_BxT': inputs, 'segment_ids_BxT': np.ones_like(inputs),
-             'positions_BxT': np.arange(inputs.shape[1], dtype=np.int32)[None]}
+    inputs = np.zeros((1, WINDOW), np.int32)
+    n = len(ctx) + len(cont) + 1
+    inputs[0, :n] = [BOS] + ctx + cont
+    batch = {'inputs_BxT': inputs, 'segment_ids_BxT': (inputs > 0).astype(np.int32),
+             'positions_BxT': np.arange(WINDOW, dtype=np.int32)[None]}
     batch = {k: v for k, v in tag_fgrams(batch, table).items() if not k.startswith('stats/')}
-    cont.append(int(np.asarray(nnx.merge(graphdef, state)(batch))[0, -1].argmax()))
+    cont.append(int(np.asarray(forward(state, batch))[0, n - 1].argmax()))
   wrong = cont[:2] + [(cont[2] + 1) % V]
-  scorer = scoring.Scorer(lm, ONE_DEVICE, window=WINDOW, rows_per_batch=2, table=table)
-  _, greedy = scorer([_seq(ctx, cont), _seq(ctx, wrong)])
+  _, greedy = scorer(4)([_seq(ctx, cont), _seq(ctx, wrong)])
   assert greedy.tolist() == [True, False]
 
 
-def test_invariant_to_packing_batch_size_and_padding(lm, table):
-  base, _ = scoring.Scorer(lm, ONE_DEVICE, window=WINDOW, rows_per_batch=1,
-                           table=table)(SEQS)
-  for rows in (2, 8):
-    ll, _ = scoring.Scorer(lm, ONE_DEVICE, window=WINDOW, rows_per_batch=rows,
-                           table=table)(SEQS)
-    _close(ll, base)
-  # Other sequences packed next to them (and a different row assignment) change nothing.
+def test_invariant_to_packing_batch_size_and_padding(scorer):
+  """One sequence a batch, several batches of 4 rows with padding rows, and other
+  sequences packed next to them in another order: the same log-likelihoods."""
+  base, _ = scorer(1)(SEQS)
+  _close(scorer(4)(SEQS)[0], base)
   extra = [_seq([30, 31, 5], [6, 7]), _seq([44] * 9, [9, 10, 11])] * 3
-  ll, _ = scoring.Scorer(lm, ONE_DEVICE, window=WINDOW, rows_per_batch=3,
-                         table=table)(extra + SEQS[::-1])
+  ll, _ = scorer(4)(extra + SEQS[::-1])
   _close(ll[len(extra):][::-1], base)
 
 
@@ -166,14 +180,11 @@ def store(lm, table, tmp_path_factory):
   return EmbeddingStore.open(path, 'ram')
 
 
-def test_store_path_equals_train_path_on_a_float32_export(lm, table, store):
-  train, train_greedy = scoring.Scorer(lm, ONE_DEVICE, window=WINDOW, rows_per_batch=4,
-                                       table=table)(SEQS)
-  scorer = scoring.Scorer(lm, ONE_DEVICE, window=WINDOW, rows_per_batch=4, table=table,
-                          store=store, stored_rule='replace')
-  assert scorer.path == 'store'
+def test_store_path_equals_train_path_on_a_float32_export(table, store, scorer):
+  train, train_greedy = scorer(4)(SEQS)
+  assert scorer(4, store).path == 'store'
   hits_before = store.stats.hits
-  got, greedy = scorer(SEQS)
+  got, greedy = scorer(4, store)(SEQS)
   # Matched inputs across the boundary: the first sequence's 5 6 | 7 8 is one f-gram.
   ids, lens = table.match(SEQS[0].tokens[None, :-1])
   assert lens[0, 3] >= 3 and ids[0, 3] >= 0
@@ -182,17 +193,14 @@ def test_store_path_equals_train_path_on_a_float32_export(lm, table, store):
   np.testing.assert_array_equal(greedy, train_greedy)
 
 
-def test_store_scorer_flops_equal_the_baselines(lm, table, store):
+def test_store_scorer_flops_equal_the_baselines(store, scorer):
   cfg = _cfg(0)
   base = SconeLM(cfg.model, cfg.fgram_model, fgram_max_len=K, vocab_size=V,
                  rngs=nnx.Rngs(1))
   f_base = scoring.flops_per_token(
       scoring.Scorer(base, ONE_DEVICE, window=WINDOW, rows_per_batch=4), 32)
-  f_store = scoring.flops_per_token(
-      scoring.Scorer(lm, ONE_DEVICE, window=WINDOW, rows_per_batch=4, table=table,
-                     store=store), 32)
-  f_train = scoring.flops_per_token(
-      scoring.Scorer(lm, ONE_DEVICE, window=WINDOW, rows_per_batch=4, table=table), 32)
+  f_store = scoring.flops_per_token(scorer(4, store), 32)
+  f_train = scoring.flops_per_token(scorer(4), 32)
   assert f_base > 0
   assert abs(f_store - f_base) <= 0.01 * f_base, (f_store, f_base)
   assert f_train > 1.05 * f_base  # A_f runs on the train path: the check can fail.

@@ -5,7 +5,8 @@ no trained model has seen it) with at least two sentences: the context is its fi
 sentence, the right choice its second; the wrong choices are second-or-later sentences of
 docstrings of OTHER modules of the same split, drawn at random. Chance is
 1 / num_choices. Sentences are split after '.', '!' or '?' followed by whitespace and kept
-when they have 3..40 words.
+when they have 3..40 words and at most 120 characters (so context and choice fit a small
+model's window).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from scone_jax import paths
 from scone_jax.downstream.tasks import Doc, TaskFileError
 
 _SENTENCE_END = re.compile(r'(?<=[.!?])\s+')
-MIN_WORDS, MAX_WORDS = 3, 40
+MIN_WORDS, MAX_WORDS, MAX_CHARS = 3, 40, 120
 
 
 def sentences(text: str) -> list[str]:
@@ -29,7 +30,7 @@ def sentences(text: str) -> list[str]:
   for paragraph in text.split('\n\n'):
     for s in _SENTENCE_END.split(paragraph.strip()):
       s = s.strip()
-      if MIN_WORDS <= len(s.split()) <= MAX_WORDS:
+      if MIN_WORDS <= len(s.split()) <= MAX_WORDS and len(s) <= MAX_CHARS:
         out.append(s)
   return out
 

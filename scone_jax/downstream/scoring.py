@@ -232,7 +232,7 @@ class Scorer:
     out['store_mask_BxT'] = ids_BxT >= 0
     return out
 
-  def _local_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  def _global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Every process builds the same batch; each contributes its contiguous slice of rows
     (and its own f-gram rows) to the global arrays."""
     p, n = jax.process_index(), jax.process_count()
@@ -246,7 +246,7 @@ class Scorer:
     the train path is its smallest)."""
     batch = build_batch([], [], t, self.rows_per_batch)
     with compat.set_mesh(self._mesh):
-      return self._score.lower(self._state, self._local_global(batch)).compile()
+      return self._score.lower(self._state, self._global_batch(batch)).compile()
 
   def __call__(self, seqs: Sequence[Seq]) -> tuple[np.ndarray, np.ndarray]:
     """(log-likelihood of each continuation in nats [N] float64, greedy [N] bool)."""
@@ -258,7 +258,7 @@ class Scorer:
     with compat.set_mesh(self._mesh):
       for t, rows in zip(pl.lengths, pl.rows):
         batch = build_batch(seqs, rows, t, self.rows_per_batch)
-        pending.append((rows, self._score(self._state, self._local_global(batch))))
+        pending.append((rows, self._score(self._state, self._global_batch(batch))))
     ll_N = np.zeros(len(seqs), np.float64)
     greedy_N = np.zeros(len(seqs), bool)
     for rows, (sums, greedy) in pending:
