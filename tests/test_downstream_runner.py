@@ -137,7 +137,14 @@ def test_bad_inputs_fail_before_scoring(run_dir, tmp_path):
   with pytest.raises(TaskFileError, match=r'piqa.jsonl:1: 1 choice'):
     runner.run(workdir, ['arc_easy', 'piqa'], task_dir)
   assert (open(results).read() if os.path.exists(results) else None) == before
-  # The CLI prints the one line and exits 2.
+
+
+@pytest.mark.slow  # A Python subprocess importing JAX: ~30 s on a loaded machine.
+def test_cli_prints_a_bad_input_as_one_line_and_exits_2(run_dir, tmp_path):
+  cfg, workdir = run_dir
+  task_dir = _task_dir(cfg, tmp_path / 'tasks')
+  (tmp_path / 'tasks' / 'piqa.jsonl').write_bytes(
+      b'{"id": 1, "context": "a", "choices": ["b"], "gold": 0}\n')
   env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'}
   out = subprocess.run([sys.executable, '-m', 'scone_jax.downstream', f'--workdir={workdir}',
                         '--tasks=piqa', f'--task_dir={task_dir}'], capture_output=True,
@@ -152,6 +159,7 @@ def _scorer(cfg, workdir, path='train'):
   return scorer, tok
 
 
+@pytest.mark.slow  # evaluate.py over the whole held-out set, then the scorer: ~35 s.
 def test_rolling_log_likelihood_equals_evaluates_nll(run_dir):
   """Whole documents scored with evaluate.py's chunking give its held-out loss."""
   cfg, workdir = run_dir

@@ -193,10 +193,9 @@ class Scorer:
     if store is not None and not lm.is_scone:
       raise ValueError('path=store needs a SCONE model (a baseline has no store)')
     self.path = 'store' if store is not None else 'train'
-    self._lm, self._mesh, self.window = lm, mesh, window
-    self.rows_per_batch = rows_per_batch
+    self._mesh, self.window, self.rows_per_batch = mesh, window, rows_per_batch
     self._table = table if lm.is_scone else None
-    self._store, self._rule = store, stored_rule
+    self._store = store
     self._capacity, self._growth = capacity, bucket_growth
     graphdef, self._state = nnx.split(lm)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
