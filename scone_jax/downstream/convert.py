@@ -28,6 +28,7 @@ import io
 import json
 import os
 import re
+import sys
 from typing import Any, Callable, Iterator
 
 import pyarrow.parquet as pq
@@ -35,6 +36,7 @@ from absl import app, flags
 
 from scone_jax import paths
 from scone_jax.downstream.tasks import Doc, TaskFileError, write_tasks
+from scone_jax.errors import UserError
 
 Row = dict[str, Any]
 
@@ -220,7 +222,11 @@ def convert(task: str, input_path: str, out_path: str, labels: str | None = None
 def main(argv):
   del argv
   f = flags.FLAGS
-  n = convert(f.task, f.input, f.out, f.labels)
+  try:
+    n = convert(f.task, f.input, f.out, f.labels)
+  except UserError as e:  # The input's fault: one line naming it and the fix.
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
   print(f'{f.task}: {n} documents -> {f.out}')
 
 
