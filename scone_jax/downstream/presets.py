@@ -9,6 +9,10 @@ Two presets (docs/DOWNSTREAM.md states their definitions and where they differ):
          blank line, before the same template; PMI for ARC-Challenge and CommonsenseQA,
          per-character normalisation elsewhere (OLMES's choices for these tasks).
 
+The embedded task (embedded.py) is headlined by PMI in both presets: its wrong choices are
+real sentences of other docstrings, so a choice's own prior probability (its length, its
+common words) says nothing about the answer, and PMI divides it out.
+
 A request is (context, continuation); a document gives one per choice plus, for PMI, one
 per choice under the unconditional context ("Answer:" for question tasks, empty for
 completion tasks), unless the document gives its own `unconditional_context`.
@@ -41,11 +45,11 @@ PRESETS = {
     'olmo': Preset('olmo', 0, {
         'piqa': 'acc_per_char', 'hellaswag': 'acc_per_char', 'arc_easy': 'acc_raw',
         'arc_challenge': 'acc_per_char', 'commonsense_qa': 'acc_per_char',
-        'mmlu': 'acc_per_char', 'embedded': 'acc_per_char'}),
+        'mmlu': 'acc_per_char', 'embedded': 'acc_pmi'}),
     'olmes': Preset('olmes', 5, {
         'piqa': 'acc_per_char', 'hellaswag': 'acc_per_char', 'arc_easy': 'acc_per_char',
         'arc_challenge': 'acc_pmi', 'commonsense_qa': 'acc_pmi', 'mmlu': 'acc_per_char',
-        'embedded': 'acc_per_char'}),
+        'embedded': 'acc_pmi'}),
 }
 
 
