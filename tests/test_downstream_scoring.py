@@ -120,18 +120,20 @@ def test_row_length_ladder():
   assert scoring.row_lengths(20) == [20]
 
 
-def test_plan_packs_sorted_sequences_into_few_shapes():
+def test_plan_packs_every_sequence_into_one_row_length():
   seqs = [_seq([5] * n, [6]) for n in (3, 40, 10, 50, 20, 2, 30)]
-  pl = scoring.plan(seqs, 64, rows_per_batch=2)
-  assert sorted(set(pl.lengths)) == [32, 64]
+  pl = scoring.plan(seqs, 128, rows_per_batch=2)
+  assert set(pl.lengths) == {64}  # The smallest ladder length holding the longest (52).
   placed = sorted(n for rows in pl.rows for row in rows for n in row)
   assert placed == list(range(len(seqs)))
-  for t, rows in zip(pl.lengths, pl.rows):
+  assert sum(len(rows) for rows in pl.rows) == 3  # 163 inputs: 3 rows of 64, no more.
+  for rows in pl.rows:
     assert len(rows) <= 2
     for row in rows:
-      assert sum(len(seqs[n].tokens) - 1 for n in row) <= t
+      assert sum(len(seqs[n].tokens) - 1 for n in row) <= 64
+  assert scoring.plan(seqs[:1], 128, 2).lengths == [32]
   with pytest.raises(ValueError, match='exceeds the window'):
-    scoring.plan([_seq([5] * 70, [6])], 64, 2)
+    scoring.plan([_seq([5] * 140, [6])], 128, 2)
 
 
 def test_train_path_equals_unpacked_plain_forward(lm, table, scorer):

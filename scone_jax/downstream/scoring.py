@@ -3,11 +3,12 @@
 Dimension letters: B rows per batch, T row length, W a store row's width, N sequences.
 
 A sequence is [BOS] + context tokens + continuation tokens; its log-likelihood is the sum
-of log p(continuation token | everything before it). Sequences are sorted into row
-lengths T of a doubling ladder (32, 64, ... up to the model's window) and packed into rows
-of T by best-fit decreasing (`batches.tagging.pack_lengths`), each sequence its own
-segment (positions restart at 0, attention stays within the segment), so a packed row
-scores what its sequences score alone. Each batch has B rows; the last is padded with
+of log p(continuation token | everything before it). A call's sequences are sorted by
+length and packed by best-fit decreasing (`batches.tagging.pack_lengths`) into rows of
+one length T, the smallest of a doubling ladder (32, 64, ... up to the model's window)
+that holds the longest; each sequence is its own segment (positions restart at 0,
+attention stays within the segment), so a packed row scores what its sequences score
+alone. Each batch has B rows; the last is padded with
 empty rows. The jitted scorer returns, per row, the sum of the continuation's log-probs
 and whether every continuation token is the argmax, for each segment: [B, T] floats and
 booleans, never [B, T, V] logits.
@@ -108,26 +109,23 @@ class Plan:
 
 
 def plan(seqs: Sequence[Seq], window: int, rows_per_batch: int) -> Plan:
-  """Groups sequences by the smallest ladder length that holds their inputs (tokens - 1)
-  and packs each group into rows, rows_per_batch rows a batch."""
+  """Packs every sequence (longest first, best-fit decreasing on their inputs = tokens -
+  1) into rows of ONE length: the smallest ladder length that holds the longest, so short
+  requests on a long-window model get short rows (attention is quadratic in the row) and a
+  call compiles one row shape; rows_per_batch rows a batch."""
   inputs_N = np.array([len(s.tokens) - 1 for s in seqs], np.int64)
-  if inputs_N.size and inputs_N.max() > window:
+  if not inputs_N.size:
+    return Plan([], [])
+  if inputs_N.max() > window:
     raise ValueError(f'a sequence of {inputs_N.max()} inputs exceeds the window {window}')
   ladder = row_lengths(window)
-  bucket_N = np.searchsorted(np.array(ladder), inputs_N)
-  lengths, rows = [], []
-  for b, t in enumerate(ladder):
-    members = np.flatnonzero(bucket_N == b)
-    if not members.size:
-      continue
-    row_G, col_G, num_rows = tagging.pack_lengths(inputs_N[members], t)
-    packed = [[] for _ in range(num_rows)]
-    for g in np.lexsort((col_G, row_G)):
-      packed[row_G[g]].append(int(members[g]))
-    for start in range(0, num_rows, rows_per_batch):
-      lengths.append(t)
-      rows.append(packed[start:start + rows_per_batch])
-  return Plan(lengths, rows)
+  t = ladder[int(np.searchsorted(np.array(ladder), inputs_N.max()))]
+  row_G, col_G, num_rows = tagging.pack_lengths(inputs_N, t)
+  packed = [[] for _ in range(num_rows)]
+  for g in np.lexsort((col_G, row_G)):
+    packed[row_G[g]].append(int(g))
+  starts = range(0, num_rows, rows_per_batch)
+  return Plan([t] * len(starts), [packed[i:i + rows_per_batch] for i in starts])
 
 
 def build_batch(seqs: Sequence[Seq], rows: list[list[int]], t: int,
@@ -156,13 +154,18 @@ def build_batch(seqs: Sequence[Seq], rows: list[list[int]], t: int,
 def segment_sums(logits_BxTxV: jax.Array, batch: dict[str, jax.Array]
                  ) -> tuple[jax.Array, jax.Array]:
   """Per row and segment id s (index s - 1): the summed log-probs of the weighted targets
-  and whether each of them is the argmax. Returns ([B, T] float32, [B, T] bool)."""
+  and whether each of them has the largest logit (a tie with another token counts as
+  greedy). Returns ([B, T] float32, [B, T] bool).
+
+  log p = target logit - logsumexp (as model/loss.py): no [B, T, V] log-softmax is built.
+  """
   b, t = batch['targets_BxT'].shape
-  logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+  logits_BxTxV = logits_BxTxV.astype(jnp.float32)
   targets_BxT = batch['targets_BxT']
-  logp_BxT = jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+  target_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+  logp_BxT = target_BxT - jax.nn.logsumexp(logits_BxTxV, axis=-1)
   weights_BxT = batch['weights_BxT']
-  greedy_BxT = (jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT) | (weights_BxT == 0)
+  greedy_BxT = (target_BxT >= jnp.max(logits_BxTxV, axis=-1)) | (weights_BxT == 0)
   index_BxT = (jnp.arange(b)[:, None] * t + jnp.maximum(batch['segment_ids_BxT'] - 1, 0))
   index_N = index_BxT.reshape(-1)
   sums = jax.ops.segment_sum((logp_BxT * weights_BxT).reshape(-1), index_N, b * t)
