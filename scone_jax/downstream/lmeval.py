@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from typing import Sequence
 
 import numpy as np
@@ -135,8 +136,8 @@ def main(argv):
     run_dir, cfg, tok = runner.open_run(f.workdir, f.path)
     scorer, _ = runner.make_scorer(run_dir, cfg, tok, f.path)
     lm = SconeHarnessLM(scorer, tok, cfg.train.seq_len)
-    results = evaluate_tasks(lm, f.task_dir, f.tasks, f.yaml_dir or os.path.join(
-        run_dir.path if not paths.is_remote(run_dir.path) else '.', 'lmeval_tasks'))
+    with tempfile.TemporaryDirectory() as tmp:
+      results = evaluate_tasks(lm, f.task_dir, f.tasks, f.yaml_dir or tmp)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -151,5 +152,6 @@ if __name__ == '__main__':
   flags.DEFINE_string('task_dir', None, 'Local directory of <task>.jsonl files.',
                       required=True)
   flags.DEFINE_enum('path', 'train', list(runner.PATHS), 'Scoring path.')
-  flags.DEFINE_string('yaml_dir', '', 'Where the task YAMLs go (default W/lmeval_tasks).')
+  flags.DEFINE_string('yaml_dir', '', 'Where to keep the task YAMLs (default: a temporary '
+                      'directory).')
   app.run(main)
