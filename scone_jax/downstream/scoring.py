@@ -29,7 +29,7 @@ reach back into few-shot examples exactly as the training forward sees them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
