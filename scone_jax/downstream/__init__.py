@@ -1,0 +1,1 @@
+"""Downstream evaluation: multiple-choice tasks scored by log-likelihood (docs/DOWNSTREAM.md)."""
