@@ -19,6 +19,7 @@ from scone_jax import run as run_lib
 from scone_jax.downstream import runner, scoring
 from scone_jax.downstream.tasks import Doc, TaskFileError, read_tasks, write_tasks
 from scone_jax.export import export_store
+from scone_jax.serve import session
 
 compile_cache = th.compile_cache
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,8 +112,9 @@ def test_store_log_likelihoods_equal_the_train_paths_on_a_trained_run(run_dir, t
   (task,) = runner.prepare_tasks(task_dir, ['arc_easy'], 'olmo', tok, cfg.model.max_seq_len)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   lm, step = rd.restore_model(cfg, mesh)
-  table = rd.table(cfg.fgram.requested_rows)
-  store = runner.open_store(cfg, workdir, step, table, tok, lm)
+  table = rd.table(cfg.fgram)
+  store = session.open_checked_store(cfg, workdir, step, table, tok,
+                                     lambda: run_lib.weights_fingerprint(lm))
   kw = dict(window=cfg.model.max_seq_len, rows_per_batch=8, table=table)
   train, _ = scoring.Scorer(lm, mesh, **kw)(task.encoded.seqs)
   got, _ = scoring.Scorer(lm, mesh, store=store, stored_rule=cfg.fgram_model.stored_rule,

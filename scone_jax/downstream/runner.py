@@ -34,8 +34,7 @@ from scone_jax import mesh as mesh_lib
 from scone_jax import run as run_lib
 from scone_jax.downstream import metrics, presets, scoring
 from scone_jax.downstream.tasks import Doc, TaskFileError, file_fingerprint, read_tasks
-from scone_jax.export import EXPORT_DIR, store_meta
-from scone_jax.serve.store import EmbeddingStore
+from scone_jax.serve import session
 
 RESULTS_FILE = 'downstream.json'
 FORMAT_VERSION = 1
@@ -191,19 +190,6 @@ def read_results(workdir: str) -> dict[str, Any]:
   return record
 
 
-def open_store(cfg, workdir: str, step: int, table, tokenizer, lm) -> EmbeddingStore:
-  """W/export checked against this checkpoint, table, tokenizer and weights (the checks
-  `generate` makes before it serves a store)."""
-  path = paths.join(workdir, EXPORT_DIR)
-  if not paths.exists(paths.join(path, artifacts.MANIFEST)):
-    raise artifacts.ArtifactError(
-        f'{path} holds no exported f-gram store; run `python -m scone_jax.export '
-        f'--workdir={workdir}` first, or score with --path=train')
-  expect = store_meta(step, table.fingerprint, tokenizer.fingerprint,
-                      run_lib.weights_fingerprint(lm))
-  return EmbeddingStore.open(path, cfg.serve.store_tier, expect=expect)
-
-
 def open_run(workdir: str, path: str) -> tuple[run_lib.RunDir, Any, Any]:
   """(RunDir, its config, its tokenizer) after checking `path` suits the run."""
   if path not in PATHS:
@@ -225,9 +211,9 @@ def make_scorer(run_dir: run_lib.RunDir, cfg, tokenizer, path: str,
   mesh_lib.maybe_initialize_distributed(cfg.distributed)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   lm, step = run_dir.restore_model(cfg, mesh, step)
-  table = (run_dir.table(cfg.fgram.requested_rows) if cfg.fgram_model.uses_fgram_table
-           else None)
-  store = (open_store(cfg, run_dir.path, step, table, tokenizer, lm)
+  table = run_dir.table(cfg.fgram) if cfg.fgram_model.uses_fgram_table else None
+  store = (session.open_checked_store(cfg, run_dir.path, step, table, tokenizer,
+                                      lambda: run_lib.weights_fingerprint(lm))
            if path == 'store' else None)
   dp = int(np.prod([mesh.shape[a] for a in ('data', 'fsdp')]))
   rows = rows_per_batch or max(8, dp)

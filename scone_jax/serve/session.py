@@ -13,8 +13,19 @@ from scone_jax.serve.store import EmbeddingStore
 def open_store(cfg: Config, workdir: str, run: restore.LoadedRun) -> EmbeddingStore | None:
   """The run's exported store, checked against its checkpoint, table (kind='hashed': the
   hash function and sizes) and tokenizer; None for a baseline."""
+  return open_checked_store(cfg, workdir, run.step, run.table, run.tokenizer,
+                            lambda: run.weights_fingerprint, progress=True)
+
+
+def open_checked_store(cfg: Config, workdir: str, step: int, table, tokenizer,
+                       weights_fingerprint, progress: bool = False,
+                       ) -> EmbeddingStore | None:
+  """W/export checked against what it must have been computed from: checkpoint `step`,
+  the table (or the hash function and sizes), the tokenizer and the weights
+  (`weights_fingerprint()`: called only when there is a store to check). The one check of
+  every reader of a store (generate, downstream scoring). None for a baseline."""
   hashed = cfg.fgram_model.kind == 'hashed'
-  if run.table is None and not hashed:
+  if table is None and not hashed:
     return None
   path = paths.join(paths.resolve(workdir), EXPORT_DIR)
   if not paths.exists(paths.join(path, artifacts.MANIFEST)):
@@ -23,13 +34,13 @@ def open_store(cfg: Config, workdir: str, run: restore.LoadedRun) -> EmbeddingSt
         f'--workdir={workdir}` first')
   if hashed:
     fm = cfg.fgram_model
-    expect = {**store_meta(run.step, hash_fingerprint(fm.hash_max_n, fm.hash_buckets),
-                           run.tokenizer.fingerprint, run.weights_fingerprint),
+    expect = {**store_meta(step, hash_fingerprint(fm.hash_max_n, fm.hash_buckets),
+                           tokenizer.fingerprint, weights_fingerprint()),
               **hashed_meta(cfg)}
   else:
-    expect = store_meta(run.step, run.table.fingerprint, run.tokenizer.fingerprint,
-                        run.weights_fingerprint)
-  return EmbeddingStore.open(path, cfg.serve.store_tier, expect=expect, progress=True)
+    expect = store_meta(step, table.fingerprint, tokenizer.fingerprint,
+                        weights_fingerprint())
+  return EmbeddingStore.open(path, cfg.serve.store_tier, expect=expect, progress=progress)
 
 
 def build_decoder(cfg: Config, workdir: str,
