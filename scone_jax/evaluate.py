@@ -24,14 +24,23 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
-from scone_jax import artifacts, batches, compat, logs, paths
+from scone_jax import artifacts, batches, cli, compat, paths
 from scone_jax import config as config_lib
 from scone_jax import mesh as mesh_lib
 from scone_jax import run as run_lib
 from scone_jax.model.loss import cross_entropy_sums
+
+
+FLAGS = flags.FlagValues()
+_WORKDIR = cli.define_workdir(FLAGS, 'Training run directory.')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).',
+                             flag_values=FLAGS)
+_EVAL_BATCHES = flags.DEFINE_integer(
+    'eval_batches', None, "Batches per eval corpus (0 = the whole set; default: the run's "
+    'train.eval_batches).', flag_values=FLAGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,16 +159,10 @@ def evaluate(workdir: str, step: int | None = None,
 
 def main(argv):
   del argv
-  logs.quiet_third_party_logs()
-  record = evaluate(flags.FLAGS.workdir, flags.FLAGS.step, flags.FLAGS.eval_batches)
+  record = evaluate(_WORKDIR.value, _STEP.value, _EVAL_BATCHES.value)
   for line in format_eval(record):
     print(line)
 
 
 if __name__ == '__main__':
-  # Defined here, not at import: the train loop imports this module next to its own flags.
-  flags.DEFINE_string('workdir', None, 'Training run directory.', required=True)
-  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
-  flags.DEFINE_integer('eval_batches', None, 'Batches per eval corpus (0 = the whole set; '
-                       "default: the run's train.eval_batches).")
-  app.run(main)
+  cli.run('evaluate', main, FLAGS)
