@@ -27,6 +27,7 @@ from any directory of a source checkout.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import sys
@@ -45,9 +46,11 @@ from scone_jax.errors import UserError
 # convention for "bad usage" and tells a launcher not to retry).
 USER_ERROR_STATUS = 2
 TRACEBACK_ENV = 'SCONE_TRACEBACK'
-# How long the first access to a gs:// location may take before we call it unreachable:
-# without credentials, the storage clients retry for minutes.
-REMOTE_PREFLIGHT_SECONDS = 8.0
+# How long the first access to a gs:// location may take before we call it unreachable
+# (without credentials the storage clients retry for minutes); the environment variable
+# raises it for a slow network.
+REMOTE_PREFLIGHT_ENV = 'SCONE_REMOTE_PREFLIGHT_SECONDS'
+REMOTE_PREFLIGHT_SECONDS = 5.0
 
 
 class CommandLineError(UserError, ValueError):
@@ -118,9 +121,24 @@ def config_from_file(holder: flags.FlagHolder) -> config_lib.Config:
 def define_config_overrides(flag_values: flags.FlagValues) -> flags.FlagHolder:
   """--config.<section>.<key>=<value> overrides of a trained run's W/config.json (evaluate,
   export, generate); `overrides` reads and checks them."""
+  base = config_lib.base_config()
+  # ml_collections applies a config dict's overrides while DEFINING the flag (at import),
+  # where an unknown key would raise outside `run`; left out here, it is an unknown flag
+  # that parsing reports as one line.
+  argv = [a for a in sys.argv if not a.startswith('--config.') or
+          _has_key(base, a[len('--config.'):].split('=')[0])]
   return config_flags.DEFINE_config_dict(
-      'config', config_lib.base_config(), 'Overrides of the run\'s W/config.json, e.g. '
-      '--config.serve.temperature=0.', flag_values=flag_values, lock_config=True)
+      'config', base, 'Overrides of the run\'s W/config.json, e.g. '
+      '--config.serve.temperature=0.', flag_values=flag_values, lock_config=True,
+      sys_argv=argv)
+
+
+def _has_key(cd: Any, dotted: str) -> bool:
+  for part in dotted.split('.'):
+    if not hasattr(cd, 'keys') or part not in cd:
+      return False
+    cd = cd[part]
+  return True
 
 
 def overrides(holder: flags.FlagHolder, sections: Sequence[str]) -> dict[str, Any]:
@@ -160,10 +178,12 @@ def run(entry: str, main: Callable[[list[str]], Any], flag_values: flags.FlagVal
       if len(argv) > 1:
         raise CommandLineError(f'unexpected arguments {argv[1:]}: every input is a '
                                '--flag=value (see --helpshort)')
-      _check_remote_locations(flag_values)
+      _check_locations(flag_values)
       return main(argv)
     except Exception as e:  # pylint: disable=broad-except
       message = user_error_message(e)
+      if message is None and isinstance(e, json.JSONDecodeError):
+        message = _corrupt_run_file(flag_values)
       if message is None:
         raise  # A bug: absl prints the traceback, status 1.
       _fail(entry, e, message)
@@ -236,6 +256,9 @@ def _parse_error_message(e: Exception, argv: Sequence[str]) -> str:
     return (f'{given}: the config has no key {name!r}; ' +
             (f'did you mean {hint.group(1)!r}?' if hint else
              'see scone_jax/config.py for the valid keys'))
+  if isinstance(e, flags.UnrecognizedFlagError) and e.flagname.startswith('config.'):
+    return (f'--{e.flagname}: the config has no key {e.flagname[len("config."):]!r}; see '
+            'scone_jax/config.py for the valid keys')
   return f'{e} (see --helpshort)'
 
 
@@ -259,20 +282,52 @@ def _find_config_files(argv: list[str], flag_values: flags.FlagValues) -> list[s
   return out
 
 
-def _check_remote_locations(flag_values: flags.FlagValues) -> None:
-  """Fails in seconds, naming the credentials fix, when a gs:// location given on the
-  command line cannot be reached (no credentials, no network): the storage clients
-  would otherwise retry for minutes before the run's first write fails."""
+# Flags that name a directory the command reads or writes.
+_DIRECTORY_FLAGS = ('workdir', 'root')
+# The JSON files of a run directory a command may read (W/config.json, W/run.json, ...).
+_RUN_JSON_FILES = ('config.json', 'run.json', 'eval.json', 'point.json')
+
+
+def _corrupt_run_file(flag_values: flags.FlagValues) -> str | None:
+  """After a JSONDecodeError: which of the workdir's JSON files does not parse, as a
+  message naming it (None if none of them: then the error is not the user's)."""
+  workdir = flag_values['workdir'].value if 'workdir' in flag_values else None
+  if not workdir:
+    return None
+  for name in _RUN_JSON_FILES:
+    path = paths.join(paths.resolve(workdir), name)
+    try:
+      json.loads(paths.read_text(path))
+    except json.JSONDecodeError as e:
+      return (f'{path} is truncated or corrupt ({e}); restore it from a copy of the run, '
+              'or start the run again in a new --workdir')
+    except OSError:
+      continue  # Absent (or unreadable): not the file that failed to parse.
+  return None
+
+
+def _check_locations(flag_values: flags.FlagValues) -> None:
+  """Fails before any work when a directory flag names a local file, or in seconds,
+  naming the credentials fix, when a gs:// location given on the command line cannot be
+  reached (no credentials, no network): the storage clients would otherwise retry for
+  minutes before the run's first write fails."""
   for name, flag in flag_values._flags().items():  # pylint: disable=protected-access
     value = flag.value
-    if name != flag.name or not isinstance(value, str) or not paths.is_remote(value):
+    if name != flag.name or not isinstance(value, str) or not value:
+      continue
+    if not paths.is_remote(value):
+      if name in _DIRECTORY_FLAGS and os.path.exists(value) and not os.path.isdir(value):
+        raise CommandLineError(f'--{name}={value} is a file, not a directory: pass a '
+                               'directory (or move the file away)')
       continue
     outcome: list[BaseException | None] = []
     probe = threading.Thread(target=_probe, args=(value, outcome), daemon=True)
     probe.start()
-    probe.join(REMOTE_PREFLIGHT_SECONDS)
+    seconds = float(os.environ.get(REMOTE_PREFLIGHT_ENV, REMOTE_PREFLIGHT_SECONDS))
+    probe.join(seconds)
     if not outcome or outcome[0] is not None:
-      why = (f'no answer within {REMOTE_PREFLIGHT_SECONDS:.0f} s' if not outcome else
+      why = (f'no answer within {seconds:g} s (${REMOTE_PREFLIGHT_ENV} waits longer)'
+             if not outcome else
              ' '.join(str(outcome[0]).split())[:300])
       raise CommandLineError(
           f'--{name}={value} cannot be reached ({why}): set up credentials (`gcloud auth '

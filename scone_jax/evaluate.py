@@ -142,6 +142,12 @@ def evaluate(workdir: str, step: int | None = None,
     step: the checkpoint step (None = the latest).
     eval_batches: overrides the run's train.eval_batches (0 = the whole held-out sets).
   """
+  return write_eval(*evaluate_run(workdir, step, eval_batches))
+
+
+def evaluate_run(workdir: str, step: int | None = None, eval_batches: int | None = None
+                 ) -> tuple[str, int, dict[str, CorpusEval]]:
+  """`evaluate` without writing: (the run's path, the step evaluated, results per corpus)."""
   run_dir = run_lib.RunDir(workdir)
   cfg = run_dir.config()
   if eval_batches is not None:
@@ -153,15 +159,22 @@ def evaluate(workdir: str, step: int | None = None,
   mesh = mesh_lib.make_mesh(cfg.mesh, cfg.train.batch_size)
   lm, step = run_dir.restore_model(cfg, mesh, step)
   graphdef, params, other = nnx.split(lm, nnx.Param, ...)
-  results = Evaluator(cfg, graphdef, mesh, data)(params, other)
-  return write_eval(run_dir.path, step, results)
+  return run_dir.path, step, Evaluator(cfg, graphdef, mesh, data)(params, other)
 
 
 def main(argv):
   del argv
-  record = evaluate(_WORKDIR.value, _STEP.value, _EVAL_BATCHES.value)
-  for line in format_eval(record):
-    print(line)
+  path, step, results = evaluate_run(_WORKDIR.value, _STEP.value, _EVAL_BATCHES.value)
+  # The numbers first: a run on a read-only disk still gets its results on stdout.
+  for line in format_eval(eval_record(step, results)):
+    print(line, flush=True)
+  try:
+    write_eval(path, step, results)
+  except OSError as e:
+    raise run_lib.RunError(
+        f'{paths.join(path, run_lib.EVAL_FILE)} could not be written ({e.strerror or e}); '
+        'the results are printed above: make the run directory writable (or copy the run '
+        'to a writable place) and rerun evaluate to record them') from e
 
 
 if __name__ == '__main__':
