@@ -144,7 +144,8 @@ def _has_key(cd: Any, dotted: str) -> bool:
 def overrides(holder: flags.FlagHolder, sections: Sequence[str]) -> dict[str, Any]:
   """The --config.* overrides given, as {dotted key: value}; CommandLineError for a key
   outside `sections` (a trained run's model and data cannot change)."""
-  values = config_flags.get_override_values(holder._flagvalues[holder.name])  # pylint: disable=protected-access
+  flag = holder._flagvalues[holder.name]  # pylint: disable=protected-access
+  values = config_flags.get_override_values(flag)
   bad = sorted(k for k in values if k.split('.')[0] not in sections)
   if bad:
     allowed = ', '.join(f'--config.{s}.*' for s in sections)
@@ -181,7 +182,8 @@ def run(entry: str, main: Callable[[list[str]], Any], flag_values: flags.FlagVal
       _check_locations(flag_values)
       return main(argv)
     except Exception as e:  # pylint: disable=broad-except
-      message = user_error_message(e)
+      workdir = flag_values['workdir'].value if 'workdir' in flag_values else ''
+      message = user_error_message(e, workdir or '')
       if message is None and isinstance(e, json.JSONDecodeError):
         message = _corrupt_run_file(flag_values)
       if message is None:
@@ -191,38 +193,38 @@ def run(entry: str, main: Callable[[list[str]], Any], flag_values: flags.FlagVal
   app.run(wrapped, flags_parser=parse)
 
 
-def user_error_message(e: BaseException) -> str | None:
-  """The one-line message of a user's mistake, or None when `e` is a bug."""
+def user_error_message(e: BaseException, workdir: str = '') -> str | None:
+  """The one-line message of a user's mistake, or None when `e` is a bug. An OS error
+  without a file name (a failed write of a full disk) is placed under `workdir`."""
   if isinstance(e, (UserError, app.UsageError)):
     return str(e)
   if isinstance(e, _MESSAGE_OS_ERRORS) and e.errno is None and e.args:
     return str(e)  # Raised by our code with a message naming the path and the fix.
   if isinstance(e, OSError) and e.errno in _OS_FIXES:
-    where = e.filename or ''
-    if e.filename2:
-      where += f' -> {e.filename2}'
+    where = (f'{e.filename} -> {e.filename2}' if e.filename2 else e.filename) or (
+        f'writing under {workdir}' if workdir else '')
     return f'{where + ": " if where else ""}{e.strerror or e}; {_OS_FIXES[e.errno]}'
   return None
 
 
 _MESSAGE_OS_ERRORS = (FileNotFoundError, NotADirectoryError, FileExistsError,
                       IsADirectoryError, PermissionError)
+_FILE_IN_THE_WAY = ('a file is where a directory must be: pass a directory as --workdir '
+                    '(or move the file away)')
+_NOT_WRITABLE = ('no permission to write there: pass a writable --workdir (or fix the '
+                 'permissions)')
+_FULL = 'free space there or pass a --workdir on another disk'
 # errno -> the fix, for OS errors whose cause is a path the user gave or its disk.
 _OS_FIXES = {
     errno.ENOENT: 'check the path given on the command line (or in the config)',
-    errno.ENOTDIR: 'a file is where a directory must be: pass a directory as --workdir '
-                   '(or move the file away)',
-    errno.EEXIST: 'a file is where a directory must be: pass a directory as --workdir '
-                  '(or move the file away)',
+    errno.ENOTDIR: _FILE_IN_THE_WAY,
+    errno.EEXIST: _FILE_IN_THE_WAY,
     errno.EISDIR: 'a directory is where a file must be: pass the file\'s path',
-    errno.EACCES: 'no permission to write there: pass a writable --workdir (or fix the '
-                  'permissions)',
-    errno.EPERM: 'no permission to write there: pass a writable --workdir (or fix the '
-                 'permissions)',
+    errno.EACCES: _NOT_WRITABLE,
+    errno.EPERM: _NOT_WRITABLE,
     errno.EROFS: 'the file system is read-only: pass a writable --workdir',
-    errno.ENOSPC: 'the disk is full: free space there or pass a --workdir on another disk',
-    errno.EDQUOT: 'the disk quota is exceeded: free space there or pass a --workdir on '
-                  'another disk',
+    errno.ENOSPC: f'the disk is full: {_FULL}',
+    errno.EDQUOT: f'the disk quota is exceeded: {_FULL}',
 }
 
 

@@ -31,7 +31,7 @@ import pytest
 
 import train_helpers as th
 from train_helpers import compile_cache  # noqa: F401  (autouse fixture)
-from scone_jax import cli, logs, runlock
+from scone_jax import artifacts, cli, logs, runlock
 from scone_jax import config as config_lib
 from scone_jax.sweeps import analysis
 
@@ -260,8 +260,8 @@ CASES = [
     Case('sweeps-missing-file', lambda c: ['sweeps', '--sweep=experiments/sweeps/nope.py',
                                            f'--root={c.tmp}', '--dry_run'],
          ("'experiments/sweeps/nope.py' does not exist", 'nothing was launched')),
-    Case('sweeps-unknown-key', lambda c: ['sweeps', f'--sweep={_sweep_file(c.tmp, [{"train.sede": 1}])}',
-                                          f'--root={c.tmp}', '--dry_run'],
+    Case('sweeps-unknown-key', lambda c: ['sweeps', '--dry_run', f'--root={c.tmp}',
+                                          f'--sweep={_sweep_file(c.tmp, [{"train.sede": 1}])}'],
          ("unknown config key 'train.sede'", 'nothing was launched')),
     Case('sweeps-bad-set', lambda c: ['sweeps', '--sweep=experiments/sweeps/demo.py',
                                       '--set=train.steps', f'--root={c.tmp}', '--dry_run'],
@@ -277,10 +277,14 @@ CASES = [
 
 
 def _tree_digest(*roots: str) -> dict[str, str]:
+  """sha256 of every file under the roots, except artifacts' verification stamps (a cache
+  any reader may write: artifacts.VERIFIED)."""
   out = {}
   for root in roots:
     for base, _, names in os.walk(root):
       for name in names:
+        if name == artifacts.VERIFIED:
+          continue
         path = os.path.join(base, name)
         with open(path, 'rb') as f:
           out[path] = hashlib.sha256(f.read()).hexdigest()
