@@ -286,6 +286,9 @@ def _find_config_files(argv: list[str], flag_values: flags.FlagValues) -> list[s
 
 # Flags that name a directory the command reads or writes.
 _DIRECTORY_FLAGS = ('workdir', 'root')
+# Those whose gs:// location the command itself opens at once. Not the sweeps' --root: a
+# dry run, or the TPU backend's launcher, need not reach it.
+_PROBED_FLAGS = ('workdir',)
 # The JSON files of a run directory a command may read (W/config.json, W/run.json, ...).
 _RUN_JSON_FILES = ('config.json', 'run.json', 'eval.json', 'point.json')
 
@@ -310,17 +313,19 @@ def _corrupt_run_file(flag_values: flags.FlagValues) -> str | None:
 
 def _check_locations(flag_values: flags.FlagValues) -> None:
   """Fails before any work when a directory flag names a local file, or in seconds,
-  naming the credentials fix, when a gs:// location given on the command line cannot be
-  reached (no credentials, no network): the storage clients would otherwise retry for
-  minutes before the run's first write fails."""
-  for name, flag in flag_values._flags().items():  # pylint: disable=protected-access
-    value = flag.value
-    if name != flag.name or not isinstance(value, str) or not value:
+  naming the credentials fix, when a gs:// --workdir cannot be reached (no credentials,
+  no network): the storage clients would otherwise retry for minutes before the run's
+  first write fails."""
+  for name in _DIRECTORY_FLAGS:
+    value = flag_values[name].value if name in flag_values else None
+    if not value:
       continue
     if not paths.is_remote(value):
-      if name in _DIRECTORY_FLAGS and os.path.exists(value) and not os.path.isdir(value):
+      if os.path.exists(value) and not os.path.isdir(value):
         raise CommandLineError(f'--{name}={value} is a file, not a directory: pass a '
                                'directory (or move the file away)')
+      continue
+    if name not in _PROBED_FLAGS:
       continue
     outcome: list[BaseException | None] = []
     probe = threading.Thread(target=_probe, args=(value, outcome), daemon=True)

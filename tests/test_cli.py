@@ -363,7 +363,7 @@ def test_user_error_is_one_line_and_status_2(case, good, tmp_path):
   assert _tree_digest(good.run, good.artifacts) == before  # Nothing written to the good run.
 
 
-def test_traceback_on_request(good, tmp_path):
+def test_traceback_on_request(tmp_path):
   argv = ['evaluate', f'--workdir={tmp_path / "no_such_run"}']
   for extra, env in ((['--verbosity=1'], {}), ([], {cli.TRACEBACK_ENV: '1'})):
     done, _ = _run_cli(argv + extra, env)
@@ -393,21 +393,24 @@ def test_os_errors_of_the_users_disk_are_one_line():
       'pass a --workdir on another disk')
   assert 'read-only' in cli.user_error_message(
       OSError(errno.EROFS, 'Read-only file system', '/ro/W'))
+  # A failed write often carries no file name: the message places it under the workdir.
+  assert cli.user_error_message(OSError(errno.ENOSPC, 'No space left on device'),
+                                '/runs/x').startswith('writing under /runs/x: No space left')
   assert cli.user_error_message(OSError(errno.EIO, 'I/O error', '/x')) is None  # A bug/HW.
   assert cli.user_error_message(ValueError('x')) is None
 
 
-@pytest.mark.parametrize('argv', [
-    ['train', '--config=experiments/tiny.py', '--print_config'],
-    ['prepare', '--config=experiments/tiny.py:nope', '--workdir=x'],
-])
-def test_relative_config_files_resolve_from_any_directory(argv, tmp_path):
-  done, _ = _run_cli(argv, cwd=str(tmp_path))
-  if argv[0] == 'train':
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout)['name']
-  else:  # Found in the repo root, then its argument is checked (not a missing file).
-    assert 'does not exist' not in done.stderr, done.stderr[-3000:]
+def test_relative_config_and_sweep_files_resolve_from_any_directory(tmp_path):
+  """The docs' commands (paths relative to the repo root) work from another directory."""
+  printed, _ = _run_cli(['train', '--config=experiments/tiny.py', '--print_config'],
+                        cwd=str(tmp_path))
+  assert printed.returncode == 0, printed.stderr[-3000:]
+  assert json.loads(printed.stdout)['name']
+  # The sweep file and its BASE_CONFIG (experiments/demo.py:micro) both.
+  dry, _ = _run_cli(['sweeps', '--sweep=experiments/sweeps/demo_micro.py',
+                     f'--root={tmp_path / "runs"}', '--dry_run'], cwd=str(tmp_path))
+  assert dry.returncode == 0, dry.stderr[-3000:]
+  assert 'sweep demo_micro: 8 point(s)' in dry.stdout
 
 
 def test_missing_config_names_both_places(tmp_path):
