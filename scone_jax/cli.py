@@ -163,7 +163,15 @@ def run(entry: str, main: Callable[[list[str]], Any], flag_values: flags.FlagVal
   User errors end the process with one line and status 2; see the module docstring.
   """
   def parse(argv: list[str]) -> list[str]:
-    flag_values.append_flag_values(flags.FLAGS)  # absl's --verbosity, --logtostderr, ...
+    # Parsed together: the entry's flags and absl's (--verbosity, --helpshort, ...), whose
+    # help lists the main module's flags from the global FLAGS.
+    for name, flag in list(flag_values._flags().items()):  # pylint: disable=protected-access
+      if name == flag.name and name not in flags.FLAGS:
+        flags.FLAGS[name] = flag
+        flags.FLAGS.register_flag_by_module(sys.argv[0], flag)
+    for name, flag in flags.FLAGS._flags().items():  # pylint: disable=protected-access
+      if name == flag.name and name not in flag_values:  # Short names come along.
+        flag_values[name] = flag
     try:
       rest = flag_values(_find_config_files(argv, flag_values))
     except Exception as e:  # pylint: disable=broad-except
