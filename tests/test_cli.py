@@ -34,6 +34,7 @@ from train_helpers import compile_cache  # noqa: F401  (autouse fixture)
 from scone_jax import artifacts, cli, logs, runlock
 from scone_jax import config as config_lib
 from scone_jax.sweeps import analysis
+from scone_jax.train import checkpoint as checkpoint_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # CPU seconds a failing command may take (load-independent, unlike wall time: the test
@@ -398,6 +399,9 @@ def test_os_errors_of_the_users_disk_are_one_line():
                                 '/runs/x').startswith('writing under /runs/x: No space left')
   assert cli.user_error_message(OSError(errno.EIO, 'I/O error', '/x')) is None  # A bug/HW.
   assert cli.user_error_message(ValueError('x')) is None
+  # A failed checkpoint save (a full disk under orbax) stops train with its one line.
+  saved = checkpoint_lib.CheckpointSaveError('saving checkpoint step 2 failed (ENOSPC)')
+  assert cli.user_error_message(saved) == 'saving checkpoint step 2 failed (ENOSPC)'
 
 
 def test_relative_config_and_sweep_files_resolve_from_any_directory(tmp_path):
