@@ -6,9 +6,8 @@ Flags and behaviour: scone_jax/sweeps/cli.py. scone_jax must be importable (`mak
 installs it in editable mode; or run from the repo root with `python -m scone_jax.sweeps`).
 """
 
-from absl import app
-
-from scone_jax.sweeps import cli
+from scone_jax import cli
+from scone_jax.sweeps import cli as sweeps_cli
 
 if __name__ == '__main__':
-  app.run(cli.main)
+  cli.run('sweep', sweeps_cli.main, sweeps_cli.FLAGS)

@@ -21,10 +21,9 @@ import subprocess
 import sys
 from typing import Sequence
 
-from absl import app
 from absl import flags
 
-from scone_jax import report
+from scone_jax import cli, report
 from scone_jax.sweeps import analysis
 from scone_jax.sweeps import backends as sweep_backends
 from scone_jax.sweeps import results
@@ -32,18 +31,19 @@ from scone_jax.sweeps import spec as sweep_spec
 from scone_jax.sweeps import study
 from scone_jax.sweeps import tables
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Root of the demo sweep and its report.')
-_SWEEP = flags.DEFINE_string('sweep', os.path.join(_REPO, 'experiments', 'sweeps', 'demo.py'),
-                             'The sweep to run (tests pass a smaller one).')
+FLAGS = flags.FlagValues()
+_WORKDIR = cli.define_workdir(FLAGS, 'Root of the demo sweep and its report.',
+                              default='runs/demo')
+_SWEEP = flags.DEFINE_string('sweep', 'experiments/sweeps/demo.py',
+                             'The sweep to run (tests pass a smaller one).', flag_values=FLAGS)
 _PARALLEL = flags.DEFINE_integer(
     'parallel', 2, "Points trained at once (2 overlaps one run's Python startup and "
-    "compilation with the other's training on 2 cores).")
-_SET = flags.DEFINE_multi_string('set', [], 'KEY=VALUE override for every point.')
+    "compilation with the other's training on 2 cores).", flag_values=FLAGS)
+_SET = flags.DEFINE_multi_string('set', [], 'KEY=VALUE override for every point.',
+                                 flag_values=FLAGS)
 _PROMPTS = flags.DEFINE_multi_string(
     'prompt', ['Return the number of', 'This module provides', 'If the file'],
-    'Prompts for the generation step.')
+    'Prompts for the generation step.', flag_values=FLAGS)
 
 
 def verdict_lines(runs: Sequence[results.PointResult]) -> list[str]:
@@ -77,7 +77,8 @@ def export_and_generate(sweep: sweep_spec.Sweep, run: results.PointResult, promp
     raise RuntimeError(f'export of {run.name} failed (exit {rc}); see {log}')
   cmd = sweep_spec.command(sweep, point, python, 'generate')
   # Half the context for new tokens leaves the other half for the (short) prompts.
-  cmd += f' --max_new_tokens={run.cfg.model.max_seq_len // 2} --temperature=0.8 --top_k=40'
+  cmd += (f' --config.serve.max_new_tokens={run.cfg.model.max_seq_len // 2}'
+          ' --config.serve.temperature=0.8 --config.serve.top_k=40')
   cmd += ''.join(' ' + shlex.quote(f'--prompt={p}') for p in prompts)
   result = subprocess.run(cmd, shell=True, executable='/bin/bash', capture_output=True,
                           text=True, check=False)
@@ -117,4 +118,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run('demo', main, FLAGS)

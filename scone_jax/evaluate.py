@@ -24,10 +24,10 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
-from scone_jax import artifacts, batches, compat, logs, paths
+from scone_jax import artifacts, batches, cli, compat, paths
 from scone_jax import config as config_lib
 from scone_jax import mesh as mesh_lib
 from scone_jax import run as run_lib
@@ -37,6 +37,15 @@ from scone_jax.model.loss import cross_entropy_sums
 
 class NonFiniteEvalError(UserError, FloatingPointError):
   """An evaluation gave a NaN/Inf loss: the weights are not finite (W/eval.json is kept)."""
+
+
+FLAGS = flags.FlagValues()
+_WORKDIR = cli.define_workdir(FLAGS, 'Training run directory.')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).',
+                             flag_values=FLAGS)
+_EVAL_BATCHES = flags.DEFINE_integer(
+    'eval_batches', None, "Batches per eval corpus (0 = the whole set; default: the run's "
+    'train.eval_batches).', flag_values=FLAGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +159,12 @@ def evaluate(workdir: str, step: int | None = None,
     step: the checkpoint step (None = the latest).
     eval_batches: overrides the run's train.eval_batches (0 = the whole held-out sets).
   """
+  return write_eval(*evaluate_run(workdir, step, eval_batches))
+
+
+def evaluate_run(workdir: str, step: int | None = None, eval_batches: int | None = None
+                 ) -> tuple[str, int, dict[str, CorpusEval]]:
+  """`evaluate` without writing: (the run's path, the step evaluated, results per corpus)."""
   run_dir = run_lib.RunDir(workdir)
   cfg = run_dir.config()
   if eval_batches is not None:
@@ -161,22 +176,23 @@ def evaluate(workdir: str, step: int | None = None,
   mesh = mesh_lib.make_mesh(cfg.mesh, cfg.train.batch_size)
   lm, step = run_dir.restore_model(cfg, mesh, step)
   graphdef, params, other = nnx.split(lm, nnx.Param, ...)
-  results = Evaluator(cfg, graphdef, mesh, data)(params, other)
-  return write_eval(run_dir.path, step, results)
+  return run_dir.path, step, Evaluator(cfg, graphdef, mesh, data)(params, other)
 
 
 def main(argv):
   del argv
-  logs.quiet_third_party_logs()
-  record = evaluate(flags.FLAGS.workdir, flags.FLAGS.step, flags.FLAGS.eval_batches)
-  for line in format_eval(record):
-    print(line)
+  path, step, results = evaluate_run(_WORKDIR.value, _STEP.value, _EVAL_BATCHES.value)
+  # The numbers first: a run on a read-only disk still gets its results on stdout.
+  for line in format_eval(eval_record(step, results)):
+    print(line, flush=True)
+  try:
+    write_eval(path, step, results)
+  except OSError as e:
+    raise run_lib.RunError(
+        f'{paths.join(path, run_lib.EVAL_FILE)} could not be written ({e.strerror or e}); '
+        'the results are printed above: make the run directory writable (or copy the run '
+        'to a writable place) and rerun evaluate to record them') from e
 
 
 if __name__ == '__main__':
-  # Defined here, not at import: the train loop imports this module next to its own flags.
-  flags.DEFINE_string('workdir', None, 'Training run directory.', required=True)
-  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
-  flags.DEFINE_integer('eval_batches', None, 'Batches per eval corpus (0 = the whole set; '
-                       "default: the run's train.eval_batches).")
-  app.run(main)
+  cli.run('evaluate', main, FLAGS)

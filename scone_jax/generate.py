@@ -1,13 +1,19 @@
 """Text generation through the host-side f-gram store.
 
-  python -m scone_jax.generate --workdir=W --prompt="def main(" [--max_new_tokens=64
-      --temperature=0.8 --top_k=40 --top_p=0.95 --batch_size=1 --store_tier=ram|disk
-      --decode_loop=device|host --lookup=auto|native|callback|cache --cache_rows=C --seed=0] [--accounting_only]
+  python -m scone_jax.generate --workdir=W --prompt="def main(" [--seed=0]
+      [--config.serve.max_new_tokens=64 --config.serve.temperature=0.8
+       --config.serve.top_k=40 --config.serve.top_p=0.95 --config.serve.batch_size=1
+       --config.serve.store_tier=ram|disk --config.serve.decode_loop=device|host
+       --config.serve.lookup=auto|native|callback|cache --config.serve.cache_rows=C]
+  python -m scone_jax.generate --workdir=W --accounting_only
 
 Restores W's latest checkpoint. SCONE runs read the store written by
-`python -m scone_jax.export --workdir=W`; baseline runs need none. Unset flags take
-config.serve's values from W/config.json. `--accounting_only` prints accelerator-resident
-and offloaded parameters and FLOPs per token instead of generating.
+`python -m scone_jax.export --workdir=W`; baseline runs need none. `--config.serve.*`
+overrides W/config.json's serve section (scone_jax/config.py documents each key); the rest
+of the run's config is fixed. When the prompt plus max_new_tokens exceeds the model's
+context (model.max_seq_len), max_new_tokens is cut to fit and stderr says so.
+`--accounting_only` prints accelerator-resident and offloaded parameters and FLOPs per
+token instead of generating.
 """
 
 from __future__ import annotations
@@ -15,14 +21,25 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from absl import app, flags
+from absl import flags, logging
 
-from scone_jax import logs, restore
+from scone_jax import cli, restore
 from scone_jax import config as config_lib
 from scone_jax.config import Config
 from scone_jax.serve.accounting import account, measured_af_tokens_per_token
 from scone_jax.serve.sampling import Sampling
 from scone_jax.serve.session import build_decoder
+
+
+FLAGS = flags.FlagValues()
+_WORKDIR = cli.define_workdir(FLAGS, 'Training run directory.')
+_CONFIG = cli.define_config_overrides(FLAGS)
+_PROMPT = flags.DEFINE_multi_string('prompt', [], 'Prompt text (repeat the flag for a batch).',
+                                    flag_values=FLAGS)
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.', flag_values=FLAGS)
+_ACCOUNTING_ONLY = flags.DEFINE_bool(
+    'accounting_only', False, 'Print parameter/FLOP accounting of the decode step and exit.',
+    flag_values=FLAGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,15 +57,15 @@ def generate(cfg: Config, workdir: str, prompts: list[str], seed: int = 0) -> Ge
   the requested batch.
   """
   if not prompts or not all(p for p in prompts):
-    raise ValueError('give a non-empty --prompt')
+    raise cli.CommandLineError('give a non-empty --prompt="..." (repeat it for a batch)')
   batch_size = max(cfg.serve.batch_size, len(prompts))
   run, decoder = build_decoder(cfg, workdir, batch_size)
   tok = run.tokenizer
   ids = [np.asarray(x, np.int32) for x in tok.encode(prompts)]
   batch = ids + [ids[-1]] * (batch_size - len(ids))
   s = cfg.serve
-  gen = decoder.generate(batch, s.max_new_tokens, Sampling(s.temperature, s.top_k, s.top_p,
-                                                          vocab_size=tok.vocab_size),
+  gen = decoder.generate(batch, _fit_context(s.max_new_tokens, ids, decoder.cache_len),
+                         Sampling(s.temperature, s.top_k, s.top_p, vocab_size=tok.vocab_size),
                          seed=seed, eos_id=tok.eos_id)
   return GenerateResult(
       # Decoding prompt + continuation together keeps the tokenizer's spacing right.
@@ -57,22 +74,33 @@ def generate(cfg: Config, workdir: str, prompts: list[str], seed: int = 0) -> Ge
       lookup_ms_per_step=1e3 * gen.lookup_seconds / max(gen.decode_steps, 1))
 
 
+def _fit_context(max_new_tokens: int, ids: list[np.ndarray], context: int) -> int:
+  """max_new_tokens, cut (with a warning) so the longest prompt plus BOS plus the new
+  tokens fit the model's context; CommandLineError when the prompt alone fills it."""
+  prompt_len = 1 + max(len(x) for x in ids)  # The decoder prepends BOS.
+  room = context - prompt_len
+  if room < 1:
+    raise cli.CommandLineError(
+        f'--prompt is {prompt_len} tokens (with BOS) and fills the model\'s context of '
+        f'{context} tokens (model.max_seq_len); shorten the prompt')
+  if max_new_tokens > room:
+    logging.warning('generate: max_new_tokens=%d cut to %d: the prompt (%d tokens with BOS) '
+                    'plus the new tokens must fit the model\'s context of %d tokens '
+                    '(model.max_seq_len)', max_new_tokens, room, prompt_len, context)
+  return min(max_new_tokens, room)
+
+
 def main(argv):
   del argv
-  logs.quiet_third_party_logs()
-  f = flags.FLAGS
-  names = ('max_new_tokens', 'temperature', 'top_k', 'top_p', 'batch_size', 'store_tier',
-           'decode_loop', 'lookup', 'cache_rows')
-  overrides = {f'serve.{n}': getattr(f, n) for n in names if getattr(f, n) is not None}
-  cfg = restore.run_config(f.workdir, overrides)
-  if f.accounting_only:
+  cfg = restore.run_config(_WORKDIR.value, cli.overrides(_CONFIG, ('serve',)))
+  if _ACCOUNTING_ONLY.value:
     # XLA's cost analysis counts a scanned layer body once: unroll so it counts every layer.
     cfg = config_lib.replace(cfg, **{'model.layer_loop': 'unrolled'})
-    run, decoder = build_decoder(cfg, f.workdir)
+    run, decoder = build_decoder(cfg, _WORKDIR.value)
     print(account(cfg, decoder, run.vocab_size,
-                  measured_af_tokens_per_token(f.workdir)).table())
+                  measured_af_tokens_per_token(_WORKDIR.value)).table())
     return
-  result = generate(cfg, f.workdir, f.prompt, f.seed)
+  result = generate(cfg, _WORKDIR.value, _PROMPT.value, _SEED.value)
   for text in result.texts:
     print(text)
   lookup = (f', host lookup {result.lookup_ms_per_step:.3f} ms/step'
@@ -80,27 +108,5 @@ def main(argv):
   print(f'[{result.tokens_per_second:.1f} tokens/s{lookup}]')
 
 
-def define_flags() -> None:
-  """The CLI flags; defined only when run as a program, so importing never adds them."""
-  flags.DEFINE_string('workdir', None, 'Training run directory.', required=True)
-  flags.DEFINE_multi_string('prompt', [], 'Prompt text (repeat the flag for a batch).')
-  flags.DEFINE_integer('max_new_tokens', None, 'Tokens to generate (default config.serve).')
-  flags.DEFINE_float('temperature', None, '0 = greedy.')
-  flags.DEFINE_integer('top_k', None, '0 = off.')
-  flags.DEFINE_float('top_p', None, '1.0 = off.')
-  flags.DEFINE_integer('batch_size', None, 'Rows decoded together.')
-  flags.DEFINE_enum('store_tier', None, ['ram', 'disk'], 'Where the f-gram table is read.')
-  flags.DEFINE_enum('decode_loop', None, ['device', 'host'],
-                    'On-device generation loop or one jitted step per token.')
-  flags.DEFINE_enum('lookup', None, ['auto', 'native', 'callback', 'cache'],
-                    "SCONE's lookup inside the device loop (auto: native on CPU + ram; "
-                    'cache: device match + cache_rows hot rows on the device).')
-  flags.DEFINE_integer('cache_rows', None, "Rows of lookup='cache''s device cache.")
-  flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-  flags.DEFINE_bool('accounting_only', False,
-                    'Print parameter/FLOP accounting of the decode step and exit.')
-
-
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run('generate', main, FLAGS)

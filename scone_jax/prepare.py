@@ -23,10 +23,9 @@ import time
 from typing import Callable
 
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-from scone_jax import artifacts, logs, paths
+from scone_jax import artifacts, cli, paths
 from scone_jax import config as config_lib
 from scone_jax import config_runtime
 from scone_jax import run as run_lib
@@ -49,6 +48,11 @@ class RunInputsChangedError(UserError, RuntimeError):
 
 class ShortTableError(UserError, ValueError):
   """The mined f-gram table has fewer rows than the S the config asks for."""
+
+
+FLAGS = flags.FlagValues()
+_CONFIG = cli.define_config_file(FLAGS)
+_WORKDIR = cli.define_workdir(FLAGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,25 +433,10 @@ def summary(prepared: Prepared) -> str:
   return '\n'.join(lines)
 
 
-def cli() -> None:
-  """The `python -m scone_jax.prepare` entry point.
-
-  Flags are defined here, not at import, so that importing this module (as train and
-  evaluate do) never clashes with their own --config / --workdir flags.
-  """
-  config_flag = config_flags.DEFINE_config_file('config', lock_config=True,
-                                                help_string='experiments/<name>.py')
-  workdir_flag = flags.DEFINE_string('workdir', None, 'run directory', required=True)
-
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    logs.quiet_third_party_logs()
-    cfg = config_lib.from_configdict(config_flag.value)
-    print(summary(prepare(cfg, workdir_flag.value)))
-
-  app.run(main)
+def main(argv):
+  del argv
+  print(summary(prepare(cli.config_from_file(_CONFIG), _WORKDIR.value)))
 
 
 if __name__ == '__main__':
-  cli()
+  cli.run('prepare', main, FLAGS)

@@ -25,7 +25,9 @@ import os
 from typing import Any, Sequence
 
 import numpy as np
+from absl import flags
 
+from scone_jax import cli
 from scone_jax import paths as paths_lib
 from scone_jax.model import arm_accounting
 from scone_jax.sweeps import analysis
@@ -34,6 +36,12 @@ from scone_jax.sweeps import results as results_lib
 from scone_jax.sweeps import stats
 from scone_jax.sweeps import study
 from scone_jax.sweeps import tables
+
+FLAGS = flags.FlagValues()
+_SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file (experiments/sweeps/*.py); its name '
+                             'names the sweep directory.', required=True, flag_values=FLAGS)
+_ROOT = flags.DEFINE_string('root', 'runs', 'The --root the sweep ran under.',
+                            flag_values=FLAGS)
 
 CORPUS_COLUMNS = ('loss', 'perplexity', 'bits_per_byte', 'tokens', 'fraction_evaluated')
 
@@ -157,18 +165,12 @@ def _selection_section(record: dict[str, Any], order: Sequence[str]) -> list[str
 def main(argv):
   """`python -m scone_jax.report`: writes the report and prints the table and paths."""
   del argv
-  from absl import flags
-  name = os.path.splitext(os.path.basename(flags.FLAGS.sweep))[0]
-  paths = write_report(os.path.join(flags.FLAGS.root, name))
+  name = os.path.splitext(os.path.basename(_SWEEP.value))[0]
+  paths = write_report(os.path.join(_ROOT.value, name))
   print(paths_lib.read_text(paths['markdown']))
   for key, path in paths.items():
     print(f'{key}: {path}')
 
 
 if __name__ == '__main__':
-  # Flags are defined here, not at import: scone_jax.sweeps.cli imports this module and
-  # defines its own --sweep/--root.
-  from absl import app, flags
-  flags.DEFINE_string('sweep', None, 'Sweep file (experiments/sweeps/*.py).', required=True)
-  flags.DEFINE_string('root', 'runs', 'The --root the sweep ran under.')
-  app.run(main)
+  cli.run('report', main, FLAGS)

@@ -121,7 +121,11 @@ class RunDir:
     if not paths.exists(path):
       raise RunError(f'{path} does not exist: --workdir must be a training run '
                      '(python -m scone_jax.train ... --workdir=W writes it)')
-    return config_lib.from_json(paths.read_text(path))
+    try:
+      return config_lib.from_json(paths.read_text(path))
+    except json.JSONDecodeError as e:
+      raise RunError(f'{path} is corrupted ({e}); restore it from a copy of the run (train '
+                     'writes it when a run starts)') from e
 
   def info(self) -> dict[str, Any]:
     """W/run.json: what the trainer recorded (vocab size, artifacts, checkpoints)."""

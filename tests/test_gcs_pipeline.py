@@ -88,7 +88,8 @@ def _pipeline(config_file: str, workdir: str, env: dict[str, str], scratch: str,
   _run(['scone_jax.evaluate', f'--workdir={workdir}'], env)
   _run(['scone_jax.export', f'--workdir={workdir}'], env)
   text = _run(['scone_jax.generate', f'--workdir={workdir}', '--prompt=the of and',
-               '--max_new_tokens=6', '--temperature=0', '--decode_loop=host'], env)
+               '--config.serve.max_new_tokens=6',
+               '--config.serve.temperature=0', '--config.serve.decode_loop=host'], env)
   from scone_jax.serve import EmbeddingStore
   store = EmbeddingStore.open(paths.join(workdir, 'export'), 'ram')
   return {'eval': json.loads(paths.read_text(paths.join(workdir, 'eval.json'))),

@@ -107,10 +107,15 @@ def arms_of(runs: Sequence[Any], study_record: dict[str, Any] | None
   for r in runs:
     groups.setdefault(tuple(sorted((k, repr(v)) for k, v in r.overrides.items()
                                    if k != SEED_KEY)), []).append(r)
+  # Names show only the keys that vary between arms: a key every run shares (e.g. a
+  # --set data path or step count) says nothing about which arm is which.
+  varying = {k for key in groups for k, v in key
+             if any((k, v) not in other for other in groups)}
   arms = []
   for members in groups.values():
     own = {k: v for k, v in members[0].overrides.items() if k != SEED_KEY}
-    name = ', '.join(f'{k.split(".")[-1]}={v}' for k, v in sorted(own.items())) or 'base'
+    name = ', '.join(f'{k.split(".")[-1]}={v}' for k, v in sorted(own.items())
+                     if k in varying) or 'base'
     arms.append(Arm(name, members, own))
   arms.sort(key=_arm_order)
   baselines = [a for a in arms if not a.is_scone]
@@ -178,7 +183,7 @@ def fmt_interval(s: stats.Summary, digits: int = 3, signed: bool = True) -> str:
 
 def _spread_phrase(d: stats.Summary, better: str, worse: str) -> str:
   if d.n < 2:
-    return 'cannot be judged against the seed spread (fewer than 2 paired seeds)'
+    return 'not tested against the seed spread (fewer than 2 paired seeds)'
   if d.excludes_zero:
     return f'{better if d.mean < 0 else worse} beyond the seed spread (interval excludes 0)'
   return 'within the seed spread (the interval includes 0)'

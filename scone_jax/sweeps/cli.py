@@ -20,8 +20,8 @@ phases: each arm's learning rate is chosen on the validation corpora, then every
 the comparison seeds at its chosen lr (scone_jax/sweeps/study.py). `--report` then writes
 REPORT.md with the grid, the chosen lrs, per-corpus intervals and the verdicts.
 
-This module defines absl flags at import: only entry points import it (library code uses
-spec/backends).
+Its flags live in its own `FLAGS` (scone_jax/cli.py), so importing it defines nothing
+global.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import sys
 
 from absl import flags
 
+from scone_jax import cli
 from scone_jax import paths as paths_lib
 from scone_jax import report as report_lib
 from scone_jax.sweeps import backends
@@ -44,77 +45,84 @@ from scone_jax.sweeps import tpu as tpu_lib
 from scone_jax.sweeps import tables
 from scone_jax.sweeps import xpk as xpk_lib
 
+FLAGS = flags.FlagValues()
 _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file (experiments/sweeps/*.py).',
-                             required=True)
+                             required=True, flag_values=FLAGS)
 _BACKEND = flags.DEFINE_enum('backend', 'local', ['local', 'tpu', 'slurm', 'xpk'],
-                             'Where to run points (docs/LAUNCH.md).')
-_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print commands and accounting; run nothing.')
+                             'Where to run points (docs/LAUNCH.md).', flag_values=FLAGS)
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print commands and accounting; run nothing.', flag_values=FLAGS)
 _AF_TOKENS = flags.DEFINE_float(
     'af_tokens_per_token', None, 'Dry run: measured A_f tokens per main-model token for '
-    'the *_measured accounting columns (default: worst case only).')
-_PARALLEL = flags.DEFINE_integer('parallel', 1, 'Local backend: points run at once.')
-_ONLY = flags.DEFINE_string('only', '', 'Run only points whose run name matches this regex.')
-_REPORT = flags.DEFINE_bool('report', False, 'Write the report (CSV, REPORT.md, plots) after.')
-_ROOT = flags.DEFINE_string('root', 'runs', 'Runs go to ROOT/SWEEP/RUN (local or gs://).')
+    'the *_measured accounting columns (default: worst case only).', flag_values=FLAGS)
+_PARALLEL = flags.DEFINE_integer('parallel', 1, 'Local backend: points run at once.',
+                                 flag_values=FLAGS)
+_ONLY = flags.DEFINE_string('only', '', 'Run only points whose run name matches this regex.',
+                            flag_values=FLAGS)
+_REPORT = flags.DEFINE_bool('report', False,
+                            'Write the report (CSV, REPORT.md, plots) after.',
+                            flag_values=FLAGS)
+_ROOT = flags.DEFINE_string('root', 'runs', 'Runs go to ROOT/SWEEP/RUN (local or gs://).',
+                            flag_values=FLAGS)
 _SET = flags.DEFINE_multi_string(
     'set', [], 'KEY=VALUE override for every point (part of run names), e.g. '
-    '--set=train.steps=3. VALUE is parsed as a Python literal, else kept as a string.')
-_PYTHON = flags.DEFINE_string('python', sys.executable, 'Local backend: the interpreter.')
+    '--set=train.steps=3. VALUE is parsed as a Python literal, else kept as a string.', flag_values=FLAGS)
+_PYTHON = flags.DEFINE_string('python', sys.executable, 'Local backend: the interpreter.', flag_values=FLAGS)
 _TPU_NAME = flags.DEFINE_string('tpu_name', '', 'TPU backend: TPU VM name, or several '
-                                'comma-separated (one point per free VM, in parallel).')
-_ZONE = flags.DEFINE_string('zone', '', 'TPU backend: zone.')
-_PROJECT = flags.DEFINE_string('project', '', 'TPU backend: GCP project (default: gcloud).')
-_REPO = flags.DEFINE_string('repo', '', 'TPU backend: git URL or gs:// folder of this repo.')
-_REF = flags.DEFINE_string('ref', 'main', 'TPU backend: git ref the workers check out.')
+                                'comma-separated (one point per free VM, in parallel).', flag_values=FLAGS)
+_ZONE = flags.DEFINE_string('zone', '', 'TPU backend: zone.', flag_values=FLAGS)
+_PROJECT = flags.DEFINE_string('project', '', 'TPU backend: GCP project (default: gcloud).', flag_values=FLAGS)
+_REPO = flags.DEFINE_string('repo', '', 'TPU backend: git URL or gs:// folder of this repo.', flag_values=FLAGS)
+_REF = flags.DEFINE_string('ref', 'main', 'TPU backend: git ref the workers check out.', flag_values=FLAGS)
 _RETRIES = flags.DEFINE_integer('retries', 3, 'TPU backend: retries of a failed point; '
-                                'SLURM: requeues of a preempted (exit 75) point.')
+                                'SLURM: requeues of a preempted (exit 75) point.', flag_values=FLAGS)
 _STATUS = flags.DEFINE_bool('status', False, "Print each point's backend, job, state, "
-                            'attempts and last step (from ROOT/SWEEP/status.json); run nothing.')
+                            'attempts and last step (from ROOT/SWEEP/status.json); run nothing.', flag_values=FLAGS)
 # --slurm.*: a point's job resources. Only flags given on the command line are passed on,
 # so they override the sweep file's SLURM dict / slurm_resources() and leave the rest.
 _SLURM_FLAGS = [
-    flags.DEFINE_string('slurm.partition', '', 'SLURM: partition (default: the default).'),
+    flags.DEFINE_string('slurm.partition', '', 'SLURM: partition (default: the default).', flag_values=FLAGS),
     flags.DEFINE_integer('slurm.nodes', 1, 'SLURM: nodes per point (> 1: srun + '
-                         'distributed.mode=auto; needs a gs:// root or --slurm.shared_fs).'),
-    flags.DEFINE_integer('slurm.gpus_per_node', 0, 'SLURM: GPUs per node.'),
-    flags.DEFINE_integer('slurm.cpus_per_task', 0, 'SLURM: CPUs per task.'),
-    flags.DEFINE_string('slurm.mem', '', 'SLURM: memory per node, e.g. 64G.'),
-    flags.DEFINE_string('slurm.time', '', 'SLURM: time limit per job, e.g. 04:00:00.'),
-    flags.DEFINE_string('slurm.account', '', 'SLURM: account to charge.'),
+                         'distributed.mode=auto; needs a gs:// root or --slurm.shared_fs).', flag_values=FLAGS),
+    flags.DEFINE_integer('slurm.gpus_per_node', 0, 'SLURM: GPUs per node.', flag_values=FLAGS),
+    flags.DEFINE_integer('slurm.cpus_per_task', 0, 'SLURM: CPUs per task.', flag_values=FLAGS),
+    flags.DEFINE_string('slurm.mem', '', 'SLURM: memory per node, e.g. 64G.', flag_values=FLAGS),
+    flags.DEFINE_string('slurm.time', '', 'SLURM: time limit per job, e.g. 04:00:00.', flag_values=FLAGS),
+    flags.DEFINE_string('slurm.account', '', 'SLURM: account to charge.', flag_values=FLAGS),
     flags.DEFINE_multi_string('slurm.extra', [], "SLURM: extra sbatch option (repeat), "
-                              "e.g. --slurm.extra=--qos=high."),
+                              "e.g. --slurm.extra=--qos=high.", flag_values=FLAGS),
     flags.DEFINE_string('slurm.setup', '', 'SLURM: shell lines before each point, e.g. '
-                        '"module load cuda".'),
-    flags.DEFINE_integer('slurm.max_parallel', 0, 'SLURM: array tasks at once (0: any).'),
+                        '"module load cuda".', flag_values=FLAGS),
+    flags.DEFINE_integer('slurm.max_parallel', 0, 'SLURM: array tasks at once (0: any).', flag_values=FLAGS),
     flags.DEFINE_bool('slurm.shared_fs', False, 'SLURM: the local --root is on a filesystem '
-                      'every node mounts.'),
+                      'every node mounts.', flag_values=FLAGS),
     flags.DEFINE_integer('slurm.signal_s', 120, 'SLURM: SIGTERM this many seconds before '
-                         'the time limit (save, exit 75, requeue).'),
+                         'the time limit (save, exit 75, requeue).', flag_values=FLAGS),
 ]
 _TPU_QUEUED = flags.DEFINE_string(
     'tpu_queued', '', 'TPU backend: create a queued-resource slice of this accelerator type '
-    '(e.g. v5p-64) per point, run it there, delete it (instead of --tpu_name).')
+    '(e.g. v5p-64) per point, run it there, delete it (instead of --tpu_name).', flag_values=FLAGS)
 _TPU_RUNTIME = flags.DEFINE_string('tpu_runtime_version', '', 'TPU backend with '
-                                   '--tpu_queued: the TPU VM image, e.g. v2-alpha-tpuv5.')
-_TPU_SPOT = flags.DEFINE_bool('tpu_spot', False, 'TPU backend with --tpu_queued: spot.')
-_XPK_CLUSTER = flags.DEFINE_string('xpk.cluster', '', 'xpk: the GKE cluster.')
-_XPK_DEVICE = flags.DEFINE_string('xpk.device_type', '', 'xpk: e.g. v5p-8 or h100-80gb-8.')
+                                   '--tpu_queued: the TPU VM image, e.g. v2-alpha-tpuv5.', flag_values=FLAGS)
+_TPU_SPOT = flags.DEFINE_bool('tpu_spot', False, 'TPU backend with --tpu_queued: spot.', flag_values=FLAGS)
+_XPK_CLUSTER = flags.DEFINE_string('xpk.cluster', '', 'xpk: the GKE cluster.', flag_values=FLAGS)
+_XPK_DEVICE = flags.DEFINE_string('xpk.device_type', '', 'xpk: e.g. v5p-8 or h100-80gb-8.', flag_values=FLAGS)
 _XPK_IMAGE = flags.DEFINE_string('xpk.docker_image', '', 'xpk: image with this repo and its '
-                                 'requirements (docs/LAUNCH.md).')
-_XPK_COUNT = flags.DEFINE_integer('xpk.count', 1, 'xpk: TPU slices or GPU nodes per point.')
+                                 'requirements (docs/LAUNCH.md).', flag_values=FLAGS)
+_XPK_COUNT = flags.DEFINE_integer('xpk.count', 1, 'xpk: TPU slices or GPU nodes per point.', flag_values=FLAGS)
 _SLURM_WAIT = flags.DEFINE_bool('slurm.wait', False, 'SLURM: wait for the jobs (--report '
-                                'waits too); otherwise submit and return.')
+                                'waits too); otherwise submit and return.', flag_values=FLAGS)
 
 
 def main(argv):
+  """`python -m scone_jax.sweeps` (run through `cli.run('sweeps', main, FLAGS)`)."""
   del argv
   try:
     extra = spec.parse_set(_SET.value)
     if study_lib.is_study_file(_SWEEP.value):
       return _main_study(study_lib.load_study(_SWEEP.value), extra)
     sweep = spec.load_sweep(_SWEEP.value, _ROOT.value, extra, _ONLY.value)
-  except spec.SweepError as e:
-    sys.exit(f'error: {e}\nnothing was launched.')
+  except spec.SweepError as e:  # Every point is checked before any launches.
+    raise spec.SweepError(f'{e}; nothing was launched') from e
   print(f'sweep {sweep.name}: {len(sweep.points)} point(s) under {sweep.dir}')
   if _STATUS.value:
     slurm.refresh(sweep)  # Jobs nobody waited for: their state now.
@@ -125,32 +133,23 @@ def main(argv):
   gke = _xpk_target() if _BACKEND.value == 'xpk' else None
   if _DRY_RUN.value:
     commands = None
-    try:
-      if _BACKEND.value == 'slurm':
-        commands = slurm.dry_run_commands(sweep, _slurm_flags(), _PYTHON.value, _policy())
-      elif queued is not None:
-        commands = tpu_lib.dry_run_commands(queued, sweep)
-      elif tpu is not None:
-        commands = backends.tpu_dry_run_commands(sweep, tpu)
-      elif gke is not None:
-        commands = xpk_lib.dry_run_commands(gke, sweep)
-    except spec.SweepError as e:
-      sys.exit(f'error: {e}')
+    if _BACKEND.value == 'slurm':
+      commands = slurm.dry_run_commands(sweep, _slurm_flags(), _PYTHON.value, _policy())
+    elif queued is not None:
+      commands = tpu_lib.dry_run_commands(queued, sweep)
+    elif tpu is not None:
+      commands = backends.tpu_dry_run_commands(sweep, tpu)
+    elif gke is not None:
+      commands = xpk_lib.dry_run_commands(gke, sweep)
     backends.dry_run(sweep, _PYTHON.value, af_tokens_per_token=_AF_TOKENS.value,
                      commands=commands)
     return
   if queued is not None or gke is not None:
-    try:
-      outcomes = (tpu_lib.run_queued(sweep, queued, _PARALLEL.value, policy=_policy())
-                  if queued is not None else xpk_lib.run_xpk(sweep, gke))
-    except spec.SweepError as e:
-      sys.exit(f'error: {e}')
+    outcomes = (tpu_lib.run_queued(sweep, queued, _PARALLEL.value, policy=_policy())
+                if queued is not None else xpk_lib.run_xpk(sweep, gke))
   elif _BACKEND.value == 'slurm':
-    try:
-      outcomes = slurm.run_slurm(sweep, _slurm_flags(), _PYTHON.value, _policy(),
-                                 wait=_REPORT.value or _SLURM_WAIT.value)
-    except spec.SweepError as e:
-      sys.exit(f'error: {e}')
+    outcomes = slurm.run_slurm(sweep, _slurm_flags(), _PYTHON.value, _policy(),
+                               wait=_REPORT.value or _SLURM_WAIT.value)
     if not (_REPORT.value or _SLURM_WAIT.value):
       print(f'submitted; follow with --status (same --sweep/--root/--set), and write the '
             'report with --report once the jobs end (it skips finished points)')
@@ -187,9 +186,9 @@ def _policy() -> status.RetryPolicy:
 def _main_study(study: study_lib.Study, extra: dict) -> None:
   """The two-phase study (local or SLURM: selection reads the runs' eval.json)."""
   if _BACKEND.value not in ('local', 'slurm') or _ONLY.value:
-    sys.exit('error: a study runs on the local or slurm backend and always runs all its '
-             'points (lr selection needs every tuning run); drop --backend/--only (or use '
-             '--backend=slurm).')
+    raise cli.CommandLineError(
+        'a study runs on the local or slurm backend and always runs all its points (lr '
+        'selection needs every tuning run); drop --backend/--only (or use --backend=slurm)')
   # Validates every tuning point before anything runs.
   tune = study_lib.tune_sweep(study, _ROOT.value, extra)
   if _STATUS.value:
@@ -203,11 +202,8 @@ def _main_study(study: study_lib.Study, extra: dict) -> None:
     study_lib.dry_run(study, _ROOT.value, _PYTHON.value, extra)
     return
   if _BACKEND.value == 'slurm':
-    try:
-      jobs = slurm_study.submit_study(study, _ROOT.value, extra, _slurm_flags(), _PYTHON.value,
-                                _policy())
-    except spec.SweepError as e:
-      sys.exit(f'error: {e}')
+    jobs = slurm_study.submit_study(study, _ROOT.value, extra, _slurm_flags(),
+                                    _PYTHON.value, _policy())
     if not (_REPORT.value or _SLURM_WAIT.value):
       print('submitted both phases; write the report with --report once the jobs end')
       return
@@ -237,7 +233,7 @@ def _queued_slice() -> tpu_lib.QueuedSlice:
   missing = [f'--{n}' for n, v in (('zone', _ZONE.value), ('repo', _REPO.value),
                                    ('tpu_runtime_version', _TPU_RUNTIME.value)) if not v]
   if missing:
-    sys.exit(f'error: --tpu_queued needs {", ".join(missing)}')
+    raise cli.CommandLineError(f'--tpu_queued needs {", ".join(missing)}')
   return tpu_lib.QueuedSlice(_TPU_QUEUED.value, _TPU_RUNTIME.value, _ZONE.value,
                              _PROJECT.value, _REPO.value, _REF.value, spot=_TPU_SPOT.value)
 
@@ -253,6 +249,6 @@ def _tpu_target() -> list[backends.TpuTarget]:
   missing = [f'--{n}' for n, v in (('tpu_name', _TPU_NAME.value), ('zone', _ZONE.value),
                                    ('repo', _REPO.value)) if not v]
   if missing:
-    sys.exit(f'error: --backend=tpu needs {", ".join(missing)}')
+    raise cli.CommandLineError(f'--backend=tpu needs {", ".join(missing)}')
   return [backends.TpuTarget(name, _ZONE.value, _PROJECT.value, _REPO.value, _REF.value)
           for name in _TPU_NAME.value.split(',') if name]

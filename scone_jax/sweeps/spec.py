@@ -21,7 +21,7 @@ import sys
 import types
 from typing import Any
 
-from scone_jax import artifacts, paths
+from scone_jax import artifacts, cli, paths
 from scone_jax import config as config_lib
 from scone_jax.errors import UserError
 from scone_jax.model import arm_accounting
@@ -78,9 +78,11 @@ def _join(root: str, *parts: str) -> str:
 
 
 def _load_module(path: str, what: str) -> types.ModuleType:
-  if not os.path.isfile(path):
-    raise SweepError(f'{what} {path!r} does not exist; pass a path relative to the repo '
-                     'root, e.g. experiments/sweeps/demo.py')
+  found = cli.find_file(path)  # The current directory first, then the repo root.
+  if found is None:
+    raise SweepError(cli.missing_file_message(path, what) +
+                     ', e.g. experiments/sweeps/demo.py')
+  path = found
   name = 'scone_sweep_' + re.sub(r'\W', '_', os.path.abspath(path))
   loader = importlib.machinery.SourceFileLoader(name, path)
   module = types.ModuleType(loader.name)

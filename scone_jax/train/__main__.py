@@ -2,50 +2,39 @@
 
   --print_config              print the resolved config (JSON) and exit
   --allow_config_change=K,..  resume although these keys (or sections) changed
-  --verbosity=1               keep orbax/jax INFO lines in the log
+  --verbosity=1               keep orbax/jax INFO lines in the log (and tracebacks of user
+                              errors, which otherwise print as one line, exit status 2)
 """
 
-import sys
+from absl import flags, logging
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from scone_jax import config as config_lib
+from scone_jax import cli
 from scone_jax import evaluate as evaluate_lib
-from scone_jax import logs, runlock
-from scone_jax.train import checkpoint as checkpoint_lib
 from scone_jax.train import loop
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (created; resumed if it '
-                               'holds checkpoints).')
+FLAGS = flags.FlagValues()
+_CONFIG = cli.define_config_file(FLAGS)
+_WORKDIR = cli.define_workdir(
+    FLAGS, 'Run directory (created; resumed if it holds checkpoints).', default='')
 _PRINT_CONFIG = flags.DEFINE_bool('print_config', False,
-                                  'Print the resolved, validated config as JSON and exit.')
+                                  'Print the resolved, validated config as JSON and exit.',
+                                  flag_values=FLAGS)
 _ALLOW = flags.DEFINE_list(
     'allow_config_change', [],
     'Config keys or sections (e.g. train.steps) that may differ from the run in --workdir '
-    'when resuming. Keys that change the run\'s math are refused without it.')
+    'when resuming. Keys that change the run\'s math are refused without it.',
+    flag_values=FLAGS)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None:
-    raise app.UsageError('--config=experiments/<preset>.py is required')
-  logs.quiet_third_party_logs()
-  try:
-    cfg = config_lib.from_configdict(_CONFIG.value)
-    if _PRINT_CONFIG.value:
-      print(cfg.to_json())
-      return
-    if not _WORKDIR.value:
-      raise app.UsageError('--workdir is required (the run directory)')
-    result = loop.train(cfg, _WORKDIR.value, tuple(_ALLOW.value))
-  except (config_lib.ConfigError, runlock.RunLockedError,
-          checkpoint_lib.CheckpointSaveError) as e:
-    # Errors whose message says what is wrong and the fix: no traceback around it.
-    sys.exit(f'train: {type(e).__name__}: {e}')
+  del argv
+  cfg = cli.config_from_file(_CONFIG)
+  if _PRINT_CONFIG.value:
+    print(cfg.to_json())
+    return
+  if not _WORKDIR.value:
+    raise cli.CommandLineError('--workdir is required (the run directory)')
+  result = loop.train(cfg, _WORKDIR.value, tuple(_ALLOW.value))
   logging.info('train: %s at step %d (resumed from %s)', result.status, result.step,
                result.resumed_from)
   if result.eval is not None:  # The final eval per corpus, with the fraction it covered.
@@ -56,4 +45,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run('train', main, FLAGS)

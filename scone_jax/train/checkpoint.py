@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 
 from scone_jax import checkpoint_files, paths
 from scone_jax.config import CheckpointConfig
+from scone_jax.errors import UserError
 
 
 class _JsonStateIterator:
@@ -62,7 +63,7 @@ def abstract_like(tree: Any) -> Any:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(UserError, RuntimeError):
   """Saving a checkpoint failed (e.g. the disk is full); training stops."""
 
 
