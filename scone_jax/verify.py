@@ -23,9 +23,9 @@ import json
 import sys
 from typing import Any, Callable, Literal
 
-from absl import app, flags
+from absl import flags
 
-from scone_jax import artifacts, checkpoint_files, paths
+from scone_jax import artifacts, checkpoint_files, cli, paths
 from scone_jax import run as run_lib
 from scone_jax.errors import UserError
 from scone_jax.export import EXPORT_DIR, STORE_KIND
@@ -105,19 +105,18 @@ def verify_run(workdir: str) -> list[Item]:
   return items
 
 
+FLAGS = flags.FlagValues()
+_WORKDIR = cli.define_workdir(FLAGS, 'Training run directory (local or gs://).')
+
+
 def main(argv):
   del argv
-  try:
-    items = verify_run(flags.FLAGS.workdir)
-  except UserError as e:
-    print(f'verify: {e}')
-    sys.exit(2)
+  items = verify_run(_WORKDIR.value)
   for item in items:
     print(item.line())
-  sys.exit(0 if all(item.status in _OK for item in items) else 2)
+  if not all(item.status in _OK for item in items):
+    sys.exit(cli.USER_ERROR_STATUS)
 
 
 if __name__ == '__main__':
-  flags.DEFINE_string('workdir', None, 'Training run directory (local or gs://).',
-                      required=True)
-  app.run(main)
+  cli.run('verify', main, FLAGS)

@@ -337,7 +337,8 @@ def test_two_train_processes_on_one_run(tmp_path, tmp_path_factory):
     if first.poll() is None:
       first.kill()
       first.wait()
-  assert first.returncode == 0, log[-3000:]
+  # Preempted: saved, not finished; the distinct status tells a scheduler to requeue.
+  assert first.returncode == loop.EXIT_PREEMPTED == 75, log[-3000:]
   assert 'loop.py' in log and 'train: preempted' in log
   # Quiet: no orbax INFO lines (a save logs dozens) and no TPU probe line.
   assert 'checkpoint_manager.py' not in log and 'xla_bridge.py' not in log, log[-3000:]

@@ -326,15 +326,15 @@ def _run_cli(argv: list[str], env: dict[str, str] | None = None, cwd: str = REPO
   return done, cpu
 
 
-# orbax's warnings each time a reader opens a run's checkpoints read-only. They are not
-# the entry point's to print and go when the checkpoint reader stops causing them;
-# test_reopening_a_run_logs_no_orbax_warnings (xfail until then) says when.
+# orbax's warnings when a reader opened a run's checkpoints read-only: gone since RunDir
+# lists and restores checkpoints without a read-only manager
+# (test_reopening_a_run_logs_no_orbax_warnings).
 _ORBAX_READ_ONLY = re.compile(r'checkpoint_manager\.py:\d+\] (CheckpointManagerOptions\.'
                               r'read_only=True|Given directory is read only)')
 
 
 def _one_line(stderr: str) -> str:
-  lines = [l for l in stderr.splitlines() if l.strip() and not _ORBAX_READ_ONLY.search(l)]
+  lines = [l for l in stderr.splitlines() if l.strip()]
   assert len(lines) == 1, stderr[-3000:]
   return lines[0]
 
@@ -489,8 +489,6 @@ def test_report_arm_names_show_only_the_varying_keys():
   assert sorted(len(a.runs) for a in arms) == [2, 2]
 
 
-@pytest.mark.xfail(strict=True, reason='orbax warns "Given directory is read only" when '
-                   'RunDir opens checkpoints to read; the checkpoint reader is changing')
 def test_reopening_a_run_logs_no_orbax_warnings(good, tmp_path):
   done, _ = _run_cli(['evaluate', f'--workdir={good.run}', '--step=3'])  # No step 3.
   assert done.returncode == cli.USER_ERROR_STATUS

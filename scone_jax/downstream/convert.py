@@ -28,15 +28,13 @@ import io
 import json
 import os
 import re
-import sys
 from typing import Any, Callable, Iterator
 
 import pyarrow.parquet as pq
-from absl import app, flags
+from absl import flags
 
-from scone_jax import paths
+from scone_jax import cli, paths
 from scone_jax.downstream.tasks import Doc, TaskFileError, write_tasks
-from scone_jax.errors import UserError
 
 Row = dict[str, Any]
 
@@ -219,22 +217,22 @@ def convert(task: str, input_path: str, out_path: str, labels: str | None = None
   return write_tasks(out_path, CONVERTERS[task](input_path, labels))
 
 
+FLAGS = flags.FlagValues()
+_TASK = flags.DEFINE_enum('task', None, sorted(CONVERTERS), 'Which dataset the input is.',
+                          required=True, flag_values=FLAGS)
+_INPUT = flags.DEFINE_string('input', None, 'The downloaded file (MMLU: a glob of CSVs).',
+                             required=True, flag_values=FLAGS)
+_LABELS = flags.DEFINE_string('labels', None, "PIQA's labels .lst for the original release.",
+                              flag_values=FLAGS)
+_OUT = flags.DEFINE_string('out', None, 'The task file to write (.jsonl).', required=True,
+                           flag_values=FLAGS)
+
+
 def main(argv):
   del argv
-  f = flags.FLAGS
-  try:
-    n = convert(f.task, f.input, f.out, f.labels)
-  except UserError as e:  # The input's fault: one line naming it and the fix.
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  print(f'{f.task}: {n} documents -> {f.out}')
+  n = convert(_TASK.value, _INPUT.value, _OUT.value, _LABELS.value)
+  print(f'{_TASK.value}: {n} documents -> {_OUT.value}')
 
 
 if __name__ == '__main__':
-  flags.DEFINE_enum('task', None, sorted(CONVERTERS), 'Which dataset the input is.',
-                    required=True)
-  flags.DEFINE_string('input', None, 'The downloaded file (MMLU: a glob of CSVs).',
-                      required=True)
-  flags.DEFINE_string('labels', None, "PIQA's labels .lst for the original release.")
-  flags.DEFINE_string('out', None, 'The task file to write (.jsonl).', required=True)
-  app.run(main)
+  cli.run('downstream.convert', main, FLAGS)

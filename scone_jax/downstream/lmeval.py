@@ -21,17 +21,16 @@ choice's characters) the native `acc_per_char`.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from typing import Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from lm_eval import evaluator
 from lm_eval.api.model import TemplateLM
 from lm_eval.tasks import TaskManager
 
-from scone_jax import logs, paths
+from scone_jax import cli, paths
 from scone_jax.downstream import presets, runner, scoring
 from scone_jax.errors import UserError
 
@@ -128,30 +127,29 @@ def evaluate_tasks(lm: SconeHarnessLM, task_dir: str, names: Sequence[str],
   return results
 
 
+FLAGS = flags.FlagValues()
+_WORKDIR = cli.define_workdir(FLAGS, 'Training run directory.')
+_TASKS = flags.DEFINE_list('tasks', None, f'Tasks from {list(presets.TASKS)}.', required=True,
+                           flag_values=FLAGS)
+_TASK_DIR = flags.DEFINE_string('task_dir', None, 'Local directory of <task>.jsonl files.',
+                                required=True, flag_values=FLAGS)
+_PATH = flags.DEFINE_enum('path', 'train', list(runner.PATHS), 'Scoring path.',
+                          flag_values=FLAGS)
+_YAML_DIR = flags.DEFINE_string('yaml_dir', '', 'Where to keep the task YAMLs (default: a '
+                                'temporary directory).', flag_values=FLAGS)
+
+
 def main(argv):
   del argv
-  logs.quiet_third_party_logs()
-  f = flags.FLAGS
-  try:
-    run_dir, cfg, tok = runner.open_run(f.workdir, f.path)
-    scorer, _ = runner.make_scorer(run_dir, cfg, tok, f.path)
-    lm = SconeHarnessLM(scorer, tok, cfg.train.seq_len)
-    with tempfile.TemporaryDirectory() as tmp:
-      results = evaluate_tasks(lm, f.task_dir, f.tasks, f.yaml_dir or tmp)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  run_dir, cfg, tok = runner.open_run(_WORKDIR.value, _PATH.value)
+  scorer, _ = runner.make_scorer(run_dir, cfg, tok, _PATH.value)
+  lm = SconeHarnessLM(scorer, tok, cfg.train.seq_len)
+  with tempfile.TemporaryDirectory() as tmp:
+    results = evaluate_tasks(lm, _TASK_DIR.value, _TASKS.value, _YAML_DIR.value or tmp)
   for name, r in results.items():
-    print(f'lm-eval {f.path} {name}: ' + '  '.join(f'{k} {v:.4f}' for k, v in sorted(
+    print(f'lm-eval {_PATH.value} {name}: ' + '  '.join(f'{k} {v:.4f}' for k, v in sorted(
         r.items())))
 
 
 if __name__ == '__main__':
-  flags.DEFINE_string('workdir', None, 'Training run directory.', required=True)
-  flags.DEFINE_list('tasks', None, f'Tasks from {list(presets.TASKS)}.', required=True)
-  flags.DEFINE_string('task_dir', None, 'Local directory of <task>.jsonl files.',
-                      required=True)
-  flags.DEFINE_enum('path', 'train', list(runner.PATHS), 'Scoring path.')
-  flags.DEFINE_string('yaml_dir', '', 'Where to keep the task YAMLs (default: a temporary '
-                      'directory).')
-  app.run(main)
+  cli.run('downstream.lmeval', main, FLAGS)

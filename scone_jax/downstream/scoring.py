@@ -191,13 +191,13 @@ class Scorer:
       capacity, bucket_growth: the f-gram row ladder of the train path
         (cfg.fgram_model.capacity / bucket_growth, as training tags its batches).
     """
-    if lm.is_scone and table is None:
+    if lm.has_fgram_side and table is None:
       raise ValueError('a SCONE model needs its f-gram table to score')
-    if store is not None and not lm.is_scone:
+    if store is not None and not lm.has_fgram_side:
       raise ValueError('path=store needs a SCONE model (a baseline has no store)')
     self.path = 'store' if store is not None else 'train'
     self._mesh, self.window, self.rows_per_batch = mesh, window, rows_per_batch
-    self._table = table if lm.is_scone else None
+    self._table = table if lm.has_fgram_side else None
     self._store = store
     self._capacity, self._growth = capacity, bucket_growth
     graphdef, self._state = nnx.split(lm)

@@ -151,7 +151,7 @@ def main(argv):
     outcomes = slurm.run_slurm(sweep, _slurm_flags(), _PYTHON.value, _policy(),
                                wait=_REPORT.value or _SLURM_WAIT.value)
     if not (_REPORT.value or _SLURM_WAIT.value):
-      print(f'submitted; follow with --status (same --sweep/--root/--set), and write the '
+      print('submitted; follow with --status (same --sweep/--root/--set), and write the '
             'report with --report once the jobs end (it skips finished points)')
       return
   elif tpu is None:

@@ -6,6 +6,8 @@
                               errors, which otherwise print as one line, exit status 2)
 """
 
+import sys
+
 from absl import flags, logging
 
 from scone_jax import cli
