@@ -31,7 +31,7 @@ from scone_jax import batches
 from scone_jax import compat
 from scone_jax import config as config_lib
 from scone_jax import prepare as prepare_lib
-from scone_jax.model import fgram_table, flops as flops_lib
+from scone_jax.model import flops as flops_lib, trained_table
 from scone_jax.sweeps import spec as spec_lib
 from scone_jax.train import optimizer as optimizer_lib
 from scone_jax.train import step as step_lib
@@ -70,7 +70,7 @@ def memory(cfg: config_lib.Config) -> None:
   rows = [('preset ' + cfg.name, int(s), cfg.model.d_model, cfg) for s in _SIZES.value]
   rows += [('paper (OLMo d=2048)', s, _PAPER_D, af_cfg) for s in _PAPER_S]
   for where, s, d, c in rows:
-    rows_p = fgram_table.padded_rows(s)
+    rows_p = trained_table.padded_rows(s)
     p, st = _state_bytes(rows_p, d, c)
     print(f'{where:<30} {f"{s:,} ({rows_p:,})":>30} {d:>5} {p / 1e9:>10.4g} '
           f'{(p + st) / 1e9:>10.4g} {(p + st) / (af_p + af_s):>11.3g}')

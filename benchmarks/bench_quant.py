@@ -105,7 +105,7 @@ def nll_training(lm, table, wins: list[np.ndarray], bos: int, length: int,
 def main(argv):
   del argv
   cfg = restore.read_config(FLAGS.workdir)
-  if not cfg.is_scone:
+  if not cfg.has_fgram_side:
     raise app.UsageError(f'{FLAGS.workdir} is a baseline run: it has no f-gram store')
   run = restore.load_run(cfg, FLAGS.workdir)
   from scone_jax import run as run_lib  # pylint: disable=g-import-not-at-top

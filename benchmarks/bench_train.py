@@ -173,7 +173,7 @@ class Variant:
     return (time.perf_counter() - start) / len(self.batches)
 
   def af_work(self) -> dict[str, float] | None:
-    if not self.cfg.is_scone:
+    if not self.cfg.has_fgram_side:
       return None
     mean = lambda k: float(np.mean([s[k] for s in self.stats]))
     tokens = self.cfg.train.batch_size * self.cfg.train.seq_len

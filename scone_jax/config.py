@@ -367,7 +367,9 @@ class Config:
   serve: ServeConfig = ServeConfig()
 
   @property
-  def is_scone(self) -> bool:
+  def has_fgram_side(self) -> bool:
+    """Any f-gram side (A_f, a trained table or hashed tables): every arm but the
+    baseline. SCONE proper is `fgram_model.kind == 'network'` with A_f layers."""
     return self.fgram_model.enabled
 
   def to_json(self) -> str:

@@ -63,7 +63,7 @@ class Evaluator:
   def __init__(self, cfg: config_lib.Config, graphdef: nnx.GraphDef,
                mesh: jax.sharding.Mesh, data: Any):
     """`data` has `eval_shards` ({name: TokenShards}), `table` (FgramTable or None) and
-    `tokenizer` (for its bos_id): the trainer's RunData or an `EvalData`."""
+    `tokenizer` (for its bos_id): the trainer's TrainInputs or an `EvalData`."""
     self._cfg = cfg
     self._mesh = mesh
     self._data = data

@@ -127,7 +127,7 @@ def test_a_finished_run_states_its_real_s(tmp_path):
   sweep = spec.load_sweep(str(path), str(tmp_path / 'runs'))
   assert [r['S'] for r in spec.accounting_rows(sweep)] == [0, 1000]  # Before any table.
   _finish(sweep, table_rows=lambda cfg: 393)
-  results = sorted(results_lib.collect(sweep.dir), key=lambda r: r.cfg.is_scone)
+  results = sorted(results_lib.collect(sweep.dir), key=lambda r: r.cfg.has_fgram_side)
   assert [r.num_fgrams for r in results] == [0, 393]
   rows = report.run_rows(results)
   assert [(r['S'], r['num_fgrams']) for r in rows] == [(0, 0), (393, 393)]

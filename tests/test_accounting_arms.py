@@ -11,7 +11,7 @@ import tests.test_decode as dec_fix
 from scone_jax import compat, config
 from scone_jax import export as export_lib
 from scone_jax.export import quant
-from scone_jax.model import SconeLM, arm_accounting, fgram_table, flops, hashed
+from scone_jax.model import SconeLM, arm_accounting, flops, hashed, trained_table
 from scone_jax.model import combine as combine_lib
 from scone_jax.serve import EmbeddingStore
 from scone_jax.serve import accounting as serve_accounting
@@ -43,7 +43,7 @@ def _cfg(**overrides):
 
 
 NET = {'fgram_model.num_layers': 1}
-P = fgram_table.padded_rows(S)  # kind='table' trains S rows padded to ROW_MULTIPLE.
+P = trained_table.padded_rows(S)  # kind='table' trains S rows padded to ROW_MULTIPLE.
 # arm overrides -> (side params, gate, host rows, bytes/row, train FLOPs, elementwise/token)
 ARMS = {
     'baseline': ({}, 0, 0, 0, 0, TRAIN_BACKBONE, 0),
@@ -128,7 +128,7 @@ def test_a_mined_table_smaller_than_requested_sets_s():
   cfg = _cfg(**{'fgram_model.kind': 'table'})
   a = arm_accounting.account(cfg, table_rows=60)
   assert (a.num_fgrams, a.host_rows) == (60, 60)
-  assert a.side_params == fgram_table.padded_rows(60) * D
+  assert a.side_params == trained_table.padded_rows(60) * D
   assert arm_accounting.account(cfg, table_rows=10 * S).num_fgrams == S
 
 
@@ -156,7 +156,7 @@ def test_compare_paper_dry_run_prints_every_arm(tmp_path):
     assert r['host_B_per_row'] == (d + 4 if key[2] in ('int8', 'fp8') else 2 * d)
   for kind in ('table', 'hashed'):
     r = rows[(kind, 'replace' if kind == 'table' else 'add', 'none')]
-    trained = fgram_table.padded_rows(rows_10m) if kind == 'table' else rows_10m
+    trained = trained_table.padded_rows(rows_10m) if kind == 'table' else rows_10m
     assert r['train_accel_params'] == base['train_accel_params'] + trained * d
     assert r['train_flops_tok'] == base['train_flops_tok']
   assert rows[('network', 'replace', 'none')]['train_flops_tok'] > base['train_flops_tok']

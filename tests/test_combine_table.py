@@ -19,7 +19,7 @@ from scone_jax import compat, config
 from scone_jax.batches.tagging import tag_fgrams
 from scone_jax.config import ConfigError
 from scone_jax.model import SconeLM, combine as combine_lib, flops
-from scone_jax.model import fgram_table
+from scone_jax.model import trained_table
 from scone_jax.serve import EmbeddingStore
 from scone_jax.serve.decode import Decoder
 from scone_jax.train import optimizer as optimizer_lib
@@ -105,7 +105,7 @@ def test_arm_trains_exports_and_serves_the_training_forward(table, baseline_flop
     # Starts at the baseline's function: rows T(last token) (replace, gate) or 0 (add).
     rows = np.asarray(first.fgram_model.rows[...])
     want = (np.zeros_like(rows[:len(table)]) if combine == 'add' else
-            np.asarray(first.backbone.token_embed.table[...])[fgram_table.last_tokens(table)])
+            np.asarray(first.backbone.token_embed.table[...])[trained_table.last_tokens(table)])
     np.testing.assert_array_equal(rows[:len(table)], want)
     assert not rows[len(table):].any()
   if combine == 'gate':  # The gate learned (rank 1: never weight-decayed).
@@ -171,7 +171,7 @@ def test_table_is_sharded_over_the_model_axes(table):
   mesh = compat.make_mesh((2, 2, 2))
   graphdef, state, _ = step_lib.create_train_state(cfg, mesh, V, K, table)
   rows = state.params['fgram_model']['rows'][...]
-  assert rows.shape == (fgram_table.padded_rows(len(table)), D)
+  assert rows.shape == (trained_table.padded_rows(len(table)), D)
   assert rows.sharding.spec[0] == ('fsdp', 'tensor')
   assert rows.addressable_shards[0].data.shape[0] == rows.shape[0] // 4
   # The same init on one device and on the mesh.
@@ -182,7 +182,7 @@ def test_table_is_sharded_over_the_model_axes(table):
   counts = flops.param_counts(config.replace(cfg, **{'fgram.use_size': len(table)}), V)
   lm = nnx.merge(graphdef, state.params, state.other)
   num_params = sum(x.size for x in jax.tree.leaves(nnx.state(lm, nnx.Param)))
-  assert counts.fgram_table == rows.size == counts.fgram_total
+  assert counts.trained_rows == rows.size == counts.fgram_total
   assert counts.backbone_total + counts.fgram_total == num_params
   assert counts.offloaded == len(table) * D and counts.fgram_position_table == 0
 
@@ -194,7 +194,7 @@ def test_config_rules():
     _cfg('network', 'add', layers=0)
   with pytest.raises(ConfigError, match="kind='table' has no A_f"):
     config.replace(_cfg('table'), **{'fgram_model.output_scale': 'channel'})
-  assert _cfg('table').is_scone and not _cfg(layers=0).is_scone
+  assert _cfg('table').has_fgram_side and not _cfg(layers=0).has_fgram_side
 
 
 def test_store_of_another_combine_is_refused(table, tmp_path):
@@ -229,13 +229,13 @@ def test_table_gate_run_end_to_end(tmp_path_factory):
   run = restore.load_run(serve_cfg, workdir)
   assert info['fgram_table_rows'] >= len(run.table) == 300
   rows = np.asarray(run.lm.fgram_model.rows[...])
-  assert rows.shape == (fgram_table.padded_rows(300), cfg.model.d_model)
+  assert rows.shape == (trained_table.padded_rows(300), cfg.model.d_model)
   path = export_store(serve_cfg, workdir, progress=False)
   store = EmbeddingStore.open(path, 'ram')
   # numpy reference of the gate folded into the store: sigmoid(g) * (row - T(last)).
   g = np.asarray(run.lm.combine_gate[...])
   t_last = np.asarray(run.lm.backbone.token_embed.table[...])[
-      fgram_table.last_tokens(run.table)]
+      trained_table.last_tokens(run.table)]
   want = (rows[:300] - t_last) / (1 + np.exp(-g))
   np.testing.assert_allclose(store.gather(np.arange(300)), want, rtol=1e-5, atol=1e-6)
   assert len(generate.generate(serve_cfg, workdir, ['the of and']).texts) == 1

@@ -88,7 +88,7 @@ def _train_forward(lm, table, seqs, t=24):
   Rows are padded to `t` (segment 0) so every call reuses one compilation.
   """
   batch = bos_rows(seqs, t)
-  if lm.is_scone:
+  if lm.has_fgram_side:
     batch = tag_fgrams(batch, table, capacity=batch['inputs_BxT'].size)
     batch = {k: v for k, v in batch.items() if not k.startswith('stats/')}
   graphdef, state = nnx.split(lm)

@@ -104,7 +104,7 @@ def test_config_rules():
   ok = {'fgram_model.kind': 'hashed', 'fgram_model.combine': 'add',
         'fgram_model.hash_buckets': 64}
   cfg = config.replace(base, **ok)
-  assert cfg.is_scone and not cfg.fgram_model.uses_fgram_table
+  assert cfg.has_fgram_side and not cfg.fgram_model.uses_fgram_table
   # combine is derived for hashed arms (Over-Encoding adds): the default is resolved, a
   # gate refused.
   derived = config.replace(base, **{**ok, 'fgram_model.combine': 'replace'})

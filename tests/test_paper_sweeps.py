@@ -136,7 +136,7 @@ def test_paper_sweep_dry_run_matches_paper_tables(name, tmp_path):
 def test_af_set_by_layers_or_multiplier(spec, layers):
   cfg = _preset(spec)
   assert cfg.fgram_model.num_layers == layers
-  assert cfg.is_scone == bool(layers)
+  assert cfg.has_fgram_side == bool(layers)
   assert (f'_af{layers}l' in cfg.name) == bool(layers)
 
 

@@ -96,7 +96,7 @@ def test_per_corpus_means_and_t_intervals(written):
   sweep, paths = written
   runs = results.collect(sweep.dir)
   arms, baseline = analysis.arms_of(runs, None)
-  assert baseline is not None and not baseline.is_scone
+  assert baseline is not None and not baseline.has_fgram_side
   s1000 = next(a for a in arms if a.num_fgrams == 1000)
   losses = [fake_loss({'fgram.use_size': 1000, 'train.seed': s}, 'a') for s in SEEDS]
   got = s1000.summary('a', 'loss')
@@ -214,7 +214,7 @@ def test_study_report_shows_grid_and_chosen_lrs(tmp_path):
   runs = results.collect(sweep.dir)
   by_arm = {}
   for r in runs:
-    arm = 'base' if not r.cfg.is_scone else f'S={r.num_fgrams}'
+    arm = 'base' if not r.cfg.has_fgram_side else f'S={r.num_fgrams}'
     by_arm.setdefault(arm, {})[str(r.cfg.train.seed)] = r.name
   record = {
       'arms': {a: {} for a in by_arm}, 'baseline': 'base', 'learning_rates': [1e-3, 2e-3],

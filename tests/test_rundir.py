@@ -33,7 +33,7 @@ def _outputs(workdir: str) -> dict:
   cfg = restore.run_config(workdir, {'serve.max_new_tokens': 5, 'serve.temperature': 0.0,
                                      'serve.decode_loop': 'host'})
   out = {'eval': record}
-  if cfg.is_scone:
+  if cfg.has_fgram_side:
     path = export_store(cfg, workdir, progress=False)
     store = EmbeddingStore.open(path, 'ram')
     out['rows'] = store.gather(np.arange(store.num_rows)).view(np.uint16)

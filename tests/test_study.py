@@ -212,10 +212,10 @@ def test_shipped_studies_validate(tmp_path, name):
   assert len({p.cfg.data.artifacts_dir for p in tune.points}) == 1  # one prepare.
   if name == 'study':
     arms = {a: p.cfg for a, p in zip([t[0] for t in study.tune_plan(s)], tune.points)}
-    sizes = sorted({c.fgram.requested_rows for c in arms.values() if c.is_scone})
+    sizes = sorted({c.fgram.requested_rows for c in arms.values() if c.has_fgram_side})
     assert len(sizes) >= 4 and sizes[-1] / sizes[0] >= 16
-    assert len({c.fgram_model.num_layers for c in arms.values() if c.is_scone}) >= 2
-    assert not arms[s.baseline].is_scone
+    assert len({c.fgram_model.num_layers for c in arms.values() if c.has_fgram_side}) >= 2
+    assert not arms[s.baseline].has_fgram_side
 
 
 def test_study_dry_run_cli(tmp_path):

@@ -338,7 +338,7 @@ def test_backbone_dry_run_reproduces_paper_accounting(tmp_path, name, paper):
   baseline, scone = {}, []
   for p, row in zip(sweep.points, rows):
     key = (p.cfg.model.d_model, p.cfg.model.num_layers)
-    if p.cfg.is_scone:
+    if p.cfg.has_fgram_side:
       scone.append((key, row))
       assert row['offloaded_params'] == p.cfg.fgram.size * p.cfg.model.d_model
       assert row['af_params'] > 0 and row['train_flops_af'] > 0
@@ -371,7 +371,7 @@ def test_dry_run_cli_prints_commands_and_table(tmp_path):
 def test_shipped_sweeps_validate(tmp_path, name):
   sweep = sweep_spec.load_sweep(os.path.join(REPO, 'experiments', 'sweeps', f'{name}.py'),
                                 str(tmp_path))
-  assert sum(not p.cfg.is_scone for p in sweep.points) >= 1
+  assert sum(not p.cfg.has_fgram_side for p in sweep.points) >= 1
   groups = sweep_backends.prepare_groups(sweep)
   if name == 'max_len':
     assert len(groups) == 7  # one table per K; the baseline shares K=5's (the preset's).

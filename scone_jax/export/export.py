@@ -24,7 +24,7 @@ from scone_jax import compat, paths, restore
 from scone_jax.config import Config, ExportConfig
 from scone_jax.export.format import EXPORT_DIR, hashed_meta, store_meta
 from scone_jax.export.writer import write_store
-from scone_jax.model import SconeLM, fgram_table, model_shardings
+from scone_jax.model import SconeLM, model_shardings, trained_table
 from scone_jax.model.hashed import hash_fingerprint
 
 
@@ -65,7 +65,7 @@ def export_embeddings(lm: SconeLM, table: Any, out_dir: str, export_cfg: ExportC
   num_rows, d_model = len(table), lm.backbone.cfg.d_model
   k = int(table.max_len)
   lens_S = np.asarray(table.lengths, np.int32)
-  last_S = fgram_table.last_tokens(table)
+  last_S = trained_table.last_tokens(table)
   # What the store holds per combine mode (model/combine.py); the decode step applies
   # `combine.stored_rule` to it.
   meta = {**meta, 'combine': lm.combine, 'fgram_kind': lm.kind}

@@ -9,7 +9,7 @@ The f-gram side, per kind (`fgram_model.kind`):
   network  A_f: its parameters (flops.param_counts) train on the accelerator; export runs
            it over the S f-grams; S rows are offloaded at inference.
   table    an [S, d] table trained on the accelerator (P d params, P = S rounded up to
-           fgram_table.ROW_MULTIPLE as built, with gradients and both AdamW moments:
+           trained_table.ROW_MULTIPLE as built, with gradients and both AdamW moments:
            dense, though a step touches few rows); no A_f FLOPs; the S rows are
            offloaded at inference.
   hashed   (n - 1) tables of m rows (orders 2..n), trained on the accelerator; their

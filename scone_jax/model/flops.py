@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 from scone_jax.config import Config, ModelConfig
-from scone_jax.model import fgram_table
+from scone_jax.model import trained_table
 
 _NORM_PARAMS = {'layernorm': 2, 'rmsnorm': 1, 'nonparametric': 0}
 
@@ -53,10 +53,10 @@ class ParamCounts:
   # host RAM / on disk at inference, and their values (rows x d).
   offloaded_rows: int
   offloaded: int
-  # The trained rows of kind='table' ([P, d], P = S rounded up, model/fgram_table.py) or
+  # The trained rows of kind='table' ([P, d], P = S rounded up, model/trained_table.py) or
   # kind='hashed' ((n - 1) m rows of d), on the accelerator during training only (exported
   # to the store like A_f's outputs).
-  fgram_table: int = 0
+  trained_rows: int = 0
   combine_gate: int = 0  # d for combine='gate' (training only: export folds it in).
 
   @property
@@ -70,7 +70,7 @@ class ParamCounts:
     """The f-gram side's own trainable parameters: A_f's (it also reads the shared token
     table), or the rows of kind='table' / 'hashed'. The combine gate is counted apart
     (`combine_gate`; model/arm_accounting.py adds it)."""
-    return (self.fgram_non_embedding + self.fgram_position_table + self.fgram_table)
+    return (self.fgram_non_embedding + self.fgram_position_table + self.trained_rows)
 
   @property
   def train_total(self) -> int:
@@ -116,7 +116,7 @@ def param_counts(cfg: Config, vocab_size: int | None = None,
   fm = cfg.fgram_model
   scone = fm.kind == 'network' and fm.num_layers > 0  # A_f
   rows = offloaded_rows(cfg, table_rows)
-  trained_rows = {'table': fgram_table.padded_rows(rows), 'hashed': rows}.get(
+  trained_rows = {'table': trained_table.padded_rows(rows), 'hashed': rows}.get(
       fm.kind, 0) if fm.enabled else 0
   af_norm = final_norm if cfg.fgram_model.final_norm == 'same' else 0
   return ParamCounts(
@@ -129,7 +129,7 @@ def param_counts(cfg: Config, vocab_size: int | None = None,
       fgram_position_table=cfg.fgram.max_len * d if scone else 0,
       offloaded_rows=rows,
       offloaded=rows * d,
-      fgram_table=trained_rows * d,
+      trained_rows=trained_rows * d,
       combine_gate=d if fm.enabled and fm.combine == 'gate' else 0)
 
 

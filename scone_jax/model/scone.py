@@ -26,7 +26,7 @@ from scone_jax.config import FgramModelConfig, ModelConfig
 from scone_jax.model import combine as combine_lib
 from scone_jax.model.backbone import Backbone
 from scone_jax.model.fgram_model import FgramModel
-from scone_jax.model.fgram_table import FgramTableEmbed
+from scone_jax.model.trained_table import TrainedRows
 from scone_jax.model.sharding import constrain, param
 from scone_jax.model.hashed import HashedNgramEmbed
 
@@ -53,7 +53,7 @@ class SconeLM(nnx.Module):
     self.backbone = Backbone(model_cfg, vocab_size, rngs)
     self.kind, self.combine = fgram_model_cfg.kind, fgram_model_cfg.combine
     if fgram_model_cfg.kind == 'table':
-      self.fgram_model = FgramTableEmbed(num_fgrams, model_cfg.d_model,
+      self.fgram_model = TrainedRows(num_fgrams, model_cfg.d_model,
                                          model_cfg.param_dtype, model_cfg.dtype)
     elif fgram_model_cfg.kind == 'network' and fgram_model_cfg.num_layers > 0:
       self.fgram_model = FgramModel(model_cfg, fgram_model_cfg, fgram_max_len,
@@ -71,7 +71,7 @@ class SconeLM(nnx.Module):
                    if fgram_model_cfg.kind == 'hashed' else None)
 
   @property
-  def is_scone(self) -> bool:
+  def has_fgram_side(self) -> bool:
     return self.fgram_model is not None
 
   def fgram_embeddings(self, batch: Mapping[str, jax.Array]) -> jax.Array:

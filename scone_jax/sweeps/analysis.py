@@ -40,8 +40,8 @@ class Arm:
     return self.runs[0].cfg
 
   @property
-  def is_scone(self) -> bool:
-    return self.cfg.is_scone
+  def has_fgram_side(self) -> bool:
+    return self.cfg.has_fgram_side
 
   @property
   def num_fgrams(self) -> int:
@@ -56,7 +56,7 @@ class Arm:
     """What computes the arm's input embeddings beyond T: 'none' (baseline), 'A_f',
     'table' or 'hashed', with the combine rule when it is not the paper's 'replace'."""
     fm = self.cfg.fgram_model
-    if not self.is_scone:
+    if not self.has_fgram_side:
       return 'none'
     if fm.kind == 'hashed':
       return f'hashed n<={fm.hash_max_n}, m={fm.hash_buckets}'
@@ -118,12 +118,12 @@ def arms_of(runs: Sequence[Any], study_record: dict[str, Any] | None
                      if k in varying) or 'base'
     arms.append(Arm(name, members, own))
   arms.sort(key=_arm_order)
-  baselines = [a for a in arms if not a.is_scone]
+  baselines = [a for a in arms if not a.has_fgram_side]
   return arms, baselines[0] if len(baselines) == 1 else None
 
 
 def _arm_order(a: Arm) -> tuple:
-  return (a.is_scone, a.num_fgrams, a.af_layers, a.name)
+  return (a.has_fgram_side, a.num_fgrams, a.af_layers, a.name)
 
 
 def test_corpora(runs: Sequence[Any]) -> list[str]:
@@ -160,7 +160,7 @@ def series(arms: Sequence[Arm], axis: str) -> list[list[Arm]]:
   value = (lambda a: a.num_fgrams) if axis == 'S' else (lambda a: a.af_layers)
   out: dict[tuple, list[Arm]] = {}
   for a in arms:
-    if a.is_scone and a.finished:
+    if a.has_fgram_side and a.finished:
       rest = tuple(sorted((k, repr(v)) for k, v in a.overrides.items()
                           if k not in (key, 'train.learning_rate')))
       out.setdefault(rest, []).append(a)
@@ -193,7 +193,7 @@ def best_scone(arms: Sequence[Arm], corpus: str,
                exclude: Arm | None = None) -> tuple[Arm | None, str]:
   """The SCONE arm (other than `exclude`) with the lowest validation loss (else the
   lowest loss on the test corpus, said so)."""
-  scone = [a for a in arms if a.is_scone and a.finished and a is not exclude]
+  scone = [a for a in arms if a.has_fgram_side and a.finished and a is not exclude]
   if not scone:
     return None, ''
   by_valid = [(a.validation_loss(), a.name, a) for a in scone]
@@ -217,7 +217,7 @@ def verdicts(arms: Sequence[Arm], baseline: Arm | None, runs: Sequence[Any]) -> 
       dp, _ = stats.paired(best.values(corpus, 'perplexity'),
                            baseline.values(corpus, 'perplexity'))
       b, s = baseline.ppl_summary(corpus), best.ppl_summary(corpus)
-      ref = ('tuned baseline' if not baseline.is_scone else
+      ref = ('tuned baseline' if not baseline.has_fgram_side else
              f'reference arm {baseline.name}')
       lines.append(
           f'[{corpus}, {cov}] SCONE vs {ref}: best SCONE arm {best.name} ({how}) '
@@ -260,7 +260,7 @@ def paired_rows(arms: Sequence[Arm], baseline: Arm | None,
     return []
   rows = []
   for a in arms:
-    if a is baseline or not a.is_scone:
+    if a is baseline or not a.has_fgram_side:
       continue
     row: dict[str, Any] = {'arm': a.name}
     for metric in METRICS:
@@ -335,7 +335,7 @@ def exposure_rows(arms: Sequence[Arm]) -> list[dict[str, Any]]:
   """
   rows = []
   for a in arms:
-    if not a.is_scone or not a.cfg.fgram_model.uses_fgram_table:
+    if not a.has_fgram_side or not a.cfg.fgram_model.uses_fgram_table:
       continue
     adir = a.cfg.data.artifacts_dir
     try:

@@ -95,7 +95,7 @@ def draw_plots(runs: Sequence[Any], arms: Sequence[analysis.Arm],
     captions[name] = caption
     return pngs[name]
 
-  scone = [a for a in arms if a.is_scone and a.finished]
+  scone = [a for a in arms if a.has_fgram_side and a.finished]
   for corpus in analysis.test_corpora(runs):
     cov = analysis.coverage(runs, corpus)
     tag = f'{corpus} ({cov})'
@@ -137,7 +137,7 @@ def draw_plots(runs: Sequence[Any], arms: Sequence[analysis.Arm],
       for i, a in enumerate(finished):
         mean, lo, hi = _yerr([a.ppl_summary(corpus)])
         ax.errorbar([inference_flops(a)], mean, yerr=[lo, hi],
-                    marker='o' if a.is_scone else 's', capsize=3, linestyle='none',
+                    marker='o' if a.has_fgram_side else 's', capsize=3, linestyle='none',
                     color=f'C{i % 10}', label=a.name)
       _log_x(ax, ())
       add(name, f'{tag}: perplexity vs inference FLOPs per token; {_BARS}')
@@ -154,7 +154,7 @@ def draw_plots(runs: Sequence[Any], arms: Sequence[analysis.Arm],
     for i, a in enumerate(curves):
       steps, losses = mean_curve([r.curve for r in a.runs if r.curve])
       ax.plot(steps, losses, color=f'C{i % 10}', label=a.name,
-              linestyle='-' if a.is_scone else '--')
+              linestyle='-' if a.has_fgram_side else '--')
     add('training_curves', 'Training loss (mean over seeds; the training batches, not a '
         'held-out set)')
     ax.set(title=captions['training_curves'], xlabel='step', ylabel='train loss')

@@ -35,7 +35,6 @@ import jax
 import numpy as np
 
 from scone_jax import artifacts, batches, compat, paths, runlock
-from scone_jax import config as config_lib
 from scone_jax import config_runtime
 from scone_jax import evaluate as evaluate_lib
 from scone_jax import run as run_lib
@@ -44,7 +43,7 @@ from scone_jax.train import checkpoint as checkpoint_lib
 from scone_jax import mesh as mesh_lib
 from scone_jax.train import metrics as metrics_lib
 from scone_jax.train import optimizer as optimizer_lib
-from scone_jax.train import rundata
+from scone_jax.train import inputs as inputs_lib
 from scone_jax.train import step as step_lib
 
 # The train CLI's exit status when preempted (SIGTERM): os.EX_TEMPFAIL, "try again".
@@ -131,7 +130,7 @@ class _Preemption:
     return bool(np.any(flags))
 
 
-def _vocab_size(cfg: Config, data: rundata.RunData) -> int:
+def _vocab_size(cfg: Config, data: inputs_lib.TrainInputs) -> int:
   tok_vocab = data.tokenizer.vocab_size
   if cfg.model.vocab_size and cfg.model.vocab_size < tok_vocab:
     raise ConfigError(f'config.model.vocab_size={cfg.model.vocab_size} is smaller than the '
@@ -203,7 +202,7 @@ def _train_locked(cfg: Config, workdir: str,
                   allow_config_change: tuple[str, ...]) -> TrainResult:
   run_dir = run_lib.RunDir(workdir)
   # Data first: on a resume it refuses changed inputs before config.json is rewritten.
-  data = rundata.open_run_data(cfg, workdir)
+  data = inputs_lib.open_train_inputs(cfg, workdir)
   write_run_config(cfg, workdir, allow_config_change)
   mesh = mesh_lib.make_mesh(cfg.mesh, cfg.train.batch_size)
   vocab_size = _vocab_size(cfg, data)
@@ -226,19 +225,19 @@ def _train_locked(cfg: Config, workdir: str,
   if resumed_from is None and cfg.train.init_from_run:
     state = _init_from_run(cfg.train.init_from_run, workdir, state, mesh, data.tokenizer)
   step = int(resumed_from or 0)
-  run = _Run(cfg, workdir, mesh, data_it, ckpt, metrics_lib.MetricsWriter(workdir),
-             evaluate_lib.Evaluator(cfg, graphdef, mesh, data),
-             metrics_lib.StepFlops(cfg, vocab_size, jax.process_count()))
+  trainer = _Trainer(cfg, workdir, mesh, data_it, ckpt, metrics_lib.MetricsWriter(workdir),
+                     evaluate_lib.Evaluator(cfg, graphdef, mesh, data),
+                     metrics_lib.StepFlops(cfg, vocab_size, jax.process_count()))
   result = TrainResult(workdir, step, 'completed', resumed_from, {}, None)
   try:
     with _Preemption() as preemption:
       step_fn = step_lib.make_train_step(
           graphdef, tx, optimizer_lib.learning_rate_schedule(cfg.train),
           cfg.train.grad_accum_steps)
-      _train_steps(run, step_fn, state, step, preemption, result)
+      _train_steps(trainer, step_fn, state, step, preemption, result)
   finally:
     ckpt.close()
-    run.writer.close()
+    trainer.writer.close()
     if jax.process_index() == 0:
       run_dir.record_checkpoints(run_dir.checkpoint_steps())
   return result
@@ -287,7 +286,7 @@ def _init_from_run(source: str, workdir: str, state: step_lib.TrainState,
 HASH_COLLISIONS_FILE = 'hash_collisions.json'
 
 
-def _report_hash_collisions(cfg: Config, workdir: str, data: rundata.RunData) -> None:
+def _report_hash_collisions(cfg: Config, workdir: str, data: inputs_lib.TrainInputs) -> None:
   """kind='hashed': logs and writes W/hash_collisions.json (per order: distinct n-grams of
   the training tokens, buckets used, share of occurrences in a shared bucket) once."""
   from scone_jax.model import hashed  # pylint: disable=g-import-not-at-top
@@ -304,7 +303,7 @@ def _report_hash_collisions(cfg: Config, workdir: str, data: rundata.RunData) ->
 
 
 @dataclasses.dataclass
-class _Run:
+class _Trainer:
   """The long-lived pieces of one train() call that the step loop uses."""
   cfg: Config
   workdir: str
@@ -323,15 +322,15 @@ class _Run:
     return record
 
 
-def _train_steps(run: _Run, step_fn, state: step_lib.TrainState, step: int,
+def _train_steps(trainer: _Trainer, step_fn, state: step_lib.TrainState, step: int,
                  preemption: _Preemption, result: TrainResult) -> None:
   """The step loop from `step` to train.steps; fills `result`."""
-  cfg, mesh, data_it, ckpt, writer, flops = (run.cfg, run.mesh, run.data_it, run.ckpt,
-                                             run.writer, run.flops)
+  cfg, mesh, data_it, ckpt, writer, flops = (
+      trainer.cfg, trainer.mesh, trainer.data_it, trainer.ckpt, trainer.writer, trainer.flops)
   tc = cfg.train
   if step >= tc.steps:
     logging.info('run already at step %d >= train.steps=%d', step, tc.steps)
-    result.eval = run.evaluate(step, state)
+    result.eval = trainer.evaluate(step, state)
     return
   local_batch = next(data_it)
   inputs, stats = batches.split_stats(local_batch)
@@ -395,7 +394,7 @@ def _train_steps(run: _Run, step_fn, state: step_lib.TrainState, step: int,
           interval_start, interval_step = now, step
           compile_mark = train_step.compile_seconds
         if evaluate:
-          result.eval = run.evaluate(step, state)
+          result.eval = trainer.evaluate(step, state)
           interval_start = time.perf_counter()  # Eval time is not step time.
         if preempt:
           result.status = 'preempted'

@@ -24,7 +24,7 @@ from flax import nnx
 
 from scone_jax import compat
 from scone_jax.config import Config
-from scone_jax.model import SconeLM, create_sharded, fgram_table
+from scone_jax.model import SconeLM, create_sharded, trained_table
 from scone_jax.model.loss import cross_entropy_sums
 from scone_jax import mesh as mesh_lib
 from scone_jax.train import optimizer as optimizer_lib
@@ -240,7 +240,7 @@ def create_train_state(cfg: Config, mesh: jax.sharding.Mesh, vocab_size: int,
   cfg.model.dtype and returns float32 logits. The init RNG is `train.seed`: the same seed
   gives the same initial params on any mesh. `table` (the run's FgramTable, before
   slicing) sizes kind='table' to cfg.fgram.rows_used(len(table)) rows and initialises them
-  (model/fgram_table.py).
+  (model/trained_table.py).
   """
   num_fgrams = 0
   if cfg.fgram_model.kind == 'table':
@@ -256,7 +256,7 @@ def create_train_state(cfg: Config, mesh: jax.sharding.Mesh, vocab_size: int,
 
   model = create_sharded(make_model, mesh)
   if num_fgrams:
-    fgram_table.init_rows_from_tokens(model, fgram_table.last_tokens(table)[:num_fgrams],
+    trained_table.init_rows_from_tokens(model, trained_table.last_tokens(table)[:num_fgrams],
                                       mesh)
   graphdef, params, other = split_model(model)
   tx = optimizer_lib.make_optimizer(cfg.train)

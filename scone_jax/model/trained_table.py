@@ -42,7 +42,7 @@ def padded_rows(num_fgrams: int) -> int:
   return -(-num_fgrams // ROW_MULTIPLE) * ROW_MULTIPLE
 
 
-class FgramTableEmbed(nnx.Module):
+class TrainedRows(nnx.Module):
   """The [P, D] table; `lm.fgram_model` for kind='table'."""
 
   def __init__(self, num_fgrams: int, d_model: int, param_dtype: str, dtype: str):

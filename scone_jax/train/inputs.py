@@ -13,7 +13,7 @@ from scone_jax.config import Config
 
 
 @dataclasses.dataclass
-class RunData:
+class TrainInputs:
   tokenizer: Any  # scone_jax.tokenizer.Tokenizer
   train_shards: Any  # TokenShards
   eval_shards: dict[str, Any]  # corpus name -> TokenShards
@@ -25,7 +25,7 @@ class RunData:
     return self.tokenizer.vocab_size
 
 
-def open_run_data(cfg: Config, workdir: str, build_missing: bool = True) -> RunData:
+def open_train_inputs(cfg: Config, workdir: str, build_missing: bool = True) -> TrainInputs:
   """Opens the run's artifacts, preparing them first when missing and `build_missing`.
 
   With several processes only process 0 prepares (the artifact directory must be on a
@@ -39,7 +39,7 @@ def open_run_data(cfg: Config, workdir: str, build_missing: bool = True) -> RunD
   if not build_missing or jax.process_index() != 0:
     prepared = prepare_lib.load_prepared(cfg, workdir)
   logging.info('run data: %s', prepared)
-  return RunData(tokenizer=prepared.tokenizer, train_shards=prepared.train_shards,
+  return TrainInputs(tokenizer=prepared.tokenizer, train_shards=prepared.train_shards,
                  eval_shards=dict(prepared.eval_shards),
                  table=prepared.table if cfg.fgram_model.uses_fgram_table else None,
                  table_dir=prepared.fgram_dir if cfg.fgram_model.uses_fgram_table else None)
