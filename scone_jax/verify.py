@@ -78,6 +78,9 @@ def _artifact(name: str, location: str, fingerprint: str | None = None,
 def verify_run(workdir: str) -> list[Item]:
   """The verdict on each item of the run directory `workdir` (module docstring)."""
   run_dir = run_lib.RunDir(workdir)
+  if not paths.isdir(run_dir.path):
+    raise run_lib.RunError(f'{run_dir.path} does not exist: --workdir must be a training '
+                           'run directory (python -m scone_jax.train --workdir=W makes one)')
   items = [_parse('config.json', run_dir.join(run_lib.CONFIG_FILE), run_dir.config)[0]]
   info_item, info = _parse('run.json', run_dir.join(run_lib.RUN_FILE), run_dir.info)
   items.append(info_item)

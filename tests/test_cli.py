@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import gzip
 import hashlib
 import json
 import logging
@@ -53,6 +54,7 @@ class Ctx:
   run: str  # The good run, or (for a case with `damage`) a damaged copy of it.
   config: str  # The experiment file the good run was trained from.
   tmp: str  # An empty directory of this case.
+  train: str = ''  # The good run's training corpus file (read, never written).
 
   @property
   def file(self) -> str:
@@ -127,6 +129,32 @@ def _write(tmp: str, name: str, text: str) -> str:
   with open(path, 'w') as f:
     f.write(text)
   return path
+
+
+def _write_bytes(tmp: str, name: str, data: bytes) -> str:
+  path = os.path.join(tmp, name)
+  with open(path, 'wb') as f:
+    f.write(data)
+  return path
+
+
+def _flip_checkpoint_bytes(run: str) -> None:
+  """Scattered byte flips inside the latest step's largest file (size and names kept):
+  the bit rot a truncation check cannot see."""
+  path = _latest_checkpoint_files(run)[0]
+  size = os.path.getsize(path)
+  with open(path, 'r+b') as f:
+    for offset in range(size // 7, size, max(1, size // 7)):
+      f.seek(offset)
+      byte = f.read(1)
+      f.seek(offset)
+      f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _fresh_prepare(c: 'Ctx', *flags_: str) -> list[str]:
+  """prepare into a new workdir with its own artifacts (the shared ones stay untouched)."""
+  return ['prepare', f'--config={c.config}', '--config.data.artifacts_dir=',
+          f'--workdir={c.missing}', *flags_]
 
 
 def _sweep_file(tmp: str, points: list[dict]) -> str:
@@ -267,6 +295,44 @@ CASES = [
     Case('sweeps-bad-set', lambda c: ['sweeps', '--sweep=experiments/sweeps/demo.py',
                                       '--set=train.steps', f'--root={c.tmp}', '--dry_run'],
          ("--set='train.steps' must look like KEY=VALUE",)),
+    # issue 22's faults: corpora that are not what data.format says, test leakage, a table
+    # shorter than its S, a forbidden resume change, bit rot in a checkpoint, ...
+    Case('prepare-gzip-corpus', lambda c: _fresh_prepare(c, '--config.data.train_files=' + (
+        _write_bytes(c.tmp, 't.txt', gzip.compress(b'the of and ' * 999)))),
+         ('t.txt', 'gzip', 'decompress')),
+    Case('prepare-binary-corpus', lambda c: _fresh_prepare(c, '--config.data.train_files=' + (
+        _write_bytes(c.tmp, 't.bin', bytes(range(256)) * 64))),
+         ('t.bin', 'NUL bytes')),
+    Case('prepare-jsonl-read-as-lines', lambda c: _fresh_prepare(
+        c, '--config.data.train_files=' + _write(c.tmp, 't.jsonl', '{"text": "the"}\n' * 50)),
+         ('t.jsonl', 'jsonl')),
+    Case('prepare-eval-file-is-a-train-file', lambda c: _fresh_prepare(
+        c, f'--config.data.eval_files=leak={c.train}'), ('also a training file',)),
+    Case('prepare-no-eval-files', lambda c: _fresh_prepare(c, '--config.data.eval_files='),
+         ('config.data.eval_files is empty', 'allow_no_eval')),
+    Case('prepare-table-shorter-than-size', lambda c: _fresh_prepare(
+        c, '--config.fgram.size=1000000'),
+         ('config.fgram.size=1,000,000', 'min_count', 'allow_short_table')),
+    Case('train-forbidden-resume-change', lambda c: [
+        'train', f'--config={c.config}', '--config.model.d_model=64',
+        '--allow_config_change=model.d_model', f'--workdir={c.run}'],
+         ('model.d_model',), damage=lambda run: None),
+    Case('evaluate-flipped-checkpoint-bytes', lambda c: ['evaluate', f'--workdir={c.run}'],
+         ('checkpoint', 'scone_jax.verify'), damage=_flip_checkpoint_bytes),
+    Case('export-flipped-checkpoint-bytes', lambda c: ['export', f'--workdir={c.run}'],
+         ('checkpoint', 'scone_jax.verify'), damage=_flip_checkpoint_bytes),
+    Case('generate-prompt-fills-the-context', lambda c: [
+        'generate', f'--workdir={c.run}', '--prompt=' + ' w1 w2 w3' * 40], ('context',)),
+    Case('verify-missing-workdir', lambda c: ['verify', f'--workdir={c.missing}'],
+         ('no_such_run',)),
+    Case('verify-workdir-is-a-file', lambda c: ['verify', f'--workdir={c.file}'],
+         ('a_file',)),
+    Case('downstream-missing-task-dir', lambda c: [
+        'downstream', f'--workdir={c.run}', '--tasks=arc_easy', f'--task_dir={c.missing}'],
+         ('no_such_run',)),
+    Case('downstream-unknown-task', lambda c: [
+        'downstream', f'--workdir={c.run}', '--tasks=nope', f'--task_dir={c.tmp}'],
+         ('nope',)),
     Case('sweeps-tpu-without-target', lambda c: ['sweeps', '--sweep=experiments/sweeps/demo.py',
                                                  '--backend=tpu', f'--root={c.tmp}',
                                                  '--dry_run'],
@@ -297,6 +363,7 @@ class GoodRun:
   run: str
   config: str
   artifacts: str
+  train: str  # Its training corpus file.
 
 
 @pytest.fixture(scope='module')
@@ -311,7 +378,7 @@ def good(tmp_path_factory) -> GoodRun:
   shutil.copytree(reference, run)
   export_store(cfg, run)
   config = th.micro_config_file(str(here / 'micro.py'), corpus, artifacts)
-  return GoodRun(run, config, artifacts)
+  return GoodRun(run, config, artifacts, os.path.join(corpus, 'train.txt'))
 
 
 def _run_cli(argv: list[str], env: dict[str, str] | None = None, cwd: str = REPO,
@@ -333,8 +400,13 @@ _ORBAX_READ_ONLY = re.compile(r'checkpoint_manager\.py:\d+\] (CheckpointManagerO
                               r'read_only=True|Given directory is read only)')
 
 
+# What a stage prints while it works before it meets the bad input (prepare's INFO progress
+# lines, tqdm bars): not messages. Warnings and errors all count.
+_PROGRESS = re.compile(r'^I\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] |\d+%\|')
+
+
 def _one_line(stderr: str) -> str:
-  lines = [l for l in stderr.splitlines() if l.strip()]
+  lines = [l for l in stderr.splitlines() if l.strip() and not _PROGRESS.search(l)]
   assert len(lines) == 1, stderr[-3000:]
   return lines[0]
 
@@ -352,7 +424,7 @@ def test_user_error_is_one_line_and_status_2(case, good, tmp_path):
     case.damage(run)
   work = tmp_path / 'tmp'
   work.mkdir()
-  argv = case.argv(Ctx(run=run, config=good.config, tmp=str(work)))
+  argv = case.argv(Ctx(run=run, config=good.config, tmp=str(work), train=good.train))
   done, cpu = _run_cli(argv, dict(case.env))
   assert done.returncode == case.status, done.stderr[-3000:]
   line = _one_line(done.stderr)
