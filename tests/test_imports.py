@@ -7,6 +7,7 @@ component of the graph must be a single module.
 """
 
 import ast
+import re
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'scone_jax'
@@ -106,3 +107,44 @@ def test_no_import_cycles_in_the_package():
   cycles = [c for c in _components(graph) if len(c) > 1]
   assert not cycles, 'import cycles (move the shared piece down a layer): ' + '; '.join(
       ' <-> '.join(c) for c in cycles)
+
+
+def _layers() -> list[list[str]]:
+  """ARCHITECTURE.md's layer table: one list of entries per layer, lowest first. An entry
+  is a module (`run`), a package (`train/`, every module under it) or a module path
+  (`export/format`); parentheses are comments."""
+  text = (PACKAGE.parent / 'ARCHITECTURE.md').read_text()
+  block = text.split('\nLayers (', 1)[1].split('```\n', 1)[1].split('```', 1)[0]
+  layers = []
+  for line in block.strip().splitlines():
+    number, rest = line.split(None, 1)
+    assert int(number) == len(layers), line
+    rest = re.sub(r'\([^)]*\)', '', rest)
+    layers.append([e.strip() for e in rest.split(',') if e.strip()])
+  return layers
+
+
+def _layer_of(module: str, layers: list[list[str]]) -> int:
+  """The layer of the most specific entry naming `module` (scone_jax.a.b)."""
+  rel = module.split('.', 1)[1].replace('.', '/') if '.' in module else ''
+  best, best_len = None, -1
+  for i, entries in enumerate(layers):
+    for e in entries:
+      key = e.rstrip('/')
+      hit = rel == key or rel.startswith(key + '/')
+      if hit and len(key) > best_len:
+        best, best_len = i, len(key)
+  assert best is not None, f'{module} is in no layer of ARCHITECTURE.md'
+  return best
+
+
+def test_architecture_layers_match_the_imports():
+  layers = _layers()
+  assert len(layers) >= 5
+  graph = _edges(_modules())
+  upward = sorted(f'{a} (layer {_layer_of(a, layers)}) imports {b} '
+                  f'(layer {_layer_of(b, layers)})'
+                  for a, deps in graph.items() if a != 'scone_jax'
+                  for b in deps if b != 'scone_jax'
+                  and _layer_of(b, layers) > _layer_of(a, layers))
+  assert not upward, 'imports against ARCHITECTURE.md\'s layers:\n' + '\n'.join(upward)
