@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib
 import importlib.util
 import json
 import os
@@ -68,6 +67,17 @@ def _dist(name: str) -> str:
   return re.sub(r'[-_.]+', '_', name).lower()
 
 
+def _run_with(site: str) -> None:
+  """Re-runs this command with `site` on PYTHONPATH (once: then it is on sys.path), so the
+  carried packages import like installed ones; nothing edits sys.path."""
+  if os.path.abspath(site) in (os.path.abspath(p) for p in sys.path if p):
+    return
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (os.path.abspath(site), os.environ.get('PYTHONPATH', '')) if p))
+  print(f'rerunning with {site} on PYTHONPATH', flush=True)
+  os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def ensure_wheels(whl_dir: str) -> dict[str, str]:
   """Each WHEELS module: 'present', 'installed' (from whl_dir), or 'missing: <why>'.
 
@@ -77,7 +87,7 @@ def ensure_wheels(whl_dir: str) -> dict[str, str]:
   """
   site = os.path.join(whl_dir, 'site')
   if os.path.isdir(site):
-    sys.path.insert(0, site)
+    _run_with(site)  # Wheels installed earlier: this process must import them.
   status = {m: 'present' for m in WHEELS if importlib.util.find_spec(m) is not None}
   missing = [m for m in WHEELS if m not in status]
   wanted = {_dist(WHEELS[m]) for m in missing}
@@ -96,9 +106,7 @@ def ensure_wheels(whl_dir: str) -> dict[str, str]:
         shutil.rmtree(dest)
       os.replace(os.path.join(tmp, entry), dest)
     os.rmdir(tmp)
-    if site not in sys.path:
-      sys.path.insert(0, site)
-    importlib.invalidate_caches()
+    _run_with(site)
   for m in missing:
     status[m] = 'installed' if importlib.util.find_spec(m) is not None else (
         f'missing: no {WHEELS[m]} wheel in {whl_dir} (run `make gpu-wheels` where PyPI '

@@ -228,7 +228,7 @@ CASES = [
     Case('evaluate-bad-type', lambda c: ['evaluate', f'--workdir={c.run}', '--step=last'],
          ('--step=last',)),
     Case('evaluate-missing-step', lambda c: ['evaluate', f'--workdir={c.run}', '--step=3'],
-         ('checkpoints/3',)),
+         ('checkpoint step 3', 'committed steps')),
     Case('evaluate-truncated-config-json', lambda c: ['evaluate', f'--workdir={c.run}'],
          ('config.json is corrupted',), damage=_truncate('config.json')),
     Case('evaluate-truncated-run-json', lambda c: ['evaluate', f'--workdir={c.run}'],
