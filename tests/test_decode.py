@@ -12,17 +12,14 @@ from scone_jax import compat, config
 from scone_jax.batches.tagging import tag_fgrams
 from scone_jax.config import ExportConfig
 from scone_jax.export import export_embeddings
-from scone_jax.fgrams import mine_fgrams
 from scone_jax.model import SconeLM
 from scone_jax.serve import EmbeddingStore
 from scone_jax.serve.decode import Decoder
 from scone_jax.serve.sampling import Sampling, sample
+from phrase_fixtures import BOS, K, PHRASES, V, table  # noqa: F401  (the table fixture)
 
-V, K, BOS = 48, 4, 1
 B = 5  # One batch size for every decoder here, so they share compilations.
 ONE_DEVICE = compat.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-# Documents built from a few repeated phrases, so the table holds 2..4-grams.
-PHRASES = [[5, 6, 7, 8], [9, 10, 11], [12, 13], [20, 21, 22, 23], [30, 31]]
 
 
 def _cfg(fgram_layers):
@@ -31,18 +28,6 @@ def _cfg(fgram_layers):
       'model.max_seq_len': 48, 'model.init_std': 0.3, 'train.seq_len': 32,
       'fgram_model.num_layers': fgram_layers, 'fgram.max_len': K,
       'fgram_model.init': 'random'})  # A non-trivial A_f at step 0 (test_model.py says why).
-
-
-@pytest.fixture(scope='module')
-def table():
-  rng = np.random.default_rng(0)
-  docs = []
-  for _ in range(60):
-    parts = [PHRASES[i] + [int(rng.integers(40, V))] for i in rng.integers(0, 5, 6)]
-    docs.append(np.array(sum(parts, []), np.int32))
-  t = mine_fgrams(docs, max_len=K, size=40, min_count=3, progress=False)
-  assert len(t) > 10 and t.lengths.max() == K
-  return t
 
 
 def export_one_device(lm, table, directory, step: int = 0, **export) -> str:

@@ -11,13 +11,12 @@ from scone_jax.batches.tagging import tag_fgrams
 from scone_jax.config import ExportConfig
 from scone_jax.downstream import scoring
 from scone_jax.export import export_embeddings
-from scone_jax.fgrams import mine_fgrams
 from scone_jax.model import SconeLM
 from scone_jax.serve import EmbeddingStore
+from phrase_fixtures import BOS, K, V, table  # noqa: F401  (the table fixture)
 
-V, K, BOS, WINDOW = 48, 4, 1, 64
+WINDOW = 64
 ONE_DEVICE = compat.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-PHRASES = [[5, 6, 7, 8], [9, 10, 11], [12, 13], [20, 21, 22, 23], [30, 31]]
 
 
 def _cfg(fgram_layers):
@@ -26,16 +25,6 @@ def _cfg(fgram_layers):
       'model.max_seq_len': WINDOW, 'model.init_std': 0.3, 'train.seq_len': 32,
       'fgram_model.num_layers': fgram_layers, 'fgram.max_len': K,
       'fgram_model.init': 'random'})  # A_f's output differs from T(last token).
-
-
-@pytest.fixture(scope='module')
-def table():
-  rng = np.random.default_rng(0)
-  docs = []
-  for _ in range(60):
-    parts = [PHRASES[i] + [int(rng.integers(40, V))] for i in rng.integers(0, 5, 6)]
-    docs.append(np.array(sum(parts, []), np.int32))
-  return mine_fgrams(docs, max_len=K, size=40, min_count=3, progress=False)
 
 
 @pytest.fixture(scope='module')

@@ -155,22 +155,22 @@ def _lettered(row: Row, where: str, task: str) -> tuple[str, tuple[str, ...], in
   return stem, tuple(texts), labels.index(key)
 
 
-def arc(path: str, labels: str | None = None) -> list[Doc]:
-  del labels
-  docs = []
-  for i, (where, row) in enumerate(read_rows(path)):
-    stem, texts, gold = _lettered(row, where, 'ai2_arc')
-    docs.append(Doc(str(row.get('id', i)), stem, texts, gold))
-  return docs
+def _lettered_converter(dataset: str) -> Callable[..., list[Doc]]:
+  """A converter for a dataset of lettered choices and an answerKey (`_lettered`): ai2_arc
+  and commonsense_qa ship the same layout."""
+  def convert_file(path: str, labels: str | None = None) -> list[Doc]:
+    del labels
+    docs = []
+    for i, (where, row) in enumerate(read_rows(path)):
+      stem, texts, gold = _lettered(row, where, dataset)
+      docs.append(Doc(str(row.get('id', i)), stem, texts, gold))
+    return docs
+  convert_file.__name__ = dataset
+  return convert_file
 
 
-def commonsense_qa(path: str, labels: str | None = None) -> list[Doc]:
-  del labels
-  docs = []
-  for i, (where, row) in enumerate(read_rows(path)):
-    stem, texts, gold = _lettered(row, where, 'commonsense_qa')
-    docs.append(Doc(str(row.get('id', i)), stem, texts, gold))
-  return docs
+arc = _lettered_converter('ai2_arc')
+commonsense_qa = _lettered_converter('commonsense_qa')
 
 
 def _mmlu_subject(file: str) -> str:
