@@ -124,7 +124,7 @@ class FgramConfig:
   # uses all rows and W/run.json's fgram_table_rows records them (S = rows_used(rows)).
   allow_short_table: bool = False
 
-  # The ONE derivation of S (SCONE.md's table size) from this section. Every module asks
+  # The ONE derivation of S (the paper's number of f-grams) from this section. Every module asks
   # these two; none reads `use_size` itself (tests/test_config.py checks that).
   @property
   def requested_rows(self) -> int:
