@@ -125,7 +125,7 @@ class FgramConfig:
   allow_short_table: bool = False
 
   # The ONE derivation of S (the paper's number of f-grams) from this section. Every module asks
-  # these two; none reads `use_size` itself (tests/test_config.py checks that).
+  # these two; none reads `use_size` itself (tests/test_config_facts.py checks that).
   @property
   def requested_rows(self) -> int:
     """S as the config asks for it: use_size, or the whole mined size when use_size is 0.
