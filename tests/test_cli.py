@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import gzip
-import hashlib
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ import pytest
 
 import train_helpers as th
 from train_helpers import compile_cache  # noqa: F401  (autouse fixture)
-from scone_jax import artifacts, cli, logs, runlock
+from scone_jax import cli, logs, runlock
 from scone_jax import config as config_lib
 from scone_jax.sweeps import analysis
 from scone_jax.train import checkpoint as checkpoint_lib
@@ -343,21 +342,6 @@ CASES = [
 # ---------------------------------------------------------------------------- fixtures
 
 
-def _tree_digest(*roots: str) -> dict[str, str]:
-  """sha256 of every file under the roots, except artifacts' verification stamps (a cache
-  any reader may write: artifacts.VERIFIED)."""
-  out = {}
-  for root in roots:
-    for base, _, names in os.walk(root):
-      for name in names:
-        if name == artifacts.VERIFIED:
-          continue
-        path = os.path.join(base, name)
-        with open(path, 'rb') as f:
-          out[path] = hashlib.sha256(f.read()).hexdigest()
-  return out
-
-
 @dataclasses.dataclass(frozen=True)
 class GoodRun:
   run: str
@@ -416,7 +400,7 @@ def _one_line(stderr: str) -> str:
 
 @pytest.mark.parametrize('case', [pytest.param(c, id=c.name, marks=c.marks) for c in CASES])
 def test_user_error_is_one_line_and_status_2(case, good, tmp_path):
-  before = _tree_digest(good.run, good.artifacts)
+  before = th.tree_digest(good.run, good.artifacts)
   run = good.run
   if case.damage is not None:
     run = str(tmp_path / 'run')
@@ -433,7 +417,7 @@ def test_user_error_is_one_line_and_status_2(case, good, tmp_path):
   for want in case.expect:
     assert want in line, line
   assert cpu < CPU_SECONDS, f'{cpu:.1f} CPU seconds'
-  assert _tree_digest(good.run, good.artifacts) == before  # Nothing written to the good run.
+  assert th.tree_digest(good.run, good.artifacts) == before  # Nothing written to the good run.
 
 
 def test_traceback_on_request(tmp_path):
@@ -521,14 +505,14 @@ def test_evaluate_on_a_read_only_run_prints_its_numbers_first(good, tmp_path):
 
 
 def test_generate_cuts_max_new_tokens_to_the_context(good):
-  before = _tree_digest(good.run)
+  before = th.tree_digest(good.run)
   done, _ = _run_cli(['generate', f'--workdir={good.run}', '--prompt=the of and',
                       '--config.serve.temperature=0'])
   assert done.returncode == 0, done.stderr[-3000:]
   # The default max_new_tokens (64) does not fit the micro model's 32-token context.
   assert 'max_new_tokens=64 cut to' in done.stderr and 'context of 32 tokens' in done.stderr
   assert done.stdout.startswith('the of and')
-  assert _tree_digest(good.run) == before
+  assert th.tree_digest(good.run) == before
 
 
 def test_closed_event_loop_noise_is_dropped():

@@ -3,7 +3,6 @@ trained on (changed inputs are refused before anything is written), --allow_conf
 admits only keys that change no shape, data or artifact, and train.init_from_run starts a
 NEW run from another run's weights."""
 
-import hashlib
 import os
 import re
 import signal
@@ -16,24 +15,10 @@ import pytest
 
 import train_helpers as th
 from train_helpers import compile_cache  # noqa: F401  (autouse fixture)
-from scone_jax import artifacts, runlock
+from scone_jax import runlock
 from scone_jax import prepare as prepare_lib
 from scone_jax.config import ConfigError
 from scone_jax.train import loop
-
-
-def _snapshot(directory):
-  """{relative path: sha256} of every file under `directory`, but the checksum caches
-  (artifacts.VERIFIED: a read records which files it verified, not an artifact)."""
-  out = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      if name == artifacts.VERIFIED:
-        continue
-      path = os.path.join(root, name)
-      with open(path, 'rb') as f:
-        out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-  return out
 
 
 @pytest.fixture(scope='module')
@@ -52,7 +37,7 @@ def test_corpus_edited_in_place_is_refused_and_nothing_is_rewritten(finished_run
   cfg = th.micro_config(corpus)
   train_file = os.path.join(corpus, 'train.txt')
   original, stat = open(train_file, 'rb').read(), os.stat(train_file)
-  before = _snapshot(workdir)
+  before = th.tree_digest(workdir)
   with open(train_file, 'ab') as f:
     f.write(b'a new document appended after the run was trained\n')
   try:
@@ -65,7 +50,7 @@ def test_corpus_edited_in_place_is_refused_and_nothing_is_rewritten(finished_run
       for choice in ('restore the inputs', 'new --workdir',
                      f'--config.train.init_from_run={workdir}'):
         assert choice in message
-      assert _snapshot(workdir) == before  # Tokenizer, shards, table, config, run.json.
+      assert th.tree_digest(workdir) == before  # Tokenizer, shards, table, config, run.json.
   finally:
     with open(train_file, 'wb') as f:
       f.write(original)
@@ -80,7 +65,7 @@ def test_following_the_refusals_advice_changes_nothing(finished_run):
   cfg = th.micro_config(corpus)
   other = th.micro_config(corpus, **{'model.d_model': 64, 'fgram.size': 1000,
                                      'train.steps': 6})
-  before = _snapshot(workdir)
+  before = th.tree_digest(workdir)
   with pytest.raises(ConfigError) as e:
     loop.train(other, workdir)
   message = str(e.value)
@@ -93,7 +78,7 @@ def test_following_the_refusals_advice_changes_nothing(finished_run):
     loop.train(other, workdir, ('model.d_model', 'fgram.size', 'train.steps'))
   with pytest.raises(ConfigError, match='fgram.size can never change in a run'):
     loop.train(other, workdir, ('fgram.size',))
-  assert _snapshot(workdir) == before
+  assert th.tree_digest(workdir) == before
   # The original command still works on the untouched run.
   result = loop.train(cfg, workdir)
   assert (result.status, result.step) == ('completed', 4)

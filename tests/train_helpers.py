@@ -7,12 +7,14 @@ second; the model is 1 layer, d=32, so the train step compiles in seconds.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
 import numpy as np
 import pytest
 
+from scone_jax import artifacts
 from scone_jax import config as config_lib
 
 
@@ -149,3 +151,19 @@ def enable_compile_cache(base_dir: str) -> None:
   jax.config.update('jax_compilation_cache_dir', os.path.join(base_dir, 'xla_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def tree_digest(*roots: str) -> dict[str, str]:
+  """{path: sha256} of every file under the roots, except the checksum caches
+  (artifacts.VERIFIED: a read records which files it verified, not an artifact): what
+  "nothing was written" compares."""
+  out = {}
+  for root in roots:
+    for base, _, names in os.walk(root):
+      for name in names:
+        if name == artifacts.VERIFIED:
+          continue
+        path = os.path.join(base, name)
+        with open(path, 'rb') as f:
+          out[path] = hashlib.sha256(f.read()).hexdigest()
+  return out
