@@ -205,3 +205,70 @@ def test_a_baseline_has_no_store_path_and_scone_needs_its_table(lm, table, store
     scoring.Scorer(base, ONE_DEVICE, window=WINDOW, store=store, table=table)
   with pytest.raises(ValueError, match='f-gram table'):
     scoring.Scorer(lm, ONE_DEVICE, window=WINDOW)
+
+
+class _Recorded:
+  """A jitted function that keeps what each call returns."""
+
+  def __init__(self, fn):
+    self.fn, self.outputs = fn, []
+
+  def __call__(self, *args):
+    self.outputs.append(self.fn(*args))
+    return self.outputs[-1]
+
+  def lower(self, *args):
+    return self.fn.lower(*args)
+
+
+def test_process_0_drives_the_others_with_fixed_shape_broadcasts(lm, table, scorer):
+  """The multi-process protocol in one process: what a driving scorer broadcasts, replayed
+  to a second scorer's serve(), makes it compile and score the same batches (each
+  broadcast's shapes known beforehand from the header), and it stops at the end or
+  raises if the driver failed. The 2-process run is tests/test_downstream_multihost.py."""
+  sent = []
+
+  def record(tree):
+    sent.append(tree)
+    return tree
+  driver = scoring.Scorer(lm, ONE_DEVICE, window=WINDOW, rows_per_batch=4, table=table,
+                          broadcast=record)
+  with driver.driving():
+    ll, greedy = driver(SEQS)
+    scoring.flops_per_token(driver, 32)
+  want_ll, want_greedy = scorer(4)(SEQS)
+  np.testing.assert_array_equal(ll, want_ll)  # Broadcasting changes nothing on process 0.
+  np.testing.assert_array_equal(greedy, want_greedy)
+  header = [tuple(int(v) for v in m) for m in sent if isinstance(m, np.ndarray)]
+  num_batches = len(scoring.plan(SEQS, WINDOW, 4).rows)
+  assert header == [(scoring.Message.SCORE, WINDOW, num_batches),
+                    (scoring.Message.COMPILE, 32, 0), (scoring.Message.DONE, 0, 0)]
+  batches = [m for m in sent if isinstance(m, dict)]
+  assert sum(b['weights_BxT'].sum() for b in batches) == sum(s.num_continuation
+                                                             for s in SEQS)
+
+  def replay(messages):
+    it = iter(messages)
+
+    def receive(template):
+      got = next(it)
+      assert jax.tree.map(np.shape, got) == jax.tree.map(np.shape, template)
+      return got
+    return receive, it
+  receive, it = replay(sent)
+  worker = scoring.Scorer(lm, ONE_DEVICE, window=WINDOW, rows_per_batch=4, table=table,
+                          broadcast=receive)
+  worker._score = _Recorded(worker._score)  # pylint: disable=protected-access
+  worker.serve()
+  assert next(it, None) is None and len(worker._score.outputs) == num_batches  # pylint: disable=protected-access
+  sums = [np.asarray(sums_BxT) for sums_BxT, _ in worker._score.outputs]  # pylint: disable=protected-access
+  np.testing.assert_allclose(np.sum(sums), ll.sum(), rtol=1e-6)
+
+  sent.clear()
+  with pytest.raises(KeyError):
+    with driver.driving():
+      raise KeyError('a bad task on process 0')
+  assert [tuple(m) for m in sent] == [(scoring.Message.FAILED, 0, 0)]
+  worker._broadcast = replay(sent)[0]  # pylint: disable=protected-access
+  with pytest.raises(scoring.DriverFailed, match='process 0 stopped on an error'):
+    worker.serve()

@@ -1,4 +1,5 @@
 """python -m scone_jax.downstream --workdir=W --tasks=... --task_dir=D [--path=train|store]
+    [--config.distributed.mode=explicit --config.distributed.num_processes=P ...]
 
 (scone_jax/downstream/runner.py documents the flags and W/downstream.json.)
 """
@@ -26,12 +27,16 @@ _TRUNCATE = flags.DEFINE_bool('truncate', True, 'Cut the oldest context tokens o
                               'it an error.', flag_values=FLAGS)
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).',
                              flag_values=FLAGS)
+# Only --config.distributed.* (scoring on more processes than, or other processes than,
+# the run trained on); the rest of W/config.json is fixed.
+_CONFIG = cli.define_config_overrides(FLAGS)
 
 
 def main(argv):
   del argv
   runner.run(_WORKDIR.value, _TASKS.value, _TASK_DIR.value, _PATH.value, _PRESET.value,
-             _ROWS.value, truncate=_TRUNCATE.value, step=_STEP.value)
+             _ROWS.value, truncate=_TRUNCATE.value, step=_STEP.value,
+             overrides=cli.overrides(_CONFIG, ('distributed',)))
 
 
 if __name__ == '__main__':

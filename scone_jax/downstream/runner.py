@@ -2,6 +2,7 @@
 
   python -m scone_jax.downstream --workdir=W --tasks=piqa,arc_easy --task_dir=D \\
       [--path=train|store] [--preset=olmo|olmes] [--rows_per_batch=8] [--notruncate]
+      [--config.distributed.*]
 
 Task `name` is read from D/name.jsonl (and, for a few-shot preset, its examples from
 D/name.dev.jsonl). Every task file is read and validated, and every request tokenized,
@@ -17,6 +18,11 @@ A rerun (e.g. after a kill) skips a task whose entry has the same step, preset a
 file bytes. Contexts longer than the model's window (config.model.max_seq_len, BOS and
 continuation included) lose their oldest tokens: `truncated` counts the requests cut;
 with --notruncate such a document is an error instead.
+
+Several processes (one command per process, `--config.distributed.*` as for training, or
+W's own config.distributed): process 0 reads the task files and W/downstream.json, plans
+every batch and broadcasts it (scoring.py's protocol), every process runs the jitted
+scorer on its slice of the global batch, and only process 0 writes the file.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import jax
 import numpy as np
 
 from scone_jax import artifacts, paths
+from scone_jax import config as config_lib
 from scone_jax import mesh as mesh_lib
 from scone_jax import run as run_lib
 from scone_jax.downstream import metrics, presets, scoring
@@ -190,12 +197,18 @@ def read_results(workdir: str) -> dict[str, Any]:
   return record
 
 
-def open_run(workdir: str, path: str) -> tuple[run_lib.RunDir, Any, Any]:
-  """(RunDir, its config, its tokenizer) after checking `path` suits the run."""
+def open_run(workdir: str, path: str, overrides: dict[str, Any] | None = None
+             ) -> tuple[run_lib.RunDir, Any, Any]:
+  """(RunDir, its config with `overrides` ({'distributed.<key>': value}), its tokenizer)
+  after checking `path` suits the run; starts JAX's multi-process runtime if the config
+  asks for one."""
   if path not in PATHS:
     raise TaskFileError(f'unknown path {path!r}; use one of {list(PATHS)}')
   run_dir = run_lib.RunDir(workdir)
   cfg = run_dir.config()
+  if overrides:
+    cfg = config_lib.replace(cfg, **overrides)
+  mesh_lib.maybe_initialize_distributed(cfg.distributed)
   if path == 'store' and not cfg.fgram_model.uses_fgram_table:
     raise TaskFileError(
         'path=store scores through an exported f-gram store: this run is a baseline or '
@@ -208,7 +221,6 @@ def make_scorer(run_dir: run_lib.RunDir, cfg, tokenizer, path: str,
                 ) -> tuple[scoring.Scorer, int]:
   """Restores the run's weights (latest checkpoint, or `step`) and opens its table (and
   for path=store its export); returns the scorer and the step."""
-  mesh_lib.maybe_initialize_distributed(cfg.distributed)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   lm, step = run_dir.restore_model(cfg, mesh, step)
   table = run_dir.table(cfg.fgram) if cfg.fgram_model.uses_fgram_table else None
@@ -227,15 +239,51 @@ def make_scorer(run_dir: run_lib.RunDir, cfg, tokenizer, path: str,
   return scorer, step
 
 
+def _prepare_on_process_0(task_dir: str, tasks: Sequence[str], preset: str, tokenizer,
+                          window: int, truncate: bool) -> list[TaskInput] | None:
+  """Process 0's `prepare_tasks` (None on the others); a bad input fails on every process
+  before the model is restored."""
+  inputs, error = None, None
+  if jax.process_index() == 0:
+    try:
+      inputs = prepare_tasks(task_dir, tasks, preset, tokenizer, window, truncate)
+    except Exception as e:  # pylint: disable=broad-except  (told to the others, raised)
+      error = e
+  ok = error is None
+  if jax.process_count() > 1:
+    ok = bool(scoring.broadcast_from_0(np.array(ok, np.int32)))
+  if error is not None:
+    raise error
+  if not ok:
+    raise scoring.DriverFailed()
+  return inputs
+
+
 def run(workdir: str, tasks: Sequence[str], task_dir: str, path: str = 'train',
         preset: str = 'olmo', rows_per_batch: int = 0, truncate: bool = True,
-        step: int | None = None, log=print) -> dict[str, Any]:
-  """Scores `tasks` with W's model through `path`; writes and returns W/downstream.json."""
+        step: int | None = None, log=print, overrides: dict[str, Any] | None = None
+        ) -> dict[str, Any] | None:
+  """Scores `tasks` with W's model through `path`; writes and returns W/downstream.json.
+
+  With several processes (`overrides` or W's config.distributed), process 0 reads the
+  task files, decides what to score, drives the scoring and alone writes the file; the
+  others score the batches it sends and return None.
+  """
   presets.get(preset)
-  run_dir, cfg, tokenizer = open_run(workdir, path)
+  run_dir, cfg, tokenizer = open_run(workdir, path, overrides)
   window = cfg.model.max_seq_len
-  inputs = prepare_tasks(task_dir, tasks, preset, tokenizer, window, truncate)
+  inputs = _prepare_on_process_0(task_dir, tasks, preset, tokenizer, window, truncate)
   scorer, step = make_scorer(run_dir, cfg, tokenizer, path, rows_per_batch, step)
+  if jax.process_index() != 0:
+    scorer.serve()
+    return None
+  with scorer.driving():
+    return _score_tasks(scorer, run_dir, inputs, path, preset, step, window, log)
+
+
+def _score_tasks(scorer: scoring.Scorer, run_dir: run_lib.RunDir, inputs: list[TaskInput],
+                 path: str, preset: str, step: int, window: int, log) -> dict[str, Any]:
+  """Process 0: scores the tasks not done yet, rewriting W/downstream.json after each."""
   record = read_results(run_dir.path)
   entry = record['paths'].setdefault(path, {'tasks': {}})
   if entry.get('step') != step:
@@ -251,7 +299,6 @@ def run(workdir: str, tasks: Sequence[str], task_dir: str, path: str = 'train',
       log(format_line(path, task.name, done) + ' [resumed]')
       continue
     entry['tasks'][task.name] = score_task(scorer, task, preset)
-    if jax.process_index() == 0:
-      artifacts.write_json_atomic(out_file, record)
+    artifacts.write_json_atomic(out_file, record)
     log(format_line(path, task.name, entry['tasks'][task.name]))
   return record

@@ -24,21 +24,32 @@ Two paths give the input embeddings:
          dequantisation).
 F-grams match within a segment, so they span the context/continuation boundary and
 reach back into few-shot examples exactly as the training forward sees them.
+
+With several processes (jax.process_count() > 1) process 0 drives: it alone plans, and it
+broadcasts each step to the others (`Scorer.serve` on those): a fixed-shape header
+(`Message`), then each packed batch (every process builds the same [B, T] arrays from
+it, so the shapes are known from the header). Every process then tags or gathers the
+f-gram rows of its own slice of rows and runs the same jitted scorer on the global
+batch; the per-segment sums come back replicated.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Sequence
+import enum
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from scone_jax import batches, compat
 from scone_jax.batches import tagging
 from scone_jax.downstream.tasks import TaskFileError
+from scone_jax.errors import UserError
 from scone_jax.export import quant
 from scone_jax.model import combine as combine_lib
 
@@ -173,12 +184,40 @@ def segment_sums(logits_BxTxV: jax.Array, batch: dict[str, jax.Array]
   return sums.reshape(b, t), greedy.reshape(b, t) > 0
 
 
+class Message(enum.IntEnum):
+  """What process 0 sends the others next: the header [kind, row length T, batches]."""
+  DONE = 0  # Scoring is over.
+  FAILED = 1  # Process 0 stopped on an error.
+  SCORE = 2  # `batches` packed batches of rows of length T follow.
+  COMPILE = 3  # Compile the scorer for rows of length T (`flops_per_token`).
+
+
+class DriverFailed(UserError):
+  """Raised on the other processes when process 0 stopped on an error."""
+
+  def __init__(self):
+    super().__init__('process 0 stopped on an error (its output names it); this process '
+                     'wrote nothing')
+
+
+Broadcast = Callable[[dict[str, np.ndarray] | np.ndarray], dict[str, np.ndarray] | np.ndarray]
+
+
+def broadcast_from_0(tree):
+  """Process 0's arrays on every process (the others pass arrays of the same shapes)."""
+  return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(tree))
+
+
 class Scorer:
-  """Scores sequences with `lm` through the train path, or the store path if `store`."""
+  """Scores sequences with `lm` through the train path, or the store path if `store`.
+
+  With several processes, process 0 calls the scorer (and `flops_per_token`) inside
+  `driving()` while every other process runs `serve()`.
+  """
 
   def __init__(self, lm, mesh: jax.sharding.Mesh, *, window: int, rows_per_batch: int = 8,
                table=None, store=None, stored_rule: str = 'replace', capacity: int = 0,
-               bucket_growth: float = 1.2):
+               bucket_growth: float = 1.2, broadcast: Broadcast | None = None):
     """
     Args:
       lm: the SconeLM (baseline or SCONE).
@@ -190,6 +229,8 @@ class Scorer:
       stored_rule: the rule applied to store rows (cfg.fgram_model.stored_rule).
       capacity, bucket_growth: the f-gram row ladder of the train path
         (cfg.fgram_model.capacity / bucket_growth, as training tags its batches).
+      broadcast: how process 0's headers and batches reach the other processes (default:
+        `broadcast_from_0` with several processes; nothing is sent with one).
     """
     if lm.has_fgram_side and table is None:
       raise ValueError('a SCONE model needs its f-gram table to score')
@@ -200,6 +241,7 @@ class Scorer:
     self._table = table if lm.has_fgram_side else None
     self._store = store
     self._capacity, self._growth = capacity, bucket_growth
+    self._broadcast = broadcast or (broadcast_from_0 if jax.process_count() > 1 else None)
     graphdef, self._state = nnx.split(lm)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     uses_store = store is not None
@@ -235,20 +277,62 @@ class Scorer:
     return out
 
   def _global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Every process builds the same batch; each contributes its contiguous slice of rows
-    (and its own f-gram rows) to the global arrays."""
+    """Every process holds the same batch (process 0's); each contributes its contiguous
+    slice of rows (and its own f-gram rows) to the global arrays."""
     p, n = jax.process_index(), jax.process_count()
     if n > 1:
       per = self.rows_per_batch // n
       batch = {k: v[p * per:(p + 1) * per] for k, v in batch.items()}
     return batches.to_global_arrays(self.model_inputs(batch), self._mesh)
 
-  def compiled(self, t: int):
-    """The compiled scorer for rows of length t (on an empty batch: the f-gram bucket of
-    the train path is its smallest)."""
+  def _send(self, kind: Message, t: int = 0, num_batches: int = 0) -> None:
+    if self._broadcast is not None:
+      self._broadcast(np.array([kind, t, num_batches], np.int32))
+
+  def _shared(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return batch if self._broadcast is None else self._broadcast(batch)
+
+  def _compile(self, t: int):
+    # On an empty batch: the f-gram bucket of the train path is its smallest.
     batch = build_batch([], [], t, self.rows_per_batch)
     with compat.set_mesh(self._mesh):
       return self._score.lower(self._state, self._global_batch(batch)).compile()
+
+  def compiled(self, t: int):
+    """The compiled scorer for rows of length t (process 0 of several: the others compile
+    it too, as the train path agrees on its f-gram rows across processes)."""
+    self._send(Message.COMPILE, t)
+    return self._compile(t)
+
+  @contextlib.contextmanager
+  def driving(self):
+    """Process 0's scoring session: on leaving it the other processes' `serve` returns,
+    or raises `DriverFailed` if it is left by an exception."""
+    try:
+      yield self
+    except BaseException:
+      self._send(Message.FAILED)
+      raise
+    self._send(Message.DONE)
+
+  def serve(self) -> None:
+    """The other processes' side: compiles and scores what process 0 sends (the same
+    batches, their own f-gram rows) until it leaves `driving()`."""
+    if self._broadcast is None:
+      raise ValueError('serve() is for the processes other than 0 of a multi-process run')
+    while True:
+      kind, t, num_batches = (int(v) for v in self._broadcast(np.zeros(3, np.int32)))
+      if kind == Message.DONE:
+        return
+      if kind == Message.FAILED:
+        raise DriverFailed()
+      if kind == Message.COMPILE:
+        self._compile(t)
+        continue
+      with compat.set_mesh(self._mesh):
+        for _ in range(num_batches):
+          batch = self._broadcast(build_batch([], [], t, self.rows_per_batch))
+          self._score(self._state, self._global_batch(batch))
 
   def __call__(self, seqs: Sequence[Seq]) -> tuple[np.ndarray, np.ndarray]:
     """(log-likelihood of each continuation in nats [N] float64, greedy [N] bool)."""
@@ -258,8 +342,10 @@ class Scorer:
     pl = plan(seqs, self.window, self.rows_per_batch)
     pending = []
     with compat.set_mesh(self._mesh):
+      if pl.rows:  # One row length a call (`plan`): one header, then its batches.
+        self._send(Message.SCORE, pl.lengths[0], len(pl.rows))
       for t, rows in zip(pl.lengths, pl.rows):
-        batch = build_batch(seqs, rows, t, self.rows_per_batch)
+        batch = self._shared(build_batch(seqs, rows, t, self.rows_per_batch))
         pending.append((rows, self._score(self._state, self._global_batch(batch))))
     ll_N = np.zeros(len(seqs), np.float64)
     greedy_N = np.zeros(len(seqs), bool)
