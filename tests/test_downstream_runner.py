@@ -14,7 +14,9 @@ from gcs_emulator import gcs  # noqa: F401  (the fixture)
 from scone_jax import config as config_lib
 from scone_jax import evaluate as evaluate_lib
 from scone_jax import mesh as mesh_lib
+from scone_jax import generate as generate_lib
 from scone_jax import paths
+from scone_jax import restore
 from scone_jax import run as run_lib
 from scone_jax.downstream import runner, scoring
 from scone_jax.downstream.tasks import Doc, TaskFileError, read_tasks, write_tasks
@@ -195,6 +197,61 @@ def test_lm_eval_adapter_equals_the_native_runner(run_dir, tmp_path):
                                         tok.bos_id, cfg.train.seq_len)
   assert rolling == want and len(scoring.rolling_seqs(tok.encode(texts)[1], 1,
                                                       cfg.train.seq_len)) >= 2
+
+
+PROMPTS = ['the of and', 'w1 w2', 'to in is that the of']
+
+
+def _generate_until_equals_generate(workdir):
+  """The adapter's generate_until (decoder batches of 2: prompts of different lengths
+  padded together) against `python -m scone_jax.generate`'s greedy texts of the same
+  prompts (one batch of 3), an `until` string cutting the first inside its text."""
+  pytest.importorskip('lm_eval')
+  from lm_eval.api.instance import Instance
+  from scone_jax.downstream import lmeval
+  serve_cfg = restore.run_config(workdir, {'serve.temperature': 0.0, 'serve.batch_size': 2,
+                                           'serve.max_new_tokens': 12})
+  texts = generate_lib.generate(serve_cfg, workdir, PROMPTS).texts
+  assert all(t.startswith(p) for p, t in zip(PROMPTS, texts))
+  want = [t[len(p):] for p, t in zip(PROMPTS, texts)]
+  stop = want[0].split()[1]
+  tok = run_lib.RunDir(workdir).tokenizer()
+  lm = lmeval.SconeHarnessLM(None, tok, serve_cfg.train.seq_len,
+                             decoder=lambda: session.build_decoder(serve_cfg, workdir)[1])
+
+  def request(prompt, **kw):
+    return Instance('generate_until', {}, (prompt, {'max_gen_toks': 12, **kw}), 0)
+  got = lm.generate_until([request(PROMPTS[0], until=[stop], do_sample=False),
+                           request(PROMPTS[1], until='\n\n', temperature=0.0),
+                           request(PROMPTS[2], until=[])])
+  assert got[0] == want[0].split(stop)[0] and len(got[0]) < len(want[0])
+  assert got[1:] == [want[1].split('\n\n')[0], want[2]]
+  with pytest.raises(lmeval.GenerationSettingsError, match='no room for a context'):
+    lm.generate_until([request(PROMPTS[0], max_gen_toks=40)])
+  return lmeval
+
+
+def test_generate_until_equals_generates_greedy_text_scone(run_dir):
+  """Through the f-gram store of the run's float32 export."""
+  lmeval = _generate_until_equals_generate(run_dir[1])
+  assert lmeval.greedy_settings({'until': 'Q:', 'temperature': 0}) == (['Q:'], 256)
+  with pytest.raises(lmeval.GenerationSettingsError, match='do_sample: false'):
+    lmeval.greedy_settings({'do_sample': True, 'temperature': 0.7})
+  with pytest.raises(lmeval.GenerationSettingsError, match='do_sample: false'):
+    lmeval.greedy_settings({'temperature': 0.7})  # lm-eval samples then.
+  with pytest.raises(lmeval.GenerationSettingsError, match=r"\['num_beams'\] are not"):
+    lmeval.greedy_settings({'until': [], 'num_beams': 4})
+
+
+@pytest.mark.slow  # Trains a baseline micro run (~40 s on a loaded machine).
+def test_generate_until_equals_generates_greedy_text_baseline(tmp_path_factory):
+  from scone_jax.train import loop  # pylint: disable=g-import-not-at-top
+  corpus, artifacts = th.shared_dirs(str(tmp_path_factory.getbasetemp()))
+  cfg = th.micro_config(corpus, artifacts, **{'fgram_model.num_layers': 0,
+                                              'train.steps': 2})
+  workdir = str(tmp_path_factory.mktemp('baseline') / 'run')
+  loop.train(cfg, workdir)
+  _generate_until_equals_generate(workdir)
 
 
 def test_a_run_in_a_bucket_scores_the_same(run_dir, gcs, tmp_path):
