@@ -273,3 +273,12 @@ def test_a_run_in_a_bucket_scores_the_same(run_dir, gcs, tmp_path):
   got = runner.run(remote, ['piqa'], remote_tasks, 'store')
   assert got['paths']['store']['tasks']['piqa']['variants'] == local['piqa']['variants']
   assert json.loads(paths.read_text(f'{remote}/{runner.RESULTS_FILE}')) == got
+
+
+def test_the_tests_install_the_users_lm_eval_pins():
+  """requirements-dev.txt (what `make test` installs) pins lm-eval as
+  requirements-eval.txt (what users install) does, so CI tests what users get."""
+  def pins(name):
+    lines = open(os.path.join(REPO, name)).read().splitlines()
+    return {ln.strip() for ln in lines if '==' in ln and not ln.startswith('#')}
+  assert pins('requirements-eval.txt') <= pins('requirements-dev.txt')
