@@ -28,6 +28,7 @@ import os
 import tempfile
 from typing import Callable, Sequence
 
+import jax
 import numpy as np
 from absl import flags, logging
 from lm_eval import evaluator
@@ -252,6 +253,11 @@ _YAML_DIR = flags.DEFINE_string('yaml_dir', '', 'Where to keep the task YAMLs (d
 def main(argv):
   del argv
   run_dir, cfg, tok = runner.open_run(_WORKDIR.value, _PATH.value)
+  if jax.process_count() > 1:
+    # lm-eval would drive the scorer from every process; scoring.py's protocol has one.
+    raise UserError(f"the lm-eval launcher runs in one process (W's config.distributed "
+                    f'started {jax.process_count()}); score with several through python -m '
+                    'scone_jax.downstream')
   scorer, _ = runner.make_scorer(run_dir, cfg, tok, _PATH.value)
   lm = SconeHarnessLM(scorer, tok, cfg.train.seq_len,
                       decoder=lambda: session.build_decoder(cfg, _WORKDIR.value)[1])

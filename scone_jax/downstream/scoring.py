@@ -287,6 +287,8 @@ class Scorer:
 
   def _send(self, kind: Message, t: int = 0, num_batches: int = 0) -> None:
     if self._broadcast is not None:
+      if jax.process_index() != 0:
+        raise ValueError('only process 0 calls the scorer; the others run serve()')
       self._broadcast(np.array([kind, t, num_batches], np.int32))
 
   def _shared(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
