@@ -31,6 +31,7 @@ from scone_jax import cli
 from scone_jax import paths as paths_lib
 from scone_jax.model import arm_accounting
 from scone_jax.sweeps import analysis
+from scone_jax.sweeps import corpus_stats
 from scone_jax.sweeps import plots
 from scone_jax.sweeps import results as results_lib
 from scone_jax.sweeps import stats
@@ -125,6 +126,15 @@ def write_report(sweep_dir: str) -> dict[str, str]:
   if exposure:
     md += ['## How often training met each arm\'s least frequent f-gram', '',
            tables.markdown_table(exposure), '']
+  fgram_stats = corpus_stats.rows(arms, tests)
+  if fgram_stats:
+    md += ['## What each corpus offers SCONE (f-gram statistics of the prepared splits)', '',
+           'Per SCONE arm\'s S: the share of positions where an f-gram ends (their input '
+           'embedding is SCONE\'s), the mean length of the longest match there, train tokens '
+           'per occurrence of one of the S f-grams, the S-th f-gram\'s train count, and the '
+           'share of positions whose longest match spans a word boundary '
+           '(scone_jax/fgrams/stats.py defines each).', '',
+           tables.markdown_table(fgram_stats), '']
   md += ['## Verdicts', ''] + [f'* {line}' for line in analysis.verdicts(arms, baseline, runs)]
   md += ['', f'Per-run results (every corpus, tokens and fraction evaluated): '
          f'{os.path.basename(paths["csv"])}', '']
