@@ -157,7 +157,9 @@ def _selection_section(record: dict[str, Any], order: Sequence[str]) -> list[str
     chosen = sel['chosen'].get(arm)  # None: the study has not reached this arm yet.
     for cell in cells:
       mark = ' *' if cell['lr'] == chosen else ''
-      row[f'lr={cell["lr"]:g}'] = (f'{cell["valid_loss"]:.4f}{mark}'
+      spread = cell.get('valid_std', math.nan)  # Absent in a study.json before 2026-12-07.
+      spread = f' ± {spread:.4f}' if math.isfinite(spread) else ''
+      row[f'lr={cell["lr"]:g}'] = (f'{cell["valid_loss"]:.4f}{spread}{mark}'
                                    if math.isfinite(cell['valid_loss']) else 'no result')
     row['chosen lr'] = ('not chosen yet' if chosen is None else f'{chosen:g}' + (
         ' (grid edge)' if sel['at_edge'][arm] else ''))
@@ -165,7 +167,8 @@ def _selection_section(record: dict[str, Any], order: Sequence[str]) -> list[str
   return [f'## Learning rates: each arm tuned over {[f"{x:g}" for x in lrs]} with seed(s) '
           f'{record["tune_seeds"]}, chosen by {sel["metric"]} on '
           f'{", ".join(f"`{c}`" for c in sel["validation_corpora"])}', '',
-          'Cells: validation loss; * = chosen. Compared at the chosen lr over seeds '
+          'Cells: validation loss (mean over the tuning seeds ± their standard deviation '
+          'when there are several); * = chosen. Compared at the chosen lr over seeds '
           f'{record["seeds"]} (same seed = same data order across arms).'
           + (' An lr at the grid edge means the grid should be widened.'
              if any(sel['at_edge'].values()) else ''), '',
