@@ -9,7 +9,8 @@ DEMO_WORKDIR ?= runs/demo
 STUDY_ROOT ?= runs
 PYTEST_ARGS ?=
 
-.PHONY: demo study compare test test-all bench venv clean gpu-wheels slurm-packages
+.PHONY: demo study compare test test-all bench venv clean gpu-wheels slurm-packages \
+    prose-corpora study-prose gpu-corpus
 
 # (Re)install only when a requirements file changed.
 $(STAMP): requirements.txt requirements-dev.txt requirements-beam.txt pyproject.toml
@@ -27,6 +28,30 @@ demo: $(STAMP)
 study: $(STAMP)
 	$(PY) -m scone_jax.sweeps --sweep=experiments/sweeps/study.py --root=$(STUDY_ROOT) \
 	    --parallel=2 --report
+
+# The same study, unchanged, on natural-language corpora (scone_jax/corpus/prose.py: the
+# King James Bible and the fortunes collection, from Debian packages; STUDY.md reports
+# each corpus separately). One sweep dir per corpus: $(STUDY_ROOT)/prose_<corpus>/study.
+PROSE_DIR ?= data/prose
+PROSE_CORPORA ?= kjv fortunes
+prose-corpora: $(STAMP)
+	@set -e; for c in $(PROSE_CORPORA); do test -f $(PROSE_DIR)/$$c/test.txt || { \
+	  .ci/install-prose.sh && $(PY) -m scone_jax.corpus.prose --out=$(PROSE_DIR) \
+	    --corpora=$$c; }; done
+
+study-prose: prose-corpora
+	set -e; for c in $(PROSE_CORPORA); do d=$(abspath $(PROSE_DIR))/$$c; \
+	  $(PY) -m scone_jax.sweeps --sweep=experiments/sweeps/study.py \
+	    --root=$(STUDY_ROOT)/prose_$$c --parallel=2 --report --set=data.source=files \
+	    --set=data.format=lines --set=data.train_files=$$d/train.txt \
+	    --set=data.valid_files=$$c=$$d/valid.txt --set=data.eval_files=$$c=$$d/test.txt; \
+	done
+
+# The corpus benchmarks/gpu_study.py trains on, compressed into the carried .whl/ folder.
+gpu-corpus: prose-corpora
+	mkdir -p .whl/corpus
+	tar -C $(PROSE_DIR) -cJf .whl/corpus/kjv.tar.xz.tmp kjv && \
+	  mv .whl/corpus/kjv.tar.xz.tmp .whl/corpus/kjv.tar.xz
 
 compare: $(STAMP)
 	$(PY) -m scone_jax.sweeps --sweep=experiments/sweeps/compare.py --root=$(STUDY_ROOT) \

@@ -31,6 +31,7 @@ from scone_jax import cli
 from scone_jax import paths as paths_lib
 from scone_jax.model import arm_accounting
 from scone_jax.sweeps import analysis
+from scone_jax.sweeps import corpus_stats
 from scone_jax.sweeps import plots
 from scone_jax.sweeps import results as results_lib
 from scone_jax.sweeps import stats
@@ -125,6 +126,15 @@ def write_report(sweep_dir: str) -> dict[str, str]:
   if exposure:
     md += ['## How often training met each arm\'s least frequent f-gram', '',
            tables.markdown_table(exposure), '']
+  fgram_stats = corpus_stats.rows(arms, tests)
+  if fgram_stats:
+    md += ['## What each corpus offers SCONE (f-gram statistics of the prepared splits)', '',
+           'Per SCONE arm\'s S: the share of positions where an f-gram ends (their input '
+           'embedding is SCONE\'s), the mean length of the longest match there, train tokens '
+           'per occurrence of one of the S f-grams, the S-th f-gram\'s train count, and the '
+           'share of positions whose longest match spans a word boundary '
+           '(scone_jax/fgrams/stats.py defines each).', '',
+           tables.markdown_table(fgram_stats), '']
   md += ['## Verdicts', ''] + [f'* {line}' for line in analysis.verdicts(arms, baseline, runs)]
   md += ['', f'Per-run results (every corpus, tokens and fraction evaluated): '
          f'{os.path.basename(paths["csv"])}', '']
@@ -147,7 +157,9 @@ def _selection_section(record: dict[str, Any], order: Sequence[str]) -> list[str
     chosen = sel['chosen'].get(arm)  # None: the study has not reached this arm yet.
     for cell in cells:
       mark = ' *' if cell['lr'] == chosen else ''
-      row[f'lr={cell["lr"]:g}'] = (f'{cell["valid_loss"]:.4f}{mark}'
+      spread = cell.get('valid_std', math.nan)  # Absent in a study.json before 2026-12-07.
+      spread = f' ± {spread:.4f}' if math.isfinite(spread) else ''
+      row[f'lr={cell["lr"]:g}'] = (f'{cell["valid_loss"]:.4f}{spread}{mark}'
                                    if math.isfinite(cell['valid_loss']) else 'no result')
     row['chosen lr'] = ('not chosen yet' if chosen is None else f'{chosen:g}' + (
         ' (grid edge)' if sel['at_edge'][arm] else ''))
@@ -155,7 +167,8 @@ def _selection_section(record: dict[str, Any], order: Sequence[str]) -> list[str
   return [f'## Learning rates: each arm tuned over {[f"{x:g}" for x in lrs]} with seed(s) '
           f'{record["tune_seeds"]}, chosen by {sel["metric"]} on '
           f'{", ".join(f"`{c}`" for c in sel["validation_corpora"])}', '',
-          'Cells: validation loss; * = chosen. Compared at the chosen lr over seeds '
+          'Cells: validation loss (mean over the tuning seeds ± their standard deviation '
+          'when there are several); * = chosen. Compared at the chosen lr over seeds '
           f'{record["seeds"]} (same seed = same data order across arms).'
           + (' An lr at the grid edge means the grid should be widened.'
              if any(sel['at_edge'].values()) else ''), '',

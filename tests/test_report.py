@@ -221,7 +221,7 @@ def test_study_report_shows_grid_and_chosen_lrs(tmp_path):
       'seeds': list(SEEDS), 'tune_seeds': [0], 'compare_runs': by_arm,
       'selection': {'metric': 'mean validation loss', 'validation_corpora': ['valid.v'],
                     'chosen': {a: 2e-3 for a in by_arm}, 'at_edge': {a: True for a in by_arm},
-                    'grid': {a: [{'lr': 1e-3, 'valid_loss': 3.5},
+                    'grid': {a: [{'lr': 1e-3, 'valid_loss': 3.5, 'valid_std': 0.125},
                                  {'lr': 2e-3, 'valid_loss': 3.25}] for a in by_arm}}}
   # An arm the study has not reached yet (a run cut short): in the grid, not chosen.
   record['selection']['grid']['S=9999'] = [{'lr': 1e-3, 'valid_loss': float('nan')}]
@@ -229,6 +229,7 @@ def test_study_report_shows_grid_and_chosen_lrs(tmp_path):
     json.dump(record, f)
   md = open(report.write_report(sweep.dir)['markdown']).read()
   assert '## Learning rates' in md and '3.2500 *' in md and '(grid edge)' in md
+  assert '3.5000 ± 0.1250 |' in md  # the spread over tuning seeds, where recorded.
   assert '| S=1000 |' in md and 'widened' in md
   assert '| S=9999 | no result |' in md and 'not chosen yet |' in md
 

@@ -207,8 +207,10 @@ def test_valid_files_are_validation_corpora_disjoint_from_test(tmp_path):
 def test_shipped_studies_validate(tmp_path, name):
   s = study.load_study(os.path.join(REPO, 'experiments', 'sweeps', f'{name}.py'))
   tune = study.tune_sweep(s, str(tmp_path))
-  assert len(tune.points) == len(s.arms) * len(s.learning_rates)
+  assert len(tune.points) == len(s.arms) * len(s.learning_rates) * len(s.tune_seeds)
   assert len(s.seeds) >= 3 and len(s.learning_rates) >= 3
+  if name == 'study':  # lrs chosen on the mean of 2 tuning seeds (issue 28).
+    assert len(s.tune_seeds) == 2
   assert len({p.cfg.data.artifacts_dir for p in tune.points}) == 1  # one prepare.
   if name == 'study':
     arms = {a: p.cfg for a, p in zip([t[0] for t in study.tune_plan(s)], tune.points)}
@@ -227,10 +229,39 @@ def test_study_dry_run_cli(tmp_path):
   # Dry run: every arm's lr-grid commands (the seeds follow at the chosen lr).
   grid = spec.load_sweep_module(os.path.join(REPO, 'experiments/sweeps/study.py')).get_study()
   assert out.stdout.count('-m scone_jax.train ') == (
-      len(grid['arms']) * len(grid['learning_rates']))
+      len(grid['arms']) * len(grid['learning_rates']) * len(grid['tune_seeds']))
   assert "at each arm's chosen lr" in out.stdout
   assert not os.listdir(tmp_path)
   bad = subprocess.run([sys.executable, '-m', 'scone_jax.sweeps',
                         '--sweep=experiments/sweeps/study.py', f'--root={tmp_path}',
                         '--only=S=128'], cwd=REPO, capture_output=True, text=True)
   assert bad.returncode != 0 and 'drop --backend/--only' in bad.stderr
+
+
+def test_two_tuning_seeds_choose_on_their_mean_never_on_test(tmp_path):
+  """Seed 0 alone would choose 2e-3 for the baseline; seed 1 disagrees strongly, so the
+  mean over both tuning seeds chooses 4e-3. Test-corpus values stay unread."""
+  body = (f'BASE_CONFIG = {TINY!r}\n'
+          'def get_study():\n'
+          "  return {'arms': {'baseline': {'fgram_model.num_layers': 0, "
+          "'data.embedded_valid_fraction': 0.05}, "
+          "'scone': {'data.embedded_valid_fraction': 0.05}}, "
+          f"'learning_rates': {LRS!r}, 'seeds': (0, 1, 2), 'tune_seeds': (0, 1)}}\n")
+  s = study.load_study(write_study(tmp_path, body=body))
+  assert s.tune_seeds == (0, 1)
+  tune = study.tune_sweep(s, str(tmp_path / 'runs'))
+  assert len(tune.points) == 2 * len(LRS) * 2
+  shift = {('baseline', 2e-3): 0.9, ('baseline', 4e-3): -0.4}  # seed 1's change
+  records = {}
+  for p in tune.points:
+    key = arm_and_lr(p.overrides)
+    seed = p.overrides['train.seed']
+    loss = VALID[key] + (shift.get(key, 0.0) if seed == 1 else 0.0)
+    records[p.name] = {'valid.stdlib': {'loss': loss}, 'stdlib': Poisoned(loss=0.0)}
+  sel = study.select_lrs(s, tune, records)
+  assert sel.chosen == {'baseline': 4e-3, 'scone': 4e-3}
+  cell = sel.grid['baseline'][2e-3]
+  assert cell['valid_losses'] == [2.0, 2.9] and cell['finished'] == 2
+  assert cell['valid_loss'] == pytest.approx(2.45)
+  assert cell['valid_std'] == pytest.approx(math.sqrt(0.405))
+  assert sel.grid['baseline'][4e-3]['valid_std'] == pytest.approx(math.sqrt(0.08))

@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import sys
 from typing import Any, Mapping, Sequence
 
@@ -150,6 +151,8 @@ class Selection:
   """The tuning grid and each arm's chosen learning rate.
 
   grid[arm][lr] = {'valid_loss': mean over tune seeds (nan if none finished),
+                   'valid_losses': each finished tune seed's loss, in tune-seed order,
+                   'valid_std': their sample standard deviation (nan below 2),
                    'runs': run names, 'finished': count}.
   """
   grid: dict[str, dict[float, dict[str, Any]]]
@@ -171,7 +174,8 @@ def select_lrs(study: Study, tune: spec.Sweep, records: Mapping[str, Mapping[str
     SweepError: one of `arms` has no finished tuning run with a validation result.
   """
   grid: dict[str, dict[float, dict[str, Any]]] = {
-      a: {lr: {'valid_loss': math.nan, 'runs': [], 'finished': 0}
+      a: {lr: {'valid_loss': math.nan, 'valid_losses': [], 'valid_std': math.nan,
+               'runs': [], 'finished': 0}
           for lr in study.learning_rates} for a in study.arms}
   losses: dict[tuple[str, float], list[float]] = {}
   corpora: set[str] = set()
@@ -191,7 +195,11 @@ def select_lrs(study: Study, tune: spec.Sweep, records: Mapping[str, Mapping[str
   for arm in study.arms:
     for lr, cell in grid[arm].items():
       if (arm, lr) in losses:
-        cell['valid_loss'] = sum(losses[arm, lr]) / len(losses[arm, lr])
+        seeds_losses = losses[arm, lr]
+        cell['valid_loss'] = sum(seeds_losses) / len(seeds_losses)
+        cell['valid_losses'] = list(seeds_losses)
+        if len(seeds_losses) > 1:
+          cell['valid_std'] = statistics.stdev(seeds_losses)
     if arms is not None and arm not in arms:
       continue
     scored = [(c['valid_loss'], lr) for lr, c in grid[arm].items()
