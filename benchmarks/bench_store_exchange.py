@@ -215,6 +215,8 @@ def main():
   parser.add_argument('--steps', type=int, default=300)
   parser.add_argument('--warmup', type=int, default=20)
   parser.add_argument('--verify', action='store_true')
+  parser.add_argument('--rtt_reps', type=int, default=2000, help='raw TCP ping-pongs')
+  parser.add_argument('--bulk_mb', type=int, default=256, help='raw TCP bulk send size')
   parser.add_argument('--dir', default=None, help='scratch directory (default: temp)')
   parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
   for name in ('store', 'out'):
@@ -229,12 +231,12 @@ def main():
   with tempfile.TemporaryDirectory(prefix='bench_exchange_', dir=args.dir) as root:
     store = write_store(os.path.join(root, 'export'), args.rows, args.d_model,
                         args.chunk_rows)
-    rtt, bw = loopback_rtt_bw()
+    rtt, bw = loopback_rtt_bw(args.rtt_reps, args.bulk_mb << 20)
     print(f'{_load()}; {os.cpu_count()} CPUs; store {args.rows} rows x d={args.d_model} '
           f'bf16, B={args.batch} ids per process per step, {args.steps} steps')
     print(f'raw TCP loopback: RTT {1e6 * rtt:.1f} us, bulk {bw / 1e9:.2f} GB/s')
     print('| P | measured ms/step (median, slowest process) | p90 | requests | '
-          'local answer+assemble | rows exchange | model ms | measured / model | '
+          'local answer+assemble | rows exchange (the three: mean ms) | model ms | measured / model | '
           'verified |')
     print('|---|---|---|---|---|---|---|---|---|')
     for p in [int(x) for x in args.processes.split(',')]:
