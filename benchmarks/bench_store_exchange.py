@@ -3,7 +3,7 @@ processes beside the latency model of ARCHITECTURE.md, with that model's terms m
 the same run.
 
 Usage (sizes as in BENCHMARKS.md):
-  python benchmarks/bench_store_exchange.py                       # P = 2 and 4
+  python benchmarks/bench_store_exchange.py --rows=16384 --verify   # P = 1, 2 and 4
   python benchmarks/bench_store_exchange.py --processes=2 --steps=50 --verify   # quick
 
 P local processes (one CPU device each, gloo collectives over loopback TCP) each open
@@ -207,7 +207,7 @@ def local_gather_seconds(store_path: str, rows: int, reps: int = 2000) -> float:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--processes', default='2,4')
+  parser.add_argument('--processes', default='1,2,4')
   parser.add_argument('--rows', type=int, default=1 << 16)
   parser.add_argument('--d_model', type=int, default=2048)
   parser.add_argument('--chunk_rows', type=int, default=1024)

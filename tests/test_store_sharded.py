@@ -1,7 +1,12 @@
 """The row-sharded store (serve/sharded_store.py): P processes' routing in one process
-returns the single-host store's rows; 2 and 4 real gloo processes (slow) do too."""
+returns the single-host store's rows; 2 and 4 real gloo processes (slow) do too, and 2
+processes decoding their own prompts through it generate what one host does.
 
+Run as a script (`--serve_worker`), this file is one process of that decode."""
+
+import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -12,6 +17,7 @@ from scone_jax.export import writer
 from scone_jax.serve import EmbeddingStore
 from scone_jax.serve.sharded_store import Ownership, ShardedStore
 from scone_jax.serve.store import open_shards
+from phrase_fixtures import table  # noqa: F401  (the table fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S, D, CHUNK = 1000, 8, 128  # 8 shards, the last one partial (104 rows).
@@ -94,3 +100,77 @@ def test_two_processes_return_the_single_host_rows():
 def test_four_processes_return_the_single_host_rows():
   out = _bench('4')
   assert '| 4 |' in out and '80 steps, 0 differ' in out, out
+
+
+# -- decoding through the sharded store, one process per host ----------------------------
+# Each process decodes its own prompts (different lengths: the padded prompt length is
+# agreed across processes); greedy, 6 new tokens.
+SERVE_PROMPTS = [[[5, 6, 7], [30, 31]], [[9, 10, 11, 40, 12, 13, 20, 21, 22, 23] * 2, [12]]]
+
+
+def _serve_setup():
+  """The model the test and its workers build alike (same config, same seed)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  import test_decode  # pylint: disable=import-outside-toplevel
+  from phrase_fixtures import K, V  # pylint: disable=import-outside-toplevel
+  from scone_jax.model import SconeLM  # pylint: disable=import-outside-toplevel
+  cfg = test_decode._cfg(1)  # pylint: disable=protected-access
+  return SconeLM(cfg.model, cfg.fgram_model, fgram_max_len=K, vocab_size=V,
+                 rngs=nnx.Rngs(0))
+
+
+def _serve_worker(base: str, port: int, process_id: int) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  from phrase_fixtures import BOS  # pylint: disable=import-outside-toplevel
+  from scone_jax.fgrams import FgramTable  # pylint: disable=import-outside-toplevel
+  from scone_jax.serve.decode import Decoder  # pylint: disable=import-outside-toplevel
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2,
+                             process_id=process_id)
+  store = ShardedStore.open(os.path.join(base, 'export'))
+  dec = Decoder(_serve_setup(), store, FgramTable.load(os.path.join(base, 'table')),
+                batch_size=2, bos_id=BOS, loop='host')
+  gen = dec.generate([np.array(p) for p in SERVE_PROMPTS[process_id]], max_new_tokens=6)
+  with open(os.path.join(base, f'tokens{process_id}.json'), 'w') as f:
+    json.dump({'tokens': [t.tolist() for t in gen.tokens], 'hits': store.stats.hits}, f)
+
+
+@pytest.mark.slow  # Two gloo processes, each building and compiling a small decoder.
+def test_two_processes_decode_through_the_sharded_store(table, tmp_path):
+  from phrase_fixtures import BOS  # pylint: disable=import-outside-toplevel
+  from scone_jax.serve.decode import Decoder  # pylint: disable=import-outside-toplevel
+  from scone_jax.config import ExportConfig  # pylint: disable=import-outside-toplevel
+  from scone_jax.export import export_embeddings  # pylint: disable=import-outside-toplevel
+  from test_decode import ONE_DEVICE  # pylint: disable=import-outside-toplevel
+  lm = _serve_setup()
+  table.save(str(tmp_path / 'table'))
+  # Shards of 8 rows: both processes own some of the table's rows.
+  path = export_embeddings(lm, table, str(tmp_path / 'export'),
+                           ExportConfig(dtype='float32', batch_size=64, chunk_rows=8),
+                           {'checkpoint_step': 0}, mesh=ONE_DEVICE, progress=False)
+  one = Decoder(lm, EmbeddingStore.open(path, 'ram'), table, batch_size=2, bos_id=BOS,
+                loop='host')
+  want = [[t.tolist() for t in one.generate([np.array(p) for p in prompts], 6).tokens]
+          for prompts in SERVE_PROMPTS]
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
+             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), '--serve_worker',
+                             str(tmp_path), str(port), str(i)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  errors = [p.communicate(timeout=900)[1] for p in procs]
+  for p, err in zip(procs, errors):
+    assert p.returncode == 0, err[-4000:]
+  for i in range(2):
+    with open(tmp_path / f'tokens{i}.json') as f:
+      got = json.load(f)
+    assert got['tokens'] == want[i], i
+    assert got['hits'] > 0  # The prompts' f-grams came through the exchange.
+
+
+if __name__ == '__main__' and sys.argv[1:2] == ['--serve_worker']:
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  _serve_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

@@ -139,6 +139,14 @@ class Decoder:
                               dtype=jnp.dtype(cfg.dtype), batch_size=batch_size,
                               mode=lookup, cache_rows=cache_rows, loop=loop)
     self.store = self.lookup.store
+    # A store sharded across processes (serve/sharded_store.py) exchanges rows in every
+    # gather, a collective: each process decodes its own prompts, all in lockstep (the
+    # same padded length and number of steps, no early stop), from the host loop.
+    self._lockstep = getattr(self.store, 'collective', False)
+    if self._lockstep and loop != 'host':
+      raise ValueError("a store sharded across processes is served by the host loop (its "
+                       "per-step exchange is a collective every process joins): use "
+                       "loop='host' (config.serve.decode_loop)")
     self.batch_size, self.bos_id = batch_size, bos_id
     self.loop, self.chunk_steps = loop, chunk_steps
     self.graphdef, self.state = nnx.split(lm.backbone)
@@ -176,6 +184,8 @@ class Decoder:
           'prompt or lower max_new_tokens')
     # Padding T up to a multiple of 16 bounds the number of prefill compilations.
     t = min(-(-longest // 16) * 16, self.cache_len)
+    if self._lockstep:
+      t = self.store.agree(t, self.batch_size, max_new_tokens)
     tokens_BxT = np.zeros((self.batch_size, t), np.int32)
     lengths_B = np.ones(self.batch_size, np.int32)  # Unused rows hold just BOS.
     tokens_BxT[:, 0] = self.bos_id
@@ -230,7 +240,7 @@ class Decoder:
     start, cpu_start = time.perf_counter(), time.process_time()
     n_steps = 0
     for n in range(max_new_tokens):
-      if n + 1 < max_new_tokens and not done_B.all():
+      if n + 1 < max_new_tokens and (self._lockstep or not done_B.all()):
         t0 = time.perf_counter()
         slab_BxE = self._step_slab(token_B)
         lookup += time.perf_counter() - t0

@@ -35,7 +35,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from scone_jax.export.format import STORE_DTYPES, row_width
-from scone_jax.serve.store import Tier, open_shards
+from scone_jax.serve.store import GatherStats, Tier, open_shards
 
 _AXIS = 'hosts'
 
@@ -120,9 +120,15 @@ class ShardedStore:
   constructor with explicit `process_index` / `process_count` and no exchange serves the
   pure routing (`answer`, `assemble`) alone. `gather(rows_N)` returns what
   `EmbeddingStore.gather(rows_N)` returns on one host: [N, W] rows, zeros for -1.
+  A `Decoder` serves it through the host lookup in the host loop, every process its own
+  prompts, all in lockstep (`collective`; `agree`).
   Attributes: `seconds` (requests, local answer + assembly, rows exchange: the totals
-  over `calls` gathers), `nbytes` (this process's rows).
+  over `calls` gathers), `nbytes` (this process's rows), `stats` (as the store's).
   """
+
+  # Each gather is a collective: a decoder runs every process's steps in lockstep.
+  collective = True
+  raw_rows = None  # No whole matrix here: the host lookup takes its `gather` path.
 
   def __init__(self, path: str, process_index: int, process_count: int, tier: Tier = 'ram',
                expect: dict[str, Any] | None = None, exchange: Exchange | None = None):
@@ -132,16 +138,17 @@ class ShardedStore:
     manifest = open_shards(path, [], tier, expect)[0]
     self.ownership = Ownership(int(manifest['num_rows']), int(manifest['chunk_rows']),
                                process_count)
-    self.manifest, self._shards = open_shards(
+    self.manifest, self._owned = open_shards(
         path, self.ownership.shards(process_index), tier, expect)
     self.process_index, self.process_count = process_index, process_count
     self.num_rows, self.d_model = self.ownership.num_rows, int(manifest['d_model'])
     self.dtype = STORE_DTYPES[manifest['dtype']]
     self.row_width = row_width(manifest)
-    self.nbytes = sum(s.nbytes for s in self._shards)
+    self.nbytes = sum(s.nbytes for s in self._owned)
     self._exchange = exchange
     self.seconds = np.zeros(3)
     self.calls = 0
+    self.stats = GatherStats()
 
   @classmethod
   def open(cls, path: str, tier: Tier = 'ram', expect: dict[str, Any] | None = None
@@ -163,7 +170,7 @@ class ShardedStore:
     out_RxW = np.empty((rows_R.size, self.row_width), self.dtype)
     for k in np.unique(shard_R):
       sel = shard_R == k
-      out_RxW[sel] = np.take(self._shards[int(k)], offset_R[sel], axis=0)
+      out_RxW[sel] = np.take(self._owned[int(k)], offset_R[sel], axis=0)
     return out_RxW
 
   def answer(self, ids_PxN: np.ndarray) -> np.ndarray:
@@ -186,22 +193,42 @@ class ShardedStore:
       out_NxW[sel] = recv_PxCxW[p, :sel.size]
     return out_NxW
 
-  def gather(self, rows_N: np.ndarray) -> np.ndarray:
-    """[N, W] rows for ids `rows_N` (-1 -> zeros); every process calls it in lockstep
-    with the same N."""
+  def _exchanging(self) -> Exchange:
     if self._exchange is None:
       raise ValueError('this ShardedStore has no exchange (built for routing only); open '
                        'it with ShardedStore.open inside the multi-process runtime')
+    return self._exchange
+
+  def agree(self, length: int, batch_size: int, steps: int) -> int:
+    """The longest padded prompt `length` over all processes, so that every gather of a
+    generation has the same N everywhere; every process must decode the same batch size
+    and number of steps (ValueError on all of them otherwise)."""
+    got = self._exchanging().all_gather(np.array([length, batch_size, steps], np.int32))
+    if (got[:, 1:] != got[0, 1:]).any():
+      raise ValueError(f'the processes serving a sharded store decode (batch_size, steps) '
+                       f'{[tuple(map(int, g)) for g in got[:, 1:]]}: give every process the '
+                       'same serve.batch_size and max_new_tokens (they step in lockstep)')
+    return int(got[:, 0].max())
+
+  def gather(self, rows_N: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """[N, W] rows for ids `rows_N` (-1 -> zeros), written into `out` if given (as
+    `EmbeddingStore.gather`); every process calls it in lockstep with the same N."""
+    exchange = self._exchanging()
     rows_N = np.asarray(rows_N).reshape(-1)
     self._check(rows_N)
     t0 = time.perf_counter()
-    ids_PxN = self._exchange.all_gather(rows_N.astype(np.int32))
+    ids_PxN = exchange.all_gather(rows_N.astype(np.int32))
     t1 = time.perf_counter()
     send = self.answer(ids_PxN)
     t2 = time.perf_counter()
-    recv = self._exchange.all_to_all(send.view(np.uint8)).view(self.dtype)
+    recv = exchange.all_to_all(send.view(np.uint8)).view(self.dtype)
     t3 = time.perf_counter()
-    out_NxW = self.assemble(ids_PxN, recv)
-    self.seconds += (t1 - t0, t2 - t1 + time.perf_counter() - t3, t3 - t2)
+    rows_NxW = self.assemble(ids_PxN, recv)
+    t4 = time.perf_counter()
+    self.seconds += (t1 - t0, t2 - t1 + t4 - t3, t3 - t2)
     self.calls += 1
-    return out_NxW
+    self.stats.add(rows_N.size, int((rows_N >= 0).sum()), rows_NxW.nbytes, t4 - t0)
+    if out is None:
+      return rows_NxW
+    out[...] = rows_NxW
+    return out
