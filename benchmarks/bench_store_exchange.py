@@ -10,7 +10,8 @@ P local processes (one CPU device each, gloo collectives over loopback TCP) each
 their shards of one synthetic store (`ShardedStore`, tier 'ram') and run `--steps`
 gathers of B ids drawn Zipf-like over the rows (a step's exchange: the all-gather of the
 ids, the local answer, the all-to-all of the rows, the assembly). `--verify` checks every
-step's rows bitwise against the single-host `EmbeddingStore.gather`.
+step's rows bitwise against the single-host `EmbeddingStore.gather`. P = 1 runs the same
+two collectives on one device: the software floor (two jitted dispatches and transfers).
 
 The model: t = t_gather(B/P) + RTT + B (P-1)/P * row_bytes / BW, each term measured here:
 t_gather is `EmbeddingStore.gather` of B/P rows (RAM tier), RTT and BW a raw TCP
@@ -80,18 +81,20 @@ def worker(args) -> None:
     store.gather(step_ids(num_rows, args.batch, args.process_id, args.steps + step))
   store.seconds[:] = 0
   store.calls = 0
-  per_step, mismatched = [], 0
+  per_step, mismatched, cpu = [], 0, 0.0
   for step in range(args.steps):
     ids = step_ids(num_rows, args.batch, args.process_id, step)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     rows = store.gather(ids)
     per_step.append(time.perf_counter() - t0)
+    cpu += time.process_time() - c0
     if whole is not None:
       mismatched += int(not np.array_equal(rows.view(np.uint16),
                                            whole.gather(ids).view(np.uint16)))
   result = {'process': args.process_id, 'median_ms': 1e3 * float(np.median(per_step)),
             'p90_ms': 1e3 * float(np.percentile(per_step, 90)),
             'parts_ms': (1e3 * store.seconds / max(store.calls, 1)).tolist(),
+            'cpu_ms': 1e3 * cpu / args.steps,
             'owned_bytes': store.nbytes, 'verified_steps': args.steps if whole else 0,
             'mismatched_steps': mismatched}
   with open(args.out, 'w') as f:
@@ -236,9 +239,9 @@ def main():
           f'bf16, B={args.batch} ids per process per step, {args.steps} steps')
     print(f'raw TCP loopback: RTT {1e6 * rtt:.1f} us, bulk {bw / 1e9:.2f} GB/s')
     print('| P | measured ms/step (median, slowest process) | p90 | requests | '
-          'local answer+assemble | rows exchange (the three: mean ms) | model ms | measured / model | '
-          'verified |')
-    print('|---|---|---|---|---|---|---|---|---|')
+          'local answer+assemble | rows exchange (the three: mean ms) | CPU ms/step (all '
+          'threads) | model ms | measured / model | verified |')
+    print('|---|---|---|---|---|---|---|---|---|---|')
     for p in [int(x) for x in args.processes.split(',')]:
       results = run_processes(store, p, args.batch, args.steps, args.warmup, args.verify)
       t_gather = local_gather_seconds(store, -(-args.batch // p))
@@ -249,7 +252,7 @@ def main():
       verified = (f'{sum(r["verified_steps"] for r in results)} steps, {bad} differ'
                   if args.verify else 'no')
       print(f'| {p} | {slow["median_ms"]:.3f} | {slow["p90_ms"]:.3f} | {parts[0]:.3f} | '
-            f'{parts[1]:.3f} | {parts[2]:.3f} | {1e3 * model:.3f} | '
+            f'{parts[1]:.3f} | {parts[2]:.3f} | {slow["cpu_ms"]:.3f} | {1e3 * model:.3f} | '
             f'{slow["median_ms"] / (1e3 * model):.1f} | {verified} |', flush=True)
       if bad:
         raise SystemExit(f'{bad} steps returned rows other than the single-host store')

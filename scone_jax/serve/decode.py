@@ -18,6 +18,9 @@ lookup's `step_slab` between two steps; and the default, `loop='device'`, the sa
 an on-device `lax.while_loop` (serve/device_loop.py), with sampling, EOS and
 max_new_tokens decided on the device, tokens back in chunks, and the lookup's `loop_step`
 inside the loop.
+
+With a `mesh` the same steps run tensor-parallel over a host's devices (weights and KV
+cache split by model/sharding.py's table, each host slab replicated to every device).
 """
 
 from __future__ import annotations
@@ -86,7 +89,9 @@ class Decoder:
   Args:
     lm: the trained model; only `lm.backbone` is put on the accelerator.
     store: the exported store: f-gram rows (with `table`), a hashed n-gram store
-      (kind='hashed', without a table; its manifest says so), or None (baseline).
+      (kind='hashed', without a table; its manifest says so), or None (baseline); or a
+      `ShardedStore` (serve/sharded_store.py: rows sharded across processes, served with
+      loop='host', every process decoding its own prompts in lockstep).
     table: the f-gram table the f-gram store was exported from.
     batch_size: B, rows decoded together (prompts are padded to it).
     bos_id: prepended to every prompt; no f-gram contains it, so matches never reach
