@@ -1,11 +1,14 @@
 """Tensor-parallel decode (Decoder(mesh=...), serve.tensor) on 8 fake CPU devices: the same
 tokens as one device, for the baseline and SCONE, with weights and KV cache split."""
 
+import shutil
+
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
+import train_helpers as th
 from scone_jax import config
 from scone_jax.config import ConfigError
 from scone_jax.model import SconeLM
@@ -84,3 +87,22 @@ def test_sharded_serving_refusals_name_the_fix(scone, table, mesh):
   with pytest.raises(ConfigError, match='does not divide config.model.num_heads=8'):
     serving_mesh(_cfg(0, tensor=3))
   assert mesh.shape == {'data': 1, 'fsdp': 1, 'tensor': 8}
+
+
+@pytest.mark.slow  # Trains the shared micro run if this session has not, exports a copy.
+def test_generate_with_serve_tensor_gives_the_one_device_text(tmp_path, tmp_path_factory):
+  """`--config.serve.tensor=2` through generate (restore, serving_mesh, the device loop):
+  the texts of one device."""
+  from scone_jax import generate, restore  # pylint: disable=import-outside-toplevel
+  from scone_jax.export import export_store  # pylint: disable=import-outside-toplevel
+  _, reference = th.reference_run(str(tmp_path_factory.getbasetemp()))
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference, workdir)  # The shared run stays without a store.
+  cfg = restore.run_config(workdir, {'serve.max_new_tokens': 6})
+  export_store(cfg, workdir, progress=False)
+  prompts = ['the of and', 'w1 w2']
+  want = generate.generate(cfg, workdir, prompts).texts
+  sharded = restore.run_config(workdir, {'serve.max_new_tokens': 6, 'serve.tensor': 2})
+  _, dec = generate.build_decoder(sharded, workdir)
+  assert dec.mesh.shape['tensor'] == 2 and dec.lookup.name == 'callback'
+  assert generate.generate(sharded, workdir, prompts).texts == want
