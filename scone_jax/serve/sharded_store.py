@@ -135,6 +135,7 @@ class ShardedStore:
     if not 0 <= process_index < process_count:
       raise ValueError(f'process_index={process_index} must be in [0, process_count='
                        f'{process_count})')
+    # The manifest first (its sizes decide the ownership), then this process's shards.
     manifest = open_shards(path, [], tier, expect)[0]
     self.ownership = Ownership(int(manifest['num_rows']), int(manifest['chunk_rows']),
                                process_count)
