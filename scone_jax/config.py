@@ -349,6 +349,9 @@ class ServeConfig:
   # index), the host asked only for misses (serve/device_cache.py).
   lookup: Literal['auto', 'native', 'callback', 'cache'] = 'auto'
   cache_rows: int = 0
+  # Tensor-parallel decode over this many of the host's devices (heads/MLP/vocab and the
+  # KV cache's heads split, serve/session.serving_mesh); 1 = one device.
+  tensor: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -501,6 +504,7 @@ _VALUE_RULES = (
     ('serve.top_p', lambda v: 0 < v <= 1, 'must be in (0, 1] (1 = off)'),
     ('serve.batch_size', lambda v: v >= 1, 'must be >= 1'),
     ('serve.cache_rows', lambda v: v >= 0, 'must be >= 0 (rows of the device cache)'),
+    ('serve.tensor', lambda v: v >= 1, 'must be >= 1 (devices to decode on; 1 = one)'),
 )
 
 

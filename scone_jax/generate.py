@@ -4,7 +4,8 @@
       [--config.serve.max_new_tokens=64 --config.serve.temperature=0.8
        --config.serve.top_k=40 --config.serve.top_p=0.95 --config.serve.batch_size=1
        --config.serve.store_tier=ram|disk --config.serve.decode_loop=device|host
-       --config.serve.lookup=auto|native|callback|cache --config.serve.cache_rows=C]
+       --config.serve.lookup=auto|native|callback|cache --config.serve.cache_rows=C
+       --config.serve.tensor=N]
   python -m scone_jax.generate --workdir=W --accounting_only
 
 Restores W's latest checkpoint. SCONE runs read the store written by
@@ -12,8 +13,9 @@ Restores W's latest checkpoint. SCONE runs read the store written by
 overrides W/config.json's serve section (scone_jax/config.py documents each key); the rest
 of the run's config is fixed. When the prompt plus max_new_tokens exceeds the model's
 context (model.max_seq_len), max_new_tokens is cut to fit and stderr says so.
-`--accounting_only` prints accelerator-resident and offloaded parameters and FLOPs per
-token instead of generating.
+`--config.serve.tensor=N` decodes tensor-parallel over N of this host's devices (weights
+and KV cache split by heads; the same tokens as one device). `--accounting_only` prints
+accelerator-resident and offloaded parameters and FLOPs per token instead of generating.
 """
 
 from __future__ import annotations

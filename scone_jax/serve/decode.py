@@ -18,10 +18,14 @@ lookup's `step_slab` between two steps; and the default, `loop='device'`, the sa
 an on-device `lax.while_loop` (serve/device_loop.py), with sampling, EOS and
 max_new_tokens decided on the device, tokens back in chunks, and the lookup's `loop_step`
 inside the loop.
+
+With a `mesh` the same steps run tensor-parallel over a host's devices (weights and KV
+cache split by model/sharding.py's table, each host slab replicated to every device).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -32,13 +36,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from scone_jax import compat
 from scone_jax.model import SconeLM
+from scone_jax.model.sharding import model_shardings
 from scone_jax.serve import device_loop, steps
 from scone_jax.serve.factory import LookupMode, make_lookup
 from scone_jax.serve.sampling import Sampling
 from scone_jax.serve.store import EmbeddingStore
 
 Loop = Literal['device', 'host']
+
+
+def _on_mesh(method):
+  """Runs a Decoder method with its mesh current (if it has one), so the backbone's
+  activation and KV-cache constraints (model/sharding.py) apply when its steps trace."""
+  @functools.wraps(method)
+  def wrapper(self, *args, **kwargs):
+    with (contextlib.nullcontext() if self.mesh is None else compat.set_mesh(self.mesh)):
+      return method(self, *args, **kwargs)
+  return wrapper
 
 
 @dataclasses.dataclass
@@ -73,7 +89,9 @@ class Decoder:
   Args:
     lm: the trained model; only `lm.backbone` is put on the accelerator.
     store: the exported store: f-gram rows (with `table`), a hashed n-gram store
-      (kind='hashed', without a table; its manifest says so), or None (baseline).
+      (kind='hashed', without a table; its manifest says so), or None (baseline); or a
+      `ShardedStore` (serve/sharded_store.py: rows sharded across processes, served with
+      loop='host', every process decoding its own prompts in lockstep).
     table: the f-gram table the f-gram store was exported from.
     batch_size: B, rows decoded together (prompts are padded to it).
     bos_id: prepended to every prompt; no f-gram contains it, so matches never reach
@@ -89,6 +107,11 @@ class Decoder:
     cache_rows: C for lookup='cache' (C x W x the store's itemsize bytes on the device,
       plus 12 bytes per table row for the match index).
     chunk_steps: decode steps per device call (the streaming granularity).
+    mesh: None (default): one device, as it always was. A (data, fsdp, tensor) mesh
+      (`serving_mesh`): the backbone's weights are sharded on it by the one table of
+      model/sharding.py (heads, MLP and vocab over `tensor`), the KV cache by heads
+      (`Backbone.init_cache`'s logical axes), and every host slab (the store's rows) is
+      replicated to all of its devices.
 
   Attributes: `lookup` (the chosen `Lookup`: `.name`, `.stats()`), `store`, `batch_size`,
   `cache_len`, `state` (the backbone's parameters on the accelerator).
@@ -97,7 +120,7 @@ class Decoder:
   def __init__(self, lm: SconeLM, store: EmbeddingStore | None = None, table: Any = None,
                *, batch_size: int = 1, bos_id: int = 1, cache_len: int | None = None,
                loop: Loop = 'device', lookup: LookupMode = 'auto', chunk_steps: int = 64,
-               cache_rows: int = 0):
+               cache_rows: int = 0, mesh: jax.sharding.Mesh | None = None):
     cfg = lm.backbone.cfg
     if batch_size < 1:
       raise ValueError(f'batch_size={batch_size} must be >= 1')
@@ -109,14 +132,34 @@ class Decoder:
       raise ValueError(f"loop={loop!r} must be 'device' or 'host'")
     if chunk_steps < 1:
       raise ValueError(f'chunk_steps={chunk_steps} must be >= 1')
+    if mesh is not None and loop == 'device' and jax.default_backend() == 'cpu':
+      # The CPU backend's native FFI lookups are side-effecting custom calls that XLA's SPMD
+      # partitioner refuses; the host callback runs on one device and feeds all of them.
+      if lookup in ('native', 'cache') and store is not None:
+        raise ValueError(f"lookup={lookup!r} cannot run in a decode loop sharded over "
+                         f"{mesh.size} CPU devices; use lookup='callback' (or 'auto'), "
+                         "loop='host', or one device (serve.tensor=1)")
+      lookup = 'callback'
     self.lookup = make_lookup(store, table, combine=lm.combine, d_model=cfg.d_model,
                               dtype=jnp.dtype(cfg.dtype), batch_size=batch_size,
                               mode=lookup, cache_rows=cache_rows, loop=loop)
     self.store = self.lookup.store
+    # A store sharded across processes (serve/sharded_store.py) exchanges rows in every
+    # gather, a collective: each process decodes its own prompts, all in lockstep (the
+    # same padded length and number of steps, no early stop), from the host loop.
+    self._lockstep = getattr(self.store, 'collective', False)
+    if self._lockstep and loop != 'host':
+      raise ValueError("a store sharded across processes is served by the host loop (its "
+                       "per-step exchange is a collective every process joins): use "
+                       "loop='host' (config.serve.decode_loop)")
     self.batch_size, self.bos_id = batch_size, bos_id
     self.loop, self.chunk_steps = loop, chunk_steps
     self.graphdef, self.state = nnx.split(lm.backbone)
-    if self.lookup.loop_step is not None and loop == 'device':
+    self.mesh = mesh
+    if mesh is not None:
+      self.state = jax.device_put(self.state, model_shardings(self.state, mesh))
+      self._slab_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    elif self.lookup.loop_step is not None and loop == 'device':
       devices = {d for leaf in jax.tree.leaves(self.state) for d in leaf.devices()}
       if len(devices) > 1:
         # XLA's SPMD partitioner cannot split a side-effecting call (the lookup), so a
@@ -146,6 +189,8 @@ class Decoder:
           'prompt or lower max_new_tokens')
     # Padding T up to a multiple of 16 bounds the number of prefill compilations.
     t = min(-(-longest // 16) * 16, self.cache_len)
+    if self._lockstep:
+      t = self.store.agree(t, self.batch_size, max_new_tokens)
     tokens_BxT = np.zeros((self.batch_size, t), np.int32)
     lengths_B = np.ones(self.batch_size, np.int32)  # Unused rows hold just BOS.
     tokens_BxT[:, 0] = self.bos_id
@@ -157,10 +202,20 @@ class Decoder:
   def _prompt_slab(self, tokens_BxT: np.ndarray, lengths_B: np.ndarray):
     """The lookup's prompt slab on the device (None for the baseline)."""
     slab_BxTxE = self.lookup.prompt_slab(tokens_BxT, lengths_B)
-    return None if slab_BxTxE is None else jax.device_put(slab_BxTxE)
+    if slab_BxTxE is None:
+      return None
+    return jax.device_put(slab_BxTxE, None if self.mesh is None else self._slab_sharding)
+
+  def _step_slab(self, token_B: np.ndarray):
+    """The lookup's slab for one host-loop step (on every mesh device when sharded)."""
+    slab_BxE = self.lookup.step_slab(token_B)
+    if self.mesh is None or slab_BxE is None:
+      return slab_BxE
+    return jax.device_put(slab_BxE, self._slab_sharding)
 
   # -- generation ----------------------------------------------------------------------
 
+  @_on_mesh
   def generate(self, prompts: Sequence[np.ndarray], max_new_tokens: int,
                sampling: Sampling = Sampling(), seed: int = 0,
                eos_id: int | None = None) -> Generation:
@@ -190,9 +245,9 @@ class Decoder:
     start, cpu_start = time.perf_counter(), time.process_time()
     n_steps = 0
     for n in range(max_new_tokens):
-      if n + 1 < max_new_tokens and not done_B.all():
+      if n + 1 < max_new_tokens and (self._lockstep or not done_B.all()):
         t0 = time.perf_counter()
-        slab_BxE = self.lookup.step_slab(token_B)
+        slab_BxE = self._step_slab(token_B)
         lookup += time.perf_counter() - t0
         _, next_B, cache = steps.DECODE(self.graphdef, sampling, self.state, next_B,
                                         slab_BxE, cache, key, np.int32(n + 1),
@@ -218,6 +273,7 @@ class Decoder:
                       decode_steps=n_steps, batch_size=self.batch_size, lookup_seconds=lookup,
                       decode_cpu_seconds=decode_cpu_seconds)
 
+  @_on_mesh
   def compiled_loop_chunk(self, sampling: Sampling = Sampling()):
     """The compiled device-loop chunk for `sampling`, bound to this decoder's weights,
     lookup and key (for XLA cost analysis; compiled before a generation is timed)."""
@@ -257,6 +313,7 @@ class Decoder:
                       decode_cpu_seconds=decode_cpu_seconds,
                       prompt_lookup_seconds=prompt_lookup, **self.lookup.settle(before))
 
+  @_on_mesh
   def teacher_forced_logits(self, prompts: Sequence[np.ndarray],
                             continuations: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Float32 logits at every position of BOS+prompt+continuation via prefill + decode.
@@ -282,7 +339,7 @@ class Decoder:
       cont_BxN[b] = c
     for i in range(max(n - 1, 0)):
       logits_BxV, _, cache = steps.DECODE(self.graphdef, greedy, self.state, cont_BxN[:, i],
-                                          self.lookup.step_slab(cont_BxN[:, i]), cache, key,
+                                          self._step_slab(cont_BxN[:, i]), cache, key,
                                           np.int32(0), combine=self.lookup.rule)
       step_logits.append(np.asarray(logits_BxV))
     logits_BxTxV = np.asarray(logits_BxTxV)
@@ -292,6 +349,7 @@ class Decoder:
       out.append(np.concatenate(rows, axis=0))
     return out
 
+  @_on_mesh
   def compiled_decode_step(self, sampling: Sampling = Sampling()):
     """The compiled decode step for this decoder's shapes (for XLA cost analysis)."""
     cache = jax.eval_shape(self._init_cache)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from scone_jax import artifacts, paths, restore
-from scone_jax.config import Config
+import jax
+
+from scone_jax import artifacts, compat, paths, restore
+from scone_jax.config import Config, ConfigError
 from scone_jax.export.format import EXPORT_DIR, hashed_meta, store_meta
 from scone_jax.model.hashed import hash_fingerprint
 from scone_jax.serve.decode import Decoder
@@ -43,12 +45,35 @@ def open_checked_store(cfg: Config, workdir: str, step: int, table, tokenizer,
   return EmbeddingStore.open(path, cfg.serve.store_tier, expect=expect, progress=progress)
 
 
+def serving_mesh(cfg: Config) -> jax.sharding.Mesh | None:
+  """The decode mesh of `serve.tensor` > 1: (data, fsdp, tensor) = (1, 1, serve.tensor)
+  over this host's first devices, so heads, MLP and vocab (and the KV cache's heads) are
+  split by model/sharding.py's table; None (one device) for serve.tensor = 1.
+
+  Raises:
+    ConfigError: serve.tensor exceeds the host's devices or does not divide the heads.
+  """
+  tensor = cfg.serve.tensor
+  if tensor == 1:
+    return None
+  devices = jax.local_devices()
+  if tensor > len(devices):
+    raise ConfigError(f'config.serve.tensor={tensor} exceeds the {len(devices)} devices '
+                      f'of this host; set it to at most {len(devices)}')
+  if cfg.model.num_heads % tensor:
+    raise ConfigError(f'config.serve.tensor={tensor} does not divide config.model.'
+                      f'num_heads={cfg.model.num_heads}: the KV cache is split by heads; '
+                      'pick a divisor of the heads')
+  return compat.make_mesh((1, 1, tensor), devices=devices[:tensor])
+
+
 def build_decoder(cfg: Config, workdir: str,
                   batch_size: int | None = None) -> tuple[restore.LoadedRun, Decoder]:
   """Restores W's model and store; a decoder of `batch_size` (default serve.batch_size)
-  whose lookup config.serve chooses (`serve.factory.make_lookup`)."""
-  run = restore.load_run(cfg, workdir, with_table=True)
+  whose lookup config.serve chooses (`serve.factory.make_lookup`), on `serving_mesh`."""
+  run = restore.load_run(cfg, workdir, with_table=True)  # Starts a multi-process runtime.
+  mesh = serving_mesh(cfg)
   store = open_store(cfg, workdir, run)
   return run, Decoder(run.lm, store, run.table, batch_size=batch_size or cfg.serve.batch_size,
                       bos_id=run.tokenizer.bos_id, loop=cfg.serve.decode_loop,
-                      lookup=cfg.serve.lookup, cache_rows=cfg.serve.cache_rows)
+                      lookup=cfg.serve.lookup, cache_rows=cfg.serve.cache_rows, mesh=mesh)

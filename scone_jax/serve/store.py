@@ -342,6 +342,39 @@ class EmbeddingStore:
         self._checked[i] = True
 
 
+def open_shards(path: str, indices, tier: Tier = 'ram', expect: dict[str, Any] | None = None
+                ) -> tuple[dict[str, Any], list[np.ndarray]]:
+  """The manifest and the shards `indices` of the store at `path` alone, each a
+  [rows, W] array (tier 'ram': read into memory; 'disk': memory-mapped), every one
+  checked against its recorded crc32c: what one process of a row-sharded store holds
+  (serve/sharded_store.py).
+
+  Raises:
+    ArtifactError: as `EmbeddingStore.open`, or a store without the raw shard layout
+      (compressed, or in an object store) that a shard-at-a-time reader needs.
+  """
+  if tier not in ('ram', 'disk'):
+    raise ValueError(f"store tier {tier!r} must be 'ram' or 'disk'")
+  if not paths.isdir(path):
+    raise artifacts.ArtifactError(
+        f'no embedding store at {path}; run `python -m scone_jax.export --workdir=W` '
+        'first')
+  manifest = artifacts.read_manifest(path, STORE_KIND, expect=expect)
+  _check_metadata(path, manifest)
+  layout = None if paths.is_remote(path) else _raw_layout(path, manifest)
+  if layout is None:
+    raise artifacts.ArtifactError(
+        f'embedding store {path} is remote or has no raw contiguous shard layout; a '
+        'row-sharded store reads whole local shards: copy the store to local disk')
+  chosen = [layout[int(i)] for i in indices]
+  shards = []
+  for shard, (rows, _) in zip(chosen, _map_shards(chosen, manifest)):
+    _check_shard(path, manifest, shard.index, rows)
+    # 'ram': a copy; the mapping goes with the last view of it.
+    shards.append(rows.copy() if tier == 'ram' else rows)
+  return manifest, shards
+
+
 def _check_shard(path: str, manifest: dict[str, Any], i: int, rows: np.ndarray) -> None:
   """Raises ArtifactError unless shard i's rows have the checksum the export recorded."""
   crcs = manifest.get('shard_crc32c')
