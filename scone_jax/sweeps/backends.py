@@ -204,10 +204,10 @@ def _stage_commands(sweep: spec.Sweep, point: spec.Point,
 
 
 def _stage_done(point: spec.Point, stage: str) -> bool:
-  """Whether a stage after train has nothing left to do (train itself always resumes)."""
-  if stage == 'train':
-    return False
-  if stage == 'evaluate':  # Train evaluates at its end.
+  """Whether a stage has nothing left to do: train and evaluate once the final eval.json
+  is there (train evaluates at its end; a point rerun for its downstream stages does not
+  train again), the stages after evaluate by spec.stage_done."""
+  if stage in ('train', 'evaluate'):
     return spec.read_eval(point.workdir, point.cfg.train.steps) is not None
   return spec.stage_done(point, stage)
 

@@ -189,7 +189,9 @@ def point_body(sweep: spec.Sweep, point: spec.Point, python: str, nodes: int) ->
   done = ' && '.join([f'finished {w} {steps}'] + list(dict.fromkeys(checks.values())))
   lines = [f'{done} && {{ echo "{point.name}: already finished"; return 0; }}']
   for stage, cmd in stages:
-    if stage == 'evaluate':  # Train evaluates at its end; this covers a run that did not.
+    if stage == 'evaluate' or (stage == 'train' and checks):
+      # Train evaluates at its end; evaluate covers a run that did not. A point rerun for
+      # its downstream stages does not train again.
       lines.append(f'finished {w} {steps} || run_stage {shlex.quote(cmd)} || return')
     elif stage in checks:  # Downstream stages: skipped once downstream.json holds them.
       lines.append(f'{checks[stage]} || run_stage {shlex.quote(cmd)} || return')
