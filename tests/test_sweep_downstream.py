@@ -149,3 +149,25 @@ def test_remote_backends_run_the_same_downstream_stages(tmp_path):
   os.makedirs(local.workdir)
   FakeRunner()(down.replace(scone.workdir, local.workdir), os.devnull)
   assert _check_result(check)
+
+
+def test_backbone_olmo_scores_table_1_given_its_task_files(tmp_path, capsys):
+  path = os.path.join(REPO, 'experiments', 'sweeps', 'backbone_olmo.py')
+  six = ('piqa', 'hellaswag', 'arc_easy', 'arc_challenge', 'commonsense_qa', 'mmlu')
+  with pytest.raises(spec.SweepError) as e:
+    spec.load_sweep(path, str(tmp_path), downstream={'task_dir': str(tmp_path)})
+  assert all(f'{tmp_path}/{t}.jsonl' in str(e.value) for t in six)
+  assert 'python -m scone_jax.downstream.convert --task=TASK' in str(e.value)
+  for t in six:
+    (tmp_path / f'{t}.jsonl').write_text('')
+  sweep = spec.load_sweep(path, str(tmp_path / 'runs'),
+                          downstream={'task_dir': str(tmp_path)})
+  backends.dry_run(sweep, 'PY')
+  lines = capsys.readouterr().out.splitlines()
+  downstream = [shlex.split(ln) for ln in lines if ' scone_jax.downstream ' in ln]
+  assert len(downstream) == len(sweep.points) == 7
+  assert all(f'--tasks={",".join(six)}' in d and '--path=train' in d and '--preset=olmo' in d
+             for d in downstream)
+  assert not os.path.exists(tmp_path / 'runs')  # A dry run writes nothing.
+  assert ' 75.3 / 67.1 / 72.5 / 36.4 / 50.8 / 39.9 / 57.0' in spec.load_sweep_module(
+      path).__doc__  # Table 1's SCONE row, as the paper prints it.

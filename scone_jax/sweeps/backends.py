@@ -204,9 +204,11 @@ def _stage_commands(sweep: spec.Sweep, point: spec.Point,
 
 
 def _stage_done(point: spec.Point, stage: str) -> bool:
-  """Whether a stage has nothing left to do: train and evaluate once the final eval.json
-  is there (train evaluates at its end; a point rerun for its downstream stages does not
-  train again), the stages after evaluate by spec.stage_done."""
+  """Whether a stage has nothing left to do: evaluate once the final eval.json is there
+  (train evaluates at its end), train too when the point has downstream stages (a point
+  rerun for them does not train again), the stages after evaluate by spec.stage_done."""
+  if stage == 'train' and point.downstream is None:
+    return False  # Unfinished points only get here; the trainer resumes.
   if stage in ('train', 'evaluate'):
     return spec.read_eval(point.workdir, point.cfg.train.steps) is not None
   return spec.stage_done(point, stage)

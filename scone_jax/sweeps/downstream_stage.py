@@ -80,7 +80,9 @@ def from_settings(settings: dict[str, Any] | None, where: str) -> Downstream | N
   tasks = _as_tuple(settings.get('tasks', ()))
   if not tasks:
     return None
-  ds = Downstream(tasks, str(settings.get('task_dir', '')),
+  task_dir = str(settings.get('task_dir', ''))
+  # Absolute: a stage may run from another directory (a SLURM job, a worker's checkout).
+  ds = Downstream(tasks, paths.resolve(task_dir) if task_dir else '',
                   _as_tuple(settings.get('paths', ('train',))),
                   str(settings.get('preset', 'olmo')))
   try:
@@ -108,7 +110,8 @@ def from_settings(settings: dict[str, Any] | None, where: str) -> Downstream | N
         'dataset first: ' + CONVERT.format(task_dir=ds.task_dir) +
         ('' if not presets.get(ds.preset).num_shots else
          f'; preset {ds.preset!r} also reads TASK.dev.jsonl (the dev split, converted the '
-         'same way)'))
+         'same way)') + '; or pass --downstream_task_dir=DIR where they are, or '
+        '--downstream_tasks= (empty) to run without downstream tasks')
   return ds
 
 

@@ -189,7 +189,7 @@ def point_body(sweep: spec.Sweep, point: spec.Point, python: str, nodes: int) ->
   done = ' && '.join([f'finished {w} {steps}'] + list(dict.fromkeys(checks.values())))
   lines = [f'{done} && {{ echo "{point.name}: already finished"; return 0; }}']
   for stage, cmd in stages:
-    if stage == 'evaluate' or (stage == 'train' and checks):
+    if stage == 'evaluate' or (stage == 'train' and point.downstream is not None):
       # Train evaluates at its end; evaluate covers a run that did not. A point rerun for
       # its downstream stages does not train again.
       lines.append(f'finished {w} {steps} || run_stage {shlex.quote(cmd)} || return')
