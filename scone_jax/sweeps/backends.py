@@ -449,7 +449,8 @@ def dry_run(sweep: spec.Sweep, python: str, out=None,
   training FLOPs at the worst case and, if given, at a measured A_f tokens per token).
 
   `commands` are a remote backend's (comment, command) pairs (tpu_dry_run_commands,
-  slurm.dry_run_commands, ...); default: the local backend's prepare, train, evaluate.
+  slurm.dry_run_commands, ...); default: the local backend's prepare, train, evaluate
+  and downstream stages.
   """
   out = out or sys.stdout
   if commands is None:

@@ -2,9 +2,11 @@
 
 A sweep file (experiments/sweeps/*.py) defines `BASE_CONFIG` ('experiments/gpt2.py:419m':
 an experiment file plus its optional `get_config` argument) and `get_sweep()` returning a
-list of override dicts with dotted keys ({'fgram.use_size': 1000, 'train.seed': 1}). This
-module turns that into `Point`s: a validated `Config`, a stable run name and workdir, and
-shell-quoted command lines. It never runs anything (see backends.py).
+list of override dicts with dotted keys ({'fgram.use_size': 1000, 'train.seed': 1}), and
+optionally `DOWNSTREAM`, the tasks every point scores after evaluate
+(downstream_stage.py). This module turns that into `Point`s: a validated `Config`, a
+stable run name and workdir, and shell-quoted command lines. It never runs anything (see
+backends.py).
 """
 
 from __future__ import annotations
