@@ -158,7 +158,10 @@ def main(argv):
     print(export_and_generate(sweep, best, _PROMPTS.value))
     print(f'downstream: the true next sentence of a held-out docstring among {NUM_CHOICES} '
           f'(the others from other modules), scored by {best.name}:', flush=True)
-    print('\n'.join(score_embedded_task(sweep, best)))
+    try:
+      print('\n'.join(score_embedded_task(sweep, best)))
+    except tasks.TaskFileError as e:  # E.g. a --set data source without the embedded corpus.
+      print(f'  skipped: {e}')
   arms, _ = analysis.arms_of(runs, None)
   for corpus in analysis.test_corpora(runs):
     print(f'\ntest corpus {corpus} ({analysis.coverage(runs, corpus)}):')
