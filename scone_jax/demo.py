@@ -5,7 +5,10 @@
 prepare (once, shared) -> train a baseline and SCONE at three numbers of f-grams S, two
 seeds each (experiments/sweeps/demo.py through scone_jax.sweeps' local backend) ->
 evaluate -> report (table + PNG plots) -> export the best SCONE model's f-gram embeddings
--> generate a few lines through the host store. It ends with the per-corpus tables, the
+-> generate a few lines through the host store -> score that model on a multiple-choice
+task built from the embedded corpus's held-out modules (the true next sentence of a
+docstring; downstream/embedded.py) through the training forward and through the store,
+against chance. It ends with the per-corpus tables, the
 plot paths and the verdict lines of the report (scone_jax/sweeps/analysis.py): did SCONE
 beat the baseline, and did perplexity fall as S grew, each "beyond the seed spread" only
 when the paired interval excludes zero. The learning rates are those `make study` chose
@@ -23,7 +26,9 @@ from typing import Sequence
 
 from absl import flags
 
-from scone_jax import cli, report
+from scone_jax import cli, prepare, report
+from scone_jax import run as run_lib
+from scone_jax.downstream import embedded, presets, runner, tasks
 from scone_jax.sweeps import analysis
 from scone_jax.sweeps import backends as sweep_backends
 from scone_jax.sweeps import results
@@ -90,6 +95,54 @@ def export_and_generate(sweep: sweep_spec.Sweep, run: results.PointResult, promp
   return result.stdout
 
 
+EMBEDDED, NUM_CHOICES, NUM_DOCS = 'embedded', 4, 200
+# Context tokens a document keeps at least (longer contexts lose their oldest tokens).
+MIN_CONTEXT_TOKENS = 8
+
+
+def fitting_docs(docs: Sequence[tasks.Doc], tokenizer, window: int,
+                 limit: int = NUM_DOCS) -> list[tasks.Doc]:
+  """The first `limit` docs whose every continuation (presets.DELIMITER + choice) fits
+  the model's window beside BOS and MIN_CONTEXT_TOKENS of context: the micro demo's
+  32-token window is shorter than many docstring sentences."""
+  lengths = iter(len(t) for t in tokenizer.encode(
+      [presets.DELIMITER + c for d in docs for c in d.choices]))
+  room = window - 1 - MIN_CONTEXT_TOKENS
+  keep = [d for d in docs if max([next(lengths) for _ in d.choices]) <= room]
+  return keep[:limit]
+
+
+def downstream_lines(record: dict, paths: Sequence[str] = runner.PATHS) -> list[str]:
+  """One line per scoring path of W/downstream.json's embedded task: accuracy +- its
+  standard error against chance."""
+  lines = []
+  for path in paths:
+    r = record['paths'][path]['tasks'][EMBEDDED]
+    lines.append(f'  path={path:5s} {r["metric"]} {r["value"]:.3f} +- {r["stderr"]:.3f} '
+                 f'(chance {r["chance"]:.3f}, n={r["n"]})')
+  return lines
+
+
+def score_embedded_task(sweep: sweep_spec.Sweep, run: results.PointResult) -> list[str]:
+  """Builds the next-sentence task from the held-out split of the embedded corpus and
+  scores `run` on it through the training forward and through its exported store
+  (downstream/runner.py; after export_and_generate); returns downstream_lines."""
+  corpus_dir = os.path.join(prepare.artifacts_dir(run.cfg, run.workdir), 'corpus')
+  task_dir = os.path.join(sweep.dir, 'downstream_tasks')
+  window = run.cfg.model.max_seq_len
+  # Sentences of at most 1.5 characters per window token (the micro demo's 32-token
+  # window: 48), so that some fit whole; fitting_docs then checks their tokens.
+  every = embedded.embedded_task_from_corpus(
+      corpus_dir, num_docs=sys.maxsize, num_choices=NUM_CHOICES,
+      max_chars=min(embedded.MAX_CHARS, 3 * window // 2))
+  tasks.write_tasks(runner.task_file(task_dir, EMBEDDED), fitting_docs(
+      every, run_lib.RunDir(run.workdir).tokenizer(), window))
+  record = {}
+  for path in runner.PATHS:  # Resumes: a task already scored on the same file is kept.
+    record = runner.run(run.workdir, [EMBEDDED], task_dir, path, log=lambda line: None)
+  return downstream_lines(record)
+
+
 def main(argv):
   del argv
   sweep = sweep_spec.load_sweep(_SWEEP.value, _WORKDIR.value,
@@ -103,6 +156,12 @@ def main(argv):
   if best is not None:
     print(f'\nexport + generate from the best SCONE run {best.name}:', flush=True)
     print(export_and_generate(sweep, best, _PROMPTS.value))
+    print(f'downstream: the true next sentence of a held-out docstring among {NUM_CHOICES} '
+          f'(the others from other modules), scored by {best.name}:', flush=True)
+    try:
+      print('\n'.join(score_embedded_task(sweep, best)))
+    except tasks.TaskFileError as e:  # E.g. a --set data source without the embedded corpus.
+      print(f'  skipped: {e}')
   arms, _ = analysis.arms_of(runs, None)
   for corpus in analysis.test_corpora(runs):
     print(f'\ntest corpus {corpus} ({analysis.coverage(runs, corpus)}):')

@@ -6,15 +6,18 @@ Reads every run under ROOT/SWEEP/ that a sweep (scone_jax.sweeps) started
 (scone_jax/sweeps/results.py), plus the study's study.json when there is one (the lr grid
 and each arm's chosen lr), and writes into the sweep dir:
 * results.csv: one row per run, its accounting (model/arm_accounting.py, at the run's real
-  S) and every corpus's loss / perplexity / bits per byte with the tokens evaluated and the
-  fraction of the set they are;
+  S), every corpus's loss / perplexity / bits per byte with the tokens evaluated and the
+  fraction of the set they are, and each downstream task's headline metric per path;
 * REPORT.md: the chosen lrs and the grid (validation loss); per TEST corpus (never
   averaged across corpora; a macro-average only under its own label) each arm's mean,
   sample std and 95% t-interval over seeds of loss, perplexity and bits per byte, the
   paired SCONE-minus-baseline differences with intervals, and verdict lines
   (scone_jax/sweeps/analysis.py) that say "beyond the seed spread" only when the interval
   excludes zero; each arm's parameters, memory and FLOPs (model/arm_accounting.py, the
-  numbers the dry run printed);
+  numbers the dry run printed); when runs scored downstream tasks (W/downstream.json),
+  per path a table of each arm's accuracy per task (mean, 95% interval over seeds, the
+  paper's six-task average under its own label) and the paired differences against the
+  baseline (downstream/report.py);
 * PNGs per test corpus with 95% intervals as error bars (scone_jax/sweeps/plots.py).
 """
 
@@ -65,6 +68,9 @@ def run_rows(results: Sequence[results_lib.PointResult],
       for metric in CORPUS_COLUMNS:
         if metric in res:
           row[f'{corpus}/{metric}'] = res[metric]
+    for path, entry in sorted(r.downstream.get('paths', {}).items()):
+      for task, res in sorted(entry.get('tasks', {}).items()):
+        row[f'downstream_{path}/{task}/{res["metric"]}'] = res['value']
     rows.append(row)
   return rows
 
@@ -117,6 +123,11 @@ def write_report(sweep_dir: str) -> dict[str, str]:
            'mean of per-corpus (geometric) mean perplexities; not a corpus, no interval)', '',
            tables.markdown_table([{'arm': a.name, 'macro-avg perplexity': float(np.mean(
                [a.ppl_summary(c).mean for c in tests]))} for a in arms]), '']
+  downstream = analysis.downstream_tables(arms, baseline)
+  if downstream:
+    md += ['## Downstream accuracy', '', 'Zero-shot multiple-choice tasks scored by '
+           'python -m scone_jax.downstream (W/downstream.json; docs/DOWNSTREAM.md): each '
+           "task's headline metric in percent.", '', downstream, '']
   md += ['## Parameters, memory and FLOPs per arm', '',
          'Accelerator params/memory in training (params + grads + AdamW, no activations) '
          'and at inference (+ KV cache per sequence), the offloaded host store, FLOPs per '

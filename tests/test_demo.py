@@ -9,6 +9,7 @@ import pytest
 
 from scone_jax import config as config_lib
 from scone_jax import demo
+from scone_jax.downstream import tasks
 from scone_jax.sweeps import results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,6 +74,25 @@ def test_verdict_without_enough_runs():
   assert demo.best_scone_run(runs_from({0: [30.0], 100: [None]})) is None
 
 
+class FakeTokenizer:
+  """One token per character."""
+
+  def encode(self, texts):
+    return [list(t) for t in texts]
+
+
+def test_embedded_task_docs_fit_the_window_and_lines_show_chance():
+  docs = [tasks.Doc(str(i), 'ctx', ('a' * n, 'b' * 3), 0) for i, n in enumerate((5, 20, 6))]
+  # Window 16: BOS + 8 context tokens leave 7 for ' ' + choice.
+  assert [d.id for d in demo.fitting_docs(docs, FakeTokenizer(), 16)] == ['0', '2']
+  assert [d.id for d in demo.fitting_docs(docs, FakeTokenizer(), 16, limit=1)] == ['0']
+  entry = {'metric': 'acc_pmi', 'value': 0.4, 'stderr': 0.035, 'chance': 0.25, 'n': 200}
+  record = {'paths': {p: {'tasks': {demo.EMBEDDED: entry}} for p in ('train', 'store')}}
+  assert demo.downstream_lines(record) == [
+      '  path=train acc_pmi 0.400 +- 0.035 (chance 0.250, n=200)',
+      '  path=store acc_pmi 0.400 +- 0.035 (chance 0.250, n=200)']
+
+
 @pytest.mark.slow
 def test_micro_demo_end_to_end(tmp_path):
   """`make demo` on the micro sweep: 8 points x 3 steps, report, export, generate."""
@@ -83,6 +103,11 @@ def test_micro_demo_end_to_end(tmp_path):
   text = out.stdout
   assert 'VERDICT' in text and 'SCONE vs tuned baseline' in text and 'vs S' in text
   assert 'export + generate from the best SCONE run' in text
+  # The embedded next-sentence task through both paths, against chance (1 / 4).
+  assert 'downstream: the true next sentence of a held-out docstring among 4' in text
+  for path in ('train', 'store'):
+    line = next(ln for ln in text.splitlines() if ln.startswith(f'  path={path} acc_pmi '))
+    assert '(chance 0.250, n=' in line
   sweep_dir = tmp_path / 'demo_micro'
   for name in ('results.csv', 'REPORT.md', 'ppl_vs_num_fgrams-stdlib.png',
                'paired_diff-stdlib.png', 'training_curves.png'):

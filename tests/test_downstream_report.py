@@ -69,3 +69,7 @@ def test_embedded_task_needs_enough_modules():
     embedded.embedded_task(_records(modules=3), num_choices=4)
   assert embedded.sentences('Short. This one has enough words. ok') == [
       'This one has enough words.']
+  assert embedded.sentences('A bit longer than twenty. Fits in twenty.', max_chars=20) == [
+      'Fits in twenty.']
+  docs = embedded.embedded_task(_records(), num_docs=5, max_chars=35)
+  assert docs and all(len(c) <= 35 for d in docs for c in (d.context,) + d.choices)

@@ -101,7 +101,8 @@ def parse_table(out):
 def dry_run(name, tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'scone_jax.sweeps', f'--sweep=experiments/sweeps/{name}.py',
-       f'--root={tmp_path}', '--dry_run'], cwd=REPO, capture_output=True, text=True)
+       f'--root={tmp_path}', '--dry_run', '--downstream_tasks='],  # No task files here.
+      cwd=REPO, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert not os.listdir(tmp_path)  # A dry run writes nothing.
   return proc.stdout

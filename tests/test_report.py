@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from scone_jax import report
+from scone_jax.downstream import report as downstream_report
 from scone_jax.sweeps import analysis
 from scone_jax.sweeps import results
 from scone_jax.sweeps import spec as sweep_spec
@@ -40,6 +41,20 @@ def fake_loss(overrides, corpus):
   return base + 0.2 * seed
 
 
+def fake_downstream(overrides):
+  """W/downstream.json (downstream/runner.py's format): the paper's six tasks at 0.5,
+  piqa 0.60 (baseline) / 0.65 (S=1000) + 0.01 per seed; S=100 scored no mmlu, so it has
+  no six-task average."""
+  seed, size = overrides['train.seed'], overrides.get('fgram.use_size')
+  values = {t: 0.5 for t in downstream_report.PAPER_TASKS}
+  values['piqa'] = (0.65 if size == 1000 else 0.60) + 0.01 * seed
+  if size == 100:
+    del values['mmlu']
+  return {'format_version': 1, 'paths': {'train': {'step': 300, 'tasks': {
+      t: {'preset': 'olmo', 'metric': 'acc_per_char', 'value': v, 'stderr': 0.01, 'n': 100}
+      for t, v in values.items()}}}}
+
+
 def make_sweep(tmp_path, fraction=1.0):
   path = tmp_path / 'fake.py'
   path.write_text(f'BASE_CONFIG = {TINY!r}\ndef get_sweep():\n  return {POINTS!r}\n')
@@ -55,6 +70,8 @@ def make_sweep(tmp_path, fraction=1.0):
                     'tokens': 4000 * fraction, 'fraction_evaluated': fraction}
     with open(os.path.join(p.workdir, 'eval.json'), 'w') as f:
       json.dump({'step': p.cfg.train.steps, 'corpora': corpora}, f)
+    with open(os.path.join(p.workdir, 'downstream.json'), 'w') as f:
+      json.dump(fake_downstream(p.overrides), f)
     with open(os.path.join(p.workdir, 'metrics.jsonl'), 'w') as f:
       for step in (10, 20, 30):
         f.write(json.dumps({'step': step, 'loss': 5.0 - step / 10 - p.overrides['train.seed'],
@@ -240,10 +257,37 @@ def test_mean_curve_uses_common_steps():
   assert steps == [1, 2] and losses == [3.0, 2.0]
 
 
+def test_downstream_accuracy_tables_and_csv_columns(written):
+  sweep, paths = written
+  md = open(paths['markdown']).read()
+  section = md.split('## Downstream accuracy')[1].split('\n## ')[0]
+  table, diff = section.split('Paired difference vs ')
+  rows = {ln.split(' | ')[0].lstrip('| '): ln.split(' | ') for ln in table.splitlines()
+          if ln.startswith('| ')}
+  header = rows.pop('arm')
+  assert header[1:3] == ['piqa', 'hellaswag']
+  assert header[-1].rstrip(' |') == downstream_report.PAPER_AVERAGE
+  # piqa 0.65/0.66/0.67: mean 66.0, half-width t(0.975, 2) * 0.01 / sqrt(3) = 2.5 points.
+  assert rows['use_size=1000'][1] == f'66.0 [{66 - 2.48:.1f}, {66 + 2.48:.1f}] (n=3)'
+  assert rows['num_layers=0'][1].startswith('61.0 [')
+  assert rows['use_size=100'][-1].rstrip(' |') == '-'  # No mmlu: no six-task average.
+  assert rows['use_size=1000'][-1].startswith(f'{100 * (0.66 + 2.5) / 6:.1f} [')
+  assert diff.startswith('num_layers=0 (percentage points, paired by seed)')
+  paired = next(ln for ln in diff.splitlines() if ln.startswith('| use_size=1000'))
+  assert paired.split(' | ')[1].startswith('5.0 [')  # +5 points on every seed.
+  assert 'num_layers=0 |' not in diff  # The baseline is not compared with itself.
+  with open(paths['csv']) as f:
+    csv_rows = {r['run']: r for r in csv.DictReader(f)}
+  point = next(p for p in sweep.points if p.overrides.get('fgram.use_size') == 1000
+               and p.overrides['train.seed'] == 2)
+  assert float(csv_rows[point.name]['downstream_train/piqa/acc_per_char']) == 0.67
+
+
 def test_cli_and_missing_dir(sweep, tmp_path):
   out = subprocess.run([sys.executable, '-m', 'scone_jax.report', '--sweep=x/fake.py',
                         f'--root={os.path.dirname(sweep.dir)}'], capture_output=True,
                        text=True, cwd=REPO, check=True).stdout
   assert '# Sweep fake' in out and 'training_curves:' in out
+  assert '## Downstream accuracy' in out and downstream_report.PAPER_AVERAGE in out
   with pytest.raises(FileNotFoundError, match='run the sweep first'):
     results.collect(str(tmp_path / 'nothing'))

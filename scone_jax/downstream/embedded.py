@@ -6,7 +6,7 @@ sentence, the right choice its second; the wrong choices are second-or-later sen
 docstrings of OTHER modules of the same split, drawn at random. Chance is
 1 / num_choices. Sentences are split after '.', '!' or '?' followed by whitespace and kept
 when they have 3..40 words and at most 120 characters (so context and choice fit a small
-model's window).
+model's window; `max_chars` lowers the bound for a smaller one).
 """
 
 from __future__ import annotations
@@ -24,30 +24,33 @@ _SENTENCE_END = re.compile(r'(?<=[.!?])\s+')
 MIN_WORDS, MAX_WORDS, MAX_CHARS = 3, 40, 120
 
 
-def sentences(text: str) -> list[str]:
-  """The docstring's sentences (first paragraph breaks end a sentence too)."""
+def sentences(text: str, max_chars: int = MAX_CHARS) -> list[str]:
+  """The docstring's sentences (first paragraph breaks end a sentence too) of
+  MIN_WORDS..MAX_WORDS words and at most `max_chars` characters."""
   out = []
   for paragraph in text.split('\n\n'):
     for s in _SENTENCE_END.split(paragraph.strip()):
       s = s.strip()
-      if MIN_WORDS <= len(s.split()) <= MAX_WORDS and len(s) <= MAX_CHARS:
+      if MIN_WORDS <= len(s.split()) <= MAX_WORDS and len(s) <= max_chars:
         out.append(s)
   return out
 
 
 def embedded_task(records: Iterable[Mapping[str, str]], num_docs: int = 200,
-                  num_choices: int = 4, seed: int = 0) -> list[Doc]:
+                  num_choices: int = 4, seed: int = 0,
+                  max_chars: int = MAX_CHARS) -> list[Doc]:
   """Next-sentence documents from corpus records {'text', 'source': 'path.py:line'}.
 
-  Deterministic for a seed. Raises TaskFileError when the records hold too few usable
-  docstrings or modules.
+  Deterministic for a seed. `max_chars` bounds every sentence (context and choices), for
+  a model whose window is shorter than MAX_CHARS allows. Raises TaskFileError when the
+  records hold too few usable docstrings or modules.
   """
   if num_choices < 2:
     raise TaskFileError(f'num_choices={num_choices}: a multiple-choice task needs >= 2')
   candidates, pool = [], {}  # (module, first, second); module -> later sentences.
   for r in records:
     module = r['source'].rsplit(':', 1)[0]
-    sents = sentences(r['text'])
+    sents = sentences(r['text'], max_chars)
     if len(sents) >= 2:
       candidates.append((module, r['source'], sents[0], sents[1]))
       pool.setdefault(module, []).extend(sents[1:])

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from scone_jax import config as config_lib
+from scone_jax.downstream import report as downstream_report
 from scone_jax.sweeps import stats
 from scone_jax.sweeps import study
 
@@ -352,3 +353,14 @@ def exposure_rows(arms: Sequence[Arm]) -> list[dict[str, Any]]:
                  'training tokens (<=)': trained, 'epochs (<=)': trained / split_tokens,
                  'sightings in training (<=)': count * trained / split_tokens})
   return rows
+
+
+def downstream_tables(arms: Sequence[Arm], baseline: Arm | None) -> str:
+  """REPORT.md's downstream accuracy tables (downstream/report.tables): each arm's runs'
+  W/downstream.json by seed; '' when no run scored a task."""
+  records = {a.name: {r.cfg.train.seed: r.downstream for r in a.runs
+                      if r.downstream.get('paths')} for a in arms}
+  records = {name: by_seed for name, by_seed in records.items() if by_seed}
+  if not records:
+    return ''
+  return downstream_report.tables(records, baseline.name if baseline else None)

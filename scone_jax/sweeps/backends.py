@@ -197,8 +197,21 @@ class Progress:
 
 def _stage_commands(sweep: spec.Sweep, point: spec.Point,
                     python: str) -> list[tuple[str, str]]:
+  """(stage, command): train, evaluate, then the downstream stages (spec.after_evaluate)."""
   return [('train', spec.command(sweep, point, python, 'train')),
-          ('evaluate', spec.command(sweep, point, python, 'evaluate'))]
+          ('evaluate', spec.command(sweep, point, python, 'evaluate'))] + [
+              (stage, cmd) for stage, cmd, _ in spec.after_evaluate(point, python)]
+
+
+def _stage_done(point: spec.Point, stage: str) -> bool:
+  """Whether a stage has nothing left to do: evaluate once the final eval.json is there
+  (train evaluates at its end), train too when the point has downstream stages (a point
+  rerun for them does not train again), the stages after evaluate by spec.stage_done."""
+  if stage == 'train' and point.downstream is None:
+    return False  # Unfinished points only get here; the trainer resumes.
+  if stage in ('train', 'evaluate'):
+    return spec.read_eval(point.workdir, point.cfg.train.steps) is not None
+  return spec.stage_done(point, stage)
 
 
 def prepare_groups(sweep: spec.Sweep) -> dict[str, list[spec.Point]]:
@@ -250,8 +263,8 @@ def _run_local(sweep: spec.Sweep, python: str, parallel: int, runner: Runner,
     log = os.path.join(p.workdir, 'log.txt')
     start = time.time()
     for stage, cmd in _stage_commands(sweep, p, python):
-      if stage == 'evaluate' and spec.is_finished(p):
-        continue  # train already evaluated at its end.
+      if _stage_done(p, stage):
+        continue
       rc = runner(cmd, log)
       for attempt in range(REQUEUES):
         if rc != PREEMPTED or _CHILDREN.stopping.is_set():
@@ -270,7 +283,8 @@ def _run_local(sweep: spec.Sweep, python: str, parallel: int, runner: Runner,
         progress.event(p.name, 'failed', detail)
         return Outcome(p.name, 'failed', time.time() - start, detail)
     if not spec.is_finished(p):
-      detail = f'  finished without writing {p.workdir}/eval.json; log {log}'
+      missing = 'eval.json' if not _stage_done(p, 'evaluate') else 'downstream.json'
+      detail = f'  finished without writing {p.workdir}/{missing}; log {log}'
       progress.event(p.name, 'failed', detail)
       return Outcome(p.name, 'failed', time.time() - start, detail)
     progress.event(p.name, 'done')
@@ -338,8 +352,9 @@ def tpu_command(sweep: spec.Sweep, point: spec.Point, target: TpuTarget) -> str:
 
   On each worker: bootstrap (idempotent: code fetch + pinned install guarded by a marker
   file), then train with distributed.mode=auto (jax.distributed.initialize finds the pod),
-  then evaluate unless train wrote eval.json. The workdir must be shared storage (gs://)
-  so a retried point resumes from its checkpoints.
+  then evaluate unless train wrote eval.json, then the downstream stages if the sweep has
+  them (spec.after_evaluate). The workdir must be shared storage (gs://) so a retried
+  point resumes from its checkpoints.
   """
   extra = {'distributed.mode': 'auto'}
   python = '.venv/bin/python'
@@ -351,7 +366,8 @@ def tpu_command(sweep: spec.Sweep, point: spec.Point, target: TpuTarget) -> str:
   # gs:// workdirs cannot be tested with `test -f`; evaluate is idempotent, so run it
   # whenever eval.json is not visible locally.
   remote = (f'{bootstrap} && cd {shlex.quote(target.remote_dir)} && {train} && '
-            f'{{ test -f {eval_json} || {evaluate}; }}')
+            f'{{ test -f {eval_json} || {evaluate}; }}'
+            + spec.after_evaluate_shell(point, python))
   return target.gcloud('ssh', target.tpu_name, f'--command={remote}')
 
 
@@ -433,7 +449,8 @@ def dry_run(sweep: spec.Sweep, python: str, out=None,
   training FLOPs at the worst case and, if given, at a measured A_f tokens per token).
 
   `commands` are a remote backend's (comment, command) pairs (tpu_dry_run_commands,
-  slurm.dry_run_commands, ...); default: the local backend's prepare, train, evaluate.
+  slurm.dry_run_commands, ...); default: the local backend's prepare, train, evaluate
+  and downstream stages.
   """
   out = out or sys.stdout
   if commands is None:

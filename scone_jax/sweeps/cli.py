@@ -7,7 +7,9 @@
       --repo=https://github.com/ORG/scone_jax.git --ref=main
 
 Every point is validated against the config schema before anything launches. Finished
-points (complete W/eval.json) are skipped; interrupted ones resume from W/checkpoints.
+points (complete W/eval.json, and W/downstream.json when the sweep scores downstream tasks:
+its DOWNSTREAM dict or --downstream_tasks/--downstream_task_dir, sweeps/downstream_stage.py)
+are skipped; interrupted ones resume from W/checkpoints.
 `--dry_run` prints every command (for TPU: the bootstrap copy, then one ssh per point) and
 a table of each point's accelerator-resident and offloaded params and training/inference
 FLOPs per token; A_f's training FLOPs at the worst case (K A_f tokens per main-model token)
@@ -109,6 +111,19 @@ _XPK_DEVICE = flags.DEFINE_string('xpk.device_type', '', 'xpk: e.g. v5p-8 or h10
 _XPK_IMAGE = flags.DEFINE_string('xpk.docker_image', '', 'xpk: image with this repo and its '
                                  'requirements (docs/LAUNCH.md).', flag_values=FLAGS)
 _XPK_COUNT = flags.DEFINE_integer('xpk.count', 1, 'xpk: TPU slices or GPU nodes per point.', flag_values=FLAGS)
+# --downstream_*: override the sweep file's DOWNSTREAM dict (sweeps/downstream_stage.py);
+# only flags given on the command line are passed on.
+_DOWNSTREAM_FLAGS = [
+    flags.DEFINE_list('downstream_tasks', None, 'Tasks every point scores after evaluate '
+                      '(python -m scone_jax.downstream); empty: none.', flag_values=FLAGS),
+    flags.DEFINE_string('downstream_task_dir', None, 'Directory of the converted task '
+                        'files TASK.jsonl (local or gs://).', flag_values=FLAGS),
+    flags.DEFINE_list('downstream_paths', None, 'Scoring paths: train and/or store '
+                      '(store exports first; points with a mined table only).',
+                      flag_values=FLAGS),
+    flags.DEFINE_string('downstream_preset', None, 'Downstream preset: olmo or olmes.',
+                        flag_values=FLAGS),
+]
 _SLURM_WAIT = flags.DEFINE_bool('slurm.wait', False, 'SLURM: wait for the jobs (--report '
                                 'waits too); otherwise submit and return.', flag_values=FLAGS)
 
@@ -120,7 +135,9 @@ def main(argv):
     extra = spec.parse_set(_SET.value)
     if study_lib.is_study_file(_SWEEP.value):
       return _main_study(study_lib.load_study(_SWEEP.value), extra)
-    sweep = spec.load_sweep(_SWEEP.value, _ROOT.value, extra, _ONLY.value)
+    sweep = spec.load_sweep(_SWEEP.value, _ROOT.value, extra, _ONLY.value,
+                            {f.name[len('downstream_'):]: f.value
+                             for f in _DOWNSTREAM_FLAGS if f.present})
   except spec.SweepError as e:  # Every point is checked before any launches.
     raise spec.SweepError(f'{e}; nothing was launched') from e
   print(f'sweep {sweep.name}: {len(sweep.points)} point(s) under {sweep.dir}')
@@ -189,6 +206,11 @@ def _main_study(study: study_lib.Study, extra: dict) -> None:
     raise cli.CommandLineError(
         'a study runs on the local or slurm backend and always runs all its points (lr '
         'selection needs every tuning run); drop --backend/--only (or use --backend=slurm)')
+  if any(f.present for f in _DOWNSTREAM_FLAGS):
+    raise cli.CommandLineError(
+        'a study does not run downstream tasks; score its runs afterwards with '
+        'python -m scone_jax.downstream --workdir=W (docs/DOWNSTREAM.md), or drop '
+        '--downstream_*')
   # Validates every tuning point before anything runs.
   tune = study_lib.tune_sweep(study, _ROOT.value, extra)
   if _STATUS.value:

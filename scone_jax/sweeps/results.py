@@ -2,7 +2,8 @@
 
 Reads W/point.json (the point's overrides and resolved config, written by
 scone_jax/sweeps/spec.py), W/eval.json (final results only), W/run.json (the mined
-table's real rows) and W/metrics.jsonl (through RunDir.metrics, the one reader), under a
+table's real rows), W/downstream.json (through downstream/runner.read_results) and
+W/metrics.jsonl (through RunDir.metrics, the one reader), under a
 sweep dir, local or gs://. scone_jax/report.py and scone_jax/demo.py read sweeps through
 `collect`; scone_jax/sweeps/analysis.py groups the results into arms.
 """
@@ -18,6 +19,7 @@ from scone_jax import config as config_lib
 from scone_jax import metrics_file
 from scone_jax import paths
 from scone_jax import run as run_lib
+from scone_jax.downstream import runner as downstream_runner
 from scone_jax.model import arm_accounting
 from scone_jax.model import flops
 
@@ -33,6 +35,9 @@ class PointResult:
   curve: list[tuple[int, float]]  # (step, train loss)
   # The mined table's rows (W/run.json fgram_table_rows); None before train recorded it.
   table_rows: int | None = None
+  # W/downstream.json ({'paths': {path: {'step', 'tasks': {task: {...}}}}}); no paths
+  # when the point scored no downstream task.
+  downstream: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def finished(self) -> bool:
@@ -76,7 +81,8 @@ def collect(sweep_dir: str) -> list[PointResult]:
         name, workdir, point['overrides'], cfg,
         result.get('corpora', {}) if final else {},
         metrics_file.curve(run_lib.RunDir(workdir).metrics()),
-        int(rows) if rows else None))  # 0: a run without a mined table.
+        int(rows) if rows else None,  # 0: a run without a mined table.
+        downstream_runner.read_results(workdir)))
   return results
 
 

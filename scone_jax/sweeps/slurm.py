@@ -185,14 +185,24 @@ def point_body(sweep: spec.Sweep, point: spec.Point, python: str, nodes: int) ->
     srun = f'srun --nodes={nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 '
     stages = [('train', srun + spec.command(sweep, point, python, 'train',
                                             {'distributed.mode': 'auto'}))] + stages[1:]
-  lines = [f'finished {w} {steps} && {{ echo "{point.name}: already finished"; return 0; }}']
+  checks = {stage: check for stage, _, check in spec.after_evaluate(point, python)}
+  done = ' && '.join([f'finished {w} {steps}'] + list(dict.fromkeys(checks.values())))
+  lines = [f'{done} && {{ echo "{point.name}: already finished"; return 0; }}']
   for stage, cmd in stages:
-    if stage == 'evaluate':  # Train evaluates at its end; this covers a run that did not.
+    if stage == 'evaluate' or (stage == 'train' and point.downstream is not None):
+      # Train evaluates at its end; evaluate covers a run that did not. A point rerun for
+      # its downstream stages does not train again.
       lines.append(f'finished {w} {steps} || run_stage {shlex.quote(cmd)} || return')
+    elif stage in checks:  # Downstream stages: skipped once downstream.json holds them.
+      lines.append(f'{checks[stage]} || run_stage {shlex.quote(cmd)} || return')
     else:
       lines.append(f'run_stage {shlex.quote(cmd)} || return')
   missing = shlex.quote(f'finished without writing {point.workdir}/eval.json')
   lines.append(f'finished {w} {steps} || {{ echo {missing}; return 1; }}')
+  missing = shlex.quote(f'finished without every downstream task in '
+                        f'{point.workdir}/downstream.json')
+  lines += [f'{check} || {{ echo {missing}; return 1; }}'
+            for check in dict.fromkeys(checks.values())]
   return '\n'.join(lines)
 
 

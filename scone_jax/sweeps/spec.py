@@ -2,9 +2,11 @@
 
 A sweep file (experiments/sweeps/*.py) defines `BASE_CONFIG` ('experiments/gpt2.py:419m':
 an experiment file plus its optional `get_config` argument) and `get_sweep()` returning a
-list of override dicts with dotted keys ({'fgram.use_size': 1000, 'train.seed': 1}). This
-module turns that into `Point`s: a validated `Config`, a stable run name and workdir, and
-shell-quoted command lines. It never runs anything (see backends.py).
+list of override dicts with dotted keys ({'fgram.use_size': 1000, 'train.seed': 1}), and
+optionally `DOWNSTREAM`, the tasks every point scores after evaluate
+(downstream_stage.py). This module turns that into `Point`s: a validated `Config`, a
+stable run name and workdir, and shell-quoted command lines. It never runs anything (see
+backends.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from scone_jax import artifacts, cli, paths
 from scone_jax import config as config_lib
 from scone_jax.errors import UserError
 from scone_jax.model import arm_accounting
+from scone_jax.sweeps import downstream_stage
 
 # Sections and keys that decide what `prepare` builds (tokenizer, token shards, f-gram
 # table). Points that agree on these share one artifacts dir, so mining happens once.
@@ -51,12 +54,15 @@ class Point:
       defaults (the shared artifacts dir), in a stable order.
     cfg: the validated, resolved Config the run will train.
     workdir: ROOT/SWEEP/NAME.
+    downstream: what the point scores after evaluate (sweeps/downstream_stage.py), or
+      None.
   """
   name: str
   overrides: dict[str, Any]
   launch_overrides: dict[str, Any]
   cfg: config_lib.Config
   workdir: str
+  downstream: downstream_stage.Downstream | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +179,7 @@ def prepare_fingerprint(cfg: config_lib.Config) -> str:
 
 
 def load_sweep(path: str, root: str, extra_overrides: dict[str, Any] | None = None,
-               only: str = '') -> Sweep:
+               only: str = '', downstream: dict[str, Any] | None = None) -> Sweep:
   """Loads and validates a whole sweep; raises SweepError before anything can launch.
 
   Args:
@@ -182,6 +188,7 @@ def load_sweep(path: str, root: str, extra_overrides: dict[str, Any] | None = No
     extra_overrides: applied to every point after its own (e.g. --set=train.steps=3);
       they are part of each run name.
     only: keep points whose run name matches this regex (all points are still validated).
+    downstream: keys overriding the sweep file's DOWNSTREAM dict (downstream_stage.py).
   """
   module = load_sweep_module(path)
   if not hasattr(module, 'get_sweep'):
@@ -195,8 +202,13 @@ def load_sweep(path: str, root: str, extra_overrides: dict[str, Any] | None = No
     raise SweepError(f'{path}: get_sweep() must return a list of dicts, got '
                      f'{type(points_overrides).__name__}')
   name = os.path.splitext(os.path.basename(path))[0]
+  settings = {**getattr(module, 'DOWNSTREAM', {}), **(downstream or {})}
+  try:
+    ds = downstream_stage.from_settings(settings, path)
+  except downstream_stage.DownstreamSettingError as e:
+    raise SweepError(str(e)) from e
   return build_sweep(name, path, module.BASE_CONFIG, points_overrides, root,
-                     extra_overrides, only)
+                     extra_overrides, only, ds)
 
 
 def load_sweep_module(path: str) -> types.ModuleType:
@@ -211,7 +223,8 @@ def load_sweep_module(path: str) -> types.ModuleType:
 
 def build_sweep(name: str, path: str, base_config: str, points_overrides: list[dict],
                 root: str, extra_overrides: dict[str, Any] | None = None,
-                only: str = '') -> Sweep:
+                only: str = '', downstream: downstream_stage.Downstream | None = None
+                ) -> Sweep:
   """Validates and names the points of `points_overrides` (see load_sweep)."""
   base = load_base_config(base_config)
   points, seen = [], {}
@@ -236,7 +249,8 @@ def build_sweep(name: str, path: str, base_config: str, points_overrides: list[d
       raise SweepError(f'{path}: points {seen[rname]} and {i} have identical overrides '
                        f'{own}; remove the duplicate')
     seen[rname] = i
-    points.append(Point(rname, overrides, launch, cfg, _join(root, name, rname)))
+    points.append(Point(rname, overrides, launch, cfg, _join(root, name, rname),
+                        downstream))
   if only:
     points = [p for p in points if re.search(only, p.name)]
   return Sweep(name, path, base_config, root, points)
@@ -259,7 +273,11 @@ def command(sweep: Sweep, point: Point, python: str, stage: str = 'train',
     args.insert(3, f'--config={sweep.base_config}')
     for key, value in {**point.launch_overrides, **(extra or {})}.items():
       args.append(f'--config.{key}={format_value(value)}')
-  return ' '.join(shlex.quote(a) for a in args)
+  return _quote(args)
+
+
+def _quote(argv: list[str]) -> str:
+  return ' '.join(shlex.quote(a) for a in argv)
 
 
 def prepare_command(sweep: Sweep, point: Point, python: str) -> str:
@@ -285,8 +303,42 @@ def read_eval(workdir: str, steps: int) -> dict[str, Any] | None:
 
 
 def is_finished(point: Point) -> bool:
-  """True when the point's eval.json holds its final results (the run needs nothing)."""
-  return read_eval(point.workdir, point.cfg.train.steps) is not None
+  """True when the point needs nothing: eval.json holds its final results and, if it
+  scores downstream tasks, downstream.json holds them for every path."""
+  return (read_eval(point.workdir, point.cfg.train.steps) is not None and
+          all(stage_done(point, f'downstream:{path}')
+              for path in (point.downstream.paths_for(point.cfg) if point.downstream else ())))
+
+
+def after_evaluate(point: Point, python: str) -> list[tuple[str, str, str]]:
+  """(stage, command, check) for the stages after evaluate, in order: for path 'store'
+  the export, then one downstream command per path. `check` is a shell command that
+  exits 0 when the stage has nothing left to do (`stage_done` in a shell)."""
+  ds = point.downstream
+  if ds is None:
+    return []
+  steps, out = point.cfg.train.steps, []
+  for path in ds.paths_for(point.cfg):
+    check = downstream_stage.done_check_command(python, point.workdir, ds, path, steps)
+    if path == 'store':  # The store path reads the export; it is not needed once scored.
+      out.append(('export', _quote([python, '-m', 'scone_jax.export',
+                                    f'--workdir={point.workdir}']), check))
+    out.append((f'downstream:{path}',
+                downstream_stage.command(python, point.workdir, ds, path), check))
+  return out
+
+
+def after_evaluate_shell(point: Point, python: str) -> str:
+  """The after-evaluate stages as one shell fragment ('' if none), each skipped when
+  its check passes, for backends that run a point as one command (TPU, xpk)."""
+  return ''.join(f' && {{ {check} || {cmd}; }}'
+                 for _, cmd, check in after_evaluate(point, python))
+
+
+def stage_done(point: Point, stage: str) -> bool:
+  """For a stage of `after_evaluate`: whether it has nothing left to do."""
+  path = 'store' if stage == 'export' else stage.split(':', 1)[1]
+  return downstream_stage.done(point.workdir, point.downstream, path, point.cfg.train.steps)
 
 
 def write_point_json(sweep: Sweep, point: Point) -> None:

@@ -74,12 +74,13 @@ def workload_name(target: XpkTarget, sweep: spec.Sweep, point: spec.Point) -> st
 
 def point_command(target: XpkTarget, sweep: spec.Sweep, point: spec.Point) -> str:
   """What the workload's container runs: train, then evaluate (idempotent; a gs:// workdir
-  cannot be checked with `test -f` from the container's shell)."""
+  cannot be checked with `test -f` from the container's shell), then the downstream
+  stages if the sweep has them (spec.after_evaluate)."""
   multi = target.is_tpu or target.count > 1  # TPU: one process per host even at count 1.
   extra = {'distributed.mode': 'auto'} if multi else {}
   train = spec.command(sweep, point, target.python, 'train', extra)
   evaluate = spec.command(sweep, point, target.python, 'evaluate')
-  return f'{train} && {evaluate}'
+  return f'{train} && {evaluate}' + spec.after_evaluate_shell(point, target.python)
 
 
 def create_command(target: XpkTarget, sweep: spec.Sweep, point: spec.Point) -> str:
