@@ -635,6 +635,9 @@ def validate(cfg: Config) -> Config:
         f'config.train.seq_len={cfg.train.seq_len} is larger than the position table '
         f'config.model.max_seq_len={model.max_seq_len}; raise model.max_seq_len or lower '
         'train.seq_len')
+  if model.init_from and cfg.train.init_from_run:
+    raise ConfigError('config.model.init_from and config.train.init_from_run both set the '
+                      'initial weights; give one')
   if cfg.train.batch_size % cfg.train.grad_accum_steps:
     raise ConfigError(f'config.train.batch_size={cfg.train.batch_size} is not divisible by '
                       f'config.train.grad_accum_steps={cfg.train.grad_accum_steps}')
