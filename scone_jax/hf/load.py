@@ -205,11 +205,11 @@ def load_params(model_cfg: ModelConfig, params: Any) -> Any:
   layer_src, top_src = _sources(model_cfg)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   used: set[str] = set()
-  out = []
+  plan = []  # Every tensor is checked (headers only) before any is read.
   for path, leaf in leaves:
     name = _param_name(path)
     if not name.startswith('backbone.'):
-      out.append(leaf)
+      plan.append((leaf, None, False))
       continue
     short = name[len('backbone.'):]
     if short.startswith('blocks.'):
@@ -225,14 +225,16 @@ def load_params(model_cfg: ModelConfig, params: Any) -> Any:
     views = [_view(files, t, src[1], leaf, stacked=short.startswith('blocks.'))
              for t in tensors]
     used.update(tensors)
-    out.append(_sharded(views, leaf, stacked=short.startswith('blocks.')))
+    plan.append((leaf, views, short.startswith('blocks.')))
   unused = sorted(n for n in set(files.tensors) - used if not _IGNORED.search(n) and
                   not (n == 'lm_head.weight' and model_cfg.tied_embeddings))
   if unused:
     raise CheckpointError(f'{directory}: tensors {unused[:4]} ({len(unused)} in all) have no '
                           f'place in a {model_cfg.family} model with this config.json; the '
                           'architecture uses a feature we do not map')
-  return jax.tree_util.tree_unflatten(treedef, out)
+  return jax.tree_util.tree_unflatten(
+      treedef, [leaf if views is None else _sharded(views, leaf, stacked)
+                for leaf, views, stacked in plan])
 
 
 def _view(files: TensorFiles, tensor: str, layout, leaf,
