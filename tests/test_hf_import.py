@@ -4,9 +4,7 @@ forward and greedy generate; bad checkpoints refused before any training."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +14,9 @@ from flax import nnx
 
 from scone_jax import config as config_lib
 from scone_jax import mesh as mesh_lib
-from scone_jax.config import ConfigError, MeshConfig
+from scone_jax.config import MeshConfig
 from scone_jax.hf import load as hf_load
-from scone_jax.hf.safetensors import CheckpointError
-from scone_jax.model import SconeLM, create_sharded
+from scone_jax.model import Backbone, model_shardings
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -80,16 +77,19 @@ def _save_checkpoint(directory: str, family: str):
   return model, tok_vocab
 
 
-def _our_model(directory: str, **overrides):
+def _our_model(directory: str):
+  """Our backbone straight from the checkpoint: load_params fills the abstract params
+  (shapes + shardings over 2 x 2 x 2 devices), so no random init is ever computed."""
   cfg = hf_load.resolve_config(config_lib.replace(
-      config_lib.Config(), **{'model.init_from': directory, 'train.seq_len': 16},
-      **overrides))
+      config_lib.Config(), **{'model.init_from': directory, 'train.seq_len': 16}))
   mesh = mesh_lib.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-  model = create_sharded(lambda: SconeLM(cfg.model, cfg.fgram_model, cfg.fgram.max_len,
-                                         cfg.model.vocab_size, nnx.Rngs(1)), mesh)
-  params = nnx.state(model, nnx.Param)
-  nnx.update(model, hf_load.load_params(cfg.model, params))
-  return cfg, model.backbone
+  graphdef, abstract = nnx.split(nnx.eval_shape(
+      lambda: Backbone(cfg.model, cfg.model.vocab_size, nnx.Rngs(1))))
+  targets = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         abstract, model_shardings(abstract, mesh))
+  # Backbone params sit under 'backbone.' in a SconeLM, the tree load_params reads.
+  params = hf_load.load_params(cfg.model, {'backbone': targets})['backbone']
+  return cfg, nnx.merge(graphdef, params)
 
 
 @pytest.fixture(scope='module', params=list(FAMILIES))
@@ -109,7 +109,8 @@ def test_logits_equal_transformers(loaded):
     want = hf_model(torch.tensor(prompt)).logits.numpy()
   t = prompt.shape[1]
   positions = jnp.arange(t, dtype=jnp.int32)[None]
-  got = backbone(backbone.embed(jnp.asarray(prompt)), positions, jnp.ones((1, t), jnp.int32))
+  forward = nnx.jit(lambda bb, x: bb(bb.embed(x), positions, jnp.ones((1, t), jnp.int32)))
+  got = forward(backbone, jnp.asarray(prompt))
   assert got.shape == want.shape
   # The logits are O(1..10) here; 1e-4 is float32 summation-order noise, not a loose fit.
   assert float(np.abs(want).max()) > 0.5
@@ -121,8 +122,9 @@ def _greedy(backbone, prompt: np.ndarray, tok_vocab: int) -> list[int]:
   b, t = prompt.shape
   cache = backbone.init_cache(b, t + NEW_TOKENS)
   pick = lambda logits_BxV: jnp.argmax(logits_BxV[:, :tok_vocab], axis=-1)
-  logits, cache = backbone.prefill(backbone.embed(jnp.asarray(prompt)),
-                                   jnp.full((b,), t, jnp.int32), cache)
+  prefill = nnx.jit(lambda bb, x, cache: bb.prefill(bb.embed(x), jnp.full((b,), t, jnp.int32),
+                                                    cache))
+  logits, cache = prefill(backbone, jnp.asarray(prompt), cache)
   token = pick(logits[:, t - 1])
 
   @nnx.jit
