@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from scone_jax import config as config_lib
+from scone_jax.config import ModelConfig
 from scone_jax.hf.safetensors import CheckpointError
 
 FAMILIES = ('gpt2', 'llama', 'qwen2', 'qwen3', 'olmo', 'olmo2')
@@ -99,4 +101,54 @@ def model_overrides(hf: dict[str, Any], where: str) -> dict[str, Any]:
   if family == 'olmo' and hf.get('clip_qkv'):
     out['model.clip_qkv'] = float(hf['clip_qkv'])
   out.update(_rope(hf, where))
+  return out
+
+
+_ARCHITECTURES = {'gpt2': 'GPT2LMHeadModel', 'llama': 'LlamaForCausalLM',
+                  'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM',
+                  'olmo': 'OlmoForCausalLM', 'olmo2': 'Olmo2ForCausalLM'}
+_DEFAULT_EPS = {'layernorm': 1e-5, 'nonparametric': 1e-5, 'rmsnorm': 1e-6}
+
+
+def hf_config(m: ModelConfig, vocab_size: int) -> dict[str, Any]:
+  """The config.json of `m` for transformers; the inverse of `model_overrides`.
+
+  Raises:
+    CheckpointError: `m` is not expressible as its family's transformers model (e.g. a
+      gpt2-family run with RoPE): `model_overrides` of the result would not give `m` back.
+  """
+  eps = m.norm_eps or _DEFAULT_EPS[m.norm]
+  out: dict[str, Any] = {'model_type': m.family, 'architectures': [_ARCHITECTURES[m.family]],
+                         'vocab_size': vocab_size, 'tie_word_embeddings': m.tied_embeddings}
+  if m.family == 'gpt2':
+    out.update(n_embd=m.d_model, n_layer=m.num_layers, n_head=m.num_heads, n_inner=m.mlp_dim,
+               n_positions=m.max_seq_len, layer_norm_epsilon=eps,
+               activation_function='gelu_new')
+  else:
+    rope = {'rope_type': m.rope_scaling or 'default', 'rope_theta': m.rope_theta}
+    if m.rope_scaling == 'llama3':
+      rope.update(factor=m.rope_factor, low_freq_factor=m.rope_low_freq_factor,
+                  high_freq_factor=m.rope_high_freq_factor,
+                  original_max_position_embeddings=m.rope_original_max_len)
+    out.update(hidden_size=m.d_model, num_hidden_layers=m.num_layers,
+               num_attention_heads=m.num_heads, num_key_value_heads=m.kv_heads,
+               head_dim=m.head_size, intermediate_size=m.mlp_dim,
+               max_position_embeddings=m.max_seq_len, hidden_act='silu',
+               attention_bias=False, rope_parameters=rope)
+    if m.family == 'olmo':
+      out['clip_qkv'] = m.clip_qkv or None
+    else:
+      out['rms_norm_eps'] = eps
+  back = model_overrides(out, 'config.json')
+  # What transformers builds from `out`, as our resolved keys, must be `m` itself.
+  fields = {k.split('.', 1)[1]: v for k, v in back.items() if k != 'model.vocab_size'}
+  # (A one-token train.seq_len: only the model section is in question here.)
+  theirs = config_lib.validate(config_lib.Config(
+      model=ModelConfig(**fields), train=config_lib.TrainConfig(seq_len=1))).model
+  for key in ('mlp_activation', 'norm', 'position', 'bias', 'qk_norm', 'norm_position',
+              'clip_qkv', 'mlp_dim', 'head_size', 'kv_heads'):
+    if getattr(m, key) != getattr(theirs, key):
+      raise CheckpointError(f'config.model.{key}={getattr(m, key)!r}: a {m.family} model in '
+                            f'transformers has {getattr(theirs, key)!r}; this run has no '
+                            'transformers equivalent')
   return out

@@ -131,61 +131,66 @@ def open_tensors(directory: str) -> TensorFiles:
   return TensorFiles(read_header(single))
 
 
-# (checkpoint tensor name, its array -> our layout for one layer).
-Source = tuple[str, Callable[[np.ndarray], np.ndarray]]
+# (checkpoint tensor name, its shape, its array -> our layout for one layer). The layouts
+# are views (transpose, reshape, slice), so `export_hf` inverts them by index.
+Source = tuple[str, tuple[int, ...], Callable[[np.ndarray], np.ndarray]]
 
 
-def _sources(m: ModelConfig) -> tuple[dict[str, Source], dict[str, Source]]:
-  """Per-layer sources of our block params ('{l}' = the layer) and the other params."""
-  d, h, k, e = m.d_model, m.num_heads, m.kv_heads, m.head_size
+def sources(m: ModelConfig, vocab_size: int) -> tuple[dict[str, Source], dict[str, Source]]:
+  """Where each of our backbone params comes from: the per-layer block params ('{l}' in
+  the tensor name = the layer) and the others (names relative to `backbone.`)."""
+  d, h, k, e, f = m.d_model, m.num_heads, m.kv_heads, m.head_size, m.mlp_dim
   same = lambda w: w
   if m.family == 'gpt2':
     qkv = lambda i: lambda w: w[:, i * d:(i + 1) * d].reshape(d, h, e)
     b_qkv = lambda i: lambda b: b[i * d:(i + 1) * d].reshape(h, e)
     p = 'transformer.h.{l}.'
-    layer = {'wq': (p + 'attn.c_attn.weight', qkv(0)), 'wk': (p + 'attn.c_attn.weight', qkv(1)),
-             'wv': (p + 'attn.c_attn.weight', qkv(2)), 'bq': (p + 'attn.c_attn.bias', b_qkv(0)),
-             'bk': (p + 'attn.c_attn.bias', b_qkv(1)), 'bv': (p + 'attn.c_attn.bias', b_qkv(2)),
-             'wo': (p + 'attn.c_proj.weight', lambda w: w.reshape(h, e, d)),
-             'bo': (p + 'attn.c_proj.bias', same), 'w_in': (p + 'mlp.c_fc.weight', same),
-             'b_in': (p + 'mlp.c_fc.bias', same), 'w_out': (p + 'mlp.c_proj.weight', same),
-             'b_out': (p + 'mlp.c_proj.bias', same)}
+    c_attn, c_attn_b = (p + 'attn.c_attn.weight', (d, 3 * d)), (p + 'attn.c_attn.bias', (3 * d,))
+    layer = {'wq': (*c_attn, qkv(0)), 'wk': (*c_attn, qkv(1)), 'wv': (*c_attn, qkv(2)),
+             'bq': (*c_attn_b, b_qkv(0)), 'bk': (*c_attn_b, b_qkv(1)),
+             'bv': (*c_attn_b, b_qkv(2)),
+             'wo': (p + 'attn.c_proj.weight', (d, d), lambda w: w.reshape(h, e, d)),
+             'bo': (p + 'attn.c_proj.bias', (d,), same),
+             'w_in': (p + 'mlp.c_fc.weight', (d, f), same),
+             'b_in': (p + 'mlp.c_fc.bias', (f,), same),
+             'w_out': (p + 'mlp.c_proj.weight', (f, d), same),
+             'b_out': (p + 'mlp.c_proj.bias', (d,), same)}
     for ours, theirs in (('attn_norm', 'ln_1'), ('mlp_norm', 'ln_2')):
-      layer.update({f'{ours}_scale': (p + theirs + '.weight', same),
-                    f'{ours}_bias': (p + theirs + '.bias', same)})
-    top = {'token_embed.table': ('transformer.wte.weight', same),
-           'pos_table': ('transformer.wpe.weight', same),
-           'final_norm.scale': ('transformer.ln_f.weight', same),
-           'final_norm.bias': ('transformer.ln_f.bias', same)}
+      layer.update({f'{ours}_scale': (p + theirs + '.weight', (d,), same),
+                    f'{ours}_bias': (p + theirs + '.bias', (d,), same)})
+    top = {'token_embed.table': ('transformer.wte.weight', (vocab_size, d), same),
+           'pos_table': ('transformer.wpe.weight', (m.max_seq_len, d), same),
+           'final_norm.scale': ('transformer.ln_f.weight', (d,), same),
+           'final_norm.bias': ('transformer.ln_f.bias', (d,), same)}
   else:
     heads = lambda n: lambda w: w.T.reshape(d, n, e)  # nn.Linear [n e, d] -> [d, n, e]
+    p = 'model.layers.{l}.self_attn.'
+    layer = {'wq': (p + 'q_proj.weight', (h * e, d), heads(h)),
+             'wk': (p + 'k_proj.weight', (k * e, d), heads(k)),
+             'wv': (p + 'v_proj.weight', (k * e, d), heads(k)),
+             'wo': (p + 'o_proj.weight', (d, h * e), lambda w: w.T.reshape(h, e, d)),
+             'bq': (p + 'q_proj.bias', (h * e,), lambda b: b.reshape(h, e)),
+             'bk': (p + 'k_proj.bias', (k * e,), lambda b: b.reshape(k, e)),
+             'bv': (p + 'v_proj.bias', (k * e,), lambda b: b.reshape(k, e))}
+    for w, n in (('q', h), ('k', k)):  # 'full': OLMo-2's norm over all heads' channels.
+      layer[f'{w}_norm_scale'] = ((p + f'{w}_norm.weight', (n * e,), lambda s, n=n: s.reshape(n, e))
+                                  if m.qk_norm == 'full' else (p + f'{w}_norm.weight', (e,), same))
     p = 'model.layers.{l}.'
-    layer = {'wq': (p + 'self_attn.q_proj.weight', heads(h)),
-             'wk': (p + 'self_attn.k_proj.weight', heads(k)),
-             'wv': (p + 'self_attn.v_proj.weight', heads(k)),
-             'wo': (p + 'self_attn.o_proj.weight', lambda w: w.T.reshape(h, e, d)),
-             'bq': (p + 'self_attn.q_proj.bias', lambda b: b.reshape(h, e)),
-             'bk': (p + 'self_attn.k_proj.bias', lambda b: b.reshape(k, e)),
-             'bv': (p + 'self_attn.v_proj.bias', lambda b: b.reshape(k, e)),
-             'w_gate': (p + 'mlp.gate_proj.weight', np.transpose),
-             'w_in': (p + 'mlp.up_proj.weight', np.transpose),
-             'w_out': (p + 'mlp.down_proj.weight', np.transpose)}
+    layer.update({'w_gate': (p + 'mlp.gate_proj.weight', (f, d), np.transpose),
+                  'w_in': (p + 'mlp.up_proj.weight', (f, d), np.transpose),
+                  'w_out': (p + 'mlp.down_proj.weight', (d, f), np.transpose)})
     post = m.norm_position == 'post'
     layer['attn_norm_scale'] = (p + ('post_attention_layernorm' if post else
-                                     'input_layernorm') + '.weight', same)
+                                     'input_layernorm') + '.weight', (d,), same)
     layer['mlp_norm_scale'] = (p + ('post_feedforward_layernorm' if post else
-                                    'post_attention_layernorm') + '.weight', same)
-    for w, n in (('q', h), ('k', k)):
-      full = lambda s, n=n: s.reshape(n, e)  # OLMo-2's norm over all heads' channels.
-      layer[f'{w}_norm_scale'] = (p + f'self_attn.{w}_norm.weight',
-                                  full if m.qk_norm == 'full' else same)
-    top = {'token_embed.table': ('model.embed_tokens.weight', same),
-           'final_norm.scale': ('model.norm.weight', same)}
-  top['head'] = ('lm_head.weight', np.transpose)  # [V, D] -> [D, V]
+                                    'post_attention_layernorm') + '.weight', (d,), same)
+    top = {'token_embed.table': ('model.embed_tokens.weight', (vocab_size, d), same),
+           'final_norm.scale': ('model.norm.weight', (d,), same)}
+  top['head'] = ('lm_head.weight', (vocab_size, d), np.transpose)  # [V, D] -> [D, V]
   return layer, top
 
 
-def _param_name(path) -> str:
+def param_name(path) -> str:
   """'backbone.blocks.wq' from a params tree path (nnx State keys, `.value` dropped)."""
   parts = [str(getattr(p, 'key', getattr(p, 'name', p))) for p in path]
   return '.'.join(x for x in parts if x != 'value')
@@ -202,12 +207,14 @@ def load_params(model_cfg: ModelConfig, params: Any) -> Any:
   """
   directory = checkpoint_dir(model_cfg.init_from)
   files = open_tensors(directory)
-  layer_src, top_src = _sources(model_cfg)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  vocab = next(leaf.shape[0] for path, leaf in leaves
+               if param_name(path) == 'backbone.token_embed.table')
+  layer_src, top_src = sources(model_cfg, vocab)
   used: set[str] = set()
   plan = []  # Every tensor is checked (headers only) before any is read.
   for path, leaf in leaves:
-    name = _param_name(path)
+    name = param_name(path)
     if not name.startswith('backbone.'):
       plan.append((leaf, None, False))
       continue
@@ -222,8 +229,7 @@ def load_params(model_cfg: ModelConfig, params: Any) -> Any:
     if src is None:
       raise CheckpointError(f'{directory}: no checkpoint tensor maps to our parameter {name} '
                             f'(family {model_cfg.family!r})')
-    views = [_view(files, t, src[1], leaf, stacked=short.startswith('blocks.'))
-             for t in tensors]
+    views = [_view(files, t, src[1], src[2], leaf) for t in tensors]
     used.update(tensors)
     plan.append((leaf, views, short.startswith('blocks.')))
   unused = sorted(n for n in set(files.tensors) - used if not _IGNORED.search(n) and
@@ -237,25 +243,18 @@ def load_params(model_cfg: ModelConfig, params: Any) -> Any:
                 for leaf, views, stacked in plan])
 
 
-def _view(files: TensorFiles, tensor: str, layout, leaf,
-          stacked: bool) -> Callable[[], np.ndarray]:
+def _view(files: TensorFiles, tensor: str, shape: tuple[int, ...], layout,
+          leaf) -> Callable[[], np.ndarray]:
   """A thunk of `tensor` in our layout (a view of the memory map, or the tensor's bytes
   read from gs://), its shape and dtype checked against `leaf` from the header alone."""
   info = files.tensors.get(tensor)
   if info is None:
     raise CheckpointError(f'the checkpoint has no tensor {tensor} (our '
                           f'{leaf.shape} parameter needs it); a missing or partial shard?')
-  want = tuple(leaf.shape[1:] if stacked else leaf.shape)
-  # The layout applied to a stand-in of the header's shape (zero strides: no memory).
-  stand_in = np.lib.stride_tricks.as_strided(np.zeros(1, info.dtype), info.shape,
-                                             (0,) * len(info.shape))
-  try:
-    shape = layout(stand_in).shape
-  except ValueError:
-    shape = None
-  if shape != want:
+  if info.shape != shape:
     raise CheckpointError(f'{info.file}: tensor {tensor} has shape {list(info.shape)}, which '
-                          f'does not give our {list(want)} for config.json\'s sizes')
+                          f'does not give our {list(leaf.shape)}: config.json\'s sizes need '
+                          f'{list(shape)}')
   have, need = info.dtype.name, np.dtype(leaf.dtype).name
   if have != need and (have, need) not in _WIDENS:
     raise CheckpointError(f'{info.file}: tensor {tensor} is {have}; model.param_dtype='

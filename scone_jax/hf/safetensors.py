@@ -94,3 +94,25 @@ class TensorFiles:
       self._maps[info.file] = np.memmap(info.file, np.uint8, mode='r')
     raw = self._maps[info.file][info.start:info.end]
     return raw.view(info.dtype).reshape(info.shape)
+
+
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def write_file(file: str, tensors: dict[str, np.ndarray]) -> None:
+  """One .safetensors file (header, then each tensor's bytes in name order), written to a
+  temporary name and renamed, so a reader never sees half a file."""
+  header, offset = {}, 0
+  for name in sorted(tensors):
+    array = tensors[name]
+    header[name] = {'dtype': _NAMES[array.dtype], 'shape': list(array.shape),
+                    'data_offsets': [offset, offset + array.nbytes]}
+    offset += array.nbytes
+  blob = json.dumps(header, separators=(',', ':')).encode()
+  blob += b' ' * (-len(blob) % 8)  # Data starts 8-byte aligned, as safetensors writes it.
+  tmp = file + '.partial'
+  with paths.path(tmp).open('wb') as f:
+    f.write(struct.pack('<Q', len(blob)) + blob)
+    for name in sorted(tensors):
+      f.write(np.ascontiguousarray(tensors[name]).tobytes())
+  paths.path(tmp).rename(file)
