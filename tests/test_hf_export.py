@@ -35,7 +35,6 @@ def _checkpoint(directory: str, hf_cfg, dtype, shard=None):
   words = {'<|endoftext|>': 0, **{f'w{i}': i for i in range(1, vocab)}}
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token='<|endoftext|>'))
   tok.save(os.path.join(directory, 'tokenizer.json'))
-  return model
 
 
 def _load(directory: str, **overrides):
@@ -69,7 +68,7 @@ def test_round_trip(family, tmp_path):
                                       intermediate_size=48, max_position_embeddings=32,
                                       vocab_size=64, tie_word_embeddings=False)
     dtype, shard, overrides = torch.bfloat16, '10KB', {'model.param_dtype': 'bfloat16'}
-  source = _checkpoint(src, hf_cfg, dtype, shard)
+  _checkpoint(src, hf_cfg, dtype, shard)
   cfg, params = _load(src, **overrides)
   hf_export.write_checkpoint(out, cfg.model, cfg.model.vocab_size, params,
                              os.path.join(src, 'tokenizer.json'),
@@ -82,7 +81,9 @@ def test_round_trip(family, tmp_path):
   for name in got.tensors:  # Every value's bits, bfloat16 included.
     np.testing.assert_array_equal(got.array(name).view(np.uint8),
                                   want.array(name).view(np.uint8), err_msg=name)
-  exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()
+  # Both loaded the same way (a model cast after init would hold bf16 RoPE buffers).
+  source, exported = (transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
+                      for d in (src, out))
   ids = torch.tensor(np.random.default_rng(0).integers(1, 64, (1, 12)))
   with torch.no_grad():
     np.testing.assert_array_equal(exported(ids).logits.float().numpy(),
