@@ -42,6 +42,9 @@ def source(tmp_path_factory):
                                     max_position_embeddings=64, vocab_size=64)
   torch.manual_seed(0)
   model = transformers.AutoModelForCausalLM.from_config(hf_cfg).float()
+  with torch.no_grad():  # No zero tensors (biases): a 1e-30 step leaves these bits alone.
+    for p in model.parameters():
+      torch.nn.init.normal_(p, std=0.2)
   model.save_pretrained(directory, max_shard_size='10KB')
   _tokenizer(directory, 64)
   return directory
@@ -181,6 +184,7 @@ def test_train_refuses_a_hub_name_before_writing(tmp_path):
 @pytest.mark.slow
 def test_training_starts_from_the_checkpoint(source, tmp_path):
   """A 1-step run at a negligible learning rate: its step-1 params are the checkpoint's."""
+  from scone_jax import export_hf  # pylint: disable=g-import-not-at-top
   from scone_jax.train import loop  # pylint: disable=g-import-not-at-top
   corpus, _ = train_helpers.shared_dirs(str(tmp_path))
   # The micro run's model sizes back at their defaults: config.json sets them.
@@ -195,3 +199,11 @@ def test_training_starts_from_the_checkpoint(source, tmp_path):
   table = next(v for k, v in arrays.items() if 'token_embed' in k and 'params' in k)
   files = hf_load.open_tensors(source)
   np.testing.assert_array_equal(table, files.array('model.embed_tokens.weight'))
+  # And back out through export_hf: the source's tensors, bit for bit.
+  out = str(tmp_path / 'exported')
+  export_hf.export_hf(workdir, out)
+  exported = hf_load.open_tensors(out)
+  assert sorted(exported.tensors) == sorted(files.tensors)
+  for name in files.tensors:
+    np.testing.assert_array_equal(exported.array(name), files.array(name), err_msg=name)
+  assert transformers.AutoModelForCausalLM.from_pretrained(out).config.model_type == 'qwen2'

@@ -197,9 +197,14 @@ def param_name(path) -> str:
 
 
 def load_params(model_cfg: ModelConfig, params: Any) -> Any:
-  """`params` (a train state's, initialised and sharded) with the backbone's replaced by
-  `model_cfg.init_from`'s tensors, each built on its own sharding from the slices its
-  devices hold. Parameters outside the backbone (A_f, the f-gram side) keep their init.
+  """`params` with the backbone's replaced by `model_cfg.init_from`'s tensors, each built
+  on its own sharding from the slices its devices hold.
+
+  Args:
+    model_cfg: the resolved model config (`resolve_config`).
+    params: a SconeLM's params tree (names `backbone.*`): initialised sharded arrays (a
+      train state's; the others, A_f and the f-gram side, keep their init) or
+      jax.ShapeDtypeStruct leaves with shardings (nothing is initialised at all).
 
   Raises:
     CheckpointError: a missing tensor, a shape that does not match the config, a lossy
