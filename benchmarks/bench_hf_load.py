@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -80,12 +79,20 @@ def _write(directory: str, layers: int) -> None:
       os.path.join(directory, 'tokenizer.json'))
 
 
+def _status(field: str) -> int:
+  """VmRSS (now) or VmHWM (peak) of this process in bytes; unlike getrusage's maxrss,
+  VmHWM starts afresh at exec (the parent wrote the checkpoint)."""
+  with open('/proc/self/status') as f:
+    line = next(l for l in f if l.startswith(field + ':'))
+  return int(line.split()[1]) * 1024
+
+
 def _rss() -> int:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  return _status('VmRSS')
 
 
 def _raw(directory: str) -> tuple[float, int, int]:
-  """(seconds, peak RSS before reading, bytes kept): each file read whole, then freed."""
+  """(seconds, RSS before reading, bytes kept): each file read whole, then freed."""
   before = _rss()
   start = time.perf_counter()
   for name in sorted(os.listdir(directory)):
@@ -95,7 +102,7 @@ def _raw(directory: str) -> tuple[float, int, int]:
 
 
 def _ours(directory: str) -> tuple[float, int, int]:
-  """(seconds, peak RSS before loading, bytes of the loaded arrays: on CPU devices they
+  """(seconds, RSS before loading, bytes of the loaded arrays: on CPU devices they
   are host memory too)."""
   os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
   import jax  # pylint: disable=g-import-not-at-top
@@ -131,7 +138,7 @@ def main() -> None:
     seconds, before, kept = {'raw': _raw, 'ours': _ours}[args.child](args.dir)
     # Transient host memory of the read itself: the peak beyond the process before it and
     # beyond what it keeps (the loaded arrays).
-    print(json.dumps({'seconds': seconds, 'extra': _rss() - before - kept}))
+    print(json.dumps({'seconds': seconds, 'extra': _status('VmHWM') - before - kept}))
     return
   _write(args.dir, args.layers)
   total = sum(os.path.getsize(os.path.join(args.dir, n)) for n in os.listdir(args.dir)

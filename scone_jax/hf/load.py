@@ -275,6 +275,11 @@ def _sharded(views: list[Callable[[], np.ndarray]], leaf, stacked: bool) -> jax.
   def read(index):
     if not stacked:
       return np.array(views[0]()[index], dtype=dtype)
-    return np.stack([np.array(views[l]()[index[1:]], dtype=dtype)
-                     for l in range(len(views))[index[0]]])
+    layers = range(len(views))[index[0]]
+    first = views[layers[0]]()[index[1:]]
+    # One copy per layer, from the file's pages straight into the stacked slice.
+    out = np.empty((len(layers),) + first.shape, dtype)
+    for i, l in enumerate(layers):
+      out[i] = first if i == 0 else views[l]()[index[1:]]
+    return out
   return jax.make_array_from_callback(leaf.shape, leaf.sharding, read)
