@@ -140,7 +140,9 @@ class FgramConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  family: Literal['gpt2', 'olmo'] = 'gpt2'
+  # Family defaults (_FAMILY_DEFAULTS) fill every '' / 0 below; gpt2 and olmo are the
+  # paper's; llama, qwen2, qwen3, olmo2 (and olmo) are what Hugging Face checkpoints use.
+  family: Literal['gpt2', 'olmo', 'llama', 'qwen2', 'qwen3', 'olmo2'] = 'gpt2'
   num_layers: int = 2
   d_model: int = 128
   num_heads: int = 4
@@ -178,6 +180,36 @@ class ModelConfig:
   # compile) and is what XLA's cost analysis needs to count every layer (it counts a scan
   # body once).
   layer_loop: Literal['scan', 'unrolled'] = 'scan'
+  # Architecture details of pretrained checkpoints ('' / 0 = the family's default).
+  num_kv_heads: int = 0  # Grouped-query attention: K/V heads (0 = num_heads).
+  head_dim: int = 0  # 0 = d_model // num_heads; else independent of d_model.
+  # Biases: 'all' (GPT-2: q, k, v, o, MLP), 'qkv' (Qwen2), 'none'.
+  bias: Literal['', 'all', 'qkv', 'none'] = ''
+  # RMSNorm of q and k before RoPE: 'head' per head (Qwen3), 'full' over all heads (OLMo-2).
+  qk_norm: Literal['', 'none', 'head', 'full'] = ''
+  # 'pre' normalises each sublayer's input; 'post' its output before the residual (OLMo-2).
+  norm_position: Literal['', 'pre', 'post'] = ''
+  norm_eps: float = 0.0  # 0 = the norm's default (layernorm 1e-5, rmsnorm 1e-6).
+  # RoPE frequency scaling: '' none; 'llama3' with factor, low/high_freq_factor and the
+  # original context length (Llama 3.1's config.json rope_scaling).
+  rope_scaling: Literal['', 'llama3'] = ''
+  rope_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  clip_qkv: float = 0.0  # Clamp q, k, v to [-c, c] after projection (OLMo-1); 0 = off.
+  # A local (or gs://) Hugging Face checkpoint directory (config.json, safetensors,
+  # tokenizer.json): its config.json sets the model.* keys above (scone_jax/hf/).
+  init_from: str = ''
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def head_size(self) -> int:
+    """E: the per-head width (head_dim, or d_model // num_heads)."""
+    return self.head_dim or self.d_model // self.num_heads
 
 
 COMBINES = ('replace', 'add', 'gate')
@@ -380,9 +412,16 @@ class Config:
 
 
 # Family defaults, resolved once here so layers see concrete strings.
+_ROPE_FAMILY = dict(mlp_activation='swiglu', norm='rmsnorm', position='rope', bias='none',
+                    qk_norm='none', norm_position='pre')
 _FAMILY_DEFAULTS = {
-    'gpt2': dict(mlp_activation='gelu', norm='layernorm', position='learned'),
-    'olmo': dict(mlp_activation='swiglu', norm='nonparametric', position='rope'),
+    'gpt2': dict(mlp_activation='gelu', norm='layernorm', position='learned', bias='all',
+                 qk_norm='none', norm_position='pre'),
+    'olmo': dict(_ROPE_FAMILY, norm='nonparametric'),
+    'llama': _ROPE_FAMILY,
+    'qwen2': dict(_ROPE_FAMILY, bias='qkv'),
+    'qwen3': dict(_ROPE_FAMILY, qk_norm='head'),
+    'olmo2': dict(_ROPE_FAMILY, qk_norm='full', norm_position='post'),
 }
 _CHOICES = {
     ('model', 'mlp_activation'): ('gelu', 'swiglu', 'relu'),
@@ -461,6 +500,13 @@ _VALUE_RULES = (
     ('model.vocab_size', lambda v: v >= 0, "must be >= 0 (0 = the tokenizer's)"),
     ('model.rope_theta', lambda v: v > 0 and _finite(v), 'must be > 0'),
     ('model.init_std', lambda v: v > 0 and _finite(v), 'must be > 0'),
+    ('model.num_kv_heads', lambda v: v >= 0, 'must be >= 0 (0 = num_heads)'),
+    ('model.head_dim', lambda v: v >= 0, 'must be >= 0 (0 = d_model // num_heads)'),
+    ('model.norm_eps', lambda v: v >= 0 and _finite(v), "must be >= 0 (0 = the norm's)"),
+    ('model.clip_qkv', lambda v: v >= 0 and _finite(v), 'must be >= 0 (0 = off)'),
+    ('model.rope_factor', lambda v: v >= 1 and _finite(v), 'must be >= 1'),
+    ('model.rope_low_freq_factor', lambda v: v > 0 and _finite(v), 'must be > 0'),
+    ('model.rope_original_max_len', lambda v: v >= 1, 'must be >= 1'),
     ('fgram_model.num_layers', lambda v: v >= 0, 'must be >= 0 (0 = baseline, no SCONE)'),
     ('fgram_model.capacity', lambda v: v >= 0,
      'must be >= 0 (the smallest A_f row bucket; 0 = 8 rows)'),
@@ -581,13 +627,7 @@ def validate(cfg: Config) -> Config:
         f'config.model.vocab_size={model.vocab_size} is smaller than the tokenizer\'s '
         f'config.tokenizer.vocab_size={cfg.tokenizer.vocab_size}: token ids past the table '
         'would embed as garbage; set model.vocab_size >= tokenizer.vocab_size (or 0 = same)')
-  if model.d_model % model.num_heads:
-    raise ConfigError(f'config.model.d_model={model.d_model} is not divisible by '
-                      f'config.model.num_heads={model.num_heads}')
-  if model.position == 'rope' and (model.d_model // model.num_heads) % 2:
-    raise ConfigError(
-        f'config.model.position=\'rope\' needs an even head dimension, but '
-        f'config.model.d_model/num_heads={model.d_model}/{model.num_heads} is odd')
+  _check_architecture(model)
   if model.loss_chunk < 0:
     raise ConfigError(f'config.model.loss_chunk={model.loss_chunk} must be >= 0 (tokens '
                       'per cross-entropy chunk; 0 = the whole sequence at once)')
@@ -599,6 +639,9 @@ def validate(cfg: Config) -> Config:
         f'config.train.seq_len={cfg.train.seq_len} is larger than the position table '
         f'config.model.max_seq_len={model.max_seq_len}; raise model.max_seq_len or lower '
         'train.seq_len')
+  if model.init_from and cfg.train.init_from_run:
+    raise ConfigError('config.model.init_from and config.train.init_from_run both set the '
+                      'initial weights; give one')
   if cfg.train.batch_size % cfg.train.grad_accum_steps:
     raise ConfigError(f'config.train.batch_size={cfg.train.batch_size} is not divisible by '
                       f'config.train.grad_accum_steps={cfg.train.grad_accum_steps}')
@@ -626,6 +669,30 @@ def validate(cfg: Config) -> Config:
       raise ConfigError(f'config.distributed.process_id={dist.process_id} must be in '
                         f'[0, num_processes={dist.num_processes})')
   return cfg
+
+
+def _check_architecture(model: ModelConfig) -> None:
+  """Heads, head width and the checkpoint-architecture keys against each other."""
+  if not model.head_dim and model.d_model % model.num_heads:
+    raise ConfigError(f'config.model.d_model={model.d_model} is not divisible by '
+                      f'config.model.num_heads={model.num_heads} (or set model.head_dim)')
+  if model.num_heads % model.kv_heads:
+    raise ConfigError(f'config.model.num_heads={model.num_heads} is not a multiple of '
+                      f'config.model.num_kv_heads={model.num_kv_heads} (query heads share '
+                      'K/V heads in equal groups)')
+  if model.position == 'rope' and model.head_size % 2:
+    raise ConfigError(f"config.model.position='rope' needs an even head dimension, but "
+                      f'the head dimension (model.head_dim or d_model/num_heads) is '
+                      f'{model.head_size}')
+  if model.rope_scaling and model.position != 'rope':
+    raise ConfigError(f'config.model.rope_scaling={model.rope_scaling!r} scales RoPE; set '
+                      "model.position='rope' or leave rope_scaling=''")
+  if model.rope_scaling == 'llama3' and model.rope_high_freq_factor <= model.rope_low_freq_factor:
+    raise ConfigError(f'config.model.rope_high_freq_factor={model.rope_high_freq_factor} '
+                      f'must exceed model.rope_low_freq_factor={model.rope_low_freq_factor}')
+  if model.qk_norm != 'none' and model.norm != 'rmsnorm':
+    raise ConfigError(f'config.model.qk_norm={model.qk_norm!r} is an RMSNorm (Qwen3, '
+                      f"OLMo-2); set model.norm='rmsnorm' (got {model.norm!r})")
 
 
 def _check_fgram_side(fm: FgramModelConfig) -> None:
@@ -667,7 +734,8 @@ def replace(cfg: Config, **overrides: Any) -> Config:
   values = dataclasses.asdict(cfg)
   # `cfg` holds family defaults already resolved; re-derive them when what they derive
   # from changes (unless the override sets them too).
-  derived = {'model.family': ('model.mlp_activation', 'model.norm', 'model.position'),
+  derived = {'model.family': ('model.mlp_activation', 'model.norm', 'model.position',
+                              'model.bias', 'model.qk_norm', 'model.norm_position'),
              'model.d_model': ('model.mlp_dim',),
              'fgram_model.kind': ('fgram_model.combine',)}
   defaults = dataclasses.asdict(Config())

@@ -33,6 +33,7 @@ from scone_jax.config import Config
 from scone_jax.errors import UserError
 from scone_jax.corpus import CorpusError, FileCorpus, embedded, readers
 from scone_jax.fgrams import FgramTable, mine_fgrams
+from scone_jax.hf import load as hf_load
 from scone_jax.tokenizer import (TokenShards, Tokenizer, install_tokenizer, open_tokenizer,
                                  train_tokenizer, write_shards)
 from scone_jax.tokenizer import spm as spm_lib
@@ -209,6 +210,7 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
     cfg: the resolved config (data, tokenizer and fgram sections are used).
     workdir: the run directory; artifacts go to cfg.data.artifacts_dir or workdir/prepare.
   """
+  cfg = hf_load.resolve_config(cfg)  # model.init_from: the checkpoint's tokenizer.json.
   config_runtime.check_data_source(cfg)  # Before anything is written.
   if paths.exists(paths.join(workdir, run_lib.RUN_FILE)):
     return _prepared_for_run(cfg, workdir)  # Reads only: a run's artifacts are fixed.

@@ -105,6 +105,10 @@ def tiny(family, **model):
     ('olmo', {}, 'none'),
     ('olmo', dict(norm='rmsnorm', tied_embeddings=False, mlp_dim=48), 'same'),
     ('gpt2', dict(mlp_activation='swiglu', position='rope'), 'same'),
+    # Checkpoint architectures: GQA, head_dim != d/h, q/k/v biases, both QK-norms.
+    ('qwen2', dict(num_kv_heads=2, tied_embeddings=False), 'same'),
+    ('qwen3', dict(num_kv_heads=2, head_dim=12), 'same'),
+    ('olmo2', dict(num_kv_heads=1, head_dim=6), 'none'),
 ])
 def test_param_counts_equal_built_model(family, model, final_norm):
   c = tiny(family, **model)
@@ -177,9 +181,14 @@ def test_param_counts_equal_built_model_for_every_side(kind, combine):
   assert size == counts.train_total + counts.combine_gate
 
 
-def test_inference_flops_close_to_xla_count():
+@pytest.mark.parametrize('family,model', [
+    ('gpt2', {}),
+    # Grouped K/V heads and a head width independent of d_model (h e = 384 != d = 256).
+    ('qwen3', dict(num_kv_heads=2, head_dim=96)),
+])
+def test_inference_flops_close_to_xla_count(family, model):
   """The written formula vs XLA's count of the compiled forward (T tokens, context T)."""
-  c = tiny('gpt2')
+  c = tiny(family, **model)
   c.model.d_model, c.model.num_heads, c.model.max_seq_len, c.train.seq_len = 256, 4, 64, 64
   c.model.num_layers, c.fgram_model.num_layers = 3, 0
   t = c.train.seq_len

@@ -78,7 +78,7 @@ class ArmAccounting:
   train_accel_bytes: int  # TRAIN_COPIES x params x param bytes (no activations)
   infer_accel_params: int  # backbone only (the gate is folded into the store)
   infer_accel_bytes: int  # params x param bytes
-  kv_bytes_per_seq: int  # 2 L max_seq_len d x compute bytes
+  kv_bytes_per_seq: int  # 2 L max_seq_len k e x compute bytes (k e = d without GQA)
   host_rows: int  # offloaded rows at inference (0 for the baseline)
   host_bytes_per_row: int
   host_bytes: int
@@ -151,7 +151,9 @@ def account(cfg: Config, vocab_size: int | None = None, measured: float | None =
       train_accel_params=train_params,
       train_accel_bytes=TRAIN_COPIES * train_params * param_bytes,
       infer_accel_params=infer_params, infer_accel_bytes=infer_params * param_bytes,
-      kv_bytes_per_seq=2 * m.num_layers * m.max_seq_len * d * _BYTES[m.dtype],
+      # K and V [L, S, k, e] (k e = d without grouped-query attention or head_dim).
+      kv_bytes_per_seq=(2 * m.num_layers * m.max_seq_len * m.kv_heads * m.head_size *
+                        _BYTES[m.dtype]),
       host_rows=rows, host_bytes_per_row=row_bytes, host_bytes=rows * row_bytes,
       offloaded_params=counts.offloaded,
       train_flops_backbone=per_token.train_backbone,

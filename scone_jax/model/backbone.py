@@ -1,13 +1,14 @@
 """Decoder-only backbone (GPT-2 or OLMo family) that takes input EMBEDDINGS, plus KV cache.
 
-Dimension letters: B batch, T length, S cache length, D d_model, H heads, E head dim,
-V vocab, L layers.
+Dimension letters: B batch, T length, S cache length, D d_model, H heads, K key/value
+heads, E head dim, V vocab, L layers.
 
 The forward takes embeddings, not token ids, so SCONE (f-gram embeddings replacing T(x))
 and the baseline share every path after the embedding rule, including decode. Learned
 positions are added inside the forward for the same reason. Families (resolved by
 `config.validate`): GPT-2 = learned positions, LayerNorm, GELU 4d MLP, biases, tied head;
-OLMo = RoPE, non-parametric LayerNorm (or RMSNorm), SwiGLU or plain MLP, no biases.
+OLMo = RoPE, non-parametric LayerNorm (or RMSNorm), SwiGLU or plain MLP, no biases; the
+Hugging Face families (llama, qwen2, qwen3, olmo2) as their checkpoints (`layers.BlockStack`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class Embed(nnx.Module):
 
 @struct.dataclass
 class KVCache:
-  """Decode state, a plain pytree: k, v [L, B, S, H, E] and per-row lengths [B].
+  """Decode state, a plain pytree: k, v [L, B, S, K, E] (K key/value heads) and per-row
+  lengths [B].
 
   Row b holds keys/values of positions [0, lengths[b]); the next token goes to position
   lengths[b].
@@ -76,7 +78,7 @@ class Backbone(nnx.Module):
         cfg.init_std * jax.random.normal(rngs.params(), (cfg.max_seq_len, cfg.d_model), pd),
         ('length', 'embed')) if cfg.position == 'learned' else None
     self.blocks = BlockStack(cfg, cfg.num_layers, rope=cfg.position == 'rope', rngs=rngs)
-    self.final_norm = FinalNorm(cfg.norm, cfg.d_model, pd)
+    self.final_norm = FinalNorm(cfg.norm, cfg.d_model, pd, cfg.norm_eps)
     self.head = param(
         cfg.init_std * jax.random.normal(rngs.params(), (cfg.d_model, vocab_size), pd),
         ('embed', 'vocab')) if not cfg.tied_embeddings else None
@@ -144,8 +146,7 @@ class Backbone(nnx.Module):
       raise ValueError(f'max_len={max_len} exceeds the learned position table '
                        f'(config.model.max_seq_len={cfg.max_seq_len}); decode fewer tokens')
     dtype = jnp.dtype(dtype or cfg.dtype)
-    h = cfg.num_heads
-    shape = (cfg.num_layers, batch_size, max_len, h, cfg.d_model // h)
+    shape = (cfg.num_layers, batch_size, max_len, cfg.kv_heads, cfg.head_size)
     names = ('layers', 'batch', 'length', 'heads', 'kv')
     return KVCache(k=constrain(jnp.zeros(shape, dtype), names),
                    v=constrain(jnp.zeros(shape, dtype), names),

@@ -6,10 +6,12 @@ table of `rows` rows, else cfg.fgram.requested_rows (what a dry run knows); 0 fo
 no mined table (the baseline, kind='hashed'). n = fgram_model.hash_max_n,
 m = fgram_model.hash_buckets.
 
-Per block: attention 4 d^2 matmul weights (q, k, v, o) and an MLP of 2 d f (3 d f for
-SwiGLU's gate); GPT-2-family blocks add biases (4 d + f + d); LayerNorm adds 2 d per norm
-(RMSNorm d, non-parametric 0), two norms per block. The counts below equal the parameters
-of the built `SconeLM` exactly (tested).
+Per block: attention 2 d (h + k) e matmul weights (q and o: h heads of width e; k and v:
+k key/value heads; 4 d^2 when h e = d and k = h) and an MLP of 2 d f (3 d f for SwiGLU's
+gate); biases 'all' (GPT-2) add (h + 2 k) e + d + f + d, 'qkv' (Qwen2) (h + 2 k) e;
+LayerNorm adds 2 d per norm (RMSNorm d, non-parametric 0), two norms per block; q/k norms
+add 2 e ('head') or (h + k) e ('full'). The counts below equal the parameters of the built
+`SconeLM` exactly (tested).
 """
 
 from __future__ import annotations
@@ -22,15 +24,25 @@ from scone_jax.model import trained_table
 _NORM_PARAMS = {'layernorm': 2, 'rmsnorm': 1, 'nonparametric': 0}
 
 
+def _attention_width(m: ModelConfig) -> int:
+  """h e: the width of the queries (and of the attention output)."""
+  return m.num_heads * m.head_size
+
+
 def _block_matmul_params(m: ModelConfig) -> int:
-  """Matmul weights of one block: 4 d^2 + (2 or 3) d f."""
+  """Matmul weights of one block: 2 d (h + k) e + (2 or 3) d f."""
   mlp_mats = 3 if m.mlp_activation == 'swiglu' else 2
-  return 4 * m.d_model ** 2 + mlp_mats * m.d_model * m.mlp_dim
+  attn = 2 * m.d_model * (m.num_heads + m.kv_heads) * m.head_size
+  return attn + mlp_mats * m.d_model * m.mlp_dim
 
 
 def _block_params(m: ModelConfig) -> int:
-  biases = 5 * m.d_model + m.mlp_dim if m.family == 'gpt2' else 0
-  return _block_matmul_params(m) + biases + 2 * _NORM_PARAMS[m.norm] * m.d_model
+  qkv_biases = (m.num_heads + 2 * m.kv_heads) * m.head_size
+  biases = {'all': qkv_biases + 2 * m.d_model + m.mlp_dim, 'qkv': qkv_biases}.get(m.bias, 0)
+  qk_norms = {'head': 2 * m.head_size,
+              'full': (m.num_heads + m.kv_heads) * m.head_size}.get(m.qk_norm, 0)
+  return (_block_matmul_params(m) + biases + qk_norms +
+          2 * _NORM_PARAMS[m.norm] * m.d_model)
 
 
 def _vocab(cfg: Config, vocab_size: int | None) -> int:
@@ -170,13 +182,14 @@ def flops_per_token(cfg: Config, vocab_size: int | None = None,
   """Matmul FLOPs per token (the PaLM/MaxText convention: 2 FLOPs per multiply-add,
   backward = 2x forward, attention counted over the full (not causal-halved) context).
 
-  With N = L (4 d^2 + (2|3) d f) the backbone's block matmul weights,
-  N_f = L_f (4 d^2 + (2|3) d f) A_f's and W = 2 K the packed A_f row width:
-    train_backbone            = 6 (N + d V) + 12 L d T
-    train_fgram_per_af_token  = 6 N_f + 12 L_f d W      (attention over its packed row)
+  With N = L (2 d (h + k) e + (2|3) d f) the backbone's block matmul weights,
+  N_f = L_f (...) A_f's, a = h e the query width (= d unless head_dim is set) and
+  W = 2 K the packed A_f row width:
+    train_backbone            = 6 (N + d V) + 12 L a T
+    train_fgram_per_af_token  = 6 N_f + 12 L_f a W      (attention over its packed row)
     train_fgram (per token)   = train_fgram_per_af_token * af_tokens_per_token
-    inference                 = 2 (N + d V) + 4 L d T   (context T, an upper bound)
-    fgram_forward_per_fgram   = 2 N_f K + 4 L_f d K^2   (export: one f-gram per row of K)
+    inference                 = 2 (N + d V) + 4 L a T   (context T, an upper bound)
+    fgram_forward_per_fgram   = 2 N_f K + 4 L_f a K^2   (export: one f-gram per row of K)
   Embedding lookups, norms, biases and softmax are not counted. Inference is the same
   for SCONE and its baseline: the f-gram embedding is a host-side table lookup.
 
@@ -189,6 +202,7 @@ def flops_per_token(cfg: Config, vocab_size: int | None = None,
   """
   m = cfg.model
   v, d, t, k = _vocab(cfg, vocab_size), m.d_model, cfg.train.seq_len, cfg.fgram.max_len
+  a = _attention_width(m)
   n = m.num_layers * _block_matmul_params(m)
   lf = cfg.fgram_model.num_layers
   n_f = lf * _block_matmul_params(m)
@@ -199,10 +213,10 @@ def flops_per_token(cfg: Config, vocab_size: int | None = None,
   else:
     rate, basis = float(af_tokens_per_token), 'measured'
   return FlopsPerToken(
-      train_backbone=6.0 * (n + d * v) + 12.0 * m.num_layers * d * t,
+      train_backbone=6.0 * (n + d * v) + 12.0 * m.num_layers * a * t,
       # Attention spans the packed row, W = 2 K (batches.tagging.pack_width).
-      train_fgram_per_af_token=6.0 * n_f + 12.0 * lf * d * 2 * k,
+      train_fgram_per_af_token=6.0 * n_f + 12.0 * lf * a * 2 * k,
       af_tokens_per_token=rate,
       af_tokens_basis=basis,
-      inference=2.0 * (n + d * v) + 4.0 * m.num_layers * d * t,
-      fgram_forward_per_fgram=2.0 * n_f * k + 4.0 * lf * d * k * k)
+      inference=2.0 * (n + d * v) + 4.0 * m.num_layers * a * t,
+      fgram_forward_per_fgram=2.0 * n_f * k + 4.0 * lf * a * k * k)

@@ -1,11 +1,12 @@
 """Transformer building blocks shared by the backbone and the f-gram model A_f.
 
-Dimension letters: B batch, T query length, S key length, D d_model, H heads, E head
-dim (D/H), F MLP width, V vocab, L layers.
+Dimension letters: B batch, T query length, S key length, D d_model, H heads, K key/value
+heads (grouped-query attention: H = K G), E head dim (`ModelConfig.head_size`), F MLP
+width, V vocab, L layers.
 
 The layer stack keeps its parameters stacked along a leading `layers` axis and runs them
 with `jax.lax.scan`: compile time stays flat in depth (36-layer OLMo) and the KV cache
-[L, B, S, H, E] is scanned alongside. Norms, softmax and RoPE run in float32; matmuls run
+[L, B, S, K, E] is scanned alongside. Norms, softmax and RoPE run in float32; matmuls run
 in the compute dtype (`ModelConfig.dtype`).
 """
 
@@ -42,15 +43,18 @@ def norm_params(kind: str, prefix: tuple[int, ...], d: int, dtype,
   return out
 
 
-def apply_norm(kind: str, x_BxTxD: jax.Array, scale=None, bias=None) -> jax.Array:
-  """LayerNorm / RMSNorm / non-parametric LayerNorm (OLMo-1), computed in float32."""
+def apply_norm(kind: str, x_BxTxD: jax.Array, scale=None, bias=None,
+               eps: float = 0.0) -> jax.Array:
+  """LayerNorm / RMSNorm / non-parametric LayerNorm (OLMo-1) over the last axis, computed
+  in float32; eps 0 = the norm's default (`ModelConfig.norm_eps`)."""
   x = x_BxTxD.astype(jnp.float32)
+  eps = eps or _NORM_EPS[kind]
   if kind == 'rmsnorm':
-    y = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + _NORM_EPS[kind])
+    y = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps)
   else:
     mean = jnp.mean(x, -1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + _NORM_EPS[kind])
+    y = (x - mean) * jax.lax.rsqrt(var + eps)
   if scale is not None:
     y = y * scale.astype(jnp.float32)
   if bias is not None:
@@ -58,11 +62,31 @@ def apply_norm(kind: str, x_BxTxD: jax.Array, scale=None, bias=None) -> jax.Arra
   return y.astype(x_BxTxD.dtype)
 
 
-def apply_rope(x_BxTxHxE: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding (rotate-half form) at the given per-token positions."""
+def rope_frequencies(e: int, cfg: ModelConfig) -> jax.Array:
+  """RoPE's E/2 inverse frequencies, with `cfg.rope_scaling` applied.
+
+  'llama3' (Llama 3.1): wavelengths above original_max_len / low_freq_factor are divided
+  by `rope_factor`, those below original_max_len / high_freq_factor kept, and the band
+  between interpolated smoothly.
+  """
+  freqs_E2 = cfg.rope_theta ** (-jnp.arange(0, e // 2, dtype=jnp.float32) * 2.0 / e)
+  if cfg.rope_scaling == 'llama3':
+    wavelen = 2 * math.pi / freqs_E2
+    ctx, lo, hi = cfg.rope_original_max_len, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    scaled = jnp.where(wavelen > ctx / lo, freqs_E2 / cfg.rope_factor, freqs_E2)
+    smooth = (ctx / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+    medium = (wavelen >= ctx / hi) & (wavelen <= ctx / lo)
+    freqs_E2 = jnp.where(medium, smoothed, scaled)
+  return freqs_E2
+
+
+def apply_rope(x_BxTxHxE: jax.Array, positions_BxT: jax.Array,
+               freqs_E2: jax.Array) -> jax.Array:
+  """Rotary position embedding (rotate-half form) at the given per-token positions, with
+  the inverse frequencies of `rope_frequencies`."""
   e = x_BxTxHxE.shape[-1]
-  freqs = theta ** (-jnp.arange(0, e // 2, dtype=jnp.float32) * 2.0 / e)
-  angles_BxTxE2 = positions_BxT.astype(jnp.float32)[..., None] * freqs
+  angles_BxTxE2 = positions_BxT.astype(jnp.float32)[..., None] * freqs_E2
   sin = jnp.sin(angles_BxTxE2)[:, :, None, :]
   cos = jnp.cos(angles_BxTxE2)[:, :, None, :]
   x = x_BxTxHxE.astype(jnp.float32)
@@ -85,22 +109,37 @@ def segment_mask(segment_ids_BxT: jax.Array) -> jax.Array:
   return causal_TxT[None] & (same_BxTxT | jnp.eye(t, dtype=bool)[None])
 
 
-def attend(q_BxTxHxE: jax.Array, k_BxSxHxE: jax.Array, v_BxSxHxE: jax.Array,
+def attend(q_BxTxHxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array,
            mask_BxTxS: jax.Array) -> jax.Array:
-  """Softmax attention (float32 logits) under a boolean mask, with XLA einsums.
+  """Softmax attention (float32 logits) under a boolean mask, with XLA einsums; each
+  group of G = H / K query heads shares one key/value head (G = 1: multi-head).
 
-  Materialises the [B, H, T, S] logits: the decode step (T = 1) and the 'einsum' choice
-  of `self_attention`.
+  Materialises the [B, K, G, T, S] logits: the decode step (T = 1) and the 'einsum'
+  choice of `self_attention`.
   """
-  scale = 1.0 / math.sqrt(q_BxTxHxE.shape[-1])
-  logits_BxHxTxS = jnp.einsum('bthe,bshe->bhts', q_BxTxHxE, k_BxSxHxE,
-                              preferred_element_type=jnp.float32) * scale
-  logits_BxHxTxS = jnp.where(mask_BxTxS[:, None], logits_BxHxTxS, _MASKED)
-  probs = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(v_BxSxHxE.dtype)
-  return jnp.einsum('bhts,bshe->bthe', probs, v_BxSxHxE)
+  b, t, h, e = q_BxTxHxE.shape
+  kvh = k_BxSxKxE.shape[2]
+  q_BxTxKxGxE = q_BxTxHxE.reshape(b, t, kvh, h // kvh, e)
+  scale = 1.0 / math.sqrt(e)
+  logits = jnp.einsum('btkge,bske->bkgts', q_BxTxKxGxE, k_BxSxKxE,
+                      preferred_element_type=jnp.float32) * scale
+  logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits, _MASKED)
+  probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v_BxSxKxE.dtype)
+  return jnp.einsum('bkgts,bske->btkge', probs, v_BxSxKxE).reshape(b, t, h, e)
 
 
-# q, k, v [B, T, H, E] -> out [B, T, H, E].
+def _repeat_kv(kernel):
+  """A fused kernel of equal q/k/v head counts, fed grouped-query k, v [B, S, K, E] with
+  each K/V head repeated for its G query heads."""
+  def grouped(q, k, v):
+    g = q.shape[2] // k.shape[2]
+    if g > 1:
+      k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    return kernel(q, k, v)
+  return grouped
+
+
+# q [B, T, H, E], k, v [B, T, K, E] -> out [B, T, H, E].
 SelfAttention = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
@@ -120,10 +159,9 @@ def self_attention(segment_ids_BxT: jax.Array, cfg: ModelConfig,
       cuDNN then takes per-row lengths instead of a [B, T, T] mask.
   """
   t = segment_ids_BxT.shape[1]
-  kernel = compat.attention_backend(cfg.attention, cfg.dtype, t,
-                                    cfg.d_model // cfg.num_heads)
+  kernel = compat.attention_backend(cfg.attention, cfg.dtype, t, cfg.head_size)
   if kernel == 'splash':
-    return lambda q, k, v: _splash_on_shards(q, k, v, segment_ids_BxT)
+    return _repeat_kv(lambda q, k, v: _splash_on_shards(q, k, v, segment_ids_BxT))
   if kernel == 'cudnn':
     valid_BxT = segment_ids_BxT > 0
     lengths_B = jnp.sum(valid_BxT, axis=1, dtype=jnp.int32) if one_segment else None
@@ -134,7 +172,7 @@ def self_attention(segment_ids_BxT: jax.Array, cfg: ModelConfig,
       # cuDNN leaves padding queries unspecified; zeros keep the keys and values they feed
       # (later layers, the decode cache) finite.
       return jnp.where(valid_BxT[:, :, None, None], out_BxTxHxE, 0).astype(q.dtype)
-    return cudnn
+    return _repeat_kv(cudnn)
   mask_BxTxT = segment_mask(segment_ids_BxT)
   return lambda q, k, v: attend(q, k, v, mask_BxTxT)
 
@@ -157,17 +195,20 @@ AttendFn = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any
 
 
 class BlockStack(nnx.Module):
-  """`num_layers` pre-norm transformer blocks (attention + MLP), params stacked over L.
+  """`num_layers` transformer blocks (attention + MLP), params stacked over L.
 
   One class serves the backbone and A_f: the backbone uses RoPE or learned positions
   (added to its input, outside this class); A_f always uses learned positions (`rope=False`).
-  GPT-2 family blocks have biases (as GPT-2); OLMo family blocks have none (as OLMo).
+  The resolved `ModelConfig` says the rest: biases ('all' as GPT-2, 'qkv' as Qwen2, none
+  as OLMo/Llama), grouped K/V heads, q/k RMSNorm (per head as Qwen3, over the full width as
+  OLMo-2), clipped q/k/v (OLMo-1) and norms before each sublayer ('pre') or on its output
+  before the residual add ('post', OLMo-2).
   """
 
   def __init__(self, cfg: ModelConfig, num_layers: int, rope: bool, rngs: nnx.Rngs):
     self.cfg, self.num_layers, self.rope = cfg, num_layers, rope
     nl, d, h, f = num_layers, cfg.d_model, cfg.num_heads, cfg.mlp_dim
-    e, pd = d // h, jnp.dtype(cfg.param_dtype)
+    kvh, e, pd = cfg.kv_heads, cfg.head_size, jnp.dtype(cfg.param_dtype)
     std = cfg.init_std
     # GPT-2's scaled init: residual-branch output projections shrink with depth.
     out_std = std / math.sqrt(2 * nl)
@@ -181,21 +222,31 @@ class BlockStack(nnx.Module):
 
     params = {
         'wq': normal((d, h, e), ('embed', 'heads', 'kv')),
-        'wk': normal((d, h, e), ('embed', 'heads', 'kv')),
-        'wv': normal((d, h, e), ('embed', 'heads', 'kv')),
+        'wk': normal((d, kvh, e), ('embed', 'heads', 'kv')),
+        'wv': normal((d, kvh, e), ('embed', 'heads', 'kv')),
         'wo': normal((h, e, d), ('heads', 'kv', 'embed'), out_std),
         'w_in': normal((d, f), ('embed', 'mlp')),
         'w_out': normal((f, d), ('mlp', 'embed'), out_std),
     }
     if cfg.mlp_activation == 'swiglu':
       params['w_gate'] = normal((d, f), ('embed', 'mlp'))
-    if cfg.family == 'gpt2':
-      params.update(bq=zeros((h, e), ('heads', 'kv')), bk=zeros((h, e), ('heads', 'kv')),
-                    bv=zeros((h, e), ('heads', 'kv')), bo=zeros((d,), ('embed',)),
-                    b_in=zeros((f,), ('mlp',)), b_out=zeros((d,), ('embed',)))
+    if cfg.bias in ('all', 'qkv'):
+      params.update(bq=zeros((h, e), ('heads', 'kv')), bk=zeros((kvh, e), ('heads', 'kv')),
+                    bv=zeros((kvh, e), ('heads', 'kv')))
+    if cfg.bias == 'all':
+      params.update(bo=zeros((d,), ('embed',)), b_in=zeros((f,), ('mlp',)),
+                    b_out=zeros((d,), ('embed',)))
     for which in ('attn_norm', 'mlp_norm'):
       for k, v in norm_params(cfg.norm, (nl,), d, pd, ('layers',)).items():
         params[f'{which}_{k}'] = v
+    # 'head': one scale of E shared by every head; 'full': a scale per channel of all heads.
+    if cfg.qk_norm == 'head':
+      params.update(q_norm_scale=param(jnp.ones((nl, e), pd), ('layers', 'kv')),
+                    k_norm_scale=param(jnp.ones((nl, e), pd), ('layers', 'kv')))
+    elif cfg.qk_norm == 'full':
+      params.update(
+          q_norm_scale=param(jnp.ones((nl, h, e), pd), ('layers', 'heads', 'kv')),
+          k_norm_scale=param(jnp.ones((nl, kvh, e), pd), ('layers', 'heads', 'kv')))
     self.param_names = tuple(sorted(params))
     for name, value in params.items():
       setattr(self, name, value)
@@ -203,23 +254,36 @@ class BlockStack(nnx.Module):
   def _block(self, p: dict[str, jax.Array], x_BxTxD: jax.Array, positions_BxT: jax.Array,
              attend_fn: AttendFn, layer_carry: Any) -> tuple[jax.Array, Any]:
     cfg = self.cfg
-    h = apply_norm(cfg.norm, x_BxTxD, p.get('attn_norm_scale'), p.get('attn_norm_bias'))
+    pre = cfg.norm_position == 'pre'
+
+    def norm(which, y):
+      return apply_norm(cfg.norm, y, p.get(f'{which}_scale'), p.get(f'{which}_bias'),
+                        cfg.norm_eps)
+
+    h = norm('attn_norm', x_BxTxD) if pre else x_BxTxD
     names = ('batch', 'length', 'heads', 'kv')
     qkv = []
     for w in 'qkv':
       y_BxTxHxE = jnp.einsum('btd,dhe->bthe', h, p[f'w{w}'])
       if f'b{w}' in p:
         y_BxTxHxE = y_BxTxHxE + p[f'b{w}']
+      if cfg.clip_qkv:
+        y_BxTxHxE = jnp.clip(y_BxTxHxE, -cfg.clip_qkv, cfg.clip_qkv)
+      if f'{w}_norm_scale' in p:
+        y_BxTxHxE = _qk_norm(cfg, y_BxTxHxE, p[f'{w}_norm_scale'])
       if self.rope and w != 'v':
-        y_BxTxHxE = apply_rope(y_BxTxHxE, positions_BxT, cfg.rope_theta)
+        y_BxTxHxE = apply_rope(y_BxTxHxE, positions_BxT, rope_frequencies(y_BxTxHxE.shape[-1],
+                                                                          cfg))
       qkv.append(constrain(y_BxTxHxE, names))
     o_BxTxHxE, layer_out = attend_fn(*qkv, layer_carry)
     a_BxTxD = jnp.einsum('bthe,hed->btd', o_BxTxHxE, p['wo'])
     if 'bo' in p:
       a_BxTxD = a_BxTxD + p['bo']
+    if not pre:
+      a_BxTxD = norm('attn_norm', a_BxTxD)
     x_BxTxD = constrain(x_BxTxD + a_BxTxD, ('batch', 'length', 'embed'))
 
-    h = apply_norm(cfg.norm, x_BxTxD, p.get('mlp_norm_scale'), p.get('mlp_norm_bias'))
+    h = norm('mlp_norm', x_BxTxD) if pre else x_BxTxD
     u_BxTxF = h @ p['w_in']
     if 'b_in' in p:
       u_BxTxF = u_BxTxF + p['b_in']
@@ -233,6 +297,8 @@ class BlockStack(nnx.Module):
     m_BxTxD = u_BxTxF @ p['w_out']
     if 'b_out' in p:
       m_BxTxD = m_BxTxD + p['b_out']
+    if not pre:
+      m_BxTxD = norm('mlp_norm', m_BxTxD)
     return constrain(x_BxTxD + m_BxTxD, ('batch', 'length', 'embed')), layer_out
 
   def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, attend_fn: AttendFn,
@@ -262,11 +328,22 @@ class BlockStack(nnx.Module):
                         unroll=self.cfg.layer_loop == 'unrolled')
 
 
+def _qk_norm(cfg: ModelConfig, y_BxTxHxE: jax.Array, scale: jax.Array) -> jax.Array:
+  """RMSNorm of q or k: over each head's E channels ('head', scale [E]) or over all
+  heads' channels at once ('full', scale [H, E])."""
+  if cfg.qk_norm == 'head':
+    return apply_norm('rmsnorm', y_BxTxHxE, scale, eps=cfg.norm_eps)
+  b, t, h, e = y_BxTxHxE.shape
+  y_BxTxHE = apply_norm('rmsnorm', y_BxTxHxE.reshape(b, t, h * e), scale.reshape(h * e),
+                        eps=cfg.norm_eps)
+  return y_BxTxHE.reshape(b, t, h, e)
+
+
 class FinalNorm(nnx.Module):
   """The norm after the last block (also A_f's optional output norm)."""
 
-  def __init__(self, kind: str, d: int, param_dtype):
-    self.kind = kind
+  def __init__(self, kind: str, d: int, param_dtype, eps: float = 0.0):
+    self.kind, self.eps = kind, eps
     params = norm_params(kind, (), d, jnp.dtype(param_dtype), ())
     self.scale = params.get('scale')
     self.bias = params.get('bias')
@@ -274,4 +351,4 @@ class FinalNorm(nnx.Module):
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     scale = None if self.scale is None else self.scale[...]
     bias = None if self.bias is None else self.bias[...]
-    return apply_norm(self.kind, x_BxTxD, scale, bias)
+    return apply_norm(self.kind, x_BxTxD, scale, bias, self.eps)

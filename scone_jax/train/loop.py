@@ -36,6 +36,7 @@ import numpy as np
 
 from scone_jax import artifacts, batches, compat, paths, runlock
 from scone_jax import config_runtime
+from scone_jax.hf import load as hf_load
 from scone_jax import evaluate as evaluate_lib
 from scone_jax import run as run_lib
 from scone_jax.config import Config, ConfigError
@@ -154,6 +155,7 @@ def train(cfg: Config, workdir: str,
     TrainingDivergedError: NaN/Inf loss or gradient norm (names the step).
     CheckpointSaveError: a checkpoint could not be saved (e.g. disk full).
   """
+  cfg = hf_load.resolve_config(cfg)  # model.init_from: the checkpoint's architecture.
   config_runtime.check_data_source(cfg)  # Before the workdir is created.
   mesh_lib.maybe_initialize_distributed(cfg.distributed)
   config_runtime.validate_runtime(cfg, jax.device_count(), jax.process_count(),
@@ -224,6 +226,9 @@ def _train_locked(cfg: Config, workdir: str,
   resumed_from, state = ckpt.restore_latest(state, data_it)
   if resumed_from is None and cfg.train.init_from_run:
     state = _init_from_run(cfg.train.init_from_run, workdir, state, mesh, data.tokenizer)
+  if resumed_from is None and cfg.model.init_from:
+    # Step 0 is the pretrained checkpoint (A_f and the f-gram side keep their init).
+    state = dataclasses.replace(state, params=hf_load.load_params(cfg.model, state.params))
   step = int(resumed_from or 0)
   trainer = _Trainer(cfg, workdir, mesh, data_it, ckpt, metrics_lib.MetricsWriter(workdir),
                      evaluate_lib.Evaluator(cfg, graphdef, mesh, data),

@@ -1,0 +1,97 @@
+"""Round trip: a Hugging Face checkpoint loaded through model.init_from and written back by
+hf/export.py loads with from_pretrained with equal logits, the source's key, shape and
+dtype sets, and bf16 bytes preserved."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from scone_jax import config as config_lib
+from scone_jax import mesh as mesh_lib
+from scone_jax.config import MeshConfig
+from scone_jax.hf import export as hf_export
+from scone_jax.hf import load as hf_load
+from scone_jax.hf.safetensors import CheckpointError, TensorFiles
+from scone_jax.model import Backbone, model_shardings
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+tokenizers = pytest.importorskip('tokenizers')
+
+
+def _checkpoint(directory: str, hf_cfg, dtype, shard=None):
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(hf_cfg).to(dtype).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      torch.nn.init.normal_(p, std=0.2)
+  model.save_pretrained(directory, **({'max_shard_size': shard} if shard else {}))
+  vocab = hf_cfg.vocab_size
+  words = {'<|endoftext|>': 0, **{f'w{i}': i for i in range(1, vocab)}}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token='<|endoftext|>'))
+  tok.save(os.path.join(directory, 'tokenizer.json'))
+
+
+def _load(directory: str, **overrides):
+  cfg = hf_load.resolve_config(config_lib.replace(
+      config_lib.Config(), **{'model.init_from': directory, 'train.seq_len': 16}, **overrides))
+  mesh = mesh_lib.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  abstract = nnx.state(nnx.eval_shape(
+      lambda: Backbone(cfg.model, cfg.model.vocab_size, nnx.Rngs(0))), nnx.Param)
+  targets = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         abstract, model_shardings(abstract, mesh))
+  loaded = hf_load.load_params(cfg.model, {'backbone': targets})['backbone']
+  params = {hf_load.param_name(p): v
+            for p, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+  return cfg, params
+
+
+def _tensors(directory: str) -> TensorFiles:
+  return hf_load.open_tensors(directory)
+
+
+@pytest.mark.parametrize('family', ['gpt2', 'qwen2'])
+def test_round_trip(family, tmp_path):
+  src, out = str(tmp_path / 'src'), str(tmp_path / 'out')
+  if family == 'gpt2':  # Fused q/k/v (Conv1D), tied head, learned positions, float32.
+    hf_cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                     vocab_size=64)
+    dtype, shard, overrides = torch.float32, None, {}
+  else:  # GQA, q/k/v biases, untied head, bfloat16, sharded both ways.
+    hf_cfg = transformers.Qwen2Config(hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=48, max_position_embeddings=32,
+                                      vocab_size=64, tie_word_embeddings=False)
+    dtype, shard, overrides = torch.bfloat16, '10KB', {'model.param_dtype': 'bfloat16'}
+  _checkpoint(src, hf_cfg, dtype, shard)
+  cfg, params = _load(src, **overrides)
+  hf_export.write_checkpoint(out, cfg.model, cfg.model.vocab_size, params,
+                             os.path.join(src, 'tokenizer.json'),
+                             max_shard_bytes=16 << 10 if shard else 5 << 30)
+  assert os.path.exists(os.path.join(out, hf_load.INDEX_FILE)) == bool(shard)
+  want, got = _tensors(src), _tensors(out)
+  meta = lambda files: {n: (i.shape, i.dtype) for n, i in files.tensors.items()
+                        if not n.endswith(('.attn.bias', '.attn.masked_bias'))}
+  assert meta(got) == meta(want)
+  for name in got.tensors:  # Every value's bits, bfloat16 included.
+    np.testing.assert_array_equal(got.array(name).view(np.uint8),
+                                  want.array(name).view(np.uint8), err_msg=name)
+  # Both loaded the same way (a model cast after init would hold bf16 RoPE buffers).
+  source, exported = (transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
+                      for d in (src, out))
+  ids = torch.tensor(np.random.default_rng(0).integers(1, 64, (1, 12)))
+  with torch.no_grad():
+    np.testing.assert_array_equal(exported(ids).logits.float().numpy(),
+                                  source(ids).logits.float().numpy())
+
+
+def test_an_architecture_transformers_lacks_is_refused():
+  cfg = config_lib.replace(config_lib.Config(), **{'model.position': 'rope'})  # gpt2 + RoPE
+  with pytest.raises(CheckpointError, match=r"config.model.position='rope': a gpt2 model in "
+                     "transformers has 'learned'"):
+    hf_export.write_checkpoint('/nonexistent', cfg.model, 64, {}, '')
