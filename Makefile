@@ -13,10 +13,12 @@ PYTEST_ARGS ?=
     prose-corpora study-prose gpu-corpus
 
 # (Re)install only when a requirements file changed.
-$(STAMP): requirements.txt requirements-dev.txt requirements-beam.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt requirements-beam.txt requirements-torch.txt \
+    pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt -r requirements-beam.txt
+	$(PY) -m pip install -q -r requirements-torch.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
