@@ -283,6 +283,7 @@ def _decode(args, bench_decode, decoder_cls, sampling_cls) -> tuple[dict, dict]:
   batches = ([int(b) for b in args.decode_batches.split(',')] if args.decode_batches else
              (1, 4) if args.quick else (1, 16, 64))
   cfg = bench_decode.load_preset(preset)
+  new_tokens = min(new_tokens, cfg.model.max_seq_len - prompt_len - 1)  # BOS + prompt fit.
   vocab = cfg.model.vocab_size or cfg.tokenizer.vocab_size
   d = cfg.model.d_model
   table, stream = bench_decode.synthetic_table(rows_n, vocab)

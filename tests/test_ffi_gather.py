@@ -177,3 +177,9 @@ def test_cuda_build_compiles_and_exports_its_handler():
     pytest.skip('no CUDA runtime headers + libcudart on this machine')
   lib = ctypes.CDLL(str(ffi_gather.build(cuda=True)))
   assert lib.SconeGatherCuda and lib.SconeGatherHost
+
+
+def test_missing_compiler_is_reported(monkeypatch):
+  monkeypatch.setenv('CXX', '/nonexistent/g++')
+  with pytest.raises(ffi_gather.GatherUnavailable, match=r'no C\+\+ compiler'):
+    ffi_gather.compile_command(cuda=False)

@@ -123,28 +123,37 @@ def build(cuda: bool) -> pathlib.Path:
   return out
 
 
-@functools.lru_cache(maxsize=None)
 def target(backend: str) -> str:
-  """Builds, loads and registers the handler for a jax backend ('cpu' | 'gpu'); returns the
-  FFI target name.
+  """Builds, loads and registers the handler for a jax backend ('cpu' | 'gpu') once per
+  process; returns the FFI target name.
 
   Raises:
     GatherUnavailable: the backend has no build (e.g. TPU, ROCm), or it fails to build or
-      load; the message says why.
+      load; the message says why (also remembered: a failed build is not retried).
   """
+  name, why = _load(backend)
+  if not name:
+    raise GatherUnavailable(why)
+  return name
+
+
+@functools.lru_cache(maxsize=None)
+def _load(backend: str) -> tuple[str, str]:
+  """(target, '') or ('', why not)."""
   if backend not in _HANDLERS:
-    raise GatherUnavailable(f'no FFI gather for the {backend!r} backend (cpu and CUDA only)')
+    return '', f'no FFI gather for the {backend!r} backend (cpu and CUDA only)'
   client = getattr(jax.devices()[0], 'client', None)
   if backend == 'gpu' and 'rocm' in str(getattr(client, 'platform_version', '')).lower():
-    raise GatherUnavailable('the GPU backend is not CUDA (ROCm has no build of the gather)')
+    return '', 'the GPU backend is not CUDA (ROCm has no build of the gather)'
   symbol, platform = _HANDLERS[backend]
   try:
-    lib = ctypes.CDLL(str(build(cuda=backend == 'gpu')))
-    handler = getattr(lib, symbol)
+    handler = getattr(ctypes.CDLL(str(build(cuda=backend == 'gpu'))), symbol)
+  except GatherUnavailable as e:
+    return '', str(e)
   except (OSError, AttributeError) as e:
-    raise GatherUnavailable(f'loading the compiled gather failed: {e}') from e
+    return '', f'loading the compiled gather failed: {e}'
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform=platform)
-  return TARGET
+  return TARGET, ''
 
 
 class GatherContext:
