@@ -3,6 +3,8 @@
   make gpu-wheels                                          # here, with network: .whl/
   python benchmarks/accelerator.py --out=/tmp/accel.json   # on the GPU, <= 8 min fresh
   python benchmarks/accelerator.py --device=cpu --quick --out=/tmp/accel.json  # smoke
+  python benchmarks/accelerator.py --device=cpu --budget_s=0 --decode_preset=tiny  # CPU
+                                                           # decode only (lookups compared)
 
 In order:
 1. wheels: the packages the GPU image lacks (grain and its array-record/portpicker/
@@ -18,7 +20,10 @@ In order:
 4. flops_ratio: SCONE / baseline step time next to the analytical FLOPs ratio at the
    measured A_f tokens (scone_jax/model/flops.py).
 5. decode: tokens/s of the baseline and SCONE through the RAM store at B = 1, 16, 64
-   (synthetic store and table, benchmarks/bench_decode.py's helpers).
+   (synthetic store and table, benchmarks/bench_decode.py's helpers), SCONE with each
+   device-loop lookup: 'auto' (what a user gets: native on CPU, device on a CUDA GPU),
+   'callback' (io_callback) and 'device' (device match + the compiled FFI gather,
+   serve/ffi_gather.py); a lookup that cannot be built here is reported with its reason.
 6. decode_flops: XLA's FLOPs of the compiled decode chunk, SCONE / baseline (equal: the
    store lookup adds no device FLOPs beyond the row select).
 A section that cannot run (e.g. the decoder does not import) reports "skipped: <reason>".
@@ -126,6 +131,10 @@ def _args(argv):
   p.add_argument('--steps', type=int, default=0, help='Timed steps (default 8; quick 1).')
   p.add_argument('--remat', default='', help='Override model.remat (none|block|dots).')
   p.add_argument('--loss_chunk', type=int, default=-1, help='Override model.loss_chunk.')
+  p.add_argument('--decode_preset', default='', help='Decode backbone (default 125m; quick '
+                 'tiny).')
+  p.add_argument('--decode_batches', default='', help='Decode batch sizes (default 1,16,64; '
+                 'quick 1,4).')
   p.add_argument('--budget_s', type=float, default=420.0,
                  help='Skip train cases that would start after this many seconds.')
   p.add_argument('--whl_dir', default=os.path.join(_REPO, '.whl'))
@@ -269,10 +278,12 @@ def _decode(args, bench_decode, decoder_cls, sampling_cls) -> tuple[dict, dict]:
   from scone_jax.model import SconeLM  # pylint: disable=import-outside-toplevel
   from scone_jax.serve import EmbeddingStore  # pylint: disable=import-outside-toplevel
 
-  preset = 'tiny' if args.quick else '125m'
+  preset = args.decode_preset or ('tiny' if args.quick else '125m')
   rows_n, prompt_len, new_tokens = (2_000, 8, 4) if args.quick else (200_000, 32, 128)
-  batches = (1, 4) if args.quick else (1, 16, 64)
+  batches = ([int(b) for b in args.decode_batches.split(',')] if args.decode_batches else
+             (1, 4) if args.quick else (1, 16, 64))
   cfg = bench_decode.load_preset(preset)
+  new_tokens = min(new_tokens, cfg.model.max_seq_len - prompt_len - 1)  # BOS + prompt fit.
   vocab = cfg.model.vocab_size or cfg.tokenizer.vocab_size
   d = cfg.model.d_model
   table, stream = bench_decode.synthetic_table(rows_n, vocab)
@@ -293,18 +304,26 @@ def _decode(args, bench_decode, decoder_cls, sampling_cls) -> tuple[dict, dict]:
       prompts = [stream[s:s + prompt_len] for s in starts]
       decoders = {'baseline': decoder_cls(lm, batch_size=b),
                   'scone': decoder_cls(lm, ram, table, batch_size=b)}
+      for mode in ('callback', 'device'):
+        try:
+          decoders[f'scone-{mode}'] = decoder_cls(lm, ram, table, batch_size=b, lookup=mode)
+        except ValueError as e:  # The FFI gather does not build here: say why.
+          decode.setdefault('unavailable', {})[mode] = str(e)
       rates = {}
       for name, dec in decoders.items():
         dec.generate(prompts, new_tokens)  # Compile.
         rates[name] = max(dec.generate(prompts, new_tokens).tokens_per_second
                           for _ in range(2))
+      decode['lookup'] = decoders['scone'].lookup.name
       decode['tokens_per_s'][str(b)] = {**rates, 'ratio': rates['scone'] / rates['baseline']}
       # The chunk the timed generations ran (compiled once per decoder and sampling).
-      cost = {n: compat.cost_flops(d.compiled_loop_chunk(sampling_cls()))
-              for n, d in decoders.items()}
+      cost = {n: compat.cost_flops(decoders[n].compiled_loop_chunk(sampling_cls()))
+              for n in ('baseline', 'scone')}
       flops[str(b)] = {**cost, 'ratio': cost['scone'] / cost['baseline']}
+      lookups = '  '.join(f'{n} {r:8.0f}' for n, r in rates.items() if n.startswith('scone-'))
       print(f'B={b:>3}: tokens/s baseline {rates["baseline"]:10.0f}  SCONE '
-            f'{rates["scone"]:10.0f} ({rates["scone"] / rates["baseline"]:.3f}x); XLA FLOPs '
+            f'({decode["lookup"]}) {rates["scone"]:10.0f} '
+            f'({rates["scone"] / rates["baseline"]:.3f}x)  {lookups}; XLA FLOPs '
             f'of the decode chunk baseline {cost["baseline"]:.4g}, SCONE {cost["scone"]:.4g} '
             f'({cost["scone"] / cost["baseline"]:.4f}x)', flush=True)
   return decode, flops

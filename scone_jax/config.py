@@ -378,8 +378,9 @@ class ServeConfig:
   # SCONE's per-step lookup in the device loop (serve/device_loop.py); 'cache': match on
   # the device, the cache_rows most frequent f-grams' rows resident there (cache_rows x
   # d_model x the store's itemsize bytes, plus 12 bytes per table row for the match
-  # index), the host asked only for misses (serve/device_cache.py).
-  lookup: Literal['auto', 'native', 'callback', 'cache'] = 'auto'
+  # index), the host asked only for misses (serve/device_cache.py); 'device': the same
+  # with the compiled FFI gather required ('auto' on a CUDA GPU, serve/factory.py).
+  lookup: Literal['auto', 'native', 'callback', 'cache', 'device'] = 'auto'
   cache_rows: int = 0
   # Tensor-parallel decode over this many of the host's devices (heads/MLP/vocab and the
   # KV cache's heads split, serve/session.serving_mesh); 1 = one device.

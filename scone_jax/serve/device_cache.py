@@ -1,5 +1,6 @@
-"""lookup='cache': the f-gram match on the device, the hottest rows resident there, the host
-asked only for the rows the cache misses, and not at all on a step where every row hits.
+"""lookup='cache' and 'device': the f-gram match on the device, the hottest rows resident
+there, the host asked only for the rows the cache misses (by a compiled FFI gather, no
+Python), and not at all on a step where every row hits.
 
 Dimension letters: B batch, L = K - 1 matcher levels, S table rows, C cached rows,
 W the stored row width (D, or D + 4 quantised), E = W + 1 (slab row: f-gram row, then the
@@ -19,10 +20,13 @@ step, on the critical path between two device steps. Here the device does what i
     rows [0, C): they sit on the device as rows_CxW in the store's dtype (C x W x itemsize
     bytes of accelerator memory) and are gathered there.
   * Misses. A row >= C comes from the host store through one call for the batch (ids of
-    the other rows -1): an XLA FFI call into a compiled gather on the CPU backend
-    ('native', the 'ram' tier or the memmapped 'disk' tier), else a host callback. It
-    sits inside `lax.cond`, so a step whose rows all hit the cache (or match nothing)
-    makes no host call at all.
+    the other rows -1): the XLA FFI gather of serve/ffi_gather.py (C++, built for the CPU
+    backend or for CUDA; the 'ram' tier or the memmapped 'disk' tier), else (lookup='cache'
+    only) a host callback. Either way the rows cross as the raw bits of the store's dtype
+    and are bitcast on the device. The call sits inside `lax.cond`, so a step whose rows
+    all hit the cache (or match nothing) makes no host call at all.
+lookup='device' is this with the FFI gather required and C = serve.cache_rows (default 0);
+on a CUDA GPU, lookup='auto' picks it (serve/factory.py).
 The host matcher is not advanced during the loop (the next generation primes it again).
 Accelerator memory: 12 S bytes for the match index plus C W itemsize for the rows
 (`DeviceCacheLookup.device_bytes`); the FLOPs of a step stay the backbone's (comparisons of
@@ -36,25 +40,15 @@ host rows and transfer, not the per-step host sync. It is meant for accelerators
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
-import numba
 import numpy as np
-from numba import types
 
 from scone_jax.fgrams import index as index_lib
+from scone_jax.serve import ffi_gather
 from scone_jax.serve import lookup as lookup_lib
-from scone_jax.serve import native_lookup
 from scone_jax.serve.host_lookup import HostLookup
-# The FFI call-frame helpers of the per-step native lookup (one reading of XLA's C API).
-from scone_jax.serve.native_lookup import _ptr, _views  # pylint: disable=g-importing-member
-
-_TARGET = 'scone_jax_fgram_gather_u{bits}'
-# Context vector (int64) of the miss gather: then (address, rows) per store shard.
-_B, _D, _SHARDS, _CHUNK, _COUNTERS = range(5)
-_HEAD = 5
 
 
 class MatchIndex:
@@ -125,68 +119,11 @@ def push(a_S, b_S, row_S, codes_BxL, token_B):
   return row_B, codes_BxL
 
 
-# -- the host side of a miss ------------------------------------------------------------
-
-@numba.njit(nogil=True, cache=True)
-def gather_rows_kernel(ids_B, shards, chunk_rows, rows_BxD):
-  """Row r of the store (shard r // chunk_rows) where ids_B >= 0, zeros elsewhere;
-  returns the number of rows read."""
-  n = 0
-  for b in range(ids_B.size):
-    r = ids_B[b]
-    if r < 0:
-      rows_BxD[b, :] = 0
-    else:
-      rows_BxD[b, :] = shards[r // chunk_rows][r % chunk_rows, :]
-      n += 1
-  return n
-
-
-@numba.njit(nogil=True, cache=True)
-def _handle(call_frame, raw):
-  """FFI handler (the frame read by native_lookup.ffi_frame): ids_B int32 and the context
-  vector in, rows_BxD out."""
-  execute, ids_data, ctx_address, out_data = native_lookup.ffi_frame(call_frame)
-  if not execute:
-    return 0
-  ctx = numba.carray(_ptr(ctx_address), _HEAD, np.int64)
-  b, d = ctx[_B], ctx[_D]
-  shards = _views(ctx_address + 8 * _HEAD, ctx[_SHARDS], d, raw)
-  rows_BxD = numba.carray(_ptr(out_data), (b, d), raw)
-  n = gather_rows_kernel(numba.carray(_ptr(ids_data), b, np.int32), shards, ctx[_CHUNK],
-                         rows_BxD)
-  counters = numba.carray(_ptr(ctx[_COUNTERS]), 2, np.int64)
-  counters[0] += n
-  counters[1] += 1
-  return 0
-
-
-# One C entry point per element width (u8: quantised stores), as in native_lookup.
-@numba.cfunc(types.intp(types.voidptr), nopython=True, cache=True)
-def _handler_u8(call_frame):
-  return _handle(call_frame, np.uint8)
-
-
-@numba.cfunc(types.intp(types.voidptr), nopython=True, cache=True)
-def _handler_u16(call_frame):
-  return _handle(call_frame, np.uint16)
-
-
-@numba.cfunc(types.intp(types.voidptr), nopython=True, cache=True)
-def _handler_u32(call_frame):
-  return _handle(call_frame, np.uint32)
-
-
-@functools.lru_cache(maxsize=None)
-def _register(bits: int) -> str:
-  handler = {8: _handler_u8, 16: _handler_u16, 32: _handler_u32}[bits]
-  return native_lookup.register_target(_TARGET.format(bits=bits), handler)
-
-
 @dataclasses.dataclass(frozen=True)
 class CacheStep:
-  """`loop_step` of lookup='cache': (operand, token_B, codes_BxL) -> (slab_BxE for token_B,
-  codes_BxL after the push). target: the miss gather's FFI target ('' = host callback)."""
+  """`loop_step` of lookup='cache' and 'device': (operand, token_B, codes_BxL) -> (slab_BxE
+  for token_B, codes_BxL after the push). target: the miss gather's FFI target
+  (serve/ffi_gather.py; '' = host callback). The rows cross as raw bits, bitcast here."""
   target: str
   row_width: int
   dtype: np.dtype
@@ -200,8 +137,7 @@ class CacheStep:
 
     def from_host(ids_B):
       if self.target:
-        return jax.ffi.ffi_call(self.target, shape, has_side_effect=True)(ids_B,
-                                                                          operand['host'])
+        return ffi_gather.gather_call(self.target, ids_B, operand['host'], shape)
       return lookup_lib.call_host(operand['host'], ids_B, shape)
 
     host_BxW = jax.lax.cond(jnp.any(miss_B), from_host,
@@ -218,46 +154,44 @@ class CacheStep:
 
 
 class DeviceCacheLookup(HostLookup):
-  """lookup='cache': one decoder's device match index, cached rows and miss path. The
-  prompt and the host steps (host loop, teacher forcing) are `HostLookup`'s; the device
-  loop starts from the matcher state the prompt left.
+  """lookup='cache' and 'device': one decoder's device match index, cached rows and miss
+  path. The prompt and the host steps (host loop, teacher forcing) are `HostLookup`'s; the
+  device loop starts from the matcher state the prompt left.
 
   Args:
     store, table, batch_size, rule: as `HostLookup`'s (rows of the store = rows of the
       table).
     rows: C, the most frequent f-grams kept on the device (capped at the table's size).
-    native: miss gather through the FFI call (CPU backend, store in memory or memmapped);
-      False: through a host callback.
-  Attributes: `rows` (C), `native`, `device_bytes`; `counters()`: (rows served by the
-  host, host calls), counted by the native gather and the callback alike.
+    shards: `native_lookup.store_shards(store)` and target: the FFI gather's target
+      (`ffi_gather.target`) for the misses; target '' (shards unused): a host callback.
+    name: 'cache' (the callback where the FFI gather is unavailable) or 'device' (the
+      factory's FFI-only mode; its default C is 0: every matched row from the host).
+  Attributes: `rows` (C), `native` (misses through the FFI gather), `device_bytes`;
+  `counters()`: (rows served by the host, host calls), counted by the FFI gather and the
+  callback alike.
   """
 
-  name = 'cache'
-
-  def __init__(self, store, table, batch_size: int, rule: str, rows: int, native: bool):
+  def __init__(self, store, table, batch_size: int, rule: str, rows: int,
+               shards: tuple[list[np.ndarray], int] | None, target: str, name: str = 'cache'):
     if rows < 0:
       raise ValueError(f'cache rows={rows} must be >= 0 (config.serve.cache_rows)')
     super().__init__(store, table, batch_size, rule)
+    self.name = name
     self.index = MatchIndex(table)
     self.rows = min(rows, self.index.row_S.size)
-    self.native = native
-    self._host_counts = np.zeros(2, np.int64)
-    # Raw bits (uint16 for bf16/fp16): XLA:CPU would convert a bf16 operand of the gather
-    # to f32 as a whole, C x W work on every step; integers gather as they are.
-    self.raw = np.dtype(f'u{store.dtype.itemsize}')
+    self.native = bool(target)
+    self._target = target
+    # Raw bits (uint16 for bf16/fp16, uint8 for int8/fp8): XLA:CPU would convert a bf16
+    # operand of the gather to f32 as a whole, C x W work on every step; integers gather
+    # as they are, and no float8 crosses a host boundary.
+    self.raw = lookup_lib.raw_dtype(store.dtype)
     rows_CxW = store.gather(np.arange(self.rows, dtype=np.int64)).view(self.raw)
-    self._target = ''
-    if native:
-      shards, chunk_rows = native_lookup.store_shards(store)
-      ctx = np.zeros(_HEAD + 2 * len(shards), np.int64)
-      ctx[[_B, _D, _SHARDS, _CHUNK]] = batch_size, self.row_width, len(shards), chunk_rows
-      ctx[_COUNTERS] = self._host_counts.ctypes.data
-      for i, a in enumerate(shards):
-        ctx[_HEAD + 2 * i], ctx[_HEAD + 2 * i + 1] = a.ctypes.data, a.shape[0]
-      self._keep = (shards, ctx)
-      self._target = _register(shards[0].dtype.itemsize * 8)
-      host = jnp.asarray(ctx.view(np.uint32))
+    if target:
+      self._gather = ffi_gather.GatherContext(*shards, batch_size)
+      self._host_counts = self._gather.counters
+      host = self._gather.operand
     else:
+      self._host_counts = np.zeros(2, np.int64)
       host = jnp.int32(lookup_lib.register_callback(self.host_rows))
     self._operand = {'a': jnp.asarray(self.index.a_S), 'b': jnp.asarray(self.index.b_S),
                      'row': jnp.asarray(self.index.row_S), 'rows': jnp.asarray(rows_CxW),

@@ -18,7 +18,12 @@ model/combine.py). The implementations, chosen once by `serve.factory.make_looku
   'callback'  serve/host_lookup.py (f-gram store: host matcher + gather) or
               serve/hashed.py (kind='hashed'), reached from the loop by `io_callback`.
   'native'    serve/native_lookup.py: the host lookup as an XLA FFI call (CPU backend).
-  'cache'     serve/device_cache.py: the match on the device, hot rows resident there.
+  'cache'     serve/device_cache.py: the match on the device, hot rows resident there,
+              misses by the compiled FFI gather (serve/ffi_gather.py) or the callback.
+  'device'    serve/device_cache.py with the FFI gather required: no Python in the loop
+              on CPU or a CUDA GPU ('auto' on a CUDA GPU).
+Inside the loop, rows of ml_dtypes' types (bfloat16, float8) cross from the host as raw bits
+(uint16/uint8, bitcast on the device): no float8 or bfloat16 goes through a callback.
 """
 
 from __future__ import annotations
@@ -40,8 +45,8 @@ class Lookup(abc.ABC):
   """What a decoder asks of its f-gram lookup (see the module docstring).
 
   Attributes:
-    name: 'none' | 'callback' | 'native' | 'cache' (config.serve.lookup's words; 'auto'
-      resolves to one of them).
+    name: 'none' | 'callback' | 'native' | 'cache' | 'device' (config.serve.lookup's
+      words; 'auto' resolves to one of them).
     store: the host store the rows come from (None for the baseline).
     batch_size: B.
     row_width: W, stored columns per row.
@@ -146,17 +151,34 @@ def call_host(handle, x: jax.Array, out: jax.ShapeDtypeStruct) -> jax.Array:
   return io_callback(_run_callback, out, handle, x, ordered=False)
 
 
+def raw_dtype(dtype) -> np.dtype:
+  """The unsigned integer dtype of dtype's width: how its values cross the host boundary."""
+  return np.dtype(f'u{np.dtype(dtype).itemsize}')
+
+
+def crossing_dtype(dtype) -> np.dtype:
+  """The dtype a slab of `dtype` crosses a host callback in: itself for numpy's own types
+  (float32, int8, ...), raw bits for ml_dtypes' (bfloat16, float8_*), which numpy and the
+  callback know only as opaque records."""
+  dtype = np.dtype(dtype)
+  return dtype if dtype.kind in 'biuf' else raw_dtype(dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class CallbackStep:
-  """`loop_step` of a host lookup: its `step_slab` through `io_callback`. Costs a device ->
-  host -> device round trip per step (~200 us on the CPU backend, mostly the thread
-  hand-off)."""
+  """`loop_step` of a host lookup: its `step_slab` through `io_callback` (bf16 and fp8 as
+  raw bits, bitcast back on the device). Costs a device -> host -> device round trip per
+  step (~200 us on the CPU backend, mostly the thread hand-off)."""
   row_width: int
   dtype: np.dtype
 
   def __call__(self, handle, token_B, state):
-    out = jax.ShapeDtypeStruct((token_B.shape[0], self.row_width + 1), self.dtype)
-    return call_host(handle, token_B, out), state
+    crossing = crossing_dtype(self.dtype)
+    out = jax.ShapeDtypeStruct((token_B.shape[0], self.row_width + 1), crossing)
+    slab_BxE = call_host(handle, token_B, out)
+    if crossing != self.dtype:  # A no-op XLA would still count as B x E FLOPs.
+      slab_BxE = jax.lax.bitcast_convert_type(slab_BxE, self.dtype)
+    return slab_BxE, state
 
 
 class CallbackLookup(Lookup):
@@ -171,5 +193,9 @@ class CallbackLookup(Lookup):
   @property
   def loop_operand(self):
     if self._handle is None:  # Registered on first use: host-loop decoders never are.
-      self._handle = register_callback(self.step_slab)
+      self._handle = register_callback(self.crossing_step_slab)
     return self._handle
+
+  def crossing_step_slab(self, token_B: np.ndarray) -> np.ndarray:
+    """`step_slab` as the callback hands it to the device (`crossing_dtype`)."""
+    return np.asarray(self.step_slab(token_B)).view(crossing_dtype(self.slab_dtype))

@@ -167,14 +167,11 @@ def _handler_u32(call_frame):
   return _handle(call_frame, np.uint32)
 
 
-_PyCapsule_New = ctypes.pythonapi.PyCapsule_New
-_PyCapsule_New.restype = ctypes.py_object
-_PyCapsule_New.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
-
-
 def register_target(name: str, handler) -> str:
   """Registers a numba cfunc FFI handler as the CPU custom-call target `name`."""
-  jax.ffi.register_ffi_target(name, _PyCapsule_New(handler.address, None, None),
+  # jax.ffi.pycapsule sets ctypes.pythonapi.PyCapsule_New's argtypes process-wide, so
+  # every capsule here is made through it (serve/ffi_gather.py's too).
+  jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(ctypes.c_void_p(handler.address)),
                               platform='cpu')
   return name
 
