@@ -47,8 +47,11 @@ class DataConfig:
   # UTF-8 document per record; 'arrayrecord_tokens': one document per record as token ids
   # (little-endian uint32, no BOS/EOS; needs the tokenizer that made them in
   # tokenizer.model_file). Layouts: scone_jax/corpus/columnar.py.
+  # 'sft' / 'chat': supervised fine-tuning JSONL ({prompt, response} / {messages}), the loss
+  # on response tokens only (scone_jax/corpus/sft.py; chat templates from the tokenizer's
+  # tokenizer_config.json).
   format: Literal['lines', 'blank_lines', 'jsonl', 'parquet', 'arrayrecord',
-                  'arrayrecord_tokens'] = 'lines'
+                  'arrayrecord_tokens', 'sft', 'chat'] = 'lines'
   text_field: str = 'text'
   # Invalid UTF-8: 'replace' with U+FFFD (counted and reported) or 'error' (names file+line).
   on_bad_utf8: Literal['replace', 'error'] = 'replace'

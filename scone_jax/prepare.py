@@ -31,7 +31,7 @@ from scone_jax import config_runtime
 from scone_jax import run as run_lib
 from scone_jax.config import Config
 from scone_jax.errors import UserError
-from scone_jax.corpus import CorpusError, FileCorpus, embedded, readers
+from scone_jax.corpus import CorpusError, FileCorpus, embedded, readers, sft
 from scone_jax.fgrams import FgramTable, mine_fgrams
 from scone_jax.tokenizer import (TokenShards, Tokenizer, install_tokenizer, open_tokenizer,
                                  train_tokenizer, write_shards)
@@ -104,10 +104,12 @@ def _corpora(cfg: Config, art_dir: str, build: bool) -> _Corpora:
                       "held-out test set, e.g. --config.data.eval_files='heldout=/d/test.txt'"
                       ' (files not in data.train_files); to train without one, set '
                       '--config.data.allow_no_eval=True')
+  template = sft.chat_template(cfg.tokenizer.model_file) if data.format == 'chat' else ''
   train = readers.files_corpus(data.train_files, 'data.train_files', data.format,
-                               data.text_field, data.on_bad_utf8, 'train', data.check_format)
+                               data.text_field, data.on_bad_utf8, 'train', data.check_format,
+                               template)
   evals = {name: FileCorpus(paths, data.format, data.text_field, data.on_bad_utf8, name,
-                            check_format=data.check_format)
+                            check_format=data.check_format, chat_template=template)
            for name, paths in readers.parse_named_globs(data.eval_files).items()}
   if 'train' in evals:  # Stage names and Prepared keys reserve it for the train split.
     raise CorpusError("config.data.eval_files: an eval corpus cannot be named 'train'; name "
@@ -242,7 +244,8 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
         lambda d=directory, c=corpus, n=name: write_shards(
             d, c, tok, c.fingerprint, c.total_file_bytes, name=n,
             extra_meta=lambda: {'bad_utf8_lines': c.stats.bad_utf8_lines,
-                                'bad_utf8_chars': c.stats.bad_utf8_chars}),
+                                'bad_utf8_chars': c.stats.bad_utf8_chars},
+            loss_mask=cfg.data.format in sft.SFT_FORMATS),
         lambda d=directory, e=expect: TokenShards.open(d, tok.fingerprint, expect=e,
                                                        vocab_size=tok.vocab_size),
         f'tokens/{name}', timings, skipped)
