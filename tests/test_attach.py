@@ -17,6 +17,8 @@ from scone_jax import mesh as mesh_lib
 from scone_jax import run as run_lib
 from scone_jax.config import ConfigError
 from scone_jax.export import export as export_lib
+from scone_jax.model import arm_accounting
+from scone_jax.sweeps import spec
 from scone_jax.train import init_from
 from scone_jax.train import inputs as inputs_lib
 from scone_jax.train import loop
@@ -118,3 +120,17 @@ def test_attach_errors(pretrained, tmp_path):
   assert init_from.attach_is_exact(cfg.fgram_model)
   assert not init_from.attach_is_exact(
       _attach_config(pretrained, **{'fgram_model.zero_init_out': False}).fgram_model)
+
+
+def test_post_training_sweep_accounting(tmp_path):
+  """experiments/sweeps/post_training.py at paper scale: the 4B backbone on the accelerator
+  in every arm, A_f ~ Qwen3-8B / 14B (full-MHA stand-ins, at most 7% above), 10M rows."""
+  sweep = spec.load_sweep('experiments/sweeps/post_training.py', str(tmp_path))
+  arms = [arm_accounting.account(p.cfg) for p in sweep.points]
+  for arm in arms:
+    assert arm.backbone_params == pytest.approx(4.02e9, rel=0.01)
+  assert arms[0].side_params == 0
+  for arm, released in zip(arms[1:], (8.19e9, 14.77e9)):
+    assert released < arm.side_params < 1.07 * released
+    assert arm.host_rows == 10_000_000
+  assert not os.listdir(tmp_path)
