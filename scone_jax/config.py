@@ -126,6 +126,9 @@ class FgramConfig:
   # naming the rows and the min_count that gives more, unless this is True; then the run
   # uses all rows and W/run.json's fgram_table_rows records them (S = rows_used(rows)).
   allow_short_table: bool = False
+  # A given f-gram table (an FgramTable directory, e.g. a pretrained run's A/fgrams) instead
+  # of mining: prepare copies it after checking its tokenizer and max_len ('' = mine).
+  table_dir: str = ''
 
   # The ONE derivation of S (the paper's number of f-grams) from this section. Every module asks
   # these two; none reads `use_size` itself (tests/test_config_facts.py checks that).

@@ -179,8 +179,24 @@ def _fgram_input(cfg: Config, tokenizer_fp: str, train_fp: str) -> str:
   # The miner is left out: 'local' and 'beam' produce the same table exactly, and
   # memory_budget_mb only changes how it is computed.
   fc = cfg.fgram
+  if fc.table_dir:  # A given table: its own content, not the train split, defines it.
+    return artifacts.fingerprint('given_fgrams', tokenizer_fp, _given_table(cfg).fingerprint)
   return artifacts.fingerprint('fgrams', PREPARE_VERSION, tokenizer_fp, train_fp,
                                fc.max_len, fc.size, fc.min_count)
+
+
+def _given_table(cfg: Config, tokenizer_fp: str | None = None) -> FgramTable:
+  """The table of fgram.table_dir, checked against this run's tokenizer and K."""
+  where = f'config.fgram.table_dir={cfg.fgram.table_dir}'
+  try:
+    table = FgramTable.load(cfg.fgram.table_dir, expect_tokenizer=tokenizer_fp)
+  except artifacts.ArtifactError as e:
+    raise config_lib.ConfigError(f'{where}: {e}; give an f-gram table built with this '
+                                 "run's tokenizer (tokenizer.model_file)") from e
+  if table.max_len != cfg.fgram.max_len:
+    raise config_lib.ConfigError(f'{where} holds f-grams of up to {table.max_len} tokens; '
+                                 f'set config.fgram.max_len={table.max_len}')
+  return table
 
 
 def _shard_dirs(art_dir: str, corpora: _Corpora) -> dict[str, str]:
@@ -256,7 +272,9 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
 
   def build_fgrams():
     fc = cfg.fgram
-    if fc.miner == 'beam':
+    if fc.table_dir:
+      table = _given_table(cfg, tok.fingerprint)
+    elif fc.miner == 'beam':
       # Imported only when chosen: apache_beam is heavy and optional for the local miner.
       from scone_jax.fgrams import beam  # pylint: disable=g-import-not-at-top
       table = beam.mine_fgrams_beam(train, max_len=fc.max_len, size=fc.size,
@@ -266,7 +284,8 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
                           memory_budget_mb=fc.memory_budget_mb)
     table.meta.update({'tokenizer_fingerprint': tok.fingerprint,
                        'train_fingerprint': train.fingerprint,
-                       'input_fingerprint': fgram_input, 'miner': fc.miner})
+                       'input_fingerprint': fgram_input,
+                       **({'given': fc.table_dir} if fc.table_dir else {'miner': fc.miner})})
     table.save(fgram_dir)
     return FgramTable.load(fgram_dir, expect_tokenizer=tok.fingerprint)
 

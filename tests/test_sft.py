@@ -11,6 +11,10 @@ import pytest
 import train_helpers as th
 from train_helpers import compile_cache  # noqa: F401  (autouse fixture)
 from scone_jax import batches
+from scone_jax import config as config_lib
+from scone_jax import prepare as prepare_lib
+from scone_jax.config import ConfigError
+from scone_jax.fgrams import FgramTable
 from scone_jax import run as run_lib
 from scone_jax.corpus import CorpusError, Document, FileCorpus, sft
 from scone_jax.tokenizer import TokenShards, write_shards
@@ -160,3 +164,23 @@ def test_chat_spans(tmp_path):
   render = sft.jinja_renderer(CHATML)
   assert doc.text == render(messages, False)
   assert ''.join(t for t, _ in doc.spans[:3]) == render(messages[:2], True)
+
+
+def test_given_fgram_table(sft_run, tmp_path):
+  """fgram.table_dir: prepare takes a given table (here the SFT run's own, with its
+  tokenizer) instead of mining; a table of another K is refused naming the key."""
+  cfg, workdir = sft_run
+  run = run_lib.RunDir(workdir)
+  given = os.path.join(os.path.dirname(os.path.dirname(run.tokenizer().path)), 'fgrams')
+  values = th.micro_dict(str(tmp_path), **{
+      'data.format': 'sft', 'data.train_files': cfg.data.train_files,
+      'data.eval_files': cfg.data.eval_files, 'fgram.table_dir': given,
+      'tokenizer.model_file': run.tokenizer().path, 'fgram.allow_short_table': True})
+  prepared = prepare_lib.prepare(config_lib.from_configdict(values), str(tmp_path / 'W'))
+  source = FgramTable.load(given)
+  assert len(prepared.table) == len(source) > 0
+  np.testing.assert_array_equal(prepared.table.tokens_SxK, source.tokens_SxK)
+  assert prepared.table.meta['given'] == given
+  values['fgram']['max_len'] = source.max_len + 1
+  with pytest.raises(ConfigError, match=f'set config.fgram.max_len={source.max_len}'):
+    prepare_lib.prepare(config_lib.from_configdict(values), str(tmp_path / 'W2'))
