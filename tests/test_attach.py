@@ -17,7 +17,7 @@ from scone_jax import mesh as mesh_lib
 from scone_jax import run as run_lib
 from scone_jax.config import ConfigError
 from scone_jax.export import export as export_lib
-from scone_jax.model import arm_accounting
+from scone_jax.model import SconeLM, arm_accounting, flops
 from scone_jax.sweeps import spec
 from scone_jax.train import init_from
 from scone_jax.train import inputs as inputs_lib
@@ -134,3 +134,23 @@ def test_post_training_sweep_accounting(tmp_path):
     assert released < arm.side_params < 1.07 * released
     assert arm.host_rows == 10_000_000
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize('overrides', [
+    {'fgram_model.d_model': 48, 'fgram_model.num_heads': 4},  # GPT-2: learned positions.
+    {'model.family': 'olmo', 'fgram_model.d_model': 48, 'fgram_model.mlp_dim': 96},  # RoPE.
+    {'fgram_model.zero_init_out': True, 'fgram_model.combine': 'add',
+     'fgram_model.final_norm': 'same'},  # The backbone's width, a projection.
+], ids=['gpt2', 'olmo', 'shared'])
+def test_af_of_its_own_width_is_counted(overrides):
+  """The accounting (model/flops.py) counts exactly A_f's parameters, its own token
+  table, positions and projection included; A_f of its own width outputs the backbone's."""
+  cfg = th.micro_config('/unused', **overrides)
+  lm = SconeLM(cfg.model, cfg.fgram_model, cfg.fgram.max_len, 64, nnx.Rngs(0))
+  have = sum(v.size for k, v in jax.tree_util.tree_flatten_with_path(
+      nnx.state(lm, nnx.Param))[0] if jax.tree_util.keystr(k).startswith("['fgram_model']"))
+  assert flops.param_counts(cfg, 64).fgram_total == have
+  assert (lm.fgram_model.pos_table is None) == (cfg.model.family == 'olmo')
+  tokens_UxK = jnp.array([[5, 6, 0, 0, 0], [7, 8, 9, 0, 0]], jnp.int32)
+  e_UxD = lm.fgram_model(tokens_UxK, jnp.array([2, 3]))
+  assert e_UxD.shape == (2, cfg.model.d_model) and np.all(np.isfinite(e_UxD))
