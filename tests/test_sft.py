@@ -184,3 +184,30 @@ def test_given_fgram_table(sft_run, tmp_path):
   values['fgram']['max_len'] = source.max_len + 1
   with pytest.raises(ConfigError, match=f'set config.fgram.max_len={source.max_len}'):
     prepare_lib.prepare(config_lib.from_configdict(values), str(tmp_path / 'W2'))
+
+
+# A Qwen-style template: a default system message, whitespace control, loop variables.
+QWEN_LIKE = (
+    "{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are helpful.'"
+    " + '<|im_end|>\\n' }}{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "    {{- '<|im_start|>' + message['role'] + '\\n' + message['content'] | trim + "
+    "'<|im_end|>' + '\\n' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}\n")
+
+
+@pytest.mark.parametrize('template', [CHATML, QWEN_LIKE], ids=['chatml', 'qwen_like'])
+def test_chat_template_renders_as_transformers(template):
+  """Our jinja2 rendering equals transformers' apply_chat_template (a test-only package)."""
+  transformers = pytest.importorskip('transformers')
+  tokenizers = pytest.importorskip('tokenizers')
+  tok = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel({'[UNK]': 0}, '[UNK]')),
+      chat_template=template)
+  messages = [{'role': 'user', 'content': ' Hi there '}, {'role': 'assistant', 'content': 'Hello.'},
+              {'role': 'user', 'content': 'Bye'}]
+  render = sft.jinja_renderer(template)
+  for n, prompt in ((1, True), (2, False), (3, True)):
+    assert render(messages[:n], prompt) == tok.apply_chat_template(
+        messages[:n], tokenize=False, add_generation_prompt=prompt)
