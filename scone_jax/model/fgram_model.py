@@ -5,9 +5,10 @@ Dimension letters: U f-grams, K max f-gram length, D d_model, R packed rows of W
 
 A_f is the backbone's block stack (same `BlockStack` class and `ModelConfig`, depth
 `fgram_model.num_layers`) without a token table of its own: its input is the SHARED token
-embeddings T(x_j..x_i) plus a learned absolute position embedding of size K. A_f always
-uses learned positions, never RoPE, whatever the backbone family: f-grams are at most K
-tokens long and the paper specifies a learned position table of size K. Attention is
+embeddings T(x_j..x_i) plus a learned absolute position embedding of size K. This A_f
+always uses learned positions, never RoPE, whatever the backbone family: f-grams are at
+most K tokens long and the paper specifies a learned position table of size K (an A_f of
+its own width, below, follows its family instead, like the checkpoint it comes from). Attention is
 causal; the output is the hidden state at the f-gram's last token (index len-1), then a
 final norm per `fgram_model.final_norm` ('same' = the backbone's norm type with its own
 parameters, 'none' = the raw residual stream), then `fgram_model.output_scale` (a learned
