@@ -6,7 +6,8 @@ The "pretrained checkpoints" are our own micro runs, made first (minutes on a la
       --workdir=runs/post_training_micro/base --config.fgram_model.num_layers=0 \\
       --config.train.steps=300
   python -m scone_jax.train --config=experiments/demo.py:micro \\
-      --workdir=runs/post_training_micro/af64 --config.fgram_model.num_layers=0 --config.model.d_model=64 --config.train.steps=300 \\
+      --workdir=runs/post_training_micro/af64 --config.fgram_model.num_layers=0 \\
+      --config.model.d_model=64 --config.train.steps=300 \\
       --config.data.artifacts_dir=runs/post_training_micro/base/prepare
 then the sweep, on a prompt/response JSONL of your own ({"prompt": ..., "response": ...}
 per line; data.format='chat' for {"messages": [...]}), tokenized with the base run's
