@@ -36,14 +36,14 @@ def _write_sft(path: str, count: int, seed: int) -> None:
 
 @pytest.fixture(scope='module')
 def sft_run(tmp_path_factory):
-  """A 12-step baseline SFT run on a prompt/response corpus: (config, W)."""
+  """An 8-step baseline SFT run on a prompt/response corpus: (config, W)."""
   base = tmp_path_factory.mktemp('sft')
-  _write_sft(str(base / 'train.jsonl'), 1500, 0)
-  _write_sft(str(base / 'eval.jsonl'), 60, 1)
+  _write_sft(str(base / 'train.jsonl'), 600, 0)
+  _write_sft(str(base / 'eval.jsonl'), 40, 1)
   cfg = th.micro_config(str(base), **{
       'data.format': 'sft', 'data.train_files': str(base / 'train.jsonl'),
       'data.eval_files': 'heldout=' + str(base / 'eval.jsonl'),
-      'fgram_model.num_layers': 0, 'train.steps': 12, 'train.learning_rate': 3e-3,
+      'fgram_model.num_layers': 0, 'train.steps': 8, 'train.learning_rate': 3e-3,
       'checkpoint.every_steps': 0, 'train.eval_batches': 2})
   workdir = str(base / 'W')
   loop.train(cfg, workdir)
@@ -75,8 +75,8 @@ def test_masks_are_stored_packed_and_resumed(sft_run):
              for s in range(1, seg[r].max() + 1)]
   untrained = [tok.decode(t[r][(seg[r] == s) & (w[r] == 0)]) for r in range(t.shape[0])
                for s in range(1, seg[r].max() + 1)]
-  assert not any('say' in x for x in trained) and sum(x.endswith('end') for x in trained) > 4
-  assert sum('say back:' in x for x in untrained) > 4
+  assert not any('say' in x for x in trained) and sum(x.endswith('end') for x in trained) >= 3
+  assert sum('say back:' in x for x in untrained) >= 3
   # Resume: batches after a restored iterator state are bitwise those of one pass.
   for _ in range(2):
     next(it)
@@ -94,7 +94,7 @@ def test_response_loss_falls_and_is_evaluated(sft_run):
   _, workdir = sft_run
   run = run_lib.RunDir(workdir)
   losses = [m['loss'] for m in run.metrics() if 'loss' in m]
-  assert len(losses) == 12 and losses[-1] < losses[0] - 0.5
+  assert len(losses) == 8 and losses[-1] < losses[0] - 0.3  # 6.26 -> 5.69 measured
   with open(os.path.join(workdir, 'eval.json')) as f:
     heldout = json.load(f)['corpora']['heldout']
   for key in ('loss', 'perplexity', 'bits_per_byte', 'response_loss', 'response_tokens'):
