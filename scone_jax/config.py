@@ -47,8 +47,11 @@ class DataConfig:
   # UTF-8 document per record; 'arrayrecord_tokens': one document per record as token ids
   # (little-endian uint32, no BOS/EOS; needs the tokenizer that made them in
   # tokenizer.model_file). Layouts: scone_jax/corpus/columnar.py.
+  # 'sft' / 'chat': supervised fine-tuning JSONL ({prompt, response} / {messages}), the loss
+  # on response tokens only (scone_jax/corpus/sft.py; chat templates from the tokenizer's
+  # tokenizer_config.json).
   format: Literal['lines', 'blank_lines', 'jsonl', 'parquet', 'arrayrecord',
-                  'arrayrecord_tokens'] = 'lines'
+                  'arrayrecord_tokens', 'sft', 'chat'] = 'lines'
   text_field: str = 'text'
   # Invalid UTF-8: 'replace' with U+FFFD (counted and reported) or 'error' (names file+line).
   on_bad_utf8: Literal['replace', 'error'] = 'replace'
@@ -123,6 +126,9 @@ class FgramConfig:
   # naming the rows and the min_count that gives more, unless this is True; then the run
   # uses all rows and W/run.json's fgram_table_rows records them (S = rows_used(rows)).
   allow_short_table: bool = False
+  # A given f-gram table (an FgramTable directory, e.g. a pretrained run's A/fgrams) instead
+  # of mining: prepare copies it after checking its tokenizer and max_len ('' = mine).
+  table_dir: str = ''
 
   # The ONE derivation of S (the paper's number of f-grams) from this section. Every module asks
   # these two; none reads `use_size` itself (tests/test_config_facts.py checks that).
@@ -275,6 +281,38 @@ class FgramModelConfig:
   # 'gate' is refused) and there is no A_f.
   hash_max_n: int = 3
   hash_buckets: int = 0
+  # A_f of its own width (docs/METHOD.md, "Post-training"). 0 = the backbone's d_model: A_f
+  # reads the shared token table. > 0: A_f owns a token table [V, d_model], blocks of that
+  # width (num_heads, mlp_dim: 0 = the backbone's heads, 4 d_model), the family's positions
+  # (RoPE, or a learned table of K rows) and a learned projection [d_model, D] to the
+  # backbone's width; `arch` is its ModelConfig.
+  d_model: int = 0
+  num_heads: int = 0
+  mlp_dim: int = 0
+  # True: A_f's output goes through a projection [d_f, D] that starts at ZERO, so with
+  # combine='add' (required) x = T(x_i) + 0 and step 0 is exactly the backbone (a trained
+  # one from train.init_from_run). False: no projection unless d_model is set (today's A_f).
+  zero_init_out: bool = False
+  # A_f's token table, positions (first K rows), first num_layers blocks and final norm start
+  # from the BACKBONE of the run in this directory (its width/heads/mlp must be A_f's);
+  # train/init_from.py (one function, `source_backbone`, reads the source). '' = A_f's init.
+  init_from_run: str = ''
+
+  def arch(self, model: 'ModelConfig') -> 'ModelConfig':
+    """A_f's block architecture: the backbone's, at A_f's own width when d_model is set."""
+    if not self.d_model:
+      return model
+    # Its own width means its own heads: full K/V heads of d_model / num_heads each (the
+    # backbone's num_kv_heads / head_dim describe the backbone's checkpoint only).
+    return dataclasses.replace(model, d_model=self.d_model,
+                               num_heads=self.num_heads or model.num_heads,
+                               mlp_dim=self.mlp_dim or 4 * self.d_model, num_kv_heads=0,
+                               head_dim=0)
+
+  @property
+  def projects(self) -> bool:
+    """Whether A_f's output goes through a learned projection to the backbone's width."""
+    return bool(self.d_model) or self.zero_init_out
 
   @property
   def enabled(self) -> bool:
@@ -629,6 +667,12 @@ def validate(cfg: Config) -> Config:
         f'config.tokenizer.vocab_size={cfg.tokenizer.vocab_size}: token ids past the table '
         'would embed as garbage; set model.vocab_size >= tokenizer.vocab_size (or 0 = same)')
   _check_architecture(model)
+  af = cfg.fgram_model.arch(model)
+  if af is not model and (af.d_model < 1 or af.d_model % af.num_heads or
+                          (model.position == 'rope' and (af.d_model // af.num_heads) % 2)):
+    raise ConfigError(f'config.fgram_model.d_model={af.d_model} must be >= 1 and split into '
+                      f'fgram_model.num_heads={af.num_heads} heads (0 = the backbone\'s), of '
+                      'even size for RoPE')
   if model.loss_chunk < 0:
     raise ConfigError(f'config.model.loss_chunk={model.loss_chunk} must be >= 0 (tokens '
                       'per cross-entropy chunk; 0 = the whole sequence at once)')
@@ -707,6 +751,19 @@ def _check_fgram_side(fm: FgramModelConfig) -> None:
       if getattr(fm, key) != default:
         raise ConfigError(f'config.fgram_model.{key}={getattr(fm, key)!r} shapes A_f\'s '
                           f"output; kind='table' has no A_f: leave it {default!r}")
+  own = fm.d_model or fm.num_heads or fm.mlp_dim or fm.zero_init_out or fm.init_from_run
+  if own and (fm.kind != 'network' or not fm.num_layers):
+    raise ConfigError('config.fgram_model.d_model/num_heads/mlp_dim/zero_init_out/'
+                      "init_from_run shape A_f: they need kind='network' and num_layers >= 1")
+  if (fm.num_heads or fm.mlp_dim) and not fm.d_model:
+    raise ConfigError('config.fgram_model.num_heads/mlp_dim give A_f its own shape: set '
+                      'config.fgram_model.d_model too (0 = A_f is the backbone\'s width)')
+  if fm.zero_init_out and fm.combine != 'add':
+    raise ConfigError(f'config.fgram_model.zero_init_out=True starts A_f\'s output at 0, which '
+                      f'keeps the backbone\'s step-0 function only with combine=\'add\' (got '
+                      f'{fm.combine!r}: x would be 0 or T/2); set config.fgram_model.combine='
+                      "'add' (for 'replace', init='identity' without zero_init_out starts at "
+                      'the backbone exactly when A_f shares its width)')
   if fm.combine != 'replace' and not fm.enabled:
     raise ConfigError(f'config.fgram_model.combine={fm.combine!r} joins an f-gram embedding '
                       'to the token embedding, but this run has none (fgram_model.'

@@ -55,6 +55,10 @@ class CorpusEval:
   bits_per_byte: float
   tokens: float  # Target tokens evaluated.
   fraction_evaluated: float  # tokens / corpus tokens.
+  # Supervised fine-tuning corpora (token shards with a loss mask): the mean loss over
+  # response tokens (what SFT trains) and their count; None (not written) otherwise.
+  response_loss: float | None = None
+  response_tokens: float | None = None
 
 
 class Evaluator:
@@ -70,9 +74,14 @@ class Evaluator:
     self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def loss_sums(params, other, batch):
+      """(loss sum, weight sum) over every target, then over response targets (the loss
+      mask; 0, 0 for a corpus without one)."""
       logits_BxTxV = nnx.merge(graphdef, params, other)(batch)
-      return cross_entropy_sums(logits_BxTxV, batch['targets_BxT'],
-                                         batch['weights_BxT'])
+      sums = cross_entropy_sums(logits_BxTxV, batch['targets_BxT'], batch['weights_BxT'])
+      if 'loss_mask_BxT' not in batch:  # Traced per batch structure: no extra work.
+        return sums + (jnp.zeros((), jnp.float32),) * 2
+      return sums + cross_entropy_sums(logits_BxTxV, batch['targets_BxT'],
+                                       batch['loss_mask_BxT'])
     self._loss_sums = jax.jit(loss_sums, out_shardings=self._replicated)
 
   def __call__(self, params: nnx.State, other: nnx.State) -> dict[str, CorpusEval]:
@@ -81,15 +90,18 @@ class Evaluator:
       it = batches.make_eval_iterator(
           self._cfg, shards, self._data.table, jax.process_index(), jax.process_count(),
           max_batches=self._cfg.train.eval_batches, bos_id=self._data.tokenizer.bos_id)
-      loss_sum, weight_sum = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+      sums = (jnp.zeros((), jnp.float32),) * 4
       with compat.set_mesh(self._mesh):
         for local_batch in it:
-          l, w = self._loss_sums(params, other,
-                                 batches.to_global_arrays(local_batch, self._mesh))
-          loss_sum, weight_sum = loss_sum + l, weight_sum + w
-      loss_sum, weight_sum = float(loss_sum), float(weight_sum)
+          sums = tuple(a + b for a, b in zip(sums, self._loss_sums(
+              params, other, batches.to_global_arrays(local_batch, self._mesh))))
+      loss_sum, weight_sum, response_sum, response_tokens = (float(x) for x in sums)
       results[name] = corpus_metrics(loss_sum, weight_sum, shards.num_tokens,
                                      shards.num_bytes, name)
+      if getattr(shards, 'loss_mask', None) is not None and response_tokens > 0:
+        results[name] = dataclasses.replace(
+            results[name], response_loss=response_sum / response_tokens,
+            response_tokens=response_tokens)
     return results
 
 
@@ -106,8 +118,11 @@ def corpus_metrics(nll_sum: float, tokens: float, corpus_tokens: int, corpus_byt
 
 
 def eval_record(step: int, results: Mapping[str, CorpusEval]) -> dict[str, Any]:
+  # The response fields only where there are any: other runs' eval.json stays as it was.
   return {'step': int(step),
-          'corpora': {k: dataclasses.asdict(v) for k, v in sorted(results.items())}}
+          'corpora': {k: {f: x for f, x in dataclasses.asdict(v).items()
+                          if x is not None or not f.startswith('response_')}
+                      for k, v in sorted(results.items())}}
 
 
 def write_eval(workdir: str, step: int, results: Mapping[str, CorpusEval]) -> dict[str, Any]:
@@ -144,9 +159,12 @@ def format_eval(record: Mapping[str, Any]) -> list[str]:
   lines = []
   for name, r in record['corpora'].items():
     role = 'validation' if config_lib.is_validation_corpus(name) else 'test'
+    response = (f'  response loss {r["response_loss"]:.4f} ({r["response_tokens"]:.0f} '
+                'tokens)' if 'response_loss' in r else '')
     lines.append(f'eval step {record["step"]} {name} ({role}): loss {r["loss"]:.4f}  ppl '
                  f'{r["perplexity"]:.2f}  bits/byte {r["bits_per_byte"]:.4f}  '
-                 f'({r["tokens"]:.0f} tokens = {r["fraction_evaluated"]:.1%} of the set)')
+                 f'({r["tokens"]:.0f} tokens = {r["fraction_evaluated"]:.1%} of the set)'
+                 f'{response}')
   return lines
 
 

@@ -31,7 +31,7 @@ from scone_jax import config_runtime
 from scone_jax import run as run_lib
 from scone_jax.config import Config
 from scone_jax.errors import UserError
-from scone_jax.corpus import CorpusError, FileCorpus, embedded, readers
+from scone_jax.corpus import CorpusError, FileCorpus, embedded, readers, sft
 from scone_jax.fgrams import FgramTable, mine_fgrams
 from scone_jax.hf import load as hf_load
 from scone_jax.tokenizer import (TokenShards, Tokenizer, install_tokenizer, open_tokenizer,
@@ -105,10 +105,12 @@ def _corpora(cfg: Config, art_dir: str, build: bool) -> _Corpora:
                       "held-out test set, e.g. --config.data.eval_files='heldout=/d/test.txt'"
                       ' (files not in data.train_files); to train without one, set '
                       '--config.data.allow_no_eval=True')
+  template = sft.chat_template(cfg.tokenizer.model_file) if data.format == 'chat' else ''
   train = readers.files_corpus(data.train_files, 'data.train_files', data.format,
-                               data.text_field, data.on_bad_utf8, 'train', data.check_format)
+                               data.text_field, data.on_bad_utf8, 'train', data.check_format,
+                               template)
   evals = {name: FileCorpus(paths, data.format, data.text_field, data.on_bad_utf8, name,
-                            check_format=data.check_format)
+                            check_format=data.check_format, chat_template=template)
            for name, paths in readers.parse_named_globs(data.eval_files).items()}
   if 'train' in evals:  # Stage names and Prepared keys reserve it for the train split.
     raise CorpusError("config.data.eval_files: an eval corpus cannot be named 'train'; name "
@@ -178,8 +180,24 @@ def _fgram_input(cfg: Config, tokenizer_fp: str, train_fp: str) -> str:
   # The miner is left out: 'local' and 'beam' produce the same table exactly, and
   # memory_budget_mb only changes how it is computed.
   fc = cfg.fgram
+  if fc.table_dir:  # A given table: its own content, not the train split, defines it.
+    return artifacts.fingerprint('given_fgrams', tokenizer_fp, _given_table(cfg).fingerprint)
   return artifacts.fingerprint('fgrams', PREPARE_VERSION, tokenizer_fp, train_fp,
                                fc.max_len, fc.size, fc.min_count)
+
+
+def _given_table(cfg: Config, tokenizer_fp: str | None = None) -> FgramTable:
+  """The table of fgram.table_dir, checked against this run's tokenizer and K."""
+  where = f'config.fgram.table_dir={cfg.fgram.table_dir}'
+  try:
+    table = FgramTable.load(cfg.fgram.table_dir, expect_tokenizer=tokenizer_fp)
+  except artifacts.ArtifactError as e:
+    raise config_lib.ConfigError(f'{where}: {e}; give an f-gram table built with this '
+                                 "run's tokenizer (tokenizer.model_file)") from e
+  if table.max_len != cfg.fgram.max_len:
+    raise config_lib.ConfigError(f'{where} holds f-grams of up to {table.max_len} tokens; '
+                                 f'set config.fgram.max_len={table.max_len}')
+  return table
 
 
 def _shard_dirs(art_dir: str, corpora: _Corpora) -> dict[str, str]:
@@ -244,7 +262,8 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
         lambda d=directory, c=corpus, n=name: write_shards(
             d, c, tok, c.fingerprint, c.total_file_bytes, name=n,
             extra_meta=lambda: {'bad_utf8_lines': c.stats.bad_utf8_lines,
-                                'bad_utf8_chars': c.stats.bad_utf8_chars}),
+                                'bad_utf8_chars': c.stats.bad_utf8_chars},
+            loss_mask=cfg.data.format in sft.SFT_FORMATS),
         lambda d=directory, e=expect: TokenShards.open(d, tok.fingerprint, expect=e,
                                                        vocab_size=tok.vocab_size),
         f'tokens/{name}', timings, skipped)
@@ -255,7 +274,9 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
 
   def build_fgrams():
     fc = cfg.fgram
-    if fc.miner == 'beam':
+    if fc.table_dir:
+      table = _given_table(cfg, tok.fingerprint)
+    elif fc.miner == 'beam':
       # Imported only when chosen: apache_beam is heavy and optional for the local miner.
       from scone_jax.fgrams import beam  # pylint: disable=g-import-not-at-top
       table = beam.mine_fgrams_beam(train, max_len=fc.max_len, size=fc.size,
@@ -265,7 +286,8 @@ def prepare(cfg: Config, workdir: str) -> Prepared:
                           memory_budget_mb=fc.memory_budget_mb)
     table.meta.update({'tokenizer_fingerprint': tok.fingerprint,
                        'train_fingerprint': train.fingerprint,
-                       'input_fingerprint': fgram_input, 'miner': fc.miner})
+                       'input_fingerprint': fgram_input,
+                       **({'given': fc.table_dir} if fc.table_dir else {'miner': fc.miner})})
     table.save(fgram_dir)
     return FgramTable.load(fgram_dir, expect_tokenizer=tok.fingerprint)
 

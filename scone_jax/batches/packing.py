@@ -125,7 +125,8 @@ def first_fit_rows(length_N: np.ndarray, seq_len: int,
 
 
 def build_rows(examples: Examples, row_examples: list[np.ndarray], tokens: np.ndarray,
-               offsets_D1: np.ndarray, bos_id: int, seq_len: int) -> dict[str, np.ndarray]:
+               offsets_D1: np.ndarray, bos_id: int, seq_len: int,
+               loss_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """Materialises packed rows.
 
   Args:
@@ -136,10 +137,13 @@ def build_rows(examples: Examples, row_examples: list[np.ndarray], tokens: np.nd
     offsets_D1: document offsets into `tokens`.
     bos_id: token prepended to every document.
     seq_len: T.
+    loss_mask: the shards' per-token loss mask (uint8, parallel to `tokens`; supervised
+      fine-tuning), or None.
 
   Returns:
     inputs_BxT, targets_BxT, segment_ids_BxT, positions_BxT (int32) and weights_BxT
-    (float32, 1 where a real target is predicted), padding 0 everywhere.
+    (float32, 1 where a real target is predicted), padding 0 everywhere; with loss_mask
+    also loss_mask_BxT (float32, the mask of each target: 1 = a response token).
   """
   num_rows = len(row_examples)
   counts_B = np.array([r.shape[0] for r in row_examples], dtype=np.int64)
@@ -163,6 +167,8 @@ def build_rows(examples: Examples, row_examples: list[np.ndarray], tokens: np.nd
   dwb_M = np.repeat(examples.start_N[ex_E], len_E) + pos_M
   base_M = np.repeat(np.asarray(offsets_D1, np.int64)[examples.doc_N[ex_E]], len_E)
   targets_M = np.asarray(tokens[base_M + dwb_M]).astype(np.int32)
+  if loss_mask is not None:
+    out_mask_M = np.asarray(loss_mask[base_M + dwb_M]).astype(np.float32)
   # doc_with_bos[j] = tokens[base + j - 1] for j >= 1; j == 0 is the BOS.
   is_bos_M = dwb_M == 0
   inputs_M = np.asarray(tokens[np.where(is_bos_M, base_M, base_M + dwb_M - 1)]).astype(
@@ -182,4 +188,7 @@ def build_rows(examples: Examples, row_examples: list[np.ndarray], tokens: np.nd
   out['segment_ids_BxT'][flat_M] = np.repeat(seg_E, len_E)
   out['positions_BxT'][flat_M] = pos_M
   out['weights_BxT'][flat_M] = 1.0
+  if loss_mask is not None:
+    out['loss_mask_BxT'] = np.zeros(num_rows * seq_len, np.float32)
+    out['loss_mask_BxT'][flat_M] = out_mask_M
   return {k: v.reshape(num_rows, seq_len) for k, v in out.items()}

@@ -39,7 +39,7 @@ class BatchDataset(grain.MapDataset):
   def __init__(self, shards, rows: order_lib.RowOrder, *, global_batch_size: int,
                num_batches: int | None, bos_id: int, table: tagging.Matcher | None,
                capacity: int, process_index: int, process_count: int,
-               bucket_growth: float = 1.2):
+               bucket_growth: float = 1.2, train: bool = True):
     super().__init__()
     if process_count < 1 or not 0 <= process_index < process_count:
       raise ValueError(f'process_index={process_index} must be in [0, process_count='
@@ -57,6 +57,7 @@ class BatchDataset(grain.MapDataset):
     self._capacity = capacity
     self._bucket_growth = bucket_growth
     self._process_index = process_index
+    self._train = train
 
   def __len__(self) -> int:
     return sys.maxsize if self._num_batches is None else self._num_batches
@@ -70,7 +71,11 @@ class BatchDataset(grain.MapDataset):
     row_examples = self._rows.rows(first, self.local_batch_size)
     batch: dict[str, Any] = packing.build_rows(
         self._rows.examples, row_examples, self._shards.tokens, self._shards.offsets,
-        self._bos_id, self._rows.seq_len)
+        self._bos_id, self._rows.seq_len, getattr(self._shards, 'loss_mask', None))
+    if self._train and 'loss_mask_BxT' in batch:
+      # Supervised fine-tuning: the loss covers response tokens only. Eval batches keep
+      # both (every token's loss and the response loss, evaluate.py).
+      batch['weights_BxT'] = batch.pop('loss_mask_BxT')
     batch[STATS_PREFIX + 'num_tokens'] = np.float32(batch['weights_BxT'].sum())
     if self._table is not None:
       batch = tagging.tag_fgrams(batch, self._table, self._capacity, self._bucket_growth)
@@ -153,7 +158,7 @@ def make_eval_dataset(cfg: config_lib.Config, shards, table=None, process_index:
   return BatchDataset(shards, rows, global_batch_size=batch_size, num_batches=num_batches,
                       bos_id=bos_id, table=table, capacity=cfg.fgram_model.capacity,
                       process_index=process_index, process_count=process_count,
-                      bucket_growth=cfg.fgram_model.bucket_growth)
+                      bucket_growth=cfg.fgram_model.bucket_growth, train=False)
 
 
 def make_eval_iterator(cfg: config_lib.Config, shards, table=None, process_index: int = 0,

@@ -24,3 +24,6 @@ class Document:
   # Token ids (no BOS/EOS) of an already tokenized document (data.format=
   # 'arrayrecord_tokens'; text is then ''), else None.
   ids: np.ndarray | None = None
+  # Supervised fine-tuning (corpus/sft.py): the (text, trained) pieces of `text` in order;
+  # prepare stores a loss mask of 1 on the tokens of trained pieces. None = all trained.
+  spans: tuple[tuple[str, bool], ...] | None = None

@@ -22,11 +22,13 @@ from typing import Iterator
 from absl import logging
 
 from scone_jax import artifacts, paths as paths_lib
-from scone_jax.corpus import columnar
+from scone_jax.corpus import columnar, sft
 from scone_jax.corpus.document import CorpusError, Document
 
-FORMATS = ('lines', 'blank_lines', 'jsonl', 'parquet', 'arrayrecord', 'arrayrecord_tokens')
-TEXT_FORMATS = ('lines', 'blank_lines', 'jsonl')
+FORMATS = ('lines', 'blank_lines', 'jsonl', 'parquet', 'arrayrecord', 'arrayrecord_tokens',
+           *sft.SFT_FORMATS)
+TEXT_FORMATS = ('lines', 'blank_lines', 'jsonl', *sft.SFT_FORMATS)
+JSON_FORMATS = ('jsonl', *sft.SFT_FORMATS)
 # What a text reader must never read as text: (first bytes, what the file is, the fix).
 _MAGIC = (
     (b'\x1f\x8b', 'gzip-compressed data', 'decompress it first (gunzip)'),
@@ -115,7 +117,8 @@ class FileCorpus:
 
   def __init__(self, paths: list[str], fmt: str = 'lines', text_field: str = 'text',
                on_bad_utf8: str = 'replace', name: str = 'train',
-               source_field: str = '', fingerprint: str = '', check_format: bool = True):
+               source_field: str = '', fingerprint: str = '', check_format: bool = True,
+               chat_template: str = ''):
     """Creates the corpus; checks that every file exists.
 
     Args:
@@ -129,6 +132,8 @@ class FileCorpus:
       fingerprint: overrides the default fingerprint (paths, sizes, mtimes, options).
       check_format: refuse a text-format file whose first 64 KiB look like another format
         (`check_file_format`; config data.check_format).
+      chat_template: fmt='chat': a Hugging Face jinja2 chat template ('' = the plain
+        template; corpus/sft.py).
     """
     if fmt not in FORMATS:
       raise CorpusError(f'data.format={fmt!r} is not one of {list(FORMATS)}')
@@ -145,6 +150,7 @@ class FileCorpus:
     self.source_field = source_field
     self._fingerprint = fingerprint
     self.check_format = check_format
+    self.chat_template = chat_template
     self.stats = ReadStats()
 
   @property
@@ -152,8 +158,10 @@ class FileCorpus:
     if self._fingerprint:
       return self._fingerprint
     files = [_file_identity(p) for p in self.paths]
+    # The template only when set: the fingerprints of existing corpora stay as they were.
+    template = (self.chat_template,) if self.chat_template else ()
     return artifacts.fingerprint('file_corpus', self.format, self.text_field,
-                                 self.on_bad_utf8, files)
+                                 self.on_bad_utf8, files, *template)
 
   @property
   def total_file_bytes(self) -> int:
@@ -168,7 +176,10 @@ class FileCorpus:
     read = {'lines': self._lines, 'blank_lines': self._blank_lines, 'jsonl': self._jsonl,
             'parquet': lambda p: columnar.parquet_documents(p, self.text_field),
             'arrayrecord': lambda p: columnar.arrayrecord_text_documents(p, self._decode),
-            'arrayrecord_tokens': columnar.arrayrecord_token_documents}[self.format]
+            'arrayrecord_tokens': columnar.arrayrecord_token_documents,
+            'sft': lambda p: sft.documents(self._decoded_lines(p), p, 'sft'),
+            'chat': lambda p: sft.documents(self._decoded_lines(p), p, 'chat',
+                                            self._template())}[self.format]
     for path in self.paths:
       if self.check_format:
         check_file_format(path, self.format)
@@ -185,6 +196,12 @@ class FileCorpus:
                       'replaced with U+FFFD (first at %s)', self.name,
                       self.stats.bad_utf8_lines, self.stats.bad_utf8_chars,
                       self.stats.first_bad_utf8)
+
+  def _template(self):
+    if not self.chat_template:
+      return None
+    render = sft.jinja_renderer(self.chat_template)
+    return lambda messages: sft.template_spans(render, messages)
 
   def _decoded_lines(self, path: str) -> Iterator[tuple[int, str]]:
     with paths_lib.path(path).open('rb') as f:
@@ -284,7 +301,7 @@ def check_file_format(path: str, fmt: str) -> None:
     raise CorpusError(f'{where}: {bad / len(text):.0%} of the first 64 KiB is invalid UTF-8: '
                       'compressed, binary or another text encoding; decompress it, or '
                       'convert it to UTF-8 (iconv -f <encoding> -t utf-8)')
-  if fmt != 'jsonl':
+  if fmt not in JSON_FORMATS:
     lines = head.split(b'\n')
     if len(head) == SNIFF_BYTES:
       lines = lines[:-1]  # Cut at the boundary.
@@ -316,7 +333,7 @@ def _file_identity(path: str) -> tuple[str, int, int]:
 
 
 def files_corpus(globs: str, key: str, fmt: str, text_field: str, on_bad_utf8: str,
-                 name: str, check_format: bool = True) -> FileCorpus:
+                 name: str, check_format: bool = True, chat_template: str = '') -> FileCorpus:
   """A FileCorpus from comma-separated globs (the config's data.train_files form)."""
   return FileCorpus(expand_globs(globs, key), fmt, text_field, on_bad_utf8, name,
-                    check_format=check_format)
+                    check_format=check_format, chat_template=chat_template)

@@ -60,7 +60,7 @@ class ParamCounts:
   output_head: int  # d V when untied, else 0.
   position_table: int  # max_seq_len d for learned positions, else 0.
   fgram_non_embedding: int  # L_f blocks + A_f's final norm (0 for the baseline).
-  fgram_position_table: int  # K d (0 for the baseline).
+  fgram_position_table: int  # K d_f (0 for the baseline and a RoPE A_f of its own width).
   # The exported store's rows (S; (n - 1) m for kind='hashed'; 0 for the baseline), in
   # host RAM / on disk at inference, and their values (rows x d).
   offloaded_rows: int
@@ -70,6 +70,8 @@ class ParamCounts:
   # to the store like A_f's outputs).
   trained_rows: int = 0
   combine_gate: int = 0  # d for combine='gate' (training only: export folds it in).
+  # A_f of its own width d_f (fgram_model.d_model): its own token table V d_f.
+  fgram_token_embedding: int = 0
 
   @property
   def backbone_total(self) -> int:
@@ -82,7 +84,8 @@ class ParamCounts:
     """The f-gram side's own trainable parameters: A_f's (it also reads the shared token
     table), or the rows of kind='table' / 'hashed'. The combine gate is counted apart
     (`combine_gate`; model/arm_accounting.py adds it)."""
-    return (self.fgram_non_embedding + self.fgram_position_table + self.trained_rows)
+    return (self.fgram_non_embedding + self.fgram_position_table + self.trained_rows +
+            self.fgram_token_embedding)
 
   @property
   def train_total(self) -> int:
@@ -130,15 +133,20 @@ def param_counts(cfg: Config, vocab_size: int | None = None,
   rows = offloaded_rows(cfg, table_rows)
   trained_rows = {'table': trained_table.padded_rows(rows), 'hashed': rows}.get(
       fm.kind, 0) if fm.enabled else 0
-  af_norm = final_norm if cfg.fgram_model.final_norm == 'same' else 0
+  af = fm.arch(m)  # A_f's blocks: the backbone's, or of its own width d_f.
+  own = af is not m
+  af_norm = _NORM_PARAMS[af.norm] * af.d_model if fm.final_norm == 'same' else 0
+  af_proj = af.d_model * d if fm.projects else 0
   return ParamCounts(
       backbone_non_embedding=m.num_layers * _block_params(m) + final_norm,
       token_embedding=v * d,
       output_head=0 if m.tied_embeddings else d * v,
       position_table=m.max_seq_len * d if m.position == 'learned' else 0,
-      fgram_non_embedding=(cfg.fgram_model.num_layers * _block_params(m) + af_norm
+      fgram_non_embedding=(fm.num_layers * _block_params(af) + af_norm + af_proj
                            if scone else 0),
-      fgram_position_table=cfg.fgram.max_len * d if scone else 0,
+      fgram_position_table=(cfg.fgram.max_len * af.d_model
+                            if scone and not (own and af.position == 'rope') else 0),
+      fgram_token_embedding=v * af.d_model if scone and own else 0,
       offloaded_rows=rows,
       offloaded=rows * d,
       trained_rows=trained_rows * d,
@@ -182,14 +190,15 @@ def flops_per_token(cfg: Config, vocab_size: int | None = None,
   """Matmul FLOPs per token (the PaLM/MaxText convention: 2 FLOPs per multiply-add,
   backward = 2x forward, attention counted over the full (not causal-halved) context).
 
-  With N = L (2 d (h + k) e + (2|3) d f) the backbone's block matmul weights,
-  N_f = L_f (...) A_f's, a = h e the query width (= d unless head_dim is set) and
-  W = 2 K the packed A_f row width:
+  With N = L (2 d (h + k) e + (2|3) d f) the backbone's block matmul weights (h query and
+  k K/V heads of width e), N_f = L_f (...) (+ d_f d for A_f's output projection) A_f's, d_f
+  A_f's width (d unless fgram_model.d_model), a = h e the query width (= d unless head_dim
+  is set), a_f A_f's, and W = 2 K the packed A_f row width:
     train_backbone            = 6 (N + d V) + 12 L a T
-    train_fgram_per_af_token  = 6 N_f + 12 L_f a W      (attention over its packed row)
+    train_fgram_per_af_token  = 6 N_f + 12 L_f a_f W      (attention over its packed row)
     train_fgram (per token)   = train_fgram_per_af_token * af_tokens_per_token
     inference                 = 2 (N + d V) + 4 L a T   (context T, an upper bound)
-    fgram_forward_per_fgram   = 2 N_f K + 4 L_f a K^2   (export: one f-gram per row of K)
+    fgram_forward_per_fgram   = 2 N_f K + 4 L_f a_f K^2   (export: one f-gram per row of K)
   Embedding lookups, norms, biases and softmax are not counted. Inference is the same
   for SCONE and its baseline: the f-gram embedding is a host-side table lookup.
 
@@ -204,8 +213,10 @@ def flops_per_token(cfg: Config, vocab_size: int | None = None,
   v, d, t, k = _vocab(cfg, vocab_size), m.d_model, cfg.train.seq_len, cfg.fgram.max_len
   a = _attention_width(m)
   n = m.num_layers * _block_matmul_params(m)
-  lf = cfg.fgram_model.num_layers
-  n_f = lf * _block_matmul_params(m)
+  fm = cfg.fgram_model
+  lf, af = fm.num_layers, fm.arch(m)
+  d_f, a_f = af.d_model, _attention_width(af)
+  n_f = lf * _block_matmul_params(af) + (d_f * d if lf and fm.projects else 0)
   if not lf:
     rate, basis = 0.0, 'baseline'
   elif af_tokens_per_token is None:
@@ -215,8 +226,8 @@ def flops_per_token(cfg: Config, vocab_size: int | None = None,
   return FlopsPerToken(
       train_backbone=6.0 * (n + d * v) + 12.0 * m.num_layers * a * t,
       # Attention spans the packed row, W = 2 K (batches.tagging.pack_width).
-      train_fgram_per_af_token=6.0 * n_f + 12.0 * lf * a * 2 * k,
+      train_fgram_per_af_token=6.0 * n_f + 12.0 * lf * a_f * 2 * k,
       af_tokens_per_token=rate,
       af_tokens_basis=basis,
       inference=2.0 * (n + d * v) + 4.0 * m.num_layers * a * t,
-      fgram_forward_per_fgram=2.0 * n_f * k + 4.0 * lf * a * k * k)
+      fgram_forward_per_fgram=2.0 * n_f * k + 4.0 * lf * a_f * k * k)

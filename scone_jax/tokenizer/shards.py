@@ -3,6 +3,11 @@
 Layout of a shards directory (see ARCHITECTURE.md):
   tokens.bin    flat token ids, uint16 when vocab_size < 2**16 else uint32 (D docs, N tokens)
   offsets.npy   int64 [D+1]; document i is tokens[offsets[i]:offsets[i+1]]
+  loss_mask.bin uint8 [N], parallel to tokens.bin, only for supervised fine-tuning corpora
+                (data.format 'sft' / 'chat', corpus/sft.py): 1 = a response token the
+                loss covers, 0 = prompt / template. Listed (and checksummed) in the
+                manifest like the tokens (`loss_mask`: its file name; its sha256 joins
+                the fingerprint); shards without it read as all ones.
   manifest.json tokenizer_fingerprint, corpus_fingerprint, num_docs, num_tokens,
                 num_bytes (UTF-8 bytes of the source text, for bits per byte), dtype,
                 max_token_id (checked against the vocabulary on open, so no batch can
@@ -14,6 +19,7 @@ a per-process block cache (`paths.RangeArray`): a host reads only the documents 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -31,6 +37,7 @@ from scone_jax.tokenizer.spm import Tokenizer
 KIND = 'token_shards'
 TOKENS_FILE = 'tokens.bin'
 OFFSETS_FILE = 'offsets.npy'
+LOSS_MASK_FILE = 'loss_mask.bin'
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -41,11 +48,13 @@ class TokenShards:
   """A memory-mapped shards directory: `tokens` (1-D), `offsets` (int64 [D+1])."""
 
   def __init__(self, directory: str, manifest: dict, tokens: np.ndarray,
-               offsets: np.ndarray):
+               offsets: np.ndarray, loss_mask: np.ndarray | None = None):
     self.directory = directory
     self.manifest = manifest
     self.tokens = tokens
     self.offsets = offsets
+    # uint8 [N] parallel to tokens (1 = in the loss), or None = every token (all ones).
+    self.loss_mask = loss_mask
 
   @classmethod
   def open(cls, directory: str, expect_tokenizer: str | None = None,
@@ -84,7 +93,17 @@ class TokenShards:
       raise artifacts.ArtifactError(
           f'{directory}/{OFFSETS_FILE} is inconsistent with the manifest ({num_docs} '
           f'documents, {num_tokens} tokens); rebuild the token shards')
-    shards = cls(directory, manifest, tokens, offsets)
+    loss_mask = None
+    if manifest.get('loss_mask'):
+      mask_path = paths.join(directory, manifest['loss_mask'])
+      if paths.getsize(mask_path) != num_tokens:
+        raise artifacts.ArtifactError(
+            f'{mask_path} has {paths.getsize(mask_path)} bytes, expected one per token '
+            f'({num_tokens}): truncated or modified; rebuild the token shards')
+      loss_mask = (paths.RangeArray(mask_path, np.dtype(np.uint8), num_tokens)
+                   if paths.is_remote(directory) else
+                   np.memmap(mask_path, dtype=np.uint8, mode='r', shape=(num_tokens,)))
+    shards = cls(directory, manifest, tokens, offsets, loss_mask)
     if vocab_size is not None:
       shards.check_vocab(vocab_size)
     return shards
@@ -141,7 +160,8 @@ class TokenShards:
 def write_shards(directory: str, docs: Iterable[Document], tokenizer: Tokenizer,
                  corpus_fingerprint: str, total_bytes: int | None = None,
                  batch_chars: int = 1 << 22, name: str = '',
-                 extra_meta: Callable[[], dict] | None = None) -> TokenShards:
+                 extra_meta: Callable[[], dict] | None = None,
+                 loss_mask: bool = False) -> TokenShards:
   """Tokenizes `docs` into a shards directory, streaming batches of ~batch_chars chars.
 
   Args:
@@ -154,25 +174,37 @@ def write_shards(directory: str, docs: Iterable[Document], tokenizer: Tokenizer,
     name: the split's name, for the progress bar and log.
     extra_meta: called after the pass for more manifest fields (e.g. the reader's
       invalid-UTF-8 counts, known only once the corpus has been read).
+    loss_mask: also write loss_mask.bin from the documents' `spans` (each span encoded
+      on its own; a document without spans is all ones).
   """
   dtype = token_dtype(tokenizer.vocab_size)
   counts = dict(num_docs=0, num_tokens=0, num_bytes=0, num_chars=0, dropped_empty=0,
                 max_token_id=-1)
-  tokens_sha = hashlib.sha256()
+  tokens_sha, mask_sha = hashlib.sha256(), hashlib.sha256()
   start = time.perf_counter()
   with artifacts.atomic_dir(directory) as tmp:
     raw_offsets_path = os.path.join(tmp, 'offsets.raw')
     with open(os.path.join(tmp, TOKENS_FILE), 'wb') as tokens_f, \
         open(raw_offsets_path, 'wb') as offsets_f, \
+        (open(os.path.join(tmp, LOSS_MASK_FILE), 'wb') if loss_mask
+         else contextlib.nullcontext()) as mask_f, \
         tqdm.tqdm(total=total_bytes, unit='B', unit_scale=True, mininterval=2.0,
                   desc=f'tokenize {name}'.strip()) as bar:
 
       def flush(texts: list[str]) -> None:
-        encoded = [ids for ids in tokenizer.encode(texts) if ids.size]
+        pieces = iter(tokenizer.encode([t for doc in texts for t, _ in _spans(doc)]))
+        encoded, masks = [], []
+        for doc in texts:
+          spans = _spans(doc)
+          ids = [next(pieces) for _ in spans]
+          if sum(x.size for x in ids):
+            encoded.append(np.concatenate(ids))
+            masks.append(np.concatenate([np.full(x.size, trained, np.uint8)
+                                         for x, (_, trained) in zip(ids, spans)]))
         counts['dropped_empty'] += len(texts) - len(encoded)
-        append(encoded)
+        append(encoded, masks)
 
-      def append(encoded: list[np.ndarray]) -> None:
+      def append(encoded: list[np.ndarray], masks: list[np.ndarray] | None = None) -> None:
         if encoded:
           lengths = np.fromiter((ids.size for ids in encoded), np.int64, len(encoded))
           ends = counts['num_tokens'] + np.cumsum(lengths)
@@ -181,11 +213,16 @@ def write_shards(directory: str, docs: Iterable[Document], tokenizer: Tokenizer,
           block = ids.astype(dtype).tobytes()
           tokens_f.write(block)
           tokens_sha.update(block)
+          if mask_f is not None:
+            mask = np.concatenate(masks) if masks else np.ones(ids.size, np.uint8)
+            counts['num_loss_tokens'] = counts.get('num_loss_tokens', 0) + int(mask.sum())
+            mask_f.write(mask.tobytes())
+            mask_sha.update(mask.tobytes())
           offsets_f.write(ends.tobytes())
           counts['num_docs'] += len(encoded)
           counts['num_tokens'] = int(ends[-1])
 
-      batch: list[str] = []
+      batch: list = []
       batch_ids: list[np.ndarray] = []
       batch_len = 0
       for doc in docs:
@@ -196,7 +233,7 @@ def write_shards(directory: str, docs: Iterable[Document], tokenizer: Tokenizer,
             append(batch_ids)
             batch_ids, batch_len = [], 0
           continue
-        batch.append(doc.text)
+        batch.append(doc if loss_mask and doc.spans is not None else doc.text)
         batch_len += len(doc.text)
         doc_bytes = len(doc.text.encode('utf-8'))
         counts['num_bytes'] += doc_bytes
@@ -212,17 +249,26 @@ def write_shards(directory: str, docs: Iterable[Document], tokenizer: Tokenizer,
                        'corpus')
     _write_offsets(os.path.join(tmp, OFFSETS_FILE), raw_offsets_path, counts['num_docs'])
     seconds = time.perf_counter() - start
+    # The mask joins the fingerprint only when written: other shards keep theirs.
+    mask_meta = {'loss_mask': LOSS_MASK_FILE} if loss_mask else {}
     artifacts.write_manifest(tmp, KIND, {
         **counts, 'dtype': dtype.name, 'tokenizer_fingerprint': tokenizer.fingerprint,
         'corpus_fingerprint': corpus_fingerprint, 'vocab_size': tokenizer.vocab_size,
+        **mask_meta,
         'fingerprint': artifacts.fingerprint(tokenizer.fingerprint, corpus_fingerprint,
-                                             tokens_sha.hexdigest()),
+                                             tokens_sha.hexdigest(),
+                                             *([mask_sha.hexdigest()] if loss_mask else [])),
         'seconds': round(seconds, 3), **(extra_meta() if extra_meta else {})})
   logging.info('token shards %s: %d docs, %d tokens (%.0f tokens/s), %d empty dropped',
                name, counts['num_docs'], counts['num_tokens'],
                counts['num_tokens'] / max(seconds, 1e-9), counts['dropped_empty'])
   return TokenShards.open(directory, expect_tokenizer=tokenizer.fingerprint, verify=False,
                          vocab_size=tokenizer.vocab_size)
+
+
+def _spans(doc) -> tuple[tuple[str, bool], ...]:
+  """A queued document's (text, trained) pieces: its spans, or its text, trained."""
+  return doc.spans if isinstance(doc, Document) else ((doc, True),)
 
 
 def _add_pretokenized(doc: Document, tokenizer: Tokenizer, batch_ids: list[np.ndarray],

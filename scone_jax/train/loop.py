@@ -15,7 +15,8 @@ records and refuses changed inputs (prepare.RunInputsChangedError), and only the
 config_runtime.RESUMABLE_KEYS / CHANGEABLE_KEYS may differ from W/config.json. A NEW run
 may start from another run's weights: `--config.train.init_from_run=OLD_W` restores
 OLD_W's latest params into this run's model (every shape must match; optimizer state,
-step and data order start fresh).
+step and data order start fresh); a baseline OLD_W under a SCONE config gives the backbone
+only (SCONE attached to a trained backbone: train/init_from.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import time
 from typing import Any
 
 from absl import logging
-from flax import nnx
 import jax
 import numpy as np
 
@@ -41,6 +41,7 @@ from scone_jax import evaluate as evaluate_lib
 from scone_jax import run as run_lib
 from scone_jax.config import Config, ConfigError
 from scone_jax.train import checkpoint as checkpoint_lib
+from scone_jax.train import init_from
 from scone_jax import mesh as mesh_lib
 from scone_jax.train import metrics as metrics_lib
 from scone_jax.train import optimizer as optimizer_lib
@@ -224,8 +225,8 @@ def _train_locked(cfg: Config, workdir: str,
   ckpt = checkpoint_lib.Checkpointer(run_dir.checkpoint_dir, cfg.checkpoint,
                                     writer=True)
   resumed_from, state = ckpt.restore_latest(state, data_it)
-  if resumed_from is None and cfg.train.init_from_run:
-    state = _init_from_run(cfg.train.init_from_run, workdir, state, mesh, data.tokenizer)
+  if resumed_from is None:
+    state = init_from.init_params(cfg, workdir, state, mesh, data.tokenizer.fingerprint)
   if resumed_from is None and cfg.model.init_from:
     # Step 0 is the pretrained checkpoint (A_f and the f-gram side keep their init).
     state = dataclasses.replace(state, params=hf_load.load_params(cfg.model, state.params))
@@ -246,46 +247,6 @@ def _train_locked(cfg: Config, workdir: str,
     if jax.process_index() == 0:
       run_dir.record_checkpoints(run_dir.checkpoint_steps())
   return result
-
-
-def _init_from_run(source: str, workdir: str, state: step_lib.TrainState,
-                   mesh: jax.sharding.Mesh, tokenizer) -> step_lib.TrainState:
-  """`state` with its params replaced by the latest params of the run in `source`.
-
-  Raises ConfigError naming the first parameter whose path or shape differs (another
-  model) or when `source` is this run itself.
-  """
-  source_dir = run_lib.RunDir(source)
-  if source_dir.path == workdir:
-    raise ConfigError(f'config.train.init_from_run={source} is this run\'s own workdir; '
-                      'it names ANOTHER run whose weights start this new one')
-  lm, step = source_dir.restore_model(source_dir.config(), mesh)
-  got = jax.tree_util.tree_flatten_with_path(nnx.state(lm, nnx.Param))[0]
-  want, treedef = jax.tree_util.tree_flatten_with_path(state.params)
-  got_shapes = {jax.tree_util.keystr(k): (v.shape, v.dtype) for k, v in got}
-  for key, leaf in want:
-    name = jax.tree_util.keystr(key)
-    if got_shapes.get(name) != (leaf.shape, leaf.dtype):
-      have = got_shapes.get(name, 'no such parameter')
-      raise ConfigError(
-          f'config.train.init_from_run={source}: its parameter {name} is {have}, this run '
-          f'needs {(leaf.shape, leaf.dtype)}; the model config (model.*, fgram_model.*, '
-          'fgram.max_len, the vocab size, the table rows) must match the source run\'s')
-  if len(got) != len(want):
-    raise ConfigError(f'config.train.init_from_run={source}: it has {len(got)} parameters, '
-                      f'this run {len(want)}; the model configs differ')
-  source_tok = source_dir.info()['tokenizer']['fingerprint']
-  if source_tok != tokenizer.fingerprint:
-    logging.warning('init_from_run: %s was trained with another tokenizer (%s, now %s): its '
-                    'embedding rows belong to other token ids', source, source_tok[:16],
-                    tokenizer.fingerprint[:16])
-  by_name = {jax.tree_util.keystr(k): v for k, v in got}
-  params = jax.tree_util.tree_unflatten(
-      treedef, [jax.device_put(by_name[jax.tree_util.keystr(k)], leaf.sharding)
-                for k, leaf in want])
-  logging.info('init_from_run: params of %s at step %d; optimizer, step and data order '
-               'start fresh', source, step)
-  return dataclasses.replace(state, params=params)
 
 
 HASH_COLLISIONS_FILE = 'hash_collisions.json'
