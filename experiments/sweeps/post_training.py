@@ -18,20 +18,16 @@ zero_init_out), so step 0 is exactly the pretrained 4B; A_f has its own width (t
 and a learned projection to the 4B's width. The dry run prints every arm's parameters,
 memory and FLOPs from model/arm_accounting.account.
 
-NEAREST EXPRESSIBLE SHAPES: Qwen3 uses grouped-query attention (8 KV heads), a head dim of
-128 independent of d_model / heads (4B: 32 heads x 128 on d 2560) and QK-norm; this config
-system has none of them yet (issue 25 items 1-2), so the presets below keep d_model, depth,
-MLP width, vocabulary, RMSNorm, SwiGLU and RoPE exact and take num_heads = d_model / 128
-(head dim 128, full multi-head K/V). The attention projections are then counted as 4 d^2
-per layer instead of Qwen3's (2 d + 2 * 8 * 128) * H * 128. The dry run prints 4.022G
-for the 4B (Qwen3-4B: 4.02B; its attention happens to have exactly 4 d^2 weights) and A_f
-params of 8.49G / 15.68G for the 8B / 14B (Qwen3: 8.19B / 14.77B with untied heads, which
-A_f does not use; the excess is the full K/V projections): +3.6% / +6.2%
-(tests/test_attach.py). Update the presets to num_kv_heads / head_dim / qk_norm once those
-keys exist.
-Real runs also need the checkpoints imported (`model.init_from` / `fgram_model.init_from`
-for Hugging Face directories, issue 25 item 2); with our own runs as the sources today:
-  --set=train.init_from_run=RUN_4B --set=fgram_model.init_from_run=RUN_8B
+SHAPES: the backbone is Qwen3-4B exactly as config.json states it (family 'qwen3': 32
+query heads and 8 K/V heads of 128 on d 2560, QK-norm per head, RMSNorm, SwiGLU, RoPE
+theta 1e6, tied embeddings): the dry run prints 4.022G (Qwen3-4B: 4.02B). A_f of its own
+width takes full K/V heads (fgram_model has no num_kv_heads), so the 8B / 14B A_f count
+8.49G / 15.68G against Qwen3's 8.19B / 14.77B with untied heads, which A_f does not use;
+the excess is the full K/V projections: +3.6% / +6.2% (tests/test_attach.py).
+Real runs import the 4B from its Hugging Face directory (`--set=model.init_from=DIR_4B`,
+scone_jax/hf/); A_f from a Hugging Face checkpoint is not wired yet: today
+`--set=fgram_model.init_from_run=RUN_8B` takes one of our runs (train/init_from.py's
+`source_backbone` is where an HF source plugs in).
 The CPU-scale version of this sweep: experiments/sweeps/post_training_micro.py.
 """
 
@@ -47,8 +43,9 @@ SEQ_LEN, BATCH, STEPS = 8192, 64, 5000
 
 
 def _backbone(d: int, layers: int, mlp: int) -> dict:
-  return {'model.family': 'olmo', 'model.d_model': d, 'model.num_layers': layers,
-          'model.num_heads': d // HEAD_DIM, 'model.mlp_dim': mlp,
+  return {'model.family': 'qwen3', 'model.d_model': d, 'model.num_layers': layers,
+          'model.num_heads': 32, 'model.num_kv_heads': 8, 'model.head_dim': HEAD_DIM,
+          'model.qk_norm': 'head', 'model.mlp_dim': mlp,
           'model.mlp_activation': 'swiglu', 'model.norm': 'rmsnorm',
           'model.position': 'rope', 'model.rope_theta': 1_000_000.0,
           'model.tied_embeddings': True, 'model.vocab_size': VOCAB,
