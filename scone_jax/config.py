@@ -289,7 +289,7 @@ class TrainConfig:
   # Batches built ahead by one background thread (0 = build in the training thread).
   data_prefetch: int = 2
   # Peak dense TFLOP/s of one device for MFU; 0 = look up jax's device_kind in
-  # scone_jax/train/metrics.py:PEAK_FLOPS (MFU is not logged when unknown, e.g. CPU).
+  # scone_jax/model/flops.py:PEAK_FLOPS (MFU is not logged when unknown, e.g. CPU).
   peak_tflops: float = 0.0
   # A NEW run (its workdir holds no checkpoint) starts from the latest params of the run
   # in this directory instead of its init; every param's shape must match. The optimizer
