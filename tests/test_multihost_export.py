@@ -36,7 +36,8 @@ runpy.run_module('scone_jax.export', run_name='__main__')
 '''
 
 
-def _start(workdir: str, num: int, slow: bool = False) -> list[subprocess.Popen]:
+def _start(workdir: str, num: int, slow: bool = False,
+           mesh: tuple[str, ...] = ()) -> list[subprocess.Popen]:
   if num == 1:
     cmd = [sys.executable, '-m', 'scone_jax.export', f'--workdir={workdir}', *_EXPORT]
     return [subprocess.Popen(cmd, env=th.subprocess_env(8), stdout=subprocess.DEVNULL,
@@ -46,7 +47,7 @@ def _start(workdir: str, num: int, slow: bool = False) -> list[subprocess.Popen]
   for i in range(num):
     head = ([sys.executable, '-c', _SLOW_DRIVER] if slow and i == 1 else
             [sys.executable, '-m', 'scone_jax.export'])
-    cmd = head + [f'--workdir={workdir}', *_EXPORT, '--config.distributed.mode=explicit',
+    cmd = head + [f'--workdir={workdir}', *_EXPORT, *mesh, '--config.distributed.mode=explicit',
                   f'--config.distributed.coordinator_address=127.0.0.1:{port}',
                   f'--config.distributed.num_processes={num}',
                   f'--config.distributed.process_id={i}']
@@ -88,9 +89,12 @@ def runs(tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_processes_export_the_one_process_store(runs):
+  """A_f's params split over fsdp=8 across both processes (the one-process export
+  replicates them over data=8): every matmul all-gathers its weights first, so each row
+  is computed exactly as on one process, and the store is the same bytes."""
   want, copy = runs
   workdir = copy('two')
-  errors = _finish(_start(workdir, 2))
+  errors = _finish(_start(workdir, 2, mesh=('--config.mesh.fsdp=8',)))
   assert _store_files(os.path.join(workdir, 'export')) == want
   assert 'rows/s on 2 process(es), 8 devices' in errors[0]
 
