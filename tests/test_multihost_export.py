@@ -128,3 +128,23 @@ def test_kill_9_of_one_process_resumes_to_the_same_store(runs):
   # The resumed export computed only the shards without a (verified) marker.
   computed = int(re.search(r'export: (\d+) rows in', errors[0]).group(1))
   assert 0 < computed < want[1]['num_rows'] and not os.path.exists(done)
+
+
+@pytest.mark.slow
+def test_two_processes_export_a_hashed_run_split_across_them(tmp_path_factory):
+  """kind='hashed' with its tables' columns split over fsdp=8 across both processes:
+  every process gathers each shard's slice, process 0 writes it; the same bytes."""
+  from scone_jax.train import loop  # pylint: disable=g-import-not-at-top
+  corpus, artifacts = th.shared_dirs(str(tmp_path_factory.getbasetemp()))
+  cfg = th.micro_config(corpus, artifacts, **{
+      'fgram_model.num_layers': 0, 'fgram_model.kind': 'hashed',
+      'fgram_model.combine': 'add', 'fgram_model.hash_max_n': 3,
+      'fgram_model.hash_buckets': 257, 'train.steps': 2, 'train.eval_batches': 1})
+  root = tmp_path_factory.mktemp('hashed_export')
+  loop.train(cfg, str(root / 'one'))
+  shutil.copytree(str(root / 'one'), str(root / 'two'))
+  _finish(_start(str(root / 'one'), 1))
+  _finish(_start(str(root / 'two'), 2, mesh=('--config.mesh.fsdp=8',)))
+  want = _store_files(str(root / 'one' / 'export'))
+  assert want[1]['num_rows'] == 2 * 257 and len(want[1]['shard_crc32c']) == 5
+  assert _store_files(str(root / 'two' / 'export')) == want

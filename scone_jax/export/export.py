@@ -205,7 +205,8 @@ def export_hashed(lm: SconeLM, out_dir: str, export_cfg: ExportConfig,
   part = _process_part(writes=jax.process_index() == 0) if multi else Part()
 
   def compute_rows(start: int, stop: int) -> np.ndarray:
-    rows = multihost_utils.process_allgather(table[start:stop]) if multi else table[start:stop]
+    rows = (multihost_utils.process_allgather(table[start:stop], tiled=True) if multi else
+            table[start:stop])
     return np.asarray(rows, np.float32) * scale
 
   buckets = lm.hashed.buckets
