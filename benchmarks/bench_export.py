@@ -4,8 +4,8 @@ the same batches, results copied to the host, nothing written): the fastest hone
 reference for the compute. Every number comes from the same run.
 
 Usage:
-  python benchmarks/bench_export.py                     # S = 65,536, 2 devices, 1 vs 2
-  python benchmarks/bench_export.py --rows=8192 --quick # seconds
+  python benchmarks/bench_export.py           # S = 16,384, d 128, 2 devices, 1 vs 2 processes
+  python benchmarks/bench_export.py --quick   # S = 4,096, d 64: a smoke run
 
 Each configuration runs in fresh processes (this script with --worker), so each pays
 JAX's start-up and A_f's compilation inside its timed export, as a real export does; the
@@ -31,14 +31,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _flags(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--rows', type=int, default=65536, help='S, f-grams exported')
-  p.add_argument('--d_model', type=int, default=256)
-  p.add_argument('--af_layers', type=int, default=2)
+  p.add_argument('--rows', type=int, default=16384, help='S, f-grams exported')
+  p.add_argument('--d_model', type=int, default=128)
+  p.add_argument('--af_layers', type=int, default=1)
   p.add_argument('--batch_size', type=int, default=1024, help='export.batch_size')
   p.add_argument('--chunk_rows', type=int, default=4096, help='export.chunk_rows')
   p.add_argument('--devices', type=int, default=2, help='global devices, split over processes')
   p.add_argument('--processes', type=int, default=2, help='the multi-process run')
-  p.add_argument('--quick', action='store_true', help='small A_f (d 64, 1 layer)')
+  p.add_argument('--quick', action='store_true', help='S = 4,096 and d 64')
   p.add_argument('--worker', default='', help=argparse.SUPPRESS)  # 'export' | 'minimal'
   p.add_argument('--process_id', type=int, default=0, help=argparse.SUPPRESS)
   p.add_argument('--port', type=int, default=0, help=argparse.SUPPRESS)
@@ -64,7 +64,7 @@ def _worker(args) -> None:
     mesh_lib.maybe_initialize_distributed(DistributedConfig(
         mode='explicit', coordinator_address=f'127.0.0.1:{args.port}', num_processes=num,
         process_id=args.process_id))
-  d, layers = (64, 1) if args.quick else (args.d_model, args.af_layers)
+  d, layers = (64, args.af_layers) if args.quick else (args.d_model, args.af_layers)
   cfg = config.replace(config.from_configdict(config.base_config()), **{
       'model.num_layers': 1, 'model.d_model': d, 'model.num_heads': max(1, d // 64),
       'model.mlp_dim': 4 * d, 'model.max_seq_len': 16, 'train.seq_len': 16,
@@ -123,6 +123,8 @@ def _run(args, worker: str, processes: int) -> dict:
 
 def main() -> None:
   args = _flags()
+  if args.quick:
+    args.rows = 4096
   if args.worker:
     _worker(args)
     return
