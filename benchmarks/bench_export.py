@@ -11,9 +11,9 @@ Each configuration runs in fresh processes (this script with --worker), so each 
 A_f's compilation inside its timed export, as a real export does (JAX's start-up and the
 model's init are outside the timing); the minimal loop pays its compilation too. Each
 runs --repeats times and the fastest is kept; CPU seconds (all threads, summed over the
-processes) show the work done whatever the machine's other load. The table is synthetic (bench_store.synthetic_table:
-half bigrams, half trigrams; vocab 2**17, K = 5): A_f's cost does not depend on which
-f-grams it runs. A_f and the backbone are random (`init='random'`), seed 0, built sharded
+processes) show the work done whatever the machine's other load. The table is
+synthetic (bench_store.synthetic_table: half bigrams, half trigrams; vocab 2**17, K = 5):
+A_f's cost does not depend on which f-grams it runs. A_f and the backbone are random (`init='random'`), seed 0, built sharded
 on the global mesh (data = every device), so every process holds the same weights.
 """
 

@@ -56,10 +56,13 @@ def test_a_product_that_does_not_divide_p_shards_over_the_axes_that_do(table, ca
              'each device holds 3x its share' in r.getMessage() for r in caplog.records)
   _, one, _ = step_lib.create_train_state(_cfg('table'), ONE_DEVICE, V, K, table)
   np.testing.assert_array_equal(np.asarray(rows), np.asarray(_rows(one)))
-  # A padded P that fsdp x tensor divides splits over both; the largest product wins.
-  assert logical_to_spec(('fgram_rows', 'embed'), (3072, D), mesh) == P(('fsdp', 'tensor'), None)
-  assert logical_to_spec(('fgram_rows', 'embed'), (1023, D), mesh) == P('fsdp', None)
-  assert logical_to_spec(('fgram_rows', 'embed'), (1025, D), mesh) == P(None, None)
+  # A padded P that fsdp x tensor divides splits over both; the largest product wins
+  # (parameters only: an activation keeps all-or-nothing).
+  names = ('fgram_rows', 'embed')
+  assert logical_to_spec(names, (1023, D), mesh) == P(None, None)
+  assert logical_to_spec(names, (3072, D), mesh, partial=True) == P(('fsdp', 'tensor'), None)
+  assert logical_to_spec(names, (1023, D), mesh, partial=True) == P('fsdp', None)
+  assert logical_to_spec(names, (1025, D), mesh, partial=True) == P(None, None)
 
 
 def test_a_table_too_large_for_the_devices_fails_fast_naming_bytes_and_mesh(fsdp8, table):

@@ -196,8 +196,8 @@ def check_table_fits(cfg: Config, table_rows: int, mesh: jax.sharding.Mesh,
   d = cfg.model.d_model
   rows = counts.trained_rows // d  # P: S padded (trained_table.padded_rows).
   total = TRAIN_COPIES * counts.trained_rows * _BYTES[cfg.model.param_dtype]
-  split = sharding.shard_count(
-      sharding.logical_to_spec(('fgram_rows', 'embed'), (rows, d), mesh), mesh)
+  spec = sharding.logical_to_spec(('fgram_rows', 'embed'), (rows, d), mesh, partial=True)
+  split = sharding.shard_count(spec, mesh)
   if total <= device_bytes * split:
     return
   need = -(-total // device_bytes)

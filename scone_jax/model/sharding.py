@@ -64,20 +64,21 @@ _RULES = dict(LOGICAL_AXIS_RULES)
 
 
 def logical_to_spec(names: LogicalAxes, shape: Sequence[int] | None = None,
-                    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None
-                   ) -> PartitionSpec:
+                    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+                    partial: bool = False) -> PartitionSpec:
   """Maps logical axis names to a PartitionSpec through `LOGICAL_AXIS_RULES`.
 
   A mesh axis is used by at most one dimension (the first that asks for it). With `mesh`,
-  mesh axes it lacks are dropped; with `shape` too, a dimension is split over the largest
-  product of its mesh axes that divides it (in rule order), and replicated when none does
-  (e.g. GPT-2's vocab 50257 over tensor=2); `model_shardings` logs a parameter so
-  replicated.
+  mesh axes it lacks are dropped; with `shape` too, a dimension its mesh axes do not
+  divide evenly is replicated instead (e.g. GPT-2's vocab 50257 over tensor=2), or, with
+  `partial` (parameters: `model_shardings`, which logs what stays replicated), split over
+  the largest product of its mesh axes that divides it.
 
   Args:
     names: one logical name (or None = replicated) per dimension.
     shape: the array's shape, to check divisibility.
     mesh: the mesh (concrete or abstract) the spec is for.
+    partial: split a dimension over the subset of its axes that divides it (see above).
 
   Returns:
     The PartitionSpec, one entry per dimension.
@@ -97,7 +98,8 @@ def logical_to_spec(names: LogicalAxes, shape: Sequence[int] | None = None,
     if mesh is not None:
       axes = tuple(a for a in axes if a in mesh.shape)
       if shape is not None:
-        axes = _dividing_axes(axes, shape[dim], mesh)
+        axes = (_dividing_axes(axes, shape[dim], mesh) if partial else
+                () if shape[dim] % math.prod(mesh.shape[a] for a in axes) else axes)
     used.update(axes)
     entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   return PartitionSpec(*entries)
@@ -134,12 +136,15 @@ def param(value: jax.Array, names: LogicalAxes) -> nnx.Param:
   return nnx.Param(value, logical_axes=tuple(names))
 
 
+_WARNED: set[tuple[Any, ...]] = set()  # (names, shape, mesh) already logged.
+
+
 def _variable_spec(variable: nnx.Variable, mesh) -> PartitionSpec:
   names = variable.get_metadata().get('logical_axes')
   shape = variable.shape if hasattr(variable, 'shape') else variable[...].shape
   if names is None:
     return PartitionSpec(*([None] * len(shape)))
-  spec = logical_to_spec(names, shape, mesh)
+  spec = logical_to_spec(names, shape, mesh, partial=True)
   wanted = logical_to_spec(names, None, mesh)
   lost = shard_count(wanted, mesh) // shard_count(spec, mesh)
   if lost > 1 and (tuple(names), tuple(shape), tuple(mesh.shape.items())) not in _WARNED:
@@ -149,9 +154,6 @@ def _variable_spec(variable: nnx.Variable, mesh) -> PartitionSpec:
                     'divide its dimensions): each device holds %dx its share',
                     tuple(names), tuple(shape), spec, wanted, dict(mesh.shape), lost)
   return spec
-
-
-_WARNED: set[tuple[Any, ...]] = set()  # (names, shape, mesh) already logged.
 
 
 def model_shardings(model_state: Any, mesh: jax.sharding.Mesh) -> Any:
