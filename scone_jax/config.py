@@ -359,8 +359,11 @@ class TrainConfig:
   # Batches built ahead by one background thread (0 = build in the training thread).
   data_prefetch: int = 2
   # Peak dense TFLOP/s of one device for MFU; 0 = look up jax's device_kind in
-  # scone_jax/train/metrics.py:PEAK_FLOPS (MFU is not logged when unknown, e.g. CPU).
+  # scone_jax/model/flops.py:PEAK_FLOPS (MFU is not logged when unknown, e.g. CPU).
   peak_tflops: float = 0.0
+  # One device's memory for kind='table''s fit check; 0 = its memory_stats (host RAM over
+  # the local devices on CPU).
+  device_memory_bytes: int = 0
   # A NEW run (its workdir holds no checkpoint) starts from the latest params of the run
   # in this directory instead of its init; every param's shape must match. The optimizer
   # state, step and data order start fresh. '' = the usual init.
@@ -572,6 +575,7 @@ _VALUE_RULES = (
      "must be >= 0 (0 freezes A_f's parameters)"),
     ('train.data_prefetch', lambda v: v >= 0, 'must be >= 0'),
     ('train.peak_tflops', lambda v: v >= 0 and _finite(v), 'must be >= 0 (0 = look up)'),
+    ('train.device_memory_bytes', lambda v: v >= 0, 'must be >= 0 (0 = look up)'),
     ('mesh.data', lambda v: v == -1 or v >= 1, 'must be >= 1 or -1 (= the remaining devices)'),
     ('mesh.fsdp', lambda v: v >= 1, 'must be >= 1'),
     ('mesh.tensor', lambda v: v >= 1, 'must be >= 1'),

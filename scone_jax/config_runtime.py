@@ -97,6 +97,7 @@ def validate_runtime(cfg: Config, num_devices: int, num_processes: int,
 # the optimisation or the schedule.
 RESUMABLE_KEYS = ('name', 'train.log_every', 'train.eval_every', 'train.eval_batches',
                   'train.data_prefetch', 'train.peak_tflops', 'train.init_from_run',
+                  'train.device_memory_bytes',
                   'checkpoint.', 'distributed.', 'mesh.', 'data.artifacts_dir', 'export.',
                   'serve.', 'data.allow_embedded', 'data.allow_no_eval', 'data.check_format',
                   'fgram.allow_short_table', 'fgram.miner', 'fgram.memory_budget_mb',

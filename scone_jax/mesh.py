@@ -7,6 +7,7 @@ one table in `scone_jax.model.sharding`.
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 from absl import logging
@@ -59,6 +60,21 @@ def make_mesh(mesh_cfg: MeshConfig, global_batch: int | None = None,
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
   """Sharding of a [B, ...] input array: B split over data x fsdp, the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def device_memory(override_bytes: int = 0) -> tuple[int, str]:
+  """(bytes of one device's memory, where the figure comes from): the override if > 0,
+  else the device's `memory_stats()` limit, else (CPU) the host's RAM over its local
+  devices, which share it."""
+  if override_bytes > 0:
+    return override_bytes, 'config.train.device_memory_bytes'
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() or {}
+  if stats.get('bytes_limit'):
+    return int(stats['bytes_limit']), f'{device.device_kind} memory_stats'
+  ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  return ram // jax.local_device_count(), (
+      f'host RAM / {jax.local_device_count()} local devices')
 
 
 def maybe_initialize_distributed(dist_cfg: DistributedConfig) -> None:

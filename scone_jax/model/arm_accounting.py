@@ -47,11 +47,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import numpy as np
 
 from scone_jax.config import Config
+from scone_jax.errors import UserError
 from scone_jax.model import combine as combine_lib
 from scone_jax.model import flops as flops_lib
+from scone_jax.model import sharding
 
 _BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}
 # Bytes per trained parameter: the parameter, its gradient and AdamW's mu and nu.
@@ -168,6 +171,49 @@ def account(cfg: Config, vocab_size: int | None = None, measured: float | None =
       train_flops_af_measured=at_rate.train_fgram if at_rate else None,
       train_flops_per_token_measured=at_rate.train_total if at_rate else None,
       infer_flops_backbone=per_token.inference)
+
+
+class TableMemoryError(UserError, MemoryError):
+  """A kind='table' run whose trained rows cannot fit the devices' memory."""
+
+
+def check_table_fits(cfg: Config, table_rows: int, mesh: jax.sharding.Mesh,
+                     device_bytes: int, source: str) -> None:
+  """kind='table': refuses, before any work, a table whose trained rows (params, their
+  gradients and AdamW's moments: `account`'s TRAIN_COPIES) take more than one device's
+  memory once split as the sharding rules split them on `mesh`.
+
+  Args:
+    cfg: the run's config.
+    table_rows: the mined table's rows (S = cfg.fgram.rows_used(table_rows)).
+    mesh: the training mesh.
+    device_bytes, source: one device's memory and where that figure comes from
+      (`mesh.device_memory`).
+
+  Raises:
+    TableMemoryError: naming the bytes needed and a mesh of these devices that would fit
+      (or how many devices it needs).
+  """
+  counts = flops_lib.param_counts(cfg, table_rows=table_rows)
+  d = cfg.model.d_model
+  rows = counts.trained_rows // d  # P: S padded (trained_table.padded_rows).
+  total = TRAIN_COPIES * counts.trained_rows * _BYTES[cfg.model.param_dtype]
+  spec = sharding.logical_to_spec(('fgram_rows', 'embed'), (rows, d), mesh, partial=True)
+  split = sharding.shard_count(spec, mesh)
+  if total <= device_bytes * split:
+    return
+  need = -(-total // device_bytes)
+  fits = next((n for n in range(need, mesh.size + 1)
+               if mesh.size % n == 0 and rows % n == 0), None)
+  fix = (f'set --config.mesh.fsdp={fits} --config.mesh.tensor=1 (data = devices / '
+         f'{fits}): {-(-total // fits):,} bytes per device' if fits else
+         f'no mesh of these {mesh.size} devices fits it: it needs at least {need} devices '
+         'of this memory on mesh.fsdp, or a smaller fgram.use_size')
+  raise TableMemoryError(
+      f"config.fgram_model.kind='table': the [{rows:,}, {d}] {cfg.model.param_dtype} rows "
+      f'with their gradients and AdamW moments need {total:,} bytes, {-(-total // split):,} '
+      f'per device split {split} ways on mesh {dict(mesh.shape)}: more than one device\'s '
+      f'{device_bytes:,} bytes ({source}). To fit, {fix}')
 
 
 def run_columns(a: ArmAccounting) -> dict[str, Any]:

@@ -23,6 +23,35 @@ from scone_jax.model import trained_table
 
 _NORM_PARAMS = {'layernorm': 2, 'rmsnorm': 1, 'nonparametric': 0}
 
+# Dense bf16 peak FLOP/s per device (= per chip; per TensorCore on TPU v2/v3 where each
+# core is a jax device). Sources: NVIDIA A100/H100/H200 data sheets (SXM, without
+# sparsity); Google Cloud TPU system architecture pages.
+PEAK_FLOPS = {
+    'NVIDIA A100-SXM4-40GB': 312e12,
+    'NVIDIA A100-SXM4-80GB': 312e12,
+    'NVIDIA H100 80GB HBM3': 989e12,
+    'NVIDIA H100': 989e12,
+    'NVIDIA H200': 989e12,
+    'TPU v2': 22.5e12,
+    'TPU v3': 61.5e12,
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,
+    'TPU v5': 459e12,
+    'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12,
+}
+
+
+def peak_flops_per_device(device_kind: str, override_tflops: float = 0.0) -> float | None:
+  """Peak FLOP/s of one device: the override (TFLOP/s) if > 0, else the table, else None."""
+  if override_tflops > 0:
+    return override_tflops * 1e12
+  if device_kind in PEAK_FLOPS:
+    return PEAK_FLOPS[device_kind]
+  # Device kinds carry suffixes on some platforms ('NVIDIA H200 NVL'): longest prefix wins.
+  matches = [k for k in PEAK_FLOPS if device_kind.startswith(k)]
+  return PEAK_FLOPS[max(matches, key=len)] if matches else None
+
 
 def _attention_width(m: ModelConfig) -> int:
   """h e: the width of the queries (and of the attention output)."""

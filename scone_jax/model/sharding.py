@@ -19,6 +19,7 @@ import functools
 import math
 from typing import Any, Callable, Sequence
 
+from absl import logging
 import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -37,7 +38,11 @@ LogicalAxes = Sequence[str | None]
 # * fgram_rows -> (fsdp, tensor): the rows of the [S, d] f-gram table of kind='table', the
 #   largest parameter of that arm, are split over every model-sharding axis (its AdamW
 #   moments follow), so the table's memory scales down with fsdp * tensor; a lookup is a
-#   local masked gather plus one reduction. `embed` then stays whole in the table.
+#   local masked gather plus one reduction. `embed` then stays whole in the table. Its
+#   rows are padded to a multiple of 1024 (trained_table.ROW_MULTIPLE), which every
+#   power-of-two fsdp * tensor up to 1024 divides; another product shards the rows over
+#   the axes that divide them and logs the rest (`model_shardings`);
+#   arm_accounting.check_table_fits refuses a table that does not fit before any work.
 # * length, kv (head dim), fgram_pos, layers: replicated (no sequence or pipeline
 #   parallelism; the stacked `layers` axis is scanned over, so it must stay whole).
 # * ngram_rows -> tensor: the rows of the hashed n-gram tables (kind='hashed') are split
@@ -59,18 +64,21 @@ _RULES = dict(LOGICAL_AXIS_RULES)
 
 
 def logical_to_spec(names: LogicalAxes, shape: Sequence[int] | None = None,
-                    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None
-                   ) -> PartitionSpec:
+                    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+                    partial: bool = False) -> PartitionSpec:
   """Maps logical axis names to a PartitionSpec through `LOGICAL_AXIS_RULES`.
 
   A mesh axis is used by at most one dimension (the first that asks for it). With `mesh`,
   mesh axes it lacks are dropped; with `shape` too, a dimension its mesh axes do not
-  divide evenly is replicated instead (e.g. GPT-2's vocab 50257 over tensor=2).
+  divide evenly is replicated instead (e.g. GPT-2's vocab 50257 over tensor=2), or, with
+  `partial` (parameters: `model_shardings`, which logs what stays replicated), split over
+  the largest product of its mesh axes that divides it.
 
   Args:
     names: one logical name (or None = replicated) per dimension.
     shape: the array's shape, to check divisibility.
     mesh: the mesh (concrete or abstract) the spec is for.
+    partial: split a dimension over the subset of its axes that divides it (see above).
 
   Returns:
     The PartitionSpec, one entry per dimension.
@@ -89,11 +97,28 @@ def logical_to_spec(names: LogicalAxes, shape: Sequence[int] | None = None,
     axes = tuple(a for a in axes if a not in used)
     if mesh is not None:
       axes = tuple(a for a in axes if a in mesh.shape)
-      if shape is not None and shape[dim] % math.prod(mesh.shape[a] for a in axes):
-        axes = ()
+      if shape is not None:
+        axes = (_dividing_axes(axes, shape[dim], mesh) if partial else
+                () if shape[dim] % math.prod(mesh.shape[a] for a in axes) else axes)
     used.update(axes)
     entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   return PartitionSpec(*entries)
+
+
+def _dividing_axes(axes: tuple[str, ...], size: int, mesh) -> tuple[str, ...]:
+  """The ordered subset of `axes` with the largest product that divides `size` (the first
+  such subset on ties; () when no axis divides it)."""
+  subsets = [tuple(a for i, a in enumerate(axes) if keep >> i & 1)
+             for keep in range(2 ** len(axes) - 1, -1, -1)]
+  fits = [sub for sub in subsets if size % math.prod(mesh.shape[a] for a in sub) == 0]
+  return max(fits, key=lambda sub: math.prod(mesh.shape[a] for a in sub))
+
+
+def shard_count(spec: PartitionSpec, mesh) -> int:
+  """Into how many pieces `spec` splits an array on `mesh` (its memory per device is the
+  array's bytes over this)."""
+  axes = [a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)]
+  return math.prod(mesh.shape[a] for a in axes)
 
 
 def constrain(x: jax.Array, names: LogicalAxes) -> jax.Array:
@@ -111,12 +136,24 @@ def param(value: jax.Array, names: LogicalAxes) -> nnx.Param:
   return nnx.Param(value, logical_axes=tuple(names))
 
 
+_WARNED: set[tuple[Any, ...]] = set()  # (names, shape, mesh) already logged.
+
+
 def _variable_spec(variable: nnx.Variable, mesh) -> PartitionSpec:
   names = variable.get_metadata().get('logical_axes')
   shape = variable.shape if hasattr(variable, 'shape') else variable[...].shape
   if names is None:
     return PartitionSpec(*([None] * len(shape)))
-  return logical_to_spec(names, shape, mesh)
+  spec = logical_to_spec(names, shape, mesh, partial=True)
+  wanted = logical_to_spec(names, None, mesh)
+  lost = shard_count(wanted, mesh) // shard_count(spec, mesh)
+  if lost > 1 and (tuple(names), tuple(shape), tuple(mesh.shape.items())) not in _WARNED:
+    # Replicated on purpose (no even split), never silently: it costs `lost` x the memory.
+    _WARNED.add((tuple(names), tuple(shape), tuple(mesh.shape.items())))
+    logging.warning('a parameter %s %s is split %s, not %s as its rules ask (%s do not '
+                    'divide its dimensions): each device holds %dx its share',
+                    tuple(names), tuple(shape), spec, wanted, dict(mesh.shape), lost)
+  return spec
 
 
 def model_shardings(model_state: Any, mesh: jax.sharding.Mesh) -> Any:

@@ -15,7 +15,10 @@ table", measures both).
 The rows are sharded over the mesh through the one sharding table (logical axis
 `fgram_rows`); P rounds S up to a multiple of `ROW_MULTIPLE` so a mesh axis product
 that divides it shards the rows evenly (rows past S are never looked up, never get a
-gradient, and are not exported).
+gradient, and are not exported); another product shards them over the axes that divide
+P, with a log line (model/sharding.py). A table whose rows and AdamW state cannot fit
+one device's memory on the training mesh fails before any param exists
+(`arm_accounting.check_table_fits`, called by train/step.py).
 
 Init: zeros at construction (cheap: no token table needed while the model is built);
 the trainer then calls `init_rows_from_tokens` (train/step.py), which sets row r to
@@ -31,8 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
-from scone_jax.model.sharding import constrain, logical_to_spec, param
+from scone_jax.model.sharding import constrain, param
 
 ROW_MULTIPLE = 1024
 
@@ -82,8 +86,7 @@ def init_rows_from_tokens(lm, last_S: np.ndarray, mesh: jax.sharding.Mesh) -> No
   rows = table.rows[...]
   last_P = np.zeros(rows.shape[0], np.int32)
   last_P[:num] = last_S
-  ids_sh = jax.sharding.NamedSharding(
-      mesh, logical_to_spec(('fgram_rows',), last_P.shape, mesh))
+  ids_sh = jax.sharding.NamedSharding(mesh, PartitionSpec(rows.sharding.spec[0]))
 
   @functools.partial(jax.jit, out_shardings=rows.sharding)
   def init(token_table_VxD, last_P):

@@ -24,7 +24,7 @@ from flax import nnx
 
 from scone_jax import compat
 from scone_jax.config import Config
-from scone_jax.model import SconeLM, create_sharded, trained_table
+from scone_jax.model import SconeLM, arm_accounting, create_sharded, trained_table
 from scone_jax.model.loss import cross_entropy_sums
 from scone_jax import mesh as mesh_lib
 from scone_jax.train import optimizer as optimizer_lib
@@ -248,6 +248,9 @@ def create_train_state(cfg: Config, mesh: jax.sharding.Mesh, vocab_size: int,
       raise ValueError("fgram_model.kind='table' needs the run's f-gram table: pass "
                        'create_train_state(..., table=FgramTable)')
     num_fgrams = cfg.fgram.rows_used(len(table))
+    # Before any param exists: a table that cannot fit fails now, not out of memory later.
+    arm_accounting.check_table_fits(cfg, len(table), mesh,
+                                    *mesh_lib.device_memory(cfg.train.device_memory_bytes))
 
   def make_model():
     return SconeLM(cfg.model, cfg.fgram_model, fgram_max_len=fgram_max_len,
