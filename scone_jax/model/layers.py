@@ -4,8 +4,10 @@ Dimension letters: B batch, T query length, S key length, D d_model, H heads, E 
 dim (D/H), F MLP width, V vocab, L layers.
 
 The layer stack keeps its parameters stacked along a leading `layers` axis and runs them
-with `jax.lax.scan`: compile time stays flat in depth (36-layer OLMo) and the KV cache
-[L, B, S, H, E] is scanned alongside. Norms, softmax and RoPE run in float32; matmuls run
+with `jax.lax.scan`: compile time stays flat in depth (36-layer OLMo). Decode threads the
+KV cache [L, B, S, H, E] through the scan's carry (`BlockStack(..., state=)`), so each
+layer writes only its new rows in place and reads keys only up to the filled length
+(`attend_filled`). Norms, softmax and RoPE run in float32; matmuls run
 in the compute dtype (`ModelConfig.dtype`).
 """
 
@@ -98,6 +100,53 @@ def attend(q_BxTxHxE: jax.Array, k_BxSxHxE: jax.Array, v_BxSxHxE: jax.Array,
   logits_BxHxTxS = jnp.where(mask_BxTxS[:, None], logits_BxHxTxS, _MASKED)
   probs = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(v_BxSxHxE.dtype)
   return jnp.einsum('bhts,bshe->bthe', probs, v_BxSxHxE)
+
+
+def attend_filled(q_Bx1xHxE: jax.Array, k_LxBxSxKxE: jax.Array, v_LxBxSxKxE: jax.Array,
+                  layer: jax.Array, filled_B: jax.Array, chunk: int) -> jax.Array:
+  """Decode attention of one query per row over layer `layer` of the stacked cache, keys
+  [0, filled_B[b]) of row b (float32 logits and sums; equals `attend` under that mask
+  within rounding).
+
+  Keys are read `chunk` positions at a time, only up to the longest row's fill, with an
+  online softmax (flash decoding): a step costs O(filled), not O(max_len). Products are
+  multiply-reduces, not dots, so XLA fuses the cache read into them: no layer or chunk of
+  the cache is copied out first. K (cache heads) may divide H (grouped-query attention).
+  """
+  b, _, h, e = q_Bx1xHxE.shape
+  s, kvh = k_LxBxSxKxE.shape[2], k_LxBxSxKxE.shape[3]
+  c = min(chunk, s)
+  f32 = jnp.float32
+  q_Bx1xKxGxE = q_Bx1xHxE.astype(f32).reshape(b, 1, kvh, h // kvh, e) / math.sqrt(e)
+
+  def read(cache, start):
+    block = jax.lax.dynamic_slice(cache, (layer, 0, start, 0, 0), (1, b, c, kvh, e))
+    return block[0, :, :, :, None].astype(f32)  # [B, C, K, 1, E]
+
+  def body(i, carry):
+    m_BxKxG, l_BxKxG, acc_BxKxGxE = carry
+    # The last chunk is moved back to end at S when S is not a multiple of c; keys it
+    # shares with the chunk before are masked, so each key counts once.
+    start = jnp.minimum(i * c, s - c)
+    pos_C = start + jnp.arange(c)
+    valid_BxCx1x1 = ((pos_C >= i * c)[None] & (pos_C[None] < filled_B[:, None]))[..., None,
+                                                                                   None]
+    logits_BxCxKxG = jnp.sum(q_Bx1xKxGxE * read(k_LxBxSxKxE, start), axis=-1)
+    logits_BxCxKxG = jnp.where(valid_BxCx1x1, logits_BxCxKxG, _MASKED)
+    m_new = jnp.maximum(m_BxKxG, jnp.max(logits_BxCxKxG, axis=1))
+    p_BxCxKxG = jnp.where(valid_BxCx1x1, jnp.exp(logits_BxCxKxG - m_new[:, None]), 0.)
+    rescale = jnp.exp(m_BxKxG - m_new)
+    pv_BxKxGxE = jnp.sum(p_BxCxKxG[..., None] * read(v_LxBxSxKxE, start), axis=1)
+    return (m_new, l_BxKxG * rescale + jnp.sum(p_BxCxKxG, axis=1),
+            acc_BxKxGxE * rescale[..., None] + pv_BxKxGxE)
+
+  shape = (b, kvh, h // kvh)
+  init = (jnp.full(shape, _MASKED, f32), jnp.zeros(shape, f32), jnp.zeros(shape + (e,), f32))
+  # Every row has filled >= 1 (its own new key), so chunk 0 leaves each sum l > 0.
+  _, l_BxKxG, acc_BxKxGxE = jax.lax.fori_loop(0, (jnp.max(filled_B) + c - 1) // c, body,
+                                              init)
+  out_BxKxGxE = acc_BxKxGxE / l_BxKxG[..., None]
+  return out_BxKxGxE.reshape(b, 1, h, e).astype(q_Bx1xHxE.dtype)
 
 
 # q, k, v [B, T, H, E] -> out [B, T, H, E].
@@ -236,30 +285,39 @@ class BlockStack(nnx.Module):
     return constrain(x_BxTxD + m_BxTxD, ('batch', 'length', 'embed')), layer_out
 
   def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, attend_fn: AttendFn,
-               layer_carries: Any = None) -> tuple[jax.Array, Any]:
+               layer_carries: Any = None, state: Any = None) -> tuple[jax.Array, Any]:
     """Runs all blocks.
 
     Args:
       x_BxTxD: input activations (compute dtype).
       positions_BxT: per-token positions (read by RoPE only).
       attend_fn: attention rule (full / prefill / decode), see `AttendFn`.
-      layer_carries: pytree with a leading L axis handed to `attend_fn` per layer
-        (the decode KV cache), or None.
+      layer_carries: pytree with a leading L axis handed to `attend_fn` per layer, or None.
+      state: a pytree threaded through every layer in the scan's carry, whole (the decode
+        KV cache: updated in place, never sliced into xs and restacked as ys). With it,
+        `attend_fn` gets (layer index, state) as its layer carry and returns the new state.
 
     Returns:
-      (x_BxTxD, the per-layer outputs of attend_fn stacked along a leading L axis).
+      (x_BxTxD, the per-layer outputs of attend_fn stacked along a leading L axis; with
+      `state`, the last layer's state instead).
     """
     dtype = jnp.dtype(self.cfg.dtype)
     stacked = {n: getattr(self, n)[...].astype(dtype) for n in self.param_names}
+    threaded = state is not None
 
-    def body(x, xs):
-      p, carry = xs
-      return self._block(p, x, positions_BxT, attend_fn, carry)
+    def body(carry, xs):
+      x, layer, st = carry
+      p, layer_carry = xs
+      x, out = self._block(p, x, positions_BxT, attend_fn,
+                           (layer, st) if threaded else layer_carry)
+      return (x, layer + 1, out if threaded else None), None if threaded else out
 
     if self.cfg.remat in _REMAT_POLICIES:
       body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat])
-    return jax.lax.scan(body, x_BxTxD.astype(dtype), (stacked, layer_carries),
-                        unroll=self.cfg.layer_loop == 'unrolled')
+    (x_BxTxD, _, state), outs = jax.lax.scan(
+        body, (x_BxTxD.astype(dtype), jnp.int32(0), state), (stacked, layer_carries),
+        unroll=self.cfg.layer_loop == 'unrolled')
+    return x_BxTxD, state if threaded else outs
 
 
 class FinalNorm(nnx.Module):
