@@ -4,7 +4,7 @@
   python benchmarks/bench_decode.py --presets=125m        # GPU: GPT-2 small backbone
   python benchmarks/bench_decode.py --rows=10000000 --store_dir=/nvme/bench_store
   python benchmarks/bench_decode.py --presets=tiny --cache_lens=256,1024 \
-      --variants=minimal,baseline,ram --nolookup_table  # baseline vs minimal, S 256/1024
+      --decode_variants=minimal,baseline,ram --nolookup_table  # vs minimal, S 256/1024
 
 For each preset, prints:
 1. Per-step lookup latency (the decoder's IncrementalMatcher push + store gather into the
@@ -70,7 +70,7 @@ flags.DEFINE_integer('prompt_len', 32, 'Prompt tokens per row.')
 flags.DEFINE_integer('repeats', 5, 'Timed runs per variant (the median counts).')
 flags.DEFINE_list('cache_lens', [], 'KV cache lengths S to decode with (default: the '
                   "preset's context; a longer S raises its position table to S).")
-flags.DEFINE_list('variants', [], 'Decode variants to time (default all): minimal, '
+flags.DEFINE_list('decode_variants', [], 'Decode variants to time (default all): minimal, '
                   'baseline, ram, ram:callback, disk, cache, disk:cache, cache:all, '
                   'baseline:host, ram:host, disk:host.')
 flags.DEFINE_bool('host_loops', True, 'Also time the host loops (one jitted step per token).')
@@ -425,8 +425,8 @@ def bench_preset(preset: str, root: str) -> None:
       'disk', 'cache'] + (['disk:cache'] if FLAGS.disk_cache else []) + ['cache:all']
   if FLAGS.host_loops:
     names += ['baseline:host', 'ram:host', 'disk:host']
-  if FLAGS.variants:
-    names = [n for n in names if n in FLAGS.variants]
+  if FLAGS.decode_variants:
+    names = [n for n in names if n in FLAGS.decode_variants]
   header = f'{"B S":>9} ' + ' '.join(f'{n:>16}' for n in names)
   print(header)
   prefill_rows, cpu_rows, cache_notes = [], [], []
