@@ -206,12 +206,13 @@ class MinimalLoop:
       m, den, acc = carry
       kb = jax.lax.dynamic_slice_in_dim(k, i * c, c, axis=1).astype(jnp.float32)
       vb = jax.lax.dynamic_slice_in_dim(v, i * c, c, axis=1).astype(jnp.float32)
-      sc = jnp.sum(q32[:, None] * kb, -1)  # [B, C, H]
+      sc = jnp.einsum('bhe,bche->bch', q32, kb)
       sc = jnp.where((i * c + jnp.arange(c) <= t)[None, :, None], sc, -jnp.inf)
       m2 = jnp.maximum(m, sc.max(1))
       p = jnp.exp(sc - m2[:, None])
       corr = jnp.exp(m - m2)
-      return m2, den * corr + p.sum(1), acc * corr[..., None] + jnp.sum(p[..., None] * vb, 1)
+      return m2, den * corr + p.sum(1), acc * corr[..., None] + jnp.einsum('bch,bche->bhe',
+                                                                            p, vb)
 
     b, h, e = q.shape
     init = (jnp.full((b, h), -jnp.inf), jnp.zeros((b, h)), jnp.zeros((b, h, e)))
