@@ -463,8 +463,8 @@ def bench_preset(preset: str, root: str) -> None:
                                     f'{1e3 * host[n]:.3f}')
           for n in ('baseline', 'ram', 'disk') if n in names))
   if any('cache' in n for n in names):
-    print(f'\nlookup=cache (C = {c:,} rows: {c * d * ram.dtype.itemsize / 2**20:.0f} MiB of '
-          f'rows + {12 * len(table) / 2**20:.0f} MiB match index on the device), the timed '
+    print(f'\nlookup=cache (C = {c:,} rows: {c * d * ram.dtype.itemsize / 2**20:.0f} MiB '
+          f'of rows + {12 * len(table) / 2**20:.0f} MiB match index on the device), the timed '
           'generations\' host share:')
     print('\n'.join(cache_notes))
   print('\ndecode tokens per CPU second of this process (the same runs; robust to other '
