@@ -3,6 +3,8 @@
   python benchmarks/bench_decode.py                       # CPU: tiny and 25m, 1M-row stores
   python benchmarks/bench_decode.py --presets=125m        # GPU: GPT-2 small backbone
   python benchmarks/bench_decode.py --rows=10000000 --store_dir=/nvme/bench_store
+  python benchmarks/bench_decode.py --presets=tiny --cache_lens=256,1024 \
+      --decode_variants=minimal,baseline,ram --nolookup_table  # vs minimal, S 256/1024
 
 For each preset, prints:
 1. Per-step lookup latency (the decoder's IncrementalMatcher push + store gather into the
@@ -10,15 +12,16 @@ For each preset, prints:
    tiers ram / disk(memmap) at batch 1, 16, 64 (`--lookup_table`; paper: 0.017 ms/token
    from RAM at batch 16 with 100M rows; 1.1 ms from NVMe at batch 1 with 10M rows).
 2. XLA FLOPs of the compiled device-loop chunk, SCONE / baseline.
-3. Decode tokens/s at batch 1, 16, 64 of: the hand-written minimal loop (a plain
-   `fori_loop` greedy decode with a KV cache, nothing else), the project's baseline
-   (`Decoder`, on-device loop), SCONE ram and disk with each lookup, the device cache
-   (lookup='cache': match on the device, the `--cache_rows` most frequent f-grams' rows
-   there, the host only for misses; 'cache:all' caches every row, so it never calls the
-   host), and the host loops (one jitted step per token, the decoder before the device
-   loop). Ratios: baseline /
-   minimal, and each SCONE variant / the on-device baseline, all measured in one run,
-   variants interleaved so background load hits all alike.
+3. Decode tokens/s at batch 1, 16, 64 (and each KV cache length S of `--cache_lens`) of:
+   the independent minimal loop (`MinimalLoop`: plain jnp, its own weight layout, cache
+   and greedy loop, no project model or serving code; its tokens are checked equal to
+   the baseline's), the project's baseline (`Decoder`, on-device loop), SCONE ram and
+   disk with each lookup, the device cache (lookup='cache': match on the device, the
+   `--cache_rows` most frequent f-grams' rows there, the host only for misses;
+   'cache:all' caches every row, so it never calls the host), and the host loops (one
+   jitted step per token, the decoder before the device loop). Ratios: baseline /
+   minimal, and each SCONE variant / the on-device baseline; medians of `--repeats`
+   runs, all in one run, variants interleaved so background load hits all alike.
 4. Prefill tokens/s (prompt tokens incl. BOS per second: host match + gather + transfer +
    one prefill step, blocked) for the baseline and SCONE ram.
 5. The device cache's hit rates: per matched position (row < C) and per decode step of B
@@ -64,7 +67,12 @@ flags.DEFINE_bool('lookup_table', True, 'Print the lookup-latency table.')
 flags.DEFINE_integer('lookup_steps', 300, 'Timed steps per lookup measurement.')
 flags.DEFINE_integer('new_tokens', 0, 'Tokens generated per row (default 64 CPU / 256 GPU).')
 flags.DEFINE_integer('prompt_len', 32, 'Prompt tokens per row.')
-flags.DEFINE_integer('repeats', 5, 'Timed runs per variant (the best counts).')
+flags.DEFINE_integer('repeats', 5, 'Timed runs per variant (the median counts).')
+flags.DEFINE_list('cache_lens', [], 'KV cache lengths S to decode with (default: the '
+                  "preset's context; a longer S raises its position table to S).")
+flags.DEFINE_list('decode_variants', [], 'Decode variants to time (default all): minimal, '
+                  'baseline, ram, ram:callback, disk, cache, disk:cache, cache:all, '
+                  'baseline:host, ram:host, disk:host.')
 flags.DEFINE_bool('host_loops', True, 'Also time the host loops (one jitted step per token).')
 flags.DEFINE_bool('callback', True, "Also time lookup='callback' (ram:callback).")
 flags.DEFINE_integer('cache_rows', 65536, "C of the lookup='cache' variants.")
@@ -86,6 +94,8 @@ def load_preset(name: str) -> config_lib.Config:
   cd = module.get_config() if arg is None else module.get_config(arg)
   cd.fgram_model.num_layers = 0  # Serving uses the backbone only; A_f is in the store.
   cd.fgram.max_len = K
+  # A longer cache needs a longer learned position table (per-token compute unchanged).
+  cd.model.max_seq_len = max([cd.model.max_seq_len] + [int(s) for s in FLAGS.cache_lens])
   return config_lib.from_configdict(cd)
 
 
@@ -137,55 +147,150 @@ def lookup_latency(decoder: Decoder, stream: np.ndarray, steps: int) -> float:
   return (time.perf_counter() - start) / steps
 
 
-def minimal_loop(lm: SconeLM, b: int, prompt_len: int, steps: int):
-  """The reference: a plain greedy fori_loop decode with a KV cache, nothing else.
+class MinimalLoop:
+  """The independent reference: a plain-jnp greedy decode of the same GPT-2 weights.
 
-  Returns a function timing one call (seconds for `steps` steps of batch `b`, tokens read
-  back to the host).
+  Nothing of the project's model or serving code runs in it: the weights are read from
+  the backbone's parameters once into this loop's own layout (q, k and v fused into one
+  [D, 3 * H * E] matrix per layer, layers unrolled in Python), the cache is its own
+  (one [B, S, H, E] buffer per layer for k and v, written at the step's position with a
+  dynamic_update_slice and donated between calls, so XLA updates it in place) and
+  attention reads keys in `chunk`-position blocks only up to the step's position
+  (online softmax). Prompts are fed one token at a time through the same step (all rows
+  the same length, as the benchmark's prompts are); only the decode is timed.
   """
-  graphdef, state = nnx.split(lm.backbone)
-  cache_len = lm.backbone.cfg.max_seq_len
 
-  @jax.jit
-  def run(state, token_B, cache):
-    backbone = nnx.merge(graphdef, state)
+  def __init__(self, lm: SconeLM, b: int, cache_len: int, chunk: int = 128):
+    bb = lm.backbone
+    cfg = bb.cfg
+    if (cfg.family, cfg.norm, cfg.mlp_activation, cfg.position) != (
+        'gpt2', 'layernorm', 'gelu', 'learned'):
+      raise ValueError(f'the minimal loop is written for the GPT-2 family, not '
+                       f'{cfg.family}: bench a GPT-2 preset (--presets)')
+    self.b, self.s = b, cache_len
+    self.c = chunk if cache_len % chunk == 0 else cache_len
+    self.h, self.e = cfg.num_heads, cfg.d_model // cfg.num_heads
+    dt = jnp.dtype(cfg.dtype)
+    blk = {n: np.asarray(getattr(bb.blocks, n)[...], np.float32)
+           for n in bb.blocks.param_names}
+    n_layers, d = blk['wq'].shape[:2]
+    table = np.asarray(bb.token_embed.table[...], np.float32)
+    head = table.T if bb.head is None else np.asarray(bb.head[...], np.float32)
+    self.w = jax.device_put({
+        'embed': table, 'pos': np.asarray(bb.pos_table[...], np.float32), 'head': head,
+        'qkv': np.concatenate([blk[f'w{x}'].reshape(n_layers, d, -1) for x in 'qkv'], -1),
+        'qkv_b': np.concatenate([blk[f'b{x}'].reshape(n_layers, -1) for x in 'qkv'], -1),
+        'o': blk['wo'].reshape(n_layers, -1, d), 'o_b': blk['bo'],
+        'ln1': (blk['attn_norm_scale'], blk['attn_norm_bias']),
+        'ln2': (blk['mlp_norm_scale'], blk['mlp_norm_bias']),
+        'fc': (blk['w_in'], blk['b_in']), 'proj': (blk['w_out'], blk['b_out']),
+        'lnf': (np.asarray(bb.final_norm.scale[...]), np.asarray(bb.final_norm.bias[...]))})
+    self.w = jax.tree.map(lambda x: x.astype(dt), self.w)
+    self.n_layers, self.dtype = n_layers, dt
+    self._prefill = jax.jit(self._prefill_fn)
+    self._decode = jax.jit(self._decode_fn, static_argnums=4, donate_argnums=(1,))
+
+  @staticmethod
+  def _ln(x, gb):
+    x32 = x.astype(jnp.float32)
+    mu = x32.mean(-1, keepdims=True)
+    y = (x32 - mu) * jax.lax.rsqrt(jnp.square(x32 - mu).mean(-1, keepdims=True) + 1e-5)
+    return (y * gb[0] + gb[1]).astype(x.dtype)
+
+  def _attend(self, q, k, v, t):
+    """q [B, H, E]; k, v [B, S, H, E] hold positions 0..t."""
+    c = self.c
+    q32 = q.astype(jnp.float32) / np.sqrt(self.e)
 
     def body(i, carry):
-      tok_B, cache, out_BxN = carry
-      logits_Bx1xV, cache = backbone.decode(backbone.embed(tok_B[:, None]), cache)
-      nxt_B = jnp.argmax(logits_Bx1xV[:, 0], axis=-1).astype(jnp.int32)
-      return nxt_B, cache, out_BxN.at[:, i].set(nxt_B)
+      m, den, acc = carry
+      kb = jax.lax.dynamic_slice_in_dim(k, i * c, c, axis=1).astype(jnp.float32)
+      vb = jax.lax.dynamic_slice_in_dim(v, i * c, c, axis=1).astype(jnp.float32)
+      sc = jnp.einsum('bhe,bche->bch', q32, kb)
+      sc = jnp.where((i * c + jnp.arange(c) <= t)[None, :, None], sc, -jnp.inf)
+      m2 = jnp.maximum(m, sc.max(1))
+      p = jnp.exp(sc - m2[:, None])
+      corr = jnp.exp(m - m2)
+      return m2, den * corr + p.sum(1), acc * corr[..., None] + jnp.einsum('bch,bche->bhe',
+                                                                            p, vb)
 
-    return jax.lax.fori_loop(0, steps, body,
-                             (token_B, cache, jnp.zeros((b, steps), jnp.int32)))[2]
+    b, h, e = q.shape
+    init = (jnp.full((b, h), -jnp.inf), jnp.zeros((b, h)), jnp.zeros((b, h, e)))
+    _, den, acc = jax.lax.fori_loop(0, t // c + 1, body, init)
+    return (acc / den[..., None]).astype(q.dtype)
 
-  def fresh_cache():
-    cache = lm.backbone.init_cache(b, cache_len)
-    return cache.replace(lengths=jnp.full((b,), prompt_len + 1, jnp.int32))
+  def _step(self, w, tok_B, t, kv):
+    """One token per row at position t: (logits [B, V], the updated per-layer caches)."""
+    x = w['embed'][tok_B] + w['pos'][t]
+    out = []
+    for l in range(self.n_layers):
+      k_cache, v_cache = kv[l]
+      qkv = self._ln(x, (w['ln1'][0][l], w['ln1'][1][l])) @ w['qkv'][l] + w['qkv_b'][l]
+      q, k, v = (y.reshape(self.b, self.h, self.e) for y in jnp.split(qkv, 3, -1))
+      k_cache = jax.lax.dynamic_update_slice(k_cache, k[:, None], (0, t, 0, 0))
+      v_cache = jax.lax.dynamic_update_slice(v_cache, v[:, None], (0, t, 0, 0))
+      out.append((k_cache, v_cache))
+      a = self._attend(q, k_cache, v_cache, t).reshape(self.b, -1)
+      x = x + a @ w['o'][l] + w['o_b'][l]
+      u = self._ln(x, (w['ln2'][0][l], w['ln2'][1][l])) @ w['fc'][0][l] + w['fc'][1][l]
+      x = x + jax.nn.gelu(u, approximate=True) @ w['proj'][0][l] + w['proj'][1][l]
+    logits = jnp.dot(self._ln(x, w['lnf']), w['head'], preferred_element_type=jnp.float32)
+    return logits, out
 
-  token_B = jnp.full((b,), 5, jnp.int32)
-  np.asarray(run(state, token_B, fresh_cache()))  # Compile.
+  def _prefill_fn(self, w, prompt_BxT):
+    zeros = jnp.zeros((self.b, self.s, self.h, self.e), self.dtype)
+    kv = [(zeros, zeros)] * self.n_layers
 
-  def timed() -> tuple[float, float]:
-    cache = jax.block_until_ready(fresh_cache())
+    def body(t, carry):
+      kv, _ = carry
+      logits, kv = self._step(w, prompt_BxT[:, t], t, kv)
+      return kv, jnp.argmax(logits, -1).astype(jnp.int32)
+
+    return jax.lax.fori_loop(0, prompt_BxT.shape[1], body,
+                             (kv, jnp.zeros((self.b,), jnp.int32)))
+
+  def _decode_fn(self, w, kv, tok_B, t0, steps):
+    def body(i, carry):
+      tok, kv, out = carry
+      logits, kv = self._step(w, tok, t0 + i, kv)
+      nxt = jnp.argmax(logits, -1).astype(jnp.int32)
+      return nxt, kv, out.at[:, i].set(nxt)
+
+    _, kv, out = jax.lax.fori_loop(0, steps, body,
+                                   (tok_B, kv, jnp.zeros((self.b, steps), jnp.int32)))
+    return out, kv  # The cache returned, so its donated buffers are updated in place.
+
+  def generate(self, prompt_BxT: np.ndarray, new_tokens: int):
+    """Greedy: (tokens [B, new_tokens] (the prefill's first), decode wall s, CPU s)."""
+    kv, first_B = jax.block_until_ready(self._prefill(self.w, jnp.asarray(prompt_BxT)))
     start, cpu_start = time.perf_counter(), time.process_time()
-    np.asarray(run(state, token_B, cache))
-    return time.perf_counter() - start, time.process_time() - cpu_start
-  return timed
+    rest = np.asarray(self._decode(self.w, kv, first_B, np.int32(prompt_BxT.shape[1]),
+                                   new_tokens - 1)[0])
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return np.concatenate([np.asarray(first_B)[:, None], rest], 1), wall, cpu
 
 
 def rates(variants: dict, b: int, new_tokens: int, stream: np.ndarray, repeats: int):
-  """Best decode tokens per wall second and per CPU second of this process, and best
-  prefill tokens/s, of each variant; variants interleaved per repeat."""
+  """Median decode tokens per wall second and per CPU second of this process, and best
+  prefill tokens/s, of each variant; variants interleaved per repeat. The minimal loop's
+  greedy tokens are checked equal to the baseline decoder's."""
   prompts = [stream[i * 97:i * 97 + FLAGS.prompt_len] for i in range(b)]
-  decode = {name: 0.0 for name in variants}
-  decode_cpu = {name: 0.0 for name in variants}
+  decode = {name: [] for name in variants}
+  decode_cpu = {name: [] for name in variants}
   prefill = {name: 0.0 for name in variants}
   prompt_host = {name: np.inf for name in variants}
   calls = {name: [0, 0, 0] for name in variants}  # host calls, host rows, steps
-  for name, v in variants.items():
-    if isinstance(v, Decoder):
-      v.generate(prompts, new_tokens)  # Compile.
+  with_bos = np.concatenate([np.ones((b, 1), np.int32), np.stack(prompts)], 1)
+  reference = {}
+  for name, v in variants.items():  # Compile, and keep the greedy tokens.
+    g = v.generate(prompts, new_tokens) if isinstance(v, Decoder) else v.generate(
+        with_bos, new_tokens)
+    reference[name] = np.stack(g.tokens) if isinstance(v, Decoder) else g[0]
+  if 'minimal' in variants and 'baseline' in variants:
+    same = reference['minimal'] == reference['baseline']
+    if not same.all():
+      raise AssertionError(f'B={b}: the minimal loop\'s greedy tokens differ from the '
+                           f'baseline decoder\'s at {np.argwhere(~same)[:5].tolist()}...')
   for _ in range(repeats):
     for name, v in variants.items():
       if isinstance(v, Decoder):
@@ -196,19 +301,21 @@ def rates(variants: dict, b: int, new_tokens: int, stream: np.ndarray, repeats: 
         calls[name] = [x + y for x, y in zip(calls[name], (g.host_calls, g.host_rows,
                                                            g.decode_steps))]
       else:
-        tokens, (wall, cpu) = (new_tokens - 1) * b, v()
-      decode[name] = max(decode[name], tokens / wall)
-      decode_cpu[name] = max(decode_cpu[name], tokens / max(cpu, 1e-9))
+        _, wall, cpu = v.generate(with_bos, new_tokens)
+        tokens = (new_tokens - 1) * b
+      decode[name].append(tokens / wall)
+      decode_cpu[name].append(tokens / max(cpu, 1e-9))
   calls = {n: (c / max(s, 1), r / max(s * b, 1)) for n, (c, r, s) in calls.items()}
-  return decode, decode_cpu, prefill, prompt_host, calls
+  median = lambda d: {n: float(np.median(r)) for n, r in d.items()}
+  return median(decode), median(decode_cpu), prefill, prompt_host, calls
 
 
-def _row(b: int, names: list[str], rate: dict[str, float]) -> str:
+def _row(label: str, names: list[str], rate: dict[str, float]) -> str:
   cells = []
   for n in names:
     ref = rate['minimal'] if n == 'baseline' else rate['baseline']
     cells.append(f'{rate[n]:>9.0f}' + ('' if n == 'minimal' else f' ({rate[n] / ref:.3f})'))
-  return f'{b:>4} ' + ' '.join(f'{c:>16}' for c in cells)
+  return f'{label:>9} ' + ' '.join(f'{c:>16}' for c in cells)
 
 
 def hit_rates(table, docs, sizes, batches, steps: int = 4000, seed: int = 0):
@@ -299,7 +406,6 @@ def bench_preset(preset: str, root: str) -> None:
 
   on_gpu = jax.devices()[0].platform != 'cpu'
   new_tokens = FLAGS.new_tokens or (256 if on_gpu else 64)
-  new_tokens = min(new_tokens, cfg.model.max_seq_len - FLAGS.prompt_len - 1)
   for b in batches[:2]:
     base = compat.cost_flops(Decoder(lm, batch_size=b).compiled_loop_chunk(Sampling()))
     scone = compat.cost_flops(
@@ -310,54 +416,64 @@ def bench_preset(preset: str, root: str) -> None:
     print(f'XLA FLOPs of the device-loop chunk B={b}: baseline {base:.4g}, SCONE {scone:.4g}, '
           f'ratio {scone / base:.4f}; lookup=cache {cached:.4g}, ratio {cached / base:.4f}')
 
-  print(f'\ndecode tokens/s ({new_tokens} new tokens after {FLAGS.prompt_len}-token prompts; '
-        f'ratios: baseline / minimal, SCONE / baseline)')
+  lens = [int(x) for x in FLAGS.cache_lens] or [cfg.model.max_seq_len]
+  new_tokens = min(new_tokens, min(lens) - FLAGS.prompt_len - 1)
+  print(f'\ndecode tokens/s, medians of {FLAGS.repeats} interleaved runs ({new_tokens} new '
+        f'tokens after {FLAGS.prompt_len}-token prompts, KV cache of S tokens; ratios: '
+        'baseline / minimal, SCONE / baseline)')
   c = FLAGS.cache_rows
   names = ['minimal', 'baseline', 'ram'] + (['ram:callback'] if FLAGS.callback else []) + [
       'disk', 'cache'] + (['disk:cache'] if FLAGS.disk_cache else []) + ['cache:all']
   if FLAGS.host_loops:
     names += ['baseline:host', 'ram:host', 'disk:host']
-  header = f'{"B":>4} ' + ' '.join(f'{n:>16}' for n in names)
+  if FLAGS.decode_variants:
+    names = [n for n in names if n in FLAGS.decode_variants]
+  header = f'{"B S":>9} ' + ' '.join(f'{n:>16}' for n in names)
   print(header)
   prefill_rows, cpu_rows, cache_notes = [], [], []
   for b in batches:
-    variants = {
-        'minimal': minimal_loop(lm, b, FLAGS.prompt_len, new_tokens - 1),
-        'baseline': Decoder(lm, batch_size=b),
-        'ram': Decoder(lm, ram, table, batch_size=b),
-        'ram:callback': Decoder(lm, ram, table, batch_size=b, lookup='callback'),
-        'disk': Decoder(lm, disk, table, batch_size=b),
-        'cache': Decoder(lm, ram, table, batch_size=b, lookup='cache', cache_rows=c),
-        'disk:cache': Decoder(lm, disk, table, batch_size=b, lookup='cache', cache_rows=c),
-        'cache:all': Decoder(lm, ram, table, batch_size=b, lookup='cache',
-                             cache_rows=len(table))}
-    for name in set(variants) - set(names):
-      del variants[name]
-    if FLAGS.host_loops:
-      variants.update({'baseline:host': Decoder(lm, batch_size=b, loop='host'),
-                       'ram:host': Decoder(lm, ram, table, batch_size=b, loop='host'),
-                       'disk:host': Decoder(lm, disk, table, batch_size=b, loop='host')})
-    dec, dec_cpu, pre, host, calls = rates(variants, b, new_tokens, stream, FLAGS.repeats)
-    print(_row(b, names, dec), flush=True)
-    cache_notes.append(f'{b:>4} ' + '  '.join(
-        f'{n}: {calls[n][0]:.3f} host calls/step, {calls[n][1]:.3f} host rows/token'
-        for n in names if 'cache' in n))
-    cpu_rows.append(_row(b, names, dec_cpu))
-    prefill_rows.append((b, pre['baseline'], pre['ram'], pre['disk'], host['ram'],
-                         host['disk']))
-  print(f'\nlookup=cache (C = {c:,} rows: {c * d * ram.dtype.itemsize / 2**20:.0f} MiB of '
-        f'rows + {12 * len(table) / 2**20:.0f} MiB match index on the device), the timed '
-        'generations\' host share:')
-  print('\n'.join(cache_notes))
+    for s in lens:
+      label = f'{b} {s}'
+      variants = {
+          'minimal': MinimalLoop(lm, b, s),
+          'baseline': Decoder(lm, batch_size=b, cache_len=s),
+          'ram': Decoder(lm, ram, table, batch_size=b, cache_len=s),
+          'ram:callback': Decoder(lm, ram, table, batch_size=b, cache_len=s,
+                                  lookup='callback'),
+          'disk': Decoder(lm, disk, table, batch_size=b, cache_len=s),
+          'cache': Decoder(lm, ram, table, batch_size=b, cache_len=s, lookup='cache',
+                           cache_rows=c),
+          'disk:cache': Decoder(lm, disk, table, batch_size=b, cache_len=s, lookup='cache',
+                                cache_rows=c),
+          'cache:all': Decoder(lm, ram, table, batch_size=b, cache_len=s, lookup='cache',
+                               cache_rows=len(table)),
+          'baseline:host': Decoder(lm, batch_size=b, cache_len=s, loop='host'),
+          'ram:host': Decoder(lm, ram, table, batch_size=b, cache_len=s, loop='host'),
+          'disk:host': Decoder(lm, disk, table, batch_size=b, cache_len=s, loop='host')}
+      variants = {n: variants[n] for n in names}
+      dec, dec_cpu, pre, host, calls = rates(variants, b, new_tokens, stream, FLAGS.repeats)
+      print(_row(label, names, dec), flush=True)
+      cache_notes.append(f'{label:>9} ' + '  '.join(
+          f'{n}: {calls[n][0]:.3f} host calls/step, {calls[n][1]:.3f} host rows/token'
+          for n in names if 'cache' in n))
+      cpu_rows.append(_row(label, names, dec_cpu))
+      prefill_rows.append(f'{label:>9} ' + '  '.join(
+          f'{n} {pre[n]:>10.0f}' + ('' if n == 'baseline' else
+                                    f' ({pre[n] / pre["baseline"]:.3f}) host '
+                                    f'{1e3 * host[n]:.3f}')
+          for n in ('baseline', 'ram', 'disk') if n in names))
+  if any('cache' in n for n in names):
+    print(f'\nlookup=cache (C = {c:,} rows: {c * d * ram.dtype.itemsize / 2**20:.0f} MiB '
+          f'of rows + {12 * len(table) / 2**20:.0f} MiB match index on the device), the timed '
+          'generations\' host share:')
+    print('\n'.join(cache_notes))
   print('\ndecode tokens per CPU second of this process (the same runs; robust to other '
         'jobs on a shared machine)')
   print(header)
   print('\n'.join(cpu_rows))
   print(f'\nprefill tokens/s ({FLAGS.prompt_len + 1} tokens per row; SCONE / baseline) '
         'and the host match + gather of all prompts (ms)')
-  for b, base, r, dk, hr, hd in prefill_rows:
-    print(f'{b:>4} baseline {base:>10.0f}  ram {r:>10.0f} ({r / base:.3f})  '
-          f'disk {dk:>10.0f} ({dk / base:.3f})  host ram {1e3 * hr:.3f} disk {1e3 * hd:.3f}')
+  print('\n'.join(prefill_rows))
 
 
 def main(argv):

@@ -19,7 +19,7 @@ from flax import nnx, struct
 
 from scone_jax.config import ModelConfig
 from scone_jax.model import loss as loss_lib
-from scone_jax.model.layers import BlockStack, FinalNorm, attend, self_attention
+from scone_jax.model.layers import BlockStack, FinalNorm, attend_filled, self_attention
 from scone_jax.model.sharding import constrain, param
 
 
@@ -54,11 +54,20 @@ class KVCache:
     return self.k.shape[2]
 
 
-def _write_rows(cache_BxSxHxE: jax.Array, new_Bx1xHxE: jax.Array,
+# Keys per block of the decode attention (`attend_filled`): a step reads the cache up to
+# the longest row's fill rounded up to this, so short fills in a long cache cost little,
+# and per-block loop overhead stays small next to a block's work.
+DECODE_CHUNK = 128
+
+
+def _write_rows(cache_LxBxSxHxE: jax.Array, layer: jax.Array, new_Bx1xHxE: jax.Array,
                 pos_B: jax.Array) -> jax.Array:
-  """Writes each row's new key/value at that row's own position."""
-  update = lambda c, n, p: jax.lax.dynamic_update_slice(c, n, (p, 0, 0))
-  return jax.vmap(update)(cache_BxSxHxE, new_Bx1xHxE.astype(cache_BxSxHxE.dtype), pos_B)
+  """Writes each row's new key/value at that row's own position in layer `layer`: one
+  scatter of B rows, in place when the cache buffer is the loop's (donated) carry."""
+  rows_B = jnp.arange(cache_LxBxSxHxE.shape[1])
+  return cache_LxBxSxHxE.at[layer, rows_B, pos_B].set(
+      new_Bx1xHxE[:, 0].astype(cache_LxBxSxHxE.dtype), indices_are_sorted=True,
+      unique_indices=True)
 
 
 class Backbone(nnx.Module):
@@ -187,14 +196,16 @@ class Backbone(nnx.Module):
     """
     pos_B = cache.lengths if pos_B is None else pos_B.astype(jnp.int32)
     positions_Bx1 = pos_B[:, None]
-    mask_Bx1xS = (jnp.arange(cache.max_len)[None, :] <= positions_Bx1)[:, None, :]
     x_Bx1xD = self._add_positions(x_Bx1xD, positions_Bx1)
 
-    def step(q, k, v, kv):
-      k_cache, v_cache = kv
-      k_cache, v_cache = _write_rows(k_cache, k, pos_B), _write_rows(v_cache, v, pos_B)
-      return attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask_Bx1xS), (
-          k_cache, v_cache)
+    def step(q, k, v, layer_state):
+      layer, (k_cache, v_cache) = layer_state
+      k_cache = _write_rows(k_cache, layer, k, pos_B)
+      v_cache = _write_rows(v_cache, layer, v, pos_B)
+      out = attend_filled(q, k_cache, v_cache, layer, pos_B + 1, DECODE_CHUNK)
+      return out, (k_cache, v_cache)
 
-    x_Bx1xD, (k, v) = self.blocks(x_Bx1xD, positions_Bx1, step, (cache.k, cache.v))
+    # The cache rides in the layer scan's carry: each layer writes its B new rows and
+    # reads its keys in place; nothing cache-sized is sliced out, restacked or copied.
+    x_Bx1xD, (k, v) = self.blocks(x_Bx1xD, positions_Bx1, step, state=(cache.k, cache.v))
     return self._logits(x_Bx1xD), KVCache(k=k, v=v, lengths=pos_B + 1)

@@ -7,8 +7,11 @@ One jitted call runs up to C decode steps in a `lax.while_loop` with the KV cach
 state: each step embeds the last token (SCONE: asks the lookup for its f-gram row, see
 below), runs `Backbone.decode`, samples (greedy / temperature / top-k / top-p, the same
 `sample` as the host loop, keyed by the output column) and marks rows that emitted EOS.
-The loop exits early when every row is done or `max_new_tokens` is reached. Tokens come
-back in chunks: the host dispatches chunk k + 1 before reading chunk k, so reading and
+The cache is donated to each call and carried by the loop, and `Backbone.decode` writes
+only each step's new rows and reads keys only up to the filled length, so XLA updates it
+in place: the compiled chunk holds no copy of it (tests/test_decode_inplace.py reads the
+HLO). The loop exits early when every row is done or `max_new_tokens` is reached. Tokens
+come back in chunks: the host dispatches chunk k + 1 before reading chunk k, so reading and
 bookkeeping overlap device work, and the host never waits between steps.
 
 The f-gram lookup of a step needs the token sampled by the previous one, so it runs inside
