@@ -384,9 +384,13 @@ class BlockStack(nnx.Module):
 
     if self.cfg.remat in _REMAT_POLICIES:
       body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat])
+    # A threaded state is the decode step's KV cache: its loop is always unrolled. A scan
+    # slices each layer's weights out of the stacked params into a fresh buffer every
+    # token (a second pass over every weight: 0.74-0.81x of a hand-written loop at B 1 on
+    # CPU, BENCHMARKS.md); unrolled, each layer reads its weights in place.
     (x_BxTxD, _, state), outs = jax.lax.scan(
         body, (x_BxTxD.astype(dtype), jnp.int32(0), state), (stacked, layer_carries),
-        unroll=self.cfg.layer_loop == 'unrolled')
+        unroll=self.cfg.layer_loop == 'unrolled' or threaded)
     return x_BxTxD, state if threaded else outs
 
 
