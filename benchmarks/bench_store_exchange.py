@@ -171,9 +171,12 @@ def loopback_rtt_bw(reps: int = 2000, size: int = 256 << 20) -> tuple[float, flo
   """(median round trip seconds, bytes/s) of raw TCP between two processes here."""
   with tempfile.TemporaryDirectory() as d:
     port_file = os.path.join(d, 'port')
-    code = (f'import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); '
-            f'import bench_store_exchange as b; b._echo_server({port_file!r}, {size}, {reps})')
-    server = subprocess.Popen([sys.executable, '-c', code])
+    code = (f'import bench_store_exchange as b; '
+            f'b._echo_server({port_file!r}, {size}, {reps})')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (os.path.dirname(os.path.abspath(__file__)),
+                    os.environ.get('PYTHONPATH', '')) if p))
+    server = subprocess.Popen([sys.executable, '-c', code], env=env)
     while not os.path.exists(port_file):
       time.sleep(0.01)
     with open(port_file) as f:

@@ -29,17 +29,28 @@ embeddings), 512 tokens x 32 rows per step, 8K vocabulary, S = 32,768, A_f 1 lay
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
-import sys
 import tarfile
 import tempfile
 import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(_HERE), _HERE]
-import accelerator  # noqa: E402  (wheels + GPU setup; imports no backend-starting code)
+
+
+def _load_accelerator():
+  """benchmarks/accelerator.py (carried wheels, GPU setup; it makes the repo importable on
+  a machine without `pip install -e .`), loaded by path: benchmarks/ is not a package."""
+  spec = importlib.util.spec_from_file_location('accelerator',
+                                                os.path.join(_HERE, 'accelerator.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+accelerator = _load_accelerator()
 
 # Overrides of scone_jax.config.base_config per preset; the arms add their own.
 PRESETS = {

@@ -52,6 +52,7 @@ def _attach_config(pretrained, **overrides):
       **ATTACH, 'train.init_from_run': w32, 'fgram_model.init_from_run': w64, **overrides})
 
 
+@pytest.mark.slow  # Fast-suite budget (CI's 2 cores): `make test-all` runs it.
 def test_step0_is_the_pretrained_model(pretrained, tmp_path):
   _, _, w32, w64 = pretrained
   cfg = _attach_config(pretrained)

@@ -1,5 +1,6 @@
 """benchmarks/gpu_study.py: the corpus it takes, and its CPU smoke run (`--quick`)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,8 +12,10 @@ import pytest
 import train_helpers as th
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
-import gpu_study  # noqa: E402
+_SPEC = importlib.util.spec_from_file_location(
+    'gpu_study', os.path.join(REPO, 'benchmarks', 'gpu_study.py'))
+gpu_study = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(gpu_study)
 
 
 def _corpus(directory):

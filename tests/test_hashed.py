@@ -199,6 +199,7 @@ def _train_forward(lm, seq):
   return np.asarray(nnx.merge(graphdef, state)(batch))[0]
 
 
+@pytest.mark.slow  # Fast-suite budget (CI's 2 cores): `make test-all` runs it.
 def test_trained_run_exports_and_decodes_like_the_training_forward(tmp_path_factory):
   from scone_jax import generate
   from scone_jax.export import export_store

@@ -173,6 +173,7 @@ def test_preempted_point_requeues_and_resumes(slurm_cluster, tmp_path, fake_pyth
   assert status.read(sweep.dir)[point.name]['restarts'] == 1
 
 
+@pytest.mark.slow  # Fast-suite budget (CI's 2 cores): `make test-all` runs it.
 def test_study_phases_with_dependency(slurm_cluster, tmp_path, fake_python):
   path = tmp_path / 'st.py'
   path.write_text(f'BASE_CONFIG = {DEMO_MICRO!r}\n\ndef get_study():\n'
@@ -245,6 +246,7 @@ def _cli(*args, env=None):
                         capture_output=True, text=True, env=env)
 
 
+@pytest.mark.slow  # Fast-suite budget (CI's 2 cores): `make test-all` runs it.
 def test_cli_report_same_as_local_and_status(slurm_cluster, tmp_path, fake_python):
   path = write_sweep(tmp_path, [{'train.seed': s} for s in range(4)])
   common = [f'--sweep={path}', '--set=train.steps=3', f'--python={fake_python}', '--report']

@@ -172,5 +172,5 @@ def test_two_processes_decode_through_the_sharded_store(table, tmp_path):
 
 
 if __name__ == '__main__' and sys.argv[1:2] == ['--serve_worker']:
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  # Run as a script, this file's directory is sys.path[0]: the fixtures modules import.
   _serve_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
