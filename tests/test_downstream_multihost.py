@@ -6,7 +6,6 @@ tests/test_downstream_scoring.py."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -46,12 +45,6 @@ for path in ('train', 'store'):
 ''' % (TASKS,)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow  # Two JAX processes restoring and compiling both paths twice: ~2 min.
 def test_two_processes_write_the_one_process_results(run_dir, tmp_path):
   cfg, workdir = run_dir
@@ -67,21 +60,12 @@ def test_two_processes_write_the_one_process_results(run_dir, tmp_path):
                                    cfg1.model.max_seq_len)
     want_ll[path] = runner.make_scorer(run, cfg1, tok, path)[0](task.encoded.seqs)[0]
 
-  port = _free_port()
+  port = th.free_port()
   procs = [subprocess.Popen([sys.executable, '-c', SCRIPT, two, task_dir, str(port), str(i),
                              str(tmp_path)], env=th.subprocess_env(2),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
-  errors = []
-  for p in procs:
-    try:
-      _, err = p.communicate(timeout=900)
-    except subprocess.TimeoutExpired:
-      p.kill()
-      _, err = p.communicate()
-    errors.append(err)
-  for p, err in zip(procs, errors):
-    assert p.returncode == 0, err[-4000:]
+  th.wait_all(procs, timeout=900)
 
   got = json.loads(paths.read_text(os.path.join(two, runner.RESULTS_FILE)))
   assert sorted(os.listdir(two)) == sorted(os.listdir(one))  # Nothing half-written left.

@@ -2,7 +2,6 @@
 through the same CLI and matches the single-process run's losses."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -21,12 +20,6 @@ from scone_jax.tokenizer import TokenShards
 from scone_jax import mesh as mesh_lib
 from scone_jax.train import metrics as metrics_lib
 from scone_jax.train import step as step_lib
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def test_explicit_mode_errors_name_the_keys():
@@ -85,7 +78,7 @@ def test_two_processes_match_one(tmp_path, tmp_path_factory):
   config_file = th.micro_config_file(str(tmp_path / 'micro.py'), corpus, artifacts,
                                      **{'mesh.fsdp': 2})
   workdir = str(tmp_path / 'run')
-  port = _free_port()
+  port = th.free_port()
   procs = []
   for i in range(2):
     cmd = [sys.executable, '-m', 'scone_jax.train', f'--config={config_file}',
@@ -94,16 +87,7 @@ def test_two_processes_match_one(tmp_path, tmp_path_factory):
            '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}']
     procs.append(subprocess.Popen(cmd, env=th.subprocess_env(2), stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True))
-  errors = []
-  for p in procs:
-    try:
-      _, err = p.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-      p.kill()
-      _, err = p.communicate()
-    errors.append(err)
-  for p, err in zip(procs, errors):
-    assert p.returncode == 0, err[-4000:]
+  th.wait_all(procs, timeout=600)
   got = {r['step']: r for r in metrics_lib.read_metrics(workdir)}
   want = {r['step']: r for r in metrics_lib.read_metrics(ref)}
   assert sorted(got) == sorted(want) == [1, 2, 3, 4]

@@ -14,7 +14,6 @@ import pytest
 
 import train_helpers as th
 from test_export_parts import _store_files
-from test_multihost import _free_port
 
 # 2000 mined f-grams at most: ~16 shards, so each process owns several and a kill lands
 # between two of them. 64 rows per batch keeps 8 rows per device on 1 x 8 and 2 x 4
@@ -42,7 +41,7 @@ def _start(workdir: str, num: int, slow: bool = False,
     cmd = [sys.executable, '-m', 'scone_jax.export', f'--workdir={workdir}', *_EXPORT]
     return [subprocess.Popen(cmd, env=th.subprocess_env(8), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)]
-  port = _free_port()
+  port = th.free_port()
   procs = []
   for i in range(num):
     head = ([sys.executable, '-c', _SLOW_DRIVER] if slow and i == 1 else
@@ -57,18 +56,6 @@ def _start(workdir: str, num: int, slow: bool = False,
   return procs
 
 
-def _finish(procs: list[subprocess.Popen]) -> list[str]:
-  errors = []
-  for p in procs:
-    try:
-      _, err = p.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-      p.kill()
-      _, err = p.communicate()
-    errors.append(err)
-  for p, err in zip(procs, errors):
-    assert p.returncode == 0, err[-4000:]
-  return errors
 
 
 @pytest.fixture(scope='module')
@@ -83,7 +70,7 @@ def runs(tmp_path_factory):
     shutil.copytree(ref, workdir, ignore=shutil.ignore_patterns('export*'))
     return workdir
   one = copy('one')
-  _finish(_start(one, 1))
+  th.wait_all(_start(one, 1))
   return _store_files(os.path.join(one, 'export')), copy
 
 
@@ -94,7 +81,7 @@ def test_two_processes_export_the_one_process_store(runs):
   is computed exactly as on one process, and the store is the same bytes."""
   want, copy = runs
   workdir = copy('two')
-  errors = _finish(_start(workdir, 2, mesh=('--config.mesh.fsdp=8',)))
+  errors = th.wait_all(_start(workdir, 2, mesh=('--config.mesh.fsdp=8',)))
   assert _store_files(os.path.join(workdir, 'export')) == want
   assert 'rows/s on 2 process(es), 8 devices' in errors[0]
 
@@ -121,7 +108,7 @@ def test_kill_9_of_one_process_resumes_to_the_same_store(runs):
     p.communicate()
   assert not os.path.exists(os.path.join(workdir, 'export')), 'the kill came too late'
   marked = sum(f[0].isdigit() for f in os.listdir(done))
-  errors = _finish(_start(workdir, 2))
+  errors = th.wait_all(_start(workdir, 2))
   assert _store_files(os.path.join(workdir, 'export')) == want
   shards = len(want[1]['shard_crc32c'])
   assert 3 <= marked < shards
@@ -143,8 +130,8 @@ def test_two_processes_export_a_hashed_run_split_across_them(tmp_path_factory):
   root = tmp_path_factory.mktemp('hashed_export')
   loop.train(cfg, str(root / 'one'))
   shutil.copytree(str(root / 'one'), str(root / 'two'))
-  _finish(_start(str(root / 'one'), 1))
-  _finish(_start(str(root / 'two'), 2, mesh=('--config.mesh.fsdp=8',)))
+  th.wait_all(_start(str(root / 'one'), 1))
+  th.wait_all(_start(str(root / 'two'), 2, mesh=('--config.mesh.fsdp=8',)))
   want = _store_files(str(root / 'one' / 'export'))
   assert want[1]['num_rows'] == 2 * 257 and len(want[1]['shard_crc32c']) == 5
   assert _store_files(str(root / 'two' / 'export')) == want

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import subprocess
 from typing import Any
 
 import numpy as np
@@ -167,3 +169,26 @@ def tree_digest(*roots: str) -> dict[str, str]:
         with open(path, 'rb') as f:
           out[path] = hashlib.sha256(f.read()).hexdigest()
   return out
+
+
+def free_port() -> int:
+  """A TCP port free on 127.0.0.1 now (for a jax.distributed coordinator)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float = 600) -> list[str]:
+  """Waits for every process (killing one still running after `timeout` s), asserts each
+  exited 0 (showing the end of its stderr) and returns their stderr texts."""
+  errors = []
+  for p in procs:
+    try:
+      _, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      p.kill()
+      _, err = p.communicate()
+    errors.append(err)
+  for p, err in zip(procs, errors):
+    assert p.returncode == 0, err[-4000:]
+  return errors
