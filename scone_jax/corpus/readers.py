@@ -23,7 +23,7 @@ from absl import logging
 
 from scone_jax import artifacts, paths as paths_lib
 from scone_jax.corpus import columnar, sft
-from scone_jax.corpus.document import CorpusError, Document
+from scone_jax.corpus.document import CorpusError, Document, json_lines
 
 FORMATS = ('lines', 'blank_lines', 'jsonl', 'parquet', 'arrayrecord', 'arrayrecord_tokens',
            *sft.SFT_FORMATS)
@@ -248,15 +248,8 @@ class FileCorpus:
       yield Document('\n'.join(block), f'{path}:{start}')
 
   def _jsonl(self, path: str) -> Iterator[Document]:
-    for lineno, line in self._decoded_lines(path):
-      if not line.strip():
-        continue
-      where = f'{path}:{lineno}'
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise CorpusError(f'{where}: invalid JSON ({e.msg} at column {e.colno}); fix the '
-                          'line, or set data.format if the file is not JSONL') from e
+    for where, record in json_lines(self._decoded_lines(path), path, 'fix the line, or set '
+                                    'data.format if the file is not JSONL'):
       if not isinstance(record, dict) or not isinstance(record.get(self.text_field), str):
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
         raise CorpusError(f'{where}: no string field {self.text_field!r} (found {keys}); '

@@ -30,7 +30,7 @@ import os
 from typing import Callable, Iterator, Sequence
 
 from scone_jax import paths
-from scone_jax.corpus.document import CorpusError, Document
+from scone_jax.corpus.document import CorpusError, Document, json_lines
 
 SFT_FORMATS = ('sft', 'chat')
 ROLES = ('system', 'user', 'assistant', 'tool')
@@ -46,15 +46,8 @@ def documents(lines: Iterator[tuple[int, str]], path: str, fmt: str,
   template: renders a conversation to spans (`template_spans` of a chat template);
   None = the plain template.
   """
-  for lineno, line in lines:
-    if not line.strip():
-      continue
-    where = f'{path}:{lineno}'
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise CorpusError(f'{where}: invalid JSON ({e.msg} at column {e.colno}); fix the '
-                        f'line (data.format={fmt!r} reads one JSON object per line)') from e
+  hint = f'fix the line (data.format={fmt!r} reads one JSON object per line)'
+  for where, record in json_lines(lines, path, hint):
     if not isinstance(record, dict):
       raise CorpusError(f'{where}: a JSON {type(record).__name__}, not an object; '
                         f'data.format={fmt!r} needs one object per line')
