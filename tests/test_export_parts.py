@@ -49,6 +49,23 @@ def _write(out, calls, part=writer.Part(), fail_after=None):
                             progress=False, part=part)
 
 
+def _write_in_groups(out, groups: int) -> list[list[tuple[int, int]]]:
+  """write_store by `groups` row groups as threads; each group's compute_rows calls."""
+  threads, calls, errors = _Threads(groups), [[] for _ in range(groups)], []
+
+  def run(group):
+    try:
+      _write(out, calls[group], threads.part(group, groups))
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+  workers = [threading.Thread(target=run, args=(g,)) for g in range(groups)]
+  for w in workers:
+    w.start()
+  for w in workers:
+    w.join()
+  assert not errors, errors
+  return calls
+
 def _store_files(path):
   """Every file's bytes; the manifest's fields but its creation time."""
   files = {os.path.relpath(os.path.join(d, f), path): open(os.path.join(d, f), 'rb').read()
@@ -66,19 +83,7 @@ def one_writer(tmp_path_factory):
 
 
 def test_two_row_groups_write_the_one_writer_store(one_writer, tmp_path):
-  threads, calls, errors = _Threads(2), [[], []], []
-
-  def run(group):
-    try:
-      _write(tmp_path / 'export', calls[group], threads.part(group, 2))
-    except Exception as e:  # pylint: disable=broad-except
-      errors.append(e)
-  workers = [threading.Thread(target=run, args=(g,)) for g in range(2)]
-  for w in workers:
-    w.start()
-  for w in workers:
-    w.join()
-  assert not errors, errors
+  calls = _write_in_groups(tmp_path / 'export', 2)
   # Group g computed exactly shards g, g + 2, g + 4, and both ran the same 3 rounds.
   assert calls[0] == [(0, 8), (16, 24), (32, 40)]
   assert calls[1] == [(8, 16), (24, 32), (40, 45)]
@@ -100,19 +105,7 @@ def test_idle_groups_take_part_in_every_round(tmp_path):
   done = str(out) + '.partial.done'
   for i in (0, 4):
     os.remove(os.path.join(done, f'{i}.json'))
-  threads, calls, errors = _Threads(4), [[], [], [], []], []
-
-  def run(group):
-    try:
-      _write(out, calls[group], threads.part(group, 4))
-    except Exception as e:  # pylint: disable=broad-except
-      errors.append(e)
-  workers = [threading.Thread(target=run, args=(g,)) for g in range(4)]
-  for w in workers:
-    w.start()
-  for w in workers:
-    w.join()
-  assert not errors, errors
+  calls = _write_in_groups(out, 4)
   assert calls == [[(0, 8), (32, 40)], [(40, 45), (0, 0)], [(0, 0)] * 2, [(0, 0)] * 2]
   np.testing.assert_array_equal(
       EmbeddingStore.open(str(out), 'ram', verify=True).gather(np.arange(S)), ROWS_SxD)
