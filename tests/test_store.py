@@ -275,6 +275,16 @@ def test_flipped_byte_fails_ram_open_and_disk_first_read(tmp_path):
     EmbeddingStore.open(path, 'ram', verify=True)
 
 
+def test_flipped_shard_index_is_named_on_open(tmp_path):
+  path = _write(tmp_path / 'export')
+  shard = os.path.join(path, store_format.shard_file(1))
+  _flip_byte(path, 1, os.path.getsize(shard) - 12)  # Inside the index, before its crc.
+  for tier in ('ram', 'disk'):
+    with pytest.raises(artifacts.ArtifactError, match=r'c/1/0 \(rows 256..511\) has a '
+                       r'corrupted shard index .* `python -m scone_jax.export`'):
+      EmbeddingStore.open(path, tier)
+
+
 def test_tiers_return_identical_rows(tmp_path):
   path = _write(tmp_path / 'export', 'bfloat16', chunk_rows=128, inner_rows=16)
   rng = np.random.default_rng(0)

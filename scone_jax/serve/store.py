@@ -421,7 +421,15 @@ def _raw_layout(path: str, manifest: dict[str, Any]) -> list[_Shard] | None:
     fpath = os.path.join(path, shard_file(i))
     with open(fpath, 'rb') as f:
       f.seek(-(16 * n_inner + 4), os.SEEK_END)
-      index = np.frombuffer(f.read(16 * n_inner), '<u8').reshape(n_inner, 2)
+      raw = f.read(16 * n_inner + 4)
+    # The index's own crc32c (zarr's crc32c codec: 4 little-endian bytes after it): a
+    # corrupted index is named here, not left to tensorstore's DATA_LOSS further down.
+    if crc32c(np.frombuffer(raw[:-4], np.uint8)) != int.from_bytes(raw[-4:], 'little'):
+      raise artifacts.ArtifactError(
+          f'embedding store {path}: shard {shard_file(i)} (rows {start}..'
+          f'{start + rows - 1}) has a corrupted shard index (its crc32c fails); '
+          're-run `python -m scone_jax.export`')
+    index = np.frombuffer(raw[:-4], '<u8').reshape(n_inner, 2)
     # Inner chunks wholly past the end of the array are absent from a partial shard.
     used = -(-rows // inner_rows)
     if not ((index[:used, 0] == np.arange(used) * inner_bytes).all() and
