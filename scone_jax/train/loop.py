@@ -157,6 +157,7 @@ def train(cfg: Config, workdir: str,
     CheckpointSaveError: a checkpoint could not be saved (e.g. disk full).
   """
   cfg = hf_load.resolve_config(cfg)  # model.init_from: the checkpoint's architecture.
+  init_from.check_source(cfg)  # fgram_model.init_from: A_f's source fits, before any write.
   config_runtime.check_data_source(cfg)  # Before the workdir is created.
   mesh_lib.maybe_initialize_distributed(cfg.distributed)
   config_runtime.validate_runtime(cfg, jax.device_count(), jax.process_count(),
