@@ -55,20 +55,28 @@ _ROPE_KEYS = ('rope_theta', 'rope_scaling', 'rope_factor', 'rope_low_freq_factor
 
 def init_params(cfg: Config, workdir: str, state: step_lib.TrainState,
                 mesh: jax.sharding.Mesh, tokenizer_fingerprint: str) -> step_lib.TrainState:
-  """`state` with its params replaced per train.init_from_run / fgram_model.init_from_run
+  """`state` with its params replaced per train.init_from_run / fgram_model.init_from
   (either may be ''); optimizer state, step and data order stay fresh."""
+  return dataclasses.replace(state, params=start_params(cfg, workdir, state.params, mesh,
+                                                        tokenizer_fingerprint))
+
+
+def start_params(cfg: Config, workdir: str, params: Any, mesh: jax.sharding.Mesh,
+                 tokenizer_fingerprint: str) -> Any:
+  """A SconeLM's params tree (nnx.State of nnx.Param, sharded) as `init_params` fills it."""
   if not cfg.train.init_from_run and not cfg.fgram_model.source:
-    return state
-  want, treedef = jax.tree_util.tree_flatten_with_path(state.params)
+    return params
+  want, treedef = jax.tree_util.tree_flatten_with_path(params)
   current = {jax.tree_util.keystr(k): v for k, v in want}
-  params = dict(current)
+  update = {}
   if cfg.train.init_from_run:
-    params.update(_run_params(cfg, cfg.train.init_from_run, workdir, current, mesh,
+    update.update(_run_params(cfg, cfg.train.init_from_run, workdir, current, mesh,
                               tokenizer_fingerprint))
   if cfg.fgram_model.source:
-    params.update(_fgram_params(cfg, current, mesh, tokenizer_fingerprint))
-  leaves = [jax.device_put(params[jax.tree_util.keystr(k)], leaf.sharding) for k, leaf in want]
-  return dataclasses.replace(state, params=jax.tree_util.tree_unflatten(treedef, leaves))
+    update.update(_fgram_params(cfg, current, mesh, tokenizer_fingerprint))
+  return jax.tree_util.tree_unflatten(treedef, [
+      jax.device_put(update[jax.tree_util.keystr(k)], leaf.sharding)
+      if jax.tree_util.keystr(k) in update else leaf for k, leaf in want])
 
 
 def source_backbone(source: str, mesh: jax.sharding.Mesh, num_layers: int = 0,
@@ -149,7 +157,7 @@ def check_source(cfg: Config) -> None:
   differ = [(name, mine) for name, mine in keys if _arch_value(model, name) !=
             _arch_value(af, name)]
   if differ:
-    raise ConfigError(f'{where}: A_f\'s architecture is not its backbone\'s: ' + '; '.join(
+    raise ConfigError(f'{where}: A_f\'s architecture differs from this source\'s: ' + '; '.join(
         f'its model.{name} is {_arch_value(model, name)!r}, A_f\'s is '
         f'{_arch_value(af, name)!r}: set config.{mine}={_arch_value(model, name)!r}'
         for name, mine in differ) + ' (model.* keys are the backbone\'s, which A_f shares)')
