@@ -296,10 +296,8 @@ class FgramModelConfig:
   # one from train.init_from_run). False: no projection unless d_model is set (today's A_f).
   zero_init_out: bool = False
   # A_f's token table, positions (first K rows), first num_layers blocks and final norm start
-  # from a pretrained backbone: one of our runs or a Hugging Face checkpoint directory
-  # (config.json + safetensors), whose architecture must be A_f's (`arch`); train/
-  # init_from.py (`source_backbone` reads either). '' = A_f's init. init_from_run: the
-  # older key (a run directory), kept so runs that set it reopen; `source` reads either.
+  # from a pretrained backbone: one of our runs or a Hugging Face checkpoint directory, of
+  # A_f's architecture (train/init_from.py). init_from_run: its older name (`source`).
   init_from: str = ''
   init_from_run: str = ''
 
@@ -313,8 +311,7 @@ class FgramModelConfig:
     if not self.d_model:
       return model
     # Its own width means its own heads (the backbone's num_kv_heads / head_dim describe
-    # the backbone's checkpoint only): full K/V heads of d_model / num_heads each unless
-    # fgram_model.num_kv_heads / head_dim say otherwise (a pretrained A_f's checkpoint).
+    # the backbone's checkpoint only): fgram_model.num_kv_heads / head_dim, 0 = the usual.
     return dataclasses.replace(model, d_model=self.d_model,
                                num_heads=self.num_heads or model.num_heads,
                                mlp_dim=self.mlp_dim or 4 * self.d_model,

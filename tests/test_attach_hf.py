@@ -141,6 +141,14 @@ def test_mismatched_source_is_refused_naming_the_key(checkpoints, overrides, mes
     init_from.check_source(_config(checkpoints, **overrides))
 
 
+def test_train_refuses_a_mismatched_source_before_writing(checkpoints, tmp_path):
+  from scone_jax.train import loop  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(ConfigError, match='fgram_model.head_dim=16'):
+    loop.train(_config(checkpoints, **{'fgram_model.head_dim': 24}), workdir)
+  assert not os.path.exists(workdir)
+
+
 def test_source_kinds_and_the_older_key(checkpoints, tmp_path):
   backbone, wide = checkpoints['backbone'][0], checkpoints['wide'][0]
   assert hf_load.is_checkpoint(wide) and not hf_load.is_checkpoint(str(tmp_path))
@@ -193,6 +201,7 @@ def test_sft_on_the_imported_model_then_serve_the_store(checkpoints, tmp_path):
       'model.d_model': 128, 'model.num_heads': 4, 'model.max_seq_len': 256,
       'data.format': 'sft', 'data.train_files': str(tmp_path / 'train.jsonl'),
       'data.eval_files': 'heldout=' + str(tmp_path / 'eval.jsonl'), 'fgram.max_len': K,
+      'fgram.size': 500,
       **AF, 'fgram_model.init_from': checkpoints['wide'][0], 'train.steps': 8,
       'train.learning_rate': 3e-3, 'checkpoint.every_steps': 0, 'export.dtype': 'float32'})
   workdir = str(tmp_path / 'W')

@@ -157,13 +157,14 @@ def train(cfg: Config, workdir: str,
     CheckpointSaveError: a checkpoint could not be saved (e.g. disk full).
   """
   cfg = hf_load.resolve_config(cfg)  # model.init_from: the checkpoint's architecture.
-  init_from.check_source(cfg)  # fgram_model.init_from: A_f's source fits, before any write.
   config_runtime.check_data_source(cfg)  # Before the workdir is created.
   mesh_lib.maybe_initialize_distributed(cfg.distributed)
   config_runtime.validate_runtime(cfg, jax.device_count(), jax.process_count(),
                               jax.default_backend())
   workdir = run_lib.RunDir(workdir).path  # Local: absolute; gs://: as given.
   check_run_config(cfg, workdir, allow_config_change)
+  if not run_lib.RunDir(workdir).checkpoint_steps():  # A new run reads A_f's source.
+    init_from.check_source(cfg)  # Before anything is written.
   paths.makedirs(workdir)
   lock = _acquire_run_lock(workdir)
   try:
