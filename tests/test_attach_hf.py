@@ -6,6 +6,7 @@ serves what the training forward computes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -25,7 +26,7 @@ from scone_jax import mesh as mesh_lib
 from scone_jax.batches.tagging import tag_fgrams
 from scone_jax.config import ConfigError, MeshConfig
 from scone_jax.hf import load as hf_load
-from scone_jax.model import SconeLM, create_sharded
+from scone_jax.model import SconeLM, model_shardings
 from scone_jax.train import init_from
 
 torch = pytest.importorskip('torch')
@@ -67,14 +68,25 @@ def _config(checkpoints, **overrides):
 @pytest.fixture(scope='module')
 def attached(checkpoints, tmp_path_factory):
   """(cfg, our SconeLM at step 0 on 2 x 2 x 2 devices): the backbone by load_params, A_f
-  by init_from.start_params, as train's init does."""
+  by init_from.start_params, as train's init does, into abstract params (nothing is
+  initialised: every parameter but A_f's zero projection must come from a checkpoint)."""
   cfg = _config(checkpoints)
   mesh = mesh_lib.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-  lm = create_sharded(lambda: SconeLM(cfg.model, cfg.fgram_model, K, VOCAB, nnx.Rngs(0)), mesh)
-  graphdef, params, other = nnx.split(lm, nnx.Param, ...)
+  graphdef, abstract = nnx.split(nnx.eval_shape(
+      lambda: SconeLM(cfg.model, cfg.fgram_model, K, VOCAB, nnx.Rngs(0))))
+  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, model_shardings(abstract, mesh))
   params = hf_load.load_params(cfg.model, params)
-  params = init_from.start_params(cfg, str(tmp_path_factory.mktemp('w')), params, mesh, '')
-  return cfg, nnx.merge(graphdef, params, other)
+  with open(os.path.join(checkpoints['backbone'][0], 'tokenizer.json'), 'rb') as f:
+    fingerprint = hashlib.sha256(f.read()).hexdigest()
+  params = init_from.start_params(cfg, str(tmp_path_factory.mktemp('w')), params, mesh,
+                                  fingerprint)
+  left = [hf_load.param_name(k) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]
+          if isinstance(v, jax.ShapeDtypeStruct)]
+  assert left == ['fgram_model.proj']
+  params = jax.tree.map(lambda v: jax.device_put(jnp.zeros(v.shape, v.dtype), v.sharding)
+                        if isinstance(v, jax.ShapeDtypeStruct) else v, params)
+  return cfg, nnx.merge(graphdef, params)
 
 
 def test_step0_is_transformers_forward(attached, checkpoints, table):
