@@ -65,28 +65,31 @@ def _config(checkpoints, **overrides):
       **overrides}))
 
 
-@pytest.fixture(scope='module')
-def attached(checkpoints, tmp_path_factory):
-  """(cfg, our SconeLM at step 0 on 2 x 2 x 2 devices): the backbone by load_params, A_f
-  by init_from.start_params, as train's init does, into abstract params (nothing is
+def _attach(cfg, workdir: str):
+  """Our SconeLM at step 0 on 2 x 2 x 2 devices: the backbone by load_params, A_f by
+  init_from.start_params, as train's init does, into abstract params (nothing is
   initialised: every parameter but A_f's zero projection must come from a checkpoint)."""
-  cfg = _config(checkpoints)
   mesh = mesh_lib.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
   graphdef, abstract = nnx.split(nnx.eval_shape(
       lambda: SconeLM(cfg.model, cfg.fgram_model, K, VOCAB, nnx.Rngs(0))))
   params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, model_shardings(abstract, mesh))
   params = hf_load.load_params(cfg.model, params)
-  with open(os.path.join(checkpoints['backbone'][0], 'tokenizer.json'), 'rb') as f:
+  with open(cfg.tokenizer.model_file, 'rb') as f:
     fingerprint = hashlib.sha256(f.read()).hexdigest()
-  params = init_from.start_params(cfg, str(tmp_path_factory.mktemp('w')), params, mesh,
-                                  fingerprint)
+  params = init_from.start_params(cfg, workdir, params, mesh, fingerprint)
   left = [hf_load.param_name(k) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]
           if isinstance(v, jax.ShapeDtypeStruct)]
   assert left == ['fgram_model.proj']
   params = jax.tree.map(lambda v: jax.device_put(jnp.zeros(v.shape, v.dtype), v.sharding)
                         if isinstance(v, jax.ShapeDtypeStruct) else v, params)
-  return cfg, nnx.merge(graphdef, params)
+  return nnx.merge(graphdef, params)
+
+
+@pytest.fixture(scope='module')
+def attached(checkpoints, tmp_path_factory):
+  cfg = _config(checkpoints)
+  return cfg, _attach(cfg, str(tmp_path_factory.mktemp('w')))
 
 
 def test_step0_is_transformers_forward(attached, checkpoints, table):
@@ -136,6 +139,28 @@ def test_af_is_the_wide_checkpoint(attached, checkpoints):
       hidden = wide.model(torch.tensor(tokens_UxK[u:u + 1, :n].astype(np.int64)))
     want = hidden.last_hidden_state[0, -1].numpy() @ proj
     np.testing.assert_allclose(e_UxD[u], want, atol=1e-4 * np.abs(want).max(), rtol=0)
+
+
+def test_gpt2_source_gives_learned_positions(tmp_path):
+  """A GPT-2 source: A_f's position table is the first K rows of its wpe, its q/k/v the
+  slices of the fused c_attn."""
+  dirs = {}
+  for name, width, layers in (('backbone', 32, 1), ('wide', 48, 2)):
+    dirs[name] = str(tmp_path / name)
+    save_checkpoint(dirs[name], transformers.GPT2Config(
+        n_embd=width, n_layer=layers, n_head=4, n_positions=64, vocab_size=VOCAB), VOCAB)
+  cfg = hf_load.resolve_config(config_lib.replace(config_lib.Config(), **{
+      'model.init_from': dirs['backbone'], 'train.seq_len': 16, 'fgram.max_len': K,
+      'fgram_model.num_layers': 1, 'fgram_model.d_model': 48, 'fgram_model.combine': 'add',
+      'fgram_model.zero_init_out': True, 'fgram_model.init_from': dirs['wide']}))
+  af = _attach(cfg, str(tmp_path / 'w')).fgram_model
+  files = hf_load.open_tensors(dirs['wide'])
+  np.testing.assert_array_equal(af.pos_table[...], files.array('transformer.wpe.weight')[:K])
+  np.testing.assert_array_equal(af.token_embed.table[...],
+                                files.array('transformer.wte.weight'))
+  c_attn = files.array('transformer.h.0.attn.c_attn.weight')  # [D, 3 D]: q | k | v
+  np.testing.assert_array_equal(af.blocks.wv[...][0], c_attn[:, 96:].reshape(48, 4, 12))
+  assert af.blocks.wv[...].shape[0] == 1  # The first fgram_model.num_layers of 2.
 
 
 @pytest.mark.parametrize('overrides,message', [

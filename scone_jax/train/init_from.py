@@ -141,8 +141,7 @@ def check_source(cfg: Config) -> None:
   fm = cfg.fgram_model
   if not fm.source:
     return
-  key = 'init_from' if fm.init_from else 'init_from_run'
-  where = f'config.fgram_model.{key}={fm.source}'
+  where = _where(fm)
   if not paths.isdir(fm.source):
     raise ConfigError(f'{where}: no such directory (one of our run directories, or a '
                       'Hugging Face checkpoint directory with config.json and safetensors)')
@@ -164,6 +163,10 @@ def check_source(cfg: Config) -> None:
   if model.num_layers < fm.num_layers:
     raise ConfigError(f'{where} has {model.num_layers} layers; A_f takes its first '
                       f'fgram_model.num_layers={fm.num_layers}: set it <= {model.num_layers}')
+
+
+def _where(fm: FgramModelConfig) -> str:
+  return f"config.fgram_model.{'init_from' if fm.init_from else 'init_from_run'}={fm.source}"
 
 
 def _arch_value(m: ModelConfig, name: str) -> Any:
@@ -223,7 +226,7 @@ def _fgram_params(cfg: Config, current: dict[str, jax.Array], mesh: jax.sharding
                   tokenizer_fingerprint: str) -> dict[str, jax.Array]:
   """fgram_model.init_from: A_f's parameters from the source's backbone."""
   fm, source = cfg.fgram_model, cfg.fgram_model.source
-  where = f'config.fgram_model.init_from={source}'
+  where = _where(fm)
   check_source(cfg)
   _, got, source_tok = source_backbone(source, mesh, fm.num_layers, cfg.model.param_dtype)
   # A_f's parameter prefix -> (the source backbone's, rows of its leading axis taken).
