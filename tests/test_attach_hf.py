@@ -164,14 +164,16 @@ def test_gpt2_source_gives_learned_positions(tmp_path):
 
 
 @pytest.mark.parametrize('overrides,message', [
-    ({'fgram_model.head_dim': 12}, r'model.head_size is 16, A_f\'s is 12: set '
+    ({'fgram_model.head_dim': 12}, r'its head width is 16, A_f\'s is 12: set '
                                    r'config.fgram_model.head_dim=16'),
     ({'fgram_model.num_kv_heads': 0, 'fgram_model.mlp_dim': 64},
-     r'kv_heads is 2, .*fgram_model.num_kv_heads=2; .*fgram_model.mlp_dim=80'),
+     r'K/V head count is 2, .*fgram_model.num_kv_heads=2; .*fgram_model.mlp_dim=80'),
     ({'fgram_model.num_layers': 3}, 'has 2 layers; A_f takes its first fgram_model.num_layers=3'),
     ({'fgram_model.d_model': 0, 'fgram_model.num_heads': 0, 'fgram_model.num_kv_heads': 0,
       'fgram_model.head_dim': 0, 'fgram_model.mlp_dim': 0, 'fgram_model.final_norm': 'none'},
-     'a pretrained model of its own: set config.fgram_model.d_model=48'),
+     r'a pretrained model of its own: set its shape, config.fgram_model.d_model=48 '
+     r'config.fgram_model.num_heads=4 config.fgram_model.num_kv_heads=2 '
+     r'config.fgram_model.head_dim=16 config.fgram_model.mlp_dim=80'),
 ], ids=['head_dim', 'kv_heads_and_mlp', 'layers', 'shared_width'])
 def test_mismatched_source_is_refused_naming_the_key(checkpoints, overrides, message):
   with pytest.raises(ConfigError, match=message):

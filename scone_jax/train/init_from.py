@@ -48,6 +48,7 @@ _ARCH_KEYS = (('d_model', 'fgram_model.d_model'), ('num_heads', 'fgram_model.num
               ('norm', 'model.norm'), ('norm_eps', 'model.norm_eps'),
               ('norm_position', 'model.norm_position'), ('qk_norm', 'model.qk_norm'),
               ('clip_qkv', 'model.clip_qkv'), ('position', 'model.position'))
+_LABELS = {'kv_heads': 'K/V head count', 'head_size': 'head width'}  # (Not config keys.)
 # Compared only where A_f uses RoPE.
 _ROPE_KEYS = ('rope_theta', 'rope_scaling', 'rope_factor', 'rope_low_freq_factor',
               'rope_high_freq_factor', 'rope_original_max_len')
@@ -148,17 +149,18 @@ def check_source(cfg: Config) -> None:
   af = fm.arch(cfg.model)
   model = _source_model(fm.source)
   if af is cfg.model:
-    raise ConfigError(f'{where} gives A_f a pretrained model of its own: set '
-                      f'config.fgram_model.d_model={model.d_model} (and num_heads, mlp_dim, '
-                      'num_kv_heads, head_dim) to its shape')
+    shape = ' '.join(f'config.{mine}={_arch_value(model, name)!r}'
+                     for name, mine in _ARCH_KEYS[:5])
+    raise ConfigError(f'{where} gives A_f a pretrained model of its own: set its shape, '
+                      f'{shape}')
   keys = _ARCH_KEYS + (tuple((k, 'model.' + k) for k in _ROPE_KEYS)
                        if af.position == 'rope' else ())
   differ = [(name, mine) for name, mine in keys if _arch_value(model, name) !=
             _arch_value(af, name)]
   if differ:
     raise ConfigError(f'{where}: A_f\'s architecture differs from this source\'s: ' + '; '.join(
-        f'its model.{name} is {_arch_value(model, name)!r}, A_f\'s is '
-        f'{_arch_value(af, name)!r}: set config.{mine}={_arch_value(model, name)!r}'
+        f'its {_LABELS.get(name, "model." + name)} is {_arch_value(model, name)!r}, A_f\'s '
+        f'is {_arch_value(af, name)!r}: set config.{mine}={_arch_value(model, name)!r}'
         for name, mine in differ) + ' (model.* keys are the backbone\'s, which A_f shares)')
   if model.num_layers < fm.num_layers:
     raise ConfigError(f'{where} has {model.num_layers} layers; A_f takes its first '
