@@ -289,25 +289,33 @@ class FgramModelConfig:
   d_model: int = 0
   num_heads: int = 0
   mlp_dim: int = 0
+  num_kv_heads: int = 0  # 0 = num_heads (a checkpoint's GQA: set it and head_dim to its).
+  head_dim: int = 0  # 0 = d_model / num_heads.
   # True: A_f's output goes through a projection [d_f, D] that starts at ZERO, so with
   # combine='add' (required) x = T(x_i) + 0 and step 0 is exactly the backbone (a trained
   # one from train.init_from_run). False: no projection unless d_model is set (today's A_f).
   zero_init_out: bool = False
   # A_f's token table, positions (first K rows), first num_layers blocks and final norm start
-  # from the BACKBONE of the run in this directory (its width/heads/mlp must be A_f's);
-  # train/init_from.py (one function, `source_backbone`, reads the source). '' = A_f's init.
+  # from a pretrained backbone: one of our runs or a Hugging Face checkpoint directory, of
+  # A_f's architecture (train/init_from.py). init_from_run: its older name (`source`).
+  init_from: str = ''
   init_from_run: str = ''
+
+  @property
+  def source(self) -> str:
+    """The pretrained backbone A_f starts from ('' = none)."""
+    return self.init_from or self.init_from_run
 
   def arch(self, model: 'ModelConfig') -> 'ModelConfig':
     """A_f's block architecture: the backbone's, at A_f's own width when d_model is set."""
     if not self.d_model:
       return model
-    # Its own width means its own heads: full K/V heads of d_model / num_heads each (the
-    # backbone's num_kv_heads / head_dim describe the backbone's checkpoint only).
+    # Its own width means its own heads (the backbone's num_kv_heads / head_dim describe
+    # the backbone's checkpoint only): fgram_model.num_kv_heads / head_dim, 0 = the usual.
     return dataclasses.replace(model, d_model=self.d_model,
                                num_heads=self.num_heads or model.num_heads,
-                               mlp_dim=self.mlp_dim or 4 * self.d_model, num_kv_heads=0,
-                               head_dim=0)
+                               mlp_dim=self.mlp_dim or 4 * self.d_model,
+                               num_kv_heads=self.num_kv_heads, head_dim=self.head_dim)
 
   @property
   def projects(self) -> bool:
@@ -672,11 +680,13 @@ def validate(cfg: Config) -> Config:
         'would embed as garbage; set model.vocab_size >= tokenizer.vocab_size (or 0 = same)')
   _check_architecture(model)
   af = cfg.fgram_model.arch(model)
-  if af is not model and (af.d_model < 1 or af.d_model % af.num_heads or
-                          (model.position == 'rope' and (af.d_model // af.num_heads) % 2)):
+  if af is not model and (af.d_model < 1 or (not af.head_dim and af.d_model % af.num_heads)
+                          or af.num_heads % af.kv_heads or
+                          (model.position == 'rope' and af.head_size % 2)):
     raise ConfigError(f'config.fgram_model.d_model={af.d_model} must be >= 1 and split into '
-                      f'fgram_model.num_heads={af.num_heads} heads (0 = the backbone\'s), of '
-                      'even size for RoPE')
+                      f'fgram_model.num_heads={af.num_heads} heads (0 = the backbone\'s; or '
+                      'set fgram_model.head_dim), of even size for RoPE, in equal groups per '
+                      f'fgram_model.num_kv_heads={af.num_kv_heads}')
   if model.loss_chunk < 0:
     raise ConfigError(f'config.model.loss_chunk={model.loss_chunk} must be >= 0 (tokens '
                       'per cross-entropy chunk; 0 = the whole sequence at once)')
@@ -755,13 +765,19 @@ def _check_fgram_side(fm: FgramModelConfig) -> None:
       if getattr(fm, key) != default:
         raise ConfigError(f'config.fgram_model.{key}={getattr(fm, key)!r} shapes A_f\'s '
                           f"output; kind='table' has no A_f: leave it {default!r}")
-  own = fm.d_model or fm.num_heads or fm.mlp_dim or fm.zero_init_out or fm.init_from_run
+  own = (fm.d_model or fm.num_heads or fm.mlp_dim or fm.num_kv_heads or fm.head_dim or
+         fm.zero_init_out or fm.source)
   if own and (fm.kind != 'network' or not fm.num_layers):
-    raise ConfigError('config.fgram_model.d_model/num_heads/mlp_dim/zero_init_out/'
-                      "init_from_run shape A_f: they need kind='network' and num_layers >= 1")
-  if (fm.num_heads or fm.mlp_dim) and not fm.d_model:
-    raise ConfigError('config.fgram_model.num_heads/mlp_dim give A_f its own shape: set '
-                      'config.fgram_model.d_model too (0 = A_f is the backbone\'s width)')
+    raise ConfigError('config.fgram_model.d_model/num_heads/mlp_dim/num_kv_heads/head_dim/'
+                      "zero_init_out/init_from shape A_f: they need kind='network' and "
+                      'num_layers >= 1')
+  if (fm.num_heads or fm.mlp_dim or fm.num_kv_heads or fm.head_dim) and not fm.d_model:
+    raise ConfigError('config.fgram_model.num_heads/mlp_dim/num_kv_heads/head_dim give A_f '
+                      'its own shape: set config.fgram_model.d_model too (0 = A_f is the '
+                      'backbone\'s width)')
+  if fm.init_from and fm.init_from_run:
+    raise ConfigError('config.fgram_model.init_from and init_from_run both name A_f\'s '
+                      'source; give init_from only (init_from_run is its older name)')
   if fm.zero_init_out and fm.combine != 'add':
     raise ConfigError(f'config.fgram_model.zero_init_out=True starts A_f\'s output at 0, which '
                       f'keeps the backbone\'s step-0 function only with combine=\'add\' (got '

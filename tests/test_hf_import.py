@@ -64,8 +64,14 @@ def _write_tokenizer(directory: str, vocab: int) -> None:
 
 def _save_checkpoint(directory: str, family: str):
   make_config, tok_vocab, shard = FAMILIES[family]
+  return save_checkpoint(directory, make_config(), tok_vocab, shard), tok_vocab
+
+
+def save_checkpoint(directory: str, hf_config, tok_vocab: int, shard: str | None = None):
+  """A transformers model of `hf_config` with every parameter randomised, saved with a
+  tokenizer of `tok_vocab` ids into `directory` (sharded at `shard`); the model."""
   torch.manual_seed(0)
-  model = transformers.AutoModelForCausalLM.from_config(make_config()).float().eval()
+  model = transformers.AutoModelForCausalLM.from_config(hf_config).float().eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
       # Norm scales around 1 (so they scale, not erase), everything else around 0.
@@ -74,7 +80,7 @@ def _save_checkpoint(directory: str, family: str):
   kwargs = {'max_shard_size': shard} if shard else {}
   model.save_pretrained(directory, **kwargs)
   _write_tokenizer(directory, tok_vocab)
-  return model, tok_vocab
+  return model
 
 
 def _our_model(directory: str):

@@ -104,10 +104,30 @@ def model_overrides(hf: dict[str, Any], where: str) -> dict[str, Any]:
   return out
 
 
+def model_config(hf: dict[str, Any], where: str, **fields: Any) -> ModelConfig:
+  """The checkpoint's architecture as a resolved ModelConfig (family defaults applied;
+  `fields` set the rest, e.g. param_dtype; vocab_size is left 0: "vocab_size" is read
+  from `hf` by whoever sizes a table).
+
+  Raises:
+    CheckpointError: as `model_overrides`.
+  """
+  mapped = {k.split('.', 1)[1]: v for k, v in model_overrides(hf, where).items()
+            if k != 'model.vocab_size'}
+  # (A one-token train.seq_len: only the model section is in question here.)
+  return config_lib.validate(config_lib.Config(
+      model=ModelConfig(**{**mapped, **fields}), train=config_lib.TrainConfig(seq_len=1))).model
+
+
 _ARCHITECTURES = {'gpt2': 'GPT2LMHeadModel', 'llama': 'LlamaForCausalLM',
                   'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM',
                   'olmo': 'OlmoForCausalLM', 'olmo2': 'Olmo2ForCausalLM'}
 _DEFAULT_EPS = {'layernorm': 1e-5, 'nonparametric': 1e-5, 'rmsnorm': 1e-6}
+
+
+def norm_eps(m: ModelConfig) -> float:
+  """The epsilon `m`'s norms use (model.norm_eps, 0 = its norm's default)."""
+  return m.norm_eps or _DEFAULT_EPS[m.norm]
 
 
 def hf_config(m: ModelConfig, vocab_size: int) -> dict[str, Any]:
@@ -117,7 +137,7 @@ def hf_config(m: ModelConfig, vocab_size: int) -> dict[str, Any]:
     CheckpointError: `m` is not expressible as its family's transformers model (e.g. a
       gpt2-family run with RoPE): `model_overrides` of the result would not give `m` back.
   """
-  eps = m.norm_eps or _DEFAULT_EPS[m.norm]
+  eps = norm_eps(m)
   out: dict[str, Any] = {'model_type': m.family, 'architectures': [_ARCHITECTURES[m.family]],
                          'vocab_size': vocab_size, 'tie_word_embeddings': m.tied_embeddings}
   if m.family == 'gpt2':
@@ -139,12 +159,8 @@ def hf_config(m: ModelConfig, vocab_size: int) -> dict[str, Any]:
       out['clip_qkv'] = m.clip_qkv or None
     else:
       out['rms_norm_eps'] = eps
-  back = model_overrides(out, 'config.json')
   # What transformers builds from `out`, as our resolved keys, must be `m` itself.
-  fields = {k.split('.', 1)[1]: v for k, v in back.items() if k != 'model.vocab_size'}
-  # (A one-token train.seq_len: only the model section is in question here.)
-  theirs = config_lib.validate(config_lib.Config(
-      model=ModelConfig(**fields), train=config_lib.TrainConfig(seq_len=1))).model
+  theirs = model_config(out, 'config.json')
   for key in ('mlp_activation', 'norm', 'position', 'bias', 'qk_norm', 'norm_position',
               'clip_qkv', 'mlp_dim', 'head_size', 'kv_heads'):
     if getattr(m, key) != getattr(theirs, key):

@@ -61,6 +61,13 @@ def checkpoint_dir(spec: str) -> str:
   return path
 
 
+def is_checkpoint(directory: str) -> bool:
+  """Whether `directory` is a Hugging Face checkpoint (config.json beside model.safetensors
+  or a shard index), not one of our run directories (config.json beside checkpoints/)."""
+  return paths.isfile(paths.join(directory, CONFIG_FILE)) and any(
+      paths.isfile(paths.join(directory, f)) for f in (SINGLE_FILE, INDEX_FILE))
+
+
 def read_config(directory: str) -> dict[str, Any]:
   file = paths.join(directory, CONFIG_FILE)
   try:
@@ -196,7 +203,7 @@ def param_name(path) -> str:
   return '.'.join(x for x in parts if x != 'value')
 
 
-def load_params(model_cfg: ModelConfig, params: Any) -> Any:
+def load_params(model_cfg: ModelConfig, params: Any, partial: bool = False) -> Any:
   """`params` with the backbone's replaced by `model_cfg.init_from`'s tensors, each built
   on its own sharding from the slices its devices hold.
 
@@ -205,6 +212,8 @@ def load_params(model_cfg: ModelConfig, params: Any) -> Any:
     params: a SconeLM's params tree (names `backbone.*`): initialised sharded arrays (a
       train state's; the others, A_f and the f-gram side, keep their init) or
       jax.ShapeDtypeStruct leaves with shardings (nothing is initialised at all).
+    partial: `params` want part of the checkpoint (A_f's source: its first
+      model_cfg.num_layers layers, no head); its other tensors are left unread, not refused.
 
   Raises:
     CheckpointError: a missing tensor, a shape that does not match the config, a lossy
@@ -237,8 +246,9 @@ def load_params(model_cfg: ModelConfig, params: Any) -> Any:
     views = [_view(files, t, src[1], src[2], leaf) for t in tensors]
     used.update(tensors)
     plan.append((leaf, views, short.startswith('blocks.')))
-  unused = sorted(n for n in set(files.tensors) - used if not _IGNORED.search(n) and
-                  not (n == 'lm_head.weight' and model_cfg.tied_embeddings))
+  unused = [] if partial else sorted(
+      n for n in set(files.tensors) - used if not _IGNORED.search(n) and
+      not (n == 'lm_head.weight' and model_cfg.tied_embeddings))
   if unused:
     raise CheckpointError(f'{directory}: tensors {unused[:4]} ({len(unused)} in all) have no '
                           f'place in a {model_cfg.family} model with this config.json; the '

@@ -163,6 +163,8 @@ def train(cfg: Config, workdir: str,
                               jax.default_backend())
   workdir = run_lib.RunDir(workdir).path  # Local: absolute; gs://: as given.
   check_run_config(cfg, workdir, allow_config_change)
+  if not run_lib.RunDir(workdir).checkpoint_steps():  # A new run reads A_f's source.
+    init_from.check_source(cfg)  # Before anything is written.
   paths.makedirs(workdir)
   lock = _acquire_run_lock(workdir)
   try:
