@@ -125,14 +125,16 @@ def test_attach_errors(pretrained, tmp_path):
 
 def test_post_training_sweep_accounting(tmp_path):
   """experiments/sweeps/post_training.py at paper scale: the 4B backbone on the accelerator
-  in every arm, A_f ~ Qwen3-8B / 14B (full-MHA stand-ins, at most 7% above), 10M rows."""
+  in every arm, A_f = Qwen3-8B / 14B (GQA, head_dim 128) without their untied output heads
+  plus the projection to the 4B's width, 10M rows."""
   sweep = spec.load_sweep('experiments/sweeps/post_training.py', str(tmp_path))
   arms = [arm_accounting.account(p.cfg) for p in sweep.points]
   for arm in arms:
     assert arm.backbone_params == pytest.approx(4.02e9, rel=0.01)
   assert arms[0].side_params == 0
-  for arm, released in zip(arms[1:], (8.19e9, 14.77e9)):
-    assert released < arm.side_params < 1.07 * released
+  vocab, d_4b = 151_936, 2560
+  for arm, released, d in zip(arms[1:], (8.19e9, 14.77e9), (4096, 5120)):
+    assert arm.side_params == pytest.approx(released - vocab * d + d * d_4b, rel=0.005)
     assert arm.host_rows == 10_000_000
   assert not os.listdir(tmp_path)
 

@@ -14,20 +14,20 @@ reads one precomputed row per f-gram from host memory (docs/METHOD.md, "Post-tra
 Points: the SFT baseline (the backbone alone) and the two SCONE arms. Each SCONE arm
 attaches A_f with combine='add' and a zero-initialised projection (fgram_model.
 zero_init_out), so step 0 is exactly the pretrained 4B; A_f has its own width (the 8B's or
-14B's), its own token table and blocks from that checkpoint (fgram_model.init_from_run),
+14B's), its own token table and blocks from that checkpoint (fgram_model.init_from),
 and a learned projection to the 4B's width. The dry run prints every arm's parameters,
 memory and FLOPs from model/arm_accounting.account.
 
 SHAPES: the backbone is Qwen3-4B exactly as config.json states it (family 'qwen3': 32
 query heads and 8 K/V heads of 128 on d 2560, QK-norm per head, RMSNorm, SwiGLU, RoPE
-theta 1e6, tied embeddings): the dry run prints 4.022G (Qwen3-4B: 4.02B). A_f of its own
-width takes full K/V heads (fgram_model has no num_kv_heads), so the 8B / 14B A_f count
-8.49G / 15.68G against Qwen3's 8.19B / 14.77B with untied heads, which A_f does not use;
-the excess is the full K/V projections: +3.6% / +6.2% (tests/test_attach.py).
+theta 1e6, tied embeddings): the dry run prints 4.022G (Qwen3-4B: 4.02B). A_f is the 8B's or 14B's shape as config.json
+states it too (32 / 40 query heads, 8 K/V heads of 128: fgram_model.num_kv_heads and
+head_dim), without the output head A_f does not use (Qwen3-8B and 14B untie it) and with
+the projection to the 4B's width: 7.58G / 14.01G against the released 8.19B / 14.77B
+(tests/test_attach.py checks both against that arithmetic).
 Real runs import the 4B from its Hugging Face directory (`--set=model.init_from=DIR_4B`,
-scone_jax/hf/); A_f from a Hugging Face checkpoint is not wired yet: today
-`--set=fgram_model.init_from_run=RUN_8B` takes one of our runs (train/init_from.py's
-`source_backbone` is where an HF source plugs in).
+scone_jax/hf/) and A_f from the 8B's or 14B's (`--set=fgram_model.init_from=DIR_8B`; the
+same key takes one of our runs; train/init_from.py checks the shapes before any work).
 The CPU-scale version of this sweep: experiments/sweeps/post_training_micro.py.
 """
 
@@ -58,7 +58,8 @@ def _backbone(d: int, layers: int, mlp: int) -> dict:
 def _af(size: str) -> dict:
   d, layers, mlp = QWEN3[size]
   return {'fgram_model.num_layers': layers, 'fgram_model.d_model': d,
-          'fgram_model.num_heads': d // HEAD_DIM, 'fgram_model.mlp_dim': mlp,
+          'fgram_model.num_heads': d // HEAD_DIM, 'fgram_model.num_kv_heads': 8,
+          'fgram_model.head_dim': HEAD_DIM, 'fgram_model.mlp_dim': mlp,
           'fgram_model.combine': 'add', 'fgram_model.zero_init_out': True,
           'fgram_model.final_norm': 'same', 'fgram.size': ROWS}
 
