@@ -1,11 +1,13 @@
 """A safetensors reader that never holds a whole checkpoint: the header is parsed (8-byte
-little-endian length, then JSON {name: {dtype, shape, data_offsets}}) and each tensor is a
-numpy view of the file, so slicing it reads only the bytes of the slice.
+little-endian length, then JSON {name: {dtype, shape, data_offsets}}) and a tensor's rows
+are read by byte range into a buffer the caller owns, so a reader holds only the rows it
+asked for.
 
-Local files are memory-mapped; a gs:// file is read one tensor at a time by byte range
-(`paths.path(...).open`), so a host holds at most the tensor it is slicing. bfloat16 comes
-from ml_dtypes (safetensors' own numpy API has none) and keeps its bits: a tensor is the
-file's bytes reinterpreted, never converted.
+Local files and gs:// objects are read the same way (`paths.path(...).open`, seek, then
+readinto; one open handle per file): no memory map, whose pages would count against the
+process for as long as it lives. bfloat16 comes from ml_dtypes (safetensors' own numpy
+API has none) and keeps its bits: a tensor is the file's bytes reinterpreted, never
+converted.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -76,24 +79,42 @@ def read_header(file: str) -> dict[str, TensorInfo]:
 
 
 class TensorFiles:
-  """Opens tensors of one or more safetensors files as numpy arrays without reading them."""
+  """Reads the tensors of one or more safetensors files by byte range."""
 
   def __init__(self, tensors: dict[str, TensorInfo]):
     self.tensors = tensors
-    self._maps: dict[str, np.memmap] = {}
+    self._files: dict[str, Any] = {}
+
+  def read_rows(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+    """Rows [start, stop) of tensor `name` (along its first axis) into `out`, a
+    C-contiguous array of exactly those rows' bytes: one ranged read."""
+    info = self.tensors[name]
+    row = int(np.prod(info.shape[1:])) * info.dtype.itemsize
+    offset, want = info.start + start * row, (stop - start) * row
+    if not out.flags.c_contiguous or out.nbytes != want:
+      raise ValueError(f'{name} rows [{start}, {stop}) are {want} contiguous bytes; out is '
+                       f'{out.nbytes} bytes, c_contiguous={out.flags.c_contiguous}')
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    f = self._files.get(info.file)
+    if f is None:
+      f = self._files[info.file] = (open(info.file, 'rb', buffering=0)  # pylint: disable=consider-using-with
+                                    if not paths.is_remote(info.file) else
+                                    paths.path(info.file).open('rb'))
+    f.seek(offset)
+    done = 0
+    while done < want:  # A local read returns at most ~2 GiB per call.
+      n = f.readinto(view[done:])
+      if not n:
+        raise CheckpointError(f'{info.file}: tensor {name} ends at byte {offset + done} of '
+                              f'{offset + want}; the file is truncated')
+      done += n
 
   def array(self, name: str) -> np.ndarray:
-    """The tensor as an array: a view of the memory map (local), or its bytes (gs://)."""
+    """The whole tensor, read."""
     info = self.tensors[name]
-    if paths.is_remote(info.file):
-      with paths.path(info.file).open('rb') as f:
-        f.seek(info.start)
-        data = f.read(info.end - info.start)
-      return np.frombuffer(data, info.dtype).reshape(info.shape)
-    if info.file not in self._maps:
-      self._maps[info.file] = np.memmap(info.file, np.uint8, mode='r')
-    raw = self._maps[info.file][info.start:info.end]
-    return raw.view(info.dtype).reshape(info.shape)
+    out = np.empty(info.shape, info.dtype)
+    self.read_rows(name, 0, info.shape[0] if info.shape else 1, out)
+    return out
 
 
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
