@@ -408,10 +408,8 @@ class _Reader:
 
 
 def _sharded(views: list[_Tensor], leaf, stacked: bool, reader: _Reader) -> jax.Array:
-  """One jax.Array on leaf's sharding from the slices of this host's devices.
-
-  Devices holding the same slice (replicas) get copies of the first one's array (each its
-  own buffer: a donated one is written over)."""
+  """One jax.Array on leaf's sharding from the slices of this host's devices, each
+  distinct slice read once."""
   dtype = np.dtype(leaf.dtype)
   by_device = leaf.sharding.addressable_devices_indices_map(leaf.shape)
   slices: dict[tuple, tuple[slice, ...]] = {}
@@ -430,14 +428,7 @@ def _sharded(views: list[_Tensor], leaf, stacked: bool, reader: _Reader) -> jax.
       elif l in range(len(views))[index[0]]:
         wanted.append((places[k], outs[k][range(len(views))[index[0]].index(l)]))
     reader.copy(t, wanted)
-  first: set[tuple] = set()
-  arrays = []
-  for device, index in by_device.items():
-    out = outs[_key(index)]
-    if _key(index) in first:
-      copy = _aligned_empty(out.shape, dtype)
-      _copy_into(copy, out)
-      out = copy
-    first.add(_key(index))
-    arrays.append(jax.device_put(out, device))
+  # Replicas share one host array: the CPU backend adopts it read-only (a donated buffer
+  # is not written in place), and an accelerator copies it to each device.
+  arrays = [jax.device_put(outs[_key(index)], device) for device, index in by_device.items()]
   return jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, arrays)
