@@ -65,8 +65,9 @@ def write_checkpoint(directory: str, shards: int = 1) -> dict[str, np.ndarray]:
   with open(os.path.join(directory, hf_load.CONFIG_FILE), 'w') as fh:
     json.dump(HF_CONFIG, fh)
   words = {'<|endoftext|>': 0, **{f'w{i}': i for i in range(1, v)}}
-  tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token='<|endoftext|>')).save(
-      os.path.join(directory, 'tokenizer.json'))
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token='<|endoftext|>'))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()  # train_helpers' corpus words.
+  tok.save(os.path.join(directory, 'tokenizer.json'))
   return tensors
 
 
