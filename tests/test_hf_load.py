@@ -175,3 +175,18 @@ def test_replicas_sharing_a_host_buffer_survive_donation(checkpoint):
   want = tensors['model.embed_tokens.weight'].astype(np.float32) + 1
   for shard in bumped.addressable_shards:
     np.testing.assert_array_equal(np.asarray(shard.data), want[shard.index])
+
+
+@pytest.mark.parametrize('dtype', [ml_dtypes.bfloat16, np.float16, np.float32])
+def test_transposed_copies_are_exact(dtype):
+  """The packed-word transpose (rows a multiple of 8 / itemsize) and the tiled one (any
+  other), into whole arrays and into column blocks of one."""
+  rng = np.random.default_rng(1)
+  for rows, cols in ((600, 520), (37, 300), (8, 3)):
+    a = rng.standard_normal((cols, rows)).astype(dtype)
+    out = np.zeros((rows, cols + 5), dtype)[:, 2:cols + 2]  # Rows apart, offset.
+    hf_load._copy_into(out, a.T)
+    np.testing.assert_array_equal(out.view(f'u{a.itemsize}'), a.T.view(f'u{a.itemsize}'))
+    block = np.zeros((rows, cols), dtype)
+    hf_load._copy_into(block[:, 3:], a.T[:, 3:])
+    np.testing.assert_array_equal(block[:, 3:], a.T[:, 3:])
