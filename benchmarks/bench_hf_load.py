@@ -36,7 +36,13 @@ _SHAPES = dict(hidden_size=2560, num_attention_heads=32, num_key_value_heads=8, 
 def _write(directory: str, layers: int) -> None:
   import ml_dtypes  # pylint: disable=g-import-not-at-top
   from scone_jax.hf.safetensors import write_file  # pylint: disable=g-import-not-at-top
-  if os.path.exists(os.path.join(directory, 'config.json')):
+  config_file = os.path.join(directory, 'config.json')
+  if os.path.exists(config_file):
+    with open(config_file) as fh:
+      have = json.load(fh)['num_hidden_layers']
+    if have != layers:
+      raise SystemExit(f'{directory} holds a {have}-layer checkpoint; give --dir=another '
+                       f'directory for {layers} layers')
     return
   os.makedirs(directory, exist_ok=True)
   d, h, k, e, f, v = (_SHAPES[n] for n in ('hidden_size', 'num_attention_heads',
