@@ -102,13 +102,14 @@ def copy_store(store: str, dst: str) -> None:
   for name in [*manifest['files'], artifacts.MANIFEST]:
     src, target = paths.join(store, name), os.path.join(dst, name)
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    try:
-      if paths.is_remote(src):
-        raise OSError('not a local file')
-      os.link(src, target)
-    except OSError:
-      with paths.path(src).open('rb') as fin, open(target, 'wb') as fout:
-        shutil.copyfileobj(fin, fout, 16 << 20)
+    if not paths.is_remote(src):
+      try:
+        os.link(src, target)
+        continue
+      except OSError:  # Another file system (or one without links): copied.
+        pass
+    with paths.path(src).open('rb') as fin, open(target, 'wb') as fout:
+      shutil.copyfileobj(fin, fout, 16 << 20)
   artifacts.read_manifest(dst, STORE_KIND, verify=False)
 
 

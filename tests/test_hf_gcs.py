@@ -1,7 +1,8 @@
 """model.init_from=gs://bucket/dir against the local GCS emulator (tests/gcs_emulator.py): a
 sharded checkpoint with its index loads bit for bit, every request for a .safetensors
 object is a byte range (its header, or rows inside one tensor) and each tensor's bytes
-are fetched once; a missing shard is refused naming it."""
+are fetched once; a missing shard is refused naming it. export_hf copies a store from a
+run in the bucket."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import numpy as np
 import pytest
 
 from gcs_emulator import gcs  # noqa: F401  (the fixture)
-from scone_jax import paths
+from scone_jax import artifacts, export_hf, paths
 from scone_jax.config import MeshConfig
+from scone_jax.export import STORE_KIND
 from scone_jax.hf import load as hf_load
 from scone_jax.hf.safetensors import CheckpointError, read_header
 from test_hf_load import expected, load, write_checkpoint
@@ -77,3 +79,22 @@ def test_a_missing_shard_in_the_bucket_is_refused(gcs, local):
   with pytest.raises(CheckpointError, match=f'"weight_map" names {missing}, which is missing '
                      f'from {remote}'):
     hf_load.open_tensors(remote)
+
+
+def test_a_store_in_the_bucket_is_copied_by_its_manifest(gcs, tmp_path):
+  """export_hf's store copy from a run in a bucket (no links there): every file the
+  manifest lists, then the manifest, equal to the source."""
+  local = str(tmp_path / 'export')
+  os.makedirs(os.path.join(local, 'c', '0'))
+  for name, data in (('zarr.json', b'{}'), ('c/0/0', os.urandom(3000))):
+    with open(os.path.join(local, name), 'wb') as f:
+      f.write(data)
+  want = artifacts.write_manifest(local, STORE_KIND, {'num_rows': 3},
+                                  files=['zarr.json', 'c/0/0'])
+  remote = f'{gcs}/runs/scone/export'
+  for name in ('zarr.json', 'c/0/0', 'manifest.json'):
+    with open(os.path.join(local, name), 'rb') as f:
+      paths.write_bytes(paths.join(remote, name), f.read())
+  dst = str(tmp_path / 'hf' / 'fgram_store')
+  export_hf.copy_store(remote, dst)
+  assert artifacts.read_manifest(dst, STORE_KIND, verify='full') == want
