@@ -8,11 +8,11 @@ layers (the per-layer shapes are the model's; fewer layers keep it in a small ho
 in 1 GiB shards. Then, in separate processes (so each peak RSS is its own), on 8 fake CPU
 devices (mesh fsdp 4 x tensor 2: every matrix split, so the devices together hold one copy):
   raw   every shard file read whole into memory (np.fromfile), the reference;
-  ours  hf.load.load_params into abstract sharded params (resolve_config + make_array_from_
-        callback), blocked until every array is ready.
-Prints seconds, GB/s, CPU seconds (all threads: on a shared machine the steadier
-measure of the work done), ours / raw, and each read's transient host memory (peak RSS beyond
-the process before the read and beyond the arrays it keeps) next to the largest tensor and
+  ours  resolve_config, then hf.load.load_params into abstract sharded params (ranged
+        reads, each device's slice in our layout), blocked until every array is ready.
+Prints seconds, GB/s, CPU seconds (all threads: on a shared machine the steadier measure
+of the work done), ours / raw, and each read's transient host memory (peak RSS beyond the
+process before the read and beyond the arrays it keeps) next to the largest tensor and
 the largest shard. The page cache is warmed by a first raw read, so both read memory; the
 two alternate for --rounds rounds and each keeps its fastest (a shared machine's load
 comes and goes; the fastest round is the one least disturbed).
