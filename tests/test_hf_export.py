@@ -1,6 +1,7 @@
 """Round trip: a Hugging Face checkpoint loaded through model.init_from and written back by
 hf/export.py loads with from_pretrained with equal logits, the source's key, shape and
-dtype sets, and bf16 bytes preserved."""
+dtype sets, and bf16 bytes preserved. A SCONE run's export: its f-gram store linked beside
+the backbone by manifest, and a README that says the backbone alone is another model."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from scone_jax import artifacts, export_hf
 from scone_jax import config as config_lib
+from scone_jax import export as export_lib
 from scone_jax import mesh as mesh_lib
 from scone_jax.config import MeshConfig
 from scone_jax.hf import export as hf_export
@@ -95,3 +98,73 @@ def test_an_architecture_transformers_lacks_is_refused():
   with pytest.raises(CheckpointError, match=r"config.model.position='rope': a gpt2 model in "
                      "transformers has 'learned'"):
     hf_export.write_checkpoint('/nonexistent', cfg.model, 64, {}, '')
+
+
+def _store(directory: str, **meta) -> dict:
+  """A store-shaped artifact: zarr.json and one shard, with a store manifest."""
+  os.makedirs(os.path.join(directory, 'c', '0'))
+  with open(os.path.join(directory, 'zarr.json'), 'w') as f:
+    f.write('{}')
+  with open(os.path.join(directory, 'c', '0', '0'), 'wb') as f:
+    f.write(os.urandom(1000))
+  return artifacts.write_manifest(directory, export_lib.STORE_KIND, meta,
+                                  files=['zarr.json', 'c/0/0'])
+
+
+def test_the_store_is_linked_by_its_manifest(tmp_path):
+  store, dst = str(tmp_path / 'export'), str(tmp_path / 'out' / 'fgram_store')
+  want = _store(store, num_rows=7)
+  export_hf.copy_store(store, dst)
+  for name in ('zarr.json', 'c/0/0', 'manifest.json'):
+    assert os.path.samefile(os.path.join(store, name), os.path.join(dst, name)), name
+  assert artifacts.read_manifest(dst, export_lib.STORE_KIND, verify='full') == want
+  os.remove(os.path.join(store, 'c', '0', '0'))  # A broken store is refused, not copied.
+  with pytest.raises(artifacts.ArtifactError, match='missing file c/0/0'):
+    export_hf.copy_store(store, str(tmp_path / 'other'))
+
+
+def test_readme_says_backbone_alone_and_how_to_serve_the_run(tmp_path):
+  cfg = config_lib.replace(config_lib.Config(), **{'name': 'qwen_sft',
+                                                   'model.family': 'qwen3'})
+  manifest = {'num_rows': 2000, 'd_model': 32, 'dtype': 'bfloat16',
+              'table_fingerprint': 'tfp', 'weights_fingerprint': 'wfp'}
+  w, out = str(tmp_path / 'run'), str(tmp_path / 'hf')
+  text = export_hf.readme(cfg, w, out, 120, 151936, manifest)
+  assert '**This checkpoint is the backbone alone.**' in text
+  assert f'python -m scone_jax.generate --workdir={w} --prompt=' in text
+  assert f'cp -r {out}/fgram_store {w}/export' in text
+  for row in ('| checkpoint step | 120 |', '| f-grams S | 2000 rows of 32 (bfloat16)',
+              f'| run | `{w}`', 'vocab 151936', 'weights `wfp`'):
+    assert row in text, row
+
+
+@pytest.mark.slow
+def test_a_scone_run_exports_its_backbone_with_its_store(tmp_path, capfd):
+  """A SCONE run started from a checkpoint: export_hf exports W/export first (none yet),
+  links it beside the backbone, and a second export reuses it."""
+  from scone_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from tests import train_helpers  # pylint: disable=g-import-not-at-top
+  from tests.test_hf_load import write_checkpoint  # pylint: disable=g-import-not-at-top
+  source = str(tmp_path / 'source')
+  write_checkpoint(source)
+  corpus, _ = train_helpers.shared_dirs(str(tmp_path))
+  cfg = train_helpers.micro_config(corpus, str(tmp_path / 'art'), **{
+      'model.init_from': source, 'model.num_layers': 2, 'model.d_model': 128,
+      'model.num_heads': 4, 'model.max_seq_len': 256, 'train.steps': 2,
+      'checkpoint.every_steps': 2})
+  workdir, out = str(tmp_path / 'run'), str(tmp_path / 'hf')
+  loop.train(cfg, workdir)
+  export_hf.export_hf(workdir, out)
+  assert 'holds the backbone alone' in capfd.readouterr().err
+  store = os.path.join(workdir, 'export')
+  manifest = artifacts.read_manifest(store, export_lib.STORE_KIND)
+  assert artifacts.read_manifest(os.path.join(out, 'fgram_store'), export_lib.STORE_KIND,
+                                 verify='full') == manifest
+  with open(os.path.join(out, 'README.md')) as f:
+    text = f.read()
+  assert f'| checkpoint step | 2 |' in text and f'| f-grams S | {manifest["num_rows"]} ' in text
+  assert transformers.AutoModelForCausalLM.from_pretrained(out).config.model_type == 'qwen3'
+  export_hf.export_hf(workdir, str(tmp_path / 'again'))  # The current store: no re-export.
+  assert artifacts.read_manifest(store, export_lib.STORE_KIND)['created'] == manifest['created']
+  assert os.path.samefile(os.path.join(store, 'c/0/0'),
+                          os.path.join(tmp_path, 'again', 'fgram_store', 'c/0/0'))

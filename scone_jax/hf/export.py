@@ -12,7 +12,7 @@ on the host at a time, and at most one shard's tensors.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -56,7 +56,8 @@ def _tensor(tensor: str, shape, parts, params: Mapping[str, Any]) -> np.ndarray:
 
 
 def write_checkpoint(out: str, m: ModelConfig, vocab_size: int, params: Mapping[str, Any],
-                     tokenizer_file: str, max_shard_bytes: int = 5 << 30) -> list[str]:
+                     tokenizer_file: str, max_shard_bytes: int = 5 << 30,
+                     extra: Callable[[str], None] | None = None) -> list[str]:
   """Writes the checkpoint directory `out` (atomically); returns its tensor names.
 
   Args:
@@ -67,6 +68,8 @@ def write_checkpoint(out: str, m: ModelConfig, vocab_size: int, params: Mapping[
       ...), jax or numpy arrays; stacked params are read one layer at a time.
     tokenizer_file: the tokenizer.json copied beside the weights.
     max_shard_bytes: the largest shard (a tensor larger than it gets a shard alone).
+    extra: writes more files into the (local, temporary) directory before it is
+      published, so they appear with the checkpoint or not at all.
   """
   hf = config_map.hf_config(m, vocab_size)
   plan = _plan(m, vocab_size, set(params))
@@ -96,4 +99,6 @@ def write_checkpoint(out: str, m: ModelConfig, vocab_size: int, params: Mapping[
                         json.dumps(index, indent=2).encode())
     paths.write_bytes(paths.join(tmp, load_lib.CONFIG_FILE), json.dumps(hf, indent=2).encode())
     paths.write_bytes(paths.join(tmp, 'tokenizer.json'), paths.read_bytes(tokenizer_file))
+    if extra:
+      extra(tmp)
   return [t for ts in shards for t in ts]

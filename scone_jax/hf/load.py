@@ -6,10 +6,14 @@ tokenizer.json; it is local or gs:// (scone_jax/paths.py). Nothing is downloaded
 is refused with the command that downloads it. `resolve_config` (called by prepare and
 train before anything is written) sets the model.* keys from config.json and the tokenizer
 to DIR/tokenizer.json; `load_params` (train's init, step 0) builds each parameter as a
-sharded jax.Array with `jax.make_array_from_callback`, so each device's slice is read from
-the memory-mapped file by that device's host alone and no host holds the whole model.
-Values are the file's: bfloat16 stays bit-exact, float16/bfloat16 widen exactly to a
-float32 param_dtype, and a lossy narrowing (float32 file into bfloat16 params) is refused.
+sharded jax.Array from its host's devices' slices: per checkpoint tensor, a host reads by
+byte range only the rows its devices' slices touch, each row once however many of its
+devices split it by columns (one ranged read per run of rows, local or gs://), into one
+buffer of _CHUNK_BYTES reused for the whole load, and copies each device's slice out of it
+into a page-aligned array that the CPU backend adopts without another copy. No host holds
+the whole model; beyond the arrays it builds, a host holds the one buffer. Values are the file's:
+bfloat16 stays bit-exact, float16/bfloat16 widen exactly to a float32 param_dtype, and a
+lossy narrowing (float32 file into bfloat16 params) is refused.
 
 Layouts (ours stacked over L; HF per layer): nn.Linear weights are [out, in] (transposed
 into ours), GPT-2's Conv1D weights are [in, out] (as ours) with q, k, v fused in c_attn.
@@ -17,7 +21,9 @@ into ours), GPT-2's Conv1D weights are [in, out] (as ours) with q, k, v fused in
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import mmap
 import re
 from typing import Any, Callable
 
@@ -253,15 +259,25 @@ def load_params(model_cfg: ModelConfig, params: Any, partial: bool = False) -> A
     raise CheckpointError(f'{directory}: tensors {unused[:4]} ({len(unused)} in all) have no '
                           f'place in a {model_cfg.family} model with this config.json; the '
                           'architecture uses a feature we do not map')
+  reader = _Reader()  # One read buffer for the whole load.
   return jax.tree_util.tree_unflatten(
-      treedef, [leaf if views is None else _sharded(views, leaf, stacked)
+      treedef, [leaf if views is None else _sharded(views, leaf, stacked, reader)
                 for leaf, views, stacked in plan])
 
 
-def _view(files: TensorFiles, tensor: str, shape: tuple[int, ...], layout,
-          leaf) -> Callable[[], np.ndarray]:
-  """A thunk of `tensor` in our layout (a view of the memory map, or the tensor's bytes
-  read from gs://), its shape and dtype checked against `leaf` from the header alone."""
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+  """One checkpoint tensor and the view that gives our layout of it."""
+  files: TensorFiles
+  name: str
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  layout: Callable[[np.ndarray], np.ndarray]
+
+
+def _view(files: TensorFiles, tensor: str, shape: tuple[int, ...], layout, leaf) -> _Tensor:
+  """`tensor` to be read in our layout, its shape and dtype checked against `leaf` from
+  the header alone."""
   info = files.tensors.get(tensor)
   if info is None:
     raise CheckpointError(f'the checkpoint has no tensor {tensor} (our '
@@ -275,46 +291,210 @@ def _view(files: TensorFiles, tensor: str, shape: tuple[int, ...], layout,
     raise CheckpointError(f'{info.file}: tensor {tensor} is {have}; model.param_dtype='
                           f'{need!r} would round it: set config.model.param_dtype to '
                           f'{have!r} (or float32)')
-  return lambda: layout(files.array(tensor))
+  return _Tensor(files, tensor, shape, info.dtype, layout)
 
 
-_TILE = 256  # Elements per side of a copy tile (256 x 256 x 2 bytes fits in L2).
+@dataclasses.dataclass(frozen=True)
+class _Place:
+  """Where a slice of our layout of a [R, C] (or [R]) tensor lies in it: its first
+  element's row and column, and per axis of the slice, a step's move in rows and columns."""
+  shape: tuple[int, ...]
+  row: int
+  col: int
+  row_steps: tuple[int, ...]
+  col_steps: tuple[int, ...]
+
+  def narrow(self, axis: int, start: int, stop: int) -> '_Place':
+    """Positions [start, stop) along `axis`."""
+    return _Place(self.shape[:axis] + (stop - start,) + self.shape[axis + 1:],
+                  self.row + start * self.row_steps[axis],
+                  self.col + start * self.col_steps[axis], self.row_steps, self.col_steps)
+
+  def rows(self) -> tuple[int, int]:
+    """[start, stop) of the tensor rows the slice reads."""
+    last = sum((n - 1) * s for n, s in zip(self.shape, self.row_steps))
+    return self.row, self.row + last + 1
 
 
-def _copy_into(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
+def _place(t: _Tensor, index: tuple[slice, ...]) -> _Place:
+  """Where `t.layout(tensor)[index]` lies in the tensor, without reading it.
+
+  The layout is a view (transpose, reshape, slice), so it is applied to stand-ins of the
+  tensor's shape whose elements hold their row, and their column (aranges broadcast: no
+  memory per element); the slice's offset and strides within each arange are the rows
+  and columns it reads. A vector is one column."""
+  found = []
+  for axis in range(len(t.shape)):
+    coord = np.arange(t.shape[axis], dtype=np.int64)
+    probe = np.broadcast_to(coord.reshape((-1,) + (1,) * (len(t.shape) - 1 - axis)), t.shape)
+    view = t.layout(probe)[index]
+    first = (view.ctypes.data - coord.ctypes.data) // coord.itemsize
+    if not 0 <= first < coord.size:  # The layout copied: a table bug.
+      raise AssertionError(f'the layout of {t.name} is not a view of it')
+    found.append((first, tuple(s // coord.itemsize for s in view.strides)))
+  if len(found) == 1:
+    found.append((0, (0,) * view.ndim))
+  (row, row_steps), (col, col_steps) = found
+  return _Place(view.shape, row, col, row_steps, col_steps)
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+  """An uninitialised array in an anonymous memory map of its own: page-aligned, so jax's
+  CPU backend adopts it as a device buffer where a copy of it would double the load's
+  writes (numpy's own allocations are only 16-byte aligned); its pages are mapped up
+  front (MAP_POPULATE, where there is one), which costs less than a fault per page on the
+  first write (measured 0.75x on a 2-core VM)."""
+  nbytes = int(np.prod(shape)) * dtype.itemsize
+  flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, 'MAP_POPULATE', 0)
+  memory = mmap.mmap(-1, max(nbytes, 1), flags=flags)
+  return np.frombuffer(memory, np.uint8)[:nbytes].view(dtype).reshape(shape)
+
+
+_TILE = 256  # Elements per side of a copy tile (256 x 256 x 8 bytes fits in L2).
+
+
+def _collapsed(dst: np.ndarray, src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Views of dst and src with each run of adjacent axes merged that both step through
+  as one (e.g. [heads, head_dim, D] read from [D, heads x head_dim] is a 2-D transpose)."""
+  shape, ds, ss = [dst.shape[0]], [dst.strides[0]], [src.strides[0]]
+  for n, d, s in zip(dst.shape[1:], dst.strides[1:], src.strides[1:]):
+    if ds[-1] == n * d and ss[-1] == n * s:
+      shape[-1], ds[-1], ss[-1] = shape[-1] * n, d, s
+    else:
+      shape.append(n)
+      ds.append(d)
+      ss.append(s)
+  as_strided = np.lib.stride_tricks.as_strided
+  return as_strided(dst, shape, ds), as_strided(src, shape, ss, writeable=False)
+
+
+def _copy_into(dst: np.ndarray, src: np.ndarray) -> None:
   """dst[...] = src, fast for our layouts: same dtypes copy as unsigned ints of their width
-  (numpy's loops for ml_dtypes' bfloat16 go element by element), and a transposed source
-  (nn.Linear's [out, in] read as [in, out]) in tiles of about _TILE x _TILE source
-  elements, where one whole-array assignment walks memory a column at a time (4x slower
-  measured on a 9728 x 2560 matrix)."""
+  (numpy's loops for ml_dtypes' bfloat16 go element by element), axes that run together
+  in both are merged, and a transpose (nn.Linear's [out, in] read as [in, out]) goes by
+  `_transpose`."""
   if src.dtype == dst.dtype:
     uint = np.dtype(f'u{dst.dtype.itemsize}')
     dst, src = dst.view(uint), src.view(uint)
-  if dst.ndim < 2 or src.flags.c_contiguous:
+  if dst.ndim == 0:
     dst[...] = src
-    return dst
+    return
+  dst, src = _collapsed(dst, src)
+  if dst.ndim < 2 or src.strides[-1] == src.itemsize:
+    dst[...] = src
+  elif (dst.ndim == 2 and src.dtype == dst.dtype and src.itemsize < 8 and
+        src.strides[0] == dst.strides[1] == src.itemsize and
+        dst.shape[0] % (8 // src.itemsize) == 0):
+    _transpose(dst, src)
+  else:
+    _tiled(dst, src)
+
+
+def _tiled(dst: np.ndarray, src: np.ndarray) -> None:
+  """dst[...] = src in tiles of about _TILE x _TILE elements, where one whole-array
+  assignment would walk src a column at a time (4x slower measured on a 9728 x 2560
+  matrix)."""
   b1 = max(1, _TILE // int(np.prod(dst.shape[2:])))
   for i in range(0, dst.shape[0], _TILE):
     for j in range(0, dst.shape[1], b1):
       dst[i:i + _TILE, j:j + b1] = src[i:i + _TILE, j:j + b1]
-  return dst
 
 
-def _sharded(views: list[Callable[[], np.ndarray]], leaf, stacked: bool) -> jax.Array:
-  """One jax.Array on leaf's sharding; each device's callback reads only its slice."""
+def _transpose(dst: np.ndarray, src: np.ndarray) -> None:
+  """dst[...] = src for a 2-D dst whose rows are src's columns (both unit-stride there).
+
+  The k = 8 / itemsize consecutive elements of a src column are one 8-byte word, so the
+  strided, cache-missing transpose moves k times fewer (64-bit) elements into a small
+  buffer, whose words are then spread over k rows of dst by a unit-stride copy: 1.5x the
+  tiled copy of 2-byte elements (measured, 4864 x 2560 bfloat16)."""
+  k = 8 // src.itemsize
+  n0, n1 = dst.shape
+  # [n0 / k, n1] words: word (a, j) holds src[a k : a k + k, j].
+  words = np.lib.stride_tricks.as_strided(
+      src, (n0 // k, n1, k), (k * src.itemsize, src.strides[1], src.itemsize),
+      writeable=False).view(np.uint64)[..., 0]
+  dst_k = np.lib.stride_tricks.as_strided(dst, (n0 // k, k, n1),
+                                          (k * dst.strides[0], dst.strides[0], dst.itemsize))
+  block = np.empty((n0 // k, min(n1, _TILE)), np.uint64)
+  for j in range(0, n1, _TILE):
+    w = min(_TILE, n1 - j)
+    _tiled(block[:, :w], words[:, j:j + w])
+    dst_k[:, :, j:j + w] = block[:, :w].view(dst.dtype).reshape(n0 // k, w, k).transpose(0, 2, 1)
+
+
+def _key(index: tuple[slice, ...]) -> tuple:
+  return tuple((s.start, s.stop, s.step) for s in index)
+
+
+_CHUNK_BYTES = 64 << 20  # The read buffer: a run of one tensor's rows, reused throughout.
+
+
+class _Reader:
+  """Copies slices of checkpoint tensors into arrays of ours, reading each run of rows
+  once per group of slices that read the same rows (devices splitting a tensor by
+  columns), through one buffer: fresh memory is only the outputs'."""
+
+  def __init__(self):
+    self._buffer = np.empty(0, np.uint8)
+
+  def copy(self, t: _Tensor, places: list[tuple[_Place, np.ndarray]]) -> None:
+    """out[...] = our layout of `t` at `place`, for each (place, out)."""
+    cols = t.shape[1] if len(t.shape) > 1 else 1
+    row_bytes = cols * t.dtype.itemsize
+    groups: dict[tuple, list[tuple[_Place, np.ndarray]]] = {}
+    for place, out in places:
+      rows_only = tuple((n, s) for n, s in zip(place.shape, place.row_steps))
+      groups.setdefault((place.row, rows_only), []).append((place, out))
+    for group in groups.values():
+      place = group[0][0]
+      # Chunks along the axis that moves furthest in rows, each a run of rows.
+      axis = int(np.argmax(place.row_steps))
+      per = max(1, (_CHUNK_BYTES // row_bytes) // max(place.row_steps[axis], 1))
+      for j in range(0, place.shape[axis], per):
+        stop = min(j + per, place.shape[axis])
+        first, end = place.narrow(axis, j, stop).rows()
+        buffer = self._rows(t, first, end, row_bytes)
+        for p, out in group:
+          part = p.narrow(axis, j, stop)
+          src = np.lib.stride_tricks.as_strided(
+              buffer[(part.row - first) * cols + part.col:], part.shape,
+              [(r * cols + c) * t.dtype.itemsize
+               for r, c in zip(part.row_steps, part.col_steps)], writeable=False)
+          _copy_into(out[(slice(None),) * axis + (slice(j, stop),)], src)
+
+  def _rows(self, t: _Tensor, start: int, stop: int, row_bytes: int) -> np.ndarray:
+    """Rows [start, stop) of `t`, flat, in the reused buffer."""
+    nbytes = (stop - start) * row_bytes
+    if self._buffer.nbytes < nbytes:
+      self._buffer = _aligned_empty((max(nbytes, min(_CHUNK_BYTES, 2 * nbytes)),),
+                                    np.dtype(np.uint8))
+    buffer = self._buffer[:nbytes].view(t.dtype)
+    t.files.read_rows(t.name, start, stop, buffer)
+    return buffer
+
+
+def _sharded(views: list[_Tensor], leaf, stacked: bool, reader: _Reader) -> jax.Array:
+  """One jax.Array on leaf's sharding from the slices of this host's devices, each
+  distinct slice read once."""
   dtype = np.dtype(leaf.dtype)
-
-  def read(index):
-    if not stacked:
-      src = views[0]()[index]
-      out = np.empty(src.shape, dtype)
-      _copy_into(out, src)
-      return out
-    layers = range(len(views))[index[0]]
-    first = views[layers[0]]()[index[1:]]
-    # One copy per layer, from the file's pages straight into the stacked slice.
-    out = np.empty((len(layers),) + first.shape, dtype)
-    for i, l in enumerate(layers):
-      _copy_into(out[i], first if i == 0 else views[l]()[index[1:]])
-    return out
-  return jax.make_array_from_callback(leaf.shape, leaf.sharding, read)
+  by_device = leaf.sharding.addressable_devices_indices_map(leaf.shape)
+  slices: dict[tuple, tuple[slice, ...]] = {}
+  for index in by_device.values():
+    slices.setdefault(_key(index), index)
+  outs = {k: _aligned_empty(tuple(len(range(n)[s]) for n, s in zip(leaf.shape, index)),
+                            dtype) for k, index in slices.items()}
+  # Where each distinct slice lies in one tensor (the same for every layer).
+  places = {k: _place(views[0], index[1:] if stacked else index)
+            for k, index in slices.items()}
+  for l, t in enumerate(views):
+    wanted = []
+    for k, index in slices.items():
+      if not stacked:
+        wanted.append((places[k], outs[k]))
+      elif l in range(len(views))[index[0]]:
+        wanted.append((places[k], outs[k][range(len(views))[index[0]].index(l)]))
+    reader.copy(t, wanted)
+  # Replicas share one host array: the CPU backend adopts it read-only (a donated buffer
+  # is not written in place), and an accelerator copies it to each device.
+  arrays = [jax.device_put(outs[_key(index)], device) for device, index in by_device.items()]
+  return jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, arrays)

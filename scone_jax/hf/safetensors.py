@@ -1,11 +1,14 @@
 """A safetensors reader that never holds a whole checkpoint: the header is parsed (8-byte
-little-endian length, then JSON {name: {dtype, shape, data_offsets}}) and each tensor is a
-numpy view of the file, so slicing it reads only the bytes of the slice.
+little-endian length, then JSON {name: {dtype, shape, data_offsets}}) and a tensor's rows
+are read by byte range into a buffer the caller owns, so a reader holds only the rows it
+asked for.
 
-Local files are memory-mapped; a gs:// file is read one tensor at a time by byte range
-(`paths.path(...).open`), so a host holds at most the tensor it is slicing. bfloat16 comes
-from ml_dtypes (safetensors' own numpy API has none) and keeps its bits: a tensor is the
-file's bytes reinterpreted, never converted.
+Every read is one byte range: locally read calls into the caller's buffer (no memory map,
+whose pages would count against the process for as long as it lives); on gs:// one ranged
+GET (fsspec's `cat_file`; a file object's read-ahead would fetch megabytes past the range,
+the whole of a small file). bfloat16 comes from ml_dtypes (safetensors' own numpy
+API has none) and keeps its bits: a tensor is the file's bytes reinterpreted, never
+converted.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import dataclasses
 import json
 import struct
 
+import fsspec
 import ml_dtypes
 import numpy as np
 
@@ -42,21 +46,48 @@ class TensorInfo:
   end: int
 
 
+def read_at(file: str, offset: int, out: memoryview) -> None:
+  """Fills `out` (bytes) from `file` at `offset`: one ranged read.
+
+  Raises:
+    CheckpointError: the file ends before the range does.
+  """
+  if paths.is_remote(file):
+    fs, path = fsspec.core.url_to_fs(file)
+    data = fs.cat_file(path, start=offset, end=offset + out.nbytes)
+    done = len(data)
+    out[:done] = data
+  else:
+    with open(file, 'rb', buffering=0) as f:
+      f.seek(offset)
+      done = 0
+      while done < out.nbytes:  # A local read returns at most ~2 GiB per call.
+        n = f.readinto(out[done:])
+        if not n:
+          break
+        done += n
+  if done != out.nbytes:
+    raise CheckpointError(f'{file} ends at byte {offset + done}, inside bytes [{offset}, '
+                          f'{offset + out.nbytes}) its header promises; the file is truncated')
+
+
 def read_header(file: str) -> dict[str, TensorInfo]:
   """The tensors of one .safetensors file, checked against the file's size."""
   size = paths.getsize(file)
-  with paths.path(file).open('rb') as f:
-    head = f.read(8)
-    if len(head) < 8:
-      raise CheckpointError(f'{file}: {size} bytes, shorter than a safetensors header')
-    (n,) = struct.unpack('<Q', head)
-    if n > min(_MAX_HEADER, size - 8):
-      raise CheckpointError(f'{file}: header length {n} exceeds the file ({size} bytes); '
-                            'the file is truncated or not safetensors')
-    try:
-      header = json.loads(f.read(n))
-    except ValueError as e:
-      raise CheckpointError(f'{file}: the safetensors header is not JSON ({e})') from e
+  if size < 8:
+    raise CheckpointError(f'{file}: {size} bytes, shorter than a safetensors header')
+  head = bytearray(8)
+  read_at(file, 0, memoryview(head))
+  (n,) = struct.unpack('<Q', head)
+  if n > min(_MAX_HEADER, size - 8):
+    raise CheckpointError(f'{file}: header length {n} exceeds the file ({size} bytes); '
+                          'the file is truncated or not safetensors')
+  blob = bytearray(n)
+  read_at(file, 8, memoryview(blob))
+  try:
+    header = json.loads(blob)
+  except ValueError as e:
+    raise CheckpointError(f'{file}: the safetensors header is not JSON ({e})') from e
   base, out = 8 + n, {}
   for name, entry in header.items():
     if name == '__metadata__':
@@ -76,24 +107,27 @@ def read_header(file: str) -> dict[str, TensorInfo]:
 
 
 class TensorFiles:
-  """Opens tensors of one or more safetensors files as numpy arrays without reading them."""
+  """Reads the tensors of one or more safetensors files by byte range."""
 
   def __init__(self, tensors: dict[str, TensorInfo]):
     self.tensors = tensors
-    self._maps: dict[str, np.memmap] = {}
+
+  def read_rows(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+    """Rows [start, stop) of tensor `name` (along its first axis) into `out`, a
+    C-contiguous array of exactly those rows' bytes: one ranged read."""
+    info = self.tensors[name]
+    row = int(np.prod(info.shape[1:])) * info.dtype.itemsize
+    if not out.flags.c_contiguous or out.nbytes != (stop - start) * row:
+      raise ValueError(f'{name} rows [{start}, {stop}) are {(stop - start) * row} contiguous '
+                       f'bytes; out is {out.nbytes}, c_contiguous={out.flags.c_contiguous}')
+    read_at(info.file, info.start + start * row, memoryview(out.reshape(-1).view(np.uint8)))
 
   def array(self, name: str) -> np.ndarray:
-    """The tensor as an array: a view of the memory map (local), or its bytes (gs://)."""
+    """The whole tensor, read."""
     info = self.tensors[name]
-    if paths.is_remote(info.file):
-      with paths.path(info.file).open('rb') as f:
-        f.seek(info.start)
-        data = f.read(info.end - info.start)
-      return np.frombuffer(data, info.dtype).reshape(info.shape)
-    if info.file not in self._maps:
-      self._maps[info.file] = np.memmap(info.file, np.uint8, mode='r')
-    raw = self._maps[info.file][info.start:info.end]
-    return raw.view(info.dtype).reshape(info.shape)
+    out = np.empty(info.shape, info.dtype)
+    self.read_rows(name, 0, info.shape[0] if info.shape else 1, out)
+    return out
 
 
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
