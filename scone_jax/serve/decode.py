@@ -154,7 +154,9 @@ class Decoder:
                        "loop='host' (config.serve.decode_loop)")
     self.batch_size, self.bos_id = batch_size, bos_id
     self.loop, self.chunk_steps = loop, chunk_steps
-    self.graphdef, self.state = nnx.split(lm.backbone)
+    # The serving layout (fused q/k/v, per-layer weights) is prepared once here, so no
+    # step slices or transposes weights (Backbone.for_serving).
+    self.graphdef, self.state = nnx.split(lm.backbone.for_serving())
     self.mesh = mesh
     if mesh is not None:
       self.state = jax.device_put(self.state, model_shardings(self.state, mesh))
