@@ -8,8 +8,10 @@ The layer stack keeps its parameters stacked along a leading `layers` axis and r
 with `jax.lax.scan`: compile time stays flat in depth (36-layer OLMo). Decode threads the
 KV cache [L, B, S, K, E] (K = num_kv_heads) through the scan's carry
 (`BlockStack(..., state=)`), so each layer writes only its new rows in place and reads keys
-only up to the filled length (`attend_filled`). Norms, softmax and RoPE run in float32;
-matmuls run in the compute dtype (`ModelConfig.dtype`).
+only up to the filled length (`attend_filled`). Serving (prefill and decode) runs the same
+blocks on `ServingBlocks`, the weights laid out once per layer with q, k and v fused.
+Norms, softmax and RoPE run in float32; matmuls run in the compute dtype
+(`ModelConfig.dtype`).
 """
 
 from __future__ import annotations
@@ -334,10 +336,10 @@ class BlockStack(nnx.Module):
 
     if self.cfg.remat in _REMAT_POLICIES:
       body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat])
-    # A threaded state is the decode step's KV cache: its loop is always unrolled. A scan
-    # slices each layer's weights out of the stacked params into a fresh buffer every
-    # token (a second pass over every weight: 0.74-0.81x of a hand-written loop at B 1 on
-    # CPU, BENCHMARKS.md); unrolled, each layer reads its weights in place.
+    # A threaded state is the decode step's KV cache: its loop is always unrolled (a scan
+    # ran 0.74-0.81x of a hand-written loop at B 1 on CPU). Even unrolled, XLA slices each
+    # layer's weights out of the stacked params into fresh buffers every step (the
+    # compiled loop's HLO); serving avoids that with `ServingBlocks`' per-layer weights.
     (x_BxTxD, _, state), outs = jax.lax.scan(
         body, (x_BxTxD.astype(dtype), jnp.int32(0), state), (stacked, layer_carries),
         unroll=self.cfg.layer_loop == 'unrolled' or threaded)

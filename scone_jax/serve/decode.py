@@ -114,7 +114,8 @@ class Decoder:
       replicated to all of its devices.
 
   Attributes: `lookup` (the chosen `Lookup`: `.name`, `.stats()`), `store`, `batch_size`,
-  `cache_len`, `state` (the backbone's parameters on the accelerator).
+  `cache_len`, `state` (the backbone's parameters on the accelerator, its blocks in the
+  serving layout of `Backbone.for_serving`).
   """
 
   def __init__(self, lm: SconeLM, store: EmbeddingStore | None = None, table: Any = None,
