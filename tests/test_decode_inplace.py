@@ -97,6 +97,13 @@ _NO_WRITE = {'parameter', 'get-tuple-element', 'bitcast', 'while', 'tuple'}
 def cache_sized_writes(hlo: str, cache_shape: tuple[int, ...]) -> list[str]:
   """Instructions of an optimized HLO module that write a fresh buffer the size of the
   cache, or of one layer of it: anything but an in-place update or a rename."""
+  layer = cache_shape[1:]
+  return fresh_writes(hlo, [cache_shape, layer, (1,) + layer])
+
+
+def fresh_writes(hlo: str, shapes) -> list[str]:
+  """Instructions of an optimized HLO module that write a fresh buffer of one of `shapes`
+  (anything but an in-place update or a rename)."""
   roots = {}  # fused computation -> its root's opcode
   computation = None
   for line in hlo.splitlines():
@@ -105,8 +112,7 @@ def cache_sized_writes(hlo: str, cache_shape: tuple[int, ...]) -> list[str]:
     m = _DEF.match(line)
     if m and line.lstrip().startswith('ROOT'):
       roots[computation] = m.group(4)
-  layer = ','.join(map(str, cache_shape[1:]))
-  sizes = {','.join(map(str, cache_shape)), layer, '1,' + layer}
+  sizes = {','.join(map(str, shape)) for shape in shapes}
   bad = []
   for line in hlo.splitlines():
     m = _DEF.match(line)
@@ -145,6 +151,18 @@ def test_device_loop_and_decode_step_never_copy_the_cache(lm):
   step_hlo = steps.DECODE.lower(graphdef, Sampling(), state, token_B, slab_BxE, cache,
                                 jax.random.key(0), 0).compile().as_text()
   assert cache_sized_writes(step_hlo, shape) == []
+
+
+def test_device_loop_reads_each_layers_weights_in_place(lm):
+  """The serving layout's weights are read where they lie: no step of the compiled loop
+  writes a buffer shaped like one layer's weight matrix. The stacked [L, ...] weights it
+  replaces were sliced into such buffers every step (the check is not blind)."""
+  serving = nnx.state(lm.backbone.for_serving().blocks)
+  shapes = {x.shape for x in jax.tree.leaves(serving) if x.ndim >= 2}
+  assert fresh_writes(Decoder(lm, batch_size=3).compiled_loop_chunk().as_text(), shapes) == []
+  stacked = Decoder(lm, batch_size=3)
+  stacked.graphdef, stacked.state = nnx.split(lm.backbone)  # The weights as trained.
+  assert fresh_writes(stacked.compiled_loop_chunk().as_text(), shapes)
 
 
 def test_the_hlo_check_sees_a_copy():

@@ -422,8 +422,8 @@ class ServingBlocks(nnx.Module):
   `heads` (tensor parallelism) keeps each group on one device. The output projection is
   [H E, D] and every layer's weights are separate arrays: the unrolled layer loop reads
   them in place, where stacked [L, ...] weights were sliced into fresh buffers and the
-  output projection transposed every step (the compiled decode loop's HLO,
-  tests/test_decode_inplace.py). Same arithmetic as the stack; the call runs the layers
+  output projection transposed every step (the compiled decode loop's HLO;
+  tests/test_decode_inplace.py checks it). Same arithmetic as the stack; the call runs the layers
   unrolled, with or without a threaded `state` (`BlockStack.__call__`).
 
   Holds a copy of the block weights (the stack's dtype); the embeddings and the head stay
@@ -434,11 +434,11 @@ class ServingBlocks(nnx.Module):
     self.cfg, self.rope, self.num_layers = blocks.cfg, blocks.rope, blocks.num_layers
     h, kvh = self.cfg.num_heads, self.cfg.kv_heads
     stacked = {n: getattr(blocks, n) for n in blocks.param_names}
+    group = lambda x: x.reshape(x.shape[:-2] + (kvh, -1, x.shape[-1]))  # [..., K, G, E]
     layers = []
     for layer in range(blocks.num_layers):
       p = {n: (v[...][layer], v.get_metadata()['logical_axes'][1:])
            for n, v in stacked.items()}
-      group = lambda x, kvh=kvh: x.reshape(x.shape[:-2] + (kvh, -1, x.shape[-1]))
       for w, names in (('w', ('embed', 'heads', None, 'kv')), ('b', ('heads', None, 'kv'))):
         if f'{w}q' in p:
           parts = [group(p.pop(f'{w}{x}')[0]) for x in 'qkv']
