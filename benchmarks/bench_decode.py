@@ -151,8 +151,9 @@ class MinimalLoop:
   """The independent reference: a plain-jnp greedy decode of the same GPT-2 weights.
 
   Nothing of the project's model or serving code runs in it: the weights are read from
-  the backbone's parameters once into this loop's own layout (q, k and v fused into one
-  [D, 3 * H * E] matrix per layer, layers unrolled in Python), the cache is its own
+  the backbone's parameters once into this loop's own layout (separate arrays per layer,
+  so no step slices weights; q, k and v fused into one [D, 3 * H * E] matrix per layer;
+  layers unrolled in Python), the cache is its own
   (one [B, S, H, E] buffer per layer for k and v, written at the step's position with a
   dynamic_update_slice and donated between calls, so XLA updates it in place) and
   attention reads keys in `chunk`-position blocks only up to the step's position
@@ -176,14 +177,17 @@ class MinimalLoop:
     n_layers, d = blk['wq'].shape[:2]
     table = np.asarray(bb.token_embed.table[...], np.float32)
     head = table.T if bb.head is None else np.asarray(bb.head[...], np.float32)
+    layers = [{
+        'qkv': np.concatenate([blk[f'w{x}'][l].reshape(d, -1) for x in 'qkv'], -1),
+        'qkv_b': np.concatenate([blk[f'b{x}'][l].reshape(-1) for x in 'qkv'], -1),
+        'o': blk['wo'][l].reshape(-1, d), 'o_b': blk['bo'][l],
+        'ln1': (blk['attn_norm_scale'][l], blk['attn_norm_bias'][l]),
+        'ln2': (blk['mlp_norm_scale'][l], blk['mlp_norm_bias'][l]),
+        'fc': (blk['w_in'][l], blk['b_in'][l]), 'proj': (blk['w_out'][l], blk['b_out'][l])}
+        for l in range(n_layers)]
     self.w = jax.device_put({
         'embed': table, 'pos': np.asarray(bb.pos_table[...], np.float32), 'head': head,
-        'qkv': np.concatenate([blk[f'w{x}'].reshape(n_layers, d, -1) for x in 'qkv'], -1),
-        'qkv_b': np.concatenate([blk[f'b{x}'].reshape(n_layers, -1) for x in 'qkv'], -1),
-        'o': blk['wo'].reshape(n_layers, -1, d), 'o_b': blk['bo'],
-        'ln1': (blk['attn_norm_scale'], blk['attn_norm_bias']),
-        'ln2': (blk['mlp_norm_scale'], blk['mlp_norm_bias']),
-        'fc': (blk['w_in'], blk['b_in']), 'proj': (blk['w_out'], blk['b_out']),
+        'layers': layers,
         'lnf': (np.asarray(bb.final_norm.scale[...]), np.asarray(bb.final_norm.bias[...]))})
     self.w = jax.tree.map(lambda x: x.astype(dt), self.w)
     self.n_layers, self.dtype = n_layers, dt
@@ -223,17 +227,17 @@ class MinimalLoop:
     """One token per row at position t: (logits [B, V], the updated per-layer caches)."""
     x = w['embed'][tok_B] + w['pos'][t]
     out = []
-    for l in range(self.n_layers):
+    for l, lw in enumerate(w['layers']):
       k_cache, v_cache = kv[l]
-      qkv = self._ln(x, (w['ln1'][0][l], w['ln1'][1][l])) @ w['qkv'][l] + w['qkv_b'][l]
+      qkv = self._ln(x, lw['ln1']) @ lw['qkv'] + lw['qkv_b']
       q, k, v = (y.reshape(self.b, self.h, self.e) for y in jnp.split(qkv, 3, -1))
       k_cache = jax.lax.dynamic_update_slice(k_cache, k[:, None], (0, t, 0, 0))
       v_cache = jax.lax.dynamic_update_slice(v_cache, v[:, None], (0, t, 0, 0))
       out.append((k_cache, v_cache))
       a = self._attend(q, k_cache, v_cache, t).reshape(self.b, -1)
-      x = x + a @ w['o'][l] + w['o_b'][l]
-      u = self._ln(x, (w['ln2'][0][l], w['ln2'][1][l])) @ w['fc'][0][l] + w['fc'][1][l]
-      x = x + jax.nn.gelu(u, approximate=True) @ w['proj'][0][l] + w['proj'][1][l]
+      x = x + a @ lw['o'] + lw['o_b']
+      u = self._ln(x, lw['ln2']) @ lw['fc'][0] + lw['fc'][1]
+      x = x + jax.nn.gelu(u, approximate=True) @ lw['proj'][0] + lw['proj'][1]
     logits = jnp.dot(self._ln(x, w['lnf']), w['head'], preferred_element_type=jnp.float32)
     return logits, out
 

@@ -97,6 +97,13 @@ _NO_WRITE = {'parameter', 'get-tuple-element', 'bitcast', 'while', 'tuple'}
 def cache_sized_writes(hlo: str, cache_shape: tuple[int, ...]) -> list[str]:
   """Instructions of an optimized HLO module that write a fresh buffer the size of the
   cache, or of one layer of it: anything but an in-place update or a rename."""
+  layer = cache_shape[1:]
+  return fresh_writes(hlo, [cache_shape, layer, (1,) + layer])
+
+
+def fresh_writes(hlo: str, shapes) -> list[str]:
+  """Instructions of an optimized HLO module that write a fresh buffer of one of `shapes`
+  (anything but an in-place update or a rename)."""
   roots = {}  # fused computation -> its root's opcode
   computation = None
   for line in hlo.splitlines():
@@ -105,8 +112,7 @@ def cache_sized_writes(hlo: str, cache_shape: tuple[int, ...]) -> list[str]:
     m = _DEF.match(line)
     if m and line.lstrip().startswith('ROOT'):
       roots[computation] = m.group(4)
-  layer = ','.join(map(str, cache_shape[1:]))
-  sizes = {','.join(map(str, cache_shape)), layer, '1,' + layer}
+  sizes = {','.join(map(str, shape)) for shape in shapes}
   bad = []
   for line in hlo.splitlines():
     m = _DEF.match(line)
@@ -147,6 +153,18 @@ def test_device_loop_and_decode_step_never_copy_the_cache(lm):
   assert cache_sized_writes(step_hlo, shape) == []
 
 
+def test_device_loop_reads_each_layers_weights_in_place(lm):
+  """The serving layout's weights are read where they lie: no step of the compiled loop
+  writes a buffer shaped like one layer's weight matrix. The stacked [L, ...] weights it
+  replaces were sliced into such buffers every step (the check is not blind)."""
+  serving = nnx.state(lm.backbone.for_serving().blocks)
+  shapes = {x.shape for x in jax.tree.leaves(serving) if x.ndim >= 2}
+  assert fresh_writes(Decoder(lm, batch_size=3).compiled_loop_chunk().as_text(), shapes) == []
+  stacked = Decoder(lm, batch_size=3)
+  stacked.graphdef, stacked.state = nnx.split(lm.backbone)  # The weights as trained.
+  assert fresh_writes(stacked.compiled_loop_chunk().as_text(), shapes)
+
+
 def test_the_hlo_check_sees_a_copy():
   """The checker is not blind: the old decode (cache as scan xs, restacked as ys) copied."""
   hlo = ('%fused_computation.1 (p: f32[2,3,5,2,8]) -> f32[2,3,5,2,8] {\n'
@@ -159,3 +177,44 @@ def test_the_hlo_check_sees_a_copy():
          '  %layer = f32[1,3,5,2,8]{4,3,2,1,0} fusion(%c), kind=kLoop, calls=%other\n}\n')
   assert [line.split()[0] for line in cache_sized_writes(hlo, (2, 3, 5, 2, 8))] == [
       '%copy.47', '%layer']
+
+
+def test_serving_layout_decodes_as_the_training_forward():
+  """The Decoder's serving layout (`Backbone.for_serving`: q, k and v fused per K/V head
+  group, per-layer weights) on grouped-query attention with q/k/v biases, RoPE, q/k
+  RMSNorm over all heads and norms after each sublayer (qwen2 + OLMo-2's norms): its
+  prefill + decode logits equal the training forward's (the stacked blocks), and its
+  greedy device-loop tokens are the forward's argmax at every step."""
+  cfg = config.replace(config.from_configdict(config.base_config()), **{
+      'model.family': 'qwen2', 'model.qk_norm': 'full', 'model.norm_position': 'post',
+      'model.num_layers': 2, 'model.d_model': 32, 'model.num_heads': 4,
+      'model.num_kv_heads': 2, 'model.max_seq_len': 32, 'model.init_std': 0.3,
+      'train.seq_len': 16, 'fgram_model.num_layers': 0, 'fgram.max_len': 3})
+  lm = SconeLM(cfg.model, cfg.fgram_model, fgram_max_len=3, vocab_size=V, rngs=nnx.Rngs(3))
+  # The biases start at zero; random ones make their fused layout count.
+  for name in ('bq', 'bk', 'bv'):
+    var = getattr(lm.backbone.blocks, name)
+    var[...] = 0.3 * jax.random.normal(jax.random.key(len(name) + ord(name[1])),
+                                       var[...].shape)
+  assert set(lm.backbone.for_serving().blocks.layers[0]) >= {'wqkv', 'bqkv'}
+  prompts = [np.array([5, 6, 7]), np.array([9]), np.array([11, 12, 13, 14, 15])]
+  dec = Decoder(lm, batch_size=3, chunk_steps=4)
+  new = 9
+  tokens = dec.generate(prompts, new).tokens
+  rows = [np.concatenate([[1], p, t]) for p, t in zip(prompts, tokens)]
+  t = max(len(r) for r in rows)
+  inputs_BxT = np.zeros((3, t), np.int32)
+  for b, r in enumerate(rows):
+    inputs_BxT[b, :len(r)] = r
+  segments_BxT = (np.arange(t)[None] < np.array([len(r) for r in rows])[:, None])
+  graphdef, state = nnx.split(lm.backbone)
+  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(
+      nnx.merge(graphdef, s).embed(x), jnp.broadcast_to(jnp.arange(t), x.shape),
+      jnp.asarray(segments_BxT, jnp.int32)))
+  want_BxTxV = np.asarray(forward(state, inputs_BxT))
+  got = dec.teacher_forced_logits(prompts, tokens)
+  for b, (p, tok) in enumerate(zip(prompts, tokens)):
+    assert len(tok) == new
+    ref = want_BxTxV[b, :len(p) + new]  # After BOS + prompt, then after each new token.
+    np.testing.assert_allclose(got[b], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    np.testing.assert_array_equal(tok, ref[len(p):].argmax(-1))

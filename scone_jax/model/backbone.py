@@ -19,7 +19,8 @@ from flax import nnx, struct
 
 from scone_jax.config import ModelConfig
 from scone_jax.model import loss as loss_lib
-from scone_jax.model.layers import BlockStack, FinalNorm, attend_filled, self_attention
+from scone_jax.model.layers import (BlockStack, FinalNorm, ServingBlocks, attend_filled,
+                                    self_attention)
 from scone_jax.model.sharding import constrain, param
 
 
@@ -147,6 +148,15 @@ class Backbone(nnx.Module):
     h_BxTxD = self.final_norm(self._hidden(x_BxTxD, positions_BxT, segment_ids_BxT))
     return loss_lib.chunked_cross_entropy_sums(self._project, h_BxTxD, targets_BxT,
                                                weights_BxT, self.cfg.loss_chunk)
+
+  def for_serving(self) -> Backbone:
+    """This backbone with its blocks in the serving layout (`layers.ServingBlocks`: q, k
+    and v fused, every layer's weights separate), for `prefill` and `decode`; the token
+    table, position table, final norm and head are the same arrays, not copies."""
+    graphdef, state = nnx.split(self)
+    serving = nnx.merge(graphdef, state)
+    serving.blocks = ServingBlocks(self.blocks)
+    return serving
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache for `batch_size` rows of up to `max_len` tokens (prompt + new)."""

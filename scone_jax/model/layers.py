@@ -8,8 +8,10 @@ The layer stack keeps its parameters stacked along a leading `layers` axis and r
 with `jax.lax.scan`: compile time stays flat in depth (36-layer OLMo). Decode threads the
 KV cache [L, B, S, K, E] (K = num_kv_heads) through the scan's carry
 (`BlockStack(..., state=)`), so each layer writes only its new rows in place and reads keys
-only up to the filled length (`attend_filled`). Norms, softmax and RoPE run in float32;
-matmuls run in the compute dtype (`ModelConfig.dtype`).
+only up to the filled length (`attend_filled`). Serving (prefill and decode) runs the same
+blocks on `ServingBlocks`, the weights laid out once per layer with q, k and v fused.
+Norms, softmax and RoPE run in float32; matmuls run in the compute dtype
+(`ModelConfig.dtype`).
 """
 
 from __future__ import annotations
@@ -304,56 +306,6 @@ class BlockStack(nnx.Module):
     for name, value in params.items():
       setattr(self, name, value)
 
-  def _block(self, p: dict[str, jax.Array], x_BxTxD: jax.Array, positions_BxT: jax.Array,
-             attend_fn: AttendFn, layer_carry: Any) -> tuple[jax.Array, Any]:
-    cfg = self.cfg
-    pre = cfg.norm_position == 'pre'
-
-    def norm(which, y):
-      return apply_norm(cfg.norm, y, p.get(f'{which}_scale'), p.get(f'{which}_bias'),
-                        cfg.norm_eps)
-
-    h = norm('attn_norm', x_BxTxD) if pre else x_BxTxD
-    names = ('batch', 'length', 'heads', 'kv')
-    qkv = []
-    for w in 'qkv':
-      y_BxTxHxE = jnp.einsum('btd,dhe->bthe', h, p[f'w{w}'])
-      if f'b{w}' in p:
-        y_BxTxHxE = y_BxTxHxE + p[f'b{w}']
-      if cfg.clip_qkv:
-        y_BxTxHxE = jnp.clip(y_BxTxHxE, -cfg.clip_qkv, cfg.clip_qkv)
-      if f'{w}_norm_scale' in p:
-        y_BxTxHxE = _qk_norm(cfg, y_BxTxHxE, p[f'{w}_norm_scale'])
-      if self.rope and w != 'v':
-        y_BxTxHxE = apply_rope(y_BxTxHxE, positions_BxT, rope_frequencies(y_BxTxHxE.shape[-1],
-                                                                          cfg))
-      qkv.append(constrain(y_BxTxHxE, names))
-    o_BxTxHxE, layer_out = attend_fn(*qkv, layer_carry)
-    a_BxTxD = jnp.einsum('bthe,hed->btd', o_BxTxHxE, p['wo'])
-    if 'bo' in p:
-      a_BxTxD = a_BxTxD + p['bo']
-    if not pre:
-      a_BxTxD = norm('attn_norm', a_BxTxD)
-    x_BxTxD = constrain(x_BxTxD + a_BxTxD, ('batch', 'length', 'embed'))
-
-    h = norm('mlp_norm', x_BxTxD) if pre else x_BxTxD
-    u_BxTxF = h @ p['w_in']
-    if 'b_in' in p:
-      u_BxTxF = u_BxTxF + p['b_in']
-    if cfg.mlp_activation == 'swiglu':
-      u_BxTxF = jax.nn.silu(h @ p['w_gate']) * u_BxTxF
-    elif cfg.mlp_activation == 'gelu':
-      u_BxTxF = jax.nn.gelu(u_BxTxF, approximate=True)
-    else:
-      u_BxTxF = jax.nn.relu(u_BxTxF)
-    u_BxTxF = constrain(u_BxTxF, ('batch', 'length', 'mlp'))
-    m_BxTxD = u_BxTxF @ p['w_out']
-    if 'b_out' in p:
-      m_BxTxD = m_BxTxD + p['b_out']
-    if not pre:
-      m_BxTxD = norm('mlp_norm', m_BxTxD)
-    return constrain(x_BxTxD + m_BxTxD, ('batch', 'length', 'embed')), layer_out
-
   def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, attend_fn: AttendFn,
                layer_carries: Any = None, state: Any = None) -> tuple[jax.Array, Any]:
     """Runs all blocks.
@@ -378,20 +330,140 @@ class BlockStack(nnx.Module):
     def body(carry, xs):
       x, layer, st = carry
       p, layer_carry = xs
-      x, out = self._block(p, x, positions_BxT, attend_fn,
-                           (layer, st) if threaded else layer_carry)
+      x, out = _block(self.cfg, self.rope, p, x, positions_BxT, attend_fn,
+                      (layer, st) if threaded else layer_carry)
       return (x, layer + 1, out if threaded else None), None if threaded else out
 
     if self.cfg.remat in _REMAT_POLICIES:
       body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat])
-    # A threaded state is the decode step's KV cache: its loop is always unrolled. A scan
-    # slices each layer's weights out of the stacked params into a fresh buffer every
-    # token (a second pass over every weight: 0.74-0.81x of a hand-written loop at B 1 on
-    # CPU, BENCHMARKS.md); unrolled, each layer reads its weights in place.
+    # A threaded state is the decode step's KV cache: its loop is always unrolled (a scan
+    # ran 0.74-0.81x of a hand-written loop at B 1 on CPU). Even unrolled, XLA slices each
+    # layer's weights out of the stacked params into fresh buffers every step (the
+    # compiled loop's HLO); serving avoids that with `ServingBlocks`' per-layer weights.
     (x_BxTxD, _, state), outs = jax.lax.scan(
         body, (x_BxTxD.astype(dtype), jnp.int32(0), state), (stacked, layer_carries),
         unroll=self.cfg.layer_loop == 'unrolled' or threaded)
     return x_BxTxD, state if threaded else outs
+
+
+def _block(cfg: ModelConfig, rope: bool, p: dict[str, jax.Array], x_BxTxD: jax.Array,
+           positions_BxT: jax.Array, attend_fn: AttendFn,
+           layer_carry: Any) -> tuple[jax.Array, Any]:
+  """One transformer block on one layer's weights `p`: `BlockStack`'s (q, k, v and the
+  output projection per head) or `ServingBlocks`'s (q, k, v fused, the output projection
+  [H E, D])."""
+  pre = cfg.norm_position == 'pre'
+
+  def norm(which, y):
+    return apply_norm(cfg.norm, y, p.get(f'{which}_scale'), p.get(f'{which}_bias'),
+                      cfg.norm_eps)
+
+  h = norm('attn_norm', x_BxTxD) if pre else x_BxTxD
+  names = ('batch', 'length', 'heads', 'kv')
+  qkv = []
+  for w, y_BxTxHxE in zip('qkv', _project_qkv(p, h)):
+    if cfg.clip_qkv:
+      y_BxTxHxE = jnp.clip(y_BxTxHxE, -cfg.clip_qkv, cfg.clip_qkv)
+    if f'{w}_norm_scale' in p:
+      y_BxTxHxE = _qk_norm(cfg, y_BxTxHxE, p[f'{w}_norm_scale'])
+    if rope and w != 'v':
+      y_BxTxHxE = apply_rope(y_BxTxHxE, positions_BxT, rope_frequencies(y_BxTxHxE.shape[-1],
+                                                                        cfg))
+    qkv.append(constrain(y_BxTxHxE, names))
+  o_BxTxHxE, layer_out = attend_fn(*qkv, layer_carry)
+  if p['wo'].ndim == 2:  # ServingBlocks: [H E, D], read in place by one matmul.
+    a_BxTxD = o_BxTxHxE.reshape(o_BxTxHxE.shape[:2] + (-1,)) @ p['wo']
+  else:
+    a_BxTxD = jnp.einsum('bthe,hed->btd', o_BxTxHxE, p['wo'])
+  if 'bo' in p:
+    a_BxTxD = a_BxTxD + p['bo']
+  if not pre:
+    a_BxTxD = norm('attn_norm', a_BxTxD)
+  x_BxTxD = constrain(x_BxTxD + a_BxTxD, ('batch', 'length', 'embed'))
+
+  h = norm('mlp_norm', x_BxTxD) if pre else x_BxTxD
+  u_BxTxF = h @ p['w_in']
+  if 'b_in' in p:
+    u_BxTxF = u_BxTxF + p['b_in']
+  if cfg.mlp_activation == 'swiglu':
+    u_BxTxF = jax.nn.silu(h @ p['w_gate']) * u_BxTxF
+  elif cfg.mlp_activation == 'gelu':
+    u_BxTxF = jax.nn.gelu(u_BxTxF, approximate=True)
+  else:
+    u_BxTxF = jax.nn.relu(u_BxTxF)
+  u_BxTxF = constrain(u_BxTxF, ('batch', 'length', 'mlp'))
+  m_BxTxD = u_BxTxF @ p['w_out']
+  if 'b_out' in p:
+    m_BxTxD = m_BxTxD + p['b_out']
+  if not pre:
+    m_BxTxD = norm('mlp_norm', m_BxTxD)
+  return constrain(x_BxTxD + m_BxTxD, ('batch', 'length', 'embed')), layer_out
+
+
+def _project_qkv(p: dict[str, jax.Array], h_BxTxD: jax.Array) -> list[jax.Array]:
+  """q [B, T, H, E], k and v [B, T, K, E] (biases added) from a layer's separate wq, wk,
+  wv, or from ServingBlocks' fused wqkv [D, K, G + 2, E] in one matmul."""
+  def biased(y, w):
+    return y + p[f'b{w}'] if f'b{w}' in p else y
+
+  if 'wqkv' not in p:
+    return [biased(jnp.einsum('btd,dhe->bthe', h_BxTxD, p[f'w{w}']), w) for w in 'qkv']
+  y_BxTxKxCxE = biased(jnp.einsum('btd,dkce->btkce', h_BxTxD, p['wqkv']), 'qkv')
+  b, t, kvh, c, e = y_BxTxKxCxE.shape
+  return [y_BxTxKxCxE[:, :, :, :c - 2].reshape(b, t, kvh * (c - 2), e),
+          y_BxTxKxCxE[:, :, :, c - 2], y_BxTxKxCxE[:, :, :, c - 1]]
+
+
+class ServingBlocks(nnx.Module):
+  """A `BlockStack`'s weights laid out for serving (prefill and decode), prepared once.
+
+  One [D, K, G + 2, E] matrix per layer holds q, k and v: each K/V head's G query heads,
+  its key and its value side by side, so one matmul projects all three and a split over
+  `heads` (tensor parallelism) keeps each group on one device. The output projection is
+  [H E, D] and every layer's weights are separate arrays: the unrolled layer loop reads
+  them in place, where stacked [L, ...] weights were sliced into fresh buffers and the
+  output projection transposed every step (the compiled decode loop's HLO;
+  tests/test_decode_inplace.py checks it). Same arithmetic as the stack; the call runs the layers
+  unrolled, with or without a threaded `state` (`BlockStack.__call__`).
+
+  Holds a copy of the block weights (the stack's dtype); the embeddings and the head stay
+  shared with the model it came from.
+  """
+
+  def __init__(self, blocks: BlockStack):
+    self.cfg, self.rope, self.num_layers = blocks.cfg, blocks.rope, blocks.num_layers
+    h, kvh = self.cfg.num_heads, self.cfg.kv_heads
+    stacked = {n: getattr(blocks, n) for n in blocks.param_names}
+    group = lambda x: x.reshape(x.shape[:-2] + (kvh, -1, x.shape[-1]))  # [..., K, G, E]
+    layers = []
+    for layer in range(blocks.num_layers):
+      p = {n: (v[...][layer], v.get_metadata()['logical_axes'][1:])
+           for n, v in stacked.items()}
+      for w, names in (('w', ('embed', 'heads', None, 'kv')), ('b', ('heads', None, 'kv'))):
+        if f'{w}q' in p:
+          parts = [group(p.pop(f'{w}{x}')[0]) for x in 'qkv']
+          p[f'{w}qkv'] = (jnp.concatenate(parts, axis=-2), names)
+      wo, _ = p['wo']
+      p['wo'] = (wo.reshape(h * wo.shape[1], -1), ('heads', 'embed'))
+      layers.append(nnx.Dict({n: param(v, names) for n, (v, names) in p.items()}))
+    self.layers = nnx.List(layers)
+
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, attend_fn: AttendFn,
+               state: Any = None) -> tuple[jax.Array, Any]:
+    """`BlockStack.__call__` without `layer_carries`: (x_BxTxD, the last layer's state,
+    or the per-layer outputs of `attend_fn` stacked along a leading L axis)."""
+    dtype = jnp.dtype(self.cfg.dtype)
+    x_BxTxD = x_BxTxD.astype(dtype)
+    threaded, outs = state is not None, []
+    for layer, weights in enumerate(self.layers):
+      p = {n: v[...].astype(dtype) for n, v in weights.items()}
+      carry = (jnp.int32(layer), state) if threaded else None
+      x_BxTxD, out = _block(self.cfg, self.rope, p, x_BxTxD, positions_BxT, attend_fn, carry)
+      if threaded:
+        state = out
+      else:
+        outs.append(out)
+    return x_BxTxD, state if threaded else jax.tree.map(lambda *o: jnp.stack(o), *outs)
 
 
 def _qk_norm(cfg: ModelConfig, y_BxTxHxE: jax.Array, scale: jax.Array) -> jax.Array:

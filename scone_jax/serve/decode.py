@@ -114,7 +114,8 @@ class Decoder:
       replicated to all of its devices.
 
   Attributes: `lookup` (the chosen `Lookup`: `.name`, `.stats()`), `store`, `batch_size`,
-  `cache_len`, `state` (the backbone's parameters on the accelerator).
+  `cache_len`, `state` (the backbone's parameters on the accelerator, its blocks in the
+  serving layout of `Backbone.for_serving`).
   """
 
   def __init__(self, lm: SconeLM, store: EmbeddingStore | None = None, table: Any = None,
@@ -154,7 +155,9 @@ class Decoder:
                        "loop='host' (config.serve.decode_loop)")
     self.batch_size, self.bos_id = batch_size, bos_id
     self.loop, self.chunk_steps = loop, chunk_steps
-    self.graphdef, self.state = nnx.split(lm.backbone)
+    # The serving layout (fused q/k/v, per-layer weights) is prepared once here, so no
+    # step slices or transposes weights (Backbone.for_serving).
+    self.graphdef, self.state = nnx.split(lm.backbone.for_serving())
     self.mesh = mesh
     if mesh is not None:
       self.state = jax.device_put(self.state, model_shardings(self.state, mesh))
