@@ -56,8 +56,13 @@ _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print commands and accounting; r
 _AF_TOKENS = flags.DEFINE_float(
     'af_tokens_per_token', None, 'Dry run: measured A_f tokens per main-model token for '
     'the *_measured accounting columns (default: worst case only).', flag_values=FLAGS)
-_PARALLEL = flags.DEFINE_integer('parallel', 1, 'Local backend: points run at once.',
-                                 flag_values=FLAGS)
+_PARALLEL = flags.DEFINE_integer('parallel', 1, 'Local backend: processes run at once (a '
+                                 'point on N processes takes N).', flag_values=FLAGS)
+_PROCESSES = flags.DEFINE_integer(
+    'processes', None, "JAX processes per point (default: the sweep file's PROCESSES, else "
+    '1). Local: N processes per stage on this machine (gloo on CPU; CUDA_VISIBLE_DEVICES '
+    'split between them); SLURM: N tasks (srun, --ntasks-per-node=N/nodes); TPU/xpk: '
+    "refused (one process per host of the slice).", flag_values=FLAGS)
 _ONLY = flags.DEFINE_string('only', '', 'Run only points whose run name matches this regex.',
                             flag_values=FLAGS)
 _REPORT = flags.DEFINE_bool('report', False,
@@ -137,7 +142,15 @@ def main(argv):
       return _main_study(study_lib.load_study(_SWEEP.value), extra)
     sweep = spec.load_sweep(_SWEEP.value, _ROOT.value, extra, _ONLY.value,
                             {f.name[len('downstream_'):]: f.value
-                             for f in _DOWNSTREAM_FLAGS if f.present})
+                             for f in _DOWNSTREAM_FLAGS if f.present}, _PROCESSES.value)
+    processes = max((p.processes for p in sweep.points), default=1)
+    if processes > 1 and _BACKEND.value in ('tpu', 'xpk'):
+      raise spec.SweepError(
+          f'--backend={_BACKEND.value} runs one process per host of the slice it gets '
+          '(distributed.mode=auto), so a point cannot ask for its own process count '
+          f'({processes} from PROCESSES/--processes): size the slice instead '
+          '(--tpu_name/--tpu_queued or --xpk.device_type/--xpk.count) and pass '
+          '--processes=1')
   except spec.SweepError as e:  # Every point is checked before any launches.
     raise spec.SweepError(f'{e}; nothing was launched') from e
   print(f'sweep {sweep.name}: {len(sweep.points)} point(s) under {sweep.dir}')
@@ -206,6 +219,10 @@ def _main_study(study: study_lib.Study, extra: dict) -> None:
     raise cli.CommandLineError(
         'a study runs on the local or slurm backend and always runs all its points (lr '
         'selection needs every tuning run); drop --backend/--only (or use --backend=slurm)')
+  if _PROCESSES.value not in (None, 1):
+    raise cli.CommandLineError(
+        'a study runs each point on one process; drop --processes (a sweep file runs '
+        'points on several)')
   if any(f.present for f in _DOWNSTREAM_FLAGS):
     raise cli.CommandLineError(
         'a study does not run downstream tasks; score its runs afterwards with '
