@@ -5,6 +5,7 @@ budget of processes, SLURM's task counts, the backends that refuse it; and (slow
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -161,3 +162,78 @@ def test_tpu_and_xpk_refuse_a_process_count(tmp_path, backend):
       sweeps_cli.main([])
   finally:
     sweeps_cli.FLAGS.unparse_flags()
+
+
+def _pids_of(*needles):
+  """PIDs of the Python processes whose command line holds every needle (not the bash
+  that started one, should it not have exec'd it)."""
+  out = []
+  for pid in filter(str.isdigit, os.listdir('/proc')):
+    try:
+      with open(f'/proc/{pid}/cmdline', 'rb') as f:
+        cmdline = f.read().replace(b'\0', b' ').decode(errors='replace')
+    except OSError:
+      continue
+    if all(n in cmdline for n in needles) and not cmdline.startswith('/bin/bash'):
+      out.append(int(pid))
+  return out
+
+
+def _committed_steps(workdir):
+  try:
+    return [int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit()]
+  except FileNotFoundError:
+    return []
+
+
+@pytest.mark.slow
+def test_two_process_points_resume_after_kill_skip_and_report(tmp_path):
+  """python -m scone_jax.sweeps with PROCESSES = 2 on CPU gloo (1 device per process): a
+  kill -9 of one worker of point 0 mid-train fails that point (the other worker is
+  killed, the dead one's log named) while point 1 completes; the rerun resumes point 0
+  from its checkpoint on 2 processes again and writes the report; a third run skips
+  both."""
+  import train_helpers as th
+  corpus = str(tmp_path / 'corpus')
+  th.write_corpus(corpus)
+  # Enough steps that the kill lands between the first checkpoint and the end.
+  config = th.micro_config_file(str(tmp_path / 'micro.py'), corpus, '',
+                                **{'train.steps': 60, 'checkpoint.every_steps': 2})
+  sweep_file = tmp_path / 'mp2.py'
+  sweep_file.write_text(f'BASE_CONFIG = {config!r}\nPROCESSES = 2\n\n'
+                        "def get_sweep():\n  return [{'train.seed': 0}, {'train.seed': 1}]\n")
+  root = str(tmp_path / 'runs')
+  argv = [sys.executable, '-m', 'scone_jax.sweeps', f'--sweep={sweep_file}', f'--root={root}',
+          '--parallel=2']
+  env = th.subprocess_env(1)
+  sweep = spec.load_sweep(str(sweep_file), root)
+  first, second = sweep.points
+  proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  deadline = time.time() + 600
+  while not _committed_steps(first.workdir) and time.time() < deadline:
+    assert proc.poll() is None, proc.stdout.read()
+    time.sleep(0.1)
+  victims = _pids_of('scone_jax.train', first.workdir, 'process_id=1')
+  assert len(victims) == 1 and not os.path.exists(os.path.join(first.workdir, 'eval.json'))
+  os.kill(victims[0], signal.SIGKILL)
+  out, _ = proc.communicate(timeout=900)
+  assert proc.returncode == 1, out
+  assert re.search(r'train process 1 of 2 .*exited with (-9|137)', out), out
+  assert os.path.join(first.workdir, 'log.process1.txt') in out
+  assert not _pids_of('scone_jax.train', first.workdir)  # Process 0 was killed too.
+  assert spec.is_finished(second) and not spec.is_finished(first)
+  resumed = subprocess.run(argv + ['--report'], env=env, capture_output=True, text=True,
+                           timeout=900)
+  assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+  assert '2/2 point(s) ok' in resumed.stdout and spec.is_finished(first)
+  log = open(os.path.join(first.workdir, 'log.txt')).read()
+  assert 'completed at step 60 (resumed from' in log and 'resumed from None' not in log
+  # Both processes trained the resumed run: process 1 logged its own rerun.
+  assert open(os.path.join(first.workdir, 'log.process1.txt')).read().count('$ ') == 2
+  with open(os.path.join(sweep.dir, 'results.csv')) as f:
+    csv = f.read()
+  assert first.name in csv and second.name in csv
+  again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0 and again.stdout.count('skipped') >= 2, again.stdout
+  assert '[2/2 finished, 0 running, 0 failed' in again.stdout

@@ -9,7 +9,9 @@
 Every point is validated against the config schema before anything launches. Finished
 points (complete W/eval.json, and W/downstream.json when the sweep scores downstream tasks:
 its DOWNSTREAM dict or --downstream_tasks/--downstream_task_dir, sweeps/downstream_stage.py)
-are skipped; interrupted ones resume from W/checkpoints.
+are skipped; interrupted ones resume from W/checkpoints. `--processes=N` (or the sweep
+file's PROCESSES) runs each point on N JAX processes (docs/LAUNCH.md, "Points on several
+processes").
 `--dry_run` prints every command (for TPU: the bootstrap copy, then one ssh per point) and
 a table of each point's accelerator-resident and offloaded params and training/inference
 FLOPs per token; A_f's training FLOPs at the worst case (K A_f tokens per main-model token)
