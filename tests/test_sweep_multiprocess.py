@@ -72,12 +72,13 @@ def test_group_runner_kills_the_rest_when_one_dies(tmp_path):
               backends.Launch('echo "$ROLE: Traceback boom"; exit 3', {'ROLE': 'one'},
                               logs[1])]
   start = time.time()
-  assert backends.shell_group_runner(launches, poll_s=0.05) == (3, 1)
-  assert time.time() - start < 20  # Not the survivor's 60 s.
+  with backends._forward_sigterm():  # As in run_local: not stopping (an earlier test's).
+    assert backends.shell_group_runner(launches, poll_s=0.05) == (3, 1)
+    assert time.time() - start < 20  # Not the survivor's 60 s.
+    ok = [backends.Launch('exit 0', {}, logs[0]), backends.Launch('exit 0', {}, logs[1])]
+    assert backends.shell_group_runner(ok, poll_s=0.05) == (0, -1)
   assert 'zero up' in open(logs[0]).read()
   assert 'one: Traceback boom' in open(logs[1]).read()
-  ok = [backends.Launch('exit 0', {}, logs[0]), backends.Launch('exit 0', {}, logs[1])]
-  assert backends.shell_group_runner(ok, poll_s=0.05) == (0, -1)
 
 
 class _FakeGroup:

@@ -170,7 +170,7 @@ def main(argv):
     elif queued is not None:
       commands = tpu_lib.dry_run_commands(queued, sweep)
     elif tpu is not None:
-      commands = backends.tpu_dry_run_commands(sweep, tpu)
+      commands = tpu_lib.tpu_dry_run_commands(sweep, tpu)
     elif gke is not None:
       commands = xpk_lib.dry_run_commands(gke, sweep)
     backends.dry_run(sweep, _PYTHON.value, af_tokens_per_token=_AF_TOKENS.value,
@@ -189,7 +189,7 @@ def main(argv):
   elif tpu is None:
     outcomes = backends.run_local(sweep, _PYTHON.value, _PARALLEL.value)
   else:
-    outcomes = backends.run_tpu(sweep, tpu, retries=_RETRIES.value,
+    outcomes = tpu_lib.run_tpu(sweep, tpu, retries=_RETRIES.value,
                                 log_dir=os.path.join('runs', 'tpu_logs'))
   if _BACKEND.value != 'slurm':  # slurm records its own (with job ids) as it goes.
     status.record_outcomes(sweep.dir, _BACKEND.value, outcomes)
@@ -285,11 +285,11 @@ def _xpk_target() -> xpk_lib.XpkTarget:
                            max_restarts=_RETRIES.value)
 
 
-def _tpu_target() -> list[backends.TpuTarget]:
+def _tpu_target() -> list[tpu_lib.TpuTarget]:
   """The TPU VMs of --tpu_name (comma-separated: points run in parallel over them)."""
   missing = [f'--{n}' for n, v in (('tpu_name', _TPU_NAME.value), ('zone', _ZONE.value),
                                    ('repo', _REPO.value)) if not v]
   if missing:
     raise cli.CommandLineError(f'--backend=tpu needs {", ".join(missing)}')
-  return [backends.TpuTarget(name, _ZONE.value, _PROJECT.value, _REPO.value, _REF.value)
+  return [tpu_lib.TpuTarget(name, _ZONE.value, _PROJECT.value, _REPO.value, _REF.value)
           for name in _TPU_NAME.value.split(',') if name]

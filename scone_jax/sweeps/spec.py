@@ -402,7 +402,8 @@ def write_point_json(sweep: Sweep, point: Point) -> None:
   artifacts.write_json_atomic(paths.join(point.workdir, 'point.json'), {
       'sweep': sweep.name, 'sweep_file': sweep.path, 'base_config': sweep.base_config,
       'name': point.name, 'overrides': point.overrides,
-      'launch_overrides': point.launch_overrides, 'config': json.loads(point.cfg.to_json())})
+      'launch_overrides': point.launch_overrides, 'processes': point.processes,
+      'config': json.loads(point.cfg.to_json())})
 
 
 def accounting_rows(sweep: Sweep,
