@@ -421,7 +421,9 @@ def _run_local(sweep: spec.Sweep, python: str, parallel: int, runner: Runner,
         progress.event(p.name, 'failed', detail)
         return Outcome(p.name, 'failed', time.time() - start, detail)
       if rc:
-        detail = f'  {who} exited with {rc}; log {who_log}:\n{_tail(who_log)}'
+        how = (f'was killed by {signal.Signals(-rc).name}' if rc < 0 and -rc in
+               signal.valid_signals() else f'exited with {rc}')
+        detail = f'  {who} {how}; log {who_log}:\n{_tail(who_log)}'
         progress.event(p.name, 'failed', detail)
         return Outcome(p.name, 'failed', time.time() - start, detail)
     if not spec.is_finished(p):
