@@ -190,7 +190,7 @@ def main(argv):
     outcomes = backends.run_local(sweep, _PYTHON.value, _PARALLEL.value)
   else:
     outcomes = tpu_lib.run_tpu(sweep, tpu, retries=_RETRIES.value,
-                                log_dir=os.path.join('runs', 'tpu_logs'))
+                               log_dir=os.path.join('runs', 'tpu_logs'))
   if _BACKEND.value != 'slurm':  # slurm records its own (with job ids) as it goes.
     status.record_outcomes(sweep.dir, _BACKEND.value, outcomes)
   _finish(sweep.name, sweep.dir, outcomes)
