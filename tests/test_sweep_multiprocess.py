@@ -3,6 +3,7 @@ backend, the group runner (one dies: the rest are killed, its log named), --para
 budget of processes, SLURM's task counts, the backends that refuse it; and (slow) a real
 2-point sweep on 2 gloo processes per point, killed mid-point, resumed, skipped, reported."""
 
+import io
 import json
 import os
 import re
@@ -54,6 +55,15 @@ def test_launch_plan_of_a_two_process_point(tmp_path):
         'config.distributed.coordinator_address': '127.0.0.1:4321',
         'config.distributed.num_processes': '2', 'config.distributed.process_id': str(i)}
   assert [x.env for x in backends.stage_launches(point, 'c', 1, environ={})] == [{}, {}]
+  # --dry_run prints each stage as its 2 processes in the background, then `wait`.
+  printed = io.StringIO()
+  backends.dry_run(sweep, 'PY', out=printed)
+  lines = printed.getvalue().splitlines()
+  at = lines.index(f'# {point.name}: train on 2 processes')
+  assert [_flags(line)['config.distributed.process_id'] for line in lines[at + 1:at + 3]] == [
+      '0', '1']
+  assert lines[at + 1].endswith(f">> {os.path.join(point.workdir, 'log.txt')} 2>&1 &")
+  assert lines[at + 3] == 'wait'
   with pytest.raises(spec.SweepError, match='3 GPUs.*2 processes'):
     backends.stage_launches(point, 'c', 1, environ={'CUDA_VISIBLE_DEVICES': '0,1,2'})
   # Where it runs is not what it computes: the same name on any process count.
@@ -152,14 +162,17 @@ def test_slurm_runs_the_processes_as_srun_tasks(tmp_path):
     slurm.tasks_per_node(point, 3)
 
 
-@pytest.mark.parametrize('backend', ['tpu', 'xpk'])
-def test_tpu_and_xpk_refuse_a_process_count(tmp_path, backend):
+@pytest.mark.parametrize('backend,error', [
+    ('tpu', 'one process per host'), ('xpk', 'one process per host'),
+    ('local', '3 GPUs, which do not split equally between 2 processes')])
+def test_cli_refuses_before_launching(tmp_path, monkeypatch, backend, error):
   path = str(tmp_path / 'mp.py')
   _sweep(tmp_path)
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '0,1,2')
   try:
     sweeps_cli.FLAGS(['sweeps', f'--sweep={path}', f'--backend={backend}', '--processes=2',
                       f'--root={tmp_path}', '--dry_run'])
-    with pytest.raises(spec.SweepError, match='one process per host.*nothing was launched'):
+    with pytest.raises(spec.SweepError, match=f'{error}.*nothing was launched'):
       sweeps_cli.main([])
   finally:
     sweeps_cli.FLAGS.unparse_flags()

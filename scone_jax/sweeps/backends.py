@@ -26,6 +26,7 @@ import concurrent.futures
 import dataclasses
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -479,7 +480,9 @@ def dry_run(sweep: spec.Sweep, python: str, out=None,
 
   `commands` are a remote backend's (comment, command) pairs (tpu_dry_run_commands,
   slurm.dry_run_commands, ...); default: the local backend's prepare, train, evaluate
-  and downstream stages.
+  and downstream stages (a stage of an N-process point as its N processes, started in
+  the background and waited for together, on a port free when printed: a run picks a
+  fresh one per start).
   """
   out = out or sys.stdout
   if commands is None:
@@ -487,8 +490,15 @@ def dry_run(sweep: spec.Sweep, python: str, out=None,
                  spec.prepare_command(sweep, group[0], python))
                 for adir, group in prepare_groups(sweep).items()]
     for p in sweep.points:
-      commands += [(f'{p.name}: {stage}', cmd)
-                   for stage, cmd in _stage_commands(sweep, p, python)]
+      for stage, cmd in _stage_commands(sweep, p, python):
+        if p.processes == 1:
+          commands.append((f'{p.name}: {stage}', cmd))
+          continue
+        parts = [' '.join([*(f'{k}={shlex.quote(v)}' for k, v in x.env.items()), x.cmd,
+                           f'>> {shlex.quote(x.log)} 2>&1 &'])
+                 for x in stage_launches(p, cmd, free_port())]
+        commands.append((f'{p.name}: {stage} on {p.processes} processes',
+                         '\n'.join(parts + ['wait'])))
   for comment, cmd in commands:
     print(f'# {comment}', file=out)
     print(cmd, file=out)

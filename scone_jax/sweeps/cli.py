@@ -153,6 +153,8 @@ def main(argv):
           f'({processes} from PROCESSES/--processes): size the slice instead '
           '(--tpu_name/--tpu_queued or --xpk.device_type/--xpk.count) and pass '
           '--processes=1')
+    if _BACKEND.value == 'local':  # The GPUs split between the processes, or the error.
+      spec.process_env(0, processes, dict(os.environ))
   except spec.SweepError as e:  # Every point is checked before any launches.
     raise spec.SweepError(f'{e}; nothing was launched') from e
   print(f'sweep {sweep.name}: {len(sweep.points)} point(s) under {sweep.dir}')

@@ -7,8 +7,7 @@ optionally `DOWNSTREAM`, the tasks every point scores after evaluate
 (downstream_stage.py), and `PROCESSES`, the processes each point's run needs (default 1;
 the sweep CLI's --processes overrides it; `process_command`). This module turns that into
 `Point`s: a validated `Config`, a stable run name and workdir, and shell-quoted command
-lines. It never runs anything (see
-backends.py).
+lines. It never runs anything (see backends.py).
 """
 
 from __future__ import annotations
