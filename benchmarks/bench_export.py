@@ -139,6 +139,9 @@ def main() -> None:
   if args.worker:
     _worker(args)
     return
+  if args.devices % args.processes:  # Each process gets devices / processes of them.
+    raise SystemExit(f'--devices={args.devices} does not split equally over '
+                     f'--processes={args.processes}')
   print(f'export of S = {args.rows:,} rows, batch {args.batch_size}, shards of '
         f'{args.chunk_rows}, {args.devices} CPU devices in all; '
         'load average %.1f %.1f %.1f (this machine is shared)' % os.getloadavg())

@@ -13,7 +13,8 @@ ids, the local answer, the all-to-all of the rows, the assembly). `--verify` che
 step's rows bitwise against the single-host `EmbeddingStore.gather`. P = 1 runs the same
 two collectives on one device: the software floor (two jitted dispatches and transfers).
 
-The model: t = t_gather(B/P) + RTT + B (P-1)/P * row_bytes / BW, each term measured here:
+The model: t = t_gather(B/P) + RTT + B (P-1)/P * row_bytes / BW (at P = 1 no other process
+is asked: t_gather(B) alone), each term measured here:
 t_gather is `EmbeddingStore.gather` of B/P rows (RAM tier), RTT and BW a raw TCP
 ping-pong and bulk send between two processes on loopback (no jax, no gloo): the fastest
 honest exchange on this machine. The machine may be shared: the load average is printed.
@@ -248,7 +249,8 @@ def main():
     for p in [int(x) for x in args.processes.split(',')]:
       results = run_processes(store, p, args.batch, args.steps, args.warmup, args.verify)
       t_gather = local_gather_seconds(store, -(-args.batch // p))
-      model = t_gather + rtt + args.batch * (p - 1) / p * row_bytes / bw
+      # One process exchanges with no one: no round trip, no bytes.
+      model = t_gather + (rtt + args.batch * (p - 1) / p * row_bytes / bw if p > 1 else 0.0)
       slow = max(results, key=lambda r: r['median_ms'])
       parts = slow['parts_ms']
       bad = sum(r['mismatched_steps'] for r in results)

@@ -11,6 +11,7 @@ import pytest
 
 from scone_jax.sweeps import backends as sweep_backends
 from scone_jax.sweeps import spec as sweep_spec
+from scone_jax.sweeps import tpu as sweep_tpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -246,20 +247,20 @@ def test_real_subprocess_crash_is_reported(tmp_path):
 def test_tpu_commands(tmp_path):
   sweep = sweep_spec.load_sweep(write_sweep(tmp_path, [{'train.seed': 0}, {'name': NASTY}]),
                                 'gs://bucket/runs')
-  target = sweep_backends.TpuTarget('my-pod', 'us-east5-a', 'proj', 'https://g/x.git', 'v1')
+  target = sweep_tpu.TpuTarget('my-pod', 'us-east5-a', 'proj', 'https://g/x.git', 'v1')
   calls, rcs = [], iter([0, 1, 1, 0, 0])  # setup ok; point 0 preempted twice; point 1 ok.
 
   def runner(cmd, log):
     calls.append(cmd)
     return next(rcs)
 
-  outcomes = sweep_backends.run_tpu(sweep, target, runner=runner, retries=3,
+  outcomes = sweep_tpu.run_tpu(sweep, target, runner=runner, retries=3,
                                     log_dir=str(tmp_path / 'logs'), retry_wait_s=0)
   assert [o.status for o in outcomes] == ['done', 'done']
   assert len(calls) == 5
   scp = shlex.split(calls[0])
   assert scp[:5] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp']
-  assert scp[5] == sweep_backends.BOOTSTRAP_SCRIPT and scp[6] == 'my-pod:tpu_bootstrap.sh'
+  assert scp[5] == sweep_tpu.BOOTSTRAP_SCRIPT and scp[6] == 'my-pod:tpu_bootstrap.sh'
   assert {'--zone=us-east5-a', '--project=proj', '--worker=all'} <= set(scp)
   ssh = shlex.split(calls[1])
   assert ssh[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'my-pod']
@@ -277,9 +278,9 @@ def test_tpu_commands(tmp_path):
 
 def test_tpu_gives_up_after_retries(tmp_path):
   sweep = sweep_spec.load_sweep(write_sweep(tmp_path, [{}]), 'gs://b/r')
-  target = sweep_backends.TpuTarget('p', 'z', repo='gs://b/code')
+  target = sweep_tpu.TpuTarget('p', 'z', repo='gs://b/code')
   calls = []
-  outcomes = sweep_backends.run_tpu(
+  outcomes = sweep_tpu.run_tpu(
       sweep, target, runner=lambda c, l: calls.append(c) or (0 if len(calls) == 1 else 9),
       retries=2, log_dir=str(tmp_path), retry_wait_s=0)
   assert outcomes[0].status == 'failed' and len(calls) == 1 + 3
@@ -405,7 +406,7 @@ def test_tpu_dry_run_cli(tmp_path):
   # (3 backbones x (baseline + 4 A_f sizes)).
   assert len(commands) == 1 + 15
   scp = shlex.split(commands[0])
-  assert scp[4] == 'scp' and scp[5] == sweep_backends.BOOTSTRAP_SCRIPT
+  assert scp[4] == 'scp' and scp[5] == sweep_tpu.BOOTSTRAP_SCRIPT
   assert os.path.isfile(scp[5]) and scp[6] == 'pod:tpu_bootstrap.sh'
   assert all(c.startswith('gcloud compute tpus tpu-vm ssh pod') for c in commands[1:])
   assert out.count('--config.distributed.mode=auto') == 15
@@ -440,7 +441,7 @@ def _fake_python(tmp_path, version):
 
 
 def test_bootstrap_checks_python_version(tmp_path):
-  script = sweep_backends.BOOTSTRAP_SCRIPT
+  script = sweep_tpu.BOOTSTRAP_SCRIPT
   env = {**os.environ, 'HOME': str(tmp_path), 'PYTHON': _fake_python(tmp_path, '3.8.10')}
   out = subprocess.run(['bash', script, 'gs://b/code', 'main', 'scone_jax'], env=env,
                        capture_output=True, text=True)

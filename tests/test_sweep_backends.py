@@ -62,7 +62,7 @@ def test_status_file_round_trip(tmp_path):
 
 def test_tpu_points_run_in_parallel_over_targets(tmp_path):
   sweep = load(tmp_path, [{'train.seed': s} for s in range(4)], 'gs://b/r')
-  targets = [backends.TpuTarget(n, 'z', repo='gs://b/code') for n in ('pod-a', 'pod-b')]
+  targets = [tpu.TpuTarget(n, 'z', repo='gs://b/code') for n in ('pod-a', 'pod-b')]
   both_running = threading.Barrier(2, timeout=30)
   calls, lock = [], threading.Lock()
 
@@ -75,11 +75,11 @@ def test_tpu_points_run_in_parallel_over_targets(tmp_path):
       both_running.wait()  # The first two points run at the same time, one per pod.
     return 1 if argv[4] == 'ssh' and nth_ssh == 3 else 0  # One preemption: retried.
 
-  outcomes = backends.run_tpu(sweep, targets, runner=runner, retries=2,
+  outcomes = tpu.run_tpu(sweep, targets, runner=runner, retries=2,
                               log_dir=str(tmp_path), out=open(os.devnull, 'w'),
                               retry_wait_s=0)
   assert [o.status for o in outcomes] == ['done'] * 4
-  assert sorted(pod for verb, pod in calls if verb == 'scp') == [backends.BOOTSTRAP_SCRIPT] * 2
+  assert sorted(pod for verb, pod in calls if verb == 'scp') == [tpu.BOOTSTRAP_SCRIPT] * 2
   ssh = [pod for verb, pod in calls if verb == 'ssh']
   assert len(ssh) == 5 and set(ssh[:2]) == {'pod-a', 'pod-b'}
 

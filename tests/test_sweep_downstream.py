@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from scone_jax.sweeps import backends, downstream_stage, slurm, spec, xpk
+from scone_jax.sweeps import backends, downstream_stage, slurm, spec, tpu, xpk
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, 'experiments', 'tiny.py')
@@ -128,8 +128,8 @@ def test_remote_backends_run_the_same_downstream_stages(tmp_path):
   assert shlex.split(down)[1:] == [
       '-m', 'scone_jax.downstream', f'--workdir={scone.workdir}', '--tasks=piqa,arc_easy',
       f'--task_dir={tmp_path}/tasks', '--path=store', '--preset=olmo']
-  tpu = backends.tpu_command(sweep, scone, backends.TpuTarget('pod', 'z', repo='gs://c'))
-  remote = next(a for a in shlex.split(tpu) if a.startswith('--command='))
+  on_tpu = tpu.tpu_command(sweep, scone, tpu.TpuTarget('pod', 'z', repo='gs://c'))
+  remote = next(a for a in shlex.split(on_tpu) if a.startswith('--command='))
   down_tpu = downstream_stage.command('.venv/bin/python', scone.workdir, scone.downstream,
                                       'store')
   assert remote.endswith(f' || {down_tpu}; }}') and 'scone_jax.export' in remote

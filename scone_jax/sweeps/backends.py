@@ -1,7 +1,7 @@
-"""Running a sweep's points: the local backend (subprocesses) and TPU pods (gcloud ssh).
+"""Running a sweep's points: the local backend (subprocesses); TPU VMs are tpu.py's.
 
-Both take a `runner(cmd, log_path) -> exit code` so tests inject a fake one and no cloud
-call is ever made from a test. A crashing point is reported and the others continue; the
+Backends take a `runner(cmd, log_path) -> exit code` so tests inject a fake one and no
+cloud call is ever made from a test. A crashing point is reported and the others continue; the
 caller turns the returned failures into a non-zero exit code.
 
 Preemption. A point whose train exits with PREEMPTED (75, EX_TEMPFAIL: the trainer saved
@@ -10,6 +10,14 @@ local runner itself is forwarded to every running child's process group; the run
 (at most `STOP_WAIT_S`) for them to save and exit, starts nothing more, reports the
 interrupted points as failed ("rerun to resume") and returns: no child outlives it
 holding a run's lock, so an immediate rerun resumes every point.
+
+Points on several processes (spec.Point.processes = N > 1). Every stage but prepare starts
+N processes at once (`stage_launches`: --config.distributed.* with a fresh coordinator
+port per start, process i logging to spec.process_log(W, i)) and waits for all of them
+(`shell_group_runner`): when one dies the others are killed (they would wait for it in a
+collective) and the point fails naming the dead process's log. A rerun starts all N
+again, and the trainer resumes from the point's checkpoint. --parallel counts processes:
+an N-process point takes N slots (all of them if N > --parallel: it then runs alone).
 """
 
 from __future__ import annotations
@@ -17,10 +25,10 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
-import queue
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -52,13 +60,16 @@ class _Children:
     self.procs: set[subprocess.Popen] = set()
     self.stopping = threading.Event()
 
-  def start(self, cmd: str, log) -> subprocess.Popen | None:
-    """Starts `cmd` in its own session (process group); None once stopping."""
+  def start(self, cmd: str, log, env: dict[str, str] | None = None
+            ) -> subprocess.Popen | None:
+    """Starts `cmd` in its own session (process group), with `env` added to this
+    process's environment; None once stopping."""
     with self.lock:
       if self.stopping.is_set():
         return None
       proc = subprocess.Popen(cmd, shell=True, executable='/bin/bash', stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
+                              stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, **env} if env else None)
       self.procs.add(proc)
       return proc
 
@@ -67,11 +78,7 @@ class _Children:
     exited: bash may die of the forwarded SIGTERM before the trainer it started saved."""
     rc = proc.wait()
     if self.stopping.is_set():
-      deadline = time.time() + STOP_WAIT_S
-      while _group_alive(proc.pid) and time.time() < deadline:
-        time.sleep(0.1)
-      if _group_alive(proc.pid):
-        _signal_group(proc.pid, signal.SIGKILL)
+      _reap_group(proc.pid, time.time() + STOP_WAIT_S)
     with self.lock:
       self.procs.discard(proc)
     return rc
@@ -102,6 +109,14 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def _reap_group(pgid: int, deadline: float) -> None:
+  """Waits until the group has exited, killing it at `deadline`."""
+  while _group_alive(pgid) and time.time() < deadline:
+    time.sleep(0.1)
+  if _group_alive(pgid):
+    _signal_group(pgid, signal.SIGKILL)
+
+
 _CHILDREN = _Children()
 
 
@@ -114,21 +129,104 @@ def _local_log(log_path: str) -> str:
                       re.sub(r'[^A-Za-z0-9_.-]', '_', log_path))
 
 
+def _open_log(log_path: str, cmd: str):
+  """The local file `cmd`'s output is appended to (its line written first)."""
+  local = _local_log(log_path)
+  os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+  log = open(local, 'a')  # pylint: disable=consider-using-with
+  log.write(f'\n$ {cmd}\n')
+  log.flush()
+  return log
+
+
+def _close_log(log, log_path: str) -> None:
+  """Closes it; a gs:// log_path gets the local mirror uploaded whole."""
+  log.close()
+  if log.name != log_path:
+    with open(log.name, 'rb') as f:
+      paths.write_bytes(log_path, f.read())
+
+
 def shell_runner(cmd: str, log_path: str) -> int:
   """Runs `cmd` through bash in its own process group, appending stdout+stderr to
   log_path (local or gs://). Once the runner is stopping (SIGTERM) it starts nothing and
   returns PREEMPTED."""
-  local = _local_log(log_path)
-  os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
-  with open(local, 'a') as log:
-    log.write(f'\n$ {cmd}\n')
-    log.flush()
+  log = _open_log(log_path, cmd)
+  try:
     proc = _CHILDREN.start(cmd, log)
-    rc = PREEMPTED if proc is None else _CHILDREN.wait(proc)
-  if local != log_path:
-    with open(local, 'rb') as f:
-      paths.write_bytes(log_path, f.read())
-  return rc
+    return PREEMPTED if proc is None else _CHILDREN.wait(proc)
+  finally:
+    _close_log(log, log_path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+  """One process of a stage: its command, what it adds to the environment, its log."""
+  cmd: str
+  env: dict[str, str]
+  log: str
+
+
+# A stage's processes -> (exit status, index of the process that decided it; -1 if all
+# exited 0). shell_group_runner; tests inject fakes.
+GroupRunner = Callable[[Sequence[Launch]], tuple[int, int]]
+
+
+def shell_group_runner(launches: Sequence[Launch], poll_s: float = 0.2) -> tuple[int, int]:
+  """Starts every process of a stage at once (each as shell_runner starts one) and waits
+  for all. The first to exit non-zero decides the stage's status. The others are then
+  killed (SIGKILL): a survivor would wait for the dead process in its next collective,
+  and a checkpoint is only ever read once committed, so nothing half-written survives.
+  Except when it exited PREEMPTED or the runner is stopping: then every process is
+  saving the same checkpoint (it needs all of them), so they get STOP_WAIT_S to exit.
+  """
+  logs = [_open_log(x.log, x.cmd) for x in launches]
+  procs: list[subprocess.Popen | None] = []
+  try:
+    for x, log in zip(launches, logs):
+      procs.append(_CHILDREN.start(x.cmd, log, x.env))  # None: stopping already.
+    rc, first = 0, -1
+    while True:
+      codes = [PREEMPTED if p is None else p.poll() for p in procs]
+      failed = [i for i, c in enumerate(codes) if c]
+      if failed and first < 0:
+        first = failed[0]
+        rc = codes[first]
+        grace = rc == PREEMPTED or _CHILDREN.stopping.is_set()
+        deadline = time.time() + (STOP_WAIT_S if grace else 0.0)
+        for p in procs:
+          if p is not None:
+            threading.Thread(target=_reap_group, args=(p.pid, deadline), daemon=True).start()
+      if all(c is not None for c in codes):
+        break
+      time.sleep(poll_s)
+    for p in procs:
+      if p is not None:
+        _CHILDREN.wait(p)
+    return rc, first
+  finally:
+    for x, log in zip(launches, logs):
+      _close_log(log, x.log)
+
+
+def free_port() -> int:
+  """A TCP port free on 127.0.0.1 now (a point's coordinator: one per start)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def stage_launches(point: spec.Point, cmd: str, port: int,
+                   environ: dict[str, str] | None = None) -> list[Launch]:
+  """The processes a stage of an N-process point starts on this machine: process i runs
+  `cmd` as process i of N (spec.process_command) meeting at 127.0.0.1:`port`, with its
+  share of the GPUs (spec.process_env of `environ`, default os.environ), logging to
+  spec.process_log(W, i)."""
+  environ = dict(os.environ if environ is None else environ)
+  n = point.processes
+  return [Launch(spec.process_command(cmd, i, n, f'127.0.0.1:{port}'),
+                 spec.process_env(i, n, environ), spec.process_log(point.workdir, i))
+          for i in range(n)]
 
 
 def _tail(path: str, lines: int = 8) -> str:
@@ -195,12 +293,22 @@ class Progress:
             + (f'\n{detail}' if detail else ''), file=self.out, flush=True)
 
 
-def _stage_commands(sweep: spec.Sweep, point: spec.Point,
-                    python: str) -> list[tuple[str, str]]:
-  """(stage, command): train, evaluate, then the downstream stages (spec.after_evaluate)."""
-  return [('train', spec.command(sweep, point, python, 'train')),
-          ('evaluate', spec.command(sweep, point, python, 'evaluate'))] + [
-              (stage, cmd) for stage, cmd, _ in spec.after_evaluate(point, python)]
+def _stage_commands(sweep: spec.Sweep, point: spec.Point, python: str,
+                    processes: int | None = None) -> list[tuple[str, str]]:
+  """(stage, command): train, evaluate, then the downstream stages (spec.after_evaluate),
+  each as one process runs it.
+
+  On several processes (`processes`, default point.processes) the evaluate stage is the
+  train command: evaluate's CLI takes no --config.distributed.* and would start the
+  runtime W/config.json recorded (the training's processes and coordinator), while train
+  resumed at its final step evaluates and writes eval.json on the point's processes.
+  """
+  processes = point.processes if processes is None else processes
+  train = spec.command(sweep, point, python, 'train')
+  return [('train', train),
+          ('evaluate', train if processes > 1 else
+           spec.command(sweep, point, python, 'evaluate'))] + [
+               (stage, cmd) for stage, cmd, _ in spec.after_evaluate(point, python)]
 
 
 def _stage_done(point: spec.Point, stage: str) -> bool:
@@ -222,21 +330,44 @@ def prepare_groups(sweep: spec.Sweep) -> dict[str, list[spec.Point]]:
   return groups
 
 
+class _Slots:
+  """--parallel as a budget of processes: a point takes as many slots as it runs
+  processes (at most all of them), all at once, and gives them back when it ends."""
+
+  def __init__(self, total: int):
+    self.total, self.free = total, total
+    self.cond = threading.Condition()
+
+  def take(self, n: int) -> int:
+    n = min(n, self.total)
+    with self.cond:
+      self.cond.wait_for(lambda: self.free >= n)
+      self.free -= n
+    return n
+
+  def give(self, n: int) -> None:
+    with self.cond:
+      self.free += n
+      self.cond.notify_all()
+
+
 def run_local(sweep: spec.Sweep, python: str = sys.executable, parallel: int = 1,
-              runner: Runner = shell_runner, out=None) -> list[Outcome]:
+              runner: Runner = shell_runner, out=None,
+              group_runner: GroupRunner = shell_group_runner) -> list[Outcome]:
   """Runs every unfinished point: prepare once per artifacts dir, then train + evaluate.
 
   Finished points (complete W/eval.json) are skipped; interrupted ones rerun the same
   command and the trainer resumes from W/checkpoints; a preempted stage (exit PREEMPTED)
   is requeued up to REQUEUES times. SIGTERM to this process is forwarded to the running
-  children (module docstring). Logs go to W/log.txt.
+  children (module docstring). Logs go to W/log.txt. `parallel` counts processes;
+  `group_runner` runs the stages of points on several processes (`runner` the others).
   """
   with _forward_sigterm():
-    return _run_local(sweep, python, parallel, runner, out)
+    return _run_local(sweep, python, parallel, runner, out, group_runner)
 
 
 def _run_local(sweep: spec.Sweep, python: str, parallel: int, runner: Runner,
-               out) -> list[Outcome]:
+               out, group_runner: GroupRunner) -> list[Outcome]:
   out = out or sys.stdout
   progress = Progress(len(sweep.points), out)
   todo, outcomes = [], []
@@ -259,27 +390,41 @@ def _run_local(sweep: spec.Sweep, python: str, parallel: int, runner: Runner,
     if rc:
       broken_groups[adir] = f'prepare exited with {rc}; see {log}:\n{_tail(log)}'
 
+  def _run_stage(p: spec.Point, stage: str, cmd: str) -> tuple[int, str, str]:
+    """Runs one stage once: (exit status, who exited so, their log)."""
+    if p.processes == 1:
+      log = spec.process_log(p.workdir, 0)
+      return runner(cmd, log), stage, log
+    launches = stage_launches(p, cmd, free_port())
+    rc, first = group_runner(launches)
+    if first < 0:
+      return rc, stage, launches[0].log
+    return (rc, f'{stage} process {first} of {p.processes} (the others were stopped)',
+            launches[first].log)
+
   def _run_stages(p: spec.Point) -> Outcome:
-    log = os.path.join(p.workdir, 'log.txt')
+    log = spec.process_log(p.workdir, 0)
     start = time.time()
     for stage, cmd in _stage_commands(sweep, p, python):
       if _stage_done(p, stage):
         continue
-      rc = runner(cmd, log)
+      rc, who, who_log = _run_stage(p, stage, cmd)
       for attempt in range(REQUEUES):
         if rc != PREEMPTED or _CHILDREN.stopping.is_set():
           break
         print(f'  {p.name}: {stage} was preempted (exit {rc}); requeued '
               f'{attempt + 1}/{REQUEUES}, it resumes from its checkpoint', file=out,
               flush=True)
-        rc = runner(cmd, log)
+        rc, who, who_log = _run_stage(p, stage, cmd)
       if rc and _CHILDREN.stopping.is_set():
         detail = (f'  {stage} interrupted by SIGTERM to the sweep (exit {rc}); rerun the '
-                  f'sweep to resume it; log {log}')
+                  f'sweep to resume it; log {who_log}')
         progress.event(p.name, 'failed', detail)
         return Outcome(p.name, 'failed', time.time() - start, detail)
       if rc:
-        detail = f'  {stage} exited with {rc}; log {log}:\n{_tail(log)}'
+        how = (f'was killed by {signal.Signals(-rc).name}' if rc < 0 and -rc in
+               signal.valid_signals() else f'exited with {rc}')
+        detail = f'  {who} {how}; log {who_log}:\n{_tail(who_log)}'
         progress.event(p.name, 'failed', detail)
         return Outcome(p.name, 'failed', time.time() - start, detail)
     if not spec.is_finished(p):
@@ -295,6 +440,7 @@ def _run_local(sweep: spec.Sweep, python: str, parallel: int, runner: Runner,
       progress.event(p.name, 'failed', broken_groups[p.cfg.data.artifacts_dir])
       return Outcome(p.name, 'failed', detail=broken_groups[p.cfg.data.artifacts_dir])
     spec.write_point_json(sweep, p)
+    taken = slots.take(p.processes)
     progress.event(p.name, 'started')
     with progress.lock:
       progress.active[p.name] = p
@@ -303,7 +449,9 @@ def _run_local(sweep: spec.Sweep, python: str, parallel: int, runner: Runner,
     finally:
       with progress.lock:
         progress.active.pop(p.name)
+      slots.give(taken)
 
+  slots = _Slots(max(1, parallel))
   with progress, concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
     outcomes += list(pool.map(run_point, todo))
   return outcomes
@@ -324,124 +472,6 @@ class _forward_sigterm:  # pylint: disable=invalid-name
       signal.signal(signal.SIGTERM, self._previous)
 
 
-@dataclasses.dataclass(frozen=True)
-class TpuTarget:
-  """Where and what to run on a TPU pod.
-
-  Attributes:
-    tpu_name, zone, project: the TPU VM (gcloud flags).
-    repo: git URL or gs:// folder the workers fetch the code from.
-    ref: git ref to check out (ignored for gs://).
-    remote_dir: code checkout on each worker, relative to the ssh user's home.
-  """
-  tpu_name: str
-  zone: str
-  project: str = ''
-  repo: str = ''
-  ref: str = 'main'
-  remote_dir: str = 'scone_jax'
-
-  def gcloud(self, verb: str, *args: str) -> str:
-    flags = [f'--zone={self.zone}'] + ([f'--project={self.project}'] if self.project else [])
-    argv = ['gcloud', 'compute', 'tpus', 'tpu-vm', verb, *args, *flags, '--worker=all']
-    return ' '.join(shlex.quote(a) for a in argv)
-
-
-def tpu_command(sweep: spec.Sweep, point: spec.Point, target: TpuTarget) -> str:
-  """The gcloud command running one point on every host of the pod.
-
-  On each worker: bootstrap (idempotent: code fetch + pinned install guarded by a marker
-  file), then train with distributed.mode=auto (jax.distributed.initialize finds the pod),
-  then evaluate unless train wrote eval.json, then the downstream stages if the sweep has
-  them (spec.after_evaluate). The workdir must be shared storage (gs://) so a retried
-  point resumes from its checkpoints.
-  """
-  extra = {'distributed.mode': 'auto'}
-  python = '.venv/bin/python'
-  train = spec.command(sweep, point, python, 'train', extra)
-  evaluate = spec.command(sweep, point, python, 'evaluate', extra)
-  eval_json = shlex.quote(f'{point.workdir}/eval.json')
-  bootstrap = ' '.join(shlex.quote(a) for a in
-                       ['bash', 'tpu_bootstrap.sh', target.repo, target.ref, target.remote_dir])
-  # gs:// workdirs cannot be tested with `test -f`; evaluate is idempotent, so run it
-  # whenever eval.json is not visible locally.
-  remote = (f'{bootstrap} && cd {shlex.quote(target.remote_dir)} && {train} && '
-            f'{{ test -f {eval_json} || {evaluate}; }}'
-            + spec.after_evaluate_shell(point, python))
-  return target.gcloud('ssh', target.tpu_name, f'--command={remote}')
-
-
-# Shipped inside the package, so an installed (non-editable) scone_jax can launch too.
-BOOTSTRAP_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tpu_bootstrap.sh')
-
-
-def bootstrap_copy_command(target: TpuTarget) -> str:
-  """The gcloud scp that puts tpu_bootstrap.sh in every worker's home (once per sweep)."""
-  return target.gcloud('scp', BOOTSTRAP_SCRIPT, f'{target.tpu_name}:tpu_bootstrap.sh')
-
-
-def run_tpu(sweep: spec.Sweep, target: TpuTarget | Sequence[TpuTarget],
-            runner: Runner = shell_runner, retries: int = 3,
-            log_dir: str = 'runs/tpu_logs', out=None,
-            retry_wait_s: float = 60.0) -> list[Outcome]:
-  """Runs the points on one TPU pod, or in parallel over several (one point per free
-  target), retrying preempted (failed) ones on whichever target frees up next."""
-  out = out or sys.stdout
-  targets = [target] if isinstance(target, TpuTarget) else list(target)
-  os.makedirs(log_dir, exist_ok=True)
-  free: queue.Queue[TpuTarget] = queue.Queue()
-  for t in targets:
-    setup_log = os.path.join(log_dir, f'{sweep.name}-setup-{t.tpu_name}.txt')
-    if runner(bootstrap_copy_command(t), setup_log):
-      print(f'copying tpu_bootstrap.sh to {t.tpu_name} failed; not using it (see '
-            f'{setup_log})', file=out, flush=True)
-    else:
-      free.put(t)
-  if free.empty():
-    detail = (f'copying tpu_bootstrap.sh to {", ".join(t.tpu_name for t in targets)} '
-              f'failed; see {log_dir}')
-    return [Outcome(p.name, 'failed', detail=detail) for p in sweep.points]
-  progress = Progress(len(sweep.points), out)
-
-  def run_point(p: spec.Point) -> Outcome:
-    log = os.path.join(log_dir, f'{sweep.name}-{p.name}.txt')
-    progress.event(p.name, 'started')
-    start, rc = time.time(), 1
-    for attempt in range(retries + 1):
-      t = free.get()
-      try:
-        rc = runner(tpu_command(sweep, p, t), log)
-      finally:
-        free.put(t)
-      if rc == 0:
-        break
-      if attempt < retries:
-        print(f'  {p.name}: exit {rc} on {t.tpu_name} (preempted?), retry {attempt + 1}/'
-              f'{retries} in {retry_wait_s:.0f}s; it resumes from its checkpoints',
-              file=out, flush=True)
-        time.sleep(retry_wait_s)
-    status = 'done' if rc == 0 else 'failed'
-    detail = '' if rc == 0 else f'  exit {rc} after {retries} retries; log {log}'
-    progress.event(p.name, status, detail)
-    return Outcome(p.name, status, time.time() - start, detail)
-
-  with progress, concurrent.futures.ThreadPoolExecutor(max_workers=free.qsize()) as pool:
-    return list(pool.map(run_point, sweep.points))
-
-
-def tpu_dry_run_commands(sweep: spec.Sweep,
-                         targets: Sequence[TpuTarget]) -> list[tuple[str, str]]:
-  """(comment, command): the bootstrap copy to each target, then one ssh per point, the
-  points dealt round-robin over the targets (paste each target's lines into its own
-  shell to run them in parallel, as `--backend=tpu` does, without its retries)."""
-  out = [(f'copy the worker bootstrap to every host of {t.tpu_name} (once per sweep)',
-          bootstrap_copy_command(t)) for t in targets]
-  for i, p in enumerate(sweep.points):
-    t = targets[i % len(targets)]
-    out.append((f'{p.name} (on {t.tpu_name})', tpu_command(sweep, p, t)))
-  return out
-
-
 def dry_run(sweep: spec.Sweep, python: str, out=None,
             af_tokens_per_token: float | None = None,
             commands: list[tuple[str, str]] | None = None) -> None:
@@ -450,7 +480,9 @@ def dry_run(sweep: spec.Sweep, python: str, out=None,
 
   `commands` are a remote backend's (comment, command) pairs (tpu_dry_run_commands,
   slurm.dry_run_commands, ...); default: the local backend's prepare, train, evaluate
-  and downstream stages.
+  and downstream stages (a stage of an N-process point as its N processes, started in
+  the background and waited for together, on a port free when printed: a run picks a
+  fresh one per start).
   """
   out = out or sys.stdout
   if commands is None:
@@ -458,8 +490,15 @@ def dry_run(sweep: spec.Sweep, python: str, out=None,
                  spec.prepare_command(sweep, group[0], python))
                 for adir, group in prepare_groups(sweep).items()]
     for p in sweep.points:
-      commands += [(f'{p.name}: {stage}', cmd)
-                   for stage, cmd in _stage_commands(sweep, p, python)]
+      for stage, cmd in _stage_commands(sweep, p, python):
+        if p.processes == 1:
+          commands.append((f'{p.name}: {stage}', cmd))
+          continue
+        parts = [' '.join([*(f'{k}={shlex.quote(v)}' for k, v in x.env.items()), x.cmd,
+                           f'>> {shlex.quote(x.log)} 2>&1 &'])
+                 for x in stage_launches(p, cmd, free_port())]
+        commands.append((f'{p.name}: {stage} on {p.processes} processes',
+                         '\n'.join(parts + ['wait'])))
   for comment, cmd in commands:
     print(f'# {comment}', file=out)
     print(cmd, file=out)

@@ -9,7 +9,9 @@
 Every point is validated against the config schema before anything launches. Finished
 points (complete W/eval.json, and W/downstream.json when the sweep scores downstream tasks:
 its DOWNSTREAM dict or --downstream_tasks/--downstream_task_dir, sweeps/downstream_stage.py)
-are skipped; interrupted ones resume from W/checkpoints.
+are skipped; interrupted ones resume from W/checkpoints. `--processes=N` (or the sweep
+file's PROCESSES) runs each point on N JAX processes (docs/LAUNCH.md, "Points on several
+processes").
 `--dry_run` prints every command (for TPU: the bootstrap copy, then one ssh per point) and
 a table of each point's accelerator-resident and offloaded params and training/inference
 FLOPs per token; A_f's training FLOPs at the worst case (K A_f tokens per main-model token)
@@ -56,8 +58,13 @@ _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print commands and accounting; r
 _AF_TOKENS = flags.DEFINE_float(
     'af_tokens_per_token', None, 'Dry run: measured A_f tokens per main-model token for '
     'the *_measured accounting columns (default: worst case only).', flag_values=FLAGS)
-_PARALLEL = flags.DEFINE_integer('parallel', 1, 'Local backend: points run at once.',
-                                 flag_values=FLAGS)
+_PARALLEL = flags.DEFINE_integer('parallel', 1, 'Local backend: processes run at once (a '
+                                 'point on N processes takes N).', flag_values=FLAGS)
+_PROCESSES = flags.DEFINE_integer(
+    'processes', None, "JAX processes per point (default: the sweep file's PROCESSES, else "
+    '1). Local: N processes per stage on this machine (gloo on CPU; CUDA_VISIBLE_DEVICES '
+    'split between them); SLURM: N tasks (srun, --ntasks-per-node=N/nodes); TPU/xpk: '
+    "refused (one process per host of the slice).", flag_values=FLAGS)
 _ONLY = flags.DEFINE_string('only', '', 'Run only points whose run name matches this regex.',
                             flag_values=FLAGS)
 _REPORT = flags.DEFINE_bool('report', False,
@@ -137,7 +144,17 @@ def main(argv):
       return _main_study(study_lib.load_study(_SWEEP.value), extra)
     sweep = spec.load_sweep(_SWEEP.value, _ROOT.value, extra, _ONLY.value,
                             {f.name[len('downstream_'):]: f.value
-                             for f in _DOWNSTREAM_FLAGS if f.present})
+                             for f in _DOWNSTREAM_FLAGS if f.present}, _PROCESSES.value)
+    processes = max((p.processes for p in sweep.points), default=1)
+    if processes > 1 and _BACKEND.value in ('tpu', 'xpk'):
+      raise spec.SweepError(
+          f'--backend={_BACKEND.value} runs one process per host of the slice it gets '
+          '(distributed.mode=auto), so a point cannot ask for its own process count '
+          f'({processes} from PROCESSES/--processes): size the slice instead '
+          '(--tpu_name/--tpu_queued or --xpk.device_type/--xpk.count) and pass '
+          '--processes=1')
+    if _BACKEND.value == 'local':  # The GPUs split between the processes, or the error.
+      spec.process_env(0, processes, dict(os.environ))
   except spec.SweepError as e:  # Every point is checked before any launches.
     raise spec.SweepError(f'{e}; nothing was launched') from e
   print(f'sweep {sweep.name}: {len(sweep.points)} point(s) under {sweep.dir}')
@@ -155,7 +172,7 @@ def main(argv):
     elif queued is not None:
       commands = tpu_lib.dry_run_commands(queued, sweep)
     elif tpu is not None:
-      commands = backends.tpu_dry_run_commands(sweep, tpu)
+      commands = tpu_lib.tpu_dry_run_commands(sweep, tpu)
     elif gke is not None:
       commands = xpk_lib.dry_run_commands(gke, sweep)
     backends.dry_run(sweep, _PYTHON.value, af_tokens_per_token=_AF_TOKENS.value,
@@ -174,8 +191,8 @@ def main(argv):
   elif tpu is None:
     outcomes = backends.run_local(sweep, _PYTHON.value, _PARALLEL.value)
   else:
-    outcomes = backends.run_tpu(sweep, tpu, retries=_RETRIES.value,
-                                log_dir=os.path.join('runs', 'tpu_logs'))
+    outcomes = tpu_lib.run_tpu(sweep, tpu, retries=_RETRIES.value,
+                               log_dir=os.path.join('runs', 'tpu_logs'))
   if _BACKEND.value != 'slurm':  # slurm records its own (with job ids) as it goes.
     status.record_outcomes(sweep.dir, _BACKEND.value, outcomes)
   _finish(sweep.name, sweep.dir, outcomes)
@@ -206,6 +223,10 @@ def _main_study(study: study_lib.Study, extra: dict) -> None:
     raise cli.CommandLineError(
         'a study runs on the local or slurm backend and always runs all its points (lr '
         'selection needs every tuning run); drop --backend/--only (or use --backend=slurm)')
+  if _PROCESSES.value not in (None, 1):
+    raise cli.CommandLineError(
+        'a study runs each point on one process; drop --processes (a sweep file runs '
+        'points on several)')
   if any(f.present for f in _DOWNSTREAM_FLAGS):
     raise cli.CommandLineError(
         'a study does not run downstream tasks; score its runs afterwards with '
@@ -266,11 +287,11 @@ def _xpk_target() -> xpk_lib.XpkTarget:
                            max_restarts=_RETRIES.value)
 
 
-def _tpu_target() -> list[backends.TpuTarget]:
+def _tpu_target() -> list[tpu_lib.TpuTarget]:
   """The TPU VMs of --tpu_name (comma-separated: points run in parallel over them)."""
   missing = [f'--{n}' for n, v in (('tpu_name', _TPU_NAME.value), ('zone', _ZONE.value),
                                    ('repo', _REPO.value)) if not v]
   if missing:
     raise cli.CommandLineError(f'--backend=tpu needs {", ".join(missing)}')
-  return [backends.TpuTarget(name, _ZONE.value, _PROJECT.value, _REPO.value, _REF.value)
+  return [tpu_lib.TpuTarget(name, _ZONE.value, _PROJECT.value, _REPO.value, _REF.value)
           for name in _TPU_NAME.value.split(',') if name]

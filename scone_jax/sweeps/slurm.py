@@ -8,9 +8,11 @@ needs slurmdbd), and there is no extra dependency to pin on every cluster.
 
 What runs: prepare once per artifacts dir (one job each), then an array whose task i runs
 point i's stages, the SAME commands the local backend runs (backends._stage_commands), so
-results are bitwise equal to `--backend=local`. A multi-node point's train runs under
-`srun` (one task per node) with `distributed.mode=auto`: jax.distributed finds the
-processes from SLURM's environment. Resume is the trainer's checkpoint auto-resume:
+results are bitwise equal to `--backend=local`. A point on several processes (more than
+one node, or the sweep's PROCESSES / --processes = N: N tasks, N / nodes per node) runs
+its stages but prepare under `srun` with `distributed.mode=auto` (jax.distributed finds
+the processes from SLURM's environment), its evaluate as train resumed at its last step
+(backends._stage_commands says why). Resume is the trainer's checkpoint auto-resume:
 - preemption: the trainer saves and exits 75 on SIGTERM; the batch script then
   `scontrol requeue`s its own task (at most RetryPolicy.retries times: SLURM_RESTART_COUNT);
 - time limit: `--signal=B:TERM@S` sends the batch shell SIGTERM S seconds early; it passes
@@ -146,6 +148,8 @@ def _partitions(run: Run) -> tuple[dict[str, int], str]:
 def check_cluster(sweep: spec.Sweep, options: dict[str, SlurmOptions],
                   run: Run = run_command) -> None:
   """Every error a submission would hit, raised before anything is submitted."""
+  for p in sweep.points:
+    tasks_per_node(p, options[p.name].nodes)
   for name, opts in options.items():
     if opts.nodes > 1 and not paths.is_remote(sweep.root) and not opts.shared_fs:
       raise spec.SweepError(
@@ -177,14 +181,25 @@ def script_dir(sweep_dir: str) -> str:
   return os.path.abspath(os.path.join(sweep_dir, 'slurm'))
 
 
+def tasks_per_node(point: spec.Point, nodes: int) -> int:
+  """srun tasks per node of a point: its processes over `nodes` (one per node for a
+  point that asks for one process)."""
+  if point.processes > 1 and point.processes % nodes:
+    raise spec.SweepError(f'point {point.name} runs on {point.processes} processes, which '
+                          f'do not split equally over {nodes} nodes; make PROCESSES/'
+                          '--processes a multiple of --slurm.nodes')
+  return max(1, point.processes // nodes)
+
+
 def point_body(sweep: spec.Sweep, point: spec.Point, python: str, nodes: int) -> str:
   """Bash lines running one point's stages (a function body; `return` on failure)."""
   w, steps = shlex.quote(point.workdir), point.cfg.train.steps
-  stages = backends._stage_commands(sweep, point, python)
-  if nodes > 1:  # One process per node; jax.distributed reads SLURM's environment.
-    srun = f'srun --nodes={nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 '
-    stages = [('train', srun + spec.command(sweep, point, python, 'train',
-                                            {'distributed.mode': 'auto'}))] + stages[1:]
+  per_node = tasks_per_node(point, nodes)
+  stages = backends._stage_commands(sweep, point, python, nodes * per_node)
+  if nodes * per_node > 1:  # jax.distributed reads SLURM's environment.
+    srun = f'srun --nodes={nodes} --ntasks-per-node={per_node} --kill-on-bad-exit=1 '
+    auto = ' ' + shlex.quote('--config.distributed.mode=auto')
+    stages = [(stage, srun + cmd + auto) for stage, cmd in stages]
   checks = {stage: check for stage, _, check in spec.after_evaluate(point, python)}
   done = ' && '.join([f'finished {w} {steps}'] + list(dict.fromkeys(checks.values())))
   lines = [f'{done} && {{ echo "{point.name}: already finished"; return 0; }}']
@@ -229,10 +244,14 @@ finish() {  # Exit 75: preempted, the checkpoint is saved; requeue to resume fro
 
 
 def batch_script(job_name: str, opts: SlurmOptions, bodies: list[str], python: str,
-                 retries: int, log_dir: str, dependency: str = '') -> str:
-  """An sbatch script: an array with one task per body (one job if a single body)."""
+                 retries: int, log_dir: str, dependency: str = '',
+                 tasks_per_node: int = 1) -> str:
+  """An sbatch script: an array with one task per body (one job if a single body), each
+  allocating `tasks_per_node` tasks per node for its sruns (tasks_per_node())."""
   head = ['#!/bin/bash', f'#SBATCH --job-name={job_name}', '#SBATCH --requeue',
           '#SBATCH --open-mode=append', f'#SBATCH --chdir={os.getcwd()}']
+  if tasks_per_node > 1:
+    head.append(f'#SBATCH --ntasks-per-node={tasks_per_node}')
   if len(bodies) > 1:
     throttle = f'%{opts.max_parallel}' if opts.max_parallel else ''
     head += [f'#SBATCH --array=0-{len(bodies) - 1}{throttle}',
@@ -387,7 +406,8 @@ def _submit_arrays(sweep: spec.Sweep, options: dict[str, SlurmOptions],
     bodies = [point_body(sweep, p, python, opts.nodes) for p in group]
     job_name = f'{sweep.name}-points'
     array = submit(batch_script(job_name, opts, bodies, python, policy.retries, logs,
-                                dependency), os.path.join(sdir, f'points-{k}.sh'), run)
+                                dependency, tasks_per_node(group[0], opts.nodes)),
+                   os.path.join(sdir, f'points-{k}.sh'), run)
     print(f'{len(group)} point(s): job {array}', file=out)
     for i, p in enumerate(group):
       job = f'{array}_{i}' if len(group) > 1 else array
@@ -515,7 +535,8 @@ def dry_run_commands(sweep: spec.Sweep, flag_options: dict[str, Any], python: st
     by_opts.setdefault(options[p.name], []).append(p)
   for opts, group in by_opts.items():
     bodies = [point_body(sweep, p, python, opts.nodes) for p in group]
-    script = batch_script(f'{sweep.name}-points', opts, bodies, python, policy.retries, logs)
+    script = batch_script(f'{sweep.name}-points', opts, bodies, python, policy.retries, logs,
+                          tasks_per_node=tasks_per_node(group[0], opts.nodes))
     out.append((f'{len(group)} point(s): {", ".join(p.name for p in group)}',
                 f"sbatch {dependency} <<'SCONE_EOF'\n{script}SCONE_EOF"))
   return out

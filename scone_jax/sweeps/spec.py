@@ -4,9 +4,10 @@ A sweep file (experiments/sweeps/*.py) defines `BASE_CONFIG` ('experiments/gpt2.
 an experiment file plus its optional `get_config` argument) and `get_sweep()` returning a
 list of override dicts with dotted keys ({'fgram.use_size': 1000, 'train.seed': 1}), and
 optionally `DOWNSTREAM`, the tasks every point scores after evaluate
-(downstream_stage.py). This module turns that into `Point`s: a validated `Config`, a
-stable run name and workdir, and shell-quoted command lines. It never runs anything (see
-backends.py).
+(downstream_stage.py), and `PROCESSES`, the processes each point's run needs (default 1;
+the sweep CLI's --processes overrides it; `process_command`). This module turns that into
+`Point`s: a validated `Config`, a stable run name and workdir, and shell-quoted command
+lines. It never runs anything (see backends.py).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class Point:
     workdir: ROOT/SWEEP/NAME.
     downstream: what the point scores after evaluate (sweeps/downstream_stage.py), or
       None.
+    processes: JAX processes every stage but prepare runs on (where a run executes, not
+      what it computes: not part of the name, so a point may resume on another count).
   """
   name: str
   overrides: dict[str, Any]
@@ -63,6 +66,7 @@ class Point:
   cfg: config_lib.Config
   workdir: str
   downstream: downstream_stage.Downstream | None = None
+  processes: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +183,8 @@ def prepare_fingerprint(cfg: config_lib.Config) -> str:
 
 
 def load_sweep(path: str, root: str, extra_overrides: dict[str, Any] | None = None,
-               only: str = '', downstream: dict[str, Any] | None = None) -> Sweep:
+               only: str = '', downstream: dict[str, Any] | None = None,
+               processes: int | None = None) -> Sweep:
   """Loads and validates a whole sweep; raises SweepError before anything can launch.
 
   Args:
@@ -189,6 +194,7 @@ def load_sweep(path: str, root: str, extra_overrides: dict[str, Any] | None = No
       they are part of each run name.
     only: keep points whose run name matches this regex (all points are still validated).
     downstream: keys overriding the sweep file's DOWNSTREAM dict (downstream_stage.py).
+    processes: overrides the sweep file's PROCESSES (processes per point; default 1).
   """
   module = load_sweep_module(path)
   if not hasattr(module, 'get_sweep'):
@@ -208,7 +214,8 @@ def load_sweep(path: str, root: str, extra_overrides: dict[str, Any] | None = No
   except downstream_stage.DownstreamSettingError as e:
     raise SweepError(str(e)) from e
   return build_sweep(name, path, module.BASE_CONFIG, points_overrides, root,
-                     extra_overrides, only, ds)
+                     extra_overrides, only, ds,
+                     getattr(module, 'PROCESSES', 1) if processes is None else processes)
 
 
 def load_sweep_module(path: str) -> types.ModuleType:
@@ -223,9 +230,12 @@ def load_sweep_module(path: str) -> types.ModuleType:
 
 def build_sweep(name: str, path: str, base_config: str, points_overrides: list[dict],
                 root: str, extra_overrides: dict[str, Any] | None = None,
-                only: str = '', downstream: downstream_stage.Downstream | None = None
-                ) -> Sweep:
+                only: str = '', downstream: downstream_stage.Downstream | None = None,
+                processes: int = 1) -> Sweep:
   """Validates and names the points of `points_overrides` (see load_sweep)."""
+  if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+    raise SweepError(f'{path}: PROCESSES / --processes={processes!r} must be an int >= 1 '
+                     '(the JAX processes each point runs on)')
   base = load_base_config(base_config)
   points, seen = [], {}
   for i, own in enumerate(points_overrides):
@@ -249,8 +259,12 @@ def build_sweep(name: str, path: str, base_config: str, points_overrides: list[d
       raise SweepError(f'{path}: points {seen[rname]} and {i} have identical overrides '
                        f'{own}; remove the duplicate')
     seen[rname] = i
+    if cfg.train.batch_size % processes:  # validate_runtime's rule, before any launch.
+      raise SweepError(f'{where}: train.batch_size={cfg.train.batch_size} is not divisible '
+                       f'by the {processes} processes (each reads an equal slice of every '
+                       'batch); change PROCESSES/--processes or the batch size')
     points.append(Point(rname, overrides, launch, cfg, _join(root, name, rname),
-                        downstream))
+                        downstream, processes))
   if only:
     points = [p for p in points if re.search(only, p.name)]
   return Sweep(name, path, base_config, root, points)
@@ -278,6 +292,46 @@ def command(sweep: Sweep, point: Point, python: str, stage: str = 'train',
 
 def _quote(argv: list[str]) -> str:
   return ' '.join(shlex.quote(a) for a in argv)
+
+
+def process_command(cmd: str, process_id: int, num_processes: int,
+                    coordinator_address: str) -> str:
+  """A stage's command (train, export or downstream: the entry points that take
+  --config.distributed.*) as process `process_id` of `num_processes`, all meeting at
+  `coordinator_address` (host:port, served by process 0)."""
+  return cmd + ' ' + _quote(['--config.distributed.mode=explicit',
+                             f'--config.distributed.coordinator_address={coordinator_address}',
+                             f'--config.distributed.num_processes={num_processes}',
+                             f'--config.distributed.process_id={process_id}'])
+
+
+def process_env(process_id: int, num_processes: int,
+                environ: dict[str, str]) -> dict[str, str]:
+  """What process `process_id` of a point adds to the launcher's environment: its equal
+  share of CUDA_VISIBLE_DEVICES where that lists the GPUs (two JAX processes must not
+  both claim every GPU of the host); {} otherwise (CPU processes take their device count
+  from XLA_FLAGS, TPU hosts run one process each).
+
+  Raises:
+    SweepError: the listed GPUs do not split equally between the processes.
+  """
+  visible = [d for d in environ.get('CUDA_VISIBLE_DEVICES', '').split(',') if d.strip()]
+  if not visible or num_processes == 1:
+    return {}
+  if len(visible) % num_processes:
+    raise SweepError(f'CUDA_VISIBLE_DEVICES={",".join(visible)} lists {len(visible)} GPUs, '
+                     f'which do not split equally between {num_processes} processes per '
+                     'point; list a multiple of the process count, or change --processes')
+  share = len(visible) // num_processes
+  return {'CUDA_VISIBLE_DEVICES': ','.join(visible[process_id * share:
+                                                   (process_id + 1) * share])}
+
+
+def process_log(workdir: str, process_id: int) -> str:
+  """Where a stage's process appends its output: W/log.txt for process 0 (the point's
+  log, as on one process), W/log.process<i>.txt for the others."""
+  return os.path.join(workdir, 'log.txt' if process_id == 0 else
+                      f'log.process{process_id}.txt')
 
 
 def prepare_command(sweep: Sweep, point: Point, python: str) -> str:
@@ -347,7 +401,8 @@ def write_point_json(sweep: Sweep, point: Point) -> None:
   artifacts.write_json_atomic(paths.join(point.workdir, 'point.json'), {
       'sweep': sweep.name, 'sweep_file': sweep.path, 'base_config': sweep.base_config,
       'name': point.name, 'overrides': point.overrides,
-      'launch_overrides': point.launch_overrides, 'config': json.loads(point.cfg.to_json())})
+      'launch_overrides': point.launch_overrides, 'processes': point.processes,
+      'config': json.loads(point.cfg.to_json())})
 
 
 def accounting_rows(sweep: Sweep,
