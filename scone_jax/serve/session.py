@@ -61,12 +61,12 @@ def open_checked_store(cfg: Config, workdir: str, step: int, table, tokenizer,
 
 
 def process_local(lm: nnx.Module) -> nnx.Module:
-  """`lm` with every parameter whole on this process's first device: restored on a mesh
-  over several processes, an array is split or replicated across hosts, and a decoder
-  on this host's devices needs it all here. `lm` itself on one process."""
+  """`lm` with its backbone (what a decoder runs) whole on this process's first device:
+  restored on a mesh over several processes, an array is split or replicated across
+  hosts, and a decoder on this host's devices needs it all here. A_f stays where it was
+  (the store holds its output). `lm` itself on one process."""
   if jax.process_count() == 1:
     return lm
-  graphdef, state = nnx.split(lm)
   device = jax.local_devices()[0]
 
   def here(x):
@@ -74,7 +74,10 @@ def process_local(lm: nnx.Module) -> nnx.Module:
       x = (x.addressable_data(0) if x.is_fully_replicated else
            multihost_utils.process_allgather(x, tiled=True))
     return jax.device_put(x, device)
-  return nnx.merge(graphdef, jax.tree.map(here, state))
+  graphdef, state = nnx.split(lm.backbone)
+  local = nnx.merge(*nnx.split(lm))  # A new module over the same arrays; lm is unchanged.
+  local.backbone = nnx.merge(graphdef, jax.tree.map(here, state))
+  return local
 
 
 def serving_mesh(cfg: Config) -> jax.sharding.Mesh | None:
