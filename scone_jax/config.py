@@ -434,6 +434,9 @@ class ServeConfig:
   # Tensor-parallel decode over this many of the host's devices (heads/MLP/vocab and the
   # KV cache's heads split, serve/session.serving_mesh); 1 = one device.
   tensor: int = 1
+  # Each process holds only its row shards of the store and exchanges rows every step
+  # (serve/sharded_store.py; decode_loop='host'); False: each loads the whole store.
+  store_sharded: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -653,6 +656,9 @@ def validate(cfg: Config) -> Config:
     raise ConfigError("config.fgram_model.output_scale='rmsnorm_gain' normalises A_f's output "
                       "itself; set config.fgram_model.final_norm='none' (or choose "
                       "output_scale='scalar'/'channel' to scale the normed output)")
+  if cfg.serve.store_sharded and cfg.serve.decode_loop != 'host':
+    raise ConfigError("config.serve.store_sharded=True exchanges rows in a collective every "
+                      "step, which the host loop runs: set config.serve.decode_loop='host'")
   if cfg.export.quant != 'none' and not cfg.fgram_model.enabled:
     raise ConfigError(f'config.export.quant={cfg.export.quant!r} quantises the exported '
                       'f-gram store, but this run has no f-gram side (fgram_model.num_layers'

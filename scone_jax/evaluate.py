@@ -1,6 +1,7 @@
 """Held-out evaluation: token loss, perplexity and bits per byte per eval corpus.
 
   python -m scone_jax.evaluate --workdir=W [--eval_batches=N]
+      [--config.distributed.* --config.mesh.*]
 
 reopens the run through `scone_jax.run.RunDir` (W/config.json, W/run.json, the model's
 weights from the latest checkpoint in W/checkpoints, the recorded eval token shards), with
@@ -8,6 +9,12 @@ weights from the latest checkpoint in W/checkpoints, the recorded eval token sha
 default), and writes W/eval.json (atomically). It never reads the raw corpus, so it works
 after the corpus is deleted or W is copied elsewhere. The train loop calls the same
 `Evaluator` at `train.eval_every` and at the end.
+
+On several processes (one command per process with `--config.distributed.*`, as for
+training; `--config.mesh.*` for another mesh than training's) the eval batches are split
+over the processes as in training, the loss summed over all of them, and process 0
+prints and writes eval.json. The sums equal one process's up to float32 reduction order
+(the cross-device sum is another all-reduce).
 
 Bits per byte = mean token NLL (nats) x (corpus tokens / corpus UTF-8 bytes) / ln 2. Every
 corpus token is a prediction target exactly once (documents get a BOS prepended), so when
@@ -30,6 +37,7 @@ from flax import nnx
 from scone_jax import artifacts, batches, cli, compat, paths
 from scone_jax import config as config_lib
 from scone_jax import mesh as mesh_lib
+from scone_jax import restore
 from scone_jax import run as run_lib
 from scone_jax.errors import UserError
 from scone_jax.model.loss import cross_entropy_sums
@@ -46,6 +54,7 @@ _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest
 _EVAL_BATCHES = flags.DEFINE_integer(
     'eval_batches', None, "Batches per eval corpus (0 = the whole set; default: the run's "
     'train.eval_batches).', flag_values=FLAGS)
+_CONFIG = cli.define_config_overrides(FLAGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,23 +177,26 @@ def format_eval(record: Mapping[str, Any]) -> list[str]:
   return lines
 
 
-def evaluate(workdir: str, step: int | None = None,
-             eval_batches: int | None = None) -> dict[str, Any]:
+def evaluate(workdir: str, step: int | None = None, eval_batches: int | None = None,
+             placement: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Restores W's weights (latest checkpoint, or `step`), writes W/eval.json; returns it.
 
   Args:
     workdir: the training run (local or gs://).
     step: the checkpoint step (None = the latest).
     eval_batches: overrides the run's train.eval_batches (0 = the whole held-out sets).
+    placement: overrides of config.distributed / config.mesh ({'distributed.mode':
+      'none'} evaluates a run trained on several processes in this one alone).
   """
-  return write_eval(*evaluate_run(workdir, step, eval_batches))
+  return write_eval(*evaluate_run(workdir, step, eval_batches, placement))
 
 
-def evaluate_run(workdir: str, step: int | None = None, eval_batches: int | None = None
+def evaluate_run(workdir: str, step: int | None = None, eval_batches: int | None = None,
+                 placement: Mapping[str, Any] | None = None
                  ) -> tuple[str, int, dict[str, CorpusEval]]:
   """`evaluate` without writing: (the run's path, the step evaluated, results per corpus)."""
   run_dir = run_lib.RunDir(workdir)
-  cfg = run_dir.config()
+  cfg = restore.run_config(run_dir.path, dict(placement or {}))
   if eval_batches is not None:
     cfg = config_lib.replace(cfg, **{'train.eval_batches': eval_batches})
   mesh_lib.maybe_initialize_distributed(cfg.distributed)
@@ -199,10 +211,13 @@ def evaluate_run(workdir: str, step: int | None = None, eval_batches: int | None
 
 def main(argv):
   del argv
-  path, step, results = evaluate_run(_WORKDIR.value, _STEP.value, _EVAL_BATCHES.value)
+  placement = cli.overrides(_CONFIG, restore.PLACEMENT_SECTIONS)
+  path, step, results = evaluate_run(_WORKDIR.value, _STEP.value, _EVAL_BATCHES.value,
+                                     placement)
   # The numbers first: a run on a read-only disk still gets its results on stdout.
-  for line in format_eval(eval_record(step, results)):
-    print(line, flush=True)
+  if jax.process_index() == 0:
+    for line in format_eval(eval_record(step, results)):
+      print(line, flush=True)
   try:
     write_eval(path, step, results)
   except OSError as e:

@@ -5,7 +5,8 @@
        --config.serve.top_k=40 --config.serve.top_p=0.95 --config.serve.batch_size=1
        --config.serve.store_tier=ram|disk --config.serve.decode_loop=device|host
        --config.serve.lookup=auto|native|callback|cache --config.serve.cache_rows=C
-       --config.serve.tensor=N]
+       --config.serve.tensor=N --config.serve.store_sharded=True]
+      [--output=texts.json] [--config.distributed.* --config.mesh.*]
   python -m scone_jax.generate --workdir=W --accounting_only
 
 Restores W's latest checkpoint. SCONE runs read the store written by
@@ -16,16 +17,25 @@ context (model.max_seq_len), max_new_tokens is cut to fit and stderr says so.
 `--config.serve.tensor=N` decodes tensor-parallel over N of this host's devices (weights
 and KV cache split by heads; the same tokens as one device). `--accounting_only` prints
 accelerator-resident and offloaded parameters and FLOPs per token instead of generating.
+`--output` also writes the texts and throughput as JSON (atomically).
+
+On several processes (one command per process, `--config.distributed.*` as for
+training), every process restores the run, holds the whole backbone on its own devices
+and decodes the same prompts (serve/session.py); process 0 alone prints and writes
+`--output`. Each process loads the whole store, or with `--config.serve.store_sharded=True`
+(and `--config.serve.decode_loop=host`) only its row shards, the rows of every step
+exchanged between the processes (serve/sharded_store.py): the same tokens either way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 from absl import flags, logging
 
-from scone_jax import cli, restore
+from scone_jax import artifacts, cli, restore
 from scone_jax import config as config_lib
 from scone_jax.config import Config
 from scone_jax.serve.accounting import account, measured_af_tokens_per_token
@@ -42,6 +52,9 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.', flag_values=FLAGS)
 _ACCOUNTING_ONLY = flags.DEFINE_bool(
     'accounting_only', False, 'Print parameter/FLOP accounting of the decode step and exit.',
     flag_values=FLAGS)
+_OUTPUT = flags.DEFINE_string(
+    'output', None, 'Also write the texts, tokens/s and lookup ms/step to this JSON file '
+    '(process 0, atomically).', flag_values=FLAGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +107,8 @@ def _fit_context(max_new_tokens: int, ids: list[np.ndarray], context: int) -> in
 
 def main(argv):
   del argv
-  cfg = restore.run_config(_WORKDIR.value, cli.overrides(_CONFIG, ('serve',)))
+  cfg = restore.run_config(_WORKDIR.value,
+                           cli.overrides(_CONFIG, ('serve',) + restore.PLACEMENT_SECTIONS))
   if _ACCOUNTING_ONLY.value:
     # XLA's cost analysis counts a scanned layer body once: unroll so it counts every layer.
     cfg = config_lib.replace(cfg, **{'model.layer_loop': 'unrolled'})
@@ -103,6 +117,10 @@ def main(argv):
                   measured_af_tokens_per_token(_WORKDIR.value)).table())
     return
   result = generate(cfg, _WORKDIR.value, _PROMPT.value, _SEED.value)
+  if jax.process_index() != 0:
+    return  # Every process decoded the same texts; process 0 reports them.
+  if _OUTPUT.value:
+    artifacts.write_json_atomic(_OUTPUT.value, dataclasses.asdict(result))
   for text in result.texts:
     print(text)
   lookup = (f', host lookup {result.lookup_ms_per_step:.3f} ms/step'

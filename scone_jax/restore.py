@@ -62,17 +62,22 @@ def load_run(cfg: Config, workdir: str, with_table: bool = True) -> LoadedRun:
 
 # Sections a serving command may change; everything else is fixed by the trained run.
 SERVING_SECTIONS = ('export', 'serve')
+# Where a stage after training runs (its processes and mesh), which the trained weights do
+# not depend on: export, evaluate and generate accept these too.
+PLACEMENT_SECTIONS = ('distributed', 'mesh')
 
 
 def run_config(workdir: str, overrides: dict[str, Any]) -> Config:
-  """W/config.json with command-line `--config.export.*` / `--config.serve.*` overrides.
+  """W/config.json with command-line overrides of the serving and placement sections
+  (`--config.export.*`, `--config.serve.*`, `--config.distributed.*`, `--config.mesh.*`).
 
   Raises:
-    ValueError: an override outside the serving sections (the model and data of a
-      trained run cannot change after training).
+    ValueError: an override outside those sections (the model and data of a trained run
+      cannot change after training).
   """
-  bad = sorted(k for k in overrides if k.split('.')[0] not in SERVING_SECTIONS)
+  allowed = SERVING_SECTIONS + PLACEMENT_SECTIONS
+  bad = sorted(k for k in overrides if k.split('.')[0] not in allowed)
   if bad:
     raise ValueError(f'--config.{bad[0]} cannot be changed here: W/config.json fixes the '
-                     f'trained run; only --config.{{{",".join(SERVING_SECTIONS)}}}.* apply')
+                     f'trained run; only --config.{{{",".join(allowed)}}}.* apply')
   return config_lib.replace(read_config(workdir), **overrides)

@@ -18,8 +18,8 @@ from test_export_parts import _store_files
 # 2000 mined f-grams at most: ~16 shards, so each process owns several and a kill lands
 # between two of them. 64 rows per batch keeps 8 rows per device on 1 x 8 and 2 x 4
 # devices: the same per-device program, hence the same bits.
-_EXPORT = ['--config.export.dtype=float32', '--config.export.batch_size=64',
-           '--config.export.chunk_rows=128']
+EXPORT = {'export.dtype': 'float32', 'export.batch_size': 64, 'export.chunk_rows': 128}
+_EXPORT = [f'--config.{k}={v}' for k, v in EXPORT.items()]
 # Process 1 of the killed export sleeps after each shard's marker, so the kill lands
 # while shards are still missing (the test checks that it did).
 _SLOW_DRIVER = '''

@@ -11,24 +11,18 @@ and process 0 publishes it (export/export.py).
 from absl import flags
 
 from scone_jax import cli
-from scone_jax import config as config_lib
 from scone_jax.export.export import export_store
 from scone_jax import restore
 
 FLAGS = flags.FlagValues()
 _WORKDIR = cli.define_workdir(FLAGS, 'Training run directory.')
 _CONFIG = cli.define_config_overrides(FLAGS)
-# Where the export runs, which the trained weights do not depend on.
-_PLACEMENT = ('distributed', 'mesh')
 
 
 def main(argv):
   del argv
-  values = cli.overrides(_CONFIG, restore.SERVING_SECTIONS + _PLACEMENT)
-  placement = {k: v for k, v in values.items() if k.split('.')[0] in _PLACEMENT}
-  cfg = restore.run_config(_WORKDIR.value,
-                           {k: v for k, v in values.items() if k not in placement})
-  print(export_store(config_lib.replace(cfg, **placement), _WORKDIR.value))
+  values = cli.overrides(_CONFIG, restore.SERVING_SECTIONS + restore.PLACEMENT_SECTIONS)
+  print(export_store(restore.run_config(_WORKDIR.value, values), _WORKDIR.value))
 
 
 if __name__ == '__main__':

@@ -123,7 +123,8 @@ class ShardedStore:
   A `Decoder` serves it through the host lookup in the host loop, every process its own
   prompts, all in lockstep (`collective`; `agree`).
   Attributes: `seconds` (requests, local answer + assembly, rows exchange: the totals
-  over `calls` gathers), `nbytes` (this process's rows), `stats` (as the store's).
+  over `calls` gathers), `nbytes` (this process's rows), `stats` (as the store's), `path`
+  and `tier` (as opened).
   """
 
   # Each gather is a collective: a decoder runs every process's steps in lockstep.
@@ -142,6 +143,7 @@ class ShardedStore:
     self.manifest, self._owned = open_shards(
         path, self.ownership.shards(process_index), tier, expect)
     self.process_index, self.process_count = process_index, process_count
+    self.path, self.tier = path, tier
     self.num_rows, self.d_model = self.ownership.num_rows, int(manifest['d_model'])
     self.dtype = STORE_DTYPES[manifest['dtype']]
     self.row_width = row_width(manifest)
