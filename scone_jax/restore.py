@@ -80,4 +80,11 @@ def run_config(workdir: str, overrides: dict[str, Any]) -> Config:
   if bad:
     raise ValueError(f'--config.{bad[0]} cannot be changed here: W/config.json fixes the '
                      f'trained run; only --config.{{{",".join(allowed)}}}.* apply')
-  return config_lib.replace(read_config(workdir), **overrides)
+  cfg = read_config(workdir)
+  if cfg.distributed.mode == 'explicit':
+    # A coordinator address and process ids name the TRAINING job's processes, gone now:
+    # reopening with them would wait for processes that never come. This invocation's
+    # placement is its own (--config.distributed.*; default one process). 'auto' is kept:
+    # it re-detects the current environment (SLURM, TPU pod).
+    cfg = dataclasses.replace(cfg, distributed=config_lib.DistributedConfig())
+  return config_lib.replace(cfg, **overrides)

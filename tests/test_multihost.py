@@ -33,6 +33,26 @@ def test_explicit_mode_errors_name_the_keys():
                                 'distributed.num_processes': 2, 'distributed.process_id': 2})
 
 
+def test_reopening_a_run_drops_the_training_jobs_explicit_processes(tmp_path):
+  """A run trained as process i of N (explicit coordinator) reopens for evaluate, export
+  and generate as ONE process unless those commands say otherwise: the recorded
+  coordinator belongs to a job that is gone (it would wait for it forever)."""
+  from scone_jax import restore
+  from scone_jax.train import loop
+  trained = config_lib.replace(th.micro_config(str(tmp_path)), **{
+      'distributed.mode': 'explicit', 'distributed.coordinator_address': '10.0.0.1:1234',
+      'distributed.num_processes': 2, 'distributed.process_id': 1})
+  loop.write_run_config(trained, str(tmp_path))
+  assert restore.run_config(str(tmp_path), {}).distributed == config_lib.DistributedConfig()
+  again = restore.run_config(str(tmp_path), {'distributed.mode': 'explicit',
+                                             'distributed.coordinator_address': 'h:1',
+                                             'distributed.num_processes': 4})
+  assert (again.distributed.mode, again.distributed.num_processes) == ('explicit', 4)
+  auto = config_lib.replace(trained, **{'distributed.mode': 'auto'})
+  loop.write_run_config(auto, str(tmp_path / 'auto'))
+  assert restore.run_config(str(tmp_path / 'auto'), {}).distributed.mode == 'auto'
+
+
 def test_two_process_slices_give_the_one_process_loss(tmp_path_factory):
   """In-process version of the 2-process property: the batches two processes build (each
   its row slice, each its own f-gram list) assemble into a global batch whose loss equals

@@ -39,9 +39,8 @@ def test_launch_plan_of_a_two_process_point(tmp_path):
   point = sweep.points[0]
   assert point.processes == 2
   stages = dict(backends._stage_commands(sweep, point, 'PY'))
-  # evaluate's CLI would start the runtime W/config.json recorded: train (resumed at its
-  # last step, it evaluates) runs the stage on the point's processes instead.
-  assert stages['evaluate'] == stages['train']
+  # Every stage but prepare runs on the point's processes (stage_launches adds the flags).
+  assert ' -m scone_jax.evaluate ' in stages['evaluate']
   launches = backends.stage_launches(point, stages['train'], 4321,
                                      environ={'CUDA_VISIBLE_DEVICES': '0,1,2,3'})
   assert [x.log for x in launches] == [os.path.join(point.workdir, 'log.txt'),
@@ -151,10 +150,10 @@ def test_slurm_runs_the_processes_as_srun_tasks(tmp_path):
   body = slurm.point_body(sweep, point, 'PY', 2)
   runs = [shlex.split(shlex.split(line.split('run_stage ', 1)[1])[0])
           for line in body.splitlines() if 'run_stage' in line]
-  assert len(runs) == 2  # train, and evaluate as train resumed at its last step.
-  for argv in runs:
+  assert len(runs) == 2  # train, then evaluate (a run train did not finish evaluating).
+  for argv, module in zip(runs, ('scone_jax.train', 'scone_jax.evaluate')):
     assert argv[:4] == ['srun', '--nodes=2', '--ntasks-per-node=2', '--kill-on-bad-exit=1']
-    assert argv[6] == 'scone_jax.train' and argv[-1] == '--config.distributed.mode=auto'
+    assert argv[6] == module and argv[-1] == '--config.distributed.mode=auto'
   script = slurm.batch_script('j', slurm.make_options('j', {'nodes': 2}), [body], 'PY', 3,
                               '/logs', tasks_per_node=slurm.tasks_per_node(point, 2))
   assert '#SBATCH --ntasks-per-node=2' in script.splitlines()

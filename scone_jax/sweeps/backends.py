@@ -293,22 +293,14 @@ class Progress:
             + (f'\n{detail}' if detail else ''), file=self.out, flush=True)
 
 
-def _stage_commands(sweep: spec.Sweep, point: spec.Point, python: str,
-                    processes: int | None = None) -> list[tuple[str, str]]:
+def _stage_commands(sweep: spec.Sweep, point: spec.Point, python: str
+                    ) -> list[tuple[str, str]]:
   """(stage, command): train, evaluate, then the downstream stages (spec.after_evaluate),
-  each as one process runs it.
-
-  On several processes (`processes`, default point.processes) the evaluate stage is the
-  train command: evaluate's CLI takes no --config.distributed.* and would start the
-  runtime W/config.json recorded (the training's processes and coordinator), while train
-  resumed at its final step evaluates and writes eval.json on the point's processes.
-  """
-  processes = point.processes if processes is None else processes
-  train = spec.command(sweep, point, python, 'train')
-  return [('train', train),
-          ('evaluate', train if processes > 1 else
-           spec.command(sweep, point, python, 'evaluate'))] + [
-               (stage, cmd) for stage, cmd, _ in spec.after_evaluate(point, python)]
+  each as one process runs it (on an N-process point, stage_launches adds each process's
+  --config.distributed.* to it; evaluate, export and downstream take them as train does)."""
+  return [('train', spec.command(sweep, point, python, 'train')),
+          ('evaluate', spec.command(sweep, point, python, 'evaluate'))] + [
+              (stage, cmd) for stage, cmd, _ in spec.after_evaluate(point, python)]
 
 
 def _stage_done(point: spec.Point, stage: str) -> bool:

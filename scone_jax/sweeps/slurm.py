@@ -195,7 +195,7 @@ def point_body(sweep: spec.Sweep, point: spec.Point, python: str, nodes: int) ->
   """Bash lines running one point's stages (a function body; `return` on failure)."""
   w, steps = shlex.quote(point.workdir), point.cfg.train.steps
   per_node = tasks_per_node(point, nodes)
-  stages = backends._stage_commands(sweep, point, python, nodes * per_node)
+  stages = backends._stage_commands(sweep, point, python)
   if nodes * per_node > 1:  # jax.distributed reads SLURM's environment.
     srun = f'srun --nodes={nodes} --ntasks-per-node={per_node} --kill-on-bad-exit=1 '
     auto = ' ' + shlex.quote('--config.distributed.mode=auto')
