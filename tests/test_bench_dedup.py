@@ -54,6 +54,8 @@ def test_counts_known_by_hand(setup, processes, per_process):
   assert c.redundancy == pytest.approx((processes + 4) / 5 - 1)
   # Each process's 2-3 f-grams pack into one row of W = 4, padded to the 8-row bucket.
   assert c.gathered_rows == processes * tagging.row_bucket(1) * tagging.pack_width(2)
+  # 32 P gathered rows exceed the batch's 4 x 5 positions: the output's all-reduce is less.
+  assert c.batch_tokens == 20 and c.exchanged_rows == 20
 
 
 def test_count_refuses_a_stat_that_disagrees_with_the_rows(setup):
