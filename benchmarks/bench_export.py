@@ -1,7 +1,10 @@
 """Export across processes: rows/s of `export_embeddings` on 1 process vs N processes over
 the same global devices (gloo on CPU), beside a hand-written minimal loop (jit A_f over
 the same batches, results copied to the host, nothing written): the fastest honest
-reference for the compute. Every number comes from the same run.
+reference for the compute. Every number comes from the same run, including the peak that
+A_f's FLOP/s are a fraction of: a 2048^3 float32 jnp.dot split over the same devices, in a
+fresh process with the same threads (and, on an accelerator, model/flops.py's data-sheet
+PEAK_FLOPS for its device kind).
 
 Usage:
   python benchmarks/bench_export.py           # S = 16,384, d 128, 2 devices, 1 vs 2 processes
@@ -42,7 +45,7 @@ def _flags(argv=None):
   p.add_argument('--processes', type=int, default=2, help='the multi-process run')
   p.add_argument('--repeats', type=int, default=3, help='runs per configuration (best kept)')
   p.add_argument('--quick', action='store_true', help='S = 4,096 and d 64')
-  p.add_argument('--worker', default='', help=argparse.SUPPRESS)  # 'export' | 'minimal'
+  p.add_argument('--worker', default='', help=argparse.SUPPRESS)  # export|minimal|peak
   p.add_argument('--process_id', type=int, default=0, help=argparse.SUPPRESS)
   p.add_argument('--port', type=int, default=0, help=argparse.SUPPRESS)
   p.add_argument('--out', default='', help=argparse.SUPPRESS)
@@ -62,6 +65,9 @@ def _worker(args) -> None:
   from scone_jax.model import SconeLM, create_sharded, flops
   from bench_store import VOCAB, synthetic_table
 
+  if args.worker == 'peak':
+    print(json.dumps(_matmul_peak()))
+    return
   num = args.processes if args.worker == 'export' and args.port else 1
   if num > 1:
     mesh_lib.maybe_initialize_distributed(DistributedConfig(
@@ -99,6 +105,36 @@ def _worker(args) -> None:
                     'flops_per_row': flops_per_row}))
 
 
+def _matmul_peak(n: int = 2048, tries: int = 5) -> dict:
+  """The devices' float32 matmul FLOP/s: an n^3 jnp.dot with its rows split over every
+  device of the mesh the export uses (MeshConfig(): data = every device), jitted, best of
+  `tries` after a warm-up. The ceiling A_f's dense layers could reach on these devices."""
+  # pylint: disable=g-import-not-at-top  (JAX must see the environment the parent set)
+  import jax
+  import numpy as np
+  from scone_jax import mesh as mesh_lib
+  from scone_jax.config import MeshConfig
+  from scone_jax.model import flops
+  mesh = mesh_lib.make_mesh(MeshConfig())
+  rows_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  rng = np.random.default_rng(0)
+  a_NxN = jax.device_put(rng.standard_normal((n, n), np.float32), rows_sh)
+  b_NxN = jax.device_put(rng.standard_normal((n, n), np.float32),
+                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  dot = jax.jit(jax.numpy.dot, out_shardings=rows_sh)
+  dot(a_NxN, b_NxN).block_until_ready()
+  best = float('inf')
+  for _ in range(tries):
+    started = time.perf_counter()
+    dot(a_NxN, b_NxN).block_until_ready()
+    best = min(best, time.perf_counter() - started)
+  kind = jax.devices()[0].device_kind
+  # An accelerator's data-sheet peak for all the devices; None on CPU (not in the table).
+  sheet = flops.peak_flops_per_device(kind)
+  return {'flops_per_s': 2 * n**3 / best, 'device_kind': kind, 'devices': jax.device_count(),
+          'sheet_flops_per_s': sheet and sheet * jax.device_count(), 'seconds': best}
+
+
 def _run(args, worker: str, processes: int) -> dict:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
@@ -122,6 +158,8 @@ def _run(args, worker: str, processes: int) -> dict:
     if p.returncode:
       raise SystemExit(f'{worker} worker failed:\n{err[-3000:]}')
   reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+  if worker == 'peak':
+    return reports[0]
   return {**reports[0], 'seconds': max(r['seconds'] for r in reports),
           'cpu_seconds': sum(r['cpu_seconds'] for r in reports)}
 
@@ -145,6 +183,14 @@ def main() -> None:
   print(f'export of S = {args.rows:,} rows, batch {args.batch_size}, shards of '
         f'{args.chunk_rows}, {args.devices} CPU devices in all; '
         'load average %.1f %.1f %.1f (this machine is shared)' % os.getloadavg())
+  # The peak in a fresh process on the same devices (threads) as the 1-process runs; the
+  # fastest of --repeats processes, like the runs it divides.
+  peak = min((_run(args, 'peak', 1) for _ in range(args.repeats)), key=lambda r: r['seconds'])
+  sheet = peak['sheet_flops_per_s']
+  print(f'measured float32 matmul peak: {peak["flops_per_s"] / 1e9:.1f} GFLOP/s (2048^3 '
+        f'jnp.dot over the {peak["devices"]} {peak["device_kind"]} devices, best of 5 x '
+        f'{args.repeats} processes); data-sheet peak: ' + (
+            f'{sheet / 1e12:.0f} TFLOP/s' if sheet else 'none for this device kind'))
   runs = {'minimal loop, 1 process': _best(args, 'minimal', 1),
           'export, 1 process': _best(args, 'export', 1),
           f'export, {args.processes} processes': _best(args, 'export', args.processes)}
@@ -152,9 +198,11 @@ def main() -> None:
   for name, r in runs.items():
     rate = r['rows'] / r['seconds']
     base = base or rate
+    af = rate * r['flops_per_row']
     print(f'{name:>26}: {r["seconds"]:7.2f} s  {rate:9,.0f} rows/s  '
           f'{rate / base:5.2f}x the minimal loop  {r["cpu_seconds"]:6.1f} CPU s  '
-          f'({rate * r["flops_per_row"] / 1e9:.2f} GFLOP/s of A_f; CPU peak unknown)')
+          f'({af / 1e9:.2f} GFLOP/s of A_f = {af / peak["flops_per_s"]:.1%} of the measured '
+          'peak' + (f', {af / sheet:.2%} of the data sheet)' if sheet else ')'))
   one, many = (runs['export, 1 process'], runs[f'export, {args.processes} processes'])
   print(f'{args.processes} processes / 1 process: {one["seconds"] / many["seconds"]:.2f}x '
         'rows/s (same global devices)')
