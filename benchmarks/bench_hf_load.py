@@ -33,6 +33,29 @@ _SHAPES = dict(hidden_size=2560, num_attention_heads=32, num_key_value_heads=8, 
                intermediate_size=9728, vocab_size=151936, max_position_embeddings=40960)
 
 
+def qwen3_shapes(config: dict, layers: int, tied: bool) -> dict[str, tuple[int, ...]]:
+  """{tensor name: shape} of a Qwen3 checkpoint with `config`'s sizes (config.json keys) and
+  `layers` layers; `lm_head.weight` only when the head is untied (tests/test_hf_load.py
+  builds its tiny checkpoint from this table too)."""
+  d, h, k, e, f, v = (config[n] for n in ('hidden_size', 'num_attention_heads',
+                                          'num_key_value_heads', 'head_dim',
+                                          'intermediate_size', 'vocab_size'))
+  shapes = {'model.embed_tokens.weight': (v, d), 'model.norm.weight': (d,)}
+  if not tied:
+    shapes['lm_head.weight'] = (v, d)
+  for l in range(layers):
+    p = f'model.layers.{l}.'
+    shapes.update({p + 'self_attn.q_proj.weight': (h * e, d),
+                   p + 'self_attn.k_proj.weight': (k * e, d),
+                   p + 'self_attn.v_proj.weight': (k * e, d),
+                   p + 'self_attn.o_proj.weight': (d, h * e),
+                   p + 'self_attn.q_norm.weight': (e,), p + 'self_attn.k_norm.weight': (e,),
+                   p + 'mlp.gate_proj.weight': (f, d), p + 'mlp.up_proj.weight': (f, d),
+                   p + 'mlp.down_proj.weight': (d, f), p + 'input_layernorm.weight': (d,),
+                   p + 'post_attention_layernorm.weight': (d,)})
+  return shapes
+
+
 def _write(directory: str, layers: int) -> None:
   import ml_dtypes  # pylint: disable=g-import-not-at-top
   from scone_jax.hf.safetensors import write_file  # pylint: disable=g-import-not-at-top
@@ -45,20 +68,7 @@ def _write(directory: str, layers: int) -> None:
                        f'directory for {layers} layers')
     return
   os.makedirs(directory, exist_ok=True)
-  d, h, k, e, f, v = (_SHAPES[n] for n in ('hidden_size', 'num_attention_heads',
-                                           'num_key_value_heads', 'head_dim',
-                                           'intermediate_size', 'vocab_size'))
-  shapes = {'model.embed_tokens.weight': (v, d), 'model.norm.weight': (d,)}
-  for l in range(layers):
-    p = f'model.layers.{l}.'
-    shapes.update({p + 'self_attn.q_proj.weight': (h * e, d),
-                   p + 'self_attn.k_proj.weight': (k * e, d),
-                   p + 'self_attn.v_proj.weight': (k * e, d),
-                   p + 'self_attn.o_proj.weight': (d, h * e),
-                   p + 'self_attn.q_norm.weight': (e,), p + 'self_attn.k_norm.weight': (e,),
-                   p + 'mlp.gate_proj.weight': (f, d), p + 'mlp.up_proj.weight': (f, d),
-                   p + 'mlp.down_proj.weight': (d, f), p + 'input_layernorm.weight': (d,),
-                   p + 'post_attention_layernorm.weight': (d,)})
+  shapes = qwen3_shapes(_SHAPES, layers, tied=True)
   rng = np.random.default_rng(0)
   shards, current, size = [], {}, 0
   for name, shape in shapes.items():

@@ -5,6 +5,7 @@ a host holding some of the devices reads only their rows."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -23,6 +24,14 @@ from scone_jax.model import Backbone, model_shardings
 
 tokenizers = pytest.importorskip('tokenizers')
 
+# The Qwen3 tensor-name table lives in the load benchmark (loaded by path: tests never edit
+# sys.path).
+_SPEC = importlib.util.spec_from_file_location(
+    'bench_hf_load', os.path.join(os.path.dirname(__file__), '..', 'benchmarks',
+                                  'bench_hf_load.py'))
+_BENCH = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(_BENCH)
+
 # Qwen3-shaped and tiny: GQA (4 query heads, 2 K/V heads), head_dim 12 != D/H, QK-norm,
 # untied head, 3 layers (a layer count no mesh axis divides).
 HF_CONFIG = dict(model_type='qwen3', hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
@@ -35,21 +44,8 @@ def write_checkpoint(directory: str, shards: int = 1) -> dict[str, np.ndarray]:
   """A random bfloat16 checkpoint of HF_CONFIG in `shards` files (with the index when more
   than one) and a tokenizer.json; returns its tensors."""
   os.makedirs(directory, exist_ok=True)
-  d, h, k, e, f, v = (HF_CONFIG[n] for n in ('hidden_size', 'num_attention_heads',
-                                             'num_key_value_heads', 'head_dim',
-                                             'intermediate_size', 'vocab_size'))
-  shapes = {'model.embed_tokens.weight': (v, d), 'model.norm.weight': (d,),
-            'lm_head.weight': (v, d)}
-  for l in range(HF_CONFIG['num_hidden_layers']):
-    p = f'model.layers.{l}.'
-    shapes.update({p + 'self_attn.q_proj.weight': (h * e, d),
-                   p + 'self_attn.k_proj.weight': (k * e, d),
-                   p + 'self_attn.v_proj.weight': (k * e, d),
-                   p + 'self_attn.o_proj.weight': (d, h * e),
-                   p + 'self_attn.q_norm.weight': (e,), p + 'self_attn.k_norm.weight': (e,),
-                   p + 'mlp.gate_proj.weight': (f, d), p + 'mlp.up_proj.weight': (f, d),
-                   p + 'mlp.down_proj.weight': (d, f), p + 'input_layernorm.weight': (d,),
-                   p + 'post_attention_layernorm.weight': (d,)})
+  v = HF_CONFIG['vocab_size']
+  shapes = _BENCH.qwen3_shapes(HF_CONFIG, HF_CONFIG['num_hidden_layers'], tied=False)
   rng = np.random.default_rng(0)
   tensors = {n: rng.standard_normal(s, np.float32).astype(ml_dtypes.bfloat16)
              for n, s in shapes.items()}
