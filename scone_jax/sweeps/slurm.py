@@ -11,8 +11,7 @@ point i's stages, the SAME commands the local backend runs (backends._stage_comm
 results are bitwise equal to `--backend=local`. A point on several processes (more than
 one node, or the sweep's PROCESSES / --processes = N: N tasks, N / nodes per node) runs
 its stages but prepare under `srun` with `distributed.mode=auto` (jax.distributed finds
-the processes from SLURM's environment), its evaluate as train resumed at its last step
-(backends._stage_commands says why). Resume is the trainer's checkpoint auto-resume:
+the processes from SLURM's environment). Resume is the trainer's checkpoint auto-resume:
 - preemption: the trainer saves and exits 75 on SIGTERM; the batch script then
   `scontrol requeue`s its own task (at most RetryPolicy.retries times: SLURM_RESTART_COUNT);
 - time limit: `--signal=B:TERM@S` sends the batch shell SIGTERM S seconds early; it passes
